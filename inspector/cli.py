@@ -1,0 +1,151 @@
+"""The `cogsurgeon` command line: one group whose bare form (`cogsurgeon [MODEL]`) opens the TUI.
+
+Every command offers `--json`. Exit codes: 0 ok; 1 a check ran and failed; 2 bad input or usage, reported as one
+line on stderr. Heavy imports (torch, diffusers, textual) happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from inspector.errors import CogsurgeonError
+from inspector.model_specs import DEFAULT_SPEC, known_specs
+from inspector.offline import enter_offline_mode
+
+MODEL_HELP = (
+    f"MODEL is one of {', '.join(known_specs())} (published configs load on the meta device, no download; "
+    "tiny ones are runnable), a local diffusers model folder, or a hub id already in the local Hugging Face "
+    f"cache. Default: {DEFAULT_SPEC}."
+)
+
+
+class CogsurgeonGroup(click.Group):
+    """A group whose first argument, when it is not a command, is the MODEL of the TUI: `cogsurgeon tiny`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and not args[0].startswith("-")):
+            args = ["tui", *args]
+        return super().parse_args(ctx, args)
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+@click.group(cls=CogsurgeonGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cogsurgeon", prog_name="cogsurgeon")
+def cli() -> None:
+    """Inspect, patch and repair the CogVideoX video-diffusion transformer.
+
+    \b
+    cogsurgeon [MODEL]                 browse MODEL in the terminal UI
+    cogsurgeon modules [MODEL]         every module: class, source file and line, params, processor
+    cogsurgeon modules --filter attn1  only the rows whose name, class or file contains attn1
+
+    Nothing is ever downloaded.
+    """
+
+
+@cli.command()
+@click.argument("model", required=False)
+def tui(model: str | None) -> None:
+    """Open the terminal UI on MODEL.
+
+    MODEL: see `cogsurgeon modules --help`.
+    """
+    from inspector.tui.app import run_app
+
+    run_app(model or DEFAULT_SPEC)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--filter", "filter_text", metavar="TEXT", help="Keep rows whose name, class or file contains TEXT.")
+@click.option("--dtype", metavar="DTYPE", help="Load in this dtype (float32, bfloat16, float16) instead of as saved.")
+@click.option("--all", "show_all", is_flag=True, help="List repeated blocks one by one instead of folded.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per module (never folded).")
+def modules(model: str | None, filter_text: str | None, dtype: str | None, show_all: bool, as_json: bool) -> None:
+    """List every named module of MODEL.
+
+    Each row: name, class, the file and line where the class is defined, parameters (the module's subtree),
+    dtype, device, and the attention processor for attention modules.
+
+    \b
+    """
+    from inspector.inventory import filter_inventory, module_inventory
+    from inspector.loading import load_transformer
+
+    infos = filter_inventory(module_inventory(load_transformer(model, dtype=dtype)), filter_text)
+    if as_json:
+        print_json([info.to_json() for info in infos])
+        return
+    from inspector.render import modules_table
+
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # piped into a file or less: don't squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(modules_table(infos, fold=not show_all))
+
+
+modules.help = (modules.help or "") + MODEL_HELP
+
+
+def _register_commands() -> None:
+    """Commands that live beside the packages they drive (patches, tools.lora, ...)."""
+    from importlib import import_module
+
+    for module_name, attribute in (
+        ("patches.cli", "patch"),
+        ("patches.cli", "run"),
+        ("tools.lora.cli", "lora"),
+        ("inspector.trace_cli", "trace"),
+        ("inspector.doctor_cli", "doctor"),
+    ):
+        try:
+            module = import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        cli.add_command(getattr(module, attribute))
+
+
+_register_commands()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: runs the group and turns errors meant for people into one line and exit 2."""
+    enter_offline_mode()
+    try:
+        result = cli.main(args=argv, prog_name="cogsurgeon", standalone_mode=False)
+    except CogsurgeonError as exc:
+        click.echo(f"cogsurgeon: error: {_one_line(exc)}", err=True)
+        sys.exit(2)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "cogsurgeon"
+        click.echo(f"{command}: error: {_one_line(exc.format_message())} (see '{command} --help')", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"cogsurgeon: error: {_one_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code if exc.exit_code != 1 else 2)
+    except click.Abort:
+        click.echo("cogsurgeon: aborted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader (head, less) left; not an error of ours
+        sys.exit(0)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

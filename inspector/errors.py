@@ -1,0 +1,16 @@
+"""Errors meant for people: each says what was wrong and what to do. The CLI prints them as one line, exit 2.
+
+This module imports nothing heavy, so every part of cogsurgeon (the torch-free LoRA tools included) can use it.
+"""
+
+
+class CogsurgeonError(Exception):
+    """Bad input or a request that cannot be met; never a bug. Its message is shown to the user as is."""
+
+
+class ModelSpecError(CogsurgeonError):
+    """A MODEL argument that names no published config, tiny model, local folder or cached hub id."""
+
+
+class ModelLoadError(CogsurgeonError):
+    """A model folder or cache entry that exists but cannot be loaded as a CogVideoX transformer."""

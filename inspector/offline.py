@@ -1,0 +1,28 @@
+"""Keep cogsurgeon off the network: the Hub is switched off for this process before huggingface_hub is imported,
+and the user's own setting is remembered so that programs cogsurgeon launches (`cogsurgeon run`) see it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+HUB_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+_users_values: dict[str, str | None] = {}
+
+
+def enter_offline_mode() -> None:
+    """Set the Hub's offline variables for this process, remembering what the user had."""
+    for variable in HUB_OFFLINE_VARIABLES:
+        _users_values.setdefault(variable, os.environ.get(variable))
+        os.environ[variable] = "1"
+
+
+def user_environment() -> dict[str, str]:
+    """The environment as the user gave it to cogsurgeon, for launching their programs."""
+    environment = dict(os.environ)
+    for variable, value in _users_values.items():
+        if value is None:
+            environment.pop(variable, None)
+        else:
+            environment[variable] = value
+    return environment

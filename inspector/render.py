@@ -1,0 +1,58 @@
+"""Rich renderings of core values for the CLI (the TUI has its own widgets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from inspector.inventory import ModuleInfo, fold_repeated
+
+
+def short_path(file: str | None) -> str:
+    """A source path from the package root on (`diffusers/models/attention_processor.py`), or '-'."""
+    if not file:
+        return "-"
+    parts = Path(file).parts
+    for anchor in ("site-packages", "dist-packages"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1 :])
+    return file
+
+
+def modules_table(infos: list[ModuleInfo], fold: bool = True) -> Table:
+    table = Table(title=f"{len(infos)} modules", header_style="bold", expand=False)
+    for column, justify in (
+        ("module", "left"),
+        ("class", "left"),
+        ("params", "right"),
+        ("dtype", "left"),
+        ("device", "left"),
+        ("processor", "left"),
+        ("defined at", "left"),
+    ):
+        table.add_column(column, justify=justify, no_wrap=column == "module")
+    rows = fold_repeated(infos) if fold else None
+    for row in rows or ():
+        info = row.info
+        name = row.display_name or "(root)"
+        if row.repeat > 1:
+            name = f"{name}  [dim]×{row.repeat}[/dim]"
+        table.add_row(*_cells(info, name))
+    if rows is None:
+        for info in infos:
+            table.add_row(*_cells(info, info.name or "(root)"))
+    return table
+
+
+def _cells(info: ModuleInfo, name: str) -> tuple[str, ...]:
+    location = short_path(info.file) + (f":{info.line}" if info.line else "")
+    return (
+        name,
+        info.class_name,
+        f"{info.params:,}",
+        info.dtype or "-",
+        info.device or "-",
+        info.processor or "-",
+        location,
+    )

@@ -1,0 +1,46 @@
+"""Shared fixtures: the CLI as a real subprocess from this checkout, and tiny real CogVideoX transformers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a CLI subprocess: this checkout first on the path, no colour codes, wide output."""
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
+    environment["NO_COLOR"] = "1"
+    environment["COLUMNS"] = "200"
+    environment.update(extra or {})
+    return environment
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300):
+    """Run `cogsurgeon ARGS...` (as `python -m inspector`) and return the CompletedProcess, text mode."""
+    return subprocess.run(
+        [sys.executable, "-m", "inspector", *args],
+        capture_output=True,
+        text=True,
+        env=cli_environment(env),
+        cwd=cwd or REPO_ROOT,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture
+def tiny_model():
+    from inspector import load_transformer
+
+    return load_transformer("tiny")
