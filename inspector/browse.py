@@ -1,0 +1,76 @@
+"""A loaded model as the TUI browses it: the live transformer, its inventory and config, and what a patch changed.
+
+Pure values and small functions over the core (loading, inventory); the TUI renders them and never walks the
+`nn.Module` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inspector.inventory import ModuleInfo, module_inventory
+from inspector.model_specs import resolve_spec
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model opened from `spec`: `infos` is its inventory now, `original_processors` the attention processor of
+    each module as loaded (to tell which modules a patch changed)."""
+
+    spec: str
+    title: str
+    model: Any
+    infos: tuple[ModuleInfo, ...]
+    config: dict[str, Any]
+    original_processors: dict[str, str]
+
+    def refreshed(self) -> LoadedModel:
+        """The same model re-inventoried (after a patch swapped processors)."""
+        return LoadedModel(
+            self.spec, self.title, self.model, tuple(module_inventory(self.model)), self.config,
+            self.original_processors,
+        )
+
+    def changed_modules(self) -> set[str]:
+        """Names of the modules whose processor differs from the one they were loaded with."""
+        return {
+            info.name
+            for info in self.infos
+            if info.name in self.original_processors
+            and self.original_processors[info.name] != f"{info.processor_module}.{info.processor}"
+        }
+
+
+def model_title(spec: str) -> str:
+    """How a spec is named on screen: a published or tiny name as is, a folder by its last two path parts."""
+    resolved = resolve_spec(spec)
+    if resolved.kind == "folder":
+        parts = Path(resolved.spec).parts
+        return "/".join(parts[-2:]) + " (folder)"
+    if resolved.kind == "published":
+        return f"{resolved.spec} (meta)"
+    return resolved.spec
+
+
+def open_model(spec: str) -> LoadedModel:
+    """Load `spec` (any MODEL of DESIGN) and take its inventory. Raises the loader's `CogsurgeonError`s."""
+    from inspector.loading import load_transformer
+
+    model = load_transformer(spec)
+    infos = tuple(module_inventory(model))
+    config = {key: value for key, value in dict(model.config).items() if not key.startswith("_")}
+    processors = {
+        info.name: f"{info.processor_module}.{info.processor}" for info in infos if info.processor is not None
+    }
+    return LoadedModel(spec, model_title(spec), model, infos, config, processors)
+
+
+def format_count(count: int) -> str:
+    """A parameter count as people say it: 5.57B, 37.8M, 6.1K, 128."""
+    for size, suffix in ((1_000_000_000, "B"), (1_000_000, "M"), (1_000, "K")):
+        if count >= size:
+            value = count / size
+            return f"{value:.3g}{suffix}" if value < 100 else f"{value:.0f}{suffix}"
+    return str(count)

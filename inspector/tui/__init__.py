@@ -1,0 +1,1 @@
+"""cogsurgeon's terminal UI (Textual): a view over the core; the only package that imports Textual."""

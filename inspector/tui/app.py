@@ -1,0 +1,38 @@
+"""The cogsurgeon Textual app: one App over the main screen (tree, details, patches), the model switcher and the
+LoRA screen. `run_app(spec)` is what `cogsurgeon [MODEL]` calls; it returns when the user quits (ctrl+q).
+"""
+
+from __future__ import annotations
+
+from textual.app import App
+from textual.binding import Binding
+
+from inspector.model_specs import DEFAULT_SPEC, resolve_spec
+from inspector.tui.commands import CogsurgeonCommands
+from inspector.tui.screens import MainScreen
+
+
+class CogsurgeonApp(App[None]):
+    """Browse, patch and repair a CogVideoX transformer; opens on `spec` (loaded in a worker)."""
+
+    CSS_PATH = "cogsurgeon.tcss"
+    TITLE = "cogsurgeon"
+    COMMANDS = App.COMMANDS | {CogsurgeonCommands}
+    BINDINGS = [
+        Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
+    ]
+
+    def __init__(self, spec: str = DEFAULT_SPEC) -> None:
+        super().__init__()
+        self.spec = spec
+        self.main_screen = MainScreen(spec)
+
+    def get_default_screen(self) -> MainScreen:
+        return self.main_screen
+
+
+def run_app(spec: str | None = None) -> None:
+    """Open the TUI on `spec`. A spec that names nothing fails here, before the screen opens, as a
+    `ModelSpecError` (the CLI prints it as one line, exit 2)."""
+    resolve_spec(spec or DEFAULT_SPEC)
+    CogsurgeonApp(spec or DEFAULT_SPEC).run()

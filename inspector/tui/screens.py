@@ -1,0 +1,276 @@
+"""The screens: the main screen (module tree, details and source, patches panel) and the model switcher.
+
+The main screen holds the loaded model as reactive state; loading and verification run in thread workers, and
+one `on_worker_state_changed` turns their failures into notifications (the app never crashes on bad input).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.reactive import var
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Footer, Header, Input, Label, OptionList, Static
+from textual.widgets.option_list import Option
+from textual.worker import Worker, WorkerState
+
+from inspector.browse import LoadedModel, open_model
+from inspector.errors import CogsurgeonError
+from inspector.inventory import ModuleInfo
+from inspector.model_specs import known_specs
+from inspector.module_tree import ModuleNode, build_module_tree, narrow_inventory
+from inspector.patching import PatchBench
+from inspector.tui.widgets import ModuleDetails, ModuleTree, PatchesPanel, SourceView, source_for
+
+
+def describe_failure(error: BaseException) -> str:
+    """A worker's failure as one line for a notification: our errors as they are, anything else with its type."""
+    if isinstance(error, CogsurgeonError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+class MainScreen(Screen[None]):
+    """Tree on the left with the filter above it and the patches below; details and source on the right."""
+
+    BINDINGS = [
+        Binding("slash", "focus_filter", "Filter", id="main.filter"),
+        Binding("escape", "clear_filter", "Clear filter", id="main.clear-filter", show=False),
+        Binding("t", "focus_tree", "Tree", id="main.tree"),
+        Binding("p", "focus_patches", "Patches", id="main.patches"),
+        Binding("m", "switch_model", "Model", id="main.switch-model"),
+        Binding("l", "open_lora", "LoRA", id="main.lora"),
+    ]
+
+    AUTO_FOCUS = "#tree"
+
+    loaded: var[LoadedModel | None] = var(None, init=False)
+    selected: var[ModuleInfo | None] = var(None, init=False)
+
+    def __init__(self, spec: str) -> None:
+        super().__init__()
+        self.spec = spec
+        self.full_tree: ModuleNode | None = None
+        self.patch_bench = PatchBench()
+        self.matched: set[str] = set()
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="main"):
+            with Vertical(id="left"):
+                yield Input(placeholder="/ filter by name, class or file", id="filter")
+                yield ModuleTree(id="tree")
+                yield PatchesPanel(id="patches")
+            with Vertical(id="right"):
+                yield ModuleDetails(id="details")
+                yield SourceView(id="source")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#patches", PatchesPanel).border_title = "patches"
+        self.query_one("#details", ModuleDetails).border_title = "details"
+        self.query_one(ModuleTree).focus()
+        self.refresh_patches()
+        self.open(self.spec)
+
+    # loading
+
+    def open(self, spec: str) -> None:
+        """Load `spec` in a worker; the tree shows a loading indicator until it arrives."""
+        self.query_one(ModuleTree).loading = True
+        self._load(spec)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="load", description="loading model")
+    def _load(self, spec: str) -> LoadedModel:
+        return open_model(spec)
+
+    @work(thread=True, exclusive=False, exit_on_error=False, group="verify", description="verifying patch")
+    def _verify(self, name: str) -> Any:
+        return self.patch_bench.verify(name)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        worker = event.worker
+        if worker.group == "load":
+            if event.state in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
+                self.query_one(ModuleTree).loading = False
+            if event.state == WorkerState.SUCCESS:
+                self.spec = worker.result.spec
+                self.loaded = worker.result
+            elif event.state == WorkerState.ERROR:
+                self.notify(describe_failure(worker.error), title="could not load model", severity="error")
+        elif worker.group == "verify" and event.state in (WorkerState.SUCCESS, WorkerState.ERROR):
+            name = worker.name
+            if event.state == WorkerState.SUCCESS:
+                self.patch_bench.record_verdict(name, worker.result)
+                note = self.patch_bench.verdicts[name]
+                self.notify(f"{name}: {note}", title="verify", severity="information")
+            else:
+                self.patch_bench.verdicts[name] = "error"
+                self.notify(describe_failure(worker.error), title=f"verify {name} failed", severity="error")
+            self.refresh_patches()
+
+    def watch_loaded(self, loaded: LoadedModel | None) -> None:
+        if loaded is None:
+            return
+        self.app.sub_title = loaded.title
+        self.full_tree = build_module_tree(list(loaded.infos))
+        tree = self.query_one(ModuleTree)
+        tree.patched = loaded.changed_modules()
+        keep = self.selected.name if self.selected is not None else None
+        self.show_tree(self.query_one("#filter", Input).value)
+        if keep is None or not tree.go_to(keep):
+            tree.go_to("")
+        self.refresh_patches()
+
+    # tree and filter
+
+    def show_tree(self, filter_text: str) -> None:
+        """Show the whole tree, or only the modules matching `filter_text` with their ancestors."""
+        loaded, tree = self.loaded, self.query_one(ModuleTree)
+        if loaded is None or self.full_tree is None:
+            return
+        filter_input = self.query_one("#filter", Input)
+        if not filter_text.strip():
+            filter_input.border_subtitle = f"{len(loaded.infos):,} modules"
+            tree.show_modules(self.full_tree, loaded.title)
+            return
+        infos, self.matched = narrow_inventory(list(loaded.infos), filter_text)
+        filter_input.border_subtitle = f"{len(self.matched):,} of {len(loaded.infos):,} match"
+        if not self.matched:
+            tree.show_modules(ModuleNode(f"no module matches {filter_text!r}", None), "")
+            return
+        tree.show_modules(build_module_tree(infos), loaded.title, expand_to=self.matched)
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.show_tree(event.value)
+
+    @on(Input.Submitted, "#filter")
+    def _select_first_match(self, event: Input.Submitted) -> None:
+        """Enter in the filter: the first match (in model order) becomes the selection, the tree takes focus."""
+        loaded = self.loaded
+        if loaded is None or not event.value.strip():
+            return
+        first = next((info for info in loaded.infos if info.name in self.matched), None)
+        if first is None:
+            self.notify(f"no module matches {event.value!r}", severity="warning")
+            return
+        tree = self.query_one(ModuleTree)
+        tree.go_to(first.name)
+        tree.focus()
+
+    def action_focus_filter(self) -> None:
+        self.query_one("#filter", Input).focus()
+
+    def action_clear_filter(self) -> None:
+        filter_input = self.query_one("#filter", Input)
+        tree = self.query_one(ModuleTree)
+        if filter_input.value:
+            filter_input.value = ""
+            self.show_tree("")
+            if self.selected is not None:
+                tree.go_to(self.selected.name)
+        tree.focus()
+
+    def action_focus_tree(self) -> None:
+        self.query_one(ModuleTree).focus()
+
+    def go_to_module(self, name: str) -> None:
+        """Clear any filter and put the tree's cursor on module `name`."""
+        self.query_one("#filter", Input).value = ""
+        self.show_tree("")
+        tree = self.query_one(ModuleTree)
+        tree.go_to(name)
+        tree.focus()
+
+    # details
+
+    @on(ModuleTree.ModuleHighlighted)
+    def _module_highlighted(self, event: ModuleTree.ModuleHighlighted) -> None:
+        self.selected = event.info
+
+    def watch_selected(self, info: ModuleInfo | None) -> None:
+        if info is None or self.loaded is None:
+            return
+        patched = info.name in self.loaded.changed_modules()
+        config = self.loaded.config if info.name == "" else None
+        self.query_one(ModuleDetails).show(info, patched, config)
+        self.query_one(SourceView).show(*source_for(info))
+
+    # patches
+
+    def refresh_patches(self) -> None:
+        panel = self.query_one(PatchesPanel)
+        model = self.loaded.model if self.loaded is not None else None
+        panel.show_rows(self.patch_bench.rows(model))
+        panel.note(self.patch_bench.note)
+
+    def action_focus_patches(self) -> None:
+        self.query_one("#patches-table").focus()
+
+    @on(PatchesPanel.ToggleRequested)
+    def _toggle_patch(self, event: PatchesPanel.ToggleRequested) -> None:
+        self.toggle_patch(event.name)
+
+    def toggle_patch(self, name: str, apply: bool | None = None) -> None:
+        """Apply `name` (or revert it when it is on); `apply` forces one direction."""
+        if self.loaded is None:
+            self.notify("no model loaded yet", severity="warning")
+            return
+        try:
+            message = self.patch_bench.toggle(self.loaded.model, name, apply)
+        except Exception as error:  # a refusal (patches that do not compose) or a bug: tell, don't crash
+            self.notify(describe_failure(error), title=f"patch {name}", severity="error")
+            return
+        self.notify(message, title="patch")
+        self.selected = None
+        self.loaded = self.loaded.refreshed()
+
+    @on(PatchesPanel.VerifyRequested)
+    def _verify_requested(self, event: PatchesPanel.VerifyRequested) -> None:
+        self.verify_patch(event.name)
+
+    def verify_patch(self, name: str) -> None:
+        self.patch_bench.verdicts[name] = "running…"
+        self.refresh_patches()
+        self._verify(name).name = name
+
+    # other screens
+
+    def action_switch_model(self) -> None:
+        def switch(spec: str | None) -> None:
+            if spec:
+                self.open(spec)
+
+        self.app.push_screen(ModelScreen(), switch)
+
+    def action_open_lora(self) -> None:
+        from inspector.tui.lora_screen import LoraScreen
+
+        self.app.push_screen(LoraScreen(base_spec=self.spec))
+
+
+class ModelScreen(ModalScreen[str | None]):
+    """Pick a published or tiny spec, or type a local folder (or a cached hub id)."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="model.cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="model-dialog"):
+            yield Label("Open a model", id="model-title")
+            yield OptionList(*(Option(spec, id=spec) for spec in known_specs()), id="model-specs")
+            yield Input(placeholder="or a local folder / cached hub id, then Enter", id="model-path")
+            yield Static("published configs load on the meta device; nothing is downloaded", id="model-hint")
+
+    @on(OptionList.OptionSelected, "#model-specs")
+    def _spec_chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+    @on(Input.Submitted, "#model-path")
+    def _path_entered(self, event: Input.Submitted) -> None:
+        if event.value.strip():
+            self.dismiss(event.value.strip())

@@ -1,0 +1,275 @@
+"""Small widgets of the main screen: the module tree, the details of one module with its source, the patches panel.
+
+Each renders values the core produced (`ModuleNode`, `ModuleInfo`, `SourceText`, `PatchInfo`) and posts small
+messages; none of them touches a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import DataTable, Static, Tree
+from textual.widgets.tree import TreeNode
+
+from inspector.browse import format_count
+from inspector.inventory import ModuleInfo
+from inspector.module_tree import ModuleNode, path_to
+from inspector.patching import PatchRow
+from inspector.source import SourceText, display_path
+
+
+class ModuleTree(Tree[ModuleNode]):
+    """The module hierarchy; children are added when a node is first expanded, so a 1,067-module model costs only
+    the rows on screen. Folded runs read `transformer_blocks (0-41): 42 × CogVideoXBlock`."""
+
+    BINDINGS = [
+        Binding("right", "expand_node", "Expand", show=False, id="tree.expand"),
+        Binding("left", "collapse_node", "Collapse", show=False, id="tree.collapse"),
+    ]
+
+    @dataclass
+    class ModuleHighlighted(Message):
+        """The cursor moved onto a module (a group row reports its first member)."""
+
+        info: ModuleInfo
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("(no model)", **kwargs)
+        self.guide_depth = 2
+        self.patched: set[str] = set()
+        self._populated: set[int] = set()
+
+    def show_modules(self, root: ModuleNode, title: str, expand_to: set[str] | None = None) -> None:
+        """Replace the tree with `root`. With `expand_to`, the paths to those modules are opened (for a folded run,
+        only through its first member, so the run's other members stay one row each); else the first level."""
+        self.clear()
+        self._populated.clear()
+        self.root.data = root
+        self.root.set_label(self._label(root, title))
+        self._populate(self.root)
+        self.root.expand()
+        if expand_to:
+            self._open_matches(self.root, expand_to)
+
+    def _open_matches(self, node: TreeNode[ModuleNode], names: set[str]) -> None:
+        folded_members_seen = False
+        for child in node.children:
+            data = child.data
+            if data is None or not data.children:
+                continue
+            if node.data is not None and node.data.fold is not None:
+                if folded_members_seen:
+                    continue
+                folded_members_seen = True
+            self._populate(child)
+            child.expand()
+            self._open_matches(child, names)
+
+    def _populate(self, node: TreeNode[ModuleNode]) -> None:
+        if id(node) in self._populated or node.data is None:
+            return
+        self._populated.add(id(node))
+        for child in node.data.children:
+            node.add(self._label(child), data=child, allow_expand=bool(child.children))
+
+    def _label(self, node: ModuleNode, title: str | None = None) -> Text:
+        info = node.info
+        text = Text()
+        if info is None and node.fold is None:  # a placeholder row ("no module matches ...")
+            return Text(node.label, style="italic")
+        if info is None:  # a folded run among unlike siblings
+            text.append(node.fold.describe(), style="bold")
+            members = [child.info.params for child in node.children if child.info is not None]
+            text.append(f"  {format_count(sum(members))}", style="dim")
+            return text
+        text.append(title or node.label, style="bold")
+        if node.fold is not None:
+            text.append(f" {node.fold.describe()}", style="bold")
+        else:
+            text.append(f"  {info.class_name}", style="cyan")
+        text.append(f"  {format_count(info.params)}", style="dim")
+        if info.name in self.patched:
+            text.append("  [patched]", style="bold magenta")
+        return text
+
+    def refresh_labels(self) -> None:
+        """Redraw the labels of the rows built so far (after `patched` changed)."""
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            if node.data is not None and node is not self.root:
+                node.set_label(self._label(node.data))
+            stack.extend(node.children)
+
+    def go_to(self, name: str) -> bool:
+        """Open the path to module `name` and put the cursor on it; False when it is not in the tree."""
+        if self.root.data is None:
+            return False
+        path = path_to(self.root.data, name)
+        if not path:
+            return False
+        node = self.root
+        for step in path[1:]:
+            self._populate(node)
+            node.expand()
+            node = next(child for child in node.children if child.data is step)
+        self._tree_lines  # rebuilds the line index now, so that `node._line` is current for move_cursor
+        self.move_cursor(node)
+        if node.data is not None and node.data.info is not None:
+            # the root row survives `clear()`, so landing on it again posts no NodeHighlighted
+            self.post_message(self.ModuleHighlighted(node.data.info))
+        return True
+
+    @on(Tree.NodeExpanded)
+    def _expand_lazily(self, event: Tree.NodeExpanded[ModuleNode]) -> None:
+        self._populate(event.node)
+
+    @on(Tree.NodeHighlighted)
+    def _report_highlight(self, event: Tree.NodeHighlighted[ModuleNode]) -> None:
+        event.stop()
+        data = event.node.data
+        while data is not None and data.info is None:
+            data = data.children[0] if data.children else None
+        if data is not None and data.info is not None:
+            self.post_message(self.ModuleHighlighted(data.info))
+
+    def action_expand_node(self) -> None:
+        if self.cursor_node is not None and self.cursor_node.allow_expand:
+            self.cursor_node.expand()
+
+    def action_collapse_node(self) -> None:
+        node = self.cursor_node
+        if node is None:
+            return
+        if node.is_expanded:
+            node.collapse()
+        elif node.parent is not None:
+            self.move_cursor(node.parent)
+
+
+class ModuleDetails(Static):
+    """The selected module's facts: class, defining module, file and line, parameters, dtype, device, processor;
+    for the root, the model's config."""
+
+    def show(self, info: ModuleInfo, patched: bool, config: dict[str, Any] | None = None) -> None:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column()
+        grid.add_row("module", info.name or "(root)")
+        grid.add_row("class", info.class_name)
+        grid.add_row("defined in", info.class_module)
+        location = display_path(info.file) + (f":{info.line}" if info.line else "")
+        grid.add_row("file", location)
+        grid.add_row("params", f"{info.params:,} total, {info.own_params:,} own")
+        grid.add_row("dtype", info.dtype or "-")
+        grid.add_row("device", info.device or "-")
+        if info.processor is not None:
+            processor = Text(f"{info.processor} ({info.processor_module})")
+            if patched:
+                processor.append("  patched", style="bold magenta")
+            grid.add_row("processor", processor)
+        if config:
+            grid.add_row("", "")
+            grid.add_row("config", "")
+            for key, value in sorted(config.items()):
+                grid.add_row(f"  {key}", repr(value) if isinstance(value, str) else str(value))
+        self.update(grid)
+
+
+class SourceView(VerticalScroll):
+    """Syntax-highlighted source, starting at the line where it begins in its file."""
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="source-code", expand=True)
+
+    def show(self, source: SourceText | None, what: str) -> None:
+        code = self.query_one("#source-code", Static)
+        if source is None:
+            self.border_title = what
+            code.update(Text(f"no Python source for {what}", style="dim"))
+        else:
+            self.border_title = f"{source.title}  {source.location}"
+            code.update(
+                Syntax(
+                    source.text.rstrip("\n"),
+                    "python",
+                    line_numbers=True,
+                    start_line=source.start_line,
+                    theme="ansi_dark",
+                    word_wrap=False,
+                    indent_guides=True,
+                )
+            )
+        self.scroll_home(animate=False)
+
+
+class PatchesPanel(Vertical):
+    """Every registered patch with its summary and state; `space` applies or reverts the one under the cursor,
+    `v` verifies it on a tiny model."""
+
+    BINDINGS = [
+        Binding("space", "toggle_patch", "Apply/revert", id="patches.toggle"),
+        Binding("v", "verify_patch", "Verify", id="patches.verify"),
+    ]
+
+    @dataclass
+    class ToggleRequested(Message):
+        name: str
+
+    @dataclass
+    class VerifyRequested(Message):
+        name: str
+
+    def compose(self) -> ComposeResult:
+        table: DataTable[Any] = DataTable(id="patches-table", cursor_type="row", zebra_stripes=False)
+        table.add_columns("patch", "state", "verify", "summary")
+        yield table
+        yield Static(id="patches-note")
+
+    def show_rows(self, rows: list[PatchRow]) -> None:
+        table = self.query_one(DataTable)
+        cursor = table.cursor_row
+        table.clear()
+        for row in rows:
+            state = Text("applied", style="bold magenta") if row.applied else Text("off", style="dim")
+            table.add_row(row.name, state, row.verdict or "-", row.summary, key=row.name)
+        if rows:
+            table.move_cursor(row=min(cursor, len(rows) - 1))
+
+    def note(self, text: str) -> None:
+        self.query_one("#patches-note", Static).update(text)
+
+    def _current(self) -> str | None:
+        table = self.query_one(DataTable)
+        if table.row_count == 0:
+            return None
+        return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+
+    def action_toggle_patch(self) -> None:
+        name = self._current()
+        if name is not None:
+            self.post_message(self.ToggleRequested(name))
+
+    def action_verify_patch(self) -> None:
+        name = self._current()
+        if name is not None:
+            self.post_message(self.VerifyRequested(name))
+
+
+def source_for(info: ModuleInfo) -> tuple[SourceText | None, str]:
+    """What the source view shows for a module: an attention module's processor `__call__` (the patched one
+    while a patch is on), else the module's class."""
+    from inspector.source import class_source, processor_call_source
+
+    if info.processor is not None:
+        return processor_call_source(info.processor_module, info.processor), f"{info.processor}.__call__"
+    return class_source(info.class_module, info.class_name), f"class {info.class_name}"
