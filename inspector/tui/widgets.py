@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from rich.console import Group
+from rich.rule import Rule
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
@@ -177,12 +179,15 @@ class ModuleDetails(Static):
             if patched:
                 processor.append("  patched", style="bold magenta")
             grid.add_row("processor", processor)
-        if config:
-            grid.add_row("", "")
-            grid.add_row("config", "")
-            for key, value in sorted(config.items()):
-                grid.add_row(f"  {key}", repr(value) if isinstance(value, str) else str(value))
-        self.update(grid)
+        if not config:
+            self.update(grid)
+            return
+        settings = Table.grid(padding=(0, 2))
+        settings.add_column(style="bold")
+        settings.add_column()
+        for key, value in sorted(config.items()):
+            settings.add_row(key, repr(value) if isinstance(value, str) else str(value))
+        self.update(Group(grid, Rule("config", style="dim"), settings))
 
 
 class SourceView(VerticalScroll):
