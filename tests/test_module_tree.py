@@ -1,0 +1,120 @@
+"""The TUI's pure core: the folded module tree, the filter's narrowing, source lookups, display paths, counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from inspector.browse import format_count, model_title, open_model
+from inspector.inventory import ModuleInfo, module_inventory
+from inspector.module_tree import build_module_tree, narrow_inventory, path_to
+from inspector.source import class_source, display_path, processor_call_source
+
+
+@pytest.fixture(scope="module")
+def five_b_infos() -> list[ModuleInfo]:
+    from inspector import load_transformer
+
+    return module_inventory(load_transformer("cogvideox-5b-i2v"))
+
+
+def _info(name: str, class_name: str = "Linear", params: int = 1) -> ModuleInfo:
+    return ModuleInfo(name, class_name, "torch.nn", None, None, params, params, "float32", "cpu", None)
+
+
+def test_the_42_blocks_of_5b_fold_into_the_module_list_row(five_b_infos):
+    root = build_module_tree(five_b_infos)
+    blocks = next(child for child in root.children if child.label == "transformer_blocks")
+    assert blocks.fold is not None
+    assert blocks.fold.describe() == "(0-41): 42 × CogVideoXBlock"
+    assert [member.label for member in blocks.children] == [str(index) for index in range(42)]
+    assert sum(1 for _ in root.walk()) == len(five_b_infos)  # folding hides nothing
+
+
+def test_a_differing_member_breaks_the_run_into_groups():
+    infos = [
+        _info("", "Root", 0),
+        _info("blocks", "ModuleList", 0),
+        *[_info(f"blocks.{index}", "Block", 10) for index in range(3)],
+        _info("blocks.3", "Block", 99),  # different parameters: must stay visible on its own
+        *[_info(f"blocks.{index}", "Block", 10) for index in range(4, 6)],
+    ]
+    root = build_module_tree(infos)
+    blocks = root.children[0]
+    assert blocks.fold is None
+    labels = [child.label for child in blocks.children]
+    assert labels == ["(0-2)", "3", "(4-5)"]
+    assert blocks.children[0].info is None and blocks.children[0].fold.repeat == 3
+    assert blocks.children[1].info.params == 99
+
+
+def test_blocks_with_different_inner_processors_do_not_fold():
+    infos = [_info("", "Root", 0), _info("blocks", "ModuleList", 0)]
+    for index, processor in enumerate(["A", "A", "B"]):
+        infos.append(_info(f"blocks.{index}", "Block", 5))
+        infos.append(ModuleInfo(f"blocks.{index}.attn", "Attention", "m", None, None, 5, 5, None, None, processor))
+    labels = [child.label for child in build_module_tree(infos).children[0].children]
+    assert labels == ["(0-1)", "2"]
+
+
+def test_narrowing_keeps_matches_and_their_ancestors(five_b_infos):
+    rows, matched = narrow_inventory(five_b_infos, "attn1")
+    assert len(matched) == 42 * 9  # attn1 and its 8 submodules in each block
+    names = {info.name for info in rows}
+    assert {"", "transformer_blocks", "transformer_blocks.7", "transformer_blocks.7.attn1.to_q"} <= names
+    assert "transformer_blocks.7.ff" not in names
+    root = build_module_tree(rows)
+    assert root.children[0].fold.describe() == "(0-41): 42 × CogVideoXBlock"
+
+
+def test_narrowing_matches_class_and_file_case_insensitively(five_b_infos):
+    _, by_class = narrow_inventory(five_b_infos, "cogvideoxpatchembed")
+    assert by_class == {"patch_embed"}
+    _, by_file = narrow_inventory(five_b_infos, "ATTENTION_PROCESSOR.PY")
+    assert "transformer_blocks.0.attn1" in by_file
+    assert narrow_inventory(five_b_infos, "  ") == (five_b_infos, set())
+    assert narrow_inventory(five_b_infos, "no-such-module")[1] == set()
+
+
+def test_path_to_reaches_into_a_folded_run(five_b_infos):
+    root = build_module_tree(five_b_infos)
+    path = path_to(root, "transformer_blocks.3.attn1.to_q")
+    assert [node.label for node in path] == ["(root)", "transformer_blocks", "3", "attn1", "to_q"]
+    assert path_to(root, "transformer_blocks.99") == []
+    assert path_to(root, "") == [root]
+
+
+def test_source_of_a_class_and_of_a_processor_call(tiny_model):
+    infos = {info.name: info for info in module_inventory(tiny_model)}
+    attn = infos["transformer_blocks.0.attn1"]
+    source = processor_call_source(attn.processor_module, attn.processor)
+    assert source.title == f"{attn.processor}.__call__"
+    assert source.text.lstrip().startswith("def __call__")
+    assert display_path(source.file) == "diffusers/models/attention_processor.py"
+    block = class_source(infos["transformer_blocks.0"].class_module, "CogVideoXBlock")
+    assert "\nclass CogVideoXBlock(" in "\n" + block.text  # decorators included, as inspect counts the line
+    assert block.start_line == infos["transformer_blocks.0"].line
+    assert class_source("no.such.module", "Nothing") is None
+
+
+def test_display_path_is_machine_independent():
+    import inspector
+
+    assert display_path(inspector.__file__) == "inspector/__init__.py"
+    assert display_path("/opt/x/lib/python3.11/site-packages/torch/nn/modules/linear.py") == "torch/nn/modules/linear.py"
+    assert display_path(None) == "-"
+
+
+def test_open_model_records_config_and_processors():
+    loaded = open_model("tiny")
+    assert loaded.title == "tiny"
+    assert loaded.config["num_layers"] == 2 and "_class_name" not in loaded.config
+    assert loaded.original_processors["transformer_blocks.1.attn1"].endswith("CogVideoXAttnProcessor2_0")
+    assert loaded.changed_modules() == set()
+
+
+def test_titles_and_counts(tmp_path):
+    assert model_title("cogvideox-5b-i2v") == "cogvideox-5b-i2v (meta)"
+    folder = tmp_path / "runs" / "my-model"
+    folder.mkdir(parents=True)
+    assert model_title(str(folder)) == "runs/my-model (folder)"
+    assert [format_count(n) for n in (0, 128, 6_144, 37_761_280, 5_570_479_680)] == ["0", "128", "6.14K", "37.8M", "5.57B"]
