@@ -1,0 +1,215 @@
+"""The TUI driven through Textual's Pilot on tiny real models: tree, filter, selection, model switching, failed
+loads, the command palette. Assertions read what the widgets show."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from textual.worker import WorkerFailed
+
+from inspector.tui.app import CogsurgeonApp
+from inspector.tui.widgets import ModuleDetails, ModuleTree, SourceView
+
+SIZE = (160, 48)
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def shown_text(widget) -> str:
+    """What a Static-like widget shows, as plain text."""
+    content = widget.content if hasattr(widget, "content") else widget.renderable
+    if isinstance(content, str):
+        return content
+    console = Console(width=200, record=True, color_system=None)
+    console.print(content)
+    return console.export_text()
+
+
+def tree_rows(tree: ModuleTree) -> list[str]:
+    """The labels of the rows the tree shows now (expanded nodes only), indented by depth."""
+    rows: list[str] = []
+
+    def walk(node, depth: int) -> None:
+        rows.append("  " * depth + str(node.label))
+        if node.is_expanded:
+            for child in node.children:
+                walk(child, depth + 1)
+
+    walk(tree.root, 0)
+    return rows
+
+
+async def settle(pilot) -> None:
+    """Let workers (model loads, verifications) finish and the screen catch up. A worker that failed is the app's
+    to report (the tests assert on its notification), so its failure is not re-raised here."""
+    try:
+        await pilot.app.workers.wait_for_complete()
+    except WorkerFailed:
+        pass
+    await pilot.pause()
+
+
+def notifications(app) -> list[str]:
+    return [notification.message for notification in app._notifications]
+
+
+async def test_opens_on_the_tree_with_folded_blocks_and_the_root_details():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        rows = tree_rows(app.query_one(ModuleTree))
+        assert rows[0] == "tiny  CogVideoXTransformer3DModel  42.2K"
+        assert "  transformer_blocks (0-1): 2 × CogVideoXBlock  38.6K" in rows
+        details = shown_text(app.query_one(ModuleDetails))
+        assert "CogVideoXTransformer3DModel" in details
+        assert "num_layers" in details and "max_text_seq_length" in details  # the root shows the config
+        assert app.query_one(SourceView).border_title.startswith("class CogVideoXTransformer3DModel")
+        assert app.sub_title == "tiny"
+
+
+async def test_expanding_a_folded_row_lists_its_blocks():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        tree = app.query_one(ModuleTree)
+        tree.go_to("transformer_blocks")
+        await pilot.press("right")
+        await pilot.pause()
+        rows = tree_rows(tree)
+        assert "    0  CogVideoXBlock  19.3K" in rows and "    1  CogVideoXBlock  19.3K" in rows
+        await pilot.press("down")
+        await pilot.pause()
+        assert app.screen.selected.name == "transformer_blocks.0"
+
+
+async def test_filter_narrows_the_tree_enter_selects_the_first_match_escape_restores():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("slash", *"attn1")
+        await pilot.pause()
+        filter_input = app.query_one("#filter")
+        assert filter_input.has_focus and filter_input.value == "attn1"
+        assert filter_input.border_subtitle == "18 of 67 match"
+        rows = tree_rows(app.query_one(ModuleTree))
+        assert not any("patch_embed" in row or "ff  FeedForward" in row for row in rows)
+        assert "      attn1  Attention  4.29K" in rows
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.query_one(ModuleTree).has_focus
+        details = shown_text(app.query_one(ModuleDetails))
+        assert "transformer_blocks.0.attn1" in details
+        assert "diffusers/models/attention_processor.py:" in details
+        assert "CogVideoXAttnProcessor2_0" in details
+        source = app.query_one(SourceView)
+        assert source.border_title.startswith("CogVideoXAttnProcessor2_0.__call__  diffusers/models/attention_processor.py:")
+        assert "def __call__(" in shown_text(source.query_one("#source-code"))
+
+        await pilot.press("slash", "escape")
+        await pilot.pause()
+        assert filter_input.value == ""
+        assert filter_input.border_subtitle == "67 modules"
+        assert any("patch_embed" in row for row in tree_rows(app.query_one(ModuleTree)))
+        assert app.screen.selected.name == "transformer_blocks.0.attn1"  # the selection survives
+
+
+async def test_filter_by_class_and_a_filter_that_matches_nothing():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("slash", *"adalayernorm")
+        await pilot.pause()
+        rows = tree_rows(app.query_one(ModuleTree))
+        assert rows[1] == "  norm_out  AdaLayerNorm  1.15K"
+        assert len(rows) == 2
+        await pilot.press(*"zzz")
+        await pilot.pause()
+        assert tree_rows(app.query_one(ModuleTree)) == ["no module matches 'adalayernormzzz'"]
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "no module matches 'adalayernormzzz'" in notifications(app)
+
+
+async def test_switch_to_a_folder_model_saved_with_save_pretrained(tmp_path, tiny_model):
+    folder = tmp_path / "runs" / "my-tiny"
+    tiny_model.save_pretrained(folder)
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("m")
+        await pilot.pause()
+        await pilot.click("#model-path")
+        await pilot.press(*str(folder), "enter")
+        await settle(pilot)
+        assert app.sub_title == "runs/my-tiny (folder)"
+        assert tree_rows(app.query_one(ModuleTree))[0].startswith("runs/my-tiny (folder)  CogVideoXTransformer3DModel")
+        assert not app.query_one(ModuleTree).loading
+
+
+async def test_a_failed_load_is_a_notification_and_the_old_model_stays(tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        app.screen.open(str(empty))
+        await settle(pilot)
+        assert any("holds no config.json" in message for message in notifications(app))
+        assert app.is_running
+        tree = app.query_one(ModuleTree)
+        assert not tree.loading
+        assert tree_rows(tree)[0].startswith("tiny  CogVideoXTransformer3DModel")
+        await pilot.press("down")  # still responsive
+        await pilot.pause()
+        assert app.screen.selected.name == "patch_embed"
+
+
+async def test_model_switch_from_the_command_palette():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"model: open tiny-i2v")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert app.sub_title == "tiny-i2v"
+        assert app.screen.loaded.config["in_channels"] == 8
+
+
+async def test_ctrl_q_quits():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        assert not app.is_running
+    assert app.return_code == 0
+
+
+def test_an_unknown_model_fails_before_the_screen_opens(cli):
+    result = cli("no-such-model")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("cogsurgeon: error: unknown model 'no-such-model'")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("module", ["inspector.cli", "inspector.loading", "inspector.inventory", "inspector.browse",
+                                    "inspector.module_tree", "inspector.source", "inspector.patching", "patches",
+                                    "tools", "tools.lora"])
+def test_the_core_never_imports_textual(module):
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; assert 'textual' not in sys.modules, sorted(m for m in sys.modules if 'textual' in m)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
