@@ -62,3 +62,22 @@ def test_filter_matches_name_class_and_file(tiny_model):
     assert all(info.class_name == "CogVideoXBlock" for info in filter_inventory(infos, "cogvideoxblock"))
     by_file = filter_inventory(infos, "attention_processor.py")
     assert by_file and all(info.file.endswith("attention_processor.py") for info in by_file)
+
+
+def test_cached_inventory_equals_a_fresh_one_and_goes_stale_when_a_source_file_changes(tmp_path, monkeypatch):
+    from inspector import inventory_cache
+    from inspector.inventory import inventory_for_spec
+
+    monkeypatch.setenv("COGSURGEON_CACHE_DIR", str(tmp_path / "cache"))
+    fresh = inventory_for_spec("cogvideox-2b", use_cache=False)
+    assert inventory_cache.load_cached_inventory("cogvideox-2b") is None
+    assert inventory_for_spec("cogvideox-2b") == fresh  # built, then stored
+    assert inventory_cache.load_cached_inventory("cogvideox-2b") == fresh
+
+    edited = tmp_path / "edited_attention_processor.py"
+    edited.write_text("class Attention: ...\n")
+    pointing_at_edited = [info.__class__(**{**info.__dict__, "file": str(edited)}) for info in fresh]
+    inventory_cache.store_inventory("cogvideox-2b", None, pointing_at_edited)
+    assert inventory_cache.load_cached_inventory("cogvideox-2b") == pointing_at_edited
+    edited.write_text("class Attention:  # edited in site-packages\n    ...\n")
+    assert inventory_cache.load_cached_inventory("cogvideox-2b") is None
