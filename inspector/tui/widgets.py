@@ -50,6 +50,15 @@ class ModuleTree(Tree[ModuleNode]):
         self.patched: set[str] = set()
         self._populated: set[int] = set()
 
+    def _invalidate(self) -> None:
+        """Tree's own `_invalidate` asks for a layout of the whole screen on every change, because a tree may size
+        itself to its labels; this one's size is fixed by the stylesheet, so a repaint of the tree is enough (it
+        takes a full-screen layout out of every filter keystroke)."""
+        self._clear_line_cache()
+        self._updates += 1
+        self.root._reset()
+        self.refresh()
+
     def show_modules(self, root: ModuleNode, title: str, expand_to: set[str] | None = None) -> None:
         """Replace the tree with `root`. With `expand_to`, the paths to those modules are opened (for a folded run,
         only through its first member, so the run's other members stay one row each); else the first level."""
@@ -61,6 +70,9 @@ class ModuleTree(Tree[ModuleNode]):
         self.root.expand()
         if expand_to:
             self._open_matches(self.root, expand_to)
+        # Build the line index now rather than on the next idle, so that the new size and rows go out in one
+        # screen update instead of two (half the keystroke-to-repaint time of the filter).
+        self._tree_lines
 
     def _open_matches(self, node: TreeNode[ModuleNode], names: set[str]) -> None:
         folded_members_seen = False
