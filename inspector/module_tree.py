@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from inspector.inventory import ModuleInfo
 
@@ -122,13 +123,18 @@ def _fold_children(children: list[ModuleNode]) -> list[ModuleNode]:
     return folded
 
 
+@lru_cache(maxsize=8192)
+def _haystack(info: ModuleInfo) -> str:
+    # one lower-cased string per module, fields split by a character no filter contains, so that a keystroke
+    # costs one `in` per module instead of five `lower()` calls
+    fields = (info.name, info.class_name, info.class_module, info.file, info.processor)
+    return "\0".join((value or "").lower() for value in fields)
+
+
 def matches(info: ModuleInfo, needle: str) -> bool:
     """Whether the filter text (already lower-cased) occurs in the module's name, class, defining module, file
     or processor: the same fields as `filter_inventory`."""
-    return any(
-        needle in (value or "").lower()
-        for value in (info.name, info.class_name, info.class_module, info.file, info.processor)
-    )
+    return needle in _haystack(info)
 
 
 def narrow_inventory(infos: list[ModuleInfo], text: str) -> tuple[list[ModuleInfo], set[str]]:

@@ -57,6 +57,7 @@ class MainScreen(Screen[None]):
         self.full_tree: ModuleNode | None = None
         self.patch_bench = PatchBench()
         self.matched: set[str] = set()
+        self.narrowed: dict[str, tuple[ModuleNode | None, set[str]]] = {}
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -118,6 +119,7 @@ class MainScreen(Screen[None]):
             return
         self.app.sub_title = loaded.title
         self.full_tree = build_module_tree(list(loaded.infos))
+        self.narrowed = {}
         tree = self.query_one(ModuleTree)
         tree.patched = loaded.changed_modules()
         keep = self.selected.name if self.selected is not None else None
@@ -138,12 +140,16 @@ class MainScreen(Screen[None]):
             filter_input.border_subtitle = f"{len(loaded.infos):,} modules"
             tree.show_modules(self.full_tree, loaded.title)
             return
-        infos, self.matched = narrow_inventory(list(loaded.infos), filter_text)
+        key = filter_text.strip().lower()
+        if key not in self.narrowed:  # backspacing returns to trees already built
+            infos, matched = narrow_inventory(list(loaded.infos), key)
+            self.narrowed[key] = (build_module_tree(infos) if matched else None, matched)
+        narrowed_tree, self.matched = self.narrowed[key]
         filter_input.border_subtitle = f"{len(self.matched):,} of {len(loaded.infos):,} match"
-        if not self.matched:
+        if narrowed_tree is None:
             tree.show_modules(ModuleNode(f"no module matches {filter_text!r}", None), "")
             return
-        tree.show_modules(build_module_tree(infos), loaded.title, expand_to=self.matched)
+        tree.show_modules(narrowed_tree, loaded.title, expand_to=self.matched)
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
