@@ -10,8 +10,8 @@ per segment:
 - frame-causal: text queries over text keys, then each frame's queries over its key prefix. Work is
   `sum_f n_f * (T + (f+1) n)`, about 0.54 of full attention at 13 frames, in plain (flash) SDPA calls with no mask;
   flex_attention's block mask measured 1.11x of full on an H100 (DESIGN's anchors), so it is not used.
-- a text padding mask (`(B, T)` or `(B, T+N)` bool, or additive with only 0 / <= -1e4 values): the masked keys are
-  *dropped* (K and V gathered over the kept keys, per group of batch items sharing a mask) instead of passed as a
+- a key mask (`(B, T)` or `(B, T+N)`; bool, or additive with only 0 and -inf, or 0 and <= -1e4 while every query
+  keeps a key): the masked keys are *dropped* (K and V gathered over the kept keys, per group of batch items sharing a mask) instead of passed as a
   mask, because SDPA with any `attn_mask` leaves the flash kernel (a (B,1,1,L) key mask measured 1.50x). Kept keys
   stay in order, so every key prefix above maps to a prefix of the kept keys and causal runs become lower-right
   causal segments.
@@ -35,8 +35,8 @@ from patches.layout import FrameLayout
 
 Structure = Literal["causal", "frame-causal"]
 
-# Additive key-mask values at or below this are "masked": exp(-1e4) underflows to 0 in every float dtype, so
-# dropping those keys gives the same softmax as adding the value.
+# Additive key-mask values at or below this count as padding: exp(-1e4) underflows to 0 in every float dtype, so
+# dropping those keys gives the same softmax as adding the value, as long as the query keeps some other key.
 DROP_THRESHOLD = -1.0e4
 # Past this many query runs, a causal key-dropping plan falls back to chunked dense masks (call overhead).
 MAX_SEGMENTS = 64
@@ -134,11 +134,13 @@ def describe_mask_forms(layout: FrameLayout) -> str:
 
 def normalize_attention_mask(
     mask: torch.Tensor, layout: FrameLayout, batch: int, heads: int
-) -> tuple[Literal["keys", "dense"], torch.Tensor]:
-    """Check a user mask against DESIGN's accepted forms and bring it to one of two shapes:
+) -> tuple[Literal["keys", "soft-keys", "dense"], torch.Tensor]:
+    """Check a user mask against DESIGN's accepted forms and bring it to one of three shapes:
 
-    ("keys", keep) with keep a bool `(B|1, L)` (True = attend; text masks extended with True for video), or
-    ("dense", m) with m a bool or additive float `(B|1, 1|heads, L|1, L)`.
+    ("keys", keep): keep a bool `(B|1, L)` (True = attend; text masks extended with True for video), from a bool
+    mask or an additive one of only 0 and -inf;
+    ("soft-keys", bias): an additive `(B|1, L)` of only 0 and finite values <= -1e4 (HF's classic -10000 padding);
+    ("dense", m): m a bool or additive float `(B|1, 1|heads, L|1, L)`.
     """
     text, length = layout.text_tokens, layout.sequence_length
     if not isinstance(mask, torch.Tensor):
@@ -156,8 +158,10 @@ def normalize_attention_mask(
             mask = torch.cat([mask, video(shape[0], length - text, dtype=mask.dtype, device=mask.device)], dim=1)
         if mask.dtype == torch.bool:
             return "keys", mask
-        if bool(((mask == 0) | (mask <= DROP_THRESHOLD)).all()):
+        if bool(((mask == 0) | (mask == float("-inf"))).all()):
             return "keys", mask == 0
+        if bool(((mask == 0) | (mask <= DROP_THRESHOLD)).all()):
+            return "soft-keys", mask
         return "dense", mask[:, None, None, :]
     if mask.dim() == 4 and batch_ok and shape[1] in (1, heads) and shape[2:] == (length, length):
         return "dense", mask
@@ -182,8 +186,10 @@ def plan_attention(
     if mask is None:
         return SegmentPlan(segments)
     form, normalized = normalize_attention_mask(mask, layout, batch, heads)
-    if form == "keys":
-        plan = _kept_key_plan(normalized, segments, device)
+    if form in ("keys", "soft-keys"):
+        # Dropping a key whose additive value is finite is exact only while each query keeps another key.
+        keep = normalized if form == "keys" else normalized == 0
+        plan = _kept_key_plan(keep, segments, device, allow_keyless_queries=form == "keys")
         if plan is not None:
             return plan
         normalized = normalized[:, None, None, :]
@@ -193,10 +199,11 @@ def plan_attention(
 
 
 def _kept_key_plan(
-    keep: torch.Tensor, segments: tuple[QuerySegment, ...], device: torch.device
+    keep: torch.Tensor, segments: tuple[QuerySegment, ...], device: torch.device, allow_keyless_queries: bool
 ) -> KeptKeyPlan | None:
     """Group batch items by their key mask and compact the segments for each; None when the causal runs are too
-    many for one SDPA call each (then the dense path is cheaper)."""
+    many for one SDPA call each (then the dense path is cheaper), or when some query would keep no key and that is
+    not allowed."""
     keep_rows = keep.detach().to("cpu")
     unique_rows, inverse = torch.unique(keep_rows, dim=0, return_inverse=True)
     groups = []
@@ -204,6 +211,8 @@ def _kept_key_plan(
         keep_list = row.tolist()
         compacted = compact_segments(segments, keep_list)
         if len(compacted) > MAX_SEGMENTS:
+            return None
+        if not allow_keyless_queries and any(segment.key_end == 0 for segment in compacted):
             return None
         if len(unique_rows) == 1:
             items = None
