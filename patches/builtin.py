@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from patches.errors import PatchError
-from patches.registry import Patch, register
+from patches.registry import Patch
 
 
 def _no_options(patch: Patch, options: dict[str, Any]) -> None:
@@ -100,5 +100,4 @@ class AttentionMask(Patch):
         return max(2 * batch, 3) * heads * length * head_dim * dtype_bytes + batch * length
 
 
-for _patch in (CausalAttention(), FrameCausalAttention(), AttentionMask()):
-    register(_patch)
+BUILTIN_PATCHES: tuple[Patch, ...] = (CausalAttention(), FrameCausalAttention(), AttentionMask())

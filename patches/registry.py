@@ -72,11 +72,16 @@ class Patch:
 
 
 _registry: dict[str, Patch] = {}
-_entry_points_loaded = False
+_loaded = False
 
 
 def register(patch: Patch) -> Patch:
     """Add a patch under its name; a name already taken is an error (names are unique)."""
+    _all_patches()
+    return _add(patch)
+
+
+def _add(patch: Patch) -> Patch:
     if not isinstance(patch, Patch) or not patch.name:
         raise PatchError(f"{patch!r} is not a cogsurgeon Patch with a name (subclass patches.Patch)")
     existing = _registry.get(patch.name)
@@ -86,33 +91,33 @@ def register(patch: Patch) -> Patch:
     return patch
 
 
+def _all_patches() -> dict[str, Patch]:
+    """The registry, filled on first use: the built-ins, then the `cogsurgeon.patches` entry points."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from patches.builtin import BUILTIN_PATCHES
+
+        for patch in BUILTIN_PATCHES:
+            _add(patch)
+        _load_entry_points()
+    return _registry
+
+
 def _load_entry_points() -> None:
     """Third-party patches: each entry point of the group names a Patch instance or a Patch subclass. A broken or
     clashing plugin is skipped with a warning: one bad package must not take the built-ins down."""
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
     from importlib.metadata import entry_points
 
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = entry_point.load()
-            patch = loaded() if isinstance(loaded, type) else loaded
-            register(patch)
+            _add(loaded() if isinstance(loaded, type) else loaded)
         except Exception as exc:  # a plugin's bug, reported, not raised
             warnings.warn(
                 f"cogsurgeon: skipped patch entry point {entry_point.name!r} ({entry_point.value}): {exc}",
                 stacklevel=2,
             )
-
-
-def _all_patches() -> dict[str, Patch]:
-    from patches import builtin  # registers the built-ins
-
-    del builtin
-    _load_entry_points()
-    return _registry
 
 
 def available() -> list[PatchInfo]:
