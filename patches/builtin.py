@@ -32,6 +32,11 @@ class StructuralAttentionPatch(Patch):
 
         disable_attention_rule(transformer, structure=self.structure)
 
+    def reference_mask(self, layout: Any) -> Any:
+        from patches.reference import RULE_MASKS
+
+        return RULE_MASKS[self.name](layout)
+
 
 class CausalAttention(StructuralAttentionPatch):
     """Token-causal over the joint sequence, `k <= q`: exactly the original fork's `is_causal=True`.

@@ -41,6 +41,8 @@ class Patch:
     must leave it unchanged when it raises; `revert(transformer)` restores exactly what `apply` replaced.
     `conflicts` names patches this one does not compose with (checked in both directions).
     `extra_memory_bytes(...)` estimates the memory the patch allocates beyond unpatched attention (None: unknown).
+    `reference_mask(layout)` gives the `(L, L)` bool mask (True = attend) that `verify` compares the patched model
+    with (None: the patch cannot be verified that way).
     """
 
     name: str = ""
@@ -64,6 +66,9 @@ class Patch:
         *,
         head_dim: int = 64,
     ) -> int | None:
+        return None
+
+    def reference_mask(self, layout: Any) -> Any:
         return None
 
     @property

@@ -13,6 +13,7 @@ from torch import nn
 
 from inspector.model_specs import TINY_SPECS
 from patches.layout import FrameLayout, tokens_per_frame
+from patches.errors import PatchError
 from patches.reference import RULE_MASKS, combine_masks, full_attention_mask, reference_processors
 from patches.registry import apply, get_patch, revert
 
@@ -157,16 +158,16 @@ class Case:
 
 
 def verify_cases(name: str, layout: FrameLayout, batch: int, heads: int) -> list[Case]:
-    """What to run for each patch: its rule alone; for `attention-mask`, every accepted form."""
-    if name in RULE_MASKS:
-        return [Case(name, None, RULE_MASKS[name](layout))]
+    """What to run for each patch: for `attention-mask`, every accepted form; otherwise its reference mask."""
     if name == "attention-mask":
         return [
             Case(label, mask, full_attention_mask(mask, layout))
             for label, mask in sample_masks(layout, batch, heads).items()
         ]
-    get_patch(name)  # an unknown name raises UnknownPatchError
-    raise NotImplementedError(f"{name} has no explicit-mask reference to verify against")
+    reference = get_patch(name).reference_mask(layout)
+    if reference is None:
+        raise PatchError(f"{name} gives no reference mask (Patch.reference_mask), so it cannot be verified")
+    return [Case(name, None, reference)]
 
 
 def fresh_tiny(variant: str, processor: str) -> nn.Module:
