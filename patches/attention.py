@@ -156,8 +156,8 @@ def normalize_attention_mask(
         if shape[1] == text and text != length:
             video = torch.ones if mask.dtype == torch.bool else torch.zeros
             mask = torch.cat([mask, video(shape[0], length - text, dtype=mask.dtype, device=mask.device)], dim=1)
-        if mask.dtype == torch.bool:
-            return "keys", mask
+        if mask.dtype == torch.bool or mask.is_meta:  # a meta mask has no values: shapes as if every key is kept
+            return "keys", mask if mask.dtype == torch.bool else mask == 0
         if bool(((mask == 0) | (mask == float("-inf"))).all()):
             return "keys", mask == 0
         if bool(((mask == 0) | (mask <= DROP_THRESHOLD)).all()):
@@ -186,6 +186,8 @@ def plan_attention(
     if mask is None:
         return SegmentPlan(segments)
     form, normalized = normalize_attention_mask(mask, layout, batch, heads)
+    if form == "keys" and normalized.is_meta:  # a shape-only (meta) forward: the mask's values are unknown
+        return SegmentPlan(segments)
     if form in ("keys", "soft-keys"):
         # Dropping a key whose additive value is finite is exact only while each query keeps another key.
         keep = normalized if form == "keys" else normalized == 0

@@ -4,6 +4,10 @@ forward pre-hook on the transformer, both owned by an `AttentionPatchState` that
 The pre-hook reads what the attention processors cannot see: the tokens per frame (from the latent's shape and the
 config's patch size) and `attention_kwargs["attention_mask"]`, which diffusers <= 0.32 blocks drop before attention.
 The plan (segments, kept keys) is made once per forward, at the first attention call, and reused by every layer.
+
+What the hook read stays until the next forward, so gradient checkpointing's recomputation in backward sees the
+layout of the forward it belongs to, as long as no other forward of the same model ran in between. Making a plan
+with a key mask reads the mask on the host (one sync per forward), which also breaks a torch.compile graph there.
 """
 
 from __future__ import annotations
@@ -155,6 +159,7 @@ class AttentionPatchState:
         self.frame_tokens: int | None = None
         self.call_mask: torch.Tensor | None = None
         self._plan_key: tuple[Any, ...] | None = None
+        self._plan_mask: torch.Tensor | None = None
         self._plan: AttentionPlan | None = None
 
     # -- installing and removing -----------------------------------------------------------------------------------
@@ -212,7 +217,7 @@ class AttentionPatchState:
             self.frame_tokens = tokens_per_frame(self.config, hidden_states.shape[-2], hidden_states.shape[-1])
         attention_kwargs = arguments.get("attention_kwargs") or {}
         self.call_mask = attention_kwargs.get("attention_mask")
-        self._plan_key = self._plan = None
+        self._plan_key = self._plan = self._plan_mask = None
         self._rewrap_replaced_processors()
 
     def _rewrap_replaced_processors(self) -> None:
@@ -238,14 +243,15 @@ class AttentionPatchState:
     ) -> AttentionPlan:
         """The attention plan of this call, made at the first layer and reused while nothing it depends on changes."""
         batch, heads = query.shape[0], query.shape[1]
-        key = (id(mask), text_tokens, video_tokens, self.frame_tokens, self.structure, batch, heads, query.device)
-        if self._plan is not None and self._plan_key == key:
+        mask_version = None if mask is None else mask._version  # an in-place edit of the same mask re-plans
+        key = (mask_version, text_tokens, video_tokens, self.frame_tokens, self.structure, batch, heads, query.device)
+        if self._plan is not None and self._plan_mask is mask and self._plan_key == key:
             return self._plan
         layout = self.layout(text_tokens, video_tokens)
         self._plan = plan_attention(
             self.structure, layout, mask, batch=batch, heads=heads, device=query.device, dtype=query.dtype
         )
-        self._plan_key = key
+        self._plan_key, self._plan_mask = key, mask  # holding the mask keeps its identity unambiguous
         return self._plan
 
     def layout(self, text_tokens: int, video_tokens: int) -> FrameLayout:

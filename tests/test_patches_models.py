@@ -229,3 +229,37 @@ def test_no_square_tensor_of_the_sequence_length_on_the_hot_path(tiny_model, nam
         forward(tiny_model, inputs, mask if "attention-mask" in names else None)
     assert recorder.shapes
     assert not [shape for shape in recorder.shapes if sum(size >= length // 2 for size in shape) >= 2]
+
+
+@pytest.mark.parametrize("processor", ["plain", "fused"])
+@pytest.mark.parametrize("variant", TINY_SPECS)
+def test_the_patched_projections_equal_diffusers_processor(models, variant, processor):
+    """With a mask that keeps every key, the patched path (own q/k/v, rotary, output projection) runs instead of
+    the original processor: it must agree with diffusers' processor."""
+    model = models[(variant, processor)]
+    inputs = tiny_inputs(model)
+    keep_all = torch.ones(2, inputs["encoder_hidden_states"].shape[1], dtype=torch.bool)
+    unpatched = forward(model, inputs)
+    with patches.patched(model, "attention-mask"):
+        torch.testing.assert_close(forward(model, inputs, keep_all), unpatched, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "names", [("causal-attention",), ("frame-causal-attention", "attention-mask"), ("causal-attention", "attention-mask")]
+)
+def test_patched_models_still_run_on_the_meta_device(names):
+    """Shape-only forwards (the trace) work with patches on; a meta mask counts as keeping every key."""
+    from inspector.loading import build_on_meta
+    from inspector.model_specs import tiny_config
+
+    model = build_on_meta(tiny_config("tiny-1.5"))
+    inputs = tiny_inputs(fresh_tiny("tiny-1.5", "plain"))
+    meta = {
+        key: value.to("meta") if isinstance(value, torch.Tensor)
+        else tuple(part.to("meta") for part in value) if isinstance(value, tuple) else value
+        for key, value in inputs.items()
+    }
+    mask = torch.ones(2, 8, device="meta")
+    with patches.patched(model, *names):
+        output = forward(model, meta, mask if "attention-mask" in names else None)
+    assert output.device.type == "meta" and output.shape == inputs["hidden_states"].shape[:2] + (4, 8, 8)
