@@ -263,3 +263,25 @@ def test_patched_models_still_run_on_the_meta_device(names):
     with patches.patched(model, *names):
         output = forward(model, meta, mask if "attention-mask" in names else None)
     assert output.device.type == "meta" and output.shape == inputs["hidden_states"].shape[:2] + (4, 8, 8)
+
+
+@pytest.mark.parametrize("names", [("frame-causal-attention", "attention-mask"), ("causal-attention", "attention-mask")])
+def test_training_gradients_with_checkpointing_equal_the_reference(names):
+    """Finetuning runs backward through the patches, with gradient checkpointing recomputing attention."""
+    model = fresh_tiny("tiny", "plain")
+    model.train()
+    model.enable_gradient_checkpointing()
+    inputs = tiny_inputs(model)
+    layout = layout_of_inputs(model, inputs)
+    mask = sample_masks(layout, batch=2, heads=2)["text bool (B,T)"]
+
+    def gradients(attention_kwargs=None):
+        model.zero_grad()
+        model(**inputs, attention_kwargs=attention_kwargs)[0].square().mean().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    with reference_processors(model, combined_reference_mask(names, layout, mask)):
+        expected = gradients()
+    with patches.patched(model, *names):
+        actual = gradients({"attention_mask": mask})
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
