@@ -57,9 +57,9 @@ class FrameCausalAttention(StructuralAttentionPatch):
     """Block-causal by frame, text as frame -1: `frame(k) <= frame(q)`.
 
     Computed as text queries over text keys plus one SDPA call per frame over its key prefix `[text ; frames <= f]`
-    (about 0.54 of full attention's work at 13 frames, all in the flash kernel; flex_attention's block mask measured
-    1.11x of full). Each segment's output is a temporary copied into the output, so the extra memory is the largest
-    segment's output."""
+    (about 0.54 of full attention's work at 13 frames, all in the flash kernel: 0.60x of full SDPA on an H100,
+    bench/patch_attention_gpu.md; flex_attention's block mask measured 1.11x). Each segment's output is a temporary
+    copied into the output, so the extra memory is the largest segment's output."""
 
     name = "frame-causal-attention"
     summary = "frame-causal attention: text sees text; frame f sees text and frames <= f"
@@ -79,9 +79,10 @@ class AttentionMask(Patch):
     `(B, T+N)` over all keys, `(B|1, 1|heads, T+N, T+N)` a full mask. Composes with either causal rule.
 
     Key masks (bool, or additive with only 0 and <= -1e4 values) drop the masked keys: K and V are gathered over the
-    kept keys per group of batch items sharing a mask, so attention stays in the flash kernel (a (B,1,1,L) key mask
-    measured 1.50x of full attention; fewer keys make it cheaper than full). A full mask goes to SDPA as it is:
-    broadcast over heads, never repeated per head (diffusers' head repeat makes (B·heads, L, L): 56.5 GiB at B=2, bf16, L=17,776)."""
+    kept keys per group of batch items sharing a mask, so attention stays in the flash kernel (1.03x of full SDPA
+    with two padded prompts on an H100, bench/patch_attention_gpu.md; a (B,1,1,L) key mask measured 1.50x). A full
+    mask goes to SDPA as it is: broadcast over heads, never repeated per head (diffusers' head repeat makes a
+    (B·heads, L, L) tensor: 56.5 GiB at B=2, bf16, L=17,776)."""
 
     name = "attention-mask"
     summary = "attention_kwargs={'attention_mask': M} reaches attention: (B,T), (B,T+N) or (B|1,1|heads,L,L)"

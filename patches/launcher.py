@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def run_patched(command: Sequence[str], patch_names: Sequence[str]) -> int:
 def _wait_forwarding_signals(process: subprocess.Popen) -> int:
     """Wait like a shell: Ctrl-C reaches the program through the terminal, so cogsurgeon ignores it meanwhile and
     passes on a SIGTERM it receives; the program decides how to stop."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return _exit_status(process.wait())
     previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
     try:
@@ -80,4 +83,9 @@ def _wait_forwarding_signals(process: subprocess.Popen) -> int:
     finally:
         signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous_term)
+    return _exit_status(returncode)
+
+
+def _exit_status(returncode: int) -> int:
+    """A shell's exit status: a program killed by signal N gives 128 + N."""
     return 128 - returncode if returncode < 0 else returncode
