@@ -161,8 +161,7 @@ def verify(ctx: click.Context, adapter_dir: str, base: str, as_json: bool) -> No
     from inspector.cli import print_json
     from tools.lora.verify import verify_adapter
 
-    click.echo(f"verifying {adapter_dir} on {base} ...", err=True)
-    report = verify_adapter(adapter_dir, base)
+    report = verify_adapter(adapter_dir, base, progress=lambda message: click.echo(message, err=True))
     if as_json:
         print_json(report.to_json())
     else:

@@ -9,6 +9,7 @@ at alpha = rank, so there the alpha is passed as `network_alphas` (the kohya-sty
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -111,7 +112,7 @@ def expected_scales(config: dict[str, Any], modules: list[str]) -> dict[str, flo
     return scales
 
 
-def _read_adapter_folder(folder: Path) -> dict[str, Any]:
+def read_adapter_folder(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise CogsurgeonError(f"{folder} is not a folder: verify takes the folder `cogsurgeon lora repair` wrote")
     missing = [name for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME) if not (folder / name).is_file()]
@@ -241,8 +242,12 @@ def load_with_diffusers(base: torch.nn.Module, adapter_dir: str | Path, adapter_
     return f"network_alphas, set_scale on {corrected} mixed-rank modules" if corrected else "network_alphas"
 
 
-def verify_adapter(adapter_dir: str | Path, base_spec: str) -> AdapterVerifyReport:
-    """Load the adapter folder onto `base_spec` with PEFT and with diffusers and compare (see module docstring)."""
+def verify_adapter(
+    adapter_dir: str | Path, base_spec: str, *, progress: Callable[[str], None] | None = None
+) -> AdapterVerifyReport:
+    """Load the adapter folder onto `base_spec` with PEFT and with diffusers and compare (see module docstring).
+    `progress(message)` is told each slow stage, once the inputs are known to be good."""
+    say = progress or (lambda message: None)
     from inspector.offline import enter_offline_mode
 
     enter_offline_mode()  # before huggingface_hub is imported below; a no-op when the CLI already did it
@@ -251,13 +256,14 @@ def verify_adapter(adapter_dir: str | Path, base_spec: str) -> AdapterVerifyRepo
     from inspector.loading import load_transformer
 
     folder = Path(adapter_dir).expanduser()
-    config = _read_adapter_folder(folder)
+    config = read_adapter_folder(folder)
     base = load_transformer(base_spec)
     if any(parameter.is_meta for parameter in base.parameters()):
         raise CogsurgeonError(
             f"{base_spec} loads on the meta device (no weights): verify runs the model, so --base must be tiny, "
             "tiny-i2v, tiny-1.5, a local model folder or a cached hub id"
         )
+    say(f"loaded {base_spec}; loading the adapter with PEFT and with diffusers ...")
     peft_weights = _weights_by_module(folder / PEFT_WEIGHTS_NAME, PEFT_KEY_PREFIX)
     diffusers_weights = _weights_by_module(folder / DIFFUSERS_WEIGHTS_NAME, DIFFUSERS_KEY_PREFIX)
     expected = expected_scales(config, sorted(set(peft_weights) | set(diffusers_weights)))
