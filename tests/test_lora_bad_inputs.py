@@ -65,6 +65,24 @@ def rank_clash(tmp: Path) -> Path:
     return tmp / "ckpt"
 
 
+def dora(tmp: Path) -> Path:
+    (tmp / "ckpt").mkdir()
+    a, b = lora_pair()
+    save_file({"transformer_blocks.0.attn1.to_q.lora_A.weight": a, "transformer_blocks.0.attn1.to_q.lora_B.weight": b,
+               "transformer_blocks.0.attn1.to_q.lora_magnitude_vector": torch.ones(32)},
+              str(tmp / "ckpt" / "adapter_model.safetensors"))
+    return tmp / "ckpt"
+
+
+def lora_mixed_with_model_weights(tmp: Path) -> Path:
+    (tmp / "ckpt").mkdir()
+    a, b = lora_pair()
+    save_file({"transformer_blocks.0.attn1.to_q.lora_A.weight": a, "transformer_blocks.0.attn1.to_q.lora_B.weight": b,
+               "transformer_blocks.0.attn1.to_q.weight": torch.randn(32, 32)},
+              str(tmp / "ckpt" / "adapter_model.safetensors"))
+    return tmp / "ckpt"
+
+
 def empty_folder(tmp: Path) -> Path:
     (tmp / "empty").mkdir()
     return tmp / "empty"
@@ -111,6 +129,8 @@ BAD_INPUTS = {
     "header-length-beyond-file": (header_length_beyond_file, "header"),
     "a-without-b": (a_without_b, "lora_A without lora_B"),
     "rank-clash": (rank_clash, "rank clash"),
+    "dora": (dora, "DoRA magnitude vectors"),
+    "non-lora-keys": (lora_mixed_with_model_weights, "not LoRA weights"),
     "empty-folder": (empty_folder, "holds no LoRA checkpoint"),
     "no-lora": (no_lora, "holds no LoRA weights"),
     "pickle": (a_pickle, "never unpickles"),
