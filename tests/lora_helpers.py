@@ -97,6 +97,17 @@ def save_with_adapter_name(trained: TrainedLora, folder: Path, *, with_config: b
     return folder
 
 
+def save_peft_folder(trained: TrainedLora, folder: Path) -> Path:
+    """What `PeftModel.save_pretrained` writes: `base_model.model.` keys and adapter_config.json."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({f"base_model.model.{k}": v for k, v in peft_state_dict(trained).items()},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    trained.model.peft_config["default"].save_pretrained(str(folder))
+    return folder
+
+
 SAT_NAMES = {"to_q": ("query_key_value", 0), "to_k": ("query_key_value", 1), "to_v": ("query_key_value", 2),
              "to_out.0": ("dense", 0)}
 
