@@ -204,3 +204,20 @@ def test_verify_refuses_a_folder_that_is_no_adapter(tmp_path, cli):
     checkpoint = valid_checkpoint(tmp_path / "ckpt")
     result = cli("lora", "verify", str(checkpoint), "--base", "tiny")
     assert_one_line_error(result, "not an adapter folder")
+
+
+def test_rslora_config_beside_is_a_problem(tmp_path, cli):
+    """A config that says use_rslora: its scale is alpha/sqrt(r), which a plain LoRA config would silently change."""
+    import json
+
+    checkpoint = tmp_path / "peft"
+    checkpoint.mkdir()
+    a, b = lora_pair()
+    save_file({"transformer_blocks.0.attn1.to_q.lora_A.weight": a, "transformer_blocks.0.attn1.to_q.lora_B.weight": b},
+              str(checkpoint / "adapter_model.safetensors"))
+    (checkpoint / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "use_rslora": True}))
+    inspected = cli("lora", "inspect", str(checkpoint), "--json")
+    assert any("use_rslora" in problem for problem in json.loads(inspected.stdout)["problems"])
+    repaired = cli("lora", "repair", str(checkpoint), "--out", str(tmp_path / "out"))
+    assert_one_line_error(repaired, "use_rslora")
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ from inspector.errors import CogsurgeonError
 from tools.lora.keys import (
     FORMAT_DESCRIPTIONS,
     AlphaResolution,
+    detect_format,
     is_dora_key,
     key_prefix,
     module_ranks,
@@ -24,7 +25,6 @@ from tools.lora.keys import (
     rank_and_pattern,
     resolve_alpha,
     short_target,
-    detect_format,
 )
 from tools.lora.safetensors_io import DTYPE_NAMES, read_header
 
@@ -205,7 +205,9 @@ def _metadata_config(metadata: dict[str, str], warnings: list[str], tensor_file:
     return prefixed or {k: v for k, v in config.items() if "." not in k}
 
 
-def _config_beside(tensor_file: Path, warnings: list[str]) -> tuple[float | None, dict[str, float] | None, str | None]:
+def _config_beside(
+    tensor_file: Path, warnings: list[str], problems: list[str]
+) -> tuple[float | None, dict[str, float] | None, str | None]:
     """lora_alpha from a trainer or PEFT config next to the checkpoint (for SAT also one folder up)."""
     folders = [tensor_file.parent]
     if tensor_file.name == SAT_FILE_NAME:
@@ -225,11 +227,19 @@ def _config_beside(tensor_file: Path, warnings: list[str]) -> tuple[float | None
             except Exception as exc:  # a config the user's trainer wrote; unreadable means "no config"
                 warnings.append(f"{config_path} is unreadable ({type(exc).__name__}); ignored")
                 continue
+            _unsupported_variants(config, str(config_path), problems)
             found = _find_key(config, "lora_alpha")
             if isinstance(found, (int, float)) and not isinstance(found, bool) and found > 0:
                 pattern = _find_key(config, "alpha_pattern")
                 return float(found), pattern if isinstance(pattern, dict) else None, str(config_path)
     return None, None, None
+
+
+def _unsupported_variants(config: Any, where: str, problems: list[str]) -> None:
+    """LoRA variants whose scale or weights the plain adapter written by repair would get wrong."""
+    for flag, what in (("use_rslora", "rsLoRA (scale alpha/sqrt(r))"), ("use_dora", "DoRA")):
+        if _find_key(config, flag) is True:
+            problems.append(f"{where} says {flag}: {what} is not plain LoRA and repair does not rebuild it")
 
 
 def _find_key(tree: Any, wanted: str) -> Any:
@@ -304,7 +314,9 @@ def _assemble(
             problems.append(
                 f"rank clash: {METADATA_KEY} says r={stored_r} but the tensors have rank {rank}"
             )
-    config_alpha, config_pattern, config_file = _config_beside(tensor_file, warnings)
+    if metadata_config:
+        _unsupported_variants(metadata_config, METADATA_KEY, problems)
+    config_alpha, config_pattern, config_file = _config_beside(tensor_file, warnings, problems)
     resolution: AlphaResolution = resolve_alpha(
         flag=alpha,
         metadata_alpha=float(metadata_alpha) if isinstance(metadata_alpha, (int, float)) else None,

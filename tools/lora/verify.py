@@ -58,6 +58,8 @@ class AdapterVerifyReport:
     unexpected: tuple[str, ...]  # a LoRA layer was created there but the files hold no weights for it
     max_abs_diff: float | None  # PEFT output vs diffusers output
     lora_effect: float | None  # PEFT output vs the base's: 0 means the adapter changes nothing
+    outputs_match: bool | None  # None: a load failed, nothing to compare
+    scales_match: bool
     failures: tuple[str, ...]
 
     @property
@@ -69,20 +71,25 @@ class AdapterVerifyReport:
         for key in ("modules", "matched", "missing", "unexpected", "failures"):
             data[key] = list(data[key])
         data["passed"] = self.passed
-        data["outputs_match"] = self.max_abs_diff is not None and not any("outputs differ" in f for f in self.failures)
         return data
 
     def summary_lines(self) -> list[str]:
         scales = sorted({round(check.expected_scale, 6) for check in self.modules if check.expected_scale is not None})
+        if self.scales_match:
+            scale_line = f"{', '.join(f'{s:g}' for s in scales) or '-'} (lora_alpha / r, as loaded by PEFT and diffusers)"
+        else:
+            scale_line = "MISMATCH (see below)"
+        if self.max_abs_diff is None or self.lora_effect is None:
+            output_line = "not compared (a load failed)"
+        else:
+            output_line = (f"PEFT vs diffusers max |diff| {self.max_abs_diff:.3g}; the LoRA changes the output by up to "
+                           f"{self.lora_effect:.3g}")
         lines = [
             f"adapter       {self.adapter_dir}",
             f"base          {self.base} (diffusers {self.diffusers_version}, alpha via {self.diffusers_alpha_via})",
             f"modules       {len(self.matched)} matched, {len(self.missing)} missing, {len(self.unexpected)} unexpected",
-            f"scales        {', '.join(f'{s:g}' for s in scales) or '-'} (lora_alpha / r; same under PEFT and diffusers)"
-            if not any("scale" in f for f in self.failures) else "scales        MISMATCH (see failures)",
-            f"outputs       PEFT vs diffusers max |diff| {self.max_abs_diff:.3g}; LoRA changes the output by up to "
-            f"{self.lora_effect:.3g}" if self.max_abs_diff is not None and self.lora_effect is not None
-            else "outputs       not compared",
+            f"scales        {scale_line}",
+            f"outputs       {output_line}",
         ]
         if self.failures:
             lines.append(f"FAILED        {len(self.failures)} problem(s)")
@@ -308,6 +315,7 @@ def verify_adapter(
         )
         checks.append(check)
     matched, missing, unexpected = [], [], []
+    scales_match = True
     for check in checks:
         if check.expected_scale is None:
             unexpected.append(check.module)
@@ -320,15 +328,17 @@ def verify_adapter(
                 failures.append(f"{check.module}: {loader} did not load its weights (no matching key; left at init)")
         for loader, scale in (("PEFT", check.peft_scale), ("diffusers", check.diffusers_scale)):
             if scale is not None and abs(scale - check.expected_scale) > SCALE_TOLERANCE * max(1.0, check.expected_scale):
+                scales_match = False
                 failures.append(f"{check.module}: {loader} scale {scale:g}, expected {check.expected_scale:g} (lora_alpha / r)")
 
-    max_abs_diff = lora_effect = None
+    max_abs_diff = lora_effect = outputs_match = None
     if peft_output is not None and diffusers_output is not None:
         import torch
 
         max_abs_diff = float((peft_output - diffusers_output).abs().max())
         lora_effect = float((peft_output - base_output).abs().max())
-        if not torch.allclose(peft_output, diffusers_output, atol=OUTPUT_ATOL, rtol=OUTPUT_RTOL):
+        outputs_match = torch.allclose(peft_output, diffusers_output, atol=OUTPUT_ATOL, rtol=OUTPUT_RTOL)
+        if not outputs_match:
             failures.append(f"outputs differ: PEFT vs diffusers max |diff| {max_abs_diff:.3g}")
         nonzero_b = any(bool(w["B"].any()) for w in peft_weights.values() if "B" in w)
         if lora_effect == 0.0 and nonzero_b:
@@ -344,5 +354,7 @@ def verify_adapter(
         unexpected=tuple(unexpected),
         max_abs_diff=max_abs_diff,
         lora_effect=lora_effect,
+        outputs_match=outputs_match,
+        scales_match=scales_match,
         failures=tuple(failures),
     )
