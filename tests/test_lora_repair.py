@@ -227,3 +227,20 @@ def test_inspect_and_repair_never_import_torch(uniform, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "none"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not diffusers_has_metadata(), reason="diffusers < 0.34 pipelines ignore lora_adapter_metadata")
+def test_pipeline_lora_loader_reads_the_trained_scale(mixed, tmp_path):
+    """The route users take, `pipe.load_lora_weights(DIR)`, is the pipeline class's `lora_state_dict` (with the
+    file's metadata) then `load_lora_into_transformer`; run exactly that on the repaired folder."""
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    from tools.lora import repair_checkpoint
+
+    out = tmp_path / "adapter"
+    repair_checkpoint(save_cogvideo_checkpoint(mixed, tmp_path / "checkpoint-9"), out, alpha=6)
+    state_dict, metadata = CogVideoXImageToVideoPipeline.lora_state_dict(str(out), return_lora_metadata=True)
+    assert metadata["transformer.lora_alpha"] == 6
+    model = load_transformer_base()
+    CogVideoXImageToVideoPipeline.load_lora_into_transformer(state_dict, transformer=model, metadata=metadata)
+    torch.testing.assert_close(run(model), mixed.output, atol=ATOL, rtol=0)
