@@ -57,7 +57,7 @@ def lora() -> None:
     """
 
 
-@lora.command()
+@lora.command(short_help="Format, ranks, targets, lora_alpha and its source, problems.")
 @click.argument("ckpt", type=click.Path(path_type=str))
 @click.option("--alpha", type=float, metavar="A", help=ALPHA_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -105,7 +105,7 @@ class _ByteProgress:
         sys.stderr.flush()
 
 
-@lora.command()
+@lora.command(short_help="Rebuild a checkpoint into an adapter folder PEFT and diffusers load offline.")
 @click.argument("ckpt", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="DIR",
               help="The adapter folder to create (it must not exist, unless --force).")
@@ -118,6 +118,8 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, force: bool, as_json: b
     DIR gets adapter_config.json + adapter_model.safetensors (PEFT: PeftModel.from_pretrained(transformer, DIR))
     and pytorch_lora_weights.safetensors with lora_adapter_metadata (diffusers >= 0.34: load_lora_weights(DIR)).
     Tensors are copied byte for byte; CKPT is never written to; DIR appears only when complete.
+    diffusers < 0.34 ignores the metadata and loads at alpha = rank: there use PEFT, or pass the alpha yourself
+    (transformer.load_lora_adapter(..., network_alphas=...)), as `cogsurgeon lora verify` does.
 
     \b
     cogsurgeon lora repair out/checkpoint-500 --out my-adapter
@@ -141,7 +143,7 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, force: bool, as_json: b
         click.echo(f"  {path}")
 
 
-@lora.command()
+@lora.command(short_help="Load an adapter folder with PEFT and diffusers; exit 1 on any mismatch.")
 @click.argument("adapter_dir", type=click.Path(path_type=str))
 @click.option("--base", "base", required=True, metavar="MODEL",
               help="The base transformer: tiny, tiny-i2v, tiny-1.5, or a local diffusers model folder.")
