@@ -119,7 +119,8 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, force: bool, as_json: b
     and pytorch_lora_weights.safetensors with lora_adapter_metadata (diffusers >= 0.34: load_lora_weights(DIR)).
     Tensors are copied byte for byte; CKPT is never written to; DIR appears only when complete.
     diffusers < 0.34 ignores the metadata and loads at alpha = rank: there use PEFT, or pass the alpha yourself
-    (transformer.load_lora_adapter(..., network_alphas=...)), as `cogsurgeon lora verify` does.
+    (load_lora_adapter(..., network_alphas=...), plus LoraLayer.set_scale where ranks differ), as
+    `cogsurgeon lora verify` does.
 
     \b
     cogsurgeon lora repair out/checkpoint-500 --out my-adapter
