@@ -213,3 +213,134 @@ def test_the_core_never_imports_textual(module):
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def patch_rows(app) -> dict[str, list[str]]:
+    table = app.query_one("#patches-table")
+    return {str(row[0]): [str(cell) for cell in row[1:]] for row in (table.get_row_at(i) for i in range(table.row_count))}
+
+
+async def test_apply_and_revert_a_patch_from_the_panel():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        model = app.screen.loaded.model
+        original = model.transformer_blocks[0].attn1.processor
+        assert list(patch_rows(app)) == ["causal-attention", "frame-causal-attention", "attention-mask"]
+        assert patch_rows(app)["causal-attention"][0] == "off"
+
+        await pilot.press("p", "space")  # the cursor starts on the first patch: causal-attention
+        await pilot.pause()
+        assert patch_rows(app)["causal-attention"][0] == "applied"
+        assert "applied causal-attention" in notifications(app)
+        tree = app.query_one(ModuleTree)
+        assert "  transformer_blocks (0-1): 2 × CogVideoXBlock  38.6K  [patched inside]" in tree_rows(tree)
+        tree.go_to("transformer_blocks.1.attn1")
+        await pilot.pause()
+        assert "attn1  Attention  4.29K  [patched]" in [row.strip() for row in tree_rows(tree)]
+        details = shown_text(app.query_one(ModuleDetails))
+        assert "PatchedCogVideoXAttnProcessor (patches.processor)  patched" in details
+        assert app.query_one(SourceView).border_title.startswith("PatchedCogVideoXAttnProcessor.__call__  patches/processor.py:")
+
+        await pilot.press("p", "space")
+        await pilot.pause()
+        assert patch_rows(app)["causal-attention"][0] == "off"
+        assert model.transformer_blocks[0].attn1.processor is original
+        assert "CogVideoXAttnProcessor2_0 (diffusers.models.attention_processor)" in shown_text(app.query_one(ModuleDetails))
+        assert not any("[patched" in row for row in tree_rows(tree))
+
+
+async def test_a_patch_that_does_not_compose_is_refused_with_a_notification():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("p", "space", "down", "space")
+        await pilot.pause()
+        rows = patch_rows(app)
+        assert rows["causal-attention"][0] == "applied" and rows["frame-causal-attention"][0] == "off"
+        assert any("frame-causal-attention" in message and "causal-attention" in message
+                   for message in notifications(app)[1:])
+        assert app.is_running
+
+
+async def test_verify_runs_in_a_worker_and_shows_the_max_error():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("p", "v")
+        await pilot.pause()
+        assert patch_rows(app)["causal-attention"][1] == "running…"
+        await settle(pilot)
+        verdict = patch_rows(app)["causal-attention"][1]
+        assert verdict.startswith("passed, max error ") and verdict.endswith(", revert bit-exact")
+        assert float(verdict.split("max error ")[1].split(",")[0]) < 1e-4
+
+
+async def test_patch_apply_from_the_command_palette():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"patch: apply frame-causal-attention")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert patch_rows(app)["frame-causal-attention"][0] == "applied"
+
+
+async def test_lora_screen_inspects_repairs_and_verifies_a_cogvideo_checkpoint(tmp_path, monkeypatch):
+    from lora_helpers import BASE, save_cogvideo_checkpoint, train
+
+    from inspector.tui.lora_screen import LoraScreen
+
+    monkeypatch.chdir(tmp_path)
+    save_cogvideo_checkpoint(train(rank=4, lora_alpha=2), tmp_path / "checkpoint-10")
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("l")
+        await pilot.pause()
+        assert isinstance(app.screen, LoraScreen)
+        await pilot.press(*"checkpoint-10", "enter")
+        await settle(pilot)
+        findings = shown_text(app.screen.query_one("#lora-findings"))
+        assert "rank        4" in findings
+        assert "lora_alpha  64 from default, scale 16" in findings  # the trainer's default: the file has no alpha
+        assert app.screen.query_one("#lora-out").value == "checkpoint-10-adapter"
+
+        alpha = app.screen.query_one("#lora-alpha")
+        alpha.value = "2"
+        await pilot.click("#lora-repair")
+        await settle(pilot)
+        progress = app.screen.query_one("#lora-progress")
+        assert progress.percentage == 1.0
+        result = shown_text(app.screen.query_one("#lora-repair-result"))
+        assert result.startswith("wrote checkpoint-10-adapter: ") and "(lora_alpha 2)" in result
+        config = (tmp_path / "checkpoint-10-adapter" / "adapter_config.json").read_text()
+        assert '"lora_alpha": 2' in config
+
+        base = app.screen.query_one("#lora-base")
+        base.value = BASE
+        await pilot.click("#lora-verify")
+        await settle(pilot)
+        verdict = shown_text(app.screen.query_one("#lora-verify-result"))
+        assert verdict.splitlines()[0].split() == ["verify", "passed"]
+
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen is app.main_screen
+
+
+async def test_lora_screen_reports_a_bad_checkpoint_as_a_notification(tmp_path):
+    bogus = tmp_path / "weights.safetensors"
+    bogus.write_bytes(b"not a safetensors file")
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("l")
+        await pilot.pause()
+        await pilot.press(*str(bogus), "enter")
+        await settle(pilot)
+        assert any(str(bogus) in message for message in notifications(app))
+        assert app.screen.query_one("#lora-repair").disabled

@@ -121,7 +121,7 @@ class MainScreen(Screen[None]):
         self.full_tree = build_module_tree(list(loaded.infos))
         self.narrowed = {}
         tree = self.query_one(ModuleTree)
-        tree.patched = loaded.changed_modules()
+        tree.set_patched(loaded.changed_modules())
         keep = self.selected.name if self.selected is not None else None
         self.show_tree(self.query_one("#filter", Input).value)
         if keep is None or not tree.go_to(keep):
@@ -233,8 +233,7 @@ class MainScreen(Screen[None]):
             self.notify(describe_failure(error), title=f"patch {name}", severity="error")
             return
         self.notify(message, title="patch")
-        self.selected = None
-        self.loaded = self.loaded.refreshed()
+        self.loaded = self.loaded.refreshed()  # the selection stays, and shows its new processor
 
     @on(PatchesPanel.VerifyRequested)
     def _verify_requested(self, event: PatchesPanel.VerifyRequested) -> None:

@@ -48,7 +48,15 @@ class ModuleTree(Tree[ModuleNode]):
         super().__init__("(no model)", **kwargs)
         self.guide_depth = 2
         self.patched: set[str] = set()
+        self.patched_within: set[str] = set()
         self._populated: set[int] = set()
+
+    def set_patched(self, names: set[str]) -> None:
+        """Mark these modules as patched, and their ancestors (a folded row too) as holding patched modules."""
+        self.patched = set(names)
+        self.patched_within = {name.rsplit(".", depth)[0] for name in names for depth in range(1, name.count(".") + 1)}
+        if names:
+            self.patched_within.add("")
 
     def _invalidate(self) -> None:
         """Tree's own `_invalidate` asks for a layout of the whole screen on every change, because a tree may size
@@ -104,6 +112,8 @@ class ModuleTree(Tree[ModuleNode]):
             text.append(node.fold.describe(), style="bold")
             members = [child.info.params for child in node.children if child.info is not None]
             text.append(f"  {format_count(sum(members))}", style="dim")
+            if any(child.info.name in self.patched_within for child in node.children if child.info is not None):
+                text.append("  [patched inside]", style="magenta")
             return text
         text.append(title or node.label, style="bold")
         if node.fold is not None:
@@ -113,16 +123,9 @@ class ModuleTree(Tree[ModuleNode]):
         text.append(f"  {format_count(info.params)}", style="dim")
         if info.name in self.patched:
             text.append("  [patched]", style="bold magenta")
+        elif info.name in self.patched_within:
+            text.append("  [patched inside]", style="magenta")
         return text
-
-    def refresh_labels(self) -> None:
-        """Redraw the labels of the rows built so far (after `patched` changed)."""
-        stack = [self.root]
-        while stack:
-            node = stack.pop()
-            if node.data is not None and node is not self.root:
-                node.set_label(self._label(node.data))
-            stack.extend(node.children)
 
     def go_to(self, name: str) -> bool:
         """Open the path to module `name` and put the cursor on it; False when it is not in the tree."""
