@@ -51,6 +51,15 @@ def tree_rows(tree: ModuleTree) -> list[str]:
     return rows
 
 
+async def wait_for_model(pilot) -> None:
+    """Until the main screen holds a loaded model and the tree's loading indicator is gone (the load worker may
+    not have been started yet when a test begins)."""
+    screen = pilot.app.main_screen
+    while screen.loaded is None or screen.query_one(ModuleTree).loading:
+        await settle(pilot)
+        await pilot.pause(0.05)
+
+
 async def settle(pilot) -> None:
     """Let workers (model loads, verifications) finish and the screen catch up. A worker that failed is the app's
     to report (the tests assert on its notification), so its failure is not re-raised here."""
@@ -69,7 +78,7 @@ def notifications(app) -> list[str]:
 async def test_opens_on_the_tree_with_folded_blocks_and_the_root_details():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         rows = tree_rows(app.query_one(ModuleTree))
         assert rows[0] == "tiny  CogVideoXTransformer3DModel  42.2K"
         assert "  transformer_blocks (0-1): 2 × CogVideoXBlock  38.6K" in rows
@@ -84,7 +93,7 @@ async def test_opens_on_the_tree_with_folded_blocks_and_the_root_details():
 async def test_expanding_a_folded_row_lists_its_blocks():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         tree = app.query_one(ModuleTree)
         tree.go_to("transformer_blocks")
         await pilot.press("right")
@@ -100,7 +109,7 @@ async def test_expanding_a_folded_row_lists_its_blocks():
 async def test_filter_narrows_the_tree_enter_selects_the_first_match_escape_restores():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         await pilot.press("slash", *"attn1")
         await pilot.pause()
         filter_input = app.query_one("#filter")
@@ -132,7 +141,7 @@ async def test_filter_narrows_the_tree_enter_selects_the_first_match_escape_rest
 async def test_filter_by_class_and_a_filter_that_matches_nothing():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         await pilot.press("slash", *"adalayernorm")
         await pilot.pause()
         rows = tree_rows(app.query_one(ModuleTree))
@@ -152,7 +161,7 @@ async def test_switch_to_a_folder_model_saved_with_save_pretrained(tmp_path, tin
     tiny_model.save_pretrained(folder)
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         await pilot.press("m")
         await pilot.pause()
         await pilot.click("#model-path")
@@ -169,7 +178,7 @@ async def test_a_failed_load_is_a_notification_and_the_old_model_stays(tmp_path)
     empty.mkdir()
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         app.screen.open(str(empty))
         await settle(pilot)
         assert any("holds no config.json" in message for message in notifications(app))
@@ -186,7 +195,7 @@ async def test_a_failed_load_is_a_notification_and_the_old_model_stays(tmp_path)
 async def test_model_switch_from_the_command_palette():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"model: open tiny-i2v")
@@ -201,7 +210,7 @@ async def test_model_switch_from_the_command_palette():
 async def test_ctrl_q_quits():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         await pilot.press("ctrl+q")
         await pilot.pause()
         assert not app.is_running
@@ -238,7 +247,7 @@ def patch_rows(app) -> dict[str, list[str]]:
 async def test_apply_and_revert_a_patch_from_the_panel():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         model = app.screen.loaded.model
         original = model.transformer_blocks[0].attn1.processor
         assert list(patch_rows(app)) == ["causal-attention", "frame-causal-attention", "attention-mask"]
@@ -269,7 +278,7 @@ async def test_apply_and_revert_a_patch_from_the_panel():
 async def test_a_patch_that_does_not_compose_is_refused_with_a_notification():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         await pilot.press("p", "space", "down", "space")
         await pilot.pause()
         rows = patch_rows(app)
@@ -283,7 +292,7 @@ async def test_a_patch_that_does_not_compose_is_refused_with_a_notification():
 async def test_verify_runs_in_a_worker_and_shows_the_max_error():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         await pilot.press("p", "v")
         await settle(pilot)
         verdict = patch_rows(app)["causal-attention"][1]
@@ -295,7 +304,7 @@ async def test_verify_runs_in_a_worker_and_shows_the_max_error():
 async def test_patch_apply_from_the_command_palette():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"patch: apply frame-causal-attention")
@@ -315,7 +324,7 @@ async def test_lora_screen_inspects_repairs_and_verifies_a_cogvideo_checkpoint(t
     save_cogvideo_checkpoint(train(rank=4, lora_alpha=2), tmp_path / "checkpoint-10")
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         await pilot.press("l")
         await pilot.pause()
         assert isinstance(app.screen, LoraScreen)
@@ -355,7 +364,7 @@ async def test_lora_screen_reports_a_bad_checkpoint_as_a_notification(tmp_path):
     bogus.write_bytes(b"not a safetensors file")
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
+        await wait_for_model(pilot)
         await pilot.press("l")
         await pilot.pause()
         await pilot.press(*str(bogus), "enter")

@@ -18,6 +18,7 @@ from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, S
 from textual.worker import Worker, WorkerState
 
 from inspector.tui.screens import describe_failure
+from inspector.tui.widgets import facts_table
 
 
 def shown_path(path: str | Path) -> str:
@@ -30,45 +31,36 @@ def shown_path(path: str | Path) -> str:
 
 def findings_table(report: Any) -> Table:
     """The `inspect` findings of a `LoraReport`: format, rank, alpha and where it came from, targets, problems."""
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    grid.add_row("file", shown_path(report.file))
-    grid.add_row("format", report.format)
     rank = str(report.rank) if report.rank is not None else "-"
     if report.rank_pattern:
         rank += f"  ({len(report.rank_pattern)} modules differ: rank_pattern)"
-    grid.add_row("rank", rank)
     scale = f", scale {report.alpha / report.rank:g}" if report.rank else ""
-    grid.add_row("lora_alpha", f"{report.alpha:g} from {report.alpha_source}{scale}")
-    detail = getattr(report, "alpha_detail", "")
-    if detail:
-        grid.add_row("", Text(detail, style="dim"))
-    grid.add_row("targets", f"{', '.join(report.target_modules)}  ({report.num_modules} modules)")
-    for problem in report.problems:
-        grid.add_row(Text("problem", style="bold red"), problem)
-    for warning in report.warnings:
-        grid.add_row(Text("warning", style="bold yellow"), warning)
+    rows: list[tuple[str | Text, str | Text]] = [
+        ("file", shown_path(report.file)),
+        ("format", report.format),
+        ("rank", rank),
+        ("lora_alpha", f"{report.alpha:g} from {report.alpha_source}{scale}"),
+    ]
+    if report.alpha_detail:
+        rows.append(("", Text(report.alpha_detail, style="dim")))
+    rows.append(("targets", f"{', '.join(report.target_modules)}  ({report.num_modules} modules)"))
+    rows += [(Text("problem", style="bold red"), problem) for problem in report.problems]
+    rows += [(Text("warning", style="bold yellow"), warning) for warning in report.warnings]
     if not report.problems:
-        grid.add_row(Text("ready", style="bold green"), "no problems: this checkpoint can be repaired")
-    return grid
+        rows.append((Text("ready", style="bold green"), "no problems: this checkpoint can be repaired"))
+    return facts_table(rows)
 
 
 def verify_table(report: Any) -> Table:
-    """An `AdapterVerifyReport` (or anything with `.passed` and `.failures`) as a verdict and its figures."""
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
+    """An `AdapterVerifyReport` as a verdict and its figures."""
     verdict = Text("passed", style="bold green") if report.passed else Text("FAILED", style="bold red")
-    grid.add_row("verify", verdict)
-    for label, attribute in (("outputs match", "outputs_match"), ("scales match", "scales_match"),
-                             ("max |PEFT - diffusers|", "max_abs_diff"), ("LoRA effect", "lora_effect")):
-        value = getattr(report, attribute, None)
+    rows: list[tuple[str | Text, str | Text]] = [("verify", verdict)]
+    for label, value in (("outputs match", report.outputs_match), ("scales match", report.scales_match),
+                         ("max |PEFT - diffusers|", report.max_abs_diff), ("LoRA effect", report.lora_effect)):
         if value is not None:
-            grid.add_row(label, f"{value:.3g}" if isinstance(value, float) else str(value))
-    for failure in report.failures:
-        grid.add_row(Text("failure", style="bold red"), failure)
-    return grid
+            rows.append((label, f"{value:.3g}" if isinstance(value, float) else str(value)))
+    rows += [(Text("failure", style="bold red"), failure) for failure in report.failures]
+    return facts_table(rows)
 
 
 class LoraScreen(Screen[None]):
@@ -100,7 +92,8 @@ class LoraScreen(Screen[None]):
                 yield Input(placeholder="lora_alpha", id="lora-alpha")
                 yield Input(placeholder="output folder (must not exist)", id="lora-out")
                 yield Button("Repair", id="lora-repair", disabled=True)
-            yield ProgressBar(id="lora-progress", show_eta=False)
+            # determinate from the start (an indeterminate bar animates, and says nothing here)
+            yield ProgressBar(total=1, id="lora-progress", show_eta=False)
             yield Static(id="lora-repair-result")
             yield Label("3. Verify against a base model", classes="lora-label")
             with Horizontal(classes="lora-row"):
@@ -192,7 +185,9 @@ class LoraScreen(Screen[None]):
             self.notify("repair a checkpoint first", severity="warning")
             return
         base = self.query_one("#lora-base", Input).value.strip() or self.base_spec
-        self.query_one("#lora-verify-result", Static).loading = True
+        result_box = self.query_one("#lora-verify-result", Static)
+        result_box.display = True
+        result_box.loading = True
         self._verify(self.repaired_dir, base)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="lora-verify")
@@ -202,6 +197,11 @@ class LoraScreen(Screen[None]):
         return verify_adapter(adapter_dir, base)
 
     # results and failures of the three workers
+
+    def _show_result(self, selector: str, content: Any) -> None:
+        box = self.query_one(selector, Static)
+        box.update(content)
+        box.display = True
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         worker, state = event.worker, event.state
@@ -219,15 +219,15 @@ class LoraScreen(Screen[None]):
                 self.repair_total = max(self.repair_total, result.bytes_written, 1)
                 self.repair_done = self.repair_total
                 files = ", ".join(Path(file).name for file in result.files)
-                self.query_one("#lora-repair-result", Static).update(
+                self._show_result("#lora-repair-result", Text(
                     f"wrote {shown_path(result.out_dir)}: {files} (lora_alpha {result.report.alpha:g})"
-                )
+                ))
                 self.query_one("#lora-verify", Button).disabled = False
                 self.notify(f"repaired into {shown_path(result.out_dir)}", title="LoRA")
         elif worker.group == "lora-verify":
             self.query_one("#lora-verify-result", Static).loading = False
             if state == WorkerState.SUCCESS:
-                self.query_one("#lora-verify-result", Static).update(verify_table(worker.result))
+                self._show_result("#lora-verify-result", verify_table(worker.result))
         else:
             return
         if state == WorkerState.ERROR:

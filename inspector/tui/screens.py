@@ -35,7 +35,7 @@ def describe_failure(error: BaseException) -> str:
 
 
 class MainScreen(Screen[None]):
-    """Tree on the left with the filter above it and the patches below; details and source on the right."""
+    """Tree on the left with the filter above it; details and source on the right; the patches along the bottom."""
 
     BINDINGS = [
         Binding("slash", "focus_filter", "Filter", id="main.filter"),
@@ -65,10 +65,10 @@ class MainScreen(Screen[None]):
             with Vertical(id="left"):
                 yield Input(placeholder="/ filter by name, class or file", id="filter")
                 yield ModuleTree(id="tree")
-                yield PatchesPanel(id="patches")
             with Vertical(id="right"):
                 yield ModuleDetails(id="details")
                 yield SourceView(id="source")
+        yield PatchesPanel(id="patches")
         yield Footer()
 
     def on_mount(self) -> None:

@@ -29,6 +29,17 @@ from inspector.patching import PatchRow
 from inspector.source import SourceText, display_path
 
 
+def facts_table(rows: list[tuple[str | Text, str | Text]]) -> Table:
+    """Two columns, label and value. Plain strings become `Text`, so that a value such as `[text ; video]` or a
+    path is shown as written, never read as Rich markup."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for label, value in rows:
+        grid.add_row(label, Text(value) if isinstance(value, str) else value)
+    return grid
+
+
 class ModuleTree(Tree[ModuleNode]):
     """The module hierarchy; children are added when a node is first expanded, so a 1,067-module model costs only
     the rows on screen. Folded runs read `transformer_blocks (0-41): 42 × CogVideoXBlock`."""
@@ -178,30 +189,28 @@ class ModuleDetails(Static):
     for the root, the model's config."""
 
     def show(self, info: ModuleInfo, patched: bool, config: dict[str, Any] | None = None) -> None:
-        grid = Table.grid(padding=(0, 2))
-        grid.add_column(style="bold")
-        grid.add_column()
-        grid.add_row("module", info.name or "(root)")
-        grid.add_row("class", info.class_name)
-        grid.add_row("defined in", info.class_module)
         location = display_path(info.file) + (f":{info.line}" if info.line else "")
-        grid.add_row("file", location)
-        grid.add_row("params", f"{info.params:,} total, {info.own_params:,} own")
-        grid.add_row("dtype", info.dtype or "-")
-        grid.add_row("device", info.device or "-")
+        facts: list[tuple[str | Text, str | Text]] = [
+            ("module", info.name or "(root)"),
+            ("class", info.class_name),
+            ("defined in", info.class_module),
+            ("file", location),
+            ("params", f"{info.params:,} total, {info.own_params:,} own"),
+            ("dtype", info.dtype or "-"),
+            ("device", info.device or "-"),
+        ]
         if info.processor is not None:
             processor = Text(f"{info.processor} ({info.processor_module})")
             if patched:
                 processor.append("  patched", style="bold magenta")
-            grid.add_row("processor", processor)
+            facts.append(("processor", processor))
+        grid = facts_table(facts)
         if not config:
             self.update(grid)
             return
-        settings = Table.grid(padding=(0, 2))
-        settings.add_column(style="bold")
-        settings.add_column()
-        for key, value in sorted(config.items()):
-            settings.add_row(key, repr(value) if isinstance(value, str) else str(value))
+        settings = facts_table(
+            [(key, repr(value) if isinstance(value, str) else str(value)) for key, value in sorted(config.items())]
+        )
         self.update(Group(grid, Rule("config", style="dim"), settings))
 
 
@@ -261,12 +270,15 @@ class PatchesPanel(Vertical):
         table.clear()
         for row in rows:
             state = Text("applied", style="bold magenta") if row.applied else Text("off", style="dim")
-            table.add_row(row.name, state, row.verdict or "-", row.summary, key=row.name)
+            # Text, not str: a summary such as "[text ; video]" is not markup
+            table.add_row(Text(row.name), state, Text(row.verdict or "-"), Text(row.summary), key=row.name)
         if rows:
             table.move_cursor(row=min(cursor, len(rows) - 1))
 
     def note(self, text: str) -> None:
-        self.query_one("#patches-note", Static).update(text)
+        note = self.query_one("#patches-note", Static)
+        note.update(Text(text))
+        note.display = bool(text)
 
     def _current(self) -> str | None:
         table = self.query_one(DataTable)
