@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from inspector.inventory import ModuleInfo, module_inventory
-from inspector.model_specs import resolve_spec
+from inspector.model_specs import published_config, resolve_spec
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     """A model opened from `spec`: `infos` is its inventory now, `original_processors` the attention processor of
-    each module as loaded (to tell which modules a patch changed)."""
+    each module as loaded (to tell which modules a patch changed). `model` is None for a preview from the
+    inventory cache, until the real model has been built."""
 
     spec: str
     title: str
@@ -54,17 +55,45 @@ def model_title(spec: str) -> str:
     return resolved.spec
 
 
+def _processors(infos: tuple[ModuleInfo, ...]) -> dict[str, str]:
+    return {info.name: f"{info.processor_module}.{info.processor}" for info in infos if info.processor is not None}
+
+
+def _public(config: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
 def open_model(spec: str) -> LoadedModel:
-    """Load `spec` (any MODEL of DESIGN) and take its inventory. Raises the loader's `CogsurgeonError`s."""
+    """Load `spec` (any MODEL of DESIGN) and take its inventory; a published config's inventory is also stored
+    in the inventory cache, for the next `preview_model`. Raises the loader's `CogsurgeonError`s."""
     from inspector.loading import load_transformer
 
     model = load_transformer(spec)
     infos = tuple(module_inventory(model))
-    config = {key: value for key, value in dict(model.config).items() if not key.startswith("_")}
-    processors = {
-        info.name: f"{info.processor_module}.{info.processor}" for info in infos if info.processor is not None
-    }
-    return LoadedModel(spec, model_title(spec), model, infos, config, processors)
+    resolved = resolve_spec(spec)
+    if resolved.kind == "published":
+        from inspector.inventory_cache import load_cached_inventory, store_inventory
+
+        if load_cached_inventory(resolved.spec) is None:
+            store_inventory(resolved.spec, None, list(infos))
+    return LoadedModel(spec, model_title(spec), model, infos, _public(dict(model.config)), _processors(infos))
+
+
+def preview_model(spec: str) -> LoadedModel | None:
+    """A published model as the inventory cache knows it, without torch or diffusers (`model` is None): what the
+    TUI paints first while `open_model` imports and builds the real one. None when the spec is not published or
+    its cache entry is missing or stale."""
+    resolved = resolve_spec(spec)
+    if resolved.kind != "published":
+        return None
+    from inspector.inventory_cache import load_cached_inventory
+
+    cached = load_cached_inventory(resolved.spec)
+    if cached is None:
+        return None
+    infos = tuple(cached)
+    config = _public(published_config(resolved.spec))
+    return LoadedModel(spec, model_title(spec), None, infos, config, _processors(infos))
 
 
 def format_count(count: int) -> str:

@@ -118,3 +118,16 @@ def test_titles_and_counts(tmp_path):
     folder.mkdir(parents=True)
     assert model_title(str(folder)) == "runs/my-model (folder)"
     assert [format_count(n) for n in (0, 128, 6_144, 37_761_280, 5_570_479_680)] == ["0", "128", "6.14K", "37.8M", "5.57B"]
+
+
+def test_preview_comes_from_the_inventory_cache_without_a_model():
+    from inspector.browse import preview_model
+    from inspector.inventory_cache import load_cached_inventory
+
+    # conftest points the cache at a fresh folder per session; opening stores the entry the preview reads
+    opened = open_model("cogvideox-2b")
+    assert load_cached_inventory("cogvideox-2b") == list(opened.infos)
+    preview = preview_model("cogvideox-2b")
+    assert preview.model is None and preview.infos == opened.infos
+    assert preview.title == "cogvideox-2b (meta)" and preview.config["num_layers"] == 30
+    assert preview_model("tiny") is None

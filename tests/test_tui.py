@@ -371,3 +371,20 @@ async def test_lora_screen_reports_a_bad_checkpoint_as_a_notification(tmp_path):
         await settle(pilot)
         assert any(str(bogus) in message for message in notifications(app))
         assert app.screen.query_one("#lora-repair").disabled
+
+
+@pilot_test
+async def test_a_published_model_with_a_cached_inventory_opens_complete():
+    from inspector.inventory import inventory_for_spec
+
+    inventory_for_spec("cogvideox-2b")  # the cache entry the screen paints first
+    app = CogsurgeonApp("cogvideox-2b")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        rows = tree_rows(app.query_one(ModuleTree))  # painted from the cache, or already from the model
+        assert "  transformer_blocks (0-29): 30 × CogVideoXBlock  1.68B" in rows
+        await wait_for_model(pilot)
+        assert app.main_screen.loaded.model is not None
+        assert app.sub_title == "cogvideox-2b (meta)"
+        assert app.query_one(SourceView).border_title.startswith("class CogVideoXTransformer3DModel")
+        assert "device      meta" in shown_text(app.query_one(ModuleDetails))

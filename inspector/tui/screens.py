@@ -18,7 +18,7 @@ from textual.widgets import Footer, Header, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 from textual.worker import Worker, WorkerState
 
-from inspector.browse import LoadedModel, open_model
+from inspector.browse import LoadedModel, open_model, preview_model
 from inspector.errors import CogsurgeonError
 from inspector.inventory import ModuleInfo
 from inspector.model_specs import known_specs
@@ -81,8 +81,18 @@ class MainScreen(Screen[None]):
     # loading
 
     def open(self, spec: str) -> None:
-        """Load `spec` in a worker; the tree shows a loading indicator until it arrives."""
-        self.query_one(ModuleTree).loading = True
+        """Load `spec` in a worker. A published model whose inventory is cached is shown at once (tree and details;
+        the source and the patches wait for the real model); otherwise the tree shows a loading indicator."""
+        try:
+            preview = preview_model(spec)
+        except CogsurgeonError as error:
+            self.notify(describe_failure(error), title="could not load model", severity="error")
+            return
+        if preview is not None:
+            self.loaded = preview
+            self.query_one(SourceView).loading = True
+        else:
+            self.query_one(ModuleTree).loading = True
         self._load(spec)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="load", description="loading model")
@@ -98,6 +108,7 @@ class MainScreen(Screen[None]):
         if worker.group == "load":
             if event.state in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
                 self.query_one(ModuleTree).loading = False
+                self.query_one(SourceView).loading = False
             if event.state == WorkerState.SUCCESS:
                 self.spec = worker.result.spec
                 self.loaded = worker.result
@@ -114,10 +125,16 @@ class MainScreen(Screen[None]):
                 self.notify(describe_failure(worker.error), title=f"verify {name} failed", severity="error")
             self.refresh_patches()
 
-    def watch_loaded(self, loaded: LoadedModel | None) -> None:
+    def watch_loaded(self, previous: LoadedModel | None, loaded: LoadedModel | None) -> None:
         if loaded is None:
             return
         self.app.sub_title = loaded.title
+        if previous is not None and previous.model is None and previous.infos == loaded.infos:
+            # the real model behind a cached preview: same tree, now with source and patches
+            self.refresh_patches()
+            if self.selected is not None:
+                self.watch_selected(self.selected)
+            return
         self.full_tree = build_module_tree(list(loaded.infos))
         self.narrowed = {}
         tree = self.query_one(ModuleTree)
@@ -205,7 +222,10 @@ class MainScreen(Screen[None]):
         patched = info.name in self.loaded.changed_modules()
         config = self.loaded.config if info.name == "" else None
         self.query_one(ModuleDetails).show(info, patched, config)
-        self.query_one(SourceView).show(*source_for(info))
+        if self.loaded.model is None:  # a cached preview: the classes are not imported yet
+            self.query_one(SourceView).waiting("importing the model's code: the source appears when it is loaded")
+        else:
+            self.query_one(SourceView).show(*source_for(info))
 
     # patches
 
@@ -224,8 +244,8 @@ class MainScreen(Screen[None]):
 
     def toggle_patch(self, name: str, apply: bool | None = None) -> None:
         """Apply `name` (or revert it when it is on); `apply` forces one direction."""
-        if self.loaded is None:
-            self.notify("no model loaded yet", severity="warning")
+        if self.loaded is None or self.loaded.model is None:
+            self.notify("the model is still loading", severity="warning")
             return
         try:
             message = self.patch_bench.toggle(self.loaded.model, name, apply)

@@ -220,6 +220,10 @@ class SourceView(VerticalScroll):
     def compose(self) -> ComposeResult:
         yield Static(id="source-code", expand=True)
 
+    def waiting(self, text: str) -> None:
+        self.border_title = "source"
+        self.query_one("#source-code", Static).update(Text(text, style="dim"))
+
     def show(self, source: SourceText | None, what: str) -> None:
         code = self.query_one("#source-code", Static)
         if source is None:
