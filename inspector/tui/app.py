@@ -35,4 +35,5 @@ def run_app(spec: str | None = None) -> None:
     """Open the TUI on `spec`. A spec that names nothing fails here, before the screen opens, as a
     `ModelSpecError` (the CLI prints it as one line, exit 2)."""
     resolve_spec(spec or DEFAULT_SPEC)
-    CogsurgeonApp(spec or DEFAULT_SPEC).run()
+    app = CogsurgeonApp(spec or DEFAULT_SPEC)
+    app.run()

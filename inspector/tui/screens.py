@@ -6,7 +6,10 @@ one `on_worker_state_changed` turns their failures into notifications (the app n
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -25,6 +28,33 @@ from inspector.model_specs import known_specs
 from inspector.module_tree import ModuleNode, build_module_tree, narrow_inventory
 from inspector.patching import PatchBench
 from inspector.tui.widgets import ModuleDetails, ModuleTree, PatchesPanel, SourceView, source_for
+
+T = TypeVar("T")
+
+
+async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
+    """Run `function(*args)` in a daemon thread and await its result (or its exception)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(result: Any, error: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result = function(*args)
+        except BaseException as error:  # delivered to the awaiting worker, which reports it
+            loop.call_soon_threadsafe(deliver, None, error)
+        else:
+            loop.call_soon_threadsafe(deliver, result, None)
+
+    threading.Thread(target=run, name=f"cogsurgeon-{function.__name__}", daemon=True).start()
+    return await future
 
 
 def describe_failure(error: BaseException) -> str:
@@ -95,9 +125,11 @@ class MainScreen(Screen[None]):
             self.query_one(ModuleTree).loading = True
         self._load(spec)
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="load", description="loading model")
-    def _load(self, spec: str) -> LoadedModel:
-        return open_model(spec)
+    @work(exclusive=True, exit_on_error=False, group="load", description="loading model")
+    async def _load(self, spec: str) -> LoadedModel:
+        # a daemon thread, not Textual's thread worker: ctrl+q during the first seconds (torch and diffusers being
+        # imported) must not wait for the import to finish, and the default executor is joined at exit
+        return await in_daemon_thread(open_model, spec)
 
     @work(thread=True, exclusive=False, exit_on_error=False, group="verify", description="verifying patch")
     def _verify(self, name: str) -> Any:
