@@ -7,6 +7,8 @@ Headless Textual (Pilot, 160×48). Each sample is one key. Two figures per key:
 - keystroke-to-repaint: from just before `pilot.press(key)` to the last screen update the key caused (the app's
   `_display` is wrapped to timestamp every compositor update it is handed); the filter's cursor does not blink,
   so no unrelated update lands in the window. This is the latency a user sees.
+- the screen's filter handler alone (`MainScreen.show_tree`: narrow the rows, build and fold the tree, fill the
+  Textual Tree), the part that is cogsurgeon's code rather than Textual's layout and compositing.
 - press+pause: until `pilot.press(key)` and `pilot.pause()` return. Pilot finds "done" by polling the process
   for idleness in 20 ms sleeps (three polls per key), so this has a floor of about 60 ms with no work at all; it is
   printed as an upper bound.
@@ -35,8 +37,18 @@ async def measure(spec: str, rounds: int) -> dict[str, list[float]]:
     from inspector.tui.app import CogsurgeonApp
     from inspector.tui.widgets import ModuleTree
 
+    from inspector.tui.screens import MainScreen
+
     app = CogsurgeonApp(spec)
-    samples: dict[str, list[float]] = {"typing": [], "backspace": [], "press+pause": []}
+    samples: dict[str, list[float]] = {"typing": [], "backspace": [], "press+pause": [], "show_tree": []}
+    show_tree = MainScreen.show_tree
+
+    def timed_show_tree(screen, filter_text: str) -> None:
+        start = time.perf_counter()
+        show_tree(screen, filter_text)
+        samples["show_tree"].append(time.perf_counter() - start)
+
+    app.main_screen.show_tree = timed_show_tree.__get__(app.main_screen)
     updates: list[float] = []
     display = app._display
 
@@ -97,6 +109,7 @@ def main() -> None:
     print(f"  backspace    {describe(samples['backspace'])}")
     print(f"  all keys     {describe(every)}")
     print(f"press+pause (upper bound, Pilot idle polling included): {describe(samples['press+pause'])}")
+    print(f"of which the screen's filter handler (narrow, build, fill the Tree): {describe(samples['show_tree'])}")
 
 
 if __name__ == "__main__":
