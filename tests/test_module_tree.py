@@ -9,6 +9,8 @@ from inspector.inventory import ModuleInfo, module_inventory
 from inspector.module_tree import build_module_tree, narrow_inventory, path_to
 from inspector.source import class_source, display_path, processor_call_source
 
+pytestmark = pytest.mark.diffusers_versions  # the tree and the sources read what each diffusers release builds
+
 
 @pytest.fixture(scope="module")
 def five_b_infos() -> list[ModuleInfo]:
