@@ -82,9 +82,10 @@ class AttentionMask(Patch):
     Accepted M (bool: True = attend; float: additive): `(B, T)` over text keys (video keys always kept),
     `(B, T+N)` over all keys, `(B|1, 1|heads, T+N, T+N)` a full mask. Composes with either causal rule.
 
-    Key masks (bool, or additive with only 0 and <= -1e4 values) drop the masked keys: K and V are gathered over the
-    kept keys per group of batch items sharing a mask, so attention stays in the flash kernel (1.03x of full SDPA
-    with two padded prompts on an H100, bench/patch_attention_gpu.md; a (B,1,1,L) key mask measured 1.50x). A full
+    Key masks (bool, or additive with only 0 and <= -1e4 values) drop the masked keys per group of batch items
+    sharing a mask (text padding: the kept text keys move next to the video keys in place), so attention stays in
+    the flash kernel (1.02-1.03x of full SDPA on an H100, bench/patch_attention_gpu.md; a (B,1,1,L) key mask
+    measured 1.50x). A full
     mask goes to SDPA as it is: broadcast over heads, never repeated per head (diffusers' head repeat makes a
     (B·heads, L, L) tensor: 56.5 GiB at B=2, bf16, L=17,776)."""
 
