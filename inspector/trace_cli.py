@@ -1,0 +1,126 @@
+"""`cogsurgeon trace`: the shape trace of `inspector.trace` on the command line, as JSON or readable tables.
+
+Top-level imports stay light (click only): the CLI imports this module on every start.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value < 1:
+        raise click.BadParameter(f"must be at least 1, got {value}")
+    return value
+
+
+def _bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}"
+    return f"{count} B"
+
+
+def _shape(shape) -> str:
+    if shape is None:
+        return "-"
+    if isinstance(shape, dict):
+        return ", ".join(f"{key}={_shape(value)}" for key, value in shape.items())
+    if isinstance(shape, tuple) and all(isinstance(size, int) for size in shape):
+        return "(" + ", ".join(str(size) for size in shape) + (",)" if len(shape) == 1 else ")")
+    return "[" + ", ".join(_shape(item) for item in shape) + "]"
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--frames", default=49, show_default=True, callback=_positive, help="Video frames (4k+1: 49, 81).")
+@click.option("--height", default=480, show_default=True, callback=_positive, help="Video height in pixels.")
+@click.option("--width", default=720, show_default=True, callback=_positive, help="Video width in pixels.")
+@click.option("--batch", default=2, show_default=True, callback=_positive,
+              help="The transformer's batch: 2 is one video with classifier-free guidance.")
+@click.option("--all", "show_all", is_flag=True, help="Show every module's shapes, not only the first block's.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"sequence", "attention", "modules", "mask_memory", ...} as JSON.')
+def trace(model: str | None, frames: int, height: int, width: int, batch: int, show_all: bool,
+          as_json: bool) -> None:
+    """Trace MODEL's shapes at a video size with one forward on the meta device (no weights, no compute).
+
+    Inputs are shaped as diffusers' CogVideoX pipelines shape them: latent frames (F-1)/4+1 (padded to whole
+    temporal patches for CogVideoX1.5), latent size H/8 × W/8, rotary embeddings as the pipeline computes them,
+    the config's text length (226). Shows how the joint sequence splits into text and video tokens, each attention
+    call's query/key/value shapes, each module's input and output shapes, and what an explicit attention mask
+    would take in memory at this size. A size the model cannot take is an error (exit 2).
+
+    \b
+    Examples:
+      cogsurgeon trace                                       # cogvideox-5b-i2v at 49×480×720, batch 2
+      cogsurgeon trace cogvideox1.5-5b --frames 81 --height 768 --width 1360
+      cogsurgeon trace cogvideox-5b --json | jq '.attention[0]'
+      cogsurgeon trace tiny --frames 9 --height 64 --width 64 --all
+
+    MODEL: see `cogsurgeon modules --help`; a model with real weights is traced through a meta copy.
+    """
+    from inspector.loading import load_transformer
+    from inspector.trace import trace_shapes
+
+    if not as_json and sys.stderr.isatty():  # progress for people; scripts and error output stay one line
+        click.echo(f"tracing {model or 'the default model'} at {frames}×{height}×{width}, batch {batch} ...",
+                   err=True)
+    result = trace_shapes(load_transformer(model), frames=frames, height=height, width=width, batch=batch)
+    if as_json:
+        from inspector.cli import print_json
+
+        print_json(result.to_json())
+        return
+    _print_tables(result, show_all)
+
+
+def _print_tables(result, show_all: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    sequence, geometry = result.sequence, result.geometry
+    console.print(
+        f"[bold]{result.model_class}[/bold] at {result.frames}×{result.height}×{result.width}, "
+        f"batch {result.batch}, {result.dtype}: latent {geometry.latent_frames}×{geometry.latent_height}×"
+        f"{geometry.latent_width}, output {_shape(result.output)}"
+    )
+    console.print(
+        f"sequence: {sequence.total:,} tokens = {sequence.text_tokens:,} text + {sequence.video_tokens:,} video "
+        f"({sequence.frames} frames × {sequence.tokens_per_frame:,} tokens)"
+    )
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+    calls = Table(title=f"{len(result.attention)} attention calls", header_style="bold")
+    for column in ("module", "query", "key", "value", "output", "mask", "causal"):
+        calls.add_column(column)
+    for call in result.attention:
+        calls.add_row(call.module, _shape(call.query), _shape(call.key), _shape(call.value), _shape(call.output),
+                      _shape(call.attn_mask), "yes" if call.is_causal else "no")
+    console.print(calls)
+
+    memory = Table(title="explicit masks at this size (per attention call)", header_style="bold")
+    for column in ("patch", "explicit mask", "bytes", "patch takes", "what"):
+        memory.add_column(column)
+    for entry in result.mask_memory:
+        memory.add_row(entry.patch, f"{_shape(entry.explicit_mask_shape)} {entry.explicit_mask_dtype}",
+                       _bytes(entry.explicit_mask_bytes), _bytes(entry.patch_bytes), entry.note)
+    console.print(memory)
+
+    modules = Table(title="module shapes" + ("" if show_all else " (root, embeddings, first block, output; "
+                                                               "--all for every module)"), header_style="bold")
+    for column in ("module", "inputs", "outputs"):
+        modules.add_column(column)
+    for name, shapes in result.modules.items():
+        if not show_all and name.startswith("transformer_blocks.") and not name.startswith("transformer_blocks.0"):
+            continue
+        modules.add_row(name or "(root)", _shape(shapes.inputs), _shape(shapes.outputs))
+    console.print(modules)
