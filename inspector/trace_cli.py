@@ -64,6 +64,12 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
 
     MODEL: see `cogsurgeon modules --help`; a model with real weights is traced through a meta copy.
     """
+    from inspector.trace import latent_geometry
+
+    config = _known_config(model)
+    if config is not None:  # refuse a size the model cannot take before paying for torch and the model
+        latent_geometry(config, frames, height, width)
+
     from inspector.loading import load_transformer
     from inspector.trace import trace_shapes
 
@@ -77,6 +83,18 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
         print_json(result.to_json())
         return
     _print_tables(result, show_all)
+
+
+def _known_config(model: str | None) -> dict | None:
+    """The config of a published or tiny MODEL, read without torch; None for folders and hub ids."""
+    from inspector.model_specs import published_config, resolve_spec, tiny_config
+
+    resolved = resolve_spec(model)
+    if resolved.kind == "published":
+        return published_config(resolved.spec)
+    if resolved.kind == "tiny":
+        return tiny_config(resolved.spec)
+    return None
 
 
 def _print_tables(result, show_all: bool) -> None:
