@@ -258,7 +258,7 @@ def probe_lora_alpha_lost() -> tuple[bool, str]:
         CogVideoXPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(trained))
         reloaded = _tiny_model()
         pipeline = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=reloaded, scheduler=None)
-        pipeline.load_lora_weights(folder, adapter_name="probe")
+        pipeline.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors", adapter_name="probe")
     scaling = reloaded.transformer_blocks[0].attn1.to_q.scaling["probe"]
     trained_scaling = lora_alpha / rank
     present = abs(scaling - trained_scaling) > 1e-9
@@ -313,7 +313,7 @@ def probe_peft_local_path_hub() -> tuple[bool, str]:
         save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)},
                   str(folder / "pytorch_lora_weights.safetensors"))
         environment = {key: value for key, value in os.environ.items() if key not in HUB_OFFLINE_VARIABLES}
-        # A private cache: a Hub lookup must not create entries in the user's cache.
+        # A private cache, as a precaution: whatever the Hub client writes lands in the temporary folder.
         environment["HF_HOME"] = str(Path(root) / "hf-home")
         environment.pop("HF_HUB_CACHE", None)
         environment.pop("HUGGINGFACE_HUB_CACHE", None)
