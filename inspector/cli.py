@@ -68,7 +68,12 @@ def tui(model: str | None) -> None:
 @click.option("--dtype", metavar="DTYPE", help="Load in this dtype (float32, bfloat16, float16) instead of as saved.")
 @click.option("--all", "show_all", is_flag=True, help="List repeated blocks one by one instead of folded.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per module (never folded).")
-def modules(model: str | None, filter_text: str | None, dtype: str | None, show_all: bool, as_json: bool) -> None:
+@click.option(
+    "--no-cache", is_flag=True, help="Rebuild a published model's inventory instead of reading the inventory cache."
+)
+def modules(
+    model: str | None, filter_text: str | None, dtype: str | None, show_all: bool, as_json: bool, no_cache: bool
+) -> None:
     """List every named module of MODEL.
 
     Each row: name, class, the file and line where the class is defined, parameters (the module's subtree),
@@ -76,10 +81,9 @@ def modules(model: str | None, filter_text: str | None, dtype: str | None, show_
 
     \b
     """
-    from inspector.inventory import filter_inventory, module_inventory
-    from inspector.loading import load_transformer
+    from inspector.inventory import filter_inventory, inventory_for_spec
 
-    infos = filter_inventory(module_inventory(load_transformer(model, dtype=dtype)), filter_text)
+    infos = filter_inventory(inventory_for_spec(model, dtype, use_cache=not no_cache), filter_text)
     if as_json:
         print_json([info.to_json() for info in infos])
         return

@@ -237,3 +237,22 @@ def filter_inventory(infos: list[ModuleInfo], text: str | None) -> list[ModuleIn
             for field in (info.name, info.class_name, info.class_module, info.file, info.processor)
         )
     ]
+
+
+def inventory_for_spec(spec: str | None, dtype: str | None = None, use_cache: bool = True) -> list[ModuleInfo]:
+    """The inventory of what a MODEL spec names. Published (meta) configs come from the inventory cache when it
+    is fresh (no torch or diffusers import at all), else are built and cached."""
+    from inspector.loading import load_transformer
+    from inspector.model_specs import resolve_spec
+
+    resolved = resolve_spec(spec)
+    if resolved.kind != "published" or not use_cache:
+        return module_inventory(load_transformer(resolved.spec, dtype=dtype))
+    from inspector import inventory_cache
+
+    cached = inventory_cache.load_cached_inventory(resolved.spec, dtype)
+    if cached is not None:
+        return cached
+    infos = module_inventory(load_transformer(resolved.spec, dtype=dtype))
+    inventory_cache.store_inventory(resolved.spec, dtype, infos)
+    return infos

@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The inventory cache of this test session lives in a temporary folder, never in the user's ~/.cache.
+os.environ["COGSURGEON_CACHE_DIR"] = tempfile.mkdtemp(prefix="cogsurgeon-test-cache-")
 
 
 def cli_environment(extra: dict[str, str] | None = None) -> dict[str, str]:

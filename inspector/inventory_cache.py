@@ -1,0 +1,96 @@
+"""A cache of the module inventories of the published (meta) configs, so `cogsurgeon modules` and the TUI's first
+paint need neither torch nor diffusers imported.
+
+Building the inventory costs little; importing diffusers' model code costs ~2 s more than `import torch,
+diffusers.models`, because diffusers' hooks import peft, which imports transformers. A published config's
+inventory depends only on the config, the dtype, and the installed torch and diffusers, so it is cached under
+those keys, and each entry is checked on read against the size and mtime of every source file it points to: an
+edit to diffusers in site-packages (what the original fork did) invalidates it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from importlib import metadata
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from inspector.inventory import ModuleInfo
+from inspector.model_specs import PUBLISHED_DTYPES, published_config
+
+CACHE_FORMAT = 1
+
+
+def cache_folder() -> Path:
+    """`$COGSURGEON_CACHE_DIR`, else `$XDG_CACHE_HOME/cogsurgeon`, else `~/.cache/cogsurgeon`."""
+    if os.environ.get("COGSURGEON_CACHE_DIR"):
+        return Path(os.environ["COGSURGEON_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cogsurgeon"
+
+
+def _installed(distribution: str) -> str:
+    try:
+        version = metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        version = "absent"
+    spec = find_spec(distribution)
+    return f"{version}@{spec.origin if spec else '-'}"
+
+
+def cache_key(spec: str, dtype: str | None) -> str:
+    """Everything a published inventory depends on, hashed: config, dtype, torch, diffusers, cogsurgeon."""
+    parts = {
+        "format": CACHE_FORMAT,
+        "config": published_config(spec),
+        "dtype": dtype or PUBLISHED_DTYPES[spec],
+        "torch": _installed("torch"),
+        "diffusers": _installed("diffusers"),
+        "inventory_source": _file_stamp(Path(__file__).with_name("inventory.py")),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _file_stamp(path: Path) -> list[int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return [status.st_size, status.st_mtime_ns]
+
+
+def _entry_path(spec: str, dtype: str | None) -> Path:
+    return cache_folder() / f"inventory-{spec}-{cache_key(spec, dtype)}.json"
+
+
+def load_cached_inventory(spec: str, dtype: str | None = None) -> list[ModuleInfo] | None:
+    """The cached inventory of a published spec, or None if absent, unreadable or stale."""
+    try:
+        entry = json.loads(_entry_path(spec, dtype).read_text())
+        stamps: dict[str, Any] = entry["source_stamps"]
+        if any(_file_stamp(Path(file)) != stamp for file, stamp in stamps.items()):
+            return None
+        return [ModuleInfo(**row) for row in entry["modules"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_inventory(spec: str, dtype: str | None, infos: list[ModuleInfo]) -> None:
+    """Write the entry atomically; a cache that cannot be written (read-only home) is silently skipped."""
+    files = sorted({info.file for info in infos if info.file})
+    entry = {
+        "source_stamps": {file: _file_stamp(Path(file)) for file in files},
+        "modules": [info.__dict__ for info in infos],
+    }
+    path = _entry_path(spec, dtype)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+            json.dump(entry, handle)
+        os.replace(handle.name, path)
+    except OSError:
+        return
