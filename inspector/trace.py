@@ -3,7 +3,7 @@ the way diffusers' CogVideoX pipelines derive them, recording every module's inp
 attention call's query/key/value shapes, how the joint sequence splits into text and video tokens, and what an
 explicit attention mask would cost at that size.
 
-The size arithmetic lives in small pure functions (`latent_geometry`, `sequence_split`, `explicit_mask_bytes`);
+The size arithmetic lives in small pure functions (`latent_geometry`, `sequence_split`, `mask_memory_table`);
 the torch edge (`trace_shapes`) only builds meta inputs, runs, and reads shapes. Nothing is computed for real and
 the model is left as it was: hooks are removed, a model that is not on meta is traced through a meta twin.
 """
@@ -11,7 +11,7 @@ the model is left as it was: hooks are removed, a model that is not on meta is t
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -112,18 +112,21 @@ class ModuleShapes:
 
 @dataclass(frozen=True)
 class MaskMemory:
-    """What doing a patch with an explicit `attn_mask` would hold in memory at the traced size, per attention call.
+    """Per attention call at the traced size: what doing a patch's rule as an explicit mask costs, against what the
+    patch itself allocates.
 
-    `patch_bytes` is the patch's own extra memory as the patches package estimates it; None where that estimate
-    is not available (cogsurgeon does not guess it).
+    `explicit_mask_bytes`: the mask diffusers' explicit-mask path materialises, `prepare_attention_mask` repeating
+    it per head into `(batch·heads, L, L)` in the model dtype. `broadcast_mask_bytes`: the smallest dense mask
+    SDPA accepts, `(1, 1, L, L)` bool. `patch_bytes`: the patch's own estimate from the patches package; None where
+    it gives none (cogsurgeon does not guess).
     """
 
     patch: str
     explicit_mask_shape: tuple[int, ...]
     explicit_mask_dtype: str
     explicit_mask_bytes: int
+    broadcast_mask_bytes: int
     patch_bytes: int | None
-    note: str
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,8 +134,8 @@ class MaskMemory:
             "explicit_mask_shape": list(self.explicit_mask_shape),
             "explicit_mask_dtype": self.explicit_mask_dtype,
             "explicit_mask_bytes": self.explicit_mask_bytes,
+            "broadcast_mask_bytes": self.broadcast_mask_bytes,
             "patch_bytes": self.patch_bytes,
-            "note": self.note,
         }
 
 
@@ -295,7 +298,7 @@ def resize_crop_region_for_grid(
 DTYPE_BYTES = {"bool": 1, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 
-def explicit_mask_bytes(shape: tuple[int, ...], dtype: str = "bool") -> int:
+def dense_mask_bytes(shape: tuple[int, ...], dtype: str = "bool") -> int:
     """Bytes of a dense mask tensor of `shape` in `dtype` (bool: one byte per element, as torch stores it)."""
     elements = 1
     for size in shape:
@@ -303,50 +306,60 @@ def explicit_mask_bytes(shape: tuple[int, ...], dtype: str = "bool") -> int:
     return elements * DTYPE_BYTES[dtype]
 
 
+@dataclass(frozen=True)
+class PatchMemoryModel:
+    """Where per-patch memory figures come from: the patches package's estimates when it is installed."""
+
+    names: tuple[str, ...]
+    explicit_mask_bytes: Callable[..., int] | None = None  # patches.explicit_mask_bytes(batch, heads, T, N, bytes)
+    patch_bytes: Callable[..., int | None] | None = None  # patches.memory_estimate(name, batch, heads, T, N, F, ...)
+
+
 def mask_memory_table(
-    batch: int, heads: int, sequence_length: int, dtype: str, patch_names: tuple[str, ...],
-    patch_bytes: Mapping[str, int] | None = None,
+    sequence: SequenceSplit, batch: int, heads: int, head_dim: int, dtype: str, source: PatchMemoryModel
 ) -> tuple[MaskMemory, ...]:
-    """For each patch, the dense mask doing the same through `attn_mask` would need at this size."""
-    patch_bytes = patch_bytes or {}
-    square = (sequence_length, sequence_length)
-    explicit = {
-        "causal-attention": (
-            (1, 1, *square), "bool", "a (1,1,L,L) bool mask instead of SDPA's is_causal"),
-        "frame-causal-attention": (
-            (1, 1, *square), "bool", "a (1,1,L,L) bool block-causal mask"),
-        "attention-mask": (
-            (batch * heads, *square), dtype,
-            "diffusers' prepare_attention_mask repeats a full mask per head in the model dtype",
-        ),
-    }
+    """One row per patch: the explicit mask against the patch's own extra memory, per attention call."""
+    length = sequence.total
+    dtype_bytes = DTYPE_BYTES[dtype]
+    explicit_shape = (batch * heads, length, length)
+    if source.explicit_mask_bytes is not None:
+        explicit = source.explicit_mask_bytes(batch, heads, sequence.text_tokens, sequence.video_tokens, dtype_bytes)
+    else:
+        explicit = dense_mask_bytes(explicit_shape, dtype)
     rows = []
-    for name in patch_names:
-        shape, mask_dtype, note = explicit.get(name, ((batch, 1, *square), "bool", "a (B,1,L,L) bool mask"))
+    for name in source.names:
+        patch_bytes = None
+        if source.patch_bytes is not None:
+            patch_bytes = source.patch_bytes(name, batch, heads, sequence.text_tokens, sequence.video_tokens,
+                                             sequence.frames, dtype_bytes, head_dim=head_dim)
         rows.append(MaskMemory(
             patch=name,
-            explicit_mask_shape=shape,
-            explicit_mask_dtype=mask_dtype,
-            explicit_mask_bytes=explicit_mask_bytes(shape, mask_dtype),
-            patch_bytes=patch_bytes.get(name),
-            note=note,
+            explicit_mask_shape=explicit_shape,
+            explicit_mask_dtype=dtype,
+            explicit_mask_bytes=explicit,
+            broadcast_mask_bytes=dense_mask_bytes((1, 1, length, length), "bool"),
+            patch_bytes=patch_bytes,
         ))
     return tuple(rows)
 
 
-# Patch names of DESIGN's registry, used when the patches package is not installed alongside.
+# Patch names of DESIGN's registry, for when the patches package is not importable.
 DESIGN_PATCHES = ("causal-attention", "frame-causal-attention", "attention-mask")
 
 
-def known_patch_names() -> tuple[str, ...]:
+def patch_memory_model() -> PatchMemoryModel:
+    """The installed patches package's names and memory estimates, or DESIGN's names and no estimates."""
     try:
         import patches
     except ImportError:
-        return DESIGN_PATCHES
+        return PatchMemoryModel(DESIGN_PATCHES)
     available = getattr(patches, "available", None)
-    if available is None:
-        return DESIGN_PATCHES
-    return tuple(info.name for info in available())
+    names = tuple(info.name for info in available()) if available is not None else DESIGN_PATCHES
+    return PatchMemoryModel(
+        names,
+        explicit_mask_bytes=getattr(patches, "explicit_mask_bytes", None),
+        patch_bytes=getattr(patches, "memory_estimate", None),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -575,7 +588,8 @@ def trace_shapes(model: nn.Module, *, frames: int, height: int, width: int, batc
         sequence=sequence,
         attention=tuple(attention),
         modules=modules,
-        mask_memory=mask_memory_table(batch, heads, sequence.total, dtype_name, known_patch_names()),
+        mask_memory=mask_memory_table(sequence, batch, heads, int(config.attention_head_dim), dtype_name,
+                                      patch_memory_model()),
         output=tuple(output.shape),
         inputs={name: shape_of(value) for name, value in inputs.items()},
         notes=size_notes(config, geometry),

@@ -125,12 +125,14 @@ def _print_tables(result, show_all: bool) -> None:
                       _shape(call.attn_mask), "yes" if call.is_causal else "no")
     console.print(calls)
 
-    memory = Table(title="explicit masks at this size (per attention call)", header_style="bold")
-    for column in ("patch", "explicit mask", "bytes", "patch takes", "what"):
+    memory = Table(title="memory per attention call: a patch's rule as an explicit mask vs the patch",
+                   header_style="bold")
+    for column in ("patch", "diffusers' explicit mask", "bytes", "(1,1,L,L) bool", "patch takes"):
         memory.add_column(column)
     for entry in result.mask_memory:
         memory.add_row(entry.patch, f"{_shape(entry.explicit_mask_shape)} {entry.explicit_mask_dtype}",
-                       _bytes(entry.explicit_mask_bytes), _bytes(entry.patch_bytes), entry.note)
+                       _bytes(entry.explicit_mask_bytes), _bytes(entry.broadcast_mask_bytes),
+                       _bytes(entry.patch_bytes) if entry.patch_bytes is not None else "no estimate")
     console.print(memory)
 
     modules = Table(title="module shapes" + ("" if show_all else " (root, embeddings, first block, output; "

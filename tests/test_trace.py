@@ -13,10 +13,14 @@ from inspector.errors import CogsurgeonError
 from inspector.model_specs import published_config, tiny_config
 from inspector.trace import (
     TraceSizeError,
-    explicit_mask_bytes,
+    DESIGN_PATCHES,
+    PatchMemoryModel,
+    SequenceSplit,
+    dense_mask_bytes,
     latent_frame_count,
     latent_geometry,
     mask_memory_table,
+    patch_memory_model,
     resize_crop_region_for_grid,
     sequence_split,
     shape_of,
@@ -99,21 +103,49 @@ def test_rotary_crop_region_matches_diffusers(grid):
     assert resize_crop_region_for_grid(grid, 45, 30) == get_resize_crop_region_for_grid(grid, 45, 30)
 
 
-def test_explicit_mask_bytes():
-    assert explicit_mask_bytes((1, 1, 17776, 17776), "bool") == 17776 * 17776
-    assert explicit_mask_bytes((96, 17776, 17776), "bfloat16") == 96 * 17776 * 17776 * 2
-    assert explicit_mask_bytes((2, 3), "float32") == 24
+def test_dense_mask_bytes():
+    assert dense_mask_bytes((1, 1, 17776, 17776), "bool") == 17776 * 17776
+    assert dense_mask_bytes((96, 17776, 17776), "bfloat16") == 96 * 17776 * 17776 * 2
+    assert dense_mask_bytes((2, 3), "float32") == 24
 
 
-def test_mask_memory_table_per_patch():
-    rows = {row.patch: row for row in mask_memory_table(2, 48, 17776, "bfloat16",
-                                                        ("causal-attention", "attention-mask", "other"))}
-    assert rows["causal-attention"].explicit_mask_shape == (1, 1, 17776, 17776)
-    assert rows["causal-attention"].explicit_mask_bytes == 315_986_176
-    # diffusers' head-repeated mask at the 5B shape: 56.5 GiB
-    assert rows["attention-mask"].explicit_mask_bytes == 60_669_345_792
-    assert rows["other"].explicit_mask_shape == (2, 1, 17776, 17776)
-    assert all(row.patch_bytes is None for row in rows.values())
+SPLIT_5B = SequenceSplit(text_tokens=226, video_tokens=17550, frames=13, tokens_per_frame=1350, total=17776)
+
+
+def test_mask_memory_table_without_patch_estimates():
+    rows = mask_memory_table(SPLIT_5B, 2, 48, 64, "bfloat16", PatchMemoryModel(("causal-attention", "other")))
+    assert [row.patch for row in rows] == ["causal-attention", "other"]
+    for row in rows:
+        assert row.explicit_mask_shape == (96, 17776, 17776)
+        assert row.explicit_mask_bytes == 60_669_345_792  # diffusers' head-repeated mask at the 5B shape: 56.5 GiB
+        assert row.broadcast_mask_bytes == 315_986_176
+        assert row.patch_bytes is None  # no estimate is invented
+
+
+def test_mask_memory_table_reads_the_patch_estimates():
+    calls = []
+
+    def estimate(name, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim):
+        calls.append((name, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, head_dim))
+        return None if name == "unknown" else 1000 + len(name)
+
+    rows = mask_memory_table(SPLIT_5B, 2, 48, 64, "bfloat16",
+                             PatchMemoryModel(("causal-attention", "unknown"), patch_bytes=estimate))
+    assert [row.patch_bytes for row in rows] == [1000 + len("causal-attention"), None]
+    assert calls[0] == ("causal-attention", 2, 48, 226, 17550, 13, 2, 64)
+
+
+def test_patch_memory_model_follows_the_installed_patches_package():
+    import patches
+
+    model = patch_memory_model()
+    if hasattr(patches, "available"):
+        assert model.names == tuple(info.name for info in patches.available())
+    else:
+        assert model.names == DESIGN_PATCHES
+    if hasattr(patches, "explicit_mask_bytes"):
+        rows = mask_memory_table(SPLIT_5B, 2, 48, 64, "bfloat16", model)
+        assert rows[0].explicit_mask_bytes == dense_mask_bytes((96, 17776, 17776), "bfloat16")
 
 
 def test_shape_of_reduces_nested_values():
