@@ -482,15 +482,32 @@ def _on_meta(model: nn.Module) -> bool:
 
 
 def meta_twin(model: nn.Module) -> nn.Module:
-    """A meta-device copy of a model built from its config, with the same attention processors (so a patched
-    model traces as patched), for models whose weights are real: their shapes, with no compute."""
+    """A meta-device copy of a model built from its config, for models whose weights are real: their shapes, with
+    no compute. A patched model traces as patched: cogsurgeon patches are applied again by name (they keep state
+    on the transformer, not only in processors); otherwise the model's attention processors are shared."""
     from inspector.loading import build_on_meta
 
     twin = build_on_meta(dict(model.config), _model_dtype(model))
+    applied = _applied_patches(model)
+    if applied:
+        import patches
+
+        for name in applied:
+            patches.apply(twin, name)
+        return twin
     processors = getattr(model, "attn_processors", None)
     if processors:
         twin.set_attn_processor(dict(processors))
     return twin
+
+
+def _applied_patches(model: nn.Module) -> list[str]:
+    try:
+        import patches
+    except ImportError:
+        return []
+    applied = getattr(patches, "applied", None)
+    return list(applied(model)) if applied is not None else []
 
 
 @contextmanager

@@ -270,6 +270,24 @@ def test_tiny_model_is_traced_without_compute_or_change(tiny_model):
         assert torch.equal(parameter, before[name])
 
 
+@pytest.mark.parametrize("patch_name", ["causal-attention", "frame-causal-attention"])
+def test_patched_tiny_model_traces_as_patched(tiny_model, patch_name):
+    import patches
+
+    if not hasattr(patches, "apply"):
+        pytest.skip("needs the patches package (branch patches) merged")
+    from inspector.trace import trace_shapes
+
+    patches.apply(tiny_model, patch_name)
+    result = trace_shapes(tiny_model, frames=9, height=64, width=64, batch=2)
+    assert patches.applied(tiny_model) == [patch_name]
+    if patch_name == "causal-attention":
+        assert [call.is_causal for call in result.attention] == [True, True]
+    else:  # frame by frame: text, then each of the 3 latent frames over its key prefix, in both blocks
+        assert len(result.attention) > 2
+        assert {call.module for call in result.attention} == {f"transformer_blocks.{i}.attn1" for i in range(2)}
+
+
 def test_tiny_1_5_pads_to_whole_temporal_patches():
     from inspector import load_transformer
     from inspector.trace import trace_shapes
