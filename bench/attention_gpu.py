@@ -1,0 +1,307 @@
+"""GPU benchmark of the attention patches at full CogVideoX scale, against the unpatched processor in the same run.
+
+    python bench/attention_gpu.py [--repeats 20] [--out results.json]
+
+Three levels, each patched vs unpatched on the same inputs (bf16, B=2, 48 heads, head dim 64):
+1. attention: the patch's attention plan (`patches.attention.run_plan`) vs `F.scaled_dot_product_attention` on the
+   same q/k/v, at the 5B-I2V shape (L = 226 + 13 x 1350 = 17,776) and CogVideoX1.5's (L = 226 + 11 x 4080 = 45,106).
+   The goals of the GPU issue are ratios at this level.
+2. block: one whole CogVideoXBlock (random weights, 5B dimensions) inside a 1-layer CogVideoXTransformer3DModel,
+   timed with CUDA events from forward hooks on the block, patches applied through `patches.apply`; peak memory
+   of the whole forward, patched vs unpatched.
+3. accuracy: at a cut-down shape (3 frames, L = 4,276) each patch's bf16 output vs explicit-mask attention in fp32
+   (`patches.reference`), next to the unpatched bf16 SDPA's own error against fp32 full attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from patches.attention import plan_attention, run_plan  # noqa: E402
+from patches.layout import FrameLayout  # noqa: E402
+
+BATCH, HEADS, HEAD_DIM, TEXT = 2, 48, 64, 226
+SHAPES = {
+    "5B (L=17,776)": FrameLayout(TEXT, 13, 1350),
+    "1.5 (L=45,106)": FrameLayout(TEXT, 11, 4080),
+}
+REAL_TEXT_TOKENS = 30
+
+
+def median_ms(function, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        function()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_extra_bytes(function) -> int:
+    """Peak bytes allocated while `function` runs, above what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = function()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del result
+    return peak
+
+
+def text_padding_mask(device) -> torch.Tensor:
+    mask = torch.zeros(BATCH, TEXT, dtype=torch.bool, device=device)
+    mask[:, :REAL_TEXT_TOKENS] = True
+    return mask
+
+
+def attention_cases(layout: FrameLayout, device):
+    """(case name, structure, mask) for each patch configuration the goals name."""
+    length = layout.sequence_length
+    full_mask = torch.ones(BATCH, 1, length, length, dtype=torch.bool, device=device)
+    full_mask[:, :, :, REAL_TEXT_TOKENS:TEXT] = False  # the padding mask, written out as a full (B,1,L,L) mask
+    return [
+        ("causal-attention", "causal", None),
+        ("frame-causal-attention", "frame-causal", None),
+        ("attention-mask (B,T) text padding, 30/226 real", None, text_padding_mask(device)),
+        ("attention-mask (B,1,L,L) bool", None, full_mask),
+    ]
+
+
+def attention_level(repeats: int) -> list[dict]:
+    rows = []
+    for shape_name, layout in SHAPES.items():
+        length = layout.sequence_length
+        q, k, v = (
+            torch.randn(BATCH, HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3)
+        )
+        unpatched_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
+        unpatched_bytes = peak_extra_bytes(lambda: F.scaled_dot_product_attention(q, k, v))
+        for case, structure, mask in attention_cases(layout, "cuda"):
+            plan = plan_attention(
+                structure, layout, mask, batch=BATCH, heads=HEADS, device=q.device, dtype=q.dtype
+            )
+            patched_ms = median_ms(lambda: run_plan(plan, q, k, v), repeats)
+            patched_bytes = peak_extra_bytes(lambda: run_plan(plan, q, k, v))
+            row = {
+                "level": "attention",
+                "shape": shape_name,
+                "case": case,
+                "unpatched_ms": round(unpatched_ms, 2),
+                "patched_ms": round(patched_ms, 2),
+                "ratio": round(patched_ms / unpatched_ms, 3),
+                "unpatched_peak_extra_gib": round(unpatched_bytes / 2**30, 3),
+                "patched_peak_extra_gib": round(patched_bytes / 2**30, 3),
+            }
+            if mask is not None and mask.dim() == 4:
+                sdpa_mask_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), repeats)
+                row["sdpa_given_mask_ms"] = round(sdpa_mask_ms, 2)
+                row["ratio_to_sdpa_given_mask"] = round(patched_ms / sdpa_mask_ms, 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del plan, mask
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def one_block_transformer(config_overrides: dict):
+    from diffusers import CogVideoXTransformer3DModel
+
+    config = {
+        "num_attention_heads": HEADS,
+        "attention_head_dim": HEAD_DIM,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": 1,
+        "use_rotary_positional_embeddings": True,
+        "text_embed_dim": 4096,
+        "time_embed_dim": 512,
+        **config_overrides,
+    }
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = CogVideoXTransformer3DModel(**config)
+    return model.to(torch.bfloat16).eval()
+
+
+def rotary(latent_frames: int, grid_height: int, grid_width: int, temporal_patches: int | None):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    if temporal_patches is None:
+        return get_3d_rotary_pos_embed(
+            embed_dim=HEAD_DIM,
+            crops_coords=((0, 0), (grid_height, grid_width)),
+            grid_size=(grid_height, grid_width),
+            temporal_size=latent_frames,
+            device="cuda",
+        )
+    return get_3d_rotary_pos_embed(
+        embed_dim=HEAD_DIM,
+        crops_coords=None,
+        grid_size=(grid_height, grid_width),
+        temporal_size=temporal_patches,
+        grid_type="slice",
+        max_size=(grid_height, grid_width),
+        device="cuda",
+    )
+
+
+def block_level(repeats: int) -> list[dict]:
+    import patches
+
+    rows = []
+    setups = {
+        "5B (L=17,776)": ({}, (13, 16, 60, 90), None),
+        "1.5 (L=45,106)": ({"patch_size_t": 2, "patch_bias": False, "sample_frames": 81, "sample_height": 300,
+                            "sample_width": 300}, (22, 16, 96, 170), 11),
+    }
+    for shape_name, (overrides, latent_shape, temporal_patches) in setups.items():
+        model = one_block_transformer(overrides)
+        latent = torch.randn(BATCH, *latent_shape, device="cuda", dtype=torch.bfloat16)
+        text = torch.randn(BATCH, TEXT, 4096, device="cuda", dtype=torch.bfloat16)
+        timestep = torch.tensor([500, 500], device="cuda")
+        grid_h, grid_w = latent_shape[2] // 2, latent_shape[3] // 2
+        cos, sin = rotary(latent_shape[0], grid_h, grid_w, temporal_patches)
+        rotary_emb = (cos.to(torch.bfloat16), sin.to(torch.bfloat16))
+        block = model.transformer_blocks[0]
+        events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+        def start_hook(module, args):
+            events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            events[-1][0].record()
+
+        def end_hook(module, args, output):
+            events[-1][1].record()
+
+        handles = [block.register_forward_pre_hook(start_hook), block.register_forward_hook(end_hook)]
+
+        def forward(attention_kwargs=None):
+            with torch.no_grad():
+                return model(latent, text, timestep, image_rotary_emb=rotary_emb,
+                             attention_kwargs=attention_kwargs, return_dict=False)[0]
+
+        def block_ms(attention_kwargs=None) -> tuple[float, int]:
+            events.clear()
+            for _ in range(3 + repeats):
+                forward(attention_kwargs)
+            torch.cuda.synchronize()
+            times = [start.elapsed_time(end) for start, end in events[3:]]
+            peak = peak_extra_bytes(lambda: forward(attention_kwargs))
+            return statistics.median(times), peak
+
+        base_ms, base_peak = block_ms()
+        cases = [
+            ("causal-attention", ["causal-attention"], None),
+            ("frame-causal-attention", ["frame-causal-attention"], None),
+            ("attention-mask (B,T) text padding, 30/226 real", ["attention-mask"],
+             {"attention_mask": text_padding_mask("cuda")}),
+        ]
+        for case, names, attention_kwargs in cases:
+            handles_applied = [patches.apply(model, name) for name in names]
+            patched_ms, patched_peak = block_ms(attention_kwargs)
+            for handle in handles_applied:
+                handle.revert()
+            row = {
+                "level": "block",
+                "shape": shape_name,
+                "case": case,
+                "unpatched_ms": round(base_ms, 2),
+                "patched_ms": round(patched_ms, 2),
+                "ratio": round(patched_ms / base_ms, 3),
+                "unpatched_peak_gib": round(base_peak / 2**30, 3),
+                "patched_peak_gib": round(patched_peak / 2**30, 3),
+                "peak_ratio": round(patched_peak / base_peak, 4),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        for handle in handles:
+            handle.remove()
+        del model, latent, text
+        torch.cuda.empty_cache()
+    return rows
+
+
+def accuracy_level() -> list[dict]:
+    from patches.reference import combine_masks, full_attention_mask, reference_attention, RULE_MASKS
+
+    layout = FrameLayout(TEXT, 3, 1350)
+    length = layout.sequence_length
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q32, k32, v32 = (
+        torch.randn(BATCH, HEADS, length, HEAD_DIM, device="cuda", generator=generator) for _ in range(3)
+    )
+    q, k, v = (t.to(torch.bfloat16) for t in (q32, k32, v32))
+    baseline_error = (F.scaled_dot_product_attention(q, k, v).float() - reference_attention(q32, k32, v32, None))
+    baseline_error = baseline_error.abs().max().item()
+    rows = []
+    cases = [
+        ("causal-attention", "causal", None),
+        ("frame-causal-attention", "frame-causal", None),
+        ("attention-mask (B,T) text padding", None, text_padding_mask("cuda")),
+        ("attention-mask + frame-causal", "frame-causal", text_padding_mask("cuda")),
+    ]
+    for case, structure, mask in cases:
+        plan = plan_attention(structure, layout, mask, batch=BATCH, heads=HEADS, device=q.device, dtype=q.dtype)
+        patched = run_plan(plan, q, k, v).float()
+        rule = RULE_MASKS[f"{structure}-attention"](layout).cuda() if structure else None
+        user = full_attention_mask(mask, layout).cuda() if mask is not None else None
+        expected = reference_attention(q32, k32, v32, combine_masks(rule, user))
+        error = (patched - expected).abs().max().item()
+        row = {
+            "level": "accuracy",
+            "case": case,
+            "L": length,
+            "max_abs_error_bf16_vs_fp32_reference": round(error, 5),
+            "unpatched_sdpa_bf16_error": round(baseline_error, 5),
+            "within_bf16_tolerance": error <= 2 * baseline_error + 1e-3,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--levels", default="accuracy,attention,block")
+    args = parser.parse_args()
+    environment = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "command": "python bench/attention_gpu.py " + " ".join(sys.argv[1:]),
+    }
+    try:
+        import diffusers
+
+        environment["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    print(json.dumps(environment), flush=True)
+    levels = {"accuracy": accuracy_level, "attention": lambda: attention_level(args.repeats),
+              "block": lambda: block_level(args.repeats)}
+    results = {"environment": environment}
+    for level in args.levels.split(","):
+        results[level] = levels[level]()
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

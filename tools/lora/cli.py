@@ -1,0 +1,173 @@
+"""`cogsurgeon lora inspect|repair|verify`: the command line over tools.lora. Imports stay light (click only at the
+top); verify pulls in torch, peft and diffusers inside its function.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+ALPHA_HELP = "lora_alpha the LoRA was trained with; overrides metadata, configs and trainer defaults."
+
+
+def _print_warnings(warnings: tuple[str, ...]) -> None:
+    for warning in warnings:
+        click.secho(f"warning: {warning}", fg="yellow", bold=warning.isupper() or "NOT STORED" in warning, err=True)
+
+
+def _format_report(report) -> list[str]:
+    rank_line = f"{report.rank}"
+    if report.rank_pattern:
+        rank_line += f" ({len(report.rank_pattern)} modules differ: " + ", ".join(
+            f"{module}={rank}" for module, rank in list(report.rank_pattern.items())[:4]
+        ) + (", ..." if len(report.rank_pattern) > 4 else "") + ")"
+    scale = f", scale {report.scale:g}" if report.scale is not None else ""
+    lines = [
+        f"file          {report.file}",
+        f"format        {report.format}: {report.format_description}",
+        f"rank          {rank_line}",
+        f"lora_alpha    {report.alpha} from {report.alpha_source} ({report.alpha_detail}){scale}",
+        f"targets       {', '.join(report.target_modules)} ({report.num_modules} modules)",
+        f"dtype         {report.dtype}",
+        f"size          {report.size_bytes:,} bytes",
+    ]
+    if report.problems:
+        lines.append(f"problems      {len(report.problems)}")
+        lines.extend(f"  - {problem}" for problem in report.problems)
+    else:
+        lines.append("problems      none")
+    return lines
+
+
+@click.group()
+def lora() -> None:
+    """Inspect, repair and verify CogVideoX LoRA checkpoints.
+
+    Trainers (CogVideo finetune, diffusers scripts, CogKit, SAT) save LoRA weights without adapter_config.json
+    and without lora_alpha: PEFT then refuses the folder or goes to the Hub, and diffusers loads it at
+    alpha = rank (a default CogVideo LoRA, rank 128 / alpha 64, runs at twice its strength).
+
+    \b
+    cogsurgeon lora inspect out/checkpoint-500
+    cogsurgeon lora repair out/checkpoint-500 --out my-adapter
+    cogsurgeon lora repair lora.safetensors --out my-adapter --alpha 64 --force
+    cogsurgeon lora verify my-adapter --base tiny-i2v
+    """
+
+
+@lora.command(short_help="Format, ranks, targets, lora_alpha and its source, problems.")
+@click.argument("ckpt", type=click.Path(path_type=str))
+@click.option("--alpha", type=float, metavar="A", help=ALPHA_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect(ckpt: str, alpha: float | None, as_json: bool) -> None:
+    """Say what a LoRA checkpoint holds: format, rank and per-module ranks, targets, dtype, size, lora_alpha and
+    where it came from (flag, metadata, config, default), and problems.
+
+    CKPT is a checkpoint folder (checkpoint-N/, an adapter folder, a SAT save folder) or the weights file.
+
+    \b
+    cogsurgeon lora inspect out/checkpoint-500
+    cogsurgeon lora inspect out/checkpoint-500/pytorch_lora_weights.safetensors --json
+    """
+    from inspector.cli import print_json
+    from tools.lora.checkpoint import inspect_checkpoint
+
+    report = inspect_checkpoint(ckpt, alpha=alpha)
+    _print_warnings(report.warnings)
+    if as_json:
+        print_json(report.to_json())
+        return
+    click.echo("\n".join(_format_report(report)))
+
+
+class _ByteProgress:
+    """A progress line on stderr for copies big enough to wait for, redrawn at most ten times a second."""
+
+    MIN_BYTES = 64 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.last_draw = 0.0
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if total < self.MIN_BYTES:
+            return
+        now = time.monotonic()
+        if done < total and now - self.last_draw < 0.1:
+            return
+        self.last_draw = now
+        self.shown = True
+        sys.stderr.write(f"\rwriting adapter: {done / 2**20:8.1f} / {total / 2**20:.1f} MiB ({100 * done / total:5.1f}%)")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@lora.command(short_help="Rebuild a checkpoint into an adapter folder PEFT and diffusers load offline.")
+@click.argument("ckpt", type=click.Path(path_type=str))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="DIR",
+              help="The adapter folder to create (it must not exist, unless --force).")
+@click.option("--alpha", type=float, metavar="A", help=ALPHA_HELP)
+@click.option("--force", is_flag=True, help="Replace DIR if it exists (atomically: the old folder stays until the new one is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def repair(ckpt: str, out_dir: str, alpha: float | None, force: bool, as_json: bool) -> None:
+    """Rebuild CKPT into an adapter folder that PEFT and diffusers load offline at the trained scale.
+
+    DIR gets adapter_config.json + adapter_model.safetensors (PEFT: PeftModel.from_pretrained(transformer, DIR))
+    and pytorch_lora_weights.safetensors with lora_adapter_metadata (diffusers >= 0.34: load_lora_weights(DIR)).
+    Tensors are copied byte for byte; CKPT is never written to; DIR appears only when complete.
+    diffusers < 0.34 ignores the metadata and loads at alpha = rank: there use PEFT, or pass the alpha yourself
+    (load_lora_adapter(..., network_alphas=...), plus LoraLayer.set_scale where ranks differ), as
+    `cogsurgeon lora verify` does.
+
+    \b
+    cogsurgeon lora repair out/checkpoint-500 --out my-adapter
+    cogsurgeon lora repair cogkit/adapter_model.safetensors --out my-adapter --alpha 64
+    """
+    from inspector.cli import print_json
+    from tools.lora.repair import repair_checkpoint
+
+    progress = _ByteProgress()
+    result = repair_checkpoint(ckpt, out_dir, alpha=alpha, force=force, progress=progress)
+    _print_warnings(result.report.warnings)
+    if as_json:
+        print_json(result.to_json())
+        return
+    report = result.report
+    click.echo(
+        f"wrote {result.out_dir}: {report.num_modules} modules, rank {report.rank}, lora_alpha {report.alpha} "
+        f"({report.alpha_source}), {result.bytes_written:,} tensor bytes"
+    )
+    for path in result.files:
+        click.echo(f"  {path}")
+
+
+@lora.command(short_help="Load an adapter folder with PEFT and diffusers; exit 1 on any mismatch.")
+@click.argument("adapter_dir", type=click.Path(path_type=str))
+@click.option("--base", "base", required=True, metavar="MODEL",
+              help="The base transformer: tiny, tiny-i2v, tiny-1.5, or a local diffusers model folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def verify(ctx: click.Context, adapter_dir: str, base: str, as_json: bool) -> None:
+    """Load the adapter in DIR onto MODEL with PEFT and with diffusers, offline, and check both.
+
+    Reports matched, missing and unexpected modules, the effective scale of each module under each loader,
+    and whether both loads give the same output. Exit 1 on any mismatch (e.g. the silent no-op load: no key
+    matched and lora_B left at zero).
+
+    \b
+    cogsurgeon lora verify my-adapter --base tiny-i2v
+    cogsurgeon lora verify my-adapter --base /models/CogVideoX-5b-I2V --json
+    """
+    from inspector.cli import print_json
+    from tools.lora.verify import verify_adapter
+
+    report = verify_adapter(adapter_dir, base, progress=lambda message: click.echo(message, err=True))
+    if as_json:
+        print_json(report.to_json())
+    else:
+        click.echo("\n".join(report.summary_lines()))
+    if not report.passed:
+        ctx.exit(1)

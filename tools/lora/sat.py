@@ -1,0 +1,93 @@
+"""The SAT reader: LoRA weights out of `mp_rank_00_model_states.pt`, loaded only with `torch.load(weights_only=True)`
+(the one place in tools/lora that imports torch). The fused `query_key_value` LoRA is split into to_q/to_k/to_v
+as CogVideo's `tools/export_sat_lora_weight.py` does: SAT keeps one A/B pair per partition (.0 .1 .2).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from tools.lora.checkpoint import LoraCheckpointError, LoraTensor
+
+_SAT_LORA_KEY = re.compile(
+    r"^(?:model\.diffusion_model\.)?(?:transformer\.)?layers\.(?P<layer>\d+)\.attention\."
+    r"(?P<linear>query_key_value|dense)\.matrix_(?P<part>[AB])\.(?P<partition>\d+)$"
+)
+_PARTITION_TARGETS = {("query_key_value", "0"): "to_q", ("query_key_value", "1"): "to_k",
+                      ("query_key_value", "2"): "to_v", ("dense", "0"): "to_out.0"}
+_SAFETENSORS_DTYPE = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64"}
+
+
+def sat_module_name(key: str) -> tuple[str, str] | None:
+    """`…layers.3.attention.query_key_value.matrix_A.1` -> (`transformer_blocks.3.attn1.to_k`, "A")."""
+    match = _SAT_LORA_KEY.match(key)
+    if match is None:
+        return None
+    target = _PARTITION_TARGETS.get((match["linear"], match["partition"]))
+    if target is None:
+        return None
+    return f"transformer_blocks.{match['layer']}.attn1.{target}", match["part"]
+
+
+def _state_dict(saved: Any) -> dict[str, Any]:
+    """Where the weights sit in a SAT/DeepSpeed save: under "module", "model" or "state_dict"."""
+    state = saved
+    for key in ("model", "module", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise LoraCheckpointError("the SAT checkpoint holds no state dict")
+    return state
+
+
+def read_sat_lora(path: Path) -> tuple[list[tuple[str, LoraTensor]], list[str]]:
+    """The LoRA tensors of a SAT checkpoint as (original key, tensor) pairs, and the LoRA-looking keys that match no
+    known target. The rest of the model (SAT saves it all) is ignored."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            saved = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoraCheckpointError(
+            f"{path} holds more than tensors and cogsurgeon loads SAT checkpoints only with weights_only=True "
+            f"({first_line})"
+        ) from None
+    except Exception as exc:
+        raise LoraCheckpointError(f"{path} is not a readable torch checkpoint: {type(exc).__name__}: {exc}") from None
+    found: list[tuple[str, LoraTensor]] = []
+    unknown: list[str] = []
+    for key, value in _state_dict(saved).items():
+        if not isinstance(key, str) or ".matrix_" not in key:
+            continue
+        named = sat_module_name(key)
+        if named is None or not isinstance(value, torch.Tensor):
+            unknown.append(key)
+            continue
+        module, part = named
+        dtype = _SAFETENSORS_DTYPE.get(str(value.dtype))
+        if dtype is None:
+            unknown.append(key)
+            continue
+        tensor = value.detach()
+        found.append((key, LoraTensor(module, part, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(),
+                                      payload=_payload(tensor))))
+    return found, unknown
+
+
+def _payload(tensor: Any):
+    import torch
+
+    def tensor_bytes() -> memoryview:
+        return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    return tensor_bytes
