@@ -390,6 +390,26 @@ def shape_to_json(shape: Any) -> Any:
     return shape
 
 
+def format_shape(shape: Shape) -> str:
+    """A traced shape for people: `(2, 17776, 3072)`, `[(a), (b)]` for tuples of tensors, `name=(...)` for dicts."""
+    if shape is None:
+        return "-"
+    if isinstance(shape, dict):
+        return ", ".join(f"{key}={format_shape(value)}" for key, value in shape.items())
+    if all(isinstance(size, int) for size in shape):
+        return "(" + ", ".join(str(size) for size in shape) + (",)" if len(shape) == 1 else ")")
+    return "[" + ", ".join(format_shape(item) for item in shape) + "]"
+
+
+def format_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}"
+    return f"{count} B"
+
+
 @lru_cache(maxsize=None)
 def _parameter_names(cls: type) -> tuple[str, ...]:
     try:

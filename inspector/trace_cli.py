@@ -16,25 +16,6 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
     return value
 
 
-def _bytes(count: int | None) -> str:
-    if count is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= size:
-            return f"{count / size:,.1f} {unit}"
-    return f"{count} B"
-
-
-def _shape(shape) -> str:
-    if shape is None:
-        return "-"
-    if isinstance(shape, dict):
-        return ", ".join(f"{key}={_shape(value)}" for key, value in shape.items())
-    if isinstance(shape, tuple) and all(isinstance(size, int) for size in shape):
-        return "(" + ", ".join(str(size) for size in shape) + (",)" if len(shape) == 1 else ")")
-    return "[" + ", ".join(_shape(item) for item in shape) + "]"
-
-
 @click.command()
 @click.argument("model", required=False)
 @click.option("--frames", default=49, show_default=True, callback=_positive, help="Video frames (4k+1: 49, 81).")
@@ -101,6 +82,8 @@ def _print_tables(result, show_all: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from inspector.trace import format_bytes, format_shape
+
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)
@@ -108,7 +91,7 @@ def _print_tables(result, show_all: bool) -> None:
     console.print(
         f"[bold]{result.model_class}[/bold] at {result.frames}×{result.height}×{result.width}, "
         f"batch {result.batch}, {result.dtype}: latent {geometry.latent_frames}×{geometry.latent_height}×"
-        f"{geometry.latent_width}, output {_shape(result.output)}"
+        f"{geometry.latent_width}, output {format_shape(result.output)}"
     )
     console.print(
         f"sequence: {sequence.total:,} tokens = {sequence.text_tokens:,} text + {sequence.video_tokens:,} video "
@@ -121,8 +104,8 @@ def _print_tables(result, show_all: bool) -> None:
     for column in ("module", "query", "key", "value", "output", "mask", "causal"):
         calls.add_column(column)
     for call in result.attention:
-        calls.add_row(call.module, _shape(call.query), _shape(call.key), _shape(call.value), _shape(call.output),
-                      _shape(call.attn_mask), "yes" if call.is_causal else "no")
+        shapes = (call.query, call.key, call.value, call.output, call.attn_mask)
+        calls.add_row(call.module, *(format_shape(shape) for shape in shapes), "yes" if call.is_causal else "no")
     console.print(calls)
 
     memory = Table(title="memory per attention call: a patch's rule as an explicit mask vs the patch",
@@ -130,9 +113,9 @@ def _print_tables(result, show_all: bool) -> None:
     for column in ("patch", "diffusers' explicit mask", "bytes", "(1,1,L,L) bool", "patch takes"):
         memory.add_column(column)
     for entry in result.mask_memory:
-        memory.add_row(entry.patch, f"{_shape(entry.explicit_mask_shape)} {entry.explicit_mask_dtype}",
-                       _bytes(entry.explicit_mask_bytes), _bytes(entry.broadcast_mask_bytes),
-                       _bytes(entry.patch_bytes) if entry.patch_bytes is not None else "no estimate")
+        memory.add_row(entry.patch, f"{format_shape(entry.explicit_mask_shape)} {entry.explicit_mask_dtype}",
+                       format_bytes(entry.explicit_mask_bytes), format_bytes(entry.broadcast_mask_bytes),
+                       format_bytes(entry.patch_bytes) if entry.patch_bytes is not None else "no estimate")
     console.print(memory)
 
     modules = Table(title="module shapes" + ("" if show_all else " (root, embeddings, first block, output; "
@@ -142,5 +125,5 @@ def _print_tables(result, show_all: bool) -> None:
     for name, shapes in result.modules.items():
         if not show_all and name.startswith("transformer_blocks.") and not name.startswith("transformer_blocks.0"):
             continue
-        modules.add_row(name or "(root)", _shape(shapes.inputs), _shape(shapes.outputs))
+        modules.add_row(name or "(root)", format_shape(shapes.inputs), format_shape(shapes.outputs))
     console.print(modules)

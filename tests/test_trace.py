@@ -17,6 +17,8 @@ from inspector.trace import (
     PatchMemoryModel,
     SequenceSplit,
     dense_mask_bytes,
+    format_bytes,
+    format_shape,
     latent_frame_count,
     latent_geometry,
     mask_memory_table,
@@ -157,6 +159,16 @@ def test_shape_of_reduces_nested_values():
     assert shape_of(Transformer2DModelOutput(sample=torch.zeros(5, 6))) == {"sample": (5, 6)}
     assert shape_of(3) is None and shape_of((1, "x")) is None
     assert shape_to_json(shape_of(value)) == [[2, 3], [None, [4]], {"a": [1]}]
+
+
+def test_format_shape_and_bytes_for_people():
+    assert format_shape((2, 17776, 3072)) == "(2, 17776, 3072)"
+    assert format_shape((2,)) == "(2,)"
+    assert format_shape(((2, 3), None)) == "[(2, 3), -]"
+    assert format_shape({"hidden_states": (1, 4), "temb": (1,)}) == "hidden_states=(1, 4), temb=(1,)"
+    assert format_bytes(60_669_345_792) == "56.5 GiB"
+    assert format_bytes(315_986_176) == "301.3 MiB"
+    assert format_bytes(12) == "12 B" and format_bytes(None) == "-"
 
 
 # ---------------------------------------------------------------------------------------------------------------
