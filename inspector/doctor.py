@@ -104,7 +104,8 @@ def probe_mask_pad_length() -> tuple[bool, str]:
     detail = (
         f"{type(attention).__name__}.prepare_attention_mask padded a length-{current_length} mask to "
         f"{padded_length} for target length {target_length}"
-        + (" (padded by the target length, not by the missing length)" if present else "")
+        + (" (padded by the target length instead of the missing length)"
+           if padded_length == current_length + target_length else "")
     )
     return present, detail
 
