@@ -285,6 +285,9 @@ socket.create_connection = refuse
 socket.getaddrinfo = refuse
 import torch
 from peft import PeftModel
+def qualified(exc):
+    module = type(exc).__module__
+    return type(exc).__name__ if module == "builtins" else module + "." + type(exc).__name__
 results = {}
 for label, path in (("absolute", sys.argv[1]), ("relative", sys.argv[2])):
     attempts.clear()
@@ -292,9 +295,9 @@ for label, path in (("absolute", sys.argv[1]), ("relative", sys.argv[2])):
         PeftModel.from_pretrained(torch.nn.Sequential(torch.nn.Linear(4, 4)), path)
         error, cause = None, None
     except Exception as exc:
-        error = type(exc).__module__ + "." + type(exc).__name__
+        error = qualified(exc)
         inner = exc.__cause__ or exc.__context__
-        cause = None if inner is None else type(inner).__module__ + "." + type(inner).__name__
+        cause = None if inner is None else qualified(inner)
     results[label] = {"error": error, "cause": cause, "connections": len(attempts)}
 print(json.dumps(results))
 """
