@@ -1,0 +1,60 @@
+"""Named, reversible, verified runtime patches of CogVideoX attention.
+
+    import patches
+    patches.available()                               # [PatchInfo(name, summary), ...]
+    handle = patches.apply(model_or_pipeline, "frame-causal-attention")
+    patches.applied(model)                            # ["frame-causal-attention"]
+    handle.revert()                                   # or patches.revert(model[, name])
+    with patches.patched(model, "causal-attention", "attention-mask"): ...
+
+Third-party patches register through the entry-point group `cogsurgeon.patches` (a `patches.Patch` instance or
+subclass). Importing this package is light: torch and diffusers load when a patch is applied.
+"""
+
+from patches.errors import (
+    AttentionMaskError,
+    PatchAlreadyAppliedError,
+    PatchConflictError,
+    PatchError,
+    PatchNotAppliedError,
+    PatchTargetError,
+    UnknownPatchError,
+)
+from patches.registry import (
+    ENTRY_POINT_GROUP,
+    Patch,
+    PatchHandle,
+    PatchInfo,
+    applied,
+    apply,
+    available,
+    explicit_mask_bytes,
+    get_patch,
+    memory_estimate,
+    patched,
+    register,
+    revert,
+)
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "AttentionMaskError",
+    "Patch",
+    "PatchAlreadyAppliedError",
+    "PatchConflictError",
+    "PatchError",
+    "PatchHandle",
+    "PatchInfo",
+    "PatchNotAppliedError",
+    "PatchTargetError",
+    "UnknownPatchError",
+    "applied",
+    "apply",
+    "available",
+    "explicit_mask_bytes",
+    "get_patch",
+    "memory_estimate",
+    "patched",
+    "register",
+    "revert",
+]

@@ -1,0 +1,326 @@
+"""Attention under the patches' rules, computed without an `(L, L)` tensor on the hot path.
+
+Every rule the patches define is a *key prefix per block of queries*: causal lets query q see keys `[0, q]`,
+frame-causal lets the queries of frame f see `[text ; frames <= f]` and text see text. So attention is planned once
+per forward as a list of `QuerySegment`s (a run of queries and the key prefix it may see) and run as one SDPA call
+per segment:
+
+- causal: a single segment, SDPA `is_causal=True` (flash kernel skips the upper triangle: 0.43x of full attention
+  at the 5B shape, no mask memory).
+- frame-causal: text queries over text keys, then each frame's queries over its key prefix. Work is
+  `sum_f n_f * (T + (f+1) n)`, about 0.54 of full attention at 13 frames, in plain (flash) SDPA calls with no mask;
+  flex_attention's block mask measured 1.11x of full on an H100 (DESIGN's anchors), so it is not used.
+- a key mask (`(B, T)` or `(B, T+N)`; bool, or additive with only 0 and -inf, or 0 and <= -1e4 while every query
+  keeps a key): the masked keys are *dropped* (K and V gathered over the kept keys, per group of batch items sharing a mask) instead of passed as a
+  mask, because SDPA with any `attn_mask` leaves the flash kernel (a (B,1,1,L) key mask measured 1.50x). Kept keys
+  stay in order, so every key prefix above maps to a prefix of the kept keys and causal runs become lower-right
+  causal segments.
+- a full `(B|1, 1|heads, L, L)` mask: given to SDPA as it is (no head repeat, no copy); composed with frame-causal
+  by slicing it per segment, with causal by combining it chunk by chunk (chunks of at most `CHUNK_MASK_ELEMENTS`).
+
+A query that may see no key at all gets a zero output (what SDPA returns for a fully masked row since torch 2.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from patches.errors import AttentionMaskError
+from patches.layout import FrameLayout
+
+Structure = Literal["causal", "frame-causal"]
+
+# Additive key-mask values at or below this count as padding: exp(-1e4) underflows to 0 in every float dtype, so
+# dropping those keys gives the same softmax as adding the value, as long as the query keeps some other key.
+DROP_THRESHOLD = -1.0e4
+# Past this many query runs, a causal key-dropping plan falls back to chunked dense masks (call overhead).
+MAX_SEGMENTS = 64
+# Largest mask chunk the causal + dense-mask path materialises (elements): 64 Mi, not (L, L).
+CHUNK_MASK_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class QuerySegment:
+    """Queries `[query_start, query_end)` see keys `[0, key_end)`; when `causal`, lower-right aligned: query i of the
+    segment sees keys `< key_end - (length - 1 - i)`."""
+
+    query_start: int
+    query_end: int
+    key_end: int
+    causal: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.query_end - self.query_start
+
+
+def structure_segments(structure: Structure | None, layout: FrameLayout) -> tuple[QuerySegment, ...]:
+    """The segments of a structural rule over the full (uncompacted) sequence."""
+    length = layout.sequence_length
+    if structure is None:
+        return (QuerySegment(0, length, length),)
+    if structure == "causal":
+        return (QuerySegment(0, length, length, causal=True),)
+    if structure == "frame-causal":
+        text = layout.text_tokens
+        segments = [QuerySegment(0, text, text)] if text else []
+        segments += [
+            QuerySegment(layout.frame_start(f), layout.frame_end(f), layout.frame_end(f)) for f in range(layout.frames)
+        ]
+        return tuple(segments)
+    raise ValueError(f"unknown attention structure {structure!r}")
+
+
+def compact_segments(segments: tuple[QuerySegment, ...], keep: list[bool]) -> tuple[QuerySegment, ...]:
+    """The same rule over the kept keys only (keys keep their order, so a key prefix is a prefix of kept keys).
+
+    A causal segment splits into runs: queries at kept positions see a lower-right causal prefix, queries at dropped
+    positions see every kept key before them (non-causal)."""
+    kept_before = [0, *accumulate(keep)]  # kept_before[i] = kept keys among [0, i)
+    compacted: list[QuerySegment] = []
+    for segment in segments:
+        if not segment.causal:
+            compacted.append(QuerySegment(segment.query_start, segment.query_end, kept_before[segment.key_end]))
+            continue
+        if segment.key_end != segment.query_end:
+            raise ValueError("only causal segments aligned at the diagonal are compacted")
+        start = segment.query_start
+        while start < segment.query_end:
+            end = start
+            while end < segment.query_end and keep[end] == keep[start]:
+                end += 1
+            if keep[start]:
+                compacted.append(QuerySegment(start, end, kept_before[start] + (end - start), causal=True))
+            else:
+                compacted.append(QuerySegment(start, end, kept_before[start]))
+            start = end
+    return tuple(compacted)
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Attention as SDPA per segment over all keys, optionally with a dense mask `(B|1, 1|H, L|1, L)`."""
+
+    segments: tuple[QuerySegment, ...]
+    dense_mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class KeptKeyGroup:
+    """Batch items sharing one key mask: their kept key indices (None: all kept) and the compacted segments."""
+
+    items: tuple[int, ...] | None  # None: the whole batch
+    kept_index: torch.Tensor | None
+    segments: tuple[QuerySegment, ...]
+
+
+@dataclass(frozen=True)
+class KeptKeyPlan:
+    groups: tuple[KeptKeyGroup, ...]
+
+
+AttentionPlan = SegmentPlan | KeptKeyPlan
+
+
+def describe_mask_forms(layout: FrameLayout) -> str:
+    t, length = layout.text_tokens, layout.sequence_length
+    return f"(B, {t}) over text keys, (B, {length}) over all keys, or (B|1, 1|heads, {length}, {length})"
+
+
+def normalize_attention_mask(
+    mask: torch.Tensor, layout: FrameLayout, batch: int, heads: int
+) -> tuple[Literal["keys", "soft-keys", "dense"], torch.Tensor]:
+    """Check a user mask against DESIGN's accepted forms and bring it to one of three shapes:
+
+    ("keys", keep): keep a bool `(B|1, L)` (True = attend; text masks extended with True for video), from a bool
+    mask or an additive one of only 0 and -inf;
+    ("soft-keys", bias): an additive `(B|1, L)` of only 0 and finite values <= -1e4 (HF's classic -10000 padding);
+    ("dense", m): m a bool or additive float `(B|1, 1|heads, L|1, L)`.
+    """
+    text, length = layout.text_tokens, layout.sequence_length
+    if not isinstance(mask, torch.Tensor):
+        raise AttentionMaskError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise AttentionMaskError(
+            f"attention_mask has dtype {mask.dtype}: pass a bool mask (True = attend), e.g. tokenizer_mask.bool(), "
+            "or an additive float mask"
+        )
+    shape = tuple(mask.shape)
+    batch_ok = bool(shape) and shape[0] in (1, batch)
+    if mask.dim() == 2 and batch_ok and shape[1] in (text, length):
+        if shape[1] == text and text != length:
+            video = torch.ones if mask.dtype == torch.bool else torch.zeros
+            mask = torch.cat([mask, video(shape[0], length - text, dtype=mask.dtype, device=mask.device)], dim=1)
+        if mask.dtype == torch.bool or mask.is_meta:  # a meta mask has no values: shapes as if every key is kept
+            return "keys", mask if mask.dtype == torch.bool else mask == 0
+        if bool(((mask == 0) | (mask == float("-inf"))).all()):
+            return "keys", mask == 0
+        if bool(((mask == 0) | (mask <= DROP_THRESHOLD)).all()):
+            return "soft-keys", mask
+        return "dense", mask[:, None, None, :]
+    if mask.dim() == 4 and batch_ok and shape[1] in (1, heads) and shape[2:] == (length, length):
+        return "dense", mask
+    raise AttentionMaskError(
+        f"attention_mask of shape {shape} does not fit this call (batch {batch}, {heads} heads, {text} text + "
+        f"{layout.video_tokens} video tokens): expected {describe_mask_forms(layout)}"
+    )
+
+
+def plan_attention(
+    structure: Structure | None,
+    layout: FrameLayout,
+    mask: torch.Tensor | None,
+    *,
+    batch: int,
+    heads: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> AttentionPlan:
+    """Plan one forward's attention (the same for every layer): segments, and what to do with the mask."""
+    segments = structure_segments(structure, layout)
+    if mask is None:
+        return SegmentPlan(segments)
+    form, normalized = normalize_attention_mask(mask, layout, batch, heads)
+    if form == "keys" and normalized.is_meta:  # a shape-only (meta) forward: the mask's values are unknown
+        return SegmentPlan(segments)
+    if form in ("keys", "soft-keys"):
+        # Dropping a key whose additive value is finite is exact only while each query keeps another key.
+        keep = normalized if form == "keys" else normalized == 0
+        plan = _kept_key_plan(keep, segments, device, allow_keyless_queries=form == "keys")
+        if plan is not None:
+            return plan
+        normalized = normalized[:, None, None, :]
+    if normalized.dtype != torch.bool:
+        normalized = normalized.to(dtype)
+    return SegmentPlan(segments, normalized.to(device))
+
+
+def _kept_key_plan(
+    keep: torch.Tensor, segments: tuple[QuerySegment, ...], device: torch.device, allow_keyless_queries: bool
+) -> KeptKeyPlan | None:
+    """Group batch items by their key mask and compact the segments for each; None when the causal runs are too
+    many for one SDPA call each (then the dense path is cheaper), or when some query would keep no key and that is
+    not allowed."""
+    keep_rows = keep.detach().to("cpu")
+    unique_rows, inverse = torch.unique(keep_rows, dim=0, return_inverse=True)
+    groups = []
+    for group_number, row in enumerate(unique_rows):
+        keep_list = row.tolist()
+        compacted = compact_segments(segments, keep_list)
+        if len(compacted) > MAX_SEGMENTS:
+            return None
+        if not allow_keyless_queries and any(segment.key_end == 0 for segment in compacted):
+            return None
+        if len(unique_rows) == 1:
+            items = None
+        else:
+            items = tuple(i for i in range(keep_rows.shape[0]) if int(inverse[i]) == group_number)
+        kept_index = None if all(keep_list) else row.nonzero().flatten().to(device)
+        groups.append(KeptKeyGroup(items, kept_index, compacted))
+    return KeptKeyPlan(tuple(groups))
+
+
+def run_plan(plan: AttentionPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Attention output `(B, H, L, D)` for query/key/value `(B, H, L, D)` under a plan."""
+    if isinstance(plan, SegmentPlan):
+        return attend_segments(query, key, value, plan.segments, plan.dense_mask)
+    if len(plan.groups) == 1 and plan.groups[0].items is None:
+        return _attend_group(plan.groups[0], query, key, value)
+    output = query.new_empty(*query.shape[:-1], value.shape[-1])
+    for group in plan.groups:
+        first, last = group.items[0], group.items[-1] + 1
+        if group.items == tuple(range(first, last)):  # a run of items: views, no copies
+            output[first:last] = _attend_group(group, query[first:last], key[first:last], value[first:last])
+            continue
+        index = torch.tensor(group.items, device=query.device)
+        group_output = _attend_group(
+            group, query.index_select(0, index), key.index_select(0, index), value.index_select(0, index)
+        )
+        output.index_copy_(0, index, group_output)
+    return output
+
+
+def _attend_group(group: KeptKeyGroup, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    if group.kept_index is not None:
+        key = key.index_select(2, group.kept_index)
+        value = value.index_select(2, group.kept_index)
+    return attend_segments(query, key, value, group.segments)
+
+
+def attend_segments(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: tuple[QuerySegment, ...],
+    dense_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One SDPA call per segment, written into one output tensor (a single segment returns SDPA's own output)."""
+    if len(segments) == 1 and segments[0].query_start == 0 and segments[0].query_end == query.shape[2]:
+        return _attend_segment(query, key, value, segments[0], dense_mask)
+    output = query.new_empty(*query.shape[:-1], value.shape[-1])
+    for segment in segments:
+        output[:, :, segment.query_start : segment.query_end] = _attend_segment(
+            query, key, value, segment, dense_mask
+        )
+    return output
+
+
+def _attend_segment(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segment: QuerySegment,
+    dense_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    start, end, key_end = segment.query_start, segment.query_end, segment.key_end
+    segment_query = query[:, :, start:end]
+    if key_end == 0:
+        return segment_query.new_zeros(*segment_query.shape[:-1], value.shape[-1])
+    segment_key, segment_value = key[:, :, :key_end], value[:, :, :key_end]
+    if dense_mask is not None:
+        rows = dense_mask if dense_mask.shape[-2] == 1 else dense_mask[:, :, start:end]
+        rows = rows[..., :key_end]
+        if segment.causal:
+            return _causal_with_dense_mask(segment_query, segment_key, segment_value, rows)
+        return F.scaled_dot_product_attention(segment_query, segment_key, segment_value, attn_mask=rows)
+    if not segment.causal:
+        return F.scaled_dot_product_attention(segment_query, segment_key, segment_value)
+    if segment.length == key_end:
+        return F.scaled_dot_product_attention(segment_query, segment_key, segment_value, is_causal=True)
+    from torch.nn.attention.bias import causal_lower_right
+
+    return F.scaled_dot_product_attention(
+        segment_query, segment_key, segment_value, attn_mask=causal_lower_right(segment.length, key_end)
+    )
+
+
+def _causal_with_dense_mask(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask_rows: torch.Tensor
+) -> torch.Tensor:
+    """Lower-right causal AND a dense mask, in query chunks whose combined mask stays under CHUNK_MASK_ELEMENTS
+    (SDPA cannot take `is_causal` together with `attn_mask`). Chunk c sees only the keys before its last query."""
+    queries, keys = query.shape[2], key.shape[2]
+    offset = keys - queries
+    broadcast = mask_rows.shape[0] * mask_rows.shape[1]
+    chunk = max(1, CHUNK_MASK_ELEMENTS // max(1, broadcast * keys))
+    output = query.new_empty(*query.shape[:-1], value.shape[-1])
+    for first in range(0, queries, chunk):
+        last = min(queries, first + chunk)
+        key_end = offset + last
+        positions = torch.arange(first, last, device=query.device)[:, None] + offset
+        allowed = torch.arange(key_end, device=query.device)[None, :] <= positions
+        rows = mask_rows if mask_rows.shape[-2] == 1 else mask_rows[:, :, first:last]
+        rows = rows[..., :key_end]
+        if rows.dtype == torch.bool:
+            combined = rows & allowed
+        else:
+            combined = torch.where(allowed, rows, torch.tensor(float("-inf"), dtype=rows.dtype, device=rows.device))
+        output[:, :, first:last] = F.scaled_dot_product_attention(
+            query[:, :, first:last], key[:, :, :key_end], value[:, :, :key_end], attn_mask=combined
+        )
+    return output

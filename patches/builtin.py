@@ -1,0 +1,109 @@
+"""The built-in patches (DESIGN, "Patch definitions (exact)"): `causal-attention`, `frame-causal-attention`,
+`attention-mask`. Each is a rule switched on in the shared attention surgery of `patches.processor`; how each rule
+is computed fast is explained in `patches.attention`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from patches.errors import PatchError
+from patches.registry import Patch
+
+
+def _no_options(patch: Patch, options: dict[str, Any]) -> None:
+    if options:
+        raise PatchError(f"{patch.name} takes no options (got {', '.join(sorted(options))})")
+
+
+class StructuralAttentionPatch(Patch):
+    """A rule on which keys each query may see, fixed by positions only (no user input)."""
+
+    structure: str = ""
+
+    def apply(self, transformer: Any, **options: Any) -> None:
+        _no_options(self, options)
+        from patches.processor import enable_attention_rule
+
+        enable_attention_rule(transformer, structure=self.structure)
+
+    def revert(self, transformer: Any) -> None:
+        from patches.processor import disable_attention_rule
+
+        disable_attention_rule(transformer, structure=self.structure)
+
+    def reference_mask(self, layout: Any) -> Any:
+        from patches.reference import RULE_MASKS
+
+        return RULE_MASKS[self.name](layout)
+
+
+class CausalAttention(StructuralAttentionPatch):
+    """Token-causal over the joint sequence, `k <= q`: exactly the original fork's `is_causal=True`.
+
+    Computed as one SDPA call with `is_causal=True` (the flash kernel skips the masked half: 0.43x of full attention
+    at the 5B shape on an H100), so it allocates nothing beyond unpatched attention."""
+
+    name = "causal-attention"
+    summary = "token-causal attention over [text ; video] (k <= q), as the original fork's is_causal=True"
+    structure = "causal"
+    conflicts = frozenset({"frame-causal-attention"})
+
+    def extra_memory_bytes(self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64):
+        return 0
+
+
+class FrameCausalAttention(StructuralAttentionPatch):
+    """Block-causal by frame, text as frame -1: `frame(k) <= frame(q)`.
+
+    Computed as text queries over text keys plus one SDPA call per frame over its key prefix `[text ; frames <= f]`
+    (about 0.54 of full attention's work at 13 frames, all in the flash kernel: 0.60x of full SDPA on an H100,
+    bench/patch_attention_gpu.md; flex_attention's block mask measured 1.11x). Each segment's output is a temporary
+    copied into the output, so the extra memory is the largest segment's output."""
+
+    name = "frame-causal-attention"
+    summary = "frame-causal attention: text sees text; frame f sees text and frames <= f"
+    structure = "frame-causal"
+    conflicts = frozenset({"causal-attention"})
+
+    def extra_memory_bytes(self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64):
+        largest_segment = max(text_tokens, video_tokens // max(frames, 1))
+        return batch * heads * largest_segment * head_dim * dtype_bytes
+
+
+class AttentionMask(Patch):
+    """Makes `attention_kwargs={"attention_mask": M}` reach CogVideoX attention correctly, on every diffusers
+    version (0.32 blocks drop `attention_kwargs`: the mask is read at the transformer's forward instead).
+
+    Accepted M (bool: True = attend; float: additive): `(B, T)` over text keys (video keys always kept),
+    `(B, T+N)` over all keys, `(B|1, 1|heads, T+N, T+N)` a full mask. Composes with either causal rule.
+
+    Key masks (bool, or additive with only 0 and <= -1e4 values) drop the masked keys: K and V are gathered over the
+    kept keys per group of batch items sharing a mask, so attention stays in the flash kernel (1.03x of full SDPA
+    with two padded prompts on an H100, bench/patch_attention_gpu.md; a (B,1,1,L) key mask measured 1.50x). A full
+    mask goes to SDPA as it is: broadcast over heads, never repeated per head (diffusers' head repeat makes a
+    (B·heads, L, L) tensor: 56.5 GiB at B=2, bf16, L=17,776)."""
+
+    name = "attention-mask"
+    summary = "attention_kwargs={'attention_mask': M} reaches attention: (B,T), (B,T+N) or (B|1,1|heads,L,L)"
+
+    def apply(self, transformer: Any, **options: Any) -> None:
+        _no_options(self, options)
+        from patches.processor import enable_attention_rule
+
+        enable_attention_rule(transformer, masks=True)
+
+    def revert(self, transformer: Any) -> None:
+        from patches.processor import disable_attention_rule
+
+        disable_attention_rule(transformer, masks=True)
+
+    def extra_memory_bytes(self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64):
+        """For a `(B, T)` text padding mask, worst case (every key kept): K and V gathered for the whole batch when
+        all items share one mask (2·B·H·L·D), or per item with that item's output (3·H·L·D); plus the (B, L) keep
+        mask."""
+        length = text_tokens + video_tokens
+        return max(2 * batch, 3) * heads * length * head_dim * dtype_bytes + batch * length
+
+
+BUILTIN_PATCHES: tuple[Patch, ...] = (CausalAttention(), FrameCausalAttention(), AttentionMask())

@@ -1,0 +1,96 @@
+"""`cogsurgeon patch list|verify` and `cogsurgeon run --patch NAME -- COMMAND`. Top-level imports stay light (click):
+torch and diffusers load inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+def _print_json(value) -> None:
+    from inspector.cli import print_json
+
+    print_json(value)
+
+
+@click.group("patch")
+def patch() -> None:
+    """List and verify the named attention patches.
+
+    \b
+    cogsurgeon patch list                           the patches and what each does
+    cogsurgeon patch verify frame-causal-attention  check it against explicit-mask attention on the tiny models
+    cogsurgeon run --patch causal-attention -- python test.py   run a program with the patch on
+    """
+
+
+@patch.command("list")
+@click.option("--json", "as_json", is_flag=True, help='Print [{"name", "summary"}].')
+def list_patches(as_json: bool) -> None:
+    """List every registered patch (built-in and installed through the `cogsurgeon.patches` entry points)."""
+    import patches
+
+    infos = patches.available()
+    if as_json:
+        _print_json([{"name": info.name, "summary": info.summary} for info in infos])
+        return
+    width = max(len(info.name) for info in infos)
+    for info in infos:
+        click.echo(f"{info.name:<{width}}  {info.summary}")
+
+
+@patch.command("verify")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the result with every case compared.")
+def verify(name: str, as_json: bool) -> None:
+    """Run patch NAME on the tiny models (tiny, tiny-i2v, tiny-1.5; plain and fused attention processors) against
+    explicit-mask reference attention, then revert it.
+
+    Prints the largest difference from the reference (must be <= 1e-4 in fp32) and whether the reverted model
+    reproduces the unpatched output bit for bit. Exit 1 if either fails.
+
+    \b
+    cogsurgeon patch verify causal-attention
+    cogsurgeon patch verify attention-mask --json
+    """
+    from patches.registry import get_patch
+
+    get_patch(name)  # an unknown name: one line, exit 2, before loading torch
+    from patches.verify import verify_patch
+
+    result = verify_patch(name, progress=lambda step: click.echo(f"verifying {step}", err=True))
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        verdict = "PASS" if result.passed else "FAIL"
+        click.echo(f"{verdict} {result.name}: max error {result.max_error:.3g} (tolerance {result.tolerance:g}), "
+                   f"revert bit-exact: {'yes' if result.revert_bit_exact else 'no'}")
+        for case in result.details:
+            if case.max_error > result.tolerance or not case.revert_bit_exact:
+                click.echo(f"  failed: {case.variant} {case.processor} {case.case}: max error {case.max_error:.3g}, "
+                           f"revert bit-exact: {case.revert_bit_exact}")
+    if not result.passed:
+        sys.exit(1)
+
+
+@click.command(
+    "run",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option("--patch", "patch_names", multiple=True, metavar="NAME", help="A patch to apply (repeatable).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(patch_names: tuple[str, ...], command: tuple[str, ...]) -> int:
+    """Run COMMAND, an unchanged program, so that every CogVideoXTransformer3DModel it or any of its Python child
+    processes builds gets the patches. Which patches went onto which model is said on stderr; the program's exit
+    status is passed through.
+
+    \b
+    cogsurgeon run --patch causal-attention -- python test.py
+    cogsurgeon run --patch frame-causal-attention --patch attention-mask -- accelerate launch train.py
+    cogsurgeon run --patch causal-attention -- torchrun --nproc_per_node 2 sample.py
+    """
+    from patches.launcher import run_patched
+
+    return run_patched(command, patch_names)

@@ -1,0 +1,91 @@
+"""`cogsurgeon run`: launch an unchanged program so that every CogVideoX transformer it, or any Python process it
+starts, builds is patched.
+
+The mechanism is a generated `sitecustomize` (a copy of `patches/run_startup.py`) in a temporary folder put first on
+PYTHONPATH, with COGSURGEON_RUN_PATCHES naming the patches. The program gets the user's own environment
+(`inspector.offline.user_environment()`: cogsurgeon's process is offline, theirs keeps their settings). Processes
+started with `python -E`/`-I`, or with an environment that drops PYTHONPATH, are not reached.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from inspector.errors import CogsurgeonError
+from inspector.offline import user_environment
+from patches.registry import check_composition, get_patch
+
+PATCHES_VARIABLE = "COGSURGEON_RUN_PATCHES"
+ROOT_VARIABLE = "COGSURGEON_RUN_ROOT"
+STARTUP_SOURCE = Path(__file__).with_name("run_startup.py")
+COGSURGEON_ROOT = Path(__file__).resolve().parents[1]
+
+
+class LaunchError(CogsurgeonError):
+    """The program could not be started."""
+
+
+def check_patch_names(patch_names: Sequence[str]) -> list[str]:
+    """Every name known and the set composable; duplicates collapse."""
+    names = list(dict.fromkeys(patch_names))
+    if not names:
+        raise CogsurgeonError("name at least one patch: cogsurgeon run --patch NAME -- COMMAND ...")
+    for name in names:
+        get_patch(name)
+    check_composition(names)
+    return names
+
+
+def child_environment(patch_names: Sequence[str], startup_folder: Path) -> dict[str, str]:
+    """The user's environment plus the startup folder first on PYTHONPATH and the patches to apply."""
+    environment = user_environment()
+    existing = environment.get("PYTHONPATH")
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(startup_folder), existing]))
+    environment[PATCHES_VARIABLE] = ",".join(patch_names)
+    environment[ROOT_VARIABLE] = str(COGSURGEON_ROOT)
+    return environment
+
+
+def run_patched(command: Sequence[str], patch_names: Sequence[str]) -> int:
+    """Run `command` with the patches on; returns its exit status (128 + N when signal N ended it)."""
+    if not command:
+        raise CogsurgeonError("no command to run: cogsurgeon run --patch NAME -- COMMAND [ARGS...]")
+    names = check_patch_names(patch_names)
+    startup_folder = Path(tempfile.mkdtemp(prefix="cogsurgeon-run-"))
+    try:
+        shutil.copyfile(STARTUP_SOURCE, startup_folder / "sitecustomize.py")
+        environment = child_environment(names, startup_folder)
+        try:
+            process = subprocess.Popen(list(command), env=environment)
+        except OSError as exc:
+            raise LaunchError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None
+        return _wait_forwarding_signals(process)
+    finally:
+        shutil.rmtree(startup_folder, ignore_errors=True)
+
+
+def _wait_forwarding_signals(process: subprocess.Popen) -> int:
+    """Wait like a shell: Ctrl-C reaches the program through the terminal, so cogsurgeon ignores it meanwhile and
+    passes on a SIGTERM it receives; the program decides how to stop."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return _exit_status(process.wait())
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+    try:
+        returncode = process.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
+    return _exit_status(returncode)
+
+
+def _exit_status(returncode: int) -> int:
+    """A shell's exit status: a program killed by signal N gives 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode

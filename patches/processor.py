@@ -1,0 +1,296 @@
+"""The surgery behind the built-in attention patches: one wrapping processor per CogVideoX attention module and a
+forward pre-hook on the transformer, both owned by an `AttentionPatchState` that records exactly what it replaced.
+
+The pre-hook reads what the attention processors cannot see: the tokens per frame (from the latent's shape and the
+config's patch size) and `attention_kwargs["attention_mask"]`, which diffusers <= 0.32 blocks drop before attention.
+The plan (segments, kept keys) is made once per forward, at the first attention call, and reused by every layer.
+
+What the hook read stays until the next forward, so gradient checkpointing's recomputation in backward sees the
+layout of the forward it belongs to, as long as no other forward of the same model ran in between. Making a plan
+with a key mask reads the mask on the host (one sync per forward), which also breaks a torch.compile graph there.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from patches.attention import AttentionPlan, Structure, plan_attention, run_plan
+from patches.errors import AttentionMaskError, PatchError, PatchTargetError
+from patches.layout import FrameLayout, layout_of_call, tokens_per_frame
+
+TRANSFORMER_CLASS_NAME = "CogVideoXTransformer3DModel"
+_states: weakref.WeakKeyDictionary[nn.Module, AttentionPatchState] = weakref.WeakKeyDictionary()
+
+
+def is_cogvideox_transformer(obj: Any) -> bool:
+    """True for diffusers' `CogVideoXTransformer3DModel` and subclasses (by class name: no diffusers import)."""
+    return isinstance(obj, nn.Module) and any(cls.__name__ == TRANSFORMER_CLASS_NAME for cls in type(obj).__mro__)
+
+
+def _cogvideox_processor_classes() -> tuple[type, type]:
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
+
+    return CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
+
+
+def is_fused_processor(processor: Any) -> bool:
+    return isinstance(processor, _cogvideox_processor_classes()[1])
+
+
+def attention_modules(transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The attention modules (those with a processor) of a transformer, by name."""
+    return [
+        (name, module)
+        for name, module in transformer.named_modules()
+        if hasattr(module, "set_processor") and hasattr(module, "processor")
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CogVideoX attention body, shared with `patches.reference` (DESIGN: text first, RoPE on the video part only).
+
+
+def joint_query_key_value(
+    attn: nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    image_rotary_emb: Any,
+    fused: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key, value `(B, heads, T+N, head_dim)` of the joint sequence, as diffusers' CogVideoX processors
+    compute them (plain `to_q/to_k/to_v` or fused `to_qkv`, then q/k norms, then rotary on the video tokens)."""
+    text_seq_length = encoder_hidden_states.size(1)
+    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    batch_size = hidden_states.shape[0]
+    if fused:
+        qkv = attn.to_qkv(hidden_states)
+        query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if image_rotary_emb is not None:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
+        if not attn.is_cross_attention:
+            key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
+    return query, key, value
+
+
+def project_attention_output(
+    attn: nn.Module, attention_output: torch.Tensor, text_seq_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(video hidden states, text hidden states)` from the attention output `(B, heads, T+N, head_dim)`."""
+    batch_size, heads, _, head_dim = attention_output.shape
+    hidden_states = attention_output.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    encoder_hidden_states, hidden_states = hidden_states.split(
+        [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1
+    )
+    return hidden_states, encoder_hidden_states
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PatchedCogVideoXAttnProcessor:
+    """Stands in for one module's CogVideoX processor while attention patches are on.
+
+    With no rule and no mask in force it calls the processor it replaced, unchanged; otherwise it computes the same
+    projections and runs attention by the forward's plan (see `patches.attention`)."""
+
+    def __init__(self, original: Any, state: AttentionPatchState):
+        self.original = original
+        self.fused = is_fused_processor(original)
+        self.state = state
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.state
+        mask = attention_mask if attention_mask is not None else state.call_mask
+        if mask is not None and not state.masks_enabled:
+            raise AttentionMaskError(
+                "an attention_mask reached CogVideoX attention, but the attention-mask patch is not applied, so it "
+                "would be ignored or misapplied: apply it as well (patches.apply(model, 'attention-mask'), or "
+                "--patch attention-mask)"
+            )
+        if state.structure is None and mask is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, image_rotary_emb=image_rotary_emb)
+        text_seq_length = encoder_hidden_states.size(1)
+        query, key, value = joint_query_key_value(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.fused
+        )
+        plan = state.plan(mask, text_seq_length, hidden_states.size(1), query)
+        return project_attention_output(attn, run_plan(plan, query, key, value), text_seq_length)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(original={type(self.original).__name__})"
+
+
+class AttentionPatchState:
+    """The attention patches in force on one transformer, and everything they replaced."""
+
+    def __init__(self, transformer: nn.Module):
+        self.structure: Structure | None = None
+        self.masks_enabled = False
+        self.replaced: dict[nn.Module, Any] = {}  # attention module -> the processor it had before us
+        self.installed: dict[nn.Module, PatchedCogVideoXAttnProcessor] = {}
+        self.config = transformer.config
+        self.forward_parameters = list(inspect.signature(transformer.forward).parameters)
+        self.hook_handle: Any = None
+        self.frame_tokens: int | None = None
+        self.call_mask: torch.Tensor | None = None
+        self._plan_key: tuple[Any, ...] | None = None
+        self._plan_mask: torch.Tensor | None = None
+        self._plan: AttentionPlan | None = None
+
+    # -- installing and removing -----------------------------------------------------------------------------------
+
+    @classmethod
+    def install(cls, transformer: nn.Module) -> AttentionPatchState:
+        """Wrap every attention processor and hook the forward; checks everything before changing anything."""
+        modules = attention_modules(transformer)
+        if not modules:
+            raise PatchTargetError(f"{type(transformer).__name__} has no attention modules to patch")
+        known = _cogvideox_processor_classes()
+        for name, module in modules:
+            if not isinstance(module.processor, known):
+                raise PatchTargetError(
+                    f"{name} uses {type(module.processor).__name__}, not CogVideoX's attention processor "
+                    "(CogVideoXAttnProcessor2_0 or FusedCogVideoXAttnProcessor2_0): restore it "
+                    "(e.g. model.set_attn_processor(CogVideoXAttnProcessor2_0())) before patching"
+                )
+        state = cls(transformer)
+        for _, module in modules:
+            state._wrap(module)
+        state.hook_handle = transformer.register_forward_pre_hook(state._read_forward_call, with_kwargs=True)
+        return state
+
+    def _wrap(self, module: nn.Module) -> None:
+        ours = PatchedCogVideoXAttnProcessor(module.processor, self)
+        self.replaced[module] = module.processor
+        self.installed[module] = ours
+        module.set_processor(ours)
+
+    def uninstall(self) -> None:
+        """Put back exactly the processors we replaced (where ours is still in place) and remove the hook."""
+        for module, original in self.replaced.items():
+            if module.processor is self.installed[module]:
+                module.set_processor(original)
+        self.replaced.clear()
+        self.installed.clear()
+        if self.hook_handle is not None:
+            self.hook_handle.remove()
+            self.hook_handle = None
+
+    @property
+    def in_use(self) -> bool:
+        return self.structure is not None or self.masks_enabled
+
+    # -- per forward call ------------------------------------------------------------------------------------------
+
+    def _read_forward_call(self, transformer: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: the latent's frame size and the mask in `attention_kwargs`, for this call's layers."""
+        arguments = dict(zip(self.forward_parameters, args))
+        arguments.update(kwargs)
+        hidden_states = arguments.get("hidden_states")
+        self.frame_tokens = None
+        if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 5:
+            self.frame_tokens = tokens_per_frame(self.config, hidden_states.shape[-2], hidden_states.shape[-1])
+        attention_kwargs = arguments.get("attention_kwargs") or {}
+        self.call_mask = attention_kwargs.get("attention_mask")
+        self._plan_key = self._plan = self._plan_mask = None
+        self._rewrap_replaced_processors()
+
+    def _rewrap_replaced_processors(self) -> None:
+        """Keep the patches on after something swapped processors under us: `fuse_qkv_projections()` installs
+        fused processors on every module. The new processor becomes what a revert restores."""
+        known = _cogvideox_processor_classes()
+        for module, ours in self.installed.items():
+            current = module.processor
+            if current is ours:
+                continue
+            if isinstance(current, PatchedCogVideoXAttnProcessor):
+                current = current.original
+            if not isinstance(current, known):
+                raise PatchTargetError(
+                    f"an attention processor was replaced by {type(current).__name__} while patches were on; "
+                    "revert the patches before changing processors"
+                )
+            module.set_processor(current)  # so that _wrap records it as what it replaced
+            self._wrap(module)
+
+    def plan(
+        self, mask: torch.Tensor | None, text_tokens: int, video_tokens: int, query: torch.Tensor
+    ) -> AttentionPlan:
+        """The attention plan of this call, made at the first layer and reused while nothing it depends on changes."""
+        batch, heads = query.shape[0], query.shape[1]
+        mask_version = None if mask is None else mask._version  # an in-place edit of the same mask re-plans
+        key = (mask_version, text_tokens, video_tokens, self.frame_tokens, self.structure, batch, heads, query.device)
+        if self._plan is not None and self._plan_mask is mask and self._plan_key == key:
+            return self._plan
+        layout = self.layout(text_tokens, video_tokens)
+        self._plan = plan_attention(
+            self.structure, layout, mask, batch=batch, heads=heads, device=query.device, dtype=query.dtype
+        )
+        self._plan_key, self._plan_mask = key, mask  # holding the mask keeps its identity unambiguous
+        return self._plan
+
+    def layout(self, text_tokens: int, video_tokens: int) -> FrameLayout:
+        if self.frame_tokens is None:
+            if self.structure == "frame-causal":
+                raise PatchError(
+                    "frame-causal attention needs the frame layout, read when the transformer is called: call the "
+                    "CogVideoXTransformer3DModel with a 5-D latent (B, frames, C, H, W), not its blocks directly"
+                )
+            return FrameLayout(text_tokens, 1, video_tokens)  # the token rules and masks need no frames
+        return layout_of_call(text_tokens, video_tokens, self.frame_tokens)
+
+
+def attention_state(transformer: nn.Module) -> AttentionPatchState | None:
+    return _states.get(transformer)
+
+
+def enable_attention_rule(transformer: nn.Module, *, structure: Structure | None = None, masks: bool = False) -> None:
+    """Turn on a structural rule and/or mask handling, installing the processors on first use."""
+    state = _states.get(transformer)
+    if state is not None and structure is not None and state.structure not in (None, structure):
+        raise PatchError(f"attention is already {state.structure}; it cannot also be {structure}")
+    if state is None:
+        state = _states[transformer] = AttentionPatchState.install(transformer)
+    if structure is not None:
+        state.structure = structure
+    if masks:
+        state.masks_enabled = True
+
+
+def disable_attention_rule(transformer: nn.Module, *, structure: Structure | None = None, masks: bool = False) -> None:
+    """Turn a rule off; when none is left, restore the original processors and remove the hook."""
+    state = _states.get(transformer)
+    if state is None:
+        return
+    if structure is not None and state.structure == structure:
+        state.structure = None
+    if masks:
+        state.masks_enabled = False
+    if not state.in_use:
+        state.uninstall()
+        del _states[transformer]

@@ -1,0 +1,148 @@
+"""`cogsurgeon run`'s startup code: copied as `sitecustomize.py` into a folder that `cogsurgeon run` puts first on the
+launched program's PYTHONPATH, so that it runs at the start of that program and of every Python process it starts
+(torchrun and accelerate workers, subprocesses) that inherits the environment.
+
+It costs nothing until the program imports diffusers' CogVideoX transformer module: an import hook then wraps
+`CogVideoXTransformer3DModel.__init__` so that every model built (by `from_pretrained`, `from_config` or directly)
+gets the patches named in COGSURGEON_RUN_PATCHES, and says so on stderr. The sitecustomize that this one shadows
+(the program's own, if any) still runs. Standard library only: cogsurgeon itself is imported when a model is built,
+from COGSURGEON_RUN_ROOT.
+"""
+
+import functools
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import threading
+
+PATCHES_VARIABLE = "COGSURGEON_RUN_PATCHES"
+ROOT_VARIABLE = "COGSURGEON_RUN_ROOT"
+TARGET_MODULE = "diffusers.models.transformers.cogvideox_transformer_3d"
+_loading = threading.local()
+
+
+def _say(message):
+    print(f"cogsurgeon run: {message}", file=sys.stderr, flush=True)
+
+
+def _process_label():
+    rank = os.environ.get("RANK")
+    return f"pid {os.getpid()}" + (f", rank {rank}" if rank is not None else "")
+
+
+def _cogsurgeon_patches():
+    """cogsurgeon's `patches` package, imported from the cogsurgeon that launched this program."""
+    root = os.environ.get(ROOT_VARIABLE)
+    loaded = sys.modules.get("patches")
+    if loaded is not None and root and not os.path.abspath(getattr(loaded, "__file__", "") or "").startswith(root):
+        raise ImportError(f"the program's own module 'patches' ({loaded.__file__}) hides cogsurgeon's patches")
+    if root and root not in sys.path:
+        sys.path.insert(0, root)
+        try:
+            import patches
+        finally:
+            sys.path.remove(root)
+        return patches
+    import patches
+
+    return patches
+
+
+def _describe(model, source):
+    config = model.config
+    where = f" from {source}" if source else ""
+    return (
+        f"{type(model).__name__}{where} ({config.num_layers} layers, {config.num_attention_heads} heads) "
+        f"[{_process_label()}]"
+    )
+
+
+def _patch_model(model):
+    names = [name for name in os.environ.get(PATCHES_VARIABLE, "").split(",") if name]
+    if not names:
+        return
+    try:
+        patches = _cogsurgeon_patches()
+        for name in names:
+            patches.apply(model, name)
+    except Exception as exc:
+        _say(f"could not patch {type(model).__name__} with {', '.join(names)}: {exc}")
+        raise
+    stack = getattr(_loading, "stack", None)
+    if stack:  # inside from_pretrained: report once the source is known
+        stack[-1].append(model)
+    else:
+        _say(f"{', '.join(names)} -> {_describe(model, None)}")
+
+
+def _wrap_transformer_class(cls):
+    original_init = cls.__init__
+    inherited_from_pretrained = cls.from_pretrained.__func__
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        _patch_model(self)
+
+    @functools.wraps(inherited_from_pretrained)
+    def from_pretrained(klass, pretrained_model_name_or_path, *args, **kwargs):
+        stack = _loading.__dict__.setdefault("stack", [])
+        stack.append([])
+        try:
+            model = inherited_from_pretrained(klass, pretrained_model_name_or_path, *args, **kwargs)
+        finally:
+            built = stack.pop()
+        names = os.environ.get(PATCHES_VARIABLE, "").replace(",", ", ")
+        for patched_model in built:
+            _say(f"{names} -> {_describe(patched_model, pretrained_model_name_or_path)}")
+        return model
+
+    cls.__init__ = __init__
+    cls.from_pretrained = classmethod(from_pretrained)
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        _wrap_transformer_class(module.CogVideoXTransformer3DModel)
+
+
+class _CogVideoXFinder(importlib.abc.MetaPathFinder):
+    """Finds diffusers' CogVideoX transformer module as usual and loads it through `_PatchingLoader`."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != TARGET_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _PatchingLoader(spec.loader)
+        return spec
+
+
+def _run_shadowed_sitecustomize():
+    """Run the sitecustomize that ours hides (later on sys.path), as Python would have."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sitecustomize"] = module
+    spec.loader.exec_module(module)
+
+
+if os.environ.get(PATCHES_VARIABLE) and not any(isinstance(f, _CogVideoXFinder) for f in sys.meta_path):
+    if TARGET_MODULE in sys.modules:
+        _wrap_transformer_class(sys.modules[TARGET_MODULE].CogVideoXTransformer3DModel)
+    else:
+        sys.meta_path.insert(0, _CogVideoXFinder())
+_run_shadowed_sitecustomize()

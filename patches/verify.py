@@ -1,0 +1,233 @@
+"""`verify_patch(name)`: run a patch on the tiny models (plain and fused attention processors) against explicit-mask
+reference attention, and check that reverting it gives outputs bit-identical to never patching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from inspector.model_specs import TINY_SPECS
+from patches.layout import FrameLayout, tokens_per_frame
+from patches.errors import PatchError
+from patches.reference import RULE_MASKS, combine_masks, full_attention_mask, reference_processors
+from patches.registry import apply, get_patch, revert
+
+TOLERANCE = 1e-4
+PROCESSORS = ("plain", "fused")
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """One forward compared: a tiny variant, a processor kind, an input case."""
+
+    variant: str
+    processor: str
+    case: str
+    max_error: float
+    revert_bit_exact: bool
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    name: str
+    max_error: float
+    revert_bit_exact: bool
+    passed: bool
+    tolerance: float
+    details: tuple[CaseResult, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- inputs --------------------------------------------------------------------------------------------------------
+
+
+def _crop_region(grid: tuple[int, int], base_width: int, base_height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The rotary crop region of CogVideoX 1.0's pipelines (`get_resize_crop_region_for_grid`, same arithmetic)."""
+    grid_height, grid_width = grid
+    if grid_height / grid_width > base_height / base_width:
+        resize_height, resize_width = base_height, int(round(base_height / grid_height * grid_width))
+    else:
+        resize_width, resize_height = base_width, int(round(base_width / grid_width * grid_height))
+    top, left = int(round((base_height - resize_height) / 2.0)), int(round((base_width - resize_width) / 2.0))
+    return (top, left), (top + resize_height, left + resize_width)
+
+
+def rotary_embedding(config: Any, latent_frames: int, latent_height: int, latent_width: int) -> Any:
+    """`image_rotary_emb` for a latent of this size, computed as the CogVideoX pipelines do (None without rotary)."""
+    if not config.use_rotary_positional_embeddings:
+        return None
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    patch, patch_t = config.patch_size, config.patch_size_t
+    grid = (latent_height // patch, latent_width // patch)
+    base = (config.sample_width // patch, config.sample_height // patch)
+    if patch_t is None:
+        return get_3d_rotary_pos_embed(
+            embed_dim=config.attention_head_dim,
+            crops_coords=_crop_region(grid, *base),
+            grid_size=grid,
+            temporal_size=latent_frames,
+        )
+    return get_3d_rotary_pos_embed(
+        embed_dim=config.attention_head_dim,
+        crops_coords=None,
+        grid_size=grid,
+        temporal_size=(latent_frames + patch_t - 1) // patch_t,
+        grid_type="slice",
+        max_size=(base[1], base[0]),
+    )
+
+
+def tiny_inputs(model: nn.Module, *, batch: int = 2, latent_frames: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Forward keyword arguments for a model at its sample size: random latents and text, the pipeline's rotary
+    embedding. Latent frames default to the config's sample frames (three temporal patches for CogVideoX1.5)."""
+    config = model.config
+    if latent_frames is None:
+        latent_frames = (config.sample_frames - 1) // config.temporal_compression_ratio + 1
+        if config.patch_size_t:
+            latent_frames = 3 * config.patch_size_t
+    generator = torch.Generator().manual_seed(seed)
+    height, width = config.sample_height, config.sample_width
+    inputs = {
+        "hidden_states": torch.randn(batch, latent_frames, config.in_channels, height, width, generator=generator),
+        "encoder_hidden_states": torch.randn(batch, config.max_text_seq_length, config.text_embed_dim, generator=generator),
+        "timestep": torch.randint(0, 1000, (batch,), generator=generator),
+        "image_rotary_emb": rotary_embedding(config, latent_frames, height, width),
+        "return_dict": False,
+    }
+    if config.ofs_embed_dim:
+        inputs["ofs"] = torch.full((batch,), 2.0)
+    return inputs
+
+
+def layout_of_inputs(model: nn.Module, inputs: dict[str, Any]) -> FrameLayout:
+    latents = inputs["hidden_states"]
+    frames = latents.shape[1] // (model.config.patch_size_t or 1)
+    return FrameLayout(
+        inputs["encoder_hidden_states"].shape[1],
+        frames,
+        tokens_per_frame(model.config, latents.shape[-2], latents.shape[-1]),
+    )
+
+
+def forward(model: nn.Module, inputs: dict[str, Any], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        if attention_mask is None:
+            return model(**inputs)[0]
+        return model(**inputs, attention_kwargs={"attention_mask": attention_mask})[0]
+
+
+# -- attention-mask cases ------------------------------------------------------------------------------------------
+
+
+def sample_masks(layout: FrameLayout, batch: int, heads: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One mask of every accepted form, with different text padding per batch item (one left-padded)."""
+    generator = torch.Generator().manual_seed(seed)
+    text, length = layout.text_tokens, layout.sequence_length
+    text_keep = torch.ones(batch, text, dtype=torch.bool)
+    text_keep[0, text // 2 :] = False  # right padding
+    if batch > 1:
+        text_keep[1, :2] = False  # left padding: the first queries may see no key under causal rules
+    all_keep = torch.rand(batch, length, generator=generator) > 0.3
+    full_keep = torch.rand(batch, 1, length, length, generator=generator) > 0.4
+    full_keep |= torch.eye(length, dtype=torch.bool)
+    additive = torch.zeros(batch, text).masked_fill(~text_keep, float("-inf"))
+    return {
+        "text bool (B,T)": text_keep,
+        "text additive (B,T)": additive,
+        "text additive -1e4 (B,T)": torch.zeros(batch, text).masked_fill(~text_keep, -1.0e4),
+        "keys bool (B,T+N)": all_keep,
+        "keys additive bias (B,T+N)": torch.randn(batch, length, generator=generator),
+        "full bool (B,1,L,L)": full_keep,
+        "full additive (1,heads,L,L)": torch.randn(1, heads, length, length, generator=generator),
+    }
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    attention_mask: torch.Tensor | None
+    reference_mask: torch.Tensor | None
+
+
+def verify_cases(name: str, layout: FrameLayout, batch: int, heads: int) -> list[Case]:
+    """What to run for each patch: for `attention-mask`, every accepted form; otherwise its reference mask."""
+    if name == "attention-mask":
+        return [
+            Case(label, mask, full_attention_mask(mask, layout))
+            for label, mask in sample_masks(layout, batch, heads).items()
+        ]
+    reference = get_patch(name).reference_mask(layout)
+    if reference is None:
+        raise PatchError(f"{name} gives no reference mask (Patch.reference_mask), so it cannot be verified")
+    return [Case(name, None, reference)]
+
+
+def fresh_tiny(variant: str, processor: str) -> nn.Module:
+    from inspector.loading import build_tiny
+
+    model = build_tiny(variant)
+    if processor == "fused":
+        model.fuse_qkv_projections()
+    return model
+
+
+def verify_patch(
+    name: str,
+    *,
+    variants: tuple[str, ...] = TINY_SPECS,
+    tolerance: float = TOLERANCE,
+    progress: Callable[[str], None] | None = None,
+) -> VerifyResult:
+    """Run patch `name` on each tiny variant with the plain and the fused processor: max |patched - reference| over
+    every case, and whether the model after `revert` reproduces the unpatched output bit for bit."""
+    details = []
+    for variant in variants:
+        for processor in PROCESSORS:
+            if progress is not None:
+                progress(f"{name}: {variant}, {processor} processor")
+            details.extend(_verify_on(name, fresh_tiny(variant, processor), variant, processor))
+    max_error = max(case.max_error for case in details)
+    revert_bit_exact = all(case.revert_bit_exact for case in details)
+    return VerifyResult(
+        name=name,
+        max_error=max_error,
+        revert_bit_exact=revert_bit_exact,
+        passed=revert_bit_exact and max_error <= tolerance,
+        tolerance=tolerance,
+        details=tuple(details),
+    )
+
+
+def _verify_on(name: str, model: nn.Module, variant: str, processor: str) -> Iterator[CaseResult]:
+    inputs = tiny_inputs(model)
+    layout = layout_of_inputs(model, inputs)
+    unpatched = forward(model, inputs)
+    for case in verify_cases(name, layout, batch=2, heads=model.config.num_attention_heads):
+        with reference_processors(model, case.reference_mask):
+            expected = forward(model, inputs)
+        apply(model, name)
+        try:
+            actual = forward(model, inputs, case.attention_mask)
+        finally:
+            revert(model, name)
+        reverted = forward(model, inputs)
+        error = float((actual - expected).abs().max()) if torch.isfinite(actual).all() else float("inf")
+        yield CaseResult(variant, processor, case.label, error, bool(torch.equal(reverted, unpatched)))
+
+
+def combined_reference_mask(names: tuple[str, ...], layout: FrameLayout, attention_mask: torch.Tensor | None):
+    """The explicit mask of several composed patches (rules AND a user mask), for tests of composition."""
+    rule = None
+    for name in names:
+        if name in RULE_MASKS:
+            rule = RULE_MASKS[name](layout)
+    user = full_attention_mask(attention_mask, layout) if attention_mask is not None else None
+    return combine_masks(rule, user)
