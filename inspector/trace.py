@@ -308,7 +308,8 @@ def dense_mask_bytes(shape: tuple[int, ...], dtype: str = "bool") -> int:
 
 @dataclass(frozen=True)
 class PatchMemoryModel:
-    """Where per-patch memory figures come from: the patches package's estimates when it is installed."""
+    """Where per-patch memory figures come from (`patch_memory_model()`: the patches package); without the
+    callables, the explicit mask is computed here and patches get no estimate."""
 
     names: tuple[str, ...]
     explicit_mask_bytes: Callable[..., int] | None = None  # patches.explicit_mask_bytes(batch, heads, T, N, bytes)
@@ -343,22 +344,14 @@ def mask_memory_table(
     return tuple(rows)
 
 
-# Patch names of DESIGN's registry, for when the patches package is not importable.
-DESIGN_PATCHES = ("causal-attention", "frame-causal-attention", "attention-mask")
-
-
 def patch_memory_model() -> PatchMemoryModel:
-    """The installed patches package's names and memory estimates, or DESIGN's names and no estimates."""
-    try:
-        import patches
-    except ImportError:
-        return PatchMemoryModel(DESIGN_PATCHES)
-    available = getattr(patches, "available", None)
-    names = tuple(info.name for info in available()) if available is not None else DESIGN_PATCHES
+    """The registered patches (third-party ones included) and the patches package's memory estimates."""
+    import patches
+
     return PatchMemoryModel(
-        names,
-        explicit_mask_bytes=getattr(patches, "explicit_mask_bytes", None),
-        patch_bytes=getattr(patches, "memory_estimate", None),
+        tuple(info.name for info in patches.available()),
+        explicit_mask_bytes=patches.explicit_mask_bytes,
+        patch_bytes=patches.memory_estimate,
     )
 
 
@@ -505,13 +498,13 @@ def meta_twin(model: nn.Module) -> nn.Module:
     """A meta-device copy of a model built from its config, for models whose weights are real: their shapes, with
     no compute. A patched model traces as patched: cogsurgeon patches are applied again by name (they keep state
     on the transformer, not only in processors); otherwise the model's attention processors are shared."""
+    import patches
+
     from inspector.loading import build_on_meta
 
     twin = build_on_meta(dict(model.config), _model_dtype(model))
-    applied = _applied_patches(model)
+    applied = patches.applied(model)
     if applied:
-        import patches
-
         for name in applied:
             patches.apply(twin, name)
         return twin
@@ -519,15 +512,6 @@ def meta_twin(model: nn.Module) -> nn.Module:
     if processors:
         twin.set_attn_processor(dict(processors))
     return twin
-
-
-def _applied_patches(model: nn.Module) -> list[str]:
-    try:
-        import patches
-    except ImportError:
-        return []
-    applied = getattr(patches, "applied", None)
-    return list(applied(model)) if applied is not None else []
 
 
 @contextmanager

@@ -13,7 +13,6 @@ from inspector.errors import CogsurgeonError
 from inspector.model_specs import published_config, tiny_config
 from inspector.trace import (
     TraceSizeError,
-    DESIGN_PATCHES,
     PatchMemoryModel,
     SequenceSplit,
     dense_mask_bytes,
@@ -137,17 +136,17 @@ def test_mask_memory_table_reads_the_patch_estimates():
     assert calls[0] == ("causal-attention", 2, 48, 226, 17550, 13, 2, 64)
 
 
-def test_patch_memory_model_follows_the_installed_patches_package():
+def test_trace_memory_comes_from_the_patches_package():
     import patches
 
     model = patch_memory_model()
-    if hasattr(patches, "available"):
-        assert model.names == tuple(info.name for info in patches.available())
-    else:
-        assert model.names == DESIGN_PATCHES
-    if hasattr(patches, "explicit_mask_bytes"):
-        rows = mask_memory_table(SPLIT_5B, 2, 48, 64, "bfloat16", model)
-        assert rows[0].explicit_mask_bytes == dense_mask_bytes((96, 17776, 17776), "bfloat16")
+    assert model.names == tuple(info.name for info in patches.available())
+    rows = {row.patch: row for row in mask_memory_table(SPLIT_5B, 2, 48, 64, "bfloat16", model)}
+    for name, row in rows.items():
+        assert row.explicit_mask_bytes == patches.explicit_mask_bytes(2, 48, 226, 17550, 2)
+        assert row.explicit_mask_bytes == dense_mask_bytes((96, 17776, 17776), "bfloat16")
+        assert row.patch_bytes == patches.memory_estimate(name, 2, 48, 226, 17550, 13, 2, head_dim=64)
+    assert rows["causal-attention"].patch_bytes == 0  # SDPA's is_causal: no mask at all
 
 
 def test_shape_of_reduces_nested_values():
@@ -286,8 +285,6 @@ def test_tiny_model_is_traced_without_compute_or_change(tiny_model):
 def test_patched_tiny_model_traces_as_patched(tiny_model, patch_name):
     import patches
 
-    if not hasattr(patches, "apply"):
-        pytest.skip("needs the patches package (branch patches) merged")
     from inspector.trace import trace_shapes
 
     patches.apply(tiny_model, patch_name)
