@@ -13,6 +13,8 @@ _EXPORTS = {
     "load_transformer": "inspector.loading",
     "module_inventory": "inspector.inventory",
     "ModuleInfo": "inspector.inventory",
+    "trace_shapes": "inspector.trace",
+    "run_doctor": "inspector.doctor",
     "CogsurgeonError": "inspector.errors",
     "ModelSpecError": "inspector.errors",
     "ModelLoadError": "inspector.errors",

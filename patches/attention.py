@@ -11,10 +11,12 @@ per segment:
   `sum_f n_f * (T + (f+1) n)`, about 0.54 of full attention at 13 frames, in plain (flash) SDPA calls with no mask;
   flex_attention's block mask measured 1.11x of full on an H100 (DESIGN's anchors), so it is not used.
 - a key mask (`(B, T)` or `(B, T+N)`; bool, or additive with only 0 and -inf, or 0 and <= -1e4 while every query
-  keeps a key): the masked keys are *dropped* (K and V gathered over the kept keys, per group of batch items sharing a mask) instead of passed as a
-  mask, because SDPA with any `attn_mask` leaves the flash kernel (a (B,1,1,L) key mask measured 1.50x). Kept keys
-  stay in order, so every key prefix above maps to a prefix of the kept keys and causal runs become lower-right
-  causal segments.
+  keeps a key): the masked keys are *dropped*, per group of batch items sharing a mask, instead of passed as a mask,
+  because SDPA with any `attn_mask` leaves the flash kernel (a (B,1,1,L) key mask measured 1.50x). With text padding
+  the few kept text keys are moved in place next to the video keys, so the kept keys are one slice (1.02-1.03x of
+  full SDPA, nothing allocated); otherwise, or while autograd needs K and V, they are gathered. Kept keys stay in
+  order, so every key prefix above maps to a prefix of the kept keys and causal runs become lower-right causal
+  segments.
 - a full `(B|1, 1|heads, L, L)` mask: given to SDPA as it is (no head repeat, no copy); composed with frame-causal
   by slicing it per segment, with causal by combining it chunk by chunk (chunks of at most `CHUNK_MASK_ELEMENTS`).
 
@@ -117,6 +119,10 @@ class KeptKeyGroup:
     items: tuple[int, ...] | None  # None: the whole batch
     kept_index: torch.Tensor | None
     segments: tuple[QuerySegment, ...]
+    # When every key from `prefix_end` on is kept (text padding): the kept keys of the prefix, to be moved up against
+    # position `prefix_end` so that the kept keys become the slice `[prefix_end - len(index), L)` (no big copy).
+    prefix_end: int = 0
+    prefix_kept_index: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -220,35 +226,68 @@ def _kept_key_plan(
             items = None
         else:
             items = tuple(i for i in range(keep_rows.shape[0]) if int(inverse[i]) == group_number)
-        kept_index = None if all(keep_list) else row.nonzero().flatten().to(device)
-        groups.append(KeptKeyGroup(items, kept_index, compacted))
+        if all(keep_list):
+            groups.append(KeptKeyGroup(items, None, compacted))
+            continue
+        kept = row.nonzero().flatten()
+        prefix_end = len(keep_list) - keep_list[::-1].index(False)  # one past the last dropped key
+        prefix_kept = kept[: int(row[:prefix_end].sum())]
+        groups.append(KeptKeyGroup(items, kept.to(device), compacted, prefix_end, prefix_kept.to(device)))
     return KeptKeyPlan(tuple(groups))
 
 
-def run_plan(plan: AttentionPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Attention output `(B, H, L, D)` for query/key/value `(B, H, L, D)` under a plan."""
+def run_plan(
+    plan: AttentionPlan,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    keys_writable: bool = False,
+) -> torch.Tensor:
+    """Attention output `(B, H, L, D)` for query/key/value `(B, H, L, D)` under a plan.
+
+    `keys_writable=True` lets a key-dropping plan reorder `key` and `value` in place (the processor's own temporaries):
+    with text padding it then moves the few kept text keys next to the video keys instead of gathering every kept
+    key into new tensors (a copy of K and V, about 3% of attention time at the 5B shape). Ignored while autograd
+    needs the keys."""
     if isinstance(plan, SegmentPlan):
         return attend_segments(query, key, value, plan.segments, plan.dense_mask)
+    if keys_writable and torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+        keys_writable = False
     if len(plan.groups) == 1 and plan.groups[0].items is None:
-        return _attend_group(plan.groups[0], query, key, value)
+        return _attend_group(plan.groups[0], query, key, value, keys_writable)
     output = query.new_empty(*query.shape[:-1], value.shape[-1])
     for group in plan.groups:
         first, last = group.items[0], group.items[-1] + 1
         if group.items == tuple(range(first, last)):  # a run of items: views, no copies
-            output[first:last] = _attend_group(group, query[first:last], key[first:last], value[first:last])
+            output[first:last] = _attend_group(
+                group, query[first:last], key[first:last], value[first:last], keys_writable
+            )
             continue
         index = torch.tensor(group.items, device=query.device)
         group_output = _attend_group(
-            group, query.index_select(0, index), key.index_select(0, index), value.index_select(0, index)
-        )
+            group, query.index_select(0, index), key.index_select(0, index), value.index_select(0, index), True
+        )  # index_select made copies: ours to reorder
         output.index_copy_(0, index, group_output)
     return output
 
 
-def _attend_group(group: KeptKeyGroup, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    if group.kept_index is not None:
-        key = key.index_select(2, group.kept_index)
-        value = value.index_select(2, group.kept_index)
+def _attend_group(
+    group: KeptKeyGroup, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys_writable: bool
+) -> torch.Tensor:
+    """The kept keys, in order, as one tensor: a slice after moving the prefix's kept keys up (when allowed and the
+    prefix is at most half the sequence), else a gather."""
+    if group.kept_index is None:
+        return attend_segments(query, key, value, group.segments)
+    if keys_writable and group.prefix_kept_index is not None and 2 * group.prefix_end <= key.shape[2]:
+        start = group.prefix_end - group.prefix_kept_index.numel()
+        key[:, :, start : group.prefix_end] = key[:, :, : group.prefix_end].index_select(2, group.prefix_kept_index)
+        value[:, :, start : group.prefix_end] = value[:, :, : group.prefix_end].index_select(
+            2, group.prefix_kept_index
+        )
+        return attend_segments(query, key[:, :, start:], value[:, :, start:], group.segments)
+    key = key.index_select(2, group.kept_index)
+    value = value.index_select(2, group.kept_index)
     return attend_segments(query, key, value, group.segments)
 
 

@@ -49,7 +49,9 @@ class CausalAttention(StructuralAttentionPatch):
     structure = "causal"
     conflicts = frozenset({"frame-causal-attention"})
 
-    def extra_memory_bytes(self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64):
+    def extra_memory_bytes(
+        self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False
+    ):
         return 0
 
 
@@ -66,7 +68,9 @@ class FrameCausalAttention(StructuralAttentionPatch):
     structure = "frame-causal"
     conflicts = frozenset({"causal-attention"})
 
-    def extra_memory_bytes(self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64):
+    def extra_memory_bytes(
+        self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False
+    ):
         largest_segment = max(text_tokens, video_tokens // max(frames, 1))
         return batch * heads * largest_segment * head_dim * dtype_bytes
 
@@ -78,9 +82,10 @@ class AttentionMask(Patch):
     Accepted M (bool: True = attend; float: additive): `(B, T)` over text keys (video keys always kept),
     `(B, T+N)` over all keys, `(B|1, 1|heads, T+N, T+N)` a full mask. Composes with either causal rule.
 
-    Key masks (bool, or additive with only 0 and <= -1e4 values) drop the masked keys: K and V are gathered over the
-    kept keys per group of batch items sharing a mask, so attention stays in the flash kernel (1.03x of full SDPA
-    with two padded prompts on an H100, bench/patch_attention_gpu.md; a (B,1,1,L) key mask measured 1.50x). A full
+    Key masks (bool, or additive with only 0 and <= -1e4 values) drop the masked keys per group of batch items
+    sharing a mask (text padding: the kept text keys move next to the video keys in place), so attention stays in
+    the flash kernel (1.02-1.03x of full SDPA on an H100, bench/patch_attention_gpu.md; a (B,1,1,L) key mask
+    measured 1.50x). A full
     mask goes to SDPA as it is: broadcast over heads, never repeated per head (diffusers' head repeat makes a
     (B·heads, L, L) tensor: 56.5 GiB at B=2, bf16, L=17,776)."""
 
@@ -98,12 +103,20 @@ class AttentionMask(Patch):
 
         disable_attention_rule(transformer, masks=True)
 
-    def extra_memory_bytes(self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64):
-        """For a `(B, T)` text padding mask, worst case (every key kept): K and V gathered for the whole batch when
-        all items share one mask (2·B·H·L·D), or per item with that item's output (3·H·L·D); plus the (B, L) keep
-        mask."""
+    def extra_memory_bytes(
+        self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False
+    ):
+        """For a `(B, T)` text padding mask, worst case over how the batch's masks differ. Inference: the kept text
+        keys move next to the video keys in place (2·B·H·T·D for the moved keys); items whose masks differ run as
+        groups whose outputs are copied into the output (at most (B-1)·H·L·D). Training (autograd needs K and V
+        unchanged): K and V are gathered per group, at most max(2B, 3(B-1))·H·L·D. Plus the (B, L) keep mask."""
         length = text_tokens + video_tokens
-        return max(2 * batch, 3) * heads * length * head_dim * dtype_bytes + batch * length
+        row = heads * length * head_dim * dtype_bytes
+        keep_mask = batch * length
+        if training:
+            return max(2 * batch, 3 * (batch - 1)) * row + keep_mask
+        moved_text_keys = 2 * batch * heads * text_tokens * head_dim * dtype_bytes
+        return (batch - 1) * row + moved_text_keys + keep_mask
 
 
 BUILTIN_PATCHES: tuple[Patch, ...] = (CausalAttention(), FrameCausalAttention(), AttentionMask())

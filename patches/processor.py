@@ -139,7 +139,8 @@ class PatchedCogVideoXAttnProcessor:
             attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.fused
         )
         plan = state.plan(mask, text_seq_length, hidden_states.size(1), query)
-        return project_attention_output(attn, run_plan(plan, query, key, value), text_seq_length)
+        output = run_plan(plan, query, key, value, keys_writable=True)  # q/k/v are this call's own temporaries
+        return project_attention_output(attn, output, text_seq_length)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(original={type(self.original).__name__})"

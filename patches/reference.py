@@ -50,7 +50,7 @@ def full_attention_mask(user_mask: torch.Tensor, layout: FrameLayout) -> torch.T
         return user_mask
     if user_mask.shape[-1] == layout.text_tokens and layout.text_tokens != length:
         fill = torch.ones if user_mask.dtype == torch.bool else torch.zeros
-        video = fill(user_mask.shape[0], layout.video_tokens, dtype=user_mask.dtype)
+        video = fill(user_mask.shape[0], layout.video_tokens, dtype=user_mask.dtype, device=user_mask.device)
         user_mask = torch.cat([user_mask, video], dim=1)
     return user_mask[:, None, None, :].expand(-1, 1, length, length)
 
@@ -60,8 +60,9 @@ def combine_masks(rule: torch.Tensor | None, user: torch.Tensor | None) -> torch
     if rule is None or user is None:
         return rule if user is None else user
     if user.dtype == torch.bool:
-        return user & rule
-    return user + torch.zeros(rule.shape, dtype=user.dtype).masked_fill(~rule, float("-inf"))
+        return user & rule.to(user.device)
+    rule = rule.to(user.device)
+    return user + torch.zeros(rule.shape, dtype=user.dtype, device=user.device).masked_fill(~rule, float("-inf"))
 
 
 def reference_attention(

@@ -65,6 +65,7 @@ class Patch:
         dtype_bytes: int,
         *,
         head_dim: int = 64,
+        training: bool = False,
     ) -> int | None:
         return None
 
@@ -252,11 +253,12 @@ def memory_estimate(
     dtype_bytes: int,
     *,
     head_dim: int = 64,
+    training: bool = False,
 ) -> int | None:
-    """Bytes patch `name` allocates beyond unpatched attention, per attention call, at this size (None: the patch
-    gives no estimate)."""
+    """Bytes patch `name` allocates beyond unpatched attention, per attention call, at this size: inference (no
+    autograd) unless `training` (None: the patch gives no estimate)."""
     return get_patch(name).extra_memory_bytes(
-        batch, heads, text_tokens, video_tokens, frames, dtype_bytes, head_dim=head_dim
+        batch, heads, text_tokens, video_tokens, frames, dtype_bytes, head_dim=head_dim, training=training
     )
 
 

@@ -67,12 +67,12 @@ def expected_output(structure, user_mask, layout=LAYOUT, seed=0):
     return reference_attention(query, key, value, combine_masks(rule, user))
 
 
-def planned_output(structure, user_mask, layout=LAYOUT, seed=0):
+def planned_output(structure, user_mask, layout=LAYOUT, seed=0, keys_writable=False):
     query, key, value = qkv(seed, layout.sequence_length)
     plan = plan_attention(
         structure, layout, user_mask, batch=BATCH, heads=HEADS, device=query.device, dtype=query.dtype
     )
-    return run_plan(plan, query, key, value), plan
+    return run_plan(plan, query, key, value, keys_writable=keys_writable), plan
 
 
 def test_frame_of_token_and_rule_masks_follow_the_definitions():
@@ -92,12 +92,22 @@ def test_rules_without_mask_match_the_reference(structure):
     assert isinstance(plan, SegmentPlan) and plan.dense_mask is None  # no mask tensor at all
 
 
+@pytest.mark.parametrize("keys_writable", [False, True], ids=["gather", "reorder-in-place"])
 @pytest.mark.parametrize("structure", [None, "causal", "frame-causal"])
 @pytest.mark.parametrize("form", list(masks()))
-def test_every_mask_form_composed_with_every_rule_matches_the_reference(structure, form):
+def test_every_mask_form_composed_with_every_rule_matches_the_reference(structure, form, keys_writable):
     user_mask = masks()[form]
-    actual, _ = planned_output(structure, user_mask)
+    actual, _ = planned_output(structure, user_mask, keys_writable=keys_writable)
     torch.testing.assert_close(actual, expected_output(structure, user_mask), rtol=0, atol=1e-10)
+
+
+def test_text_padding_reorders_the_kept_keys_in_place_instead_of_copying_them():
+    query, key, value = qkv()
+    original_video_keys = key[:, :, LAYOUT.text_tokens :].clone()
+    plan = plan_attention(None, LAYOUT, masks()["text bool"], batch=BATCH, heads=HEADS, device=key.device, dtype=key.dtype)
+    run_plan(plan, query, key, value, keys_writable=True)
+    assert torch.equal(key[0, :, 2:5], qkv()[1][0, :, 0:3])  # item 0 keeps text 0..2: moved up against the video
+    assert torch.equal(key[:, :, LAYOUT.text_tokens :], original_video_keys)  # the video keys stay where they are
 
 
 def test_key_masks_drop_keys_instead_of_building_a_mask():

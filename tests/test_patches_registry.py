@@ -98,7 +98,9 @@ def test_memory_estimates_at_the_5b_shape():
     assert patches.explicit_mask_bytes(**shape) == 2 * 48 * length * length * 2 == 60_669_345_792
     assert patches.memory_estimate("causal-attention", frames=13, **shape) == 0
     assert patches.memory_estimate("frame-causal-attention", frames=13, **shape) == 2 * 48 * 1350 * 64 * 2
-    assert patches.memory_estimate("attention-mask", frames=13, **shape) == 4 * 48 * length * 64 * 2 + 2 * length
+    row = 48 * length * 64 * 2  # one item's K (or V, or output) over the whole sequence
+    assert patches.memory_estimate("attention-mask", frames=13, **shape) == row + 2 * 2 * 48 * 226 * 64 * 2 + 2 * length
+    assert patches.memory_estimate("attention-mask", frames=13, training=True, **shape) == 4 * row + 2 * length
     with pytest.raises(UnknownPatchError):
         patches.memory_estimate("nope", frames=13, **shape)
 

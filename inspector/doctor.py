@@ -1,0 +1,398 @@
+"""`cogsurgeon doctor`: finds the known CogVideoX pitfalls in the installed diffusers and peft by running small
+experiments on them (a tiny real model, a real LoRA save and reload, a PEFT load with the network cut), never by
+reading version numbers. Each finding says whether the pitfall is present and which cogsurgeon command avoids it.
+
+Probes only touch throwaway tiny models and temporary folders; global state they change (the attention-backend
+registry, logging verbosity) is put back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["present", "absent", "error"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One probed pitfall. `status` is "error" only when the probe itself could not run (a bug to report)."""
+
+    id: str
+    status: Status
+    detail: str
+    fix: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.id, "status": self.status, "detail": self.detail, "fix": self.fix}
+
+
+@dataclass(frozen=True)
+class Probe:
+    id: str
+    summary: str
+    fix: str
+    run: Callable[[], tuple[bool, str]]  # (present, one-line detail)
+
+
+class _StopProbe(Exception):
+    """Raised from an instrumented call once it has recorded what the probe needed."""
+
+
+MASK_FIX = "cogsurgeon run --patch attention-mask -- python your_script.py"
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' warnings (experimental-backend notices, ignored kwargs) while probing."""
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
+
+
+def _tiny_model(name: str = "tiny"):
+    from inspector.loading import build_tiny
+
+    return build_tiny(name)
+
+
+def _tiny_inputs(model, batch: int = 1) -> dict[str, Any]:
+    """Real CPU inputs for a tiny model at its sample size (rotary left out: not what these probes look at)."""
+    import torch
+
+    config = model.config
+    latent_frames = (config.sample_frames - 1) // config.temporal_compression_ratio + 1
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "hidden_states": torch.randn(
+            batch, latent_frames, config.in_channels, config.sample_height, config.sample_width, generator=generator
+        ),
+        "encoder_hidden_states": torch.randn(
+            batch, config.max_text_seq_length, config.text_embed_dim, generator=generator
+        ),
+        "timestep": torch.tensor([1] * batch),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Probes: each returns (present, detail)
+
+
+def probe_mask_pad_length() -> tuple[bool, str]:
+    """Ask the Attention class CogVideoX uses to pad a length-3 mask to target length 5."""
+    import torch
+
+    attention = _tiny_model().transformer_blocks[0].attn1
+    batch, current_length, target_length = 1, 3, 5
+    mask = torch.zeros(batch, 1, current_length)
+    prepared = attention.prepare_attention_mask(mask, target_length, batch)
+    padded_length = prepared.shape[-1]
+    present = padded_length != target_length
+    detail = (
+        f"{type(attention).__name__}.prepare_attention_mask padded a length-{current_length} mask to "
+        f"{padded_length} for target length {target_length}"
+        + (" (padded by the target length instead of the missing length)"
+           if padded_length == current_length + target_length else "")
+    )
+    return present, detail
+
+
+def probe_fused_processor_text_length() -> tuple[bool, str]:
+    """Run the fused processor with a mask and see which target length it asks `prepare_attention_mask` for."""
+    import torch
+
+    model = _tiny_model()
+    model.fuse_qkv_projections()
+    attention = model.transformer_blocks[0].attn1
+    processor = attention.processor
+    text_length = model.config.max_text_seq_length
+    video_length = 16
+    width = attention.inner_dim if hasattr(attention, "inner_dim") else attention.to_out[0].in_features
+    hidden_states = torch.randn(1, video_length, width)
+    encoder_hidden_states = torch.randn(1, text_length, width)
+    asked: list[int] = []
+
+    def recording_prepare(mask, target_length, batch_size, *args, **kwargs):
+        asked.append(int(target_length))
+        raise _StopProbe
+
+    attention.prepare_attention_mask = recording_prepare  # this throwaway module only
+    try:
+        processor(attention, hidden_states, encoder_hidden_states,
+                  attention_mask=torch.ones(1, text_length + video_length, dtype=torch.bool))
+    except _StopProbe:
+        pass
+    finally:
+        del attention.prepare_attention_mask
+    name = type(processor).__name__
+    if not asked:
+        return False, f"{name} does not call prepare_attention_mask with a mask"
+    joint = text_length + video_length
+    present = asked[0] == text_length
+    return present, (
+        f"{name} prepared a mask for {asked[0]} keys where the joint sequence has {joint} "
+        f"({text_length} text + {video_length} video)"
+    )
+
+
+def probe_block_drops_attention_kwargs() -> tuple[bool, str]:
+    """Run a tiny model with `attention_kwargs` and a processor that records what reaches it."""
+    import torch
+
+    model = _tiny_model()
+    token = object()
+    received: list[Any] = []
+
+    class RecordingProcessor:
+        """Wraps the model's own processor; its signature names the probe kwarg so Attention passes it on."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     image_rotary_emb=None, cogsurgeon_probe=None):
+            received.append(cogsurgeon_probe)
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask=attention_mask,
+                              image_rotary_emb=image_rotary_emb)
+
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(RecordingProcessor(block.attn1.processor))
+    with torch.no_grad():
+        model(**_tiny_inputs(model), attention_kwargs={"cogsurgeon_probe": token})
+    reached = sum(value is token for value in received)
+    present = reached < len(received) or not received
+    return present, (
+        f"attention_kwargs reached the attention processor in {reached} of {len(received)} attention calls"
+        + (" (CogVideoXBlock drops them)" if present else "")
+    )
+
+
+def probe_attention_backend_ignored() -> tuple[bool, str]:
+    """Set the math-only SDPA backend on a tiny model and see whether its attention runs math-only.
+
+    diffusers' native math backend runs SDPA inside `sdpa_kernel(MATH)`, which switches the flash and
+    memory-efficient kernels off while it runs; whether they are off at the SDPA call is what is observed.
+    A direct `dispatch_attention_fn` call is the control: it must see math-only, or the probe cannot tell.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    model = _tiny_model()
+    if not hasattr(model, "set_attention_backend"):
+        return False, "this diffusers has no set_attention_backend; there is no backend setting to be ignored"
+
+    math_only_at_call: list[bool] = []
+
+    class SdpaKernelRecorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                math_only_at_call.append(
+                    not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled())
+                )
+            return func(*args, **(kwargs or {}))
+
+    backend = "_native_math"
+    with _restored_attention_backend():
+        model.set_attention_backend(backend)
+        with torch.no_grad(), SdpaKernelRecorder():
+            model(**_tiny_inputs(model))
+        model_calls = list(math_only_at_call)
+        math_only_at_call.clear()
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        query = torch.randn(1, 4, 2, 8)
+        with torch.no_grad(), SdpaKernelRecorder():
+            dispatch_attention_fn(query, query, query)
+        control = list(math_only_at_call)
+    if control != [True]:
+        raise RuntimeError(f"control call through dispatch_attention_fn did not run math-only ({control})")
+    honoured = sum(model_calls)
+    present = honoured < len(model_calls) or not model_calls
+    processor = type(model.transformer_blocks[0].attn1.processor).__name__
+    return present, (
+        f"after set_attention_backend({backend!r}), {honoured} of {len(model_calls)} attention calls of "
+        f"{processor} ran on that backend"
+    )
+
+
+@contextmanager
+def _restored_attention_backend() -> Iterator[None]:
+    """`set_attention_backend` also changes diffusers' process-wide active backend; put it back."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    except ImportError:
+        yield
+        return
+    previous = _AttentionBackendRegistry._active_backend
+    try:
+        yield
+    finally:
+        _AttentionBackendRegistry.set_active_backend(previous)
+
+
+def probe_lora_alpha_lost() -> tuple[bool, str]:
+    """Save a tiny LoRA (r=4, alpha=2) the way the CogVideo trainer does, reload it through the pipeline's
+    `load_lora_weights`, and compare the scaling PEFT applies."""
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    rank, lora_alpha = 4, 2
+    trained = _tiny_model()
+    trained.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with tempfile.TemporaryDirectory(prefix="cogsurgeon-doctor-") as folder:
+        # The trainer's save: the PEFT state dict through save_lora_weights, nothing else.
+        CogVideoXPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(trained))
+        reloaded = _tiny_model()
+        pipeline = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=reloaded, scheduler=None)
+        pipeline.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors", adapter_name="probe")
+    scaling = reloaded.transformer_blocks[0].attn1.to_q.scaling["probe"]
+    trained_scaling = lora_alpha / rank
+    present = abs(scaling - trained_scaling) > 1e-9
+    return present, (
+        f"a LoRA trained at r={rank}, lora_alpha={lora_alpha} (scale {trained_scaling:g}) and saved without "
+        f"metadata reloads at scale {scaling:g}"
+        + (f" (alpha taken as {scaling * rank:g})" if present else "")
+    )
+
+
+_PEFT_HUB_PROBE = r"""
+import json, os, socket, sys, time
+attempts = []
+# huggingface_hub retries refused connections with back-off (about 23 s of sleeping); what is observed here is
+# where the request goes and what error ends it, not how long the library waits before giving up.
+time.sleep = lambda seconds: None
+def refuse(*args, **kwargs):
+    attempts.append(repr(args[:2])[:80])
+    raise OSError("network disabled by cogsurgeon doctor")
+socket.socket.connect = lambda self, *a, **k: refuse(*a)
+socket.socket.connect_ex = lambda self, *a, **k: refuse(*a)
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+import torch
+from peft import PeftModel
+def qualified(exc):
+    module = type(exc).__module__
+    return type(exc).__name__ if module == "builtins" else module + "." + type(exc).__name__
+results = {}
+for label, path in (("absolute", sys.argv[1]), ("relative", sys.argv[2])):
+    attempts.clear()
+    try:
+        PeftModel.from_pretrained(torch.nn.Sequential(torch.nn.Linear(4, 4)), path)
+        error, cause = None, None
+    except Exception as exc:
+        error = qualified(exc)
+        inner = exc.__cause__ or exc.__context__
+        cause = None if inner is None else qualified(inner)
+    results[label] = {"error": error, "cause": cause, "connections": len(attempts)}
+print(json.dumps(results))
+"""
+
+
+def probe_peft_local_path_hub() -> tuple[bool, str]:
+    """In a child process with sockets refused and the Hub's offline switch unset, load a local LoRA folder
+    that has no adapter_config.json through PEFT, by absolute and by relative path."""
+    import torch
+    from safetensors.torch import save_file
+
+    from inspector.offline import HUB_OFFLINE_VARIABLES
+
+    with tempfile.TemporaryDirectory(prefix="cogsurgeon-doctor-") as root:
+        folder = Path(root) / "lora-checkpoint"
+        folder.mkdir()
+        save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)},
+                  str(folder / "pytorch_lora_weights.safetensors"))
+        environment = {key: value for key, value in os.environ.items() if key not in HUB_OFFLINE_VARIABLES}
+        # A private cache, as a precaution: whatever the Hub client writes lands in the temporary folder.
+        environment["HF_HOME"] = str(Path(root) / "hf-home")
+        environment.pop("HF_HUB_CACHE", None)
+        environment.pop("HUGGINGFACE_HUB_CACHE", None)
+        completed = subprocess.run(
+            [sys.executable, "-c", _PEFT_HUB_PROBE, str(folder), folder.name],
+            cwd=root, env=environment, capture_output=True, text=True, timeout=300,
+        )
+    if completed.returncode != 0:
+        last_line = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"PEFT probe process failed: {last_line}")
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    went_to_hub = {
+        label: result["connections"] > 0 or _is_hub_error(result["cause"]) or _is_hub_error(result["error"])
+        for label, result in results.items()
+    }
+    present = any(went_to_hub.values())
+    parts = []
+    for label, result in results.items():
+        seen = result["error"] or "no error"
+        if result["cause"]:
+            seen += f" from {result['cause']}"
+        parts.append(f"{label} path: {seen}, {result['connections']} connection attempt(s)")
+    return present, "PeftModel.from_pretrained on a local folder without adapter_config.json: " + "; ".join(parts)
+
+
+def _is_hub_error(qualified_name: str | None) -> bool:
+    return bool(qualified_name) and qualified_name.split(".")[0] in {"huggingface_hub", "requests", "httpx", "urllib3"}
+
+
+PROBES: tuple[Probe, ...] = (
+    Probe("mask-pad-length", "prepare_attention_mask pads by the target length instead of the missing length",
+          MASK_FIX, probe_mask_pad_length),
+    Probe("fused-processor-text-length", "the fused CogVideoX processor prepares masks with the text length",
+          MASK_FIX, probe_fused_processor_text_length),
+    Probe("block-drops-attention-kwargs", "CogVideoXBlock does not pass attention_kwargs to attention",
+          MASK_FIX, probe_block_drops_attention_kwargs),
+    Probe("attention-backend-ignored", "set_attention_backend does not reach the CogVideoX processor",
+          "cogsurgeon run --patch causal-attention -- python your_script.py  (patches replace the processor "
+          "itself; see cogsurgeon patch list)", probe_attention_backend_ignored),
+    Probe("lora-alpha-lost", "a LoRA saved without metadata reloads at alpha = rank",
+          "cogsurgeon lora repair CKPT --out DIR --alpha ALPHA  (writes the alpha into the adapter)",
+          probe_lora_alpha_lost),
+    Probe("peft-local-path-hub", "PEFT goes to the Hub for a local folder without adapter_config.json",
+          "cogsurgeon lora repair CKPT --out DIR  (writes adapter_config.json), and set HF_HUB_OFFLINE=1",
+          probe_peft_local_path_hub),
+)
+
+PROBE_IDS = tuple(probe.id for probe in PROBES)
+
+
+def run_probe(probe: Probe) -> Finding:
+    """One finding; a probe that raises gives status "error" with the exception in the detail."""
+    try:
+        with _quiet_diffusers():
+            present, detail = probe.run()
+    except Exception as exc:  # a probe that cannot run is reported, not a crash of the whole doctor
+        message = " ".join(str(exc).split())[:300]
+        return Finding(probe.id, "error", f"probe could not run: {type(exc).__name__}: {message}", probe.fix)
+    return Finding(probe.id, "present" if present else "absent", detail, probe.fix)
+
+
+def run_doctor(ids: tuple[str, ...] | None = None,
+               progress: Callable[[Probe], None] | None = None) -> list[Finding]:
+    """Run the probes (all, or those named in `ids`, in PROBES order) and return their findings."""
+    from inspector.errors import CogsurgeonError
+
+    if ids:
+        unknown = sorted(set(ids) - set(PROBE_IDS))
+        if unknown:
+            raise CogsurgeonError(f"unknown check {', '.join(unknown)}: known checks are {', '.join(PROBE_IDS)}")
+    findings = []
+    for probe in PROBES:
+        if ids and probe.id not in ids:
+            continue
+        if progress is not None:
+            progress(probe)
+        findings.append(run_probe(probe))
+    return findings

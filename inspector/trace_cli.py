@@ -1,0 +1,129 @@
+"""`cogsurgeon trace`: the shape trace of `inspector.trace` on the command line, as JSON or readable tables.
+
+Top-level imports stay light (click only): the CLI imports this module on every start.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value < 1:
+        raise click.BadParameter(f"must be at least 1, got {value}")
+    return value
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--frames", default=49, show_default=True, callback=_positive, help="Video frames (4k+1: 49, 81).")
+@click.option("--height", default=480, show_default=True, callback=_positive, help="Video height in pixels.")
+@click.option("--width", default=720, show_default=True, callback=_positive, help="Video width in pixels.")
+@click.option("--batch", default=2, show_default=True, callback=_positive,
+              help="The transformer's batch: 2 is one video with classifier-free guidance.")
+@click.option("--all", "show_all", is_flag=True, help="Show every module's shapes, not only the first block's.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"sequence", "attention", "modules", "mask_memory", ...} as JSON.')
+def trace(model: str | None, frames: int, height: int, width: int, batch: int, show_all: bool,
+          as_json: bool) -> None:
+    """Trace MODEL's shapes at a video size with one forward on the meta device (no weights, no compute).
+
+    Inputs are shaped as diffusers' CogVideoX pipelines shape them: latent frames (F-1)/4+1 (padded to whole
+    temporal patches for CogVideoX1.5), latent size H/8 × W/8, rotary embeddings as the pipeline computes them,
+    the config's text length (226). Shows how the joint sequence splits into text and video tokens, each attention
+    call's query/key/value shapes, each module's input and output shapes, and what an explicit attention mask
+    would take in memory at this size. A size the model cannot take is an error (exit 2).
+
+    \b
+    Examples:
+      cogsurgeon trace                                       # cogvideox-5b-i2v at 49×480×720, batch 2
+      cogsurgeon trace cogvideox1.5-5b --frames 81 --height 768 --width 1360
+      cogsurgeon trace cogvideox-5b --json | jq '.attention[0]'
+      cogsurgeon trace tiny --frames 9 --height 64 --width 64 --all
+
+    MODEL: see `cogsurgeon modules --help`; a model with real weights is traced through a meta copy.
+    """
+    from inspector.trace import latent_geometry
+
+    config = _known_config(model)
+    if config is not None:  # refuse a size the model cannot take before paying for torch and the model
+        latent_geometry(config, frames, height, width)
+
+    from inspector.loading import load_transformer
+    from inspector.trace import trace_shapes
+
+    if not as_json and sys.stderr.isatty():  # progress for people; scripts and error output stay one line
+        click.echo(f"tracing {model or 'the default model'} at {frames}×{height}×{width}, batch {batch} ...",
+                   err=True)
+    result = trace_shapes(load_transformer(model), frames=frames, height=height, width=width, batch=batch)
+    if as_json:
+        from inspector.cli import print_json
+
+        print_json(result.to_json())
+        return
+    _print_tables(result, show_all)
+
+
+def _known_config(model: str | None) -> dict | None:
+    """The config of a published or tiny MODEL, read without torch; None for folders and hub ids."""
+    from inspector.model_specs import published_config, resolve_spec, tiny_config
+
+    resolved = resolve_spec(model)
+    if resolved.kind == "published":
+        return published_config(resolved.spec)
+    if resolved.kind == "tiny":
+        return tiny_config(resolved.spec)
+    return None
+
+
+def _print_tables(result, show_all: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from inspector.trace import format_bytes, format_shape
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    sequence, geometry = result.sequence, result.geometry
+    console.print(
+        f"[bold]{result.model_class}[/bold] at {result.frames}×{result.height}×{result.width}, "
+        f"batch {result.batch}, {result.dtype}: latent {geometry.latent_frames}×{geometry.latent_height}×"
+        f"{geometry.latent_width}, output {format_shape(result.output)}"
+    )
+    console.print(
+        f"sequence: {sequence.total:,} tokens = {sequence.text_tokens:,} text + {sequence.video_tokens:,} video "
+        f"({sequence.frames} frames × {sequence.tokens_per_frame:,} tokens)"
+    )
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+    calls = Table(title=f"{len(result.attention)} attention calls", header_style="bold")
+    for column in ("module", "query", "key", "value", "output", "mask", "causal"):
+        calls.add_column(column)
+    for call in result.attention:
+        shapes = (call.query, call.key, call.value, call.output, call.attn_mask)
+        calls.add_row(call.module, *(format_shape(shape) for shape in shapes), "yes" if call.is_causal else "no")
+    console.print(calls)
+
+    memory = Table(title="memory per attention call: a patch's rule as an explicit mask vs the patch",
+                   header_style="bold")
+    for column in ("patch", "diffusers' explicit mask", "bytes", "(1,1,L,L) bool", "patch takes"):
+        memory.add_column(column)
+    for entry in result.mask_memory:
+        memory.add_row(entry.patch, f"{format_shape(entry.explicit_mask_shape)} {entry.explicit_mask_dtype}",
+                       format_bytes(entry.explicit_mask_bytes), format_bytes(entry.broadcast_mask_bytes),
+                       format_bytes(entry.patch_bytes) if entry.patch_bytes is not None else "no estimate")
+    console.print(memory)
+
+    modules = Table(title="module shapes" + ("" if show_all else " (root, embeddings, first block, output; "
+                                                               "--all for every module)"), header_style="bold")
+    for column in ("module", "inputs", "outputs"):
+        modules.add_column(column)
+    for name, shapes in result.modules.items():
+        if not show_all and name.startswith("transformer_blocks.") and not name.startswith("transformer_blocks.0"):
+            continue
+        modules.add_row(name or "(root)", format_shape(shapes.inputs), format_shape(shapes.outputs))
+    console.print(modules)
