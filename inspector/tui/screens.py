@@ -1,7 +1,8 @@
 """The screens: the main screen (module tree, details and source, patches panel) and the model switcher.
 
-The main screen holds the loaded model as reactive state; loading and verification run in thread workers, and
-one `on_worker_state_changed` turns their failures into notifications (the app never crashes on bad input).
+The main screen holds the loaded model as reactive state; loading (in a daemon thread) and verification (a thread
+worker) run off the UI, and one `on_worker_state_changed` turns their failures into notifications (the app never
+crashes on bad input).
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
 
     def run() -> None:
         try:
-            result = function(*args)
+            outcome: tuple[Any, BaseException | None] = (function(*args), None)
         except BaseException as error:  # delivered to the awaiting worker, which reports it
-            loop.call_soon_threadsafe(deliver, None, error)
-        else:
-            loop.call_soon_threadsafe(deliver, result, None)
+            outcome = (None, error)
+        try:
+            loop.call_soon_threadsafe(deliver, *outcome)
+        except RuntimeError:  # the app has quit and its loop is closed: nobody is waiting any more
+            pass
 
     threading.Thread(target=run, name=f"cogsurgeon-{function.__name__}", daemon=True).start()
     return await future
