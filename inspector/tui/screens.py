@@ -201,7 +201,7 @@ class MainScreen(Screen[None]):
         if narrowed_tree is None:
             tree.show_modules(ModuleNode(f"no module matches {filter_text!r}", None), "")
             return
-        tree.show_modules(narrowed_tree, loaded.title, expand_to=self.matched)
+        tree.show_modules(narrowed_tree, loaded.title, open_all=True)
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:

@@ -78,22 +78,23 @@ class ModuleTree(Tree[ModuleNode]):
         self.root._reset()
         self.refresh()
 
-    def show_modules(self, root: ModuleNode, title: str, expand_to: set[str] | None = None) -> None:
-        """Replace the tree with `root`. With `expand_to`, the paths to those modules are opened (for a folded run,
-        only through its first member, so the run's other members stay one row each); else the first level."""
+    def show_modules(self, root: ModuleNode, title: str, open_all: bool = False) -> None:
+        """Replace the tree with `root`, its first level open. With `open_all` (for a tree narrowed by the filter,
+        where every row is a match or leads to one) every row is opened, but a folded run only through its first
+        member, so that the run's other members stay one row each."""
         self.clear()
         self._populated.clear()
         self.root.data = root
         self.root.set_label(self._label(root, title))
         self._populate(self.root)
         self.root.expand()
-        if expand_to:
-            self._open_matches(self.root, expand_to)
-        # Build the line index now rather than on the next idle, so that the new size and rows go out in one
-        # screen update instead of two (half the keystroke-to-repaint time of the filter).
+        if open_all:
+            self._open_below(self.root)
+        # build the line index now rather than on the next idle, so that the new rows and size go out in the same
+        # screen update (bench/RESULTS-tui.md)
         self._tree_lines
 
-    def _open_matches(self, node: TreeNode[ModuleNode], names: set[str]) -> None:
+    def _open_below(self, node: TreeNode[ModuleNode]) -> None:
         folded_members_seen = False
         for child in node.children:
             data = child.data
@@ -105,7 +106,7 @@ class ModuleTree(Tree[ModuleNode]):
                 folded_members_seen = True
             self._populate(child)
             child.expand()
-            self._open_matches(child, names)
+            self._open_below(child)
 
     def _populate(self, node: TreeNode[ModuleNode]) -> None:
         if id(node) in self._populated or node.data is None:
