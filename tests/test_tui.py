@@ -52,10 +52,10 @@ def tree_rows(tree: ModuleTree) -> list[str]:
 
 
 async def wait_for_model(pilot) -> None:
-    """Until the main screen holds a loaded model and the tree's loading indicator is gone (the load worker may
-    not have been started yet when a test begins)."""
+    """Until the main screen holds a built model (not only a cached preview) and the tree's loading indicator is
+    gone (the load worker may not have been started yet when a test begins)."""
     screen = pilot.app.main_screen
-    while screen.loaded is None or screen.query_one(ModuleTree).loading:
+    while screen.loaded is None or screen.loaded.model is None or screen.query_one(ModuleTree).loading:
         await settle(pilot)
         await pilot.pause(0.05)
 
