@@ -168,6 +168,8 @@ def weight_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"{index_path} is not a valid shard index: {exc}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ModelLoadError(f"{index_path} is not a valid shard index: weight_map must map tensors to file names")
         return [folder / name for name in dict.fromkeys(weight_map.values())]
     single = folder / WEIGHT_FILES[0]
     if single.is_file():
@@ -200,6 +202,8 @@ def saved_dtype(files: list[Path]) -> str | None:
         for name, entry in read_safetensors_header(path).items():
             if name == "__metadata__":
                 continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("shape", []), list):
+                raise ModelLoadError(f"{path} is not a valid safetensors file: tensor {name!r} has no dtype and shape")
             dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
             if dtype is not None:
                 elements = 1

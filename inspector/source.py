@@ -38,6 +38,8 @@ def display_path(file: str | None) -> str:
     if not file:
         return "-"
     path = Path(file)
+    if {"site-packages", "dist-packages"} & set(path.parts):  # also when the venv lives inside the checkout
+        return short_path(file)
     try:
         return path.resolve().relative_to(_PROJECT_ROOT).as_posix()
     except ValueError:

@@ -161,3 +161,20 @@ def test_every_loader_runs_without_the_network(tmp_path, monkeypatch, no_network
     assert load_transformer("THUDM/CogVideoX-tiny").dtype == torch.float32
     with pytest.raises(ModelSpecError, match="not in the local Hugging Face cache"):
         load_transformer("THUDM/CogVideoX-5b")
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        ("diffusion_pytorch_model.safetensors", b'\x0b\x00\x00\x00\x00\x00\x00\x00{"a": 1}   '),
+        ("diffusion_pytorch_model.safetensors.index.json", b'{"weight_map": {"proj_out.weight": 5}}'),
+        ("diffusion_pytorch_model.safetensors.index.json", b'{"weight_map": ["a"]}'),
+    ],
+    ids=["header-entry-not-an-object", "shard-name-not-a-string", "weight-map-not-a-mapping"],
+)
+def test_malformed_weight_files_are_load_errors(tmp_path, broken):
+    load_transformer("tiny").save_config(tmp_path)
+    name, content = broken
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ModelLoadError, match="not a valid"):
+        load_transformer(str(tmp_path))

@@ -221,3 +221,32 @@ def test_rslora_config_beside_is_a_problem(tmp_path, cli):
     repaired = cli("lora", "repair", str(checkpoint), "--out", str(tmp_path / "out"))
     assert_one_line_error(repaired, "use_rslora")
     assert not (tmp_path / "out").exists()
+
+
+def test_force_never_replaces_a_folder_holding_other_files(tmp_path, cli):
+    checkpoint = valid_checkpoint(tmp_path / "ckpt")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "thesis.txt").write_text("years of work")
+    before = tree_digest(project)
+    result = cli("lora", "repair", str(checkpoint), "--out", str(project), "--force", "--alpha", "4")
+    assert_one_line_error(result, "not an adapter's")
+    assert tree_digest(project) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "project"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, cli):
+    checkpoint = valid_checkpoint(tmp_path / "ckpt")
+    result = cli("lora", "repair", str(checkpoint), "--out", "/proc/cogsurgeon-adapter", "--alpha", "4")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("alpha", ["inf", "nan", "0", "-1"])
+def test_alpha_must_be_positive_and_finite(tmp_path, cli, alpha):
+    checkpoint = valid_checkpoint(tmp_path / "ckpt")
+    for args in (["inspect", str(checkpoint)], ["repair", str(checkpoint), "--out", str(tmp_path / "out")]):
+        result = cli("lora", *args, "--alpha", alpha)
+        assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "positive finite" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -197,7 +197,7 @@ def test_force_replaces_an_existing_adapter_atomically(uniform, tmp_path):
     checkpoint = save_cogkit(uniform, tmp_path / "cogkit")
     out = tmp_path / "adapter"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "adapter_config.json").write_text("{}")  # an earlier repair's folder
     calls = []
     repair_checkpoint(checkpoint, out, alpha=6, force=True, progress=lambda done, total: calls.append((done, total)))
     assert sorted(p.name for p in out.iterdir()) == [

@@ -4,6 +4,7 @@ top); verify pulls in torch, peft and diffusers inside its function.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -41,6 +42,12 @@ def _format_report(report) -> list[str]:
     return lines
 
 
+def _positive_finite_alpha(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a positive finite number, got {value}")
+    return value
+
+
 @click.group()
 def lora() -> None:
     """Inspect, repair and verify CogVideoX LoRA checkpoints.
@@ -59,7 +66,7 @@ def lora() -> None:
 
 @lora.command(short_help="Format, ranks, targets, lora_alpha and its source, problems.")
 @click.argument("ckpt", type=click.Path(path_type=str))
-@click.option("--alpha", type=float, metavar="A", help=ALPHA_HELP)
+@click.option("--alpha", type=float, callback=_positive_finite_alpha, metavar="A", help=ALPHA_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect(ckpt: str, alpha: float | None, as_json: bool) -> None:
     """Say what a LoRA checkpoint holds: format, rank and per-module ranks, targets, dtype, size, lora_alpha and
@@ -109,7 +116,7 @@ class _ByteProgress:
 @click.argument("ckpt", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="DIR",
               help="The adapter folder to create (it must not exist, unless --force).")
-@click.option("--alpha", type=float, metavar="A", help=ALPHA_HELP)
+@click.option("--alpha", type=float, callback=_positive_finite_alpha, metavar="A", help=ALPHA_HELP)
 @click.option("--force", is_flag=True, help="Replace DIR if it exists (atomically: the old folder stays until the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def repair(ckpt: str, out_dir: str, alpha: float | None, force: bool, as_json: bool) -> None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from tools.lora.safetensors_io import OutputTensor, ProgressCallback, new_progre
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_FILE_NAMES = frozenset({PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME})
 PEFT_KEY_PREFIX = "base_model.model."
 DIFFUSERS_KEY_PREFIX = "transformer."
 
@@ -93,8 +95,15 @@ def _check_output(out: Path, given: Path, tensor_file: Path, force: bool) -> Non
     if out.exists() or out.is_symlink():
         if not force:
             raise LoraCheckpointError(f"{out} already exists: choose another --out, or pass --force to replace it")
-        if not out.is_dir():
+        if out.is_symlink() or not out.is_dir():
             raise LoraCheckpointError(f"{out} exists and is not a folder: remove it yourself, --force replaces folders only")
+        foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in ADAPTER_FILE_NAMES)
+        if foreign:
+            raise LoraCheckpointError(
+                f"{out} holds files that are not an adapter's ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): --force only replaces an earlier repair's folder; "
+                "choose another --out"
+            )
     if not out.parent.is_dir():
         raise LoraCheckpointError(f"the parent folder of --out, {out.parent}, does not exist")
 
@@ -110,10 +119,10 @@ def repair_checkpoint(
     """Write the adapter folder for the checkpoint at `path` into `out_dir`; `progress(done_bytes, total_bytes)`
     is called as tensor bytes stream. Raises `LoraCheckpointError` (input untouched, nothing written) when the
     checkpoint has problems or the output exists without `force`."""
-    if alpha is not None and not alpha > 0:
-        raise LoraCheckpointError(f"--alpha must be a positive number, got {alpha}")
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise LoraCheckpointError(f"--alpha must be a positive finite number, got {alpha}")
     given = Path(path).expanduser()
-    out = Path(out_dir).expanduser()
+    out = Path(out_dir).expanduser().resolve()
     checkpoint = read_checkpoint(given, alpha=alpha)
     report = checkpoint.report
     if report.problems:
@@ -124,7 +133,10 @@ def repair_checkpoint(
     config = lora_config(report)
     data_bytes = sum(tensor.nbytes for tensor in checkpoint.tensors)
     tracker = new_progress(2 * data_bytes, progress)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise LoraCheckpointError(f"cannot write into {out.parent}: {exc.strerror or exc}") from None
     try:
         source = checkpoint.source_file.open("rb") if checkpoint.source_file is not None else None
         try:
@@ -137,6 +149,9 @@ def repair_checkpoint(
                 source.close()
         (staging / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         _move_into_place(staging, out)
+    except OSError as exc:  # a full disk, a folder that cannot be renamed: the input is untouched, nothing is left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise LoraCheckpointError(f"cannot write {out}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -151,7 +166,11 @@ def _move_into_place(staging: Path, out: Path) -> None:
         os.rename(staging, out)
         return
     retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, retired / out.name)
+    try:
+        os.rename(out, retired / out.name)
+    except BaseException:
+        retired.rmdir()
+        raise
     try:
         os.rename(staging, out)
     except BaseException:
