@@ -103,3 +103,29 @@ def format_count(count: int) -> str:
             value = count / size
             return f"{value:.3g}{suffix}" if value < 100 else f"{value:.0f}{suffix}"
     return str(count)
+
+
+@dataclass(frozen=True)
+class TracedShapes:
+    """Every module's traced input and output shapes at one video size, formatted for the details pane."""
+
+    size: str
+    by_module: dict[str, tuple[str, str]]
+
+    def of(self, name: str) -> tuple[str, str, str] | None:
+        """(size, inputs, outputs) of module `name`, or None when the traced forward did not call it."""
+        shapes = self.by_module.get(name)
+        return None if shapes is None else (self.size, *shapes)
+
+
+def trace_for_details(model: Any) -> TracedShapes:
+    """Trace `model` on the meta device at the video size its pipelines default to (batch 2: one video with
+    classifier-free guidance)."""
+    from inspector.trace import default_video_size, format_shape, trace_shapes
+
+    frames, height, width = default_video_size(model.config)
+    result = trace_shapes(model, frames=frames, height=height, width=width, batch=2)
+    return TracedShapes(
+        f"{frames}×{height}×{width} video, batch 2",
+        {name: (format_shape(shapes.inputs), format_shape(shapes.outputs)) for name, shapes in result.modules.items()},
+    )

@@ -244,6 +244,20 @@ def latent_geometry(config: Mapping[str, Any], frames: int, height: int, width: 
     )
 
 
+VAE_SCALE_FACTOR = 8
+LARGEST_DEFAULT_SIZE = (768, 1360)  # CogVideoX1.5's pipelines' size; its config's 300x300 latent is a maximum
+
+
+def default_video_size(config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """The video (frames, height, width) the pipelines default to for this config: the sample size times the VAE's
+    factor (49x480x720 for CogVideoX, 9x64x64 for the tiny models), capped at CogVideoX1.5's 81x768x1360."""
+    height = int(config["sample_height"]) * VAE_SCALE_FACTOR
+    width = int(config["sample_width"]) * VAE_SCALE_FACTOR
+    if height > LARGEST_DEFAULT_SIZE[0] or width > LARGEST_DEFAULT_SIZE[1]:
+        height, width = LARGEST_DEFAULT_SIZE
+    return int(config["sample_frames"]), height, width
+
+
 def sequence_split(geometry: LatentGeometry, text_tokens: int) -> SequenceSplit:
     video_tokens = geometry.token_frames * geometry.tokens_per_frame
     return SequenceSplit(

@@ -352,3 +352,13 @@ def test_cli_modules_stay_light():
             "print(sorted(m for m in ('torch', 'diffusers', 'peft', 'textual') if m in sys.modules))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert completed.stdout.strip() == "[]"
+
+
+def test_default_video_size_is_the_pipelines_default():
+    from inspector.model_specs import TINY_CONFIGS, published_config
+    from inspector.trace import default_video_size
+
+    assert default_video_size(published_config("cogvideox-5b-i2v")) == (49, 480, 720)
+    assert default_video_size(published_config("cogvideox-2b")) == (49, 480, 720)
+    assert default_video_size(published_config("cogvideox1.5-5b")) == (81, 768, 1360)
+    assert default_video_size(TINY_CONFIGS["tiny"]) == (9, 64, 64)

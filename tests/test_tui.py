@@ -52,10 +52,15 @@ def tree_rows(tree: ModuleTree) -> list[str]:
 
 
 async def wait_for_model(pilot) -> None:
-    """Until the main screen holds a built model (not only a cached preview) and the tree's loading indicator is
-    gone (the load worker may not have been started yet when a test begins)."""
+    """Until the main screen holds a built model (not only a cached preview), the tree's loading indicator is
+    gone (the load worker may not have been started yet when a test begins) and its shapes are traced."""
     screen = pilot.app.main_screen
-    while screen.loaded is None or screen.loaded.model is None or screen.query_one(ModuleTree).loading:
+    while (
+        screen.loaded is None
+        or screen.loaded.model is None
+        or screen.query_one(ModuleTree).loading
+        or screen.traced is None
+    ):
         await settle(pilot)
         await pilot.pause(0.05)
 
@@ -135,6 +140,21 @@ async def test_filter_narrows_the_tree_enter_selects_the_first_match_escape_rest
         assert filter_input.border_subtitle == "67 modules"
         assert any("patch_embed" in row for row in tree_rows(app.query_one(ModuleTree)))
         assert app.screen.selected.name == "transformer_blocks.0.attn1"  # the selection survives
+
+
+@pilot_test
+async def test_details_show_the_shapes_traced_at_the_pipelines_default_size():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await settle(pilot)  # the trace worker
+        pilot.app.main_screen.go_to_module("transformer_blocks.0.attn1")
+        await settle(pilot)
+        details = shown_text(app.query_one(ModuleDetails))
+        # tiny: 9 frames of 64x64 -> 3 latent frames x (32/2)^2... = 3 x 16 video tokens after 2x2 patches; 8 text
+        assert "9×64×64 video, batch 2" in details
+        assert "hidden_states=(2, 48, 32)" in details and "encoder_hidden_states=(2, 8, 32)" in details
+        assert "[(2, 48, 32), (2, 8, 32)]" in details  # outputs: video and text hidden states
 
 
 @pilot_test

@@ -22,7 +22,7 @@ from textual.widgets import Footer, Header, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 from textual.worker import Worker, WorkerState
 
-from inspector.browse import LoadedModel, open_model, preview_model
+from inspector.browse import LoadedModel, TracedShapes, open_model, preview_model, trace_for_details
 from inspector.errors import CogsurgeonError
 from inspector.inventory import ModuleInfo
 from inspector.model_specs import known_specs
@@ -91,6 +91,7 @@ class MainScreen(Screen[None]):
         self.patch_bench = PatchBench()
         self.matched: set[str] = set()
         self.narrowed: dict[str, tuple[ModuleNode | None, set[str]]] = {}
+        self.traced: TracedShapes | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -134,6 +135,10 @@ class MainScreen(Screen[None]):
         # imported) must not wait for the import to finish, and the default executor is joined at exit
         return await in_daemon_thread(open_model, spec)
 
+    @work(thread=True, exclusive=True, exit_on_error=False, group="trace", description="tracing shapes")
+    def _trace(self, loaded: LoadedModel) -> TracedShapes:
+        return trace_for_details(loaded.model)
+
     @work(thread=True, exclusive=False, exit_on_error=False, group="verify", description="verifying patch")
     def _verify(self, name: str) -> Any:
         return self.patch_bench.verify(name)
@@ -149,6 +154,12 @@ class MainScreen(Screen[None]):
                 self.loaded = worker.result
             elif event.state == WorkerState.ERROR:
                 self.notify(describe_failure(worker.error), title="could not load model", severity="error")
+        elif worker.group == "trace" and event.state == WorkerState.SUCCESS:
+            self.traced = worker.result
+            if self.selected is not None:
+                self.watch_selected(self.selected)
+        elif worker.group == "trace" and event.state == WorkerState.ERROR:
+            self.notify(describe_failure(worker.error), title="could not trace shapes", severity="warning")
         elif worker.group == "verify" and event.state in (WorkerState.SUCCESS, WorkerState.ERROR):
             name = worker.name
             if event.state == WorkerState.SUCCESS:
@@ -164,6 +175,9 @@ class MainScreen(Screen[None]):
         if loaded is None:
             return
         self.app.sub_title = loaded.title
+        if loaded.model is not None and (previous is None or previous.model is not loaded.model):
+            self.traced = None
+            self._trace(loaded)
         if previous is not None and previous.model is None and previous.infos == loaded.infos:
             # the real model behind a cached preview: same tree, now with source and patches
             self.refresh_patches()
@@ -256,7 +270,8 @@ class MainScreen(Screen[None]):
             return
         patched = info.name in self.loaded.changed_modules()
         config = self.loaded.config if info.name == "" else None
-        self.query_one(ModuleDetails).show(info, patched, config)
+        shapes = self.traced.of(info.name) if self.traced is not None else None
+        self.query_one(ModuleDetails).show(info, patched, config, shapes)
         if self.loaded.model is None:  # a cached preview: the classes are not imported yet
             self.query_one(SourceView).waiting("importing the model's code: the source appears when it is loaded")
         else:

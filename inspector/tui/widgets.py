@@ -189,7 +189,14 @@ class ModuleDetails(Static):
     """The selected module's facts: class, defining module, file and line, parameters, dtype, device, processor;
     for the root, the model's config."""
 
-    def show(self, info: ModuleInfo, patched: bool, config: dict[str, Any] | None = None) -> None:
+    def show(
+        self,
+        info: ModuleInfo,
+        patched: bool,
+        config: dict[str, Any] | None = None,
+        shapes: tuple[str, str, str] | None = None,
+    ) -> None:
+        """`shapes`: (video size traced at, inputs, outputs) as the core formatted them, when traced."""
         location = display_path(info.file) + (f":{info.line}" if info.line else "")
         facts: list[tuple[str | Text, str | Text]] = [
             ("module", info.name or "(root)"),
@@ -205,6 +212,9 @@ class ModuleDetails(Static):
             if patched:
                 processor.append("  patched", style="bold magenta")
             facts.append(("processor", processor))
+        if shapes is not None:
+            size, inputs, outputs = shapes
+            facts += [("traced at", size), ("inputs", inputs), ("outputs", outputs)]
         grid = facts_table(facts)
         if not config:
             self.update(grid)
