@@ -63,6 +63,7 @@ async def wait_for_model(pilot) -> None:
     ):
         await settle(pilot)
         await pilot.pause(0.05)
+    await settle(pilot)  # the messages the last load posted (the highlighted row's details) are handled too
 
 
 async def settle(pilot) -> None:
