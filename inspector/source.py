@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from inspector.render import short_path
 
@@ -53,18 +54,21 @@ def _loaded_class(module_name: str | None, class_name: str | None) -> type | Non
     return candidate if isinstance(candidate, type) else None
 
 
+def _source_text(obj: Any, title: str) -> SourceText | None:
+    """The source of a class or function, titled for the source pane, or None when it has no Python source."""
+    try:
+        lines, start = inspect.getsourcelines(obj)
+        file = inspect.getsourcefile(obj)
+    except (OSError, TypeError):
+        return None
+    return SourceText(title, file, start, "".join(lines))
+
+
 @lru_cache(maxsize=256)
 def class_source(module_name: str | None, class_name: str | None) -> SourceText | None:
     """The source of the class `module_name.class_name`, or None when it has no Python source."""
     cls = _loaded_class(module_name, class_name)
-    if cls is None:
-        return None
-    try:
-        lines, start = inspect.getsourcelines(cls)
-        file = inspect.getsourcefile(cls)
-    except (OSError, TypeError):
-        return None
-    return SourceText(f"class {class_name}", file, start, "".join(lines))
+    return _source_text(cls, f"class {class_name}") if cls is not None else None
 
 
 @lru_cache(maxsize=256)
@@ -72,10 +76,4 @@ def processor_call_source(module_name: str | None, class_name: str | None) -> So
     """The source of an attention processor class's `__call__`, or None."""
     cls = _loaded_class(module_name, class_name)
     call = getattr(cls, "__call__", None) if cls is not None else None
-    call = inspect.unwrap(call) if call is not None else None
-    try:
-        lines, start = inspect.getsourcelines(call)
-        file = inspect.getsourcefile(call)
-    except (OSError, TypeError):
-        return None
-    return SourceText(f"{class_name}.__call__", file, start, "".join(lines))
+    return _source_text(inspect.unwrap(call), f"{class_name}.__call__") if call is not None else None
