@@ -51,6 +51,12 @@ def tree_rows(tree: ModuleTree) -> list[str]:
     return rows
 
 
+def drawn_rows(tree: ModuleTree) -> list[str]:
+    """The tree's rows as the widget draws them now (guides, icons and labels), blank rows dropped."""
+    rows = [tree.render_line(y).text.rstrip() for y in range(tree.size.height)]
+    return [row for row in rows if row]
+
+
 async def wait_for_model(pilot) -> None:
     """Until the main screen holds a built model (not only a cached preview), the tree's loading indicator is
     gone (the load worker may not have been started yet when a test begins) and its shapes are traced."""
@@ -141,6 +147,40 @@ async def test_filter_narrows_the_tree_enter_selects_the_first_match_escape_rest
         assert filter_input.border_subtitle == "67 modules"
         assert any("patch_embed" in row for row in tree_rows(app.query_one(ModuleTree)))
         assert app.screen.selected.name == "transformer_blocks.0.attn1"  # the selection survives
+
+
+@pilot_test
+async def test_the_narrowed_tree_is_drawn_scrolls_and_takes_clicks():
+    """ModuleTree draws its own rows and updates its scrollbar without a layout of the screen: the rows drawn, the
+    scrollbar, the scroll position and a click on a row must still follow the filter."""
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(160, 24)) as pilot:
+        await wait_for_model(pilot)
+        tree = app.query_one(ModuleTree)
+        assert not tree.show_vertical_scrollbar
+        await pilot.press("slash", "a")
+        await pilot.pause()
+        assert drawn_rows(tree)[:3] == [
+            "▼ tiny  CogVideoXTransformer3DModel  42.2K",
+            "├ ▼ patch_embed  CogVideoXPatchEmbed  1.09K",
+            "│ ├ proj  Conv2d  544",
+        ]
+        assert tree.virtual_size.height > tree.size.height and tree.show_vertical_scrollbar
+        tree.scroll_end(animate=False)
+        await pilot.pause()
+        assert tree.scroll_y == tree.max_scroll_y > 0
+        await pilot.press(*"dalayernorm")
+        await pilot.pause()
+        assert drawn_rows(tree) == ["▼ tiny  CogVideoXTransformer3DModel  42.2K", "└ norm_out  AdaLayerNorm  1.15K"]
+        assert tree.scroll_y == 0 and not tree.show_vertical_scrollbar
+        await pilot.click(ModuleTree, offset=(6, 2))  # inside the border: the second row
+        await pilot.pause()
+        assert tree.has_focus and app.screen.selected.name == "norm_out"
+        await pilot.press("slash", *"x" * 80)  # wider than the filter: its text scrolls, the cursor stays inside
+        await pilot.pause()
+        filter_input = app.query_one("#filter")
+        assert filter_input.scroll_x > 0
+        assert filter_input.region.contains_point(filter_input.cursor_screen_offset)
 
 
 @pilot_test

@@ -28,7 +28,7 @@ from inspector.inventory import ModuleInfo
 from inspector.model_specs import known_specs
 from inspector.module_tree import ModuleNode, build_module_tree, narrow_inventory
 from inspector.patching import PatchBench
-from inspector.tui.widgets import ModuleDetails, ModuleTree, PatchesPanel, SourceView, source_for
+from inspector.tui.widgets import FilterInput, ModuleDetails, ModuleTree, PatchesPanel, SourceView, source_for
 
 T = TypeVar("T")
 
@@ -97,7 +97,7 @@ class MainScreen(Screen[None]):
         yield Header()
         with Horizontal(id="main"):
             with Vertical(id="left"):
-                yield Input(placeholder="/ filter by name, class or file", id="filter")
+                yield FilterInput(placeholder="/ filter by name, class or file", id="filter")
                 yield ModuleTree(id="tree")
             with Vertical(id="right"):
                 yield ModuleDetails(id="details")
@@ -109,6 +109,9 @@ class MainScreen(Screen[None]):
         self.query_one("#patches", PatchesPanel).border_title = "patches"
         self.query_one("#details", ModuleDetails).border_title = "details"
         self.query_one(ModuleTree).focus()
+        # a watcher runs as the filter's text changes, so the narrowed tree goes out in the same screen update as
+        # the typed character (an Input.Changed message arrives after that update, a second one at 60 fps)
+        self.watch(self.query_one("#filter", FilterInput), "value", self._filter_changed, init=False)
         self.refresh_patches()
         self.open(self.spec)
 
@@ -217,9 +220,8 @@ class MainScreen(Screen[None]):
             return
         tree.show_modules(narrowed_tree, loaded.title, open_all=True)
 
-    @on(Input.Changed, "#filter")
-    def _filter_changed(self, event: Input.Changed) -> None:
-        self.show_tree(event.value)
+    def _filter_changed(self, value: str) -> None:
+        self.show_tree(value)
 
     @on(Input.Submitted, "#filter")
     def _select_first_match(self, event: Input.Submitted) -> None:
