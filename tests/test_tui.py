@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from rich.console import Console
 from textual.worker import WorkerFailed
 
 from inspector.tui.app import CogsurgeonApp
-from inspector.tui.widgets import ModuleDetails, ModuleTree, SourceView
+from inspector.tui import screens
+from inspector.tui.widgets import ModuleDetails, ModuleTree, SlowLoadingIndicator, SourceView
 
 SIZE = (160, 48)
 
@@ -250,6 +252,35 @@ async def test_a_failed_load_is_a_notification_and_the_old_model_stays(tmp_path)
         await pilot.press("down")  # still responsive
         await pilot.pause()
         assert app.screen.selected.name == "patch_embed"
+
+
+@pilot_test
+async def test_while_the_model_loads_the_tree_says_what_and_redraws_once_a_second(monkeypatch):
+    release = threading.Event()
+    real_open_model = screens.open_model
+
+    def slow_open_model(spec):  # a load held until the test has looked (an import of torch takes seconds)
+        release.wait(60)
+        return real_open_model(spec)
+
+    monkeypatch.setattr(screens, "open_model", slow_open_model)
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        tree = app.query_one(ModuleTree)
+        while not tree.loading:
+            await pilot.pause(0.05)
+        await pilot.pause()
+        indicator = tree._cover_widget
+        assert isinstance(indicator, SlowLoadingIndicator)
+        assert indicator.render().plain == "● loading tiny  0 s"
+        assert indicator.auto_refresh == 1.0  # not LoadingIndicator's 16 frames a second
+        await pilot.press("slash", "a")  # the interface answers meanwhile
+        await pilot.pause()
+        assert app.query_one("#filter").value == "a"
+        release.set()
+        await wait_for_model(pilot)
+        assert tree._cover_widget is None
+        assert tree_rows(tree)[0] == "tiny  CogVideoXTransformer3DModel  42.2K"
 
 
 @pilot_test

@@ -28,7 +28,15 @@ from inspector.inventory import ModuleInfo
 from inspector.model_specs import known_specs
 from inspector.module_tree import ModuleNode, build_module_tree, narrow_inventory
 from inspector.patching import PatchBench
-from inspector.tui.widgets import FilterInput, ModuleDetails, ModuleTree, PatchesPanel, SourceView, source_for
+from inspector.tui.widgets import (
+    FilterInput,
+    ModuleDetails,
+    ModuleTree,
+    PatchesPanel,
+    SlowLoadingIndicator,
+    SourceView,
+    source_for,
+)
 
 T = TypeVar("T")
 
@@ -87,6 +95,7 @@ class MainScreen(Screen[None]):
     def __init__(self, spec: str) -> None:
         super().__init__()
         self.spec = spec
+        self.opening: str | None = None  # the spec being loaded, for the loading indicators
         self.full_tree: ModuleNode | None = None
         self.patch_bench = PatchBench()
         self.matched: set[str] = set()
@@ -104,6 +113,9 @@ class MainScreen(Screen[None]):
                 yield SourceView(id="source")
         yield PatchesPanel(id="patches")
         yield Footer()
+
+    def get_loading_widget(self) -> SlowLoadingIndicator:
+        return SlowLoadingIndicator(f"loading {self.opening or self.spec}")
 
     def on_mount(self) -> None:
         self.query_one("#patches", PatchesPanel).border_title = "patches"
@@ -125,6 +137,7 @@ class MainScreen(Screen[None]):
         except CogsurgeonError as error:
             self.notify(describe_failure(error), title="could not load model", severity="error")
             return
+        self.opening = spec
         if preview is not None:
             self.loaded = preview
             self.query_one(SourceView).loading = True
@@ -180,7 +193,8 @@ class MainScreen(Screen[None]):
         self.app.sub_title = loaded.title
         if loaded.model is not None and (previous is None or previous.model is not loaded.model):
             self.traced = None
-            self._trace(loaded)
+            # after the screen has painted this model: the trace would share the interpreter with that paint
+            self.call_after_refresh(self._trace, loaded)
         if previous is not None and previous.model is None and previous.infos == loaded.infos:
             # the real model behind a cached preview: same tree, now with source and patches
             self.refresh_patches()

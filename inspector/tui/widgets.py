@@ -6,6 +6,7 @@ messages; none of them touches a model.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from rich.style import Style
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual._segment_tools import line_pad
 from textual.binding import Binding
@@ -25,7 +26,7 @@ from textual.geometry import Region, Size
 from textual.message import Message
 from textual.reactive import Reactive
 from textual.strip import Strip
-from textual.widgets import DataTable, Input, Static, Tree
+from textual.widgets import DataTable, Input, LoadingIndicator, Static, Tree
 from textual.widgets.tree import TreeNode
 
 from inspector.browse import format_count
@@ -44,6 +45,26 @@ def facts_table(rows: list[tuple[str | Text, str | Text]]) -> Table:
     for label, value in rows:
         grid.add_row(label, Text(value) if isinstance(value, str) else value)
     return grid
+
+
+class SlowLoadingIndicator(LoadingIndicator):
+    """A pane's loading indicator: what is loading and the seconds so far, redrawn once a second. Textual's own
+    animates at 16 frames a second, which took 15 % of a core from the interpreter that is importing torch and
+    diffusers at the same time (the model loads in a thread of the same process); with this one the whole idle
+    interface takes 3 % (bench/RESULTS-tui.md)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+
+    def _on_mount(self, event: events.Mount) -> None:
+        event.prevent_default()  # LoadingIndicator's own handler would set 16 frames a second
+        self._start_time = time.time()
+        self.auto_refresh = 1.0
+
+    def render(self) -> Text:
+        seconds = int(time.time() - self._start_time)
+        return Text(f"● {self.what}  {seconds} s", style="dim")
 
 
 @dataclass(frozen=True)
