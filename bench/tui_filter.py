@@ -9,6 +9,8 @@ Headless Textual (Pilot, 160×48). Each sample is one key. Two figures per key:
   so no unrelated update lands in the window. This is the latency a user sees.
 - the screen's filter handler alone (`MainScreen.show_tree`: narrow the rows, build and fold the tree, fill the
   Textual Tree), the part that is cogsurgeon's code rather than Textual's layout and compositing.
+- baseline, measured in the same run: the same keys typed into the model switcher's path field, an Input with
+  nothing behind it; the ratio of the medians says what the tree's update adds to Textual's echo of a key.
 - press+pause: until `pilot.press(key)` and `pilot.pause()` return. Pilot finds "done" by polling the process
   for idleness in 20 ms sleeps (three polls per key), so this has a floor of about 60 ms with no work at all; it is
   printed as an upper bound.
@@ -40,7 +42,9 @@ async def measure(spec: str, rounds: int) -> dict[str, list[float]]:
     from inspector.tui.screens import MainScreen
 
     app = CogsurgeonApp(spec)
-    samples: dict[str, list[float]] = {"typing": [], "backspace": [], "press+pause": [], "show_tree": []}
+    samples: dict[str, list[float]] = {
+        "typing": [], "backspace": [], "press+pause": [], "show_tree": [], "input alone": []
+    }
     show_tree = MainScreen.show_tree
 
     def timed_show_tree(screen, filter_text: str) -> None:
@@ -59,12 +63,13 @@ async def measure(spec: str, rounds: int) -> dict[str, list[float]]:
 
     app._display = timestamped_display
 
-    async def key_latency(key: str) -> float:
+    async def key_latency(key: str, filter_key: bool = True) -> float:
         seen = len(updates)
         start = time.perf_counter()
         await pilot.press(key)
         await pilot.pause()
-        samples["press+pause"].append(time.perf_counter() - start)
+        if filter_key:
+            samples["press+pause"].append(time.perf_counter() - start)
         if len(updates) == seen:
             raise RuntimeError(f"key {key!r} caused no screen update")
         return updates[-1] - start
@@ -86,6 +91,21 @@ async def measure(spec: str, rounds: int) -> dict[str, list[float]]:
                 assert app.query_one("#filter").value == ""
         rows = len(app.query_one(ModuleTree).root.children)
         assert rows > 0
+
+        # baseline, same app and run: the same keys typed into the model switcher's path field, an Input with
+        # nothing behind it (Textual's own cost of echoing a key on this screen)
+        await pilot.press("escape", "m")
+        await pilot.pause()
+        path_input = app.screen.query_one("#model-path")
+        path_input.cursor_blink = False
+        path_input.focus()
+        await pilot.pause()
+        for _ in range(rounds):
+            for word in WORDS:
+                for key in word:
+                    samples["input alone"].append(await key_latency(key, filter_key=False))
+                for _ in word:
+                    samples["input alone"].append(await key_latency("backspace", filter_key=False))
     return samples
 
 
@@ -110,6 +130,9 @@ def main() -> None:
     print(f"  all keys     {describe(every)}")
     print(f"press+pause (upper bound, Pilot idle polling included): {describe(samples['press+pause'])}")
     print(f"of which the screen's filter handler (narrow, build, fill the Tree): {describe(samples['show_tree'])}")
+    print(f"baseline, the same keys into an Input with nothing behind it: {describe(samples['input alone'])}")
+    ratio = statistics.median(every) / statistics.median(samples["input alone"])
+    print(f"filter keystroke-to-repaint / baseline (medians): {ratio:.2f}")
 
 
 if __name__ == "__main__":
