@@ -7,8 +7,8 @@ Each round, on this machine and one after the other:
   and the model is built on meta) — seconds from launching the process until the tree's root row is on screen
   (the pane is polled every 50 ms);
 - warm: the same with the cache the cold start just wrote (every later start);
-- bare imports: a fresh interpreter importing torch and the CogVideoX class as `inspector.loading` imports it;
-  and the same plus `textual.app`, the imports the TUI cannot paint without.
+- bare imports, right after the cold start: a fresh interpreter importing torch and the CogVideoX class as
+  `inspector.loading` imports it; then the same plus `textual.app`, the imports the TUI cannot paint without.
 
 This machine's speed drifts by ±30 % within minutes, so the figures are paired: each round's cold start minus
 the bare imports measured right after it, and the median of those differences is the result. Goal: tree within
@@ -70,12 +70,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as cache:
             cold = seconds_to_tree(args.spec, cache)
             bare = seconds_to_import(BARE)
-            warm = seconds_to_tree(args.spec, cache)
             bare_textual = seconds_to_import(BARE_WITH_TEXTUAL)
+            warm = seconds_to_tree(args.spec, cache)
         row = {"cold": cold, "warm": warm, "bare": bare, "bare_with_textual": bare_textual}
         rows.append(row)
-        print(f"round {round_number}: cold {cold:.2f} s (bare imports {bare:.2f} s, {cold - bare:+.2f}), "
-              f"warm {warm:.2f} s (bare imports with textual {bare_textual:.2f} s)", flush=True)
+        print(f"round {round_number}: cold {cold:.2f} s, bare imports {bare:.2f} s ({cold - bare:+.2f}), "
+              f"with textual {bare_textual:.2f} s ({cold - bare_textual:+.2f}); warm {warm:.2f} s", flush=True)
 
     def median(key: str) -> float:
         return statistics.median(row[key] for row in rows)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import threading
 from pathlib import Path
 
 import pytest
 from rich.console import Console
+from textual.widgets import Tree
 from textual.worker import WorkerFailed
 
 from inspector.tui.app import CogsurgeonApp
@@ -272,7 +274,7 @@ async def test_while_the_model_loads_the_tree_says_what_and_redraws_once_a_secon
         await pilot.pause()
         indicator = tree._cover_widget
         assert isinstance(indicator, SlowLoadingIndicator)
-        assert indicator.render().plain == "● loading tiny  0 s"
+        assert re.fullmatch(r"● loading tiny  \d+ s", indicator.render().plain)
         assert indicator.auto_refresh == 1.0  # not LoadingIndicator's 16 frames a second
         await pilot.press("slash", "a")  # the interface answers meanwhile
         await pilot.pause()
@@ -281,6 +283,66 @@ async def test_while_the_model_loads_the_tree_says_what_and_redraws_once_a_secon
         await wait_for_model(pilot)
         assert tree._cover_widget is None
         assert tree_rows(tree)[0] == "tiny  CogVideoXTransformer3DModel  42.2K"
+
+
+@pilot_test
+async def test_switching_models_during_a_load_shows_the_new_load_then_the_new_model(monkeypatch, tmp_path, tiny_model):
+    folder = tmp_path / "runs" / "my-tiny"
+    tiny_model.save_pretrained(folder)
+    release = {"tiny": threading.Event(), str(folder): threading.Event()}
+    real_open_model = screens.open_model
+
+    def held_open_model(spec):  # each load waits until the test lets it go
+        release[spec].wait(60)
+        return real_open_model(spec)
+
+    monkeypatch.setattr(screens, "open_model", held_open_model)
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        tree = app.query_one(ModuleTree)
+        while not tree.loading:
+            await pilot.pause(0.05)
+        app.screen.open(str(folder))  # cancels the held load of tiny
+        await pilot.pause()
+        assert re.fullmatch(rf"● loading {re.escape(str(folder))}  \d+ s", tree._cover_widget.render().plain)
+        assert tree.loading  # the cancelled load's end must not end the new load's indicator
+        release[str(folder)].set()
+        await wait_for_model(pilot)
+        release["tiny"].set()
+        await pilot.pause(0.2)
+        assert app.sub_title == "runs/my-tiny (folder)"
+        assert tree_rows(tree)[0].startswith("runs/my-tiny (folder)  CogVideoXTransformer3DModel")
+        assert not tree.loading and app.screen.opening is None
+
+
+@pilot_test
+async def test_the_tree_draws_its_rows_as_textuals_own_tree_would():
+    """ModuleTree draws its rows itself (its styles looked up once per repaint, not per row): every row, styles and
+    the line and node metadata that clicks and hovers read included, must equal what Textual's `Tree._render_line`
+    draws in the same state."""
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        tree = app.query_one(ModuleTree)
+        await pilot.press("slash", "a")  # every row open: guides at each depth, last and middle children
+        await pilot.pause()
+        compared = 0
+        for tree_focused in (True, False):
+            (tree if tree_focused else app.query_one("#filter")).focus()
+            for guide_depth, show_guides in ((2, True), (4, True), (3, False)):
+                tree.guide_depth, tree.show_guides = guide_depth, show_guides
+                for cursor_line, hover_line in ((0, -1), (3, 5), (7, 7)):
+                    tree.cursor_line, tree.hover_line = cursor_line, hover_line
+                    await pilot.pause()
+                    tree._pseudo_class_state = tree.get_pseudo_class_state()
+                    for y in range(tree.virtual_size.height):
+                        tree._line_cache.clear()
+                        ours = list(tree._render_line(y, 0, tree.size.width, tree.rich_style))
+                        tree._line_cache.clear()
+                        textuals = list(Tree._render_line(tree, y, 0, tree.size.width, tree.rich_style))
+                        assert ours == textuals, (tree_focused, guide_depth, show_guides, cursor_line, hover_line, y)
+                        compared += 1
+        assert compared == 2 * 3 * 3 * tree.virtual_size.height > 200
 
 
 @pilot_test

@@ -96,6 +96,7 @@ class MainScreen(Screen[None]):
         super().__init__()
         self.spec = spec
         self.opening: str | None = None  # the spec being loaded, for the loading indicators
+        self.load_worker: Worker[LoadedModel] | None = None
         self.full_tree: ModuleNode | None = None
         self.patch_bench = PatchBench()
         self.matched: set[str] = set()
@@ -138,12 +139,14 @@ class MainScreen(Screen[None]):
             self.notify(describe_failure(error), title="could not load model", severity="error")
             return
         self.opening = spec
+        tree, source = self.query_one(ModuleTree), self.query_one(SourceView)
+        tree.loading = source.loading = False  # a fresh indicator, naming this spec, also over a load in progress
         if preview is not None:
             self.loaded = preview
-            self.query_one(SourceView).loading = True
+            source.loading = True
         else:
-            self.query_one(ModuleTree).loading = True
-        self._load(spec)
+            tree.loading = True
+        self.load_worker = self._load(spec)
 
     @work(exclusive=True, exit_on_error=False, group="load", description="loading model")
     async def _load(self, spec: str) -> LoadedModel:
@@ -162,7 +165,10 @@ class MainScreen(Screen[None]):
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         worker = event.worker
         if worker.group == "load":
+            if worker is not self.load_worker:  # a load that a newer one replaced (and cancelled)
+                return
             if event.state in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
+                self.opening = None
                 self.query_one(ModuleTree).loading = False
                 self.query_one(SourceView).loading = False
             if event.state == WorkerState.SUCCESS:
@@ -258,8 +264,7 @@ class MainScreen(Screen[None]):
         filter_input = self.query_one("#filter", Input)
         tree = self.query_one(ModuleTree)
         if filter_input.value:
-            filter_input.value = ""
-            self.show_tree("")
+            filter_input.value = ""  # the filter's watcher shows the whole tree
             if self.selected is not None:
                 tree.go_to(self.selected.name)
         tree.focus()
@@ -269,8 +274,7 @@ class MainScreen(Screen[None]):
 
     def go_to_module(self, name: str) -> None:
         """Clear any filter and put the tree's cursor on module `name`."""
-        self.query_one("#filter", Input).value = ""
-        self.show_tree("")
+        self.query_one("#filter", Input).value = ""  # if it held a filter, its watcher shows the whole tree
         tree = self.query_one(ModuleTree)
         tree.go_to(name)
         tree.focus()

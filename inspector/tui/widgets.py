@@ -49,9 +49,8 @@ def facts_table(rows: list[tuple[str | Text, str | Text]]) -> Table:
 
 class SlowLoadingIndicator(LoadingIndicator):
     """A pane's loading indicator: what is loading and the seconds so far, redrawn once a second. Textual's own
-    animates at 16 frames a second, which took 15 % of a core from the interpreter that is importing torch and
-    diffusers at the same time (the model loads in a thread of the same process); with this one the whole idle
-    interface takes 3 % (bench/RESULTS-tui.md)."""
+    animates at 16 frames a second: the TUI then took 15 % of a core while loading, cycles taken from the import
+    of torch and diffusers in a thread of the same interpreter; with this one, 1 % (`bench/tui_idle_cpu.py`)."""
 
     def __init__(self, what: str) -> None:
         super().__init__()
@@ -70,8 +69,8 @@ class SlowLoadingIndicator(LoadingIndicator):
 @dataclass(frozen=True)
 class TreeLineStyles:
     """The styles one repaint of the module tree draws with. Textual's Tree looks each of them up again for every
-    line (`rich_style` walks the widget's ancestors): drawing 35 rows took 31 ms of a 70 ms filter keystroke that
-    way, 10 ms with one lookup per repaint (`ModuleTree.render_lines`)."""
+    row (`rich_style` walks the widget's ancestors, and there are ten more), the largest part of drawing a row;
+    `ModuleTree.render_lines` looks them up once per repaint."""
 
     base: Style
     highlight_line: Style
@@ -87,15 +86,20 @@ class TreeLineStyles:
     has_focus: bool
 
 
-class FilterInput(Input):
-    """The tree's filter. It has a fixed width and its text scrolls inside it, so a keystroke needs a repaint, not
-    the layout of the whole screen that Input asks for whenever its text's width changes (that layout, and the
-    scrollbar repaint that follows every layout, cost a filter keystroke two extra screen updates)."""
+class RepaintOnContentSize:
+    """For a widget whose size the stylesheet fixes: a change of its content's size (`virtual_size`) is a repaint,
+    not a layout of the whole screen. Widget declares `virtual_size` with `layout=True`, and every layout also
+    repaints the scroll views' scrollbars one screen update (a 60 fps tick) later: the filter's text and the
+    tree's rows change size on every filter keystroke, which cost it two extra screen updates."""
 
     virtual_size: Reactive[Size] = Reactive(Size(0, 0))
 
 
-class ModuleTree(Tree[ModuleNode]):
+class FilterInput(RepaintOnContentSize, Input):
+    """The tree's filter: fixed width, its text scrolls inside it."""
+
+
+class ModuleTree(RepaintOnContentSize, Tree[ModuleNode]):
     """The module hierarchy; children are added when a node is first expanded, so a 1,067-module model costs only
     the rows on screen. Folded runs read `transformer_blocks (0-41): 42 × CogVideoXBlock`."""
 
@@ -110,12 +114,6 @@ class ModuleTree(Tree[ModuleNode]):
 
         info: ModuleInfo
 
-    # Tree's virtual size (its line count and widest line) changes with every filter keystroke. Widget asks for a
-    # layout of the whole screen on each change, and every layout is followed by one more screen update for the
-    # scrollbar; the tree's own size is fixed by the stylesheet, so a change of its content only needs its
-    # scrollbars updated in the same repaint (a layout still happens when one appears or disappears).
-    virtual_size: Reactive[Size] = Reactive(Size(0, 0))
-
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("(no model)", **kwargs)
         self.guide_depth = 2
@@ -125,6 +123,7 @@ class ModuleTree(Tree[ModuleNode]):
         self._repaint_styles: TreeLineStyles | None = None
 
     def watch_virtual_size(self, size: Size) -> None:
+        """The scrollbars follow the rows in the same repaint (a layout still happens when one appears or goes)."""
         if self.is_mounted:
             self._scroll_update(size)
 
@@ -181,7 +180,7 @@ class ModuleTree(Tree[ModuleNode]):
         return self._render_line(y + scroll_y, scroll_x, scroll_x + self.size.width, styles.base)
 
     def _render_line(self, y: int, x1: int, x2: int, base_style: Style) -> Strip:
-        """Textual 8's `Tree._render_line`, drawing the same cells (the snapshot tests compare them), with the
+        """Textual 8.2's `Tree._render_line`, drawing the same cells (a test compares them row by row), with the
         styles taken from one lookup per repaint (`TreeLineStyles`)."""
         tree_lines = self._tree_lines
         width = self.size.width
@@ -205,8 +204,11 @@ class ModuleTree(Tree[ModuleNode]):
 
     def _guides(self, style: Style, hidden: bool) -> tuple[str, str, str, str]:
         if not self.show_guides or hidden:
-            return ("  ", "  ", "  ", "  ")
-        lines = self.LINES["bold"] if style.bold else self.LINES["double"] if style.underline2 else self.LINES["default"]
+            lines: tuple[str, ...] = ("  ", "  ", "  ", "  ")
+        elif style.bold:
+            lines = self.LINES["bold"]
+        else:
+            lines = self.LINES["double"] if style.underline2 else self.LINES["default"]
         depth = max(0, self.guide_depth - 2)
         space, vertical, terminator, cross = (f"{chars[0]}{chars[1] * depth} " for chars in lines)
         return space, vertical, terminator, cross
