@@ -61,6 +61,28 @@ def drawn_rows(tree: ModuleTree) -> list[str]:
     return [row for row in rows if row]
 
 
+def hold_loads(monkeypatch, *specs: str) -> dict[str, threading.Event]:
+    """Make the TUI's model loads of `specs` wait until the test sets their event (a real load of a published
+    model takes seconds of imports; these let a test look at the screen while one is in progress)."""
+    release = {spec: threading.Event() for spec in specs}
+    real_open_model = screens.open_model
+
+    def held_open_model(spec):
+        release[spec].wait(60)
+        return real_open_model(spec)
+
+    monkeypatch.setattr(screens, "open_model", held_open_model)
+    return release
+
+
+async def until_the_tree_is_loading(pilot) -> ModuleTree:
+    tree = pilot.app.query_one(ModuleTree)
+    while not tree.loading:
+        await pilot.pause(0.05)
+    await pilot.pause()
+    return tree
+
+
 async def wait_for_model(pilot) -> None:
     """Until the main screen holds a built model (not only a cached preview), the tree's loading indicator is
     gone (the load worker may not have been started yet when a test begins) and its shapes are traced."""
@@ -258,20 +280,10 @@ async def test_a_failed_load_is_a_notification_and_the_old_model_stays(tmp_path)
 
 @pilot_test
 async def test_while_the_model_loads_the_tree_says_what_and_redraws_once_a_second(monkeypatch):
-    release = threading.Event()
-    real_open_model = screens.open_model
-
-    def slow_open_model(spec):  # a load held until the test has looked (an import of torch takes seconds)
-        release.wait(60)
-        return real_open_model(spec)
-
-    monkeypatch.setattr(screens, "open_model", slow_open_model)
+    release = hold_loads(monkeypatch, "tiny")
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        tree = app.query_one(ModuleTree)
-        while not tree.loading:
-            await pilot.pause(0.05)
-        await pilot.pause()
+        tree = await until_the_tree_is_loading(pilot)
         indicator = tree._cover_widget
         assert isinstance(indicator, SlowLoadingIndicator)
         assert re.fullmatch(r"● loading tiny  \d+ s", indicator.render().plain)
@@ -279,7 +291,7 @@ async def test_while_the_model_loads_the_tree_says_what_and_redraws_once_a_secon
         await pilot.press("slash", "a")  # the interface answers meanwhile
         await pilot.pause()
         assert app.query_one("#filter").value == "a"
-        release.set()
+        release["tiny"].set()
         await wait_for_model(pilot)
         assert tree._cover_widget is None
         assert tree_rows(tree)[0] == "tiny  CogVideoXTransformer3DModel  42.2K"
@@ -289,19 +301,10 @@ async def test_while_the_model_loads_the_tree_says_what_and_redraws_once_a_secon
 async def test_switching_models_during_a_load_shows_the_new_load_then_the_new_model(monkeypatch, tmp_path, tiny_model):
     folder = tmp_path / "runs" / "my-tiny"
     tiny_model.save_pretrained(folder)
-    release = {"tiny": threading.Event(), str(folder): threading.Event()}
-    real_open_model = screens.open_model
-
-    def held_open_model(spec):  # each load waits until the test lets it go
-        release[spec].wait(60)
-        return real_open_model(spec)
-
-    monkeypatch.setattr(screens, "open_model", held_open_model)
+    release = hold_loads(monkeypatch, "tiny", str(folder))
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        tree = app.query_one(ModuleTree)
-        while not tree.loading:
-            await pilot.pause(0.05)
+        tree = await until_the_tree_is_loading(pilot)
         app.screen.open(str(folder))  # cancels the held load of tiny
         await pilot.pause()
         assert re.fullmatch(rf"● loading {re.escape(str(folder))}  \d+ s", tree._cover_widget.render().plain)
