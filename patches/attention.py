@@ -5,18 +5,18 @@ frame-causal lets the queries of frame f see `[text ; frames <= f]` and text see
 per forward as a list of `QuerySegment`s (a run of queries and the key prefix it may see) and run as one SDPA call
 per segment:
 
-- causal: a single segment, SDPA `is_causal=True` (flash kernel skips the upper triangle: 0.43x of full attention
-  at the 5B shape, no mask memory).
+- causal: a single segment, SDPA `is_causal=True` (flash kernel skips the upper triangle: 0.454x of full
+  attention at the 5B shape on an H100, bench/RESULTS.md; no mask memory).
 - frame-causal: text queries over text keys, then each frame's queries over its key prefix. Work is
   `sum_f n_f * (T + (f+1) n)`, about 0.54 of full attention at 13 frames, in plain (flash) SDPA calls with no mask;
-  flex_attention's block mask measured 1.11x of full on an H100 (DESIGN's anchors), so it is not used.
+  flex_attention's block mask is 1.11x of full on an H100 by DESIGN's anchors, so it is not used.
 - a key mask (`(B, T)` or `(B, T+N)`; bool, or additive with only 0 and -inf, or 0 and <= -1e4 while every query
   keeps a key): the masked keys are *dropped*, per group of batch items sharing a mask, instead of passed as a mask,
-  because SDPA with any `attn_mask` leaves the flash kernel (a (B,1,1,L) key mask measured 1.50x). With text padding
-  the few kept text keys are moved in place next to the video keys, so the kept keys are one slice (1.02-1.03x of
-  full SDPA, nothing allocated); otherwise, or while autograd needs K and V, they are gathered. Kept keys stay in
-  order, so every key prefix above maps to a prefix of the kept keys and causal runs become lower-right causal
-  segments.
+  because SDPA with any `attn_mask` leaves the flash kernel. With text padding the few kept text keys are moved in
+  place next to the video keys, so the kept keys are one slice (1.014x of full SDPA at the 5B shape,
+  bench/RESULTS.md; nothing allocated); otherwise, or while autograd needs K and V, they are gathered. Kept keys
+  stay in order, so every key prefix above maps to a prefix of the kept keys and causal runs become lower-right
+  causal segments.
 - a full `(B|1, 1|heads, L, L)` mask: given to SDPA as it is (no head repeat, no copy); composed with frame-causal
   by slicing it per segment, with causal by combining it chunk by chunk (chunks of at most `CHUNK_MASK_ELEMENTS`).
 

@@ -41,8 +41,9 @@ class StructuralAttentionPatch(Patch):
 class CausalAttention(StructuralAttentionPatch):
     """Token-causal over the joint sequence, `k <= q`: exactly the original fork's `is_causal=True`.
 
-    Computed as one SDPA call with `is_causal=True` (the flash kernel skips the masked half: 0.43x of full attention
-    at the 5B shape on an H100), so it allocates nothing beyond unpatched attention."""
+    Computed as one SDPA call with `is_causal=True` (the flash kernel skips the masked half: 0.454x of full
+    attention at the 5B shape on an H100, `python bench/attention_gpu.py`, bench/RESULTS.md), so it allocates
+    nothing beyond unpatched attention."""
 
     name = "causal-attention"
     summary = "token-causal attention over [text ; video] (k <= q), as the original fork's is_causal=True"
@@ -59,9 +60,9 @@ class FrameCausalAttention(StructuralAttentionPatch):
     """Block-causal by frame, text as frame -1: `frame(k) <= frame(q)`.
 
     Computed as text queries over text keys plus one SDPA call per frame over its key prefix `[text ; frames <= f]`
-    (about 0.54 of full attention's work at 13 frames, all in the flash kernel: 0.60x of full SDPA on an H100,
-    bench/patch_attention_gpu.md; flex_attention's block mask measured 1.11x). Each segment's output is a temporary
-    copied into the output, so the extra memory is the largest segment's output."""
+    (about 0.54 of full attention's work at 13 frames, all in the flash kernel: 0.610x of full SDPA at the 5B shape
+    on an H100, bench/RESULTS.md; DESIGN's anchor for flex_attention's block mask is 1.11x). Each segment's output
+    is a temporary copied into the output, so the extra memory is the largest segment's output."""
 
     name = "frame-causal-attention"
     summary = "frame-causal attention: text sees text; frame f sees text and frames <= f"
@@ -84,10 +85,9 @@ class AttentionMask(Patch):
 
     Key masks (bool, or additive with only 0 and <= -1e4 values) drop the masked keys per group of batch items
     sharing a mask (text padding: the kept text keys move next to the video keys in place), so attention stays in
-    the flash kernel (1.02-1.03x of full SDPA on an H100, bench/patch_attention_gpu.md; a (B,1,1,L) key mask
-    measured 1.50x). A full
-    mask goes to SDPA as it is: broadcast over heads, never repeated per head (diffusers' head repeat makes a
-    (B·heads, L, L) tensor: 56.5 GiB at B=2, bf16, L=17,776)."""
+    the flash kernel (text padding 30/226: 1.014x of full SDPA at the 5B shape on an H100, bench/RESULTS.md),
+    where a key mask given to SDPA would leave it. A full mask goes to SDPA as it is: broadcast over heads, never
+    repeated per head (diffusers' head repeat makes a (B·heads, L, L) tensor: 56.5 GiB at B=2, bf16, L=17,776)."""
 
     name = "attention-mask"
     summary = "attention_kwargs={'attention_mask': M} reaches attention: (B,T), (B,T+N) or (B|1,1|heads,L,L)"

@@ -83,6 +83,15 @@ async def until_the_tree_is_loading(pilot) -> ModuleTree:
     return tree
 
 
+async def run_palette_command(pilot, command: str) -> None:
+    """Open the command palette, type `command`, wait for its search, and run the first hit."""
+    await pilot.press("ctrl+p")
+    await pilot.pause()
+    await pilot.press(*command)
+    await pilot.pause(0.5)
+    await pilot.press("enter")
+
+
 async def wait_for_model(pilot) -> None:
     """Until the main screen holds a built model (not only a cached preview), the tree's loading indicator is
     gone (the load worker may not have been started yet when a test begins) and its shapes are traced."""
@@ -353,11 +362,7 @@ async def test_model_switch_from_the_command_palette():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
         await wait_for_model(pilot)
-        await pilot.press("ctrl+p")
-        await pilot.pause()
-        await pilot.press(*"model: open tiny-i2v")
-        await pilot.pause(0.5)
-        await pilot.press("enter")
+        await run_palette_command(pilot, "model: open tiny-i2v")
         await settle(pilot)
         assert app.sub_title == "tiny-i2v"
         assert app.screen.loaded.config["in_channels"] == 8
@@ -462,11 +467,7 @@ async def test_patch_apply_from_the_command_palette():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
         await wait_for_model(pilot)
-        await pilot.press("ctrl+p")
-        await pilot.pause()
-        await pilot.press(*"patch: apply frame-causal-attention")
-        await pilot.pause(0.5)
-        await pilot.press("enter")
+        await run_palette_command(pilot, "patch: apply frame-causal-attention")
         await pilot.pause()
         assert patch_rows(app)["frame-causal-attention"][0] == "applied"
 

@@ -116,7 +116,7 @@ class MainScreen(Screen[None]):
         yield Footer()
 
     def get_loading_widget(self) -> SlowLoadingIndicator:
-        return SlowLoadingIndicator(f"loading {self.opening or self.spec}")
+        return SlowLoadingIndicator(f"loading {self.opening}")  # set by open() before any pane is loading
 
     def on_mount(self) -> None:
         self.query_one("#patches", PatchesPanel).border_title = "patches"
