@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from patches.attention import plan_attention, run_plan  # noqa: E402
-from patches.layout import FrameLayout  # noqa: E402
+from cogsurgeon.patches.attention import plan_attention, run_plan  # noqa: E402
+from cogsurgeon.patches.layout import FrameLayout  # noqa: E402
 
 BATCH, HEADS, HEAD_DIM, TEXT = 2, 48, 64, 226
 SHAPES = {
@@ -184,7 +184,7 @@ def rotary(latent_frames: int, grid_height: int, grid_width: int, temporal_patch
 
 
 def block_level(repeats: int) -> list[dict]:
-    import patches
+    from cogsurgeon import patches
 
     rows = []
     setups = {
@@ -259,7 +259,7 @@ def block_level(repeats: int) -> list[dict]:
 
 
 def accuracy_level() -> list[dict]:
-    from patches.reference import combine_masks, full_attention_mask, reference_attention, RULE_MASKS
+    from cogsurgeon.patches.reference import combine_masks, full_attention_mask, reference_attention, RULE_MASKS
 
     layout = FrameLayout(TEXT, 3, 1350)
     length = layout.sequence_length

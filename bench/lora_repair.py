@@ -25,7 +25,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tools.lora.safetensors_io import OutputTensor, encode_header  # noqa: E402
+from cogsurgeon.tools.lora.safetensors_io import OutputTensor, encode_header  # noqa: E402
 
 HIDDEN = 3072  # 48 heads x 64
 RANK = 128
@@ -59,7 +59,7 @@ def write_checkpoint(folder: Path) -> Path:
 REPAIR_CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
-from tools.lora import repair_checkpoint
+from cogsurgeon.tools.lora import repair_checkpoint
 started = time.perf_counter()
 result = repair_checkpoint({ckpt!r}, {out!r}, alpha=64)
 elapsed = time.perf_counter() - started
@@ -96,7 +96,7 @@ def time_repair(checkpoint: Path, out: Path) -> dict:
 
 def time_cli(checkpoint: Path, out: Path) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "inspector", "lora", "repair", str(checkpoint), "--out", str(out),
+    subprocess.run([sys.executable, "-m", "cogsurgeon.inspector", "lora", "repair", str(checkpoint), "--out", str(out),
                     "--alpha", "64"], cwd=REPO_ROOT, capture_output=True, check=True)
     elapsed = time.perf_counter() - started
     shutil.rmtree(out)

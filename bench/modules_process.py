@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINE = [sys.executable, "-c", "import torch, diffusers.models"]
-COMMAND = [sys.executable, "-m", "inspector", "modules", "cogvideox-5b-i2v", "--json"]
+COMMAND = [sys.executable, "-m", "cogsurgeon.inspector", "modules", "cogvideox-5b-i2v", "--json"]
 COLD_COMMAND = [*COMMAND, "--no-cache"]
 
 

@@ -23,12 +23,12 @@ CHILD = r"""
 import json, sys, time
 start = time.process_time()
 import torch, diffusers
-import inspector.loading, inspector.trace
-from inspector.loading import transformer_class
+import cogsurgeon.inspector.loading, cogsurgeon.inspector.trace
+from cogsurgeon.inspector.loading import transformer_class
 transformer_class()
 imported = time.process_time()
-from inspector.loading import load_transformer
-from inspector.trace import trace_shapes
+from cogsurgeon.inspector.loading import load_transformer
+from cogsurgeon.inspector.trace import trace_shapes
 spec, frames, height, width = sys.argv[1], *map(int, sys.argv[2:5])
 model = load_transformer(spec)
 built = time.process_time()

@@ -36,10 +36,10 @@ WORDS = ("attn1", "linear", "norm_q", "embeddings.py", "a")
 
 
 async def measure(spec: str, rounds: int) -> dict[str, list[float]]:
-    from inspector.tui.app import CogsurgeonApp
-    from inspector.tui.widgets import ModuleTree
+    from cogsurgeon.inspector.tui.app import CogsurgeonApp
+    from cogsurgeon.inspector.tui.widgets import ModuleTree
 
-    from inspector.tui.screens import MainScreen
+    from cogsurgeon.inspector.tui.screens import MainScreen
 
     app = CogsurgeonApp(spec)
     samples: dict[str, list[float]] = {

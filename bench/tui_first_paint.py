@@ -37,7 +37,7 @@ BARE_WITH_TEXTUAL = "import textual.app; " + BARE
 def seconds_to_tree(spec: str, cache: str) -> float:
     """Launch the TUI in a detached tmux session and time until its tree's root row is on screen."""
     subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
-    command = f"COGSURGEON_CACHE_DIR={cache} {sys.executable} -m inspector {spec}; sleep 60"
+    command = f"COGSURGEON_CACHE_DIR={cache} {sys.executable} -m cogsurgeon.inspector {spec}; sleep 60"
     start = time.perf_counter()
     subprocess.run(["tmux", "new-session", "-d", "-s", SESSION, "-x", "160", "-y", "48", "-c", str(REPO), command],
                    check=True)

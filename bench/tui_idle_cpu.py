@@ -30,8 +30,8 @@ def run_held_tui(indicator: str, seconds: float, report: Path) -> None:
     import resource
 
     sys.path.insert(0, str(REPO))
-    from inspector import cli
-    from inspector.tui import screens
+    from cogsurgeon.inspector import cli
+    from cogsurgeon.inspector.tui import screens
 
     def held_load(spec: str) -> None:
         time.sleep(1.0)  # let the screen settle after start-up

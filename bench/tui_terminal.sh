@@ -1,5 +1,5 @@
 #!/bin/bash
-# The TUI in a real terminal: tmux at 160x48 runs `python -m inspector [MODEL]`, polls the pane every 50 ms until
+# The TUI in a real terminal: tmux at 160x48 runs `python -m cogsurgeon.inspector [MODEL]`, polls the pane every 50 ms until
 # the tree's root row (CogVideoXTransformer3DModel) is on screen, types `/`, `attn1`, Enter, saves the screen,
 # presses ctrl+q and reports the exit code. Then the bare imports the model load needs, for comparison.
 #
@@ -16,7 +16,7 @@ rm -f "$EXIT_FILE"
 tmux kill-session -t "$SESSION" 2>/dev/null
 start=$(date +%s.%N)
 tmux new-session -d -s "$SESSION" -x 160 -y 48 \
-  "COGSURGEON_CACHE_DIR=${COGSURGEON_CACHE_DIR:-} $PYTHON -m inspector ${1:-}; echo \$? > $EXIT_FILE; sleep 30"
+  "COGSURGEON_CACHE_DIR=${COGSURGEON_CACHE_DIR:-} $PYTHON -m cogsurgeon.inspector ${1:-}; echo \$? > $EXIT_FILE; sleep 30"
 until tmux capture-pane -p -t "$SESSION" | grep -q "CogVideoXTransformer3DModel"; do sleep 0.05; done
 echo "process start -> tree on screen: $(echo "$(date +%s.%N) - $start" | bc) s"
 sleep 0.5

@@ -10,14 +10,14 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "load_transformer": "inspector.loading",
-    "module_inventory": "inspector.inventory",
-    "ModuleInfo": "inspector.inventory",
-    "trace_shapes": "inspector.trace",
-    "run_doctor": "inspector.doctor",
-    "CogsurgeonError": "inspector.errors",
-    "ModelSpecError": "inspector.errors",
-    "ModelLoadError": "inspector.errors",
+    "load_transformer": "cogsurgeon.inspector.loading",
+    "module_inventory": "cogsurgeon.inspector.inventory",
+    "ModuleInfo": "cogsurgeon.inspector.inventory",
+    "trace_shapes": "cogsurgeon.inspector.trace",
+    "run_doctor": "cogsurgeon.inspector.doctor",
+    "CogsurgeonError": "cogsurgeon.inspector.errors",
+    "ModelSpecError": "cogsurgeon.inspector.errors",
+    "ModelLoadError": "cogsurgeon.inspector.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inspector.inventory import ModuleInfo, module_inventory
-from inspector.model_specs import published_config, resolve_spec
+from cogsurgeon.inspector.inventory import ModuleInfo, module_inventory
+from cogsurgeon.inspector.model_specs import published_config, resolve_spec
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,13 @@ def _public(config: dict[str, Any]) -> dict[str, Any]:
 def open_model(spec: str) -> LoadedModel:
     """Load `spec` (any MODEL of DESIGN) and take its inventory; a published config's inventory is also stored
     in the inventory cache, for the next `preview_model`. Raises the loader's `CogsurgeonError`s."""
-    from inspector.loading import load_transformer
+    from cogsurgeon.inspector.loading import load_transformer
 
     model = load_transformer(spec)
     infos = tuple(module_inventory(model))
     resolved = resolve_spec(spec)
     if resolved.kind == "published":
-        from inspector.inventory_cache import load_cached_inventory, store_inventory
+        from cogsurgeon.inspector.inventory_cache import load_cached_inventory, store_inventory
 
         if load_cached_inventory(resolved.spec) is None:
             store_inventory(resolved.spec, None, list(infos))
@@ -86,7 +86,7 @@ def preview_model(spec: str) -> LoadedModel | None:
     resolved = resolve_spec(spec)
     if resolved.kind != "published":
         return None
-    from inspector.inventory_cache import load_cached_inventory
+    from cogsurgeon.inspector.inventory_cache import load_cached_inventory
 
     cached = load_cached_inventory(resolved.spec)
     if cached is None:
@@ -121,7 +121,7 @@ class TracedShapes:
 def trace_for_details(model: Any) -> TracedShapes:
     """Trace `model` on the meta device at the video size its pipelines default to (batch 2: one video with
     classifier-free guidance)."""
-    from inspector.trace import default_video_size, format_shape, trace_shapes
+    from cogsurgeon.inspector.trace import default_video_size, format_shape, trace_shapes
 
     frames, height, width = default_video_size(model.config)
     result = trace_shapes(model, frames=frames, height=height, width=width, batch=2)

@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
-from inspector.errors import CogsurgeonError
-from inspector.model_specs import DEFAULT_SPEC, known_specs
-from inspector.offline import enter_offline_mode
+from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, known_specs
+from cogsurgeon.inspector.offline import enter_offline_mode
 
 MODEL_HELP = (
     f"MODEL is one of {', '.join(known_specs())} (published configs load on the meta device, no download; "
@@ -57,7 +57,7 @@ def tui(model: str | None) -> None:
 
     MODEL: see `cogsurgeon modules --help`.
     """
-    from inspector.tui.app import run_app
+    from cogsurgeon.inspector.tui.app import run_app
 
     run_app(model or DEFAULT_SPEC)
 
@@ -81,13 +81,13 @@ def modules(
 
     \b
     """
-    from inspector.inventory import filter_inventory, inventory_for_spec
+    from cogsurgeon.inspector.inventory import filter_inventory, inventory_for_spec
 
     infos = filter_inventory(inventory_for_spec(model, dtype, use_cache=not no_cache), filter_text)
     if as_json:
         print_json([info.to_json() for info in infos])
         return
-    from inspector.render import modules_table
+    from cogsurgeon.inspector.render import modules_table
 
     from rich.console import Console
 
@@ -105,11 +105,11 @@ def _register_commands() -> None:
     from importlib import import_module
 
     for module_name, attribute in (
-        ("patches.cli", "patch"),
-        ("patches.cli", "run"),
-        ("tools.lora.cli", "lora"),
-        ("inspector.trace_cli", "trace"),
-        ("inspector.doctor_cli", "doctor"),
+        ("cogsurgeon.patches.cli", "patch"),
+        ("cogsurgeon.patches.cli", "run"),
+        ("cogsurgeon.tools.lora.cli", "lora"),
+        ("cogsurgeon.inspector.trace_cli", "trace"),
+        ("cogsurgeon.inspector.doctor_cli", "doctor"),
     ):
         try:
             module = import_module(module_name)

@@ -64,7 +64,7 @@ def _quiet_diffusers() -> Iterator[None]:
 
 
 def _tiny_model(name: str = "tiny"):
-    from inspector.loading import build_tiny
+    from cogsurgeon.inspector.loading import build_tiny
 
     return build_tiny(name)
 
@@ -309,7 +309,7 @@ def probe_peft_local_path_hub() -> tuple[bool, str]:
     import torch
     from safetensors.torch import save_file
 
-    from inspector.offline import HUB_OFFLINE_VARIABLES
+    from cogsurgeon.inspector.offline import HUB_OFFLINE_VARIABLES
 
     with tempfile.TemporaryDirectory(prefix="cogsurgeon-doctor-") as root:
         folder = Path(root) / "lora-checkpoint"
@@ -382,7 +382,7 @@ def run_probe(probe: Probe) -> Finding:
 def run_doctor(ids: tuple[str, ...] | None = None,
                progress: Callable[[Probe], None] | None = None) -> list[Finding]:
     """Run the probes (all, or those named in `ids`, in PROBES order) and return their findings."""
-    from inspector.errors import CogsurgeonError
+    from cogsurgeon.inspector.errors import CogsurgeonError
 
     if ids:
         unknown = sorted(set(ids) - set(PROBE_IDS))

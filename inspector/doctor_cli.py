@@ -42,7 +42,7 @@ def doctor(checks: tuple[str, ...], as_json: bool) -> None:
       cogsurgeon doctor --json | jq '.findings[] | select(.status == "present") | .fix'
       cogsurgeon doctor --check lora-alpha-lost
     """
-    from inspector.doctor import run_doctor
+    from cogsurgeon.inspector.doctor import run_doctor
 
     def progress(probe) -> None:
         if not as_json and sys.stderr.isatty():
@@ -50,7 +50,7 @@ def doctor(checks: tuple[str, ...], as_json: bool) -> None:
 
     findings = run_doctor(checks or None, progress=progress)
     if as_json:
-        from inspector.cli import print_json
+        from cogsurgeon.inspector.cli import print_json
 
         print_json({"findings": [finding.to_json() for finding in findings]})
     else:

@@ -19,8 +19,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from inspector.inventory import ModuleInfo
-from inspector.model_specs import PUBLISHED_DTYPES, published_config
+from cogsurgeon.inspector.inventory import ModuleInfo
+from cogsurgeon.inspector.model_specs import PUBLISHED_DTYPES, published_config
 
 CACHE_FORMAT = 1
 

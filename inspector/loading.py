@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inspector.errors import ModelLoadError, ModelSpecError
-from inspector.model_specs import (
+from cogsurgeon.inspector.errors import ModelLoadError, ModelSpecError
+from cogsurgeon.inspector.model_specs import (
     PUBLISHED_DTYPES,
     TINY_SEED,
     published_config,

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from inspector.errors import ModelSpecError
+from cogsurgeon.inspector.errors import ModelSpecError
 
 DEFAULT_SPEC = "cogvideox-5b-i2v"
 
@@ -102,7 +102,7 @@ def published_config(name: str) -> dict[str, Any]:
     """The transformer config.json of a published CogVideoX model, as shipped in inspector/configs."""
     if name not in PUBLISHED_SPECS:
         raise ModelSpecError(f"unknown published model {name!r}; known: {', '.join(PUBLISHED_SPECS)}")
-    text = resources.files("inspector").joinpath("configs").joinpath(f"{name}.json").read_text()
+    text = resources.files("cogsurgeon.inspector").joinpath("configs").joinpath(f"{name}.json").read_text()
     return json.loads(text)
 
 

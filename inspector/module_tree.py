@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from inspector.inventory import ModuleInfo
+from cogsurgeon.inspector.inventory import ModuleInfo
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.errors import CogsurgeonError
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class PatchBench:
     note: str = ""
 
     def _api(self) -> Any:
-        import patches
+        from cogsurgeon import patches
 
         if not hasattr(patches, "available"):  # the registry is not part of this build
             raise CogsurgeonError("this build of cogsurgeon has no patch registry (patches.available)")
@@ -72,7 +72,7 @@ class PatchBench:
     def verify(self, name: str) -> Any:
         """Run the patch's tiny-model reference check (slow: call it from a worker)."""
         self._api()
-        from patches.verify import verify_patch
+        from cogsurgeon.patches.verify import verify_patch
 
         return verify_patch(name)
 

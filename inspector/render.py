@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from inspector.inventory import ModuleInfo, fold_repeated
+from cogsurgeon.inspector.inventory import ModuleInfo, fold_repeated
 
 
 def short_path(file: str | None) -> str:

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from inspector.render import short_path
+from cogsurgeon.inspector.render import short_path
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Union
 
-from inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.errors import CogsurgeonError
 
 if TYPE_CHECKING:
     import torch
@@ -360,7 +360,7 @@ def mask_memory_table(
 
 def patch_memory_model() -> PatchMemoryModel:
     """The registered patches (third-party ones included) and the patches package's memory estimates."""
-    import patches
+    from cogsurgeon import patches
 
     return PatchMemoryModel(
         tuple(info.name for info in patches.available()),
@@ -512,9 +512,9 @@ def meta_twin(model: nn.Module) -> nn.Module:
     """A meta-device copy of a model built from its config, for models whose weights are real: their shapes, with
     no compute. A patched model traces as patched: cogsurgeon patches are applied again by name (they keep state
     on the transformer, not only in processors); otherwise the model's attention processors are shared."""
-    import patches
+    from cogsurgeon import patches
 
-    from inspector.loading import build_on_meta
+    from cogsurgeon.inspector.loading import build_on_meta
 
     twin = build_on_meta(dict(model.config), _model_dtype(model))
     applied = patches.applied(model)

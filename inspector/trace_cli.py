@@ -45,21 +45,21 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
 
     MODEL: see `cogsurgeon modules --help`; a model with real weights is traced through a meta copy.
     """
-    from inspector.trace import latent_geometry
+    from cogsurgeon.inspector.trace import latent_geometry
 
     config = _known_config(model)
     if config is not None:  # refuse a size the model cannot take before paying for torch and the model
         latent_geometry(config, frames, height, width)
 
-    from inspector.loading import load_transformer
-    from inspector.trace import trace_shapes
+    from cogsurgeon.inspector.loading import load_transformer
+    from cogsurgeon.inspector.trace import trace_shapes
 
     if not as_json and sys.stderr.isatty():  # progress for people; scripts and error output stay one line
         click.echo(f"tracing {model or 'the default model'} at {frames}×{height}×{width}, batch {batch} ...",
                    err=True)
     result = trace_shapes(load_transformer(model), frames=frames, height=height, width=width, batch=batch)
     if as_json:
-        from inspector.cli import print_json
+        from cogsurgeon.inspector.cli import print_json
 
         print_json(result.to_json())
         return
@@ -68,7 +68,7 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
 
 def _known_config(model: str | None) -> dict | None:
     """The config of a published or tiny MODEL, read without torch; None for folders and hub ids."""
-    from inspector.model_specs import published_config, resolve_spec, tiny_config
+    from cogsurgeon.inspector.model_specs import published_config, resolve_spec, tiny_config
 
     resolved = resolve_spec(model)
     if resolved.kind == "published":
@@ -82,7 +82,7 @@ def _print_tables(result, show_all: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from inspector.trace import format_bytes, format_shape
+    from cogsurgeon.inspector.trace import format_bytes, format_shape
 
     console = Console()
     if not console.is_terminal:

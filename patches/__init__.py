@@ -1,6 +1,6 @@
 """Named, reversible, verified runtime patches of CogVideoX attention.
 
-    import patches
+    from cogsurgeon import patches
     patches.available()                               # [PatchInfo(name, summary), ...]
     handle = patches.apply(model_or_pipeline, "frame-causal-attention")
     patches.applied(model)                            # ["frame-causal-attention"]
@@ -11,7 +11,7 @@ Third-party patches register through the entry-point group `cogsurgeon.patches` 
 subclass). Importing this package is light: torch and diffusers load when a patch is applied.
 """
 
-from patches.errors import (
+from cogsurgeon.patches.errors import (
     AttentionMaskError,
     PatchAlreadyAppliedError,
     PatchConflictError,
@@ -20,7 +20,7 @@ from patches.errors import (
     PatchTargetError,
     UnknownPatchError,
 )
-from patches.registry import (
+from cogsurgeon.patches.registry import (
     ENTRY_POINT_GROUP,
     Patch,
     PatchHandle,

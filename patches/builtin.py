@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from patches.errors import PatchError
-from patches.registry import Patch
+from cogsurgeon.patches.errors import PatchError
+from cogsurgeon.patches.registry import Patch
 
 
 def _no_options(patch: Patch, options: dict[str, Any]) -> None:
@@ -23,17 +23,17 @@ class StructuralAttentionPatch(Patch):
 
     def apply(self, transformer: Any, **options: Any) -> None:
         _no_options(self, options)
-        from patches.processor import enable_attention_rule
+        from cogsurgeon.patches.processor import enable_attention_rule
 
         enable_attention_rule(transformer, structure=self.structure)
 
     def revert(self, transformer: Any) -> None:
-        from patches.processor import disable_attention_rule
+        from cogsurgeon.patches.processor import disable_attention_rule
 
         disable_attention_rule(transformer, structure=self.structure)
 
     def reference_mask(self, layout: Any) -> Any:
-        from patches.reference import RULE_MASKS
+        from cogsurgeon.patches.reference import RULE_MASKS
 
         return RULE_MASKS[self.name](layout)
 
@@ -94,12 +94,12 @@ class AttentionMask(Patch):
 
     def apply(self, transformer: Any, **options: Any) -> None:
         _no_options(self, options)
-        from patches.processor import enable_attention_rule
+        from cogsurgeon.patches.processor import enable_attention_rule
 
         enable_attention_rule(transformer, masks=True)
 
     def revert(self, transformer: Any) -> None:
-        from patches.processor import disable_attention_rule
+        from cogsurgeon.patches.processor import disable_attention_rule
 
         disable_attention_rule(transformer, masks=True)
 

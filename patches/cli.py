@@ -10,7 +10,7 @@ import click
 
 
 def _print_json(value) -> None:
-    from inspector.cli import print_json
+    from cogsurgeon.inspector.cli import print_json
 
     print_json(value)
 
@@ -30,7 +30,7 @@ def patch() -> None:
 @click.option("--json", "as_json", is_flag=True, help='Print [{"name", "summary"}].')
 def list_patches(as_json: bool) -> None:
     """List every registered patch (built-in and installed through the `cogsurgeon.patches` entry points)."""
-    import patches
+    from cogsurgeon import patches
 
     infos = patches.available()
     if as_json:
@@ -55,10 +55,10 @@ def verify(name: str, as_json: bool) -> None:
     cogsurgeon patch verify causal-attention
     cogsurgeon patch verify attention-mask --json
     """
-    from patches.registry import get_patch
+    from cogsurgeon.patches.registry import get_patch
 
     get_patch(name)  # an unknown name: one line, exit 2, before loading torch
-    from patches.verify import verify_patch
+    from cogsurgeon.patches.verify import verify_patch
 
     result = verify_patch(name, progress=lambda step: click.echo(f"verifying {step}", err=True))
     if as_json:
@@ -91,6 +91,6 @@ def run(patch_names: tuple[str, ...], command: tuple[str, ...]) -> int:
     cogsurgeon run --patch frame-causal-attention --patch attention-mask -- accelerate launch train.py
     cogsurgeon run --patch causal-attention -- torchrun --nproc_per_node 2 sample.py
     """
-    from patches.launcher import run_patched
+    from cogsurgeon.patches.launcher import run_patched
 
     return run_patched(command, patch_names)

@@ -3,7 +3,7 @@
 All are `CogsurgeonError`s: the CLI prints them as one line and exits 2. Torch-free, like `inspector.errors`.
 """
 
-from inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.errors import CogsurgeonError
 
 
 class PatchError(CogsurgeonError):

@@ -3,7 +3,7 @@ starts, builds is patched.
 
 The mechanism is a generated `sitecustomize` (a copy of `patches/run_startup.py`) in a temporary folder put first on
 PYTHONPATH, with COGSURGEON_RUN_PATCHES naming the patches. The program gets the user's own environment
-(`inspector.offline.user_environment()`: cogsurgeon's process is offline, theirs keeps their settings). Processes
+(`cogsurgeon.inspector.offline.user_environment()`: cogsurgeon's process is offline, theirs keeps their settings). Processes
 started with `python -E`/`-I`, or with an environment that drops PYTHONPATH, are not reached.
 """
 
@@ -18,9 +18,9 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from inspector.errors import CogsurgeonError
-from inspector.offline import user_environment
-from patches.registry import check_composition, get_patch
+from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.offline import user_environment
+from cogsurgeon.patches.registry import check_composition, get_patch
 
 PATCHES_VARIABLE = "COGSURGEON_RUN_PATCHES"
 ROOT_VARIABLE = "COGSURGEON_RUN_ROOT"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from patches.errors import PatchError
+from cogsurgeon.patches.errors import PatchError
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from patches.attention import AttentionPlan, Structure, plan_attention, run_plan
-from patches.errors import AttentionMaskError, PatchError, PatchTargetError
-from patches.layout import FrameLayout, layout_of_call, tokens_per_frame
+from cogsurgeon.patches.attention import AttentionPlan, Structure, plan_attention, run_plan
+from cogsurgeon.patches.errors import AttentionMaskError, PatchError, PatchTargetError
+from cogsurgeon.patches.layout import FrameLayout, layout_of_call, tokens_per_frame
 
 TRANSFORMER_CLASS_NAME = "CogVideoXTransformer3DModel"
 _states: weakref.WeakKeyDictionary[nn.Module, AttentionPatchState] = weakref.WeakKeyDictionary()

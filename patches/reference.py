@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from patches.layout import FrameLayout
-from patches.processor import (
+from cogsurgeon.patches.layout import FrameLayout
+from cogsurgeon.patches.processor import (
     attention_modules,
     is_fused_processor,
     joint_query_key_value,

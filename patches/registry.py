@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from patches.errors import (
+from cogsurgeon.patches.errors import (
     PatchAlreadyAppliedError,
     PatchConflictError,
     PatchError,
@@ -102,7 +102,7 @@ def _all_patches() -> dict[str, Patch]:
     global _loaded
     if not _loaded:
         _loaded = True
-        from patches.builtin import BUILTIN_PATCHES
+        from cogsurgeon.patches.builtin import BUILTIN_PATCHES
 
         for patch in BUILTIN_PATCHES:
             _add(patch)
@@ -145,7 +145,7 @@ _applied: weakref.WeakKeyDictionary[Any, dict[str, dict[str, Any]]] = weakref.We
 
 def resolve_transformer(target: Any) -> Any:
     """The CogVideoX transformer itself, or the `.transformer` of a pipeline holding one."""
-    from patches.processor import is_cogvideox_transformer
+    from cogsurgeon.patches.processor import is_cogvideox_transformer
 
     if is_cogvideox_transformer(target):
         return target

@@ -6,7 +6,7 @@ It costs nothing until the program imports diffusers' CogVideoX transformer modu
 `CogVideoXTransformer3DModel.__init__` so that every model built (by `from_pretrained`, `from_config` or directly)
 gets the patches named in COGSURGEON_RUN_PATCHES, and says so on stderr. The sitecustomize that this one shadows
 (the program's own, if any) still runs. Standard library only: cogsurgeon itself is imported when a model is built,
-from COGSURGEON_RUN_ROOT.
+from the installed `cogsurgeon` or else from COGSURGEON_RUN_ROOT.
 """
 
 import functools
@@ -33,19 +33,23 @@ def _process_label():
 
 
 def _cogsurgeon_patches():
-    """cogsurgeon's `patches` package, imported from the cogsurgeon that launched this program."""
-    root = os.environ.get(ROOT_VARIABLE)
-    loaded = sys.modules.get("patches")
-    if loaded is not None and root and not os.path.abspath(getattr(loaded, "__file__", "") or "").startswith(root):
-        raise ImportError(f"the program's own module 'patches' ({loaded.__file__}) hides cogsurgeon's patches")
-    if root and root not in sys.path:
-        sys.path.insert(0, root)
-        try:
-            import patches
-        finally:
-            sys.path.remove(root)
+    """cogsurgeon's `patches` package: the installed `cogsurgeon` when this interpreter has one, else the one that
+    launched this program, from COGSURGEON_RUN_ROOT (the folder holding its `inspector`, `patches` and `tools`).
+    Everything lives under the `cogsurgeon` name, so the program's own `patches` or `tools` cannot hide it."""
+    try:
+        from cogsurgeon import patches
+
         return patches
-    import patches
+    except ImportError:
+        root = os.environ.get(ROOT_VARIABLE)
+        if not root:
+            raise
+    import types
+
+    namespace = types.ModuleType("cogsurgeon")
+    namespace.__path__ = [root]
+    sys.modules["cogsurgeon"] = namespace
+    from cogsurgeon import patches
 
     return patches
 

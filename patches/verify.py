@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from inspector.model_specs import TINY_SPECS
-from patches.layout import FrameLayout, tokens_per_frame
-from patches.errors import PatchError
-from patches.reference import RULE_MASKS, combine_masks, full_attention_mask, reference_processors
-from patches.registry import apply, get_patch, revert
+from cogsurgeon.inspector.model_specs import TINY_SPECS
+from cogsurgeon.patches.layout import FrameLayout, tokens_per_frame
+from cogsurgeon.patches.errors import PatchError
+from cogsurgeon.patches.reference import RULE_MASKS, combine_masks, full_attention_mask, reference_processors
+from cogsurgeon.patches.registry import apply, get_patch, revert
 
 TOLERANCE = 1e-4
 PROCESSORS = ("plain", "fused")
@@ -171,7 +171,7 @@ def verify_cases(name: str, layout: FrameLayout, batch: int, heads: int) -> list
 
 
 def fresh_tiny(variant: str, processor: str) -> nn.Module:
-    from inspector.loading import build_tiny
+    from cogsurgeon.inspector.loading import build_tiny
 
     model = build_tiny(variant)
     if processor == "fused":

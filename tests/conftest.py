@@ -27,9 +27,9 @@ def cli_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300):
-    """Run `cogsurgeon ARGS...` (as `python -m inspector`) and return the CompletedProcess, text mode."""
+    """Run `cogsurgeon ARGS...` (as `python -m cogsurgeon.inspector`) and return the CompletedProcess, text mode."""
     return subprocess.run(
-        [sys.executable, "-m", "inspector", *args],
+        [sys.executable, "-m", "cogsurgeon.inspector", *args],
         capture_output=True,
         text=True,
         env=cli_environment(env),
@@ -45,6 +45,6 @@ def cli():
 
 @pytest.fixture
 def tiny_model():
-    from inspector import load_transformer
+    from cogsurgeon.inspector import load_transformer
 
     return load_transformer("tiny")

@@ -26,7 +26,7 @@ class TrainedLora:
 
 
 def model_inputs(model) -> dict[str, Any]:
-    from tools.lora.verify import forward_inputs
+    from cogsurgeon.tools.lora.verify import forward_inputs
 
     return forward_inputs(model)
 
@@ -42,7 +42,7 @@ def train(rank: int, lora_alpha: float, rank_pattern: dict[str, int] | None = No
     import torch
     from peft import LoraConfig
 
-    from inspector import load_transformer
+    from cogsurgeon.inspector import load_transformer
 
     model = load_transformer(BASE)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=TARGETS, init_lora_weights=True,

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from inspector import load_transformer
+from cogsurgeon.inspector import load_transformer
 
 
 def test_modules_json_for_the_5b_i2v_architecture(cli):

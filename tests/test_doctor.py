@@ -9,7 +9,7 @@ from importlib.metadata import version
 import pytest
 from packaging.version import Version
 
-from inspector.doctor import PROBE_IDS, PROBES, run_doctor, run_probe
+from cogsurgeon.inspector.doctor import PROBE_IDS, PROBES, run_doctor, run_probe
 
 DIFFUSERS = Version(version("diffusers"))
 
@@ -87,7 +87,7 @@ def test_attention_backend_probe_puts_global_state_back():
 
 
 def test_unknown_check_is_a_cogsurgeon_error():
-    from inspector.errors import CogsurgeonError
+    from cogsurgeon.inspector.errors import CogsurgeonError
 
     with pytest.raises(CogsurgeonError, match="unknown check nope"):
         run_doctor(("nope",))

@@ -5,8 +5,8 @@ import inspect
 import pytest
 import torch
 
-from inspector import load_transformer, module_inventory
-from inspector.inventory import filter_inventory, fold_repeated, source_location
+from cogsurgeon.inspector import load_transformer, module_inventory
+from cogsurgeon.inspector.inventory import filter_inventory, fold_repeated, source_location
 
 # Loading and reading models goes through diffusers internals that change between releases.
 pytestmark = pytest.mark.diffusers_versions
@@ -69,8 +69,8 @@ def test_filter_matches_name_class_and_file(tiny_model):
 
 
 def test_cached_inventory_equals_a_fresh_one_and_goes_stale_when_a_source_file_changes(tmp_path, monkeypatch):
-    from inspector import inventory_cache
-    from inspector.inventory import inventory_for_spec
+    from cogsurgeon.inspector import inventory_cache
+    from cogsurgeon.inspector.inventory import inventory_for_spec
 
     monkeypatch.setenv("COGSURGEON_CACHE_DIR", str(tmp_path / "cache"))
     fresh = inventory_for_spec("cogvideox-2b", use_cache=False)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from inspector import load_transformer
-from inspector.errors import ModelLoadError, ModelSpecError
-from inspector.inventory import module_inventory
-from inspector.loading import transformer_class
+from cogsurgeon.inspector import load_transformer
+from cogsurgeon.inspector.errors import ModelLoadError, ModelSpecError
+from cogsurgeon.inspector.inventory import module_inventory
+from cogsurgeon.inspector.loading import transformer_class
 
 # Loading and reading models goes through diffusers internals that change between releases.
 pytestmark = pytest.mark.diffusers_versions

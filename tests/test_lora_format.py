@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from tools.lora.keys import (
+from cogsurgeon.tools.lora.keys import (
     detect_format,
     module_ranks,
     parse_lora_key,
@@ -16,7 +16,7 @@ from tools.lora.keys import (
     resolve_alpha,
     short_target,
 )
-from tools.lora.safetensors_io import (
+from cogsurgeon.tools.lora.safetensors_io import (
     OutputTensor,
     SafetensorsFormatError,
     byte_runs,
@@ -97,7 +97,7 @@ def test_short_target():
 
 
 def test_sat_keys_split_the_fused_qkv():
-    from tools.lora.sat import sat_module_name
+    from cogsurgeon.tools.lora.sat import sat_module_name
 
     prefix = "model.diffusion_model.transformer.layers.7.attention."
     assert sat_module_name(prefix + "query_key_value.matrix_A.0") == ("transformer_blocks.7.attn1.to_q", "A")

@@ -29,7 +29,7 @@ DESIGN_KEYS = {"format", "rank", "rank_pattern", "alpha", "alpha_source", "targe
 
 
 def diffusers_has_metadata() -> bool:
-    from tools.lora.verify import diffusers_reads_metadata
+    from cogsurgeon.tools.lora.verify import diffusers_reads_metadata
 
     return diffusers_reads_metadata()
 
@@ -57,14 +57,14 @@ def sat_alpha_1():
 def load_peft(adapter_dir: Path):
     from peft import PeftModel
 
-    from inspector import load_transformer
+    from cogsurgeon.inspector import load_transformer
 
     return PeftModel.from_pretrained(load_transformer(BASE), str(adapter_dir))
 
 
 def load_diffusers(adapter_dir: Path):
-    from inspector import load_transformer
-    from tools.lora.verify import load_with_diffusers
+    from cogsurgeon.inspector import load_transformer
+    from cogsurgeon.tools.lora.verify import load_with_diffusers
 
     model = load_transformer(BASE)
     load_with_diffusers(model, adapter_dir)
@@ -95,7 +95,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
 def test_repaired_adapter_reproduces_the_trained_model(case, request, tmp_path):
-    from tools.lora import inspect_checkpoint, repair_checkpoint
+    from cogsurgeon.tools.lora import inspect_checkpoint, repair_checkpoint
 
     name, fixture, save, alpha, expected_format, expected_source, expected_pattern = case
     if name == "diffusers-metadata" and not diffusers_has_metadata():
@@ -126,7 +126,7 @@ def test_repaired_adapter_reproduces_the_trained_model(case, request, tmp_path):
 
 
 def load_transformer_base():
-    from inspector import load_transformer
+    from cogsurgeon.inspector import load_transformer
 
     return load_transformer(BASE)
 
@@ -178,7 +178,7 @@ def test_verify_catches_the_silent_no_op_load(uniform, tmp_path, cli):
     the config, loads nothing, and lora_B stays zero. verify must fail, exit 1."""
     from safetensors.torch import load_file, save_file
 
-    from tools.lora import repair_checkpoint
+    from cogsurgeon.tools.lora import repair_checkpoint
 
     out = tmp_path / "adapter"
     repair_checkpoint(save_cogkit(uniform, tmp_path / "cogkit"), out, alpha=6)
@@ -192,7 +192,7 @@ def test_verify_catches_the_silent_no_op_load(uniform, tmp_path, cli):
 
 
 def test_force_replaces_an_existing_adapter_atomically(uniform, tmp_path):
-    from tools.lora import repair_checkpoint
+    from cogsurgeon.tools.lora import repair_checkpoint
 
     checkpoint = save_cogkit(uniform, tmp_path / "cogkit")
     out = tmp_path / "adapter"
@@ -235,7 +235,7 @@ def test_pipeline_lora_loader_reads_the_trained_scale(mixed, tmp_path):
     file's metadata) then `load_lora_into_transformer`; run exactly that on the repaired folder."""
     from diffusers import CogVideoXImageToVideoPipeline
 
-    from tools.lora import repair_checkpoint
+    from cogsurgeon.tools.lora import repair_checkpoint
 
     out = tmp_path / "adapter"
     repair_checkpoint(save_cogvideo_checkpoint(mixed, tmp_path / "checkpoint-9"), out, alpha=6)

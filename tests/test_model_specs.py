@@ -2,8 +2,8 @@
 
 import pytest
 
-from inspector.errors import ModelSpecError
-from inspector.model_specs import (
+from cogsurgeon.inspector.errors import ModelSpecError
+from cogsurgeon.inspector.model_specs import (
     DEFAULT_SPEC,
     PUBLISHED_SPECS,
     TINY_SPECS,

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from inspector.browse import format_count, model_title, open_model
-from inspector.inventory import ModuleInfo, module_inventory
-from inspector.module_tree import build_module_tree, narrow_inventory, path_to
-from inspector.source import class_source, display_path, processor_call_source
+from cogsurgeon.inspector.browse import format_count, model_title, open_model
+from cogsurgeon.inspector.inventory import ModuleInfo, module_inventory
+from cogsurgeon.inspector.module_tree import build_module_tree, narrow_inventory, path_to
+from cogsurgeon.inspector.source import class_source, display_path, processor_call_source
 
 pytestmark = pytest.mark.diffusers_versions  # the tree and the sources read what each diffusers release builds
 
 
 @pytest.fixture(scope="module")
 def five_b_infos() -> list[ModuleInfo]:
-    from inspector import load_transformer
+    from cogsurgeon.inspector import load_transformer
 
     return module_inventory(load_transformer("cogvideox-5b-i2v"))
 
@@ -99,7 +99,7 @@ def test_source_of_a_class_and_of_a_processor_call(tiny_model):
 
 
 def test_display_path_is_machine_independent():
-    import inspector
+    from cogsurgeon import inspector
 
     assert display_path(inspector.__file__) == "inspector/__init__.py"
     assert display_path("/opt/x/lib/python3.11/site-packages/torch/nn/modules/linear.py") == "torch/nn/modules/linear.py"
@@ -123,8 +123,8 @@ def test_titles_and_counts(tmp_path):
 
 
 def test_preview_comes_from_the_inventory_cache_without_a_model():
-    from inspector.browse import preview_model
-    from inspector.inventory_cache import load_cached_inventory
+    from cogsurgeon.inspector.browse import preview_model
+    from cogsurgeon.inspector.inventory_cache import load_cached_inventory
 
     # conftest points the cache at a fresh folder per session; opening stores the entry the preview reads
     opened = open_model("cogvideox-2b")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patches import attention
-from patches.attention import (
+from cogsurgeon.patches import attention
+from cogsurgeon.patches.attention import (
     KeptKeyPlan,
     QuerySegment,
     SegmentPlan,
@@ -17,9 +17,9 @@ from patches.attention import (
     run_plan,
     structure_segments,
 )
-from patches.errors import AttentionMaskError
-from patches.layout import FrameLayout, layout_of_call
-from patches.reference import (
+from cogsurgeon.patches.errors import AttentionMaskError
+from cogsurgeon.patches.layout import FrameLayout, layout_of_call
+from cogsurgeon.patches.reference import (
     causal_mask,
     combine_masks,
     frame_causal_mask,

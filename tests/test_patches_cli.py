@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from patches.reference import causal_mask, reference_processors
-from patches.verify import forward, layout_of_inputs, tiny_inputs
+from cogsurgeon.patches.reference import causal_mask, reference_processors
+from cogsurgeon.patches.verify import forward, layout_of_inputs, tiny_inputs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_PLUGIN = '''
-import patches
+from cogsurgeon import patches
 
 
 class ClaimsCausal(patches.Patch):
@@ -34,7 +34,7 @@ class ClaimsCausal(patches.Patch):
         pass
 
     def reference_mask(self, layout):
-        from patches.reference import causal_mask
+        from cogsurgeon.patches.reference import causal_mask
 
         return causal_mask(layout)
 '''
@@ -122,7 +122,7 @@ def test_bad_input_is_one_line_and_exit_2(cli, args, message):
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory):
     """A tiny transformer saved with save_pretrained, saved forward inputs, and the causal reference output."""
-    from inspector.loading import build_tiny
+    from cogsurgeon.inspector.loading import build_tiny
 
     folder = tmp_path_factory.mktemp("tiny-model")
     model = build_tiny("tiny")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import patches
-from inspector.model_specs import TINY_SPECS
-from patches.errors import (
+from cogsurgeon import patches
+from cogsurgeon.inspector.model_specs import TINY_SPECS
+from cogsurgeon.patches.errors import (
     AttentionMaskError,
     PatchAlreadyAppliedError,
     PatchConflictError,
@@ -18,9 +18,9 @@ from patches.errors import (
     PatchTargetError,
     UnknownPatchError,
 )
-from patches.processor import attention_modules
-from patches.reference import RULE_MASKS, reference_processors
-from patches.verify import combined_reference_mask, forward, fresh_tiny, layout_of_inputs, sample_masks, tiny_inputs
+from cogsurgeon.patches.processor import attention_modules
+from cogsurgeon.patches.reference import RULE_MASKS, reference_processors
+from cogsurgeon.patches.verify import combined_reference_mask, forward, fresh_tiny, layout_of_inputs, sample_masks, tiny_inputs
 
 pytestmark = pytest.mark.diffusers_versions
 TOLERANCE = 1e-4
@@ -219,7 +219,7 @@ class LargestTensors(TorchDispatchMode):
 def test_no_square_tensor_of_the_sequence_length_on_the_hot_path(tiny_model, names):
     inputs = tiny_inputs(tiny_model, latent_frames=9)
     inputs["hidden_states"] = torch.randn(2, 9, 4, 16, 16)  # L = 8 + 9 * 64 = 584, larger than any width
-    from patches.verify import rotary_embedding
+    from cogsurgeon.patches.verify import rotary_embedding
 
     inputs["image_rotary_emb"] = rotary_embedding(tiny_model.config, 9, 16, 16)
     length = 8 + 9 * 64
@@ -249,8 +249,8 @@ def test_the_patched_projections_equal_diffusers_processor(models, variant, proc
 )
 def test_patched_models_still_run_on_the_meta_device(names):
     """Shape-only forwards (the trace) work with patches on; a meta mask counts as keeping every key."""
-    from inspector.loading import build_on_meta
-    from inspector.model_specs import tiny_config
+    from cogsurgeon.inspector.loading import build_on_meta
+    from cogsurgeon.inspector.model_specs import tiny_config
 
     model = build_on_meta(tiny_config("tiny-1.5"))
     inputs = tiny_inputs(fresh_tiny("tiny-1.5", "plain"))

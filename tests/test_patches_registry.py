@@ -11,16 +11,16 @@ import textwrap
 import pytest
 import torch
 
-import patches
-from patches import registry
-from patches.errors import UnknownPatchError
+from cogsurgeon import patches
+from cogsurgeon.patches import registry
+from cogsurgeon.patches.errors import UnknownPatchError
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 PLUGIN_MODULE = '''
 """A third-party patch: doubles the transformer's output projection while applied."""
-import patches
+from cogsurgeon import patches
 
 
 class DoubleOutput(patches.Patch):
@@ -63,7 +63,7 @@ def plugin_on_path(tmp_path, monkeypatch):
 
 
 def test_a_third_party_patch_registers_through_the_entry_point_group(plugin_on_path, tiny_model):
-    from patches.verify import forward, tiny_inputs
+    from cogsurgeon.patches.verify import forward, tiny_inputs
 
     with pytest.warns(UserWarning) as warnings_seen:
         names = [info.name for info in patches.available()]
@@ -122,7 +122,7 @@ def tiny_pipeline():
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
     from transformers import T5Config, T5EncoderModel
 
-    from inspector.loading import build_tiny
+    from cogsurgeon.inspector.loading import build_tiny
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -152,9 +152,9 @@ def tiny_pipeline():
 
 @pytest.mark.diffusers_versions
 def test_a_tiny_pipeline_generates_with_patches_applied_through_it():
-    from patches.reference import reference_processors
-    from patches.verify import combined_reference_mask
-    from patches.layout import FrameLayout
+    from cogsurgeon.patches.reference import reference_processors
+    from cogsurgeon.patches.verify import combined_reference_mask
+    from cogsurgeon.patches.layout import FrameLayout
 
     pipe, prompt_embeds, negative_embeds = tiny_pipeline()
     text_mask = torch.tensor([[True] * 5 + [False] * 3])  # batch 1: broadcast over the guidance batch

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from inspector.errors import CogsurgeonError
-from inspector.model_specs import published_config, tiny_config
-from inspector.trace import (
+from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.model_specs import published_config, tiny_config
+from cogsurgeon.inspector.trace import (
     TraceSizeError,
     PatchMemoryModel,
     SequenceSplit,
@@ -137,7 +137,7 @@ def test_mask_memory_table_reads_the_patch_estimates():
 
 
 def test_trace_memory_comes_from_the_patches_package():
-    import patches
+    from cogsurgeon import patches
 
     model = patch_memory_model()
     assert model.names == tuple(info.name for info in patches.available())
@@ -180,8 +180,8 @@ def _hook_count(model) -> int:
 
 @pytest.mark.diffusers_versions
 def test_trace_5b_i2v_at_49x480x720():
-    from inspector import load_transformer
-    from inspector.trace import trace_shapes
+    from cogsurgeon.inspector import load_transformer
+    from cogsurgeon.inspector.trace import trace_shapes
 
     model = load_transformer("cogvideox-5b-i2v")
     result = trace_shapes(model, frames=49, height=480, width=720, batch=2)
@@ -206,8 +206,8 @@ def test_trace_5b_i2v_at_49x480x720():
 @pytest.mark.diffusers_versions
 @pytest.mark.parametrize("spec", ["cogvideox1.5-5b", "cogvideox1.5-5b-i2v"])
 def test_trace_1_5_at_81x768x1360(spec):
-    from inspector import load_transformer
-    from inspector.trace import trace_shapes
+    from cogsurgeon.inspector import load_transformer
+    from cogsurgeon.inspector.trace import trace_shapes
 
     result = trace_shapes(load_transformer(spec), frames=81, height=768, width=1360, batch=2)
     assert len(result.attention) == 42
@@ -222,8 +222,8 @@ def test_trace_1_5_at_81x768x1360(spec):
 
 
 def test_trace_2b_at_another_size_recomputes_sincos_positions():
-    from inspector import load_transformer
-    from inspector.trace import trace_shapes
+    from cogsurgeon.inspector import load_transformer
+    from cogsurgeon.inspector.trace import trace_shapes
 
     result = trace_shapes(load_transformer("cogvideox-2b"), frames=33, height=320, width=512, batch=1)
     assert len(result.attention) == 30
@@ -232,8 +232,8 @@ def test_trace_2b_at_another_size_recomputes_sincos_positions():
 
 
 def test_trace_refuses_a_size_before_running():
-    from inspector import load_transformer
-    from inspector.trace import trace_shapes
+    from cogsurgeon.inspector import load_transformer
+    from cogsurgeon.inspector.trace import trace_shapes
 
     model = load_transformer("cogvideox-5b-i2v")
     with pytest.raises(TraceSizeError):
@@ -250,7 +250,7 @@ def test_trace_refuses_a_size_before_running():
 def test_tiny_model_is_traced_without_compute_or_change(tiny_model):
     import torch
 
-    from inspector.trace import trace_shapes
+    from cogsurgeon.inspector.trace import trace_shapes
 
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
     calls_seen: list[str] = []
@@ -283,9 +283,9 @@ def test_tiny_model_is_traced_without_compute_or_change(tiny_model):
 
 @pytest.mark.parametrize("patch_name", ["causal-attention", "frame-causal-attention"])
 def test_patched_tiny_model_traces_as_patched(tiny_model, patch_name):
-    import patches
+    from cogsurgeon import patches
 
-    from inspector.trace import trace_shapes
+    from cogsurgeon.inspector.trace import trace_shapes
 
     patches.apply(tiny_model, patch_name)
     result = trace_shapes(tiny_model, frames=9, height=64, width=64, batch=2)
@@ -298,8 +298,8 @@ def test_patched_tiny_model_traces_as_patched(tiny_model, patch_name):
 
 
 def test_tiny_1_5_pads_to_whole_temporal_patches():
-    from inspector import load_transformer
-    from inspector.trace import trace_shapes
+    from cogsurgeon.inspector import load_transformer
+    from cogsurgeon.inspector.trace import trace_shapes
 
     result = trace_shapes(load_transformer("tiny-1.5"), frames=9, height=64, width=64, batch=1)
     assert (result.geometry.latent_frames, result.geometry.padding_frames, result.sequence.frames) == (4, 1, 2)
@@ -355,8 +355,8 @@ def test_cli_modules_stay_light():
 
 
 def test_default_video_size_is_the_pipelines_default():
-    from inspector.model_specs import TINY_CONFIGS, published_config
-    from inspector.trace import default_video_size
+    from cogsurgeon.inspector.model_specs import TINY_CONFIGS, published_config
+    from cogsurgeon.inspector.trace import default_video_size
 
     assert default_video_size(published_config("cogvideox-5b-i2v")) == (49, 480, 720)
     assert default_video_size(published_config("cogvideox-2b")) == (49, 480, 720)

@@ -14,9 +14,9 @@ from rich.console import Console
 from textual.widgets import Tree
 from textual.worker import WorkerFailed
 
-from inspector.tui.app import CogsurgeonApp
-from inspector.tui import screens
-from inspector.tui.widgets import ModuleDetails, ModuleTree, SlowLoadingIndicator, SourceView
+from cogsurgeon.inspector.tui.app import CogsurgeonApp
+from cogsurgeon.inspector.tui import screens
+from cogsurgeon.inspector.tui.widgets import ModuleDetails, ModuleTree, SlowLoadingIndicator, SourceView
 
 SIZE = (160, 48)
 
@@ -387,9 +387,9 @@ def test_an_unknown_model_fails_before_the_screen_opens(cli):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("module", ["inspector.cli", "inspector.loading", "inspector.inventory", "inspector.browse",
-                                    "inspector.module_tree", "inspector.source", "inspector.patching", "patches",
-                                    "tools", "tools.lora"])
+@pytest.mark.parametrize("module", ["cogsurgeon.inspector.cli", "cogsurgeon.inspector.loading", "cogsurgeon.inspector.inventory", "cogsurgeon.inspector.browse",
+                                    "cogsurgeon.inspector.module_tree", "cogsurgeon.inspector.source", "cogsurgeon.inspector.patching", "patches",
+                                    "tools", "cogsurgeon.tools.lora"])
 def test_the_core_never_imports_textual(module):
     import subprocess
     import sys
@@ -425,7 +425,7 @@ async def test_apply_and_revert_a_patch_from_the_panel():
         await pilot.pause()
         assert "attn1  Attention  4.29K  [patched]" in [row.strip() for row in tree_rows(tree)]
         details = shown_text(app.query_one(ModuleDetails))
-        assert "PatchedCogVideoXAttnProcessor (patches.processor)  patched" in details
+        assert "PatchedCogVideoXAttnProcessor (cogsurgeon.patches.processor)  patched" in details
         assert app.query_one(SourceView).border_title.startswith("PatchedCogVideoXAttnProcessor.__call__  patches/processor.py:")
 
         await pilot.press("p", "space")
@@ -476,7 +476,7 @@ async def test_patch_apply_from_the_command_palette():
 async def test_lora_screen_inspects_repairs_and_verifies_a_cogvideo_checkpoint(tmp_path, monkeypatch):
     from lora_helpers import BASE, save_cogvideo_checkpoint, train
 
-    from inspector.tui.lora_screen import LoraScreen
+    from cogsurgeon.inspector.tui.lora_screen import LoraScreen
 
     monkeypatch.chdir(tmp_path)
     save_cogvideo_checkpoint(train(rank=4, lora_alpha=2), tmp_path / "checkpoint-10")
@@ -533,7 +533,7 @@ async def test_lora_screen_reports_a_bad_checkpoint_as_a_notification(tmp_path):
 
 @pilot_test
 async def test_a_published_model_with_a_cached_inventory_opens_complete():
-    from inspector.inventory import inventory_for_spec
+    from cogsurgeon.inspector.inventory import inventory_for_spec
 
     inventory_for_spec("cogvideox-2b")  # the cache entry the screen paints first
     app = CogsurgeonApp("cogvideox-2b")

@@ -7,7 +7,7 @@ the SVGs in the report before committing them.
 
 from __future__ import annotations
 
-from inspector.tui.app import CogsurgeonApp
+from cogsurgeon.inspector.tui.app import CogsurgeonApp
 
 from test_tui import wait_for_model
 

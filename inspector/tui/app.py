@@ -7,9 +7,9 @@ from __future__ import annotations
 from textual.app import App
 from textual.binding import Binding
 
-from inspector.model_specs import DEFAULT_SPEC, resolve_spec
-from inspector.tui.commands import CogsurgeonCommands
-from inspector.tui.screens import MainScreen
+from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, resolve_spec
+from cogsurgeon.inspector.tui.commands import CogsurgeonCommands
+from cogsurgeon.inspector.tui.screens import MainScreen
 
 
 class CogsurgeonApp(App[None]):

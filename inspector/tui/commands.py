@@ -8,7 +8,7 @@ from functools import partial
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from inspector.model_specs import known_specs
+from cogsurgeon.inspector.model_specs import known_specs
 
 Command = tuple[str, str, Callable[[], object]]
 

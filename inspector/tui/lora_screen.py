@@ -17,8 +17,8 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Static
 from textual.worker import Worker, WorkerState
 
-from inspector.tui.screens import describe_failure
-from inspector.tui.widgets import facts_table
+from cogsurgeon.inspector.tui.screens import describe_failure
+from cogsurgeon.inspector.tui.widgets import facts_table
 
 
 def shown_path(path: str | Path) -> str:
@@ -120,7 +120,7 @@ class LoraScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="lora-inspect")
     def _inspect(self, path: str) -> Any:
-        from tools.lora import inspect_checkpoint
+        from cogsurgeon.tools.lora import inspect_checkpoint
 
         return inspect_checkpoint(path)
 
@@ -159,7 +159,7 @@ class LoraScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="lora-repair")
     def _repair(self, path: str, out_dir: str, alpha: float | None) -> Any:
-        from tools.lora import repair_checkpoint
+        from cogsurgeon.tools.lora import repair_checkpoint
 
         return repair_checkpoint(path, out_dir, alpha=alpha, progress=self._progress_from_thread)
 
@@ -192,7 +192,7 @@ class LoraScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="lora-verify")
     def _verify(self, adapter_dir: str, base: str) -> Any:
-        from tools.lora import verify_adapter
+        from cogsurgeon.tools.lora import verify_adapter
 
         return verify_adapter(adapter_dir, base)
 

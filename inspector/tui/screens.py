@@ -22,13 +22,13 @@ from textual.widgets import Footer, Header, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 from textual.worker import Worker, WorkerState
 
-from inspector.browse import LoadedModel, TracedShapes, open_model, preview_model, trace_for_details
-from inspector.errors import CogsurgeonError
-from inspector.inventory import ModuleInfo
-from inspector.model_specs import known_specs
-from inspector.module_tree import ModuleNode, build_module_tree, narrow_inventory
-from inspector.patching import PatchBench
-from inspector.tui.widgets import (
+from cogsurgeon.inspector.browse import LoadedModel, TracedShapes, open_model, preview_model, trace_for_details
+from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.inventory import ModuleInfo
+from cogsurgeon.inspector.model_specs import known_specs
+from cogsurgeon.inspector.module_tree import ModuleNode, build_module_tree, narrow_inventory
+from cogsurgeon.inspector.patching import PatchBench
+from cogsurgeon.inspector.tui.widgets import (
     FilterInput,
     ModuleDetails,
     ModuleTree,
@@ -344,7 +344,7 @@ class MainScreen(Screen[None]):
         self.app.push_screen(ModelScreen(), switch)
 
     def action_open_lora(self) -> None:
-        from inspector.tui.lora_screen import LoraScreen
+        from cogsurgeon.inspector.tui.lora_screen import LoraScreen
 
         self.app.push_screen(LoraScreen(base_spec=self.spec))
 

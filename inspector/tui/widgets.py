@@ -29,11 +29,11 @@ from textual.strip import Strip
 from textual.widgets import DataTable, Input, LoadingIndicator, Static, Tree
 from textual.widgets.tree import TreeNode
 
-from inspector.browse import format_count
-from inspector.inventory import ModuleInfo
-from inspector.module_tree import ModuleNode, path_to
-from inspector.patching import PatchRow
-from inspector.source import SourceText, display_path
+from cogsurgeon.inspector.browse import format_count
+from cogsurgeon.inspector.inventory import ModuleInfo
+from cogsurgeon.inspector.module_tree import ModuleNode, path_to
+from cogsurgeon.inspector.patching import PatchRow
+from cogsurgeon.inspector.source import SourceText, display_path
 
 
 def facts_table(rows: list[tuple[str | Text, str | Text]]) -> Table:
@@ -483,7 +483,7 @@ class PatchesPanel(Vertical):
 def source_for(info: ModuleInfo) -> tuple[SourceText | None, str]:
     """What the source view shows for a module: an attention module's processor `__call__` (the patched one
     while a patch is on), else the module's class."""
-    from inspector.source import class_source, processor_call_source
+    from cogsurgeon.inspector.source import class_source, processor_call_source
 
     if info.processor is not None:
         return processor_call_source(info.processor_module, info.processor), f"{info.processor}.__call__"

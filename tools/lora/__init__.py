@@ -11,13 +11,13 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "inspect_checkpoint": "tools.lora.checkpoint",
-    "LoraReport": "tools.lora.checkpoint",
-    "LoraCheckpointError": "tools.lora.checkpoint",
-    "repair_checkpoint": "tools.lora.repair",
-    "RepairResult": "tools.lora.repair",
-    "verify_adapter": "tools.lora.verify",
-    "AdapterVerifyReport": "tools.lora.verify",
+    "inspect_checkpoint": "cogsurgeon.tools.lora.checkpoint",
+    "LoraReport": "cogsurgeon.tools.lora.checkpoint",
+    "LoraCheckpointError": "cogsurgeon.tools.lora.checkpoint",
+    "repair_checkpoint": "cogsurgeon.tools.lora.repair",
+    "RepairResult": "cogsurgeon.tools.lora.repair",
+    "verify_adapter": "cogsurgeon.tools.lora.verify",
+    "AdapterVerifyReport": "cogsurgeon.tools.lora.verify",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -26,4 +26,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'tools.lora' has no attribute {name!r}")
+    raise AttributeError(f"module 'cogsurgeon.tools.lora' has no attribute {name!r}")

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inspector.errors import CogsurgeonError
-from tools.lora.keys import (
+from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.tools.lora.keys import (
     FORMAT_DESCRIPTIONS,
     AlphaResolution,
     detect_format,
@@ -26,7 +26,7 @@ from tools.lora.keys import (
     resolve_alpha,
     short_target,
 )
-from tools.lora.safetensors_io import DTYPE_NAMES, read_header
+from cogsurgeon.tools.lora.safetensors_io import DTYPE_NAMES, read_header
 
 SAFETENSORS_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 SAT_FILE_NAME = "mp_rank_00_model_states.pt"
@@ -157,7 +157,7 @@ def read_checkpoint(path: str | Path, *, alpha: float | None = None) -> LoraChec
     given = Path(path).expanduser()
     tensor_file = locate_checkpoint(given)
     if tensor_file.name == SAT_FILE_NAME:
-        from tools.lora.sat import read_sat_lora  # the one reader that needs torch
+        from cogsurgeon.tools.lora.sat import read_sat_lora  # the one reader that needs torch
 
         raw_tensors, non_lora = read_sat_lora(tensor_file)
         return _assemble(given, tensor_file, raw_tensors, non_lora, dora=[], adapters=set(), prefixes=set(),

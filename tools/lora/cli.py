@@ -78,8 +78,8 @@ def inspect(ckpt: str, alpha: float | None, as_json: bool) -> None:
     cogsurgeon lora inspect out/checkpoint-500
     cogsurgeon lora inspect out/checkpoint-500/pytorch_lora_weights.safetensors --json
     """
-    from inspector.cli import print_json
-    from tools.lora.checkpoint import inspect_checkpoint
+    from cogsurgeon.inspector.cli import print_json
+    from cogsurgeon.tools.lora.checkpoint import inspect_checkpoint
 
     report = inspect_checkpoint(ckpt, alpha=alpha)
     _print_warnings(report.warnings)
@@ -133,8 +133,8 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, force: bool, as_json: b
     cogsurgeon lora repair out/checkpoint-500 --out my-adapter
     cogsurgeon lora repair cogkit/adapter_model.safetensors --out my-adapter --alpha 64
     """
-    from inspector.cli import print_json
-    from tools.lora.repair import repair_checkpoint
+    from cogsurgeon.inspector.cli import print_json
+    from cogsurgeon.tools.lora.repair import repair_checkpoint
 
     progress = _ByteProgress()
     result = repair_checkpoint(ckpt, out_dir, alpha=alpha, force=force, progress=progress)
@@ -168,8 +168,8 @@ def verify(ctx: click.Context, adapter_dir: str, base: str, as_json: bool) -> No
     cogsurgeon lora verify my-adapter --base tiny-i2v
     cogsurgeon lora verify my-adapter --base /models/CogVideoX-5b-I2V --json
     """
-    from inspector.cli import print_json
-    from tools.lora.verify import verify_adapter
+    from cogsurgeon.inspector.cli import print_json
+    from cogsurgeon.tools.lora.verify import verify_adapter
 
     report = verify_adapter(adapter_dir, base, progress=lambda message: click.echo(message, err=True))
     if as_json:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, LoraReport, read_checkpoint
-from tools.lora.safetensors_io import OutputTensor, ProgressCallback, new_progress, write_safetensors
+from cogsurgeon.tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, LoraReport, read_checkpoint
+from cogsurgeon.tools.lora.safetensors_io import OutputTensor, ProgressCallback, new_progress, write_safetensors
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"

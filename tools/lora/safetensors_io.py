@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.errors import CogsurgeonError
 
 # bytes per element; the names are safetensors' own
 DTYPE_SIZES: dict[str, int] = {

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tools.lora.checkpoint import LoraCheckpointError, LoraTensor
+from cogsurgeon.tools.lora.checkpoint import LoraCheckpointError, LoraTensor
 
 _SAT_LORA_KEY = re.compile(
     r"^(?:model\.diffusion_model\.)?(?:transformer\.)?layers\.(?P<layer>\d+)\.attention\."

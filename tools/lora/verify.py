@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inspector.errors import CogsurgeonError
-from tools.lora.repair import (
+from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.tools.lora.repair import (
     DIFFUSERS_KEY_PREFIX,
     DIFFUSERS_WEIGHTS_NAME,
     PEFT_CONFIG_NAME,
@@ -255,12 +255,12 @@ def verify_adapter(
     """Load the adapter folder onto `base_spec` with PEFT and with diffusers and compare (see module docstring).
     `progress(message)` is told each slow stage, once the inputs are known to be good."""
     say = progress or (lambda message: None)
-    from inspector.offline import enter_offline_mode
+    from cogsurgeon.inspector.offline import enter_offline_mode
 
     enter_offline_mode()  # before huggingface_hub is imported below; a no-op when the CLI already did it
     import diffusers
 
-    from inspector.loading import load_transformer
+    from cogsurgeon.inspector.loading import load_transformer
 
     folder = Path(adapter_dir).expanduser()
     config = read_adapter_folder(folder)
