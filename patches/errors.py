@@ -33,3 +33,11 @@ class PatchNotAppliedError(PatchError):
 
 class AttentionMaskError(PatchError):
     """An `attention_mask` that is not one of the accepted forms, or that arrives where no patch handles masks."""
+
+
+class PatchParameterError(PatchError):
+    """A patch parameter out of its range, of the wrong type, or unknown; `parameter` names it."""
+
+    def __init__(self, message: str, parameter: str | None = None):
+        super().__init__(message)
+        self.parameter = parameter
