@@ -35,6 +35,7 @@ A query that may see no key at all gets a zero output (what SDPA returns for a f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
 from typing import Any, Literal
 
@@ -575,8 +576,37 @@ def packed_sequences(
     )
 
 
-# The packed call is a private aten op: if this torch refuses it once, segments run one SDPA call each from then on.
-_packed_flash_usable = True
+# The packed call is a private aten op: it is checked once per device and dtype against one SDPA call per segment
+# (`_packed_flash_checked`); where this torch refuses it or disagrees, segments run one SDPA call each.
+_packed_flash_checked: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _packed_flash_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Run the packed call once on a small problem (keys of different lengths, item offsets) against SDPA."""
+    check = (str(device), dtype)
+    if check not in _packed_flash_checked:
+        _packed_flash_checked[check] = True  # so that the check's own call goes through
+        layout = FrameLayout(text_tokens=5, frames=3, tokens_per_frame=70)
+        segments = structure_segments("frame-causal", layout)
+        generator = torch.Generator().manual_seed(0)
+        query, key, value = (
+            torch.randn(2, 3, layout.sequence_length, 64, generator=generator).to(device, dtype) for _ in range(3)
+        )
+        try:
+            with torch.no_grad():
+                packed = _packed_flash(query, key, value, segments)
+                expected = torch.cat(
+                    [_attend_segment(query, key, value, segment, None) for segment in segments], dim=2
+                )
+            works = packed is not None and bool((packed.float() - expected.float()).abs().max() < 0.05)
+        except (RuntimeError, TypeError):  # an older torch without seqused_k, or a build without flash
+            works = False
+        _packed_flash_checked[check] = works
+        if not works:
+            import warnings
+
+            warnings.warn(f"cogsurgeon: packed flash attention unavailable on {device}; using one SDPA call per segment")
+    return _packed_flash_checked[check]
 
 
 def _packed_flash(
@@ -584,8 +614,7 @@ def _packed_flash(
 ) -> torch.Tensor | None:
     """All segments (each one key range) of every item and head in one varlen flash-attention call, or None when
     that does not apply here (CPU, fp32, autograd, flash disabled, non-contiguous q/k/v, two-range segments)."""
-    global _packed_flash_usable
-    if not (_packed_flash_usable and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
         return None
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return None
@@ -597,36 +626,45 @@ def _packed_flash(
     ):
         return None
     batch, heads, query_length, _ = query.shape
-    descriptors = packed_sequences(segments, batch * heads, query_length, key.shape[2])
+    tensors = _packed_tensors(segments, batch * heads, query_length, key.shape[2], query.device)
+    if tensors is None or not _packed_flash_works(query.device, query.dtype):
+        return None
+    query_offsets, key_offsets, key_lengths, max_query, max_key = tensors
+    output = torch.ops.aten._flash_attention_forward(
+        query.view(-1, 1, head_dim),
+        key.view(-1, 1, head_dim),
+        value.view(-1, 1, head_dim),
+        query_offsets,
+        key_offsets,
+        max_query,
+        max_key,
+        0.0,
+        False,
+        False,
+        seqused_k=key_lengths,
+    )[0]
+    return output.view(batch, heads, query_length, head_dim)
+
+
+@lru_cache(maxsize=16)
+def _packed_tensors(
+    segments: tuple[QuerySegment, ...], batch_heads: int, query_length: int, key_length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
+    """The descriptors on the device, made once per plan and size (every layer of a forward reuses them)."""
+    descriptors = packed_sequences(segments, batch_heads, query_length, key_length)
     if descriptors is None or len(descriptors.key_starts) >= 65535:  # sequences are a grid dimension
         return None
-    device = query.device
 
     def int32(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+        return torch.tensor(values, dtype=torch.int32, device=device)
 
-    key_offsets = int32([*descriptors.key_starts, batch * heads * key.shape[2]])
-    try:
-        output = torch.ops.aten._flash_attention_forward(
-            query.view(-1, 1, head_dim),
-            key.view(-1, 1, head_dim),
-            value.view(-1, 1, head_dim),
-            int32(descriptors.query_offsets),
-            key_offsets,
-            descriptors.max_query,
-            descriptors.max_key,
-            0.0,
-            False,
-            False,
-            seqused_k=int32(descriptors.key_lengths),
-        )[0]
-    except (RuntimeError, TypeError) as exc:  # an older torch without seqused_k, or a build without flash
-        import warnings
-
-        warnings.warn(f"cogsurgeon: packed flash attention unavailable ({exc}); using one SDPA call per segment")
-        _packed_flash_usable = False
-        return None
-    return output.view(batch, heads, query_length, head_dim)
+    return (
+        int32(descriptors.query_offsets),
+        int32([*descriptors.key_starts, batch_heads * key_length]),  # starts only: lengths come from seqused_k
+        int32(descriptors.key_lengths),
+        descriptors.max_query,
+        descriptors.max_key,
+    )
 
 
 def _causal_with_dense_mask(

@@ -1,6 +1,7 @@
 """The built-in patches (DESIGN, "Patch definitions (exact)"): `causal-attention`, `frame-causal-attention`,
-`attention-mask`. Each is a rule switched on in the shared attention surgery of `patches.processor`; how each rule
-is computed fast is explained in `patches.attention`.
+`block-causal-attention(chunk, window, sink)`, `window-attention(window, chunk, text_sees_video)`, `attention-mask`
+(each a rule switched on in the shared attention surgery of `patches.processor`; how each rule is computed fast is
+explained in `patches.attention`), and `per-frame-timesteps(text_timestep)` (`patches.timesteps`).
 """
 
 from __future__ import annotations
@@ -16,26 +17,53 @@ def _no_options(patch: Patch, options: dict[str, Any]) -> None:
         raise PatchError(f"{patch.name} takes no options (got {', '.join(sorted(options))})")
 
 
+STRUCTURAL_PATCHES = frozenset(
+    {"causal-attention", "frame-causal-attention", "block-causal-attention", "window-attention"}
+)
+
+
+def check_options(patch: Patch, options: dict[str, Any]) -> dict[str, Any]:
+    """The patch's parameters: its defaults updated by `options`; an unknown key names itself."""
+    defaults = getattr(patch, "parameters", {})
+    for key in options:
+        if key not in defaults:
+            from cogsurgeon.patches.errors import PatchParameterError
+
+            known = ", ".join(defaults) or "none"
+            raise PatchParameterError(f"{patch.name} has no parameter {key!r} (parameters: {known})", key)
+    return {**defaults, **options}
+
+
 class StructuralAttentionPatch(Patch):
-    """A rule on which keys each query may see, fixed by positions only (no user input)."""
+    """A rule on which keys each query may see, fixed by positions and the patch's parameters (no user input).
+    The attention rules contradict each other: one at a time, each composing with `attention-mask`."""
 
     structure: str = ""
+    parameters: dict[str, Any] = {}
+
+    def __init__(self) -> None:
+        self.conflicts = STRUCTURAL_PATCHES - {self.name}
+
+    def pattern(self, **options: Any) -> Any:
+        """The rule as `patches.attention` plans it (a `BlockCausal`, a `WindowAttention`, or a name)."""
+        check_options(self, options)
+        return self.structure
 
     def apply(self, transformer: Any, **options: Any) -> None:
-        _no_options(self, options)
+        pattern = self.pattern(**options)
         from cogsurgeon.patches.processor import enable_attention_rule
 
-        enable_attention_rule(transformer, structure=self.structure)
+        enable_attention_rule(transformer, structure=pattern)
 
     def revert(self, transformer: Any) -> None:
-        from cogsurgeon.patches.processor import disable_attention_rule
+        from cogsurgeon.patches.processor import ANY_STRUCTURE, disable_attention_rule
 
-        disable_attention_rule(transformer, structure=self.structure)
+        disable_attention_rule(transformer, structure=ANY_STRUCTURE)
 
-    def reference_mask(self, layout: Any) -> Any:
-        from cogsurgeon.patches.reference import RULE_MASKS
+    def reference_mask(self, layout: Any, **options: Any) -> Any:
+        from cogsurgeon.patches.reference import rule_mask
 
-        return RULE_MASKS[self.name](layout)
+        return rule_mask(self.name, layout, **{**check_options(self, options)})
 
 
 class CausalAttention(StructuralAttentionPatch):
@@ -48,7 +76,6 @@ class CausalAttention(StructuralAttentionPatch):
     name = "causal-attention"
     summary = "token-causal attention over [text ; video] (k <= q), as the original fork's is_causal=True"
     structure = "causal"
-    conflicts = frozenset({"frame-causal-attention"})
 
     def extra_memory_bytes(
         self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False
@@ -67,13 +94,67 @@ class FrameCausalAttention(StructuralAttentionPatch):
     name = "frame-causal-attention"
     summary = "frame-causal attention: text sees text; frame f sees text and frames <= f"
     structure = "frame-causal"
-    conflicts = frozenset({"causal-attention"})
 
     def extra_memory_bytes(
         self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False
     ):
         largest_segment = max(text_tokens, video_tokens // max(frames, 1))
         return batch * heads * largest_segment * head_dim * dtype_bytes
+
+
+class BlockCausalAttention(StructuralAttentionPatch):
+    """Block-causal by chunks of `chunk` frames, optionally a sliding `window` of chunks with `sink` first chunks
+    always kept (CausVid's chunks, Self-Forcing's `local_attn_size` / `sink_size`): a video query in chunk
+    `i = frame // chunk` sees all text and the chunks j with `j <= i` and (`window` is None or `j > i - window` or
+    `j < sink`); text sees text. `frame-causal-attention` is chunk 1.
+
+    Planned as one key range per chunk of queries (`[text ; chunks <= i]`), or a prefix `[text ; sinks]` and a window
+    of chunks; run as one packed flash call (CUDA inference) or one SDPA call per chunk; a window past the sinks gets
+    the prefix moved next to it in place, or, under autograd, concatenated per chunk (then saved for backward: at
+    most `(T + (sink + window)·chunk·n)` keys per chunk)."""
+
+    name = "block-causal-attention"
+    summary = "block-causal by chunks of frames, optional sliding window with sink chunks (CausVid, Self-Forcing)"
+    parameters = {"chunk": 1, "window": None, "sink": 0}
+
+    def pattern(self, **options: Any) -> Any:
+        from cogsurgeon.patches.attention import BlockCausal
+
+        return BlockCausal(**check_options(self, options))
+
+
+class WindowAttentionPatch(StructuralAttentionPatch):
+    """Bidirectional local attention by chunks of frames (TTT-Video's segments): a video query in chunk i sees all
+    text and the chunks j with `|i - j| < window`; text sees text, or everything with `text_sees_video`."""
+
+    name = "window-attention"
+    summary = "bidirectional local attention: chunk i sees text and chunks j with |i - j| < window"
+    parameters = {"window": 1, "chunk": 1, "text_sees_video": False}
+
+    def pattern(self, **options: Any) -> Any:
+        from cogsurgeon.patches.attention import WindowAttention
+
+        return WindowAttention(**check_options(self, options))
+
+
+class PerFrameTimesteps(Patch):
+    """A timestep per latent frame: the transformer's `timestep` may be `(B, F)`; each video token is modulated by its
+    own frame's timestep embedding, text by `text_timestep` (`max`, `min`, `first`, `last` of the sample's frame
+    timesteps, or a fixed number). A `(B,)` timestep runs exactly as unpatched. See `patches.timesteps`."""
+
+    name = "per-frame-timesteps"
+    summary = "timestep (B, F): each frame's tokens modulated by their own timestep (diffusion forcing)"
+    parameters = {"text_timestep": "max"}
+
+    def apply(self, transformer: Any, **options: Any) -> None:
+        from cogsurgeon.patches.timesteps import enable_per_frame_timesteps
+
+        enable_per_frame_timesteps(transformer, **check_options(self, options))
+
+    def revert(self, transformer: Any) -> None:
+        from cogsurgeon.patches.timesteps import disable_per_frame_timesteps
+
+        disable_per_frame_timesteps(transformer)
 
 
 class AttentionMask(Patch):
@@ -119,4 +200,11 @@ class AttentionMask(Patch):
         return (batch - 1) * row + moved_text_keys + keep_mask
 
 
-BUILTIN_PATCHES: tuple[Patch, ...] = (CausalAttention(), FrameCausalAttention(), AttentionMask())
+BUILTIN_PATCHES: tuple[Patch, ...] = (
+    CausalAttention(),
+    FrameCausalAttention(),
+    BlockCausalAttention(),
+    WindowAttentionPatch(),
+    AttentionMask(),
+    PerFrameTimesteps(),
+)

@@ -257,9 +257,9 @@ class AttentionPatchState:
 
     def layout(self, text_tokens: int, video_tokens: int) -> FrameLayout:
         if self.frame_tokens is None:
-            if self.structure == "frame-causal":
+            if self.structure not in (None, "causal"):
                 raise PatchError(
-                    "frame-causal attention needs the frame layout, read when the transformer is called: call the "
+                    "block and window attention need the frame layout, read when the transformer is called: call the "
                     "CogVideoXTransformer3DModel with a 5-D latent (B, frames, C, H, W), not its blocks directly"
                 )
             return FrameLayout(text_tokens, 1, video_tokens)  # the token rules and masks need no frames
@@ -283,12 +283,15 @@ def enable_attention_rule(transformer: nn.Module, *, structure: Structure | None
         state.masks_enabled = True
 
 
+ANY_STRUCTURE: Any = object()  # disable_attention_rule(structure=ANY_STRUCTURE): whatever rule (and parameters) is on
+
+
 def disable_attention_rule(transformer: nn.Module, *, structure: Structure | None = None, masks: bool = False) -> None:
     """Turn a rule off; when none is left, restore the original processors and remove the hook."""
     state = _states.get(transformer)
     if state is None:
         return
-    if structure is not None and state.structure == structure:
+    if structure is not None and (state.structure == structure or structure is ANY_STRUCTURE):
         state.structure = None
     if masks:
         state.masks_enabled = False
