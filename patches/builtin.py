@@ -8,13 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cogsurgeon.patches.errors import PatchError
+from cogsurgeon.patches.errors import PatchParameterError
 from cogsurgeon.patches.registry import Patch
-
-
-def _no_options(patch: Patch, options: dict[str, Any]) -> None:
-    if options:
-        raise PatchError(f"{patch.name} takes no options (got {', '.join(sorted(options))})")
 
 
 STRUCTURAL_PATCHES = frozenset(
@@ -27,10 +22,11 @@ def check_options(patch: Patch, options: dict[str, Any]) -> dict[str, Any]:
     defaults = getattr(patch, "parameters", {})
     for key in options:
         if key not in defaults:
-            from cogsurgeon.patches.errors import PatchParameterError
-
-            known = ", ".join(defaults) or "none"
-            raise PatchParameterError(f"{patch.name} has no parameter {key!r} (parameters: {known})", key)
+            if not defaults:
+                raise PatchParameterError(f"{patch.name} takes no options (got {', '.join(sorted(options))})", key)
+            raise PatchParameterError(
+                f"{patch.name} has no parameter {key!r} (parameters: {', '.join(defaults)})", key
+            )
     return {**defaults, **options}
 
 
@@ -63,7 +59,7 @@ class StructuralAttentionPatch(Patch):
     def reference_mask(self, layout: Any, **options: Any) -> Any:
         from cogsurgeon.patches.reference import rule_mask
 
-        return rule_mask(self.name, layout, **{**check_options(self, options)})
+        return rule_mask(self.name, layout, **check_options(self, options))
 
 
 class CausalAttention(StructuralAttentionPatch):
@@ -174,7 +170,7 @@ class AttentionMask(Patch):
     summary = "attention_kwargs={'attention_mask': M} reaches attention: (B,T), (B,T+N) or (B|1,1|heads,L,L)"
 
     def apply(self, transformer: Any, **options: Any) -> None:
-        _no_options(self, options)
+        check_options(self, options)
         from cogsurgeon.patches.processor import enable_attention_rule
 
         enable_attention_rule(transformer, masks=True)
@@ -203,8 +199,8 @@ class AttentionMask(Patch):
 BUILTIN_PATCHES: tuple[Patch, ...] = (
     CausalAttention(),
     FrameCausalAttention(),
+    AttentionMask(),
     BlockCausalAttention(),
     WindowAttentionPatch(),
-    AttentionMask(),
     PerFrameTimesteps(),
 )
