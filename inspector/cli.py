@@ -109,6 +109,7 @@ def _register_commands() -> None:
         ("cogsurgeon.patches.cli", "run"),
         ("cogsurgeon.tools.lora.cli", "lora"),
         ("cogsurgeon.inspector.trace_cli", "trace"),
+        ("cogsurgeon.inspector.plan_cli", "plan"),
         ("cogsurgeon.inspector.doctor_cli", "doctor"),
     ):
         try:
