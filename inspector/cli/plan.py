@@ -9,6 +9,8 @@ import sys
 
 import click
 
+from cogsurgeon.inspector.cli.output import print_json
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
           "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
@@ -56,7 +58,7 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
     """
     from cogsurgeon.inspector.plan import parse_memory_size, parse_train
     from cogsurgeon.inspector.trace import default_video_size, latent_geometry
-    from cogsurgeon.inspector.trace_cli import _known_config
+    from cogsurgeon.inspector.cli.trace import _known_config
 
     train_mode = parse_train(train)  # flags refused before paying for torch and the model
     card = parse_memory_size(gpu_memory) if gpu_memory is not None else None
@@ -77,8 +79,6 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
                          dtype=DTYPES[dtype] if dtype else None, train=train_mode, checkpointing=checkpointing,
                          patches=patch_names, vae=vae, tiling=tiling, gpu_memory=card)
     if as_json:
-        from cogsurgeon.inspector.cli import print_json
-
         print_json(result.to_json())
         return
     _print_summary(result)
