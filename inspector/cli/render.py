@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.table import Table
 
 from cogsurgeon.inspector.inventory import ModuleInfo, filter_inventory
 from cogsurgeon.inspector.module_tree import listed_rows
-
-
-def short_path(file: str | None) -> str:
-    """A source path from the package root on (`diffusers/models/attention_processor.py`), or '-'."""
-    if not file:
-        return "-"
-    parts = Path(file).parts
-    for anchor in ("site-packages", "dist-packages"):
-        if anchor in parts:
-            return "/".join(parts[parts.index(anchor) + 1 :])
-    return file
+from cogsurgeon.inspector.source import short_path
 
 
 def modules_table(infos: list[ModuleInfo], filter_text: str | None = None, fold: bool = True) -> Table:
