@@ -98,9 +98,10 @@ modules.help = (modules.help or "") + MODEL_HELP
 from cogsurgeon.inspector.cli.doctor import doctor  # noqa: E402  (the group above comes first)
 from cogsurgeon.inspector.cli.lora import lora  # noqa: E402
 from cogsurgeon.inspector.cli.patch import patch, run  # noqa: E402
+from cogsurgeon.inspector.cli.plan import plan  # noqa: E402
 from cogsurgeon.inspector.cli.trace import trace  # noqa: E402
 
-for _command in (patch, run, lora, trace, doctor):
+for _command in (patch, run, lora, trace, plan, doctor):
     cli.add_command(_command)
 
 
