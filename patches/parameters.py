@@ -106,12 +106,17 @@ def parse_patch_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def format_value(value: Any) -> str:
+    """A value as a spec spells it, `parse_value`'s inverse: `none`, `true`/`false`, numbers and strings as they are."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def format_patch_spec(name: str, options: Mapping[str, Any]) -> str:
-    """The spec `parse_patch_spec` reads back: `NAME` or `NAME:key=value,...` (None as `none`, bools lower case)."""
+    """The spec `parse_patch_spec` reads back: `NAME` or `NAME:key=value,...`."""
     if not options:
         return name
-    shown = {True: "true", False: "false", None: "none"}
-    items = (
-        f"{key}={shown[value] if value is None or isinstance(value, bool) else value}" for key, value in options.items()
-    )
-    return f"{name}:{','.join(items)}"
+    return f"{name}:{','.join(f'{key}={format_value(value)}' for key, value in options.items())}"
