@@ -10,6 +10,8 @@ import time
 
 import click
 
+from cogsurgeon.inspector.cli.output import print_json
+
 ALPHA_HELP = "lora_alpha the LoRA was trained with; overrides metadata, configs and trainer defaults."
 TRAINER_HELP = ("The trainer that wrote CKPT, when the file does not store lora_alpha and several trainers fit: its "
                 "default lora_alpha is used (inspect lists the candidates).")
@@ -102,7 +104,6 @@ def inspect(ckpt: str, alpha: float | None, trainer: str | None, step: int | Non
     cogsurgeon lora inspect out/checkpoint-500
     cogsurgeon lora inspect out/checkpoint-500/pytorch_lora_weights.safetensors --json
     """
-    from cogsurgeon.inspector.cli import print_json
     from cogsurgeon.tools.lora.checkpoint import inspect_checkpoint
 
     report = inspect_checkpoint(ckpt, alpha=alpha, trainer=trainer, step=step, latest=latest)
@@ -158,7 +159,6 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, trainer: str | None, st
     cogsurgeon lora repair out/checkpoint-500 --out my-adapter
     cogsurgeon lora repair cogkit/adapter_model.safetensors --out my-adapter --alpha 64
     """
-    from cogsurgeon.inspector.cli import print_json
     from cogsurgeon.tools.lora.repair import repair_checkpoint
 
     progress = _ByteProgress()
@@ -194,7 +194,6 @@ def verify(ctx: click.Context, adapter_dir: str, base: str, as_json: bool) -> No
     cogsurgeon lora verify my-adapter --base tiny-i2v
     cogsurgeon lora verify my-adapter --base /models/CogVideoX-5b-I2V --json
     """
-    from cogsurgeon.inspector.cli import print_json
     from cogsurgeon.tools.lora.verify import verify_adapter
 
     report = verify_adapter(adapter_dir, base, progress=lambda message: click.echo(message, err=True))
