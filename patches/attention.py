@@ -56,11 +56,9 @@ CHUNK_MASK_ELEMENTS = 1 << 26
 
 def _check_int(parameter: str, value: Any, minimum: int, pattern: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise PatchParameterError(
-            f"{pattern}: {parameter} must be a whole number, got {value!r}", parameter
-        )
+        raise PatchParameterError(pattern, parameter, f"{pattern}: {parameter} must be a whole number, got {value!r}")
     if value < minimum:
-        raise PatchParameterError(f"{pattern}: {parameter} must be at least {minimum}, got {value}", parameter)
+        raise PatchParameterError(pattern, parameter, f"{pattern}: {parameter} must be at least {minimum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -81,9 +79,10 @@ class BlockCausal:
         _check_int("sink", self.sink, 0, name)
         if self.window is not None and self.sink > self.window:
             raise PatchParameterError(
+                name,
+                "sink",
                 f"{name}: sink ({self.sink}) must not exceed window ({self.window}): sinks are the first chunks kept "
                 "beside the window",
-                "sink",
             )
 
 
@@ -103,7 +102,7 @@ class WindowAttention:
         _check_int("chunk", self.chunk, 1, name)
         if not isinstance(self.text_sees_video, bool):
             raise PatchParameterError(
-                f"{name}: text_sees_video must be true or false, got {self.text_sees_video!r}", "text_sees_video"
+                name, "text_sees_video", f"{name}: text_sees_video must be true or false, got {self.text_sees_video!r}"
             )
 
 

@@ -1,5 +1,5 @@
 """The built-in patches (DESIGN, "Patch definitions (exact)"): `causal-attention`, `frame-causal-attention`,
-`block-causal-attention(chunk, window, sink)`, `window-attention(window, chunk, text_sees_video)`, `attention-mask`
+`attention-mask`, `block-causal-attention(chunk, window, sink)`, `window-attention(window, chunk, text_sees_video)`
 (each a rule switched on in the shared attention surgery of `patches.processor`; how each rule is computed fast is
 explained in `patches.attention`), and `per-frame-timesteps(text_timestep)` (`patches.timesteps`).
 """
@@ -8,58 +8,39 @@ from __future__ import annotations
 
 from typing import Any
 
-from cogsurgeon.patches.errors import PatchParameterError
+from cogsurgeon.patches.parameters import PatchParameter
 from cogsurgeon.patches.registry import Patch
-
-
-STRUCTURAL_PATCHES = frozenset(
-    {"causal-attention", "frame-causal-attention", "block-causal-attention", "window-attention"}
-)
-
-
-def check_options(patch: Patch, options: dict[str, Any]) -> dict[str, Any]:
-    """The patch's parameters: its defaults updated by `options`; an unknown key names itself."""
-    defaults = getattr(patch, "parameters", {})
-    for key in options:
-        if key not in defaults:
-            if not defaults:
-                raise PatchParameterError(f"{patch.name} takes no options (got {', '.join(sorted(options))})", key)
-            raise PatchParameterError(
-                f"{patch.name} has no parameter {key!r} (parameters: {', '.join(defaults)})", key
-            )
-    return {**defaults, **options}
 
 
 class StructuralAttentionPatch(Patch):
     """A rule on which keys each query may see, fixed by positions and the patch's parameters (no user input).
-    The attention rules contradict each other: one at a time, each composing with `attention-mask`."""
+    The rules contradict each other (one "attention-pattern" at a time); each composes with `attention-mask`."""
 
     structure: str = ""
-    parameters: dict[str, Any] = {}
-
-    def __init__(self) -> None:
-        self.conflicts = STRUCTURAL_PATCHES - {self.name}
+    exclusive = "attention-pattern"
 
     def pattern(self, **options: Any) -> Any:
-        """The rule as `patches.attention` plans it (a `BlockCausal`, a `WindowAttention`, or a name)."""
-        check_options(self, options)
+        """The rule as `patches.attention` plans it: a name, or a `BlockCausal` / `WindowAttention` (whose
+        construction checks the parameters' ranges)."""
         return self.structure
 
-    def apply(self, transformer: Any, **options: Any) -> None:
-        pattern = self.pattern(**options)
+    def check_options(self, options: dict[str, Any]) -> None:
+        self.pattern(**options)
+
+    def apply(self, transformer: Any, **options: Any) -> Any:
         from cogsurgeon.patches.processor import enable_attention_rule
 
-        enable_attention_rule(transformer, structure=pattern)
+        return enable_attention_rule(transformer, structure=self.pattern(**options))
 
-    def revert(self, transformer: Any) -> None:
-        from cogsurgeon.patches.processor import ANY_STRUCTURE, disable_attention_rule
+    def revert(self, transformer: Any, record: Any) -> None:
+        from cogsurgeon.patches.processor import disable_attention_rule
 
-        disable_attention_rule(transformer, structure=ANY_STRUCTURE)
+        disable_attention_rule(transformer, record, structure=record.structure)
 
     def reference_mask(self, layout: Any, **options: Any) -> Any:
         from cogsurgeon.patches.reference import rule_mask
 
-        return rule_mask(self.name, layout, **check_options(self, options))
+        return rule_mask(self.name, layout, **options)
 
 
 class CausalAttention(StructuralAttentionPatch):
@@ -99,58 +80,93 @@ class FrameCausalAttention(StructuralAttentionPatch):
 
 
 class BlockCausalAttention(StructuralAttentionPatch):
-    """Block-causal by chunks of `chunk` frames, optionally a sliding `window` of chunks with `sink` first chunks
+    """Block-causal by chunks of `chunk` frames, optionally a sliding `window` of chunks with the first `sink` chunks
     always kept (CausVid's chunks, Self-Forcing's `local_attn_size` / `sink_size`): a video query in chunk
     `i = frame // chunk` sees all text and the chunks j with `j <= i` and (`window` is None or `j > i - window` or
     `j < sink`); text sees text. `frame-causal-attention` is chunk 1.
 
     Planned as one key range per chunk of queries (`[text ; chunks <= i]`), or a prefix `[text ; sinks]` and a window
-    of chunks; run as one packed flash call (CUDA inference) or one SDPA call per chunk; a window past the sinks gets
-    the prefix moved next to it in place, or, under autograd, concatenated per chunk (then saved for backward: at
-    most `(T + (sink + window)·chunk·n)` keys per chunk)."""
+    of chunks; run as one packed flash call (CUDA inference, one key range per chunk) or one SDPA call per chunk. A
+    window past the sinks gets the prefix moved next to it in place (inference), or concatenated with it per chunk
+    under autograd (then saved for backward: up to `T + (sink + window)·chunk·n` keys per chunk)."""
 
     name = "block-causal-attention"
     summary = "block-causal by chunks of frames, optional sliding window with sink chunks (CausVid, Self-Forcing)"
-    parameters = {"chunk": 1, "window": None, "sink": 0}
+    parameters = (
+        PatchParameter("chunk", int, 1, "frames per chunk (latent frames; temporal patches for CogVideoX1.5)"),
+        PatchParameter("window", int, None, "chunks a query sees back to, its own included (none: all earlier)"),
+        PatchParameter("sink", int, 0, "first chunks every query keeps seeing beside the window (at most window)"),
+    )
 
     def pattern(self, **options: Any) -> Any:
         from cogsurgeon.patches.attention import BlockCausal
 
-        return BlockCausal(**check_options(self, options))
+        return BlockCausal(**options)
+
+    def extra_memory_bytes(
+        self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False, **options
+    ):
+        """The largest chunk's output (one SDPA call per chunk; none with the packed call); with a window past the
+        sinks, the prefix moved in place (a temporary of its size when it overlaps itself)."""
+        chunk = options.get("chunk", 1)
+        frame_tokens = video_tokens // max(frames, 1)
+        largest_segment = max(text_tokens, chunk * frame_tokens)
+        prefix = text_tokens + options.get("sink", 0) * chunk * frame_tokens if options.get("window") else 0
+        return batch * heads * (largest_segment + prefix) * head_dim * dtype_bytes
 
 
 class WindowAttentionPatch(StructuralAttentionPatch):
     """Bidirectional local attention by chunks of frames (TTT-Video's segments): a video query in chunk i sees all
-    text and the chunks j with `|i - j| < window`; text sees text, or everything with `text_sees_video`."""
+    text and the chunks j with `|i - j| < window`; text sees text, or everything with `text_sees_video`. Planned as
+    the text prefix plus one range of chunks per chunk of queries, run as `block-causal-attention` is."""
 
     name = "window-attention"
     summary = "bidirectional local attention: chunk i sees text and chunks j with |i - j| < window"
-    parameters = {"window": 1, "chunk": 1, "text_sees_video": False}
+    parameters = (
+        PatchParameter("window", int, 1, "a query in chunk i sees chunks j with |i - j| < window"),
+        PatchParameter("chunk", int, 1, "frames per chunk (latent frames; temporal patches for CogVideoX1.5)"),
+        PatchParameter("text_sees_video", bool, False, "text queries attend every key (else text only)"),
+    )
 
     def pattern(self, **options: Any) -> Any:
         from cogsurgeon.patches.attention import WindowAttention
 
-        return WindowAttention(**check_options(self, options))
+        return WindowAttention(**options)
+
+    def extra_memory_bytes(
+        self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False, **options
+    ):
+        chunk = options.get("chunk", 1)
+        largest_segment = max(text_tokens, chunk * (video_tokens // max(frames, 1)))
+        return batch * heads * (largest_segment + text_tokens) * head_dim * dtype_bytes
 
 
 class PerFrameTimesteps(Patch):
-    """A timestep per latent frame: the transformer's `timestep` may be `(B, F)`; each video token is modulated by its
-    own frame's timestep embedding, text by `text_timestep` (`max`, `min`, `first`, `last` of the sample's frame
-    timesteps, or a fixed number). A `(B,)` timestep runs exactly as unpatched. See `patches.timesteps`."""
+    """A timestep per latent frame (diffusion forcing): the transformer's `timestep` may be `(B, F)`; each video
+    token is modulated by its own frame's timestep embedding in every `CogVideoXLayerNormZero` and the final
+    `AdaLayerNorm`, text by `text_timestep` (`max`, `min`, `first`, `last` of the sample's frame timesteps, or a
+    fixed number). A `(B,)` timestep runs exactly as unpatched. See `patches.timesteps`."""
 
     name = "per-frame-timesteps"
-    summary = "timestep (B, F): each frame's tokens modulated by their own timestep (diffusion forcing)"
-    parameters = {"text_timestep": "max"}
+    summary = "timestep (B, F): each frame's tokens modulated by their own frame's timestep (diffusion forcing)"
+    parameters = (
+        PatchParameter(
+            "text_timestep", (str, float), "max", "text's timestep: max, min, first, last of the frames', or a number"
+        ),
+    )
 
-    def apply(self, transformer: Any, **options: Any) -> None:
-        from cogsurgeon.patches.timesteps import enable_per_frame_timesteps
+    def check_options(self, options: dict[str, Any]) -> None:
+        from cogsurgeon.patches.timesteps import check_text_timestep
 
-        enable_per_frame_timesteps(transformer, **check_options(self, options))
+        check_text_timestep(options["text_timestep"])
 
-    def revert(self, transformer: Any) -> None:
-        from cogsurgeon.patches.timesteps import disable_per_frame_timesteps
+    def apply(self, transformer: Any, **options: Any) -> Any:
+        from cogsurgeon.patches.timesteps import PerFrameTimestepState, check_text_timestep
 
-        disable_per_frame_timesteps(transformer)
+        return PerFrameTimestepState.install(transformer, check_text_timestep(options["text_timestep"]))
+
+    def revert(self, transformer: Any, record: Any) -> None:
+        record.uninstall()
 
 
 class AttentionMask(Patch):
@@ -169,16 +185,15 @@ class AttentionMask(Patch):
     name = "attention-mask"
     summary = "attention_kwargs={'attention_mask': M} reaches attention: (B,T), (B,T+N) or (B|1,1|heads,L,L)"
 
-    def apply(self, transformer: Any, **options: Any) -> None:
-        check_options(self, options)
+    def apply(self, transformer: Any, **options: Any) -> Any:
         from cogsurgeon.patches.processor import enable_attention_rule
 
-        enable_attention_rule(transformer, masks=True)
+        return enable_attention_rule(transformer, masks=True)
 
-    def revert(self, transformer: Any) -> None:
+    def revert(self, transformer: Any, record: Any) -> None:
         from cogsurgeon.patches.processor import disable_attention_rule
 
-        disable_attention_rule(transformer, masks=True)
+        disable_attention_rule(transformer, record, masks=True)
 
     def extra_memory_bytes(
         self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False

@@ -36,8 +36,16 @@ class AttentionMaskError(PatchError):
 
 
 class PatchParameterError(PatchError):
-    """A patch parameter out of its range, of the wrong type, or unknown; `parameter` names it."""
+    """An option a patch does not declare, of the wrong type, or out of range; `.patch` and `.parameter` name it."""
 
-    def __init__(self, message: str, parameter: str | None = None):
+    def __init__(self, patch: str, parameter: str, message: str):
         super().__init__(message)
+        self.patch = patch
         self.parameter = parameter
+
+    def __reduce__(self):
+        return type(self), (self.patch, self.parameter, str(self))
+
+
+class PatchSpecError(PatchError):
+    """A `NAME:key=value,...` patch spec that does not parse."""

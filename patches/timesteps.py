@@ -20,7 +20,6 @@ timestep except through attention.
 from __future__ import annotations
 
 import inspect
-import weakref
 from numbers import Real
 from typing import Any
 
@@ -30,7 +29,6 @@ from torch import nn
 from cogsurgeon.patches.errors import PatchError, PatchParameterError, PatchTargetError
 
 TEXT_TIMESTEP_CHOICES = ("max", "min", "first", "last")
-_states: weakref.WeakKeyDictionary[nn.Module, PerFrameTimestepState] = weakref.WeakKeyDictionary()
 
 
 class PerFrameTimestepError(PatchError):
@@ -50,9 +48,10 @@ def check_text_timestep(text_timestep: Any) -> str | float:
     elif isinstance(text_timestep, Real) and not isinstance(text_timestep, bool):
         return float(text_timestep)
     raise PatchParameterError(
+        "per-frame-timesteps",
+        "text_timestep",
         f"per-frame-timesteps: text_timestep must be one of {', '.join(TEXT_TIMESTEP_CHOICES)} or a number, "
         f"got {text_timestep!r}",
-        "text_timestep",
     )
 
 
@@ -126,13 +125,22 @@ def _columns_of(temb: torch.Tensor, batch: int) -> int | None:
     return temb.shape[0] // batch
 
 
-def layer_norm_zero_forward(module: nn.Module, original):
+class ReplacedForward:
+    """A module's `forward` while the patch is on: an object (not a closure), so a deep copy of the model gets one that
+    calls the copy's own layers."""
+
+    def __init__(self, module: nn.Module, original: Any, state: PerFrameTimestepState):
+        self.module, self.original, self.state = module, original, state
+
+
+class LayerNormZeroForward(ReplacedForward):
     """`CogVideoXLayerNormZero.forward` for packed embeddings: text by column 0, frame f's tokens by column 1 + f."""
 
-    def forward(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor):
+    def __call__(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor):
         columns = _columns_of(temb, hidden_states.shape[0])
         if columns is None:
-            return original(hidden_states, encoder_hidden_states, temb)
+            return self.original(hidden_states, encoder_hidden_states, temb)
+        module = self.module
         chunks = per_column(lambda column: module.linear(module.silu(column)).chunk(6, dim=1), temb, columns)
         _, _, _, enc_shift, enc_scale, enc_gate = chunks[0]
         shift, scale, gate = (torch.stack([chunk[i] for chunk in chunks[1:]], dim=1) for i in range(3))
@@ -142,33 +150,28 @@ def layer_norm_zero_forward(module: nn.Module, original):
         )
         return hidden_states, encoder_hidden_states, per_token(gate, hidden_states.shape[1]), enc_gate[:, None, :]
 
-    return forward
 
-
-def ada_layer_norm_forward(module: nn.Module, original):
+class AdaLayerNormForward(ReplacedForward):
     """The final `AdaLayerNorm(chunk_dim=1).forward` for packed embeddings: frame f's tokens by column 1 + f."""
 
-    def forward(x: torch.Tensor, timestep: torch.Tensor | None = None, temb: torch.Tensor | None = None):
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor | None = None, temb: torch.Tensor | None = None):
+        module = self.module
         columns = None if temb is None or module.emb is not None else _columns_of(temb, x.shape[0])
         if columns is None:
-            return original(x, timestep=timestep, temb=temb)
+            return self.original(x, timestep=timestep, temb=temb)
         chunks = per_column(lambda column: module.linear(module.silu(column)).chunk(2, dim=1), temb, columns)
         shift, scale = (torch.stack([chunk[i] for chunk in chunks[1:]], dim=1) for i in range(2))
         return modulate_frames(module.norm(x), scale, shift)
 
-    return forward
 
-
-def embedding_forward(state: PerFrameTimestepState, original):
+class EmbeddingForward(ReplacedForward):
     """`TimestepEmbedding.forward` that embeds a packed timestep one column at a time (each exactly as unpatched)."""
 
-    def forward(sample: torch.Tensor, condition: torch.Tensor | None = None):
-        columns = state.columns
-        if columns is None or condition is not None or sample.shape[0] != columns * state.batch:
-            return original(sample, condition)
-        return torch.cat(per_column(original, sample, columns), dim=0)
-
-    return forward
+    def __call__(self, sample: torch.Tensor, condition: torch.Tensor | None = None):
+        columns = self.state.columns
+        if columns is None or condition is not None or sample.shape[0] != columns * self.state.batch:
+            return self.original(sample, condition)
+        return torch.cat(per_column(self.original, sample, columns), dim=0)
 
 
 class PerFrameTimestepState:
@@ -188,14 +191,12 @@ class PerFrameTimestepState:
         """Replace the forwards and hook the transformer; checks everything before changing anything."""
         targets = cls._targets(transformer)
         state = cls(transformer, text_timestep)
-        for module, make in targets:
-            state.replaced.append((module, module.__dict__.get("forward")))
-            module.forward = make(module, module.forward)
         for name in ("time_embedding", "ofs_embedding"):
-            module = getattr(transformer, name, None)
-            if module is not None:
-                state.replaced.append((module, module.__dict__.get("forward")))
-                module.forward = embedding_forward(state, module.forward)
+            if getattr(transformer, name, None) is not None:
+                targets.append((getattr(transformer, name), EmbeddingForward))
+        for module, replacement in targets:
+            state.replaced.append((module, module.__dict__.get("forward")))
+            module.forward = replacement(module, module.forward, state)
         state.hook_handle = transformer.register_forward_pre_hook(state._pack_timestep, with_kwargs=True)
         return state
 
@@ -217,10 +218,10 @@ class PerFrameTimestepState:
                     raise PatchTargetError(
                         f"transformer_blocks.{index}.{norm_name} is {type(norm).__name__}, not CogVideoXLayerNormZero"
                     )
-                targets.append((norm, layer_norm_zero_forward))
+                targets.append((norm, LayerNormZeroForward))
         if type(norm_out).__name__ != "AdaLayerNorm" or getattr(norm_out, "chunk_dim", None) != 1:
             raise PatchTargetError(f"norm_out is {type(norm_out).__name__}, not CogVideoX's AdaLayerNorm(chunk_dim=1)")
-        targets.append((norm_out, ada_layer_norm_forward))
+        targets.append((norm_out, AdaLayerNormForward))
         return targets
 
     def uninstall(self) -> None:
@@ -266,20 +267,3 @@ class PerFrameTimestepState:
             else:
                 kwargs[name] = value
         return tuple(args), kwargs
-
-
-def per_frame_state(transformer: nn.Module) -> PerFrameTimestepState | None:
-    return _states.get(transformer)
-
-
-def enable_per_frame_timesteps(transformer: nn.Module, text_timestep: Any = "max") -> None:
-    text_timestep = check_text_timestep(text_timestep)
-    if transformer in _states:
-        raise PatchError("per-frame-timesteps is already on this model")
-    _states[transformer] = PerFrameTimestepState.install(transformer, text_timestep)
-
-
-def disable_per_frame_timesteps(transformer: nn.Module) -> None:
-    state = _states.pop(transformer, None)
-    if state is not None:
-        state.uninstall()
