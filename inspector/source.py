@@ -13,8 +13,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from cogsurgeon.inspector.render import short_path
-
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,6 +28,17 @@ class SourceText:
     @property
     def location(self) -> str:
         return f"{display_path(self.file)}:{self.start_line}"
+
+
+def short_path(file: str | None) -> str:
+    """A source path from the package root on (`diffusers/models/attention_processor.py`), or '-'."""
+    if not file:
+        return "-"
+    parts = Path(file).parts
+    for anchor in ("site-packages", "dist-packages"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1 :])
+    return file
 
 
 def display_path(file: str | None) -> str:

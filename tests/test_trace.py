@@ -348,7 +348,7 @@ def test_cli_trace_bad_size_is_one_line_exit_2(cli, args):
 
 
 def test_cli_modules_stay_light():
-    code = ("import sys, inspector.trace_cli, inspector.doctor_cli, inspector.trace, inspector.doctor; "
+    code = ("import sys, cogsurgeon.inspector.cli, cogsurgeon.inspector.trace, cogsurgeon.inspector.doctor; "
             "print(sorted(m for m in ('torch', 'diffusers', 'peft', 'textual') if m in sys.modules))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert completed.stdout.strip() == "[]"
