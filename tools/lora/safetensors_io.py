@@ -20,6 +20,7 @@ from cogsurgeon.inspector.safetensors_header import (  # noqa: F401 - re-exporte
     SafetensorsFormatError,
     SafetensorsHeader,
     TensorEntry,
+    library_rejection,
     read_header,
 )
 
