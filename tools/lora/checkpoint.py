@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,6 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.user_files import (
+    UserFileError,
+    describe_os_error,
+    file_kind,
+    is_regular_file,
+    list_folder,
+    loads_json,
+    read_json,
+    read_text,
+    read_yaml,
+)
 from cogsurgeon.tools.lora.keys import (
     FORMAT_DESCRIPTIONS,
     AlphaResolution,
@@ -106,24 +117,28 @@ class LoraCheckpoint:
 
 def locate_checkpoint(path: Path) -> Path:
     """The tensor file a CKPT argument names: the file itself, or the known file inside a checkpoint folder."""
-    if not path.exists():
-        raise LoraCheckpointError(f"{path} does not exist")
-    if path.is_file():
+    try:
+        kind = file_kind(path)
+    except FileNotFoundError:
+        raise LoraCheckpointError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise LoraCheckpointError(f"cannot read {describe_os_error(path, exc)}") from None
+    if kind is None:
         if path.name != SAT_FILE_NAME and path.suffix.lower() in PICKLE_SUFFIXES:
             raise LoraCheckpointError(
                 f"{path} is a pickle, and cogsurgeon never unpickles files (they can run code): pass the "
                 "checkpoint's .safetensors file or its folder (SAT: mp_rank_00_model_states.pt)"
             )
         return path
-    if not path.is_dir():
-        raise LoraCheckpointError(f"{path} is neither a file nor a folder")
+    if kind != "a folder":
+        raise LoraCheckpointError(f"{path} is {kind}, neither a regular file nor a folder")
     for name in SAFETENSORS_NAMES:
-        if (path / name).is_file():
+        if is_regular_file(path / name):
             return path / name
     sat = _sat_file_in(path)
     if sat is not None:
         return sat
-    candidates = sorted(path.glob("*.safetensors"))
+    candidates = [entry for entry in list_folder(path) if entry.suffix == ".safetensors" and is_regular_file(entry)]
     if len(candidates) == 1:
         return candidates[0]
     if candidates:
@@ -137,18 +152,27 @@ def locate_checkpoint(path: Path) -> Path:
 
 def _sat_file_in(folder: Path) -> Path | None:
     """SAT saves `{save_dir}/{iteration}/mp_rank_00_model_states.pt` and names the newest in `latest`."""
-    if (folder / SAT_FILE_NAME).is_file():
+    if is_regular_file(folder / SAT_FILE_NAME):
         return folder / SAT_FILE_NAME
     latest = folder / "latest"
-    if latest.is_file():
-        candidate = folder / latest.read_text().strip() / SAT_FILE_NAME
-        if candidate.is_file():
+    if is_regular_file(latest):
+        try:
+            iteration = read_text(latest, 4096).strip()
+        except UserFileError as exc:
+            raise LoraCheckpointError(f"{latest} does not name an iteration folder: {exc}") from None
+        candidate = folder / iteration / SAT_FILE_NAME
+        if iteration and "/" not in iteration and is_regular_file(candidate):
             return candidate
-    iterations = [p.parent for p in folder.glob(f"*/{SAT_FILE_NAME}")]
+    iterations = [entry for entry in list_folder(folder) if is_regular_file(entry / SAT_FILE_NAME)]
     if iterations:
-        newest = max(iterations, key=lambda p: (int(p.name) if p.name.isdigit() else -1, p.name))
+        newest = max(iterations, key=lambda p: (_iteration_number(p.name), p.name))
         return newest / SAT_FILE_NAME
     return None
+
+
+def _iteration_number(name: str) -> int:
+    """SAT's iteration folders are ASCII digits ("1000"); anything else ("²", "1000-ema") sorts first."""
+    return int(name) if name.isascii() and name.isdigit() else -1
 
 
 def read_checkpoint(path: str | Path, *, alpha: float | None = None) -> LoraCheckpoint:
@@ -177,7 +201,7 @@ def read_checkpoint(path: str | Path, *, alpha: float | None = None) -> LoraChec
         prefixes.add(key_prefix(entry.name))
         raw.append((entry.name, LoraTensor(parsed.module, parsed.part, entry.dtype, entry.shape, entry.nbytes, entry.start)))
     folder = tensor_file.parent
-    accelerate_state = any(ACCELERATE_STATE.match(p.name) for p in folder.iterdir())
+    accelerate_state = any(ACCELERATE_STATE.match(p.name) for p in list_folder(folder))
     format_name = detect_format(
         file_name=tensor_file.name,
         prefixes=prefixes,
@@ -195,7 +219,7 @@ def _metadata_config(metadata: dict[str, str], warnings: list[str], tensor_file:
     if raw is None:
         return {}
     try:
-        config = json.loads(raw)
+        config = loads_json(raw, allow_nan=True)  # NaN reaches the checks below and is refused there
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
@@ -215,21 +239,16 @@ def _config_beside(
     for folder in folders:
         for name in CONFIG_FILES:
             config_path = folder / name
-            if not config_path.is_file():
+            if not is_regular_file(config_path):
                 continue
-            try:
-                if name.endswith(".json"):
-                    config = json.loads(config_path.read_text())
-                else:
-                    import yaml
-
-                    config = yaml.safe_load(config_path.read_text())
-            except Exception as exc:  # a config the user's trainer wrote; unreadable means "no config"
-                warnings.append(f"{config_path} is unreadable ({type(exc).__name__}); ignored")
+            try:  # YAML without aliases (no alias bombs), JSON without NaN; only regular files, size capped
+                config = read_json(config_path) if name.endswith(".json") else read_yaml(config_path)
+            except UserFileError as exc:  # a config the user's trainer wrote; unreadable means "no config"
+                warnings.append(f"{' '.join(str(exc).split())[:300]}; ignored")
                 continue
             _unsupported_variants(config, str(config_path), problems)
             found = _find_key(config, "lora_alpha")
-            if isinstance(found, (int, float)) and not isinstance(found, bool) and found > 0:
+            if _positive_number(found):
                 pattern = _find_key(config, "alpha_pattern")
                 return float(found), pattern if isinstance(pattern, dict) else None, str(config_path)
     return None, None, None
@@ -307,6 +326,15 @@ def _assemble(
 
     metadata_config = _metadata_config(metadata, warnings, tensor_file)
     metadata_alpha = metadata_config.get("lora_alpha")
+    if metadata_alpha is not None and not _positive_number(metadata_alpha):
+        problems.append(f"{METADATA_KEY} says lora_alpha={_shown(metadata_alpha)}: not a positive finite number")
+        metadata_alpha = None
+    for key, check, what in (("alpha_pattern", _positive_number, "positive numbers"),
+                             ("rank_pattern", _positive_int, "positive integers")):
+        pattern = metadata_config.get(key)
+        if pattern is not None and not (isinstance(pattern, dict) and all(check(v) for v in pattern.values())):
+            problems.append(f"{METADATA_KEY} says {key}={_shown(pattern)}: expected module names mapped to {what}")
+            metadata_config = {k: v for k, v in metadata_config.items() if k != key}
     if metadata_config and rank is not None:
         stored_r = metadata_config.get("r")
         stored_pattern = metadata_config.get("rank_pattern") or {}
@@ -358,6 +386,24 @@ def _assemble(
         warnings=tuple(warnings),
     )
     return LoraCheckpoint(report, tuple(tensors), source_file, metadata_config)
+
+
+def _positive_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # a 401-digit integer
+        return False
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def inspect_checkpoint(path: str | Path, *, alpha: float | None = None) -> LoraReport:
