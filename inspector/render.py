@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.table import Table
 
 from cogsurgeon.inspector.inventory import ModuleInfo, fold_repeated
-
-
-def short_path(file: str | None) -> str:
-    """A source path from the package root on (`diffusers/models/attention_processor.py`), or '-'."""
-    if not file:
-        return "-"
-    parts = Path(file).parts
-    for anchor in ("site-packages", "dist-packages"):
-        if anchor in parts:
-            return "/".join(parts[parts.index(anchor) + 1 :])
-    return file
+from cogsurgeon.inspector.source import display_path
 
 
 def modules_table(infos: list[ModuleInfo], fold: bool = True) -> Table:
@@ -46,7 +34,7 @@ def modules_table(infos: list[ModuleInfo], fold: bool = True) -> Table:
 
 
 def _cells(info: ModuleInfo, name: str) -> tuple[str, ...]:
-    location = short_path(info.file) + (f":{info.line}" if info.line else "")
+    location = display_path(info.file) + (f":{info.line}" if info.line else "")
     return (
         name,
         info.class_name,

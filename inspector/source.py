@@ -13,8 +13,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from cogsurgeon.inspector.render import short_path
-
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,13 +36,14 @@ def display_path(file: str | None) -> str:
     (`patches/causal.py`), else as given; '-' when there is none."""
     if not file:
         return "-"
-    path = Path(file)
-    if {"site-packages", "dist-packages"} & set(path.parts):  # also when the venv lives inside the checkout
-        return short_path(file)
+    parts = Path(file).parts
+    for anchor in ("site-packages", "dist-packages"):  # first: the venv may live inside the checkout
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1 :])
     try:
-        return path.resolve().relative_to(_PROJECT_ROOT).as_posix()
+        return Path(file).resolve().relative_to(_PROJECT_ROOT).as_posix()
     except ValueError:
-        return short_path(file)
+        return file
 
 
 def _loaded_class(module_name: str | None, class_name: str | None) -> type | None:

@@ -94,7 +94,7 @@ def _print_tables(result, show_all: bool) -> None:
         f"{geometry.latent_width}, output {format_shape(result.output)}"
     )
     console.print(
-        f"sequence: {sequence.total:,} tokens = {sequence.text_tokens:,} text + {sequence.video_tokens:,} video "
+        f"sequence: {sequence.sequence_length:,} tokens = {sequence.text_tokens:,} text + {sequence.video_tokens:,} video "
         f"({sequence.frames} frames × {sequence.tokens_per_frame:,} tokens)"
     )
     for note in result.notes:

@@ -21,9 +21,7 @@ from torch import nn
 
 from cogsurgeon.patches.attention import AttentionPlan, Structure, plan_attention, run_plan
 from cogsurgeon.patches.errors import AttentionMaskError, PatchError, PatchTargetError
-from cogsurgeon.patches.layout import FrameLayout, layout_of_call, tokens_per_frame
-
-TRANSFORMER_CLASS_NAME = "CogVideoXTransformer3DModel"
+from cogsurgeon.inspector.geometry import TRANSFORMER_CLASS_NAME, FrameLayout, layout_of_call, tokens_per_frame
 _states: weakref.WeakKeyDictionary[nn.Module, AttentionPatchState] = weakref.WeakKeyDictionary()
 
 
