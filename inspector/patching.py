@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon import patches
 
 
 @dataclass(frozen=True)
@@ -33,45 +33,30 @@ class PatchBench:
     """The registered patches and the verdicts of the verifications run this session."""
 
     verdicts: dict[str, str] = field(default_factory=dict)
-    note: str = ""
-
-    def _api(self) -> Any:
-        from cogsurgeon import patches
-
-        if not hasattr(patches, "available"):  # the registry is not part of this build
-            raise CogsurgeonError("this build of cogsurgeon has no patch registry (patches.available)")
-        return patches
 
     def rows(self, model: Any | None) -> list[PatchRow]:
         """One row per registered patch, marked applied when it is on `model`."""
-        try:
-            api = self._api()
-        except CogsurgeonError as error:
-            self.note = str(error)
-            return []
-        applied = set(api.applied(model)) if model is not None else set()
+        applied = set(patches.applied(model)) if model is not None else set()
         return [
             PatchRow(info.name, info.summary, info.name in applied, self.verdicts.get(info.name, ""))
-            for info in api.available()
+            for info in patches.available()
         ]
 
     def toggle(self, model: Any, name: str, apply: bool | None = None) -> str:
         """Apply `name` to `model`, or revert it when it is on (`apply` forces one direction); says what it did."""
-        api = self._api()
-        is_on = name in api.applied(model)
+        is_on = name in patches.applied(model)
         if apply is None:
             apply = not is_on
         if apply and not is_on:
-            api.apply(model, name)
+            patches.apply(model, name)
             return f"applied {name}"
         if not apply and is_on:
-            api.revert(model, name)
+            patches.revert(model, name)
             return f"reverted {name}"
         return f"{name} is already {'on' if is_on else 'off'}"
 
     def verify(self, name: str) -> Any:
         """Run the patch's tiny-model reference check (slow: call it from a worker)."""
-        self._api()
         from cogsurgeon.patches.verify import verify_patch
 
         return verify_patch(name)

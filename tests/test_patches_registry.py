@@ -108,7 +108,9 @@ def test_memory_estimates_at_the_5b_shape():
 def test_importing_patches_loads_neither_torch_nor_diffusers_nor_textual():
     code = textwrap.dedent(
         """
-        import sys, patches, patches.cli
+        import sys
+        from cogsurgeon import patches
+        import cogsurgeon.inspector.cli
         patches.available()
         print(sorted(m for m in ("torch", "diffusers", "textual") if m in sys.modules))
         """

@@ -277,8 +277,8 @@ def test_cli_trace_bad_size_is_one_line_exit_2(cli, args):
 
 
 def test_cli_modules_stay_light():
-    code = ("import sys, cogsurgeon.inspector.trace_cli, cogsurgeon.inspector.doctor_cli, cogsurgeon.inspector.trace, "
-            "cogsurgeon.inspector.doctor, cogsurgeon.inspector.geometry; "
+    code = ("import sys, cogsurgeon.inspector.cli, cogsurgeon.inspector.trace, cogsurgeon.inspector.doctor, "
+            "cogsurgeon.inspector.geometry; "
             "print(sorted(m for m in ('torch', 'diffusers', 'peft', 'textual') if m in sys.modules))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert completed.stdout.strip() == "[]"

@@ -303,7 +303,6 @@ class MainScreen(Screen[None]):
         panel = self.query_one(PatchesPanel)
         model = self.loaded.model if self.loaded is not None else None
         panel.show_rows(self.patch_bench.rows(model))
-        panel.note(self.patch_bench.note)
 
     def action_focus_patches(self) -> None:
         self.query_one("#patches-table").focus()

@@ -9,6 +9,8 @@ import sys
 
 import click
 
+from cogsurgeon.inspector.cli.output import print_json
+
 
 @click.command()
 @click.option("--check", "checks", multiple=True, metavar="ID",
@@ -50,8 +52,6 @@ def doctor(checks: tuple[str, ...], as_json: bool) -> None:
 
     findings = run_doctor(checks or None, progress=progress)
     if as_json:
-        from cogsurgeon.inspector.cli import print_json
-
         print_json({"findings": [finding.to_json() for finding in findings]})
     else:
         _print_table(findings)

@@ -9,6 +9,8 @@ import sys
 
 import click
 
+from cogsurgeon.inspector.cli.output import print_json
+
 
 def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
     if value < 1:
@@ -59,8 +61,6 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
                    err=True)
     result = trace_shapes(load_transformer(model), frames=frames, height=height, width=width, batch=batch)
     if as_json:
-        from cogsurgeon.inspector.cli import print_json
-
         print_json(result.to_json())
         return
     _print_tables(result, show_all)

@@ -8,11 +8,7 @@ import sys
 
 import click
 
-
-def _print_json(value) -> None:
-    from cogsurgeon.inspector.cli import print_json
-
-    print_json(value)
+from cogsurgeon.inspector.cli.output import print_json
 
 
 @click.group("patch")
@@ -34,7 +30,7 @@ def list_patches(as_json: bool) -> None:
 
     infos = patches.available()
     if as_json:
-        _print_json([{"name": info.name, "summary": info.summary} for info in infos])
+        print_json([{"name": info.name, "summary": info.summary} for info in infos])
         return
     width = max(len(info.name) for info in infos)
     for info in infos:
@@ -62,7 +58,7 @@ def verify(name: str, as_json: bool) -> None:
 
     result = verify_patch(name, progress=lambda step: click.echo(f"verifying {step}", err=True))
     if as_json:
-        _print_json(result.to_json())
+        print_json(result.to_json())
     else:
         verdict = "PASS" if result.passed else "FAIL"
         click.echo(f"{verdict} {result.name}: max error {result.max_error:.3g} (tolerance {result.tolerance:g}), "

@@ -10,6 +10,8 @@ import time
 
 import click
 
+from cogsurgeon.inspector.cli.output import print_json
+
 ALPHA_HELP = "lora_alpha the LoRA was trained with; overrides metadata, configs and trainer defaults."
 
 
@@ -78,7 +80,6 @@ def inspect(ckpt: str, alpha: float | None, as_json: bool) -> None:
     cogsurgeon lora inspect out/checkpoint-500
     cogsurgeon lora inspect out/checkpoint-500/pytorch_lora_weights.safetensors --json
     """
-    from cogsurgeon.inspector.cli import print_json
     from cogsurgeon.tools.lora.checkpoint import inspect_checkpoint
 
     report = inspect_checkpoint(ckpt, alpha=alpha)
@@ -133,7 +134,6 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, force: bool, as_json: b
     cogsurgeon lora repair out/checkpoint-500 --out my-adapter
     cogsurgeon lora repair cogkit/adapter_model.safetensors --out my-adapter --alpha 64
     """
-    from cogsurgeon.inspector.cli import print_json
     from cogsurgeon.tools.lora.repair import repair_checkpoint
 
     progress = _ByteProgress()
@@ -168,7 +168,6 @@ def verify(ctx: click.Context, adapter_dir: str, base: str, as_json: bool) -> No
     cogsurgeon lora verify my-adapter --base tiny-i2v
     cogsurgeon lora verify my-adapter --base /models/CogVideoX-5b-I2V --json
     """
-    from cogsurgeon.inspector.cli import print_json
     from cogsurgeon.tools.lora.verify import verify_adapter
 
     report = verify_adapter(adapter_dir, base, progress=lambda message: click.echo(message, err=True))

@@ -6,15 +6,14 @@ line on stderr. Heavy imports (torch, diffusers, textual) happen inside the comm
 
 from __future__ import annotations
 
-import json
 import sys
-from typing import Any
 
 import click
 
 from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, known_specs
 from cogsurgeon.inspector.offline import enter_offline_mode
+from cogsurgeon.inspector.cli.output import print_json
 
 MODEL_HELP = (
     f"MODEL is one of {', '.join(known_specs())} (published configs load on the meta device, no download; "
@@ -30,10 +29,6 @@ class CogsurgeonGroup(click.Group):
         if not args or (args[0] not in self.commands and not args[0].startswith("-")):
             args = ["tui", *args]
         return super().parse_args(ctx, args)
-
-
-def print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2))
 
 
 @click.group(cls=CogsurgeonGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,7 +82,7 @@ def modules(
     if as_json:
         print_json([info.to_json() for info in infos])
         return
-    from cogsurgeon.inspector.render import modules_table
+    from cogsurgeon.inspector.cli.render import modules_table
 
     from rich.console import Console
 
@@ -100,27 +95,13 @@ def modules(
 modules.help = (modules.help or "") + MODEL_HELP
 
 
-def _register_commands() -> None:
-    """Commands that live beside the packages they drive (patches, tools.lora, ...)."""
-    from importlib import import_module
+from cogsurgeon.inspector.cli.doctor import doctor  # noqa: E402  (the group above comes first)
+from cogsurgeon.inspector.cli.lora import lora  # noqa: E402
+from cogsurgeon.inspector.cli.patch import patch, run  # noqa: E402
+from cogsurgeon.inspector.cli.trace import trace  # noqa: E402
 
-    for module_name, attribute in (
-        ("cogsurgeon.patches.cli", "patch"),
-        ("cogsurgeon.patches.cli", "run"),
-        ("cogsurgeon.tools.lora.cli", "lora"),
-        ("cogsurgeon.inspector.trace_cli", "trace"),
-        ("cogsurgeon.inspector.doctor_cli", "doctor"),
-    ):
-        try:
-            module = import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        cli.add_command(getattr(module, attribute))
-
-
-_register_commands()
+for _command in (patch, run, lora, trace, doctor):
+    cli.add_command(_command)
 
 
 def _one_line(text: str) -> str:
