@@ -78,9 +78,9 @@ def modules(
     """
     from cogsurgeon.inspector.inventory import filter_inventory, inventory_for_spec
 
-    infos = filter_inventory(inventory_for_spec(model, dtype, use_cache=not no_cache), filter_text)
+    infos = inventory_for_spec(model, dtype, use_cache=not no_cache)
     if as_json:
-        print_json([info.to_json() for info in infos])
+        print_json([info.to_json() for info in filter_inventory(infos, filter_text)])
         return
     from cogsurgeon.inspector.cli.render import modules_table
 
@@ -89,7 +89,7 @@ def modules(
     console = Console()
     if not console.is_terminal:  # piped into a file or less: don't squeeze the table into 80 columns
         console = Console(width=200)
-    console.print(modules_table(infos, fold=not show_all))
+    console.print(modules_table(infos, filter_text, fold=not show_all))
 
 
 modules.help = (modules.help or "") + MODEL_HELP
@@ -98,9 +98,10 @@ modules.help = (modules.help or "") + MODEL_HELP
 from cogsurgeon.inspector.cli.doctor import doctor  # noqa: E402  (the group above comes first)
 from cogsurgeon.inspector.cli.lora import lora  # noqa: E402
 from cogsurgeon.inspector.cli.patch import patch, run  # noqa: E402
+from cogsurgeon.inspector.cli.plan import plan  # noqa: E402
 from cogsurgeon.inspector.cli.trace import trace  # noqa: E402
 
-for _command in (patch, run, lora, trace, doctor):
+for _command in (patch, run, lora, trace, plan, doctor):
     cli.add_command(_command)
 
 

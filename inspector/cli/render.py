@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from cogsurgeon.inspector.inventory import ModuleInfo, fold_repeated
+from cogsurgeon.inspector.inventory import ModuleInfo, filter_inventory
+from cogsurgeon.inspector.module_tree import listed_rows
 from cogsurgeon.inspector.source import display_path
 
 
-def modules_table(infos: list[ModuleInfo], fold: bool = True) -> Table:
-    table = Table(title=f"{len(infos)} modules", header_style="bold", expand=False)
+def modules_table(infos: list[ModuleInfo], filter_text: str | None = None, fold: bool = True) -> Table:
+    """The `modules` table of the modules matching `filter_text`, runs of identical blocks folded (`listed_rows`)."""
+    table = Table(title=f"{len(filter_inventory(infos, filter_text))} modules", header_style="bold", expand=False)
     for column, justify in (
         ("module", "left"),
         ("class", "left"),
@@ -20,16 +22,11 @@ def modules_table(infos: list[ModuleInfo], fold: bool = True) -> Table:
         ("defined at", "left"),
     ):
         table.add_column(column, justify=justify, no_wrap=column == "module")
-    rows = fold_repeated(infos) if fold else None
-    for row in rows or ():
-        info = row.info
+    for row in listed_rows(infos, filter_text, fold):
         name = row.display_name or "(root)"
         if row.repeat > 1:
             name = f"{name}  [dim]×{row.repeat}[/dim]"
-        table.add_row(*_cells(info, name))
-    if rows is None:
-        for info in infos:
-            table.add_row(*_cells(info, info.name or "(root)"))
+        table.add_row(*_cells(row.info, name))
     return table
 
 
