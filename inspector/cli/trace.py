@@ -47,7 +47,7 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
 
     MODEL: see `cogsurgeon modules --help`; a model with real weights is traced through a meta copy.
     """
-    from cogsurgeon.inspector.trace import latent_geometry
+    from cogsurgeon.inspector.geometry import latent_geometry
 
     config = _known_config(model)
     if config is not None:  # refuse a size the model cannot take before paying for torch and the model
