@@ -517,10 +517,10 @@ def meta_twin(model: nn.Module) -> nn.Module:
     from cogsurgeon.inspector.loading import build_on_meta
 
     twin = build_on_meta(dict(model.config), _model_dtype(model))
-    applied = patches.applied(model)
+    applied = patches.applied_options(model)
     if applied:
-        for name in applied:
-            patches.apply(twin, name)
+        for name, options in applied.items():
+            patches.apply(twin, name, **options)
         return twin
     processors = getattr(model, "attn_processors", None)
     if processors:

@@ -15,7 +15,7 @@ from cogsurgeon.inspector.model_specs import TINY_SPECS
 from cogsurgeon.patches.layout import FrameLayout, tokens_per_frame
 from cogsurgeon.patches.errors import PatchError
 from cogsurgeon.patches.reference import RULE_MASKS, combine_masks, full_attention_mask, reference_processors
-from cogsurgeon.patches.registry import apply, get_patch, revert
+from cogsurgeon.patches.registry import apply, get_patch, resolve_options, revert
 
 TOLERANCE = 1e-4
 PROCESSORS = ("plain", "fused")
@@ -157,14 +157,16 @@ class Case:
     reference_mask: torch.Tensor | None
 
 
-def verify_cases(name: str, layout: FrameLayout, batch: int, heads: int) -> list[Case]:
+def verify_cases(
+    name: str, layout: FrameLayout, batch: int, heads: int, options: dict[str, Any] | None = None
+) -> list[Case]:
     """What to run for each patch: for `attention-mask`, every accepted form; otherwise its reference mask."""
     if name == "attention-mask":
         return [
             Case(label, mask, full_attention_mask(mask, layout))
             for label, mask in sample_masks(layout, batch, heads).items()
         ]
-    reference = get_patch(name).reference_mask(layout)
+    reference = get_patch(name).reference_mask(layout, **(options or {}))
     if reference is None:
         raise PatchError(f"{name} gives no reference mask (Patch.reference_mask), so it cannot be verified")
     return [Case(name, None, reference)]
@@ -182,18 +184,21 @@ def fresh_tiny(variant: str, processor: str) -> nn.Module:
 def verify_patch(
     name: str,
     *,
+    options: dict[str, Any] | None = None,
     variants: tuple[str, ...] = TINY_SPECS,
     tolerance: float = TOLERANCE,
     progress: Callable[[str], None] | None = None,
 ) -> VerifyResult:
-    """Run patch `name` on each tiny variant with the plain and the fused processor: max |patched - reference| over
-    every case, and whether the model after `revert` reproduces the unpatched output bit for bit."""
+    """Run patch `name` (with `options`, defaults filled in) on each tiny variant with the plain and the fused
+    processor: max |patched - reference| over every case, and whether the model after `revert` reproduces the
+    unpatched output bit for bit."""
+    options = resolve_options(name, options or {})
     details = []
     for variant in variants:
         for processor in PROCESSORS:
             if progress is not None:
                 progress(f"{name}: {variant}, {processor} processor")
-            details.extend(_verify_on(name, fresh_tiny(variant, processor), variant, processor))
+            details.extend(_verify_on(name, options, fresh_tiny(variant, processor), variant, processor))
     max_error = max(case.max_error for case in details)
     revert_bit_exact = all(case.revert_bit_exact for case in details)
     return VerifyResult(
@@ -206,14 +211,16 @@ def verify_patch(
     )
 
 
-def _verify_on(name: str, model: nn.Module, variant: str, processor: str) -> Iterator[CaseResult]:
+def _verify_on(
+    name: str, options: dict[str, Any], model: nn.Module, variant: str, processor: str
+) -> Iterator[CaseResult]:
     inputs = tiny_inputs(model)
     layout = layout_of_inputs(model, inputs)
     unpatched = forward(model, inputs)
-    for case in verify_cases(name, layout, batch=2, heads=model.config.num_attention_heads):
+    for case in verify_cases(name, layout, batch=2, heads=model.config.num_attention_heads, options=options):
         with reference_processors(model, case.reference_mask):
             expected = forward(model, inputs)
-        apply(model, name)
+        apply(model, name, **options)
         try:
             actual = forward(model, inputs, case.attention_mask)
         finally:

@@ -30,7 +30,7 @@ class ClaimsCausal(patches.Patch):
     def apply(self, transformer, **options):
         pass
 
-    def revert(self, transformer):
+    def revert(self, transformer, record):
         pass
 
     def reference_mask(self, layout):

@@ -15,6 +15,7 @@ from cogsurgeon.patches.errors import (
     PatchConflictError,
     PatchError,
     PatchNotAppliedError,
+    PatchParameterError,
     PatchTargetError,
     UnknownPatchError,
 )
@@ -149,8 +150,9 @@ def test_refusals_leave_the_model_unchanged(tiny_model):
         patches.apply(torch.nn.Linear(2, 2), "causal-attention")
     with pytest.raises(UnknownPatchError, match="unknown patch 'sliding-window'"):
         patches.apply(tiny_model, "sliding-window")
-    with pytest.raises(PatchError, match="takes no options"):
+    with pytest.raises(PatchParameterError, match="causal-attention has no parameter 'window'") as refused:
         patches.apply(tiny_model, "causal-attention", window=3)
+    assert refused.value.parameter == "window"
     assert processors_of(tiny_model) == originals and patches.applied(tiny_model) == []
 
     patches.apply(tiny_model, "causal-attention")

@@ -28,11 +28,10 @@ class DoubleOutput(patches.Patch):
     summary = "doubles proj_out (a test plugin)"
 
     def apply(self, transformer, **options):
-        self.hooks = getattr(self, "hooks", {})
-        self.hooks[transformer] = transformer.proj_out.register_forward_hook(lambda m, a, out: out * 2)
+        return transformer.proj_out.register_forward_hook(lambda m, a, out: out * 2)  # the record: what to undo
 
-    def revert(self, transformer):
-        self.hooks.pop(transformer).remove()
+    def revert(self, transformer, record):
+        record.remove()
 
 
 class Broken(patches.Patch):
