@@ -185,33 +185,18 @@ def _holds_weights(layer: Any, adapter_name: str, weights: dict[str, torch.Tenso
 
 
 def forward_inputs(model: torch.nn.Module) -> dict[str, Any]:
-    """A small, seeded input the transformer accepts: the sample size where learned positions require it, else a
-    couple of patches, so that a real 5B model runs too."""
-    import torch
+    """A small, seeded input the transformer accepts, built as the pipelines build it: the sample size where learned
+    positions require it, else one temporal patch of 2x2 spatial patches, so that a real 5B model runs too."""
+    from cogsurgeon.inspector.geometry import VAE_SPATIAL_FACTOR, default_video_size, pipeline_inputs
 
     config = model.config
     parameter = next(model.parameters())
-    generator = torch.Generator().manual_seed(0)
-    patch_t = config.get("patch_size_t") or 1
     if config.use_learned_positional_embeddings:
-        frames = (config.sample_frames - 1) // config.temporal_compression_ratio + 1
-        height, width = config.sample_height, config.sample_width
+        size = default_video_size(config)
     else:
-        frames, height, width = patch_t, 2 * config.patch_size, 2 * config.patch_size
-    frames = -(-frames // patch_t) * patch_t
-
-    def noise(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(parameter.device, parameter.dtype)
-
-    inputs: dict[str, Any] = {
-        "hidden_states": noise(1, frames, config.in_channels, height, width),
-        "encoder_hidden_states": noise(1, config.max_text_seq_length, config.text_embed_dim),
-        "timestep": torch.tensor([500], device=parameter.device),
-        "return_dict": False,
-    }
-    if config.get("ofs_embed_dim"):
-        inputs["ofs"] = torch.tensor([2.0], device=parameter.device, dtype=parameter.dtype)
-    return inputs
+        side = 2 * config.patch_size * VAE_SPATIAL_FACTOR
+        size = ((config.get("patch_size_t") or 1) - 1) * config.temporal_compression_ratio + 1, side, side
+    return pipeline_inputs(config, size, 1, dtype=parameter.dtype, device=parameter.device, seed=0)
 
 
 def reference_output(base: torch.nn.Module, inputs: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]],
