@@ -32,19 +32,6 @@ CASES = {
 DTYPE = "bfloat16"
 
 
-def _materialize(value, device):
-    """A random tensor (or tuple of them) on `device` of the meta value's shape and dtype."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point():
-            return torch.randn(value.shape, dtype=value.dtype, device=device)
-        return torch.randint(0, 1000, value.shape, dtype=value.dtype, device=device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_materialize(item, device) for item in value)
-    return value
-
-
 def _fill_random(module) -> None:
     import torch
 
@@ -79,7 +66,7 @@ def run_transformer_case(case: dict) -> dict:
         training_step,
         training_target,
     )
-    from cogsurgeon.inspector.trace import latent_geometry, sequence_split, trace_inputs
+    from cogsurgeon.inspector.geometry import latent_geometry, pipeline_inputs
 
     config = published_config(case["spec"])
     size = dict(frames=case["frames"], height=case["height"], width=case["width"])
@@ -92,7 +79,7 @@ def run_transformer_case(case: dict) -> dict:
     plan_seconds = time.perf_counter() - started
 
     geometry = latent_geometry(config, **size)
-    length = sequence_split(geometry, int(config["max_text_seq_length"])).total
+    length = geometry.layout(int(config["max_text_seq_length"])).sequence_length
     backend = _sdpa_backend(case["batch"], int(config["num_attention_heads"]), length,
                             int(config["attention_head_dim"]))
 
@@ -105,7 +92,8 @@ def run_transformer_case(case: dict) -> dict:
     _fill_random(model)
     torch.cuda.synchronize()
     weights_allocated = torch.cuda.memory_allocated()
-    inputs = {name: _materialize(value, "cuda") for name, value in trace_inputs(model, geometry, case["batch"]).items()}
+    inputs = pipeline_inputs(config, (size["frames"], size["height"], size["width"]), case["batch"],
+                             dtype=getattr(torch, DTYPE), device="cuda", seed=0)
     if train is None:
         model.eval()
         with torch.no_grad():

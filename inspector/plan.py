@@ -541,9 +541,8 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
     `blas_workspace_bytes`: cuBLAS' workspace per thread that runs matmuls (see CUBLAS_WORKSPACE_BYTES)."""
     import torch
 
-    from cogsurgeon.inspector.trace import latent_geometry, trace_inputs
+    from cogsurgeon.inspector.geometry import pipeline_inputs
 
-    geometry = latent_geometry(model.config, frames, height, width)
     accounting = MemoryAccounting()
     trainable: list[torch.nn.Parameter] = []
     optimizer = None
@@ -560,7 +559,8 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
     try:
         with accounting.active(model):
             with accounting.within("inputs"):
-                inputs = trace_inputs(model, geometry, batch)
+                inputs = pipeline_inputs(model.config, (frames, height, width), batch, dtype=model.dtype,
+                                         device=torch.device("meta"))
             if optimizer is None:
                 accounting.ledger.reset_peak()
                 with torch.no_grad():
@@ -645,7 +645,7 @@ def latents_shape(config: Mapping[str, Any], geometry: Any, batch: int) -> tuple
 def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSettings) -> tuple[PhasePeak, ...]:
     from cogsurgeon import patches
     from cogsurgeon.inspector.loading import build_on_meta
-    from cogsurgeon.inspector.trace import latent_geometry
+    from cogsurgeon.inspector.geometry import latent_geometry
 
     model = build_on_meta(dict(config), settings.dtype)
     for name in settings.patches:
@@ -687,7 +687,7 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     """
     from cogsurgeon.inspector.loading import _torch_dtype
     from cogsurgeon.inspector.model_specs import PUBLISHED_DTYPES, published_config, resolve_spec, tiny_config
-    from cogsurgeon.inspector.trace import TraceSizeError, latent_geometry
+    from cogsurgeon.inspector.geometry import VideoSizeError, latent_geometry
 
     resolved = resolve_spec(spec)
     if resolved.kind == "published":
@@ -700,7 +700,7 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
 
         config = read_config(find_transformer_folder(Path(resolved.spec)) / "config.json")
     if not isinstance(batch, int) or batch < 1:
-        raise TraceSizeError(f"batch must be a positive whole number, got {batch!r}")
+        raise VideoSizeError(f"batch must be a positive whole number, got {batch!r}")
     latent_geometry(config, frames, height, width)
     dtype_name = str(_torch_dtype(dtype or PUBLISHED_DTYPES.get(resolved.spec, "bfloat16"))).removeprefix("torch.")
     if tiling and not vae:
