@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import ModelLoadError, ModelSpecError
+from cogsurgeon.inspector.geometry import TRANSFORMER_CLASS_NAME
 from cogsurgeon.inspector.model_specs import (
     PUBLISHED_DTYPES,
     TINY_SEED,
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     import torch
     from diffusers import CogVideoXTransformer3DModel
 
-TRANSFORMER_CLASS_NAME = "CogVideoXTransformer3DModel"
 WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.safetensors.index.json",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +125,7 @@ class MemoryLedger:
         self.peak = 0
         self.peak_breakdown: dict[str, int] = dict(self.totals)
         self.peak_at = ""
+        self.resident = 0  # live bytes at the last reset_peak
         self.where = where
 
     def allocate(self, key: int, nbytes: int, category: str) -> None:
@@ -163,6 +164,7 @@ class MemoryLedger:
 
     def reset_peak(self) -> None:
         """As `torch.cuda.reset_peak_memory_stats()`: the peak restarts from what is live now."""
+        self.resident = self.current
         self._mark_peak()
 
     def _mark_peak(self) -> None:
@@ -183,10 +185,11 @@ class PhasePeak:
     peak_bytes: int
     breakdown: dict[str, int]
     peak_at: str
+    resident_bytes: int = 0  # live when the phase starts (weights, inputs, optimizer state): memory_allocated() then
 
     def to_json(self) -> dict[str, Any]:
         return {"phase": self.phase, "peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown),
-                "peak_at": self.peak_at}
+                "peak_at": self.peak_at, "resident_bytes": self.resident_bytes}
 
 
 @dataclass(frozen=True)
@@ -311,7 +314,7 @@ class MemoryAccounting:
 
     def result(self, phase: str) -> PhasePeak:
         ledger = self.ledger
-        return PhasePeak(phase, ledger.peak, dict(ledger.peak_breakdown), ledger.peak_at)
+        return PhasePeak(phase, ledger.peak, dict(ledger.peak_breakdown), ledger.peak_at, ledger.resident)
 
     @contextmanager
     def within(self, category: str | None = None, phase: str | None = None) -> Iterator[None]:
@@ -480,17 +483,22 @@ def make_optimizer(parameters: Sequence[torch.nn.Parameter]) -> torch.optim.Opti
 
 
 def training_step(model: nn.Module, inputs: Mapping[str, Any], target: torch.Tensor,
-                  optimizer: torch.optim.Optimizer) -> None:
-    """One step as the trainers take it: forward, MSE against the target latents, backward, AdamW, grads freed."""
+                  optimizer: torch.optim.Optimizer, *, phase: Callable[..., Any] | None = None) -> None:
+    """One step as the trainers take it: forward, MSE against the target latents, backward, AdamW, grads freed.
+    The planner runs this very function on meta and the GPU bench on CUDA; `phase(category, name)` (the planner's
+    `MemoryAccounting.within`) labels the parts."""
     import torch.nn.functional as F
 
+    phase = phase or (lambda category=None, name=None: nullcontext())
     prediction = model(**inputs, return_dict=False)[0]
     loss = F.mse_loss(prediction, target)
     del prediction
-    loss.backward()
+    with phase(None, "backward"):
+        _backward_keeping_modes(loss)
     del loss
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with phase("optimizer", "optimizer step"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _backward_keeping_modes(loss: torch.Tensor) -> None:
@@ -504,15 +512,24 @@ def _backward_keeping_modes(loss: torch.Tensor) -> None:
                          accumulate_grad=True)
 
 
+def training_target(inputs: Mapping[str, Any], config: Mapping[str, Any]) -> torch.Tensor:
+    """A target shaped as the transformer's output (the noise latents' channels, not the image latents')."""
+    import torch
+
+    hidden_states = inputs["hidden_states"]
+    batch, frames, _, height, width = hidden_states.shape
+    return torch.empty(batch, frames, config["out_channels"], height, width, dtype=hidden_states.dtype,
+                       device=hidden_states.device)
+
+
 def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, batch: int = 2,
                      train: TrainMode | None = None, checkpointing: bool = False) -> PhasePeak:
     """The peak of one transformer forward (inference, no grad) or one steady-state training step on `model`,
     which must be on the meta device and may be changed (adapters, checkpointing): pass a fresh one."""
     import torch
 
-    from cogsurgeon.inspector.trace import latent_geometry, trace_inputs
+    from cogsurgeon.inspector.geometry import pipeline_inputs
 
-    geometry = latent_geometry(model.config, frames, height, width)
     accounting = MemoryAccounting()
     trainable: list[torch.nn.Parameter] = []
     optimizer = None
@@ -527,9 +544,10 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
     try:
         with accounting.active(model):
             with accounting.within("inputs"):
-                inputs = trace_inputs(model, geometry, batch)
-                target = torch.empty_like(inputs["hidden_states"][:, :, : model.config.out_channels])
+                inputs = pipeline_inputs(model.config, (frames, height, width), batch, dtype=model.dtype,
+                                         device=torch.device("meta"))
             if optimizer is None:
+                accounting.ledger.reset_peak()
                 with torch.no_grad():
                     model(**inputs, return_dict=False)
                 return accounting.result("transformer forward")
@@ -539,16 +557,10 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
                     parameter.grad = torch.empty_like(parameter)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            with accounting.within("inputs"):
+                target = training_target(inputs, model.config)
             accounting.ledger.reset_peak()
-            prediction = model(**inputs, return_dict=False)[0]
-            loss = torch.nn.functional.mse_loss(prediction, target)
-            del prediction
-            with accounting.within(phase="backward"):
-                _backward_keeping_modes(loss)
-            del loss
-            with accounting.within("optimizer", "optimizer step"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            training_step(model, inputs, target, optimizer, phase=accounting.within)
             return accounting.result(f"transformer training step ({train.label()})")
     finally:
         for hook in hooks:
@@ -600,6 +612,7 @@ def plan_vae_decode(vae: nn.Module, latents_shape: tuple[int, ...], *, tiling: b
     accounting.adopt(vae, "vae")
     with accounting.active(vae), accounting.within("vae"), torch.no_grad():
         latents = torch.empty(latents_shape, dtype=dtype, device="meta")
+        accounting.ledger.reset_peak()
         vae.decode(latents, return_dict=False)
     return accounting.result("vae decode" + (" (tiled)" if tiling else ""))
 
@@ -617,7 +630,7 @@ def latents_shape(config: Mapping[str, Any], geometry: Any, batch: int) -> tuple
 def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSettings) -> tuple[PhasePeak, ...]:
     from cogsurgeon import patches
     from cogsurgeon.inspector.loading import build_on_meta
-    from cogsurgeon.inspector.trace import latent_geometry
+    from cogsurgeon.inspector.geometry import latent_geometry
 
     model = build_on_meta(dict(config), settings.dtype)
     for name in settings.patches:
@@ -659,7 +672,7 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     """
     from cogsurgeon.inspector.loading import _torch_dtype
     from cogsurgeon.inspector.model_specs import PUBLISHED_DTYPES, published_config, resolve_spec, tiny_config
-    from cogsurgeon.inspector.trace import TraceSizeError, latent_geometry
+    from cogsurgeon.inspector.geometry import VideoSizeError, latent_geometry
 
     resolved = resolve_spec(spec)
     if resolved.kind == "published":
@@ -672,7 +685,7 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
 
         config = read_config(find_transformer_folder(Path(resolved.spec)) / "config.json")
     if not isinstance(batch, int) or batch < 1:
-        raise TraceSizeError(f"batch must be a positive whole number, got {batch!r}")
+        raise VideoSizeError(f"batch must be a positive whole number, got {batch!r}")
     latent_geometry(config, frames, height, width)
     dtype_name = str(_torch_dtype(dtype or PUBLISHED_DTYPES.get(resolved.spec, "bfloat16"))).removeprefix("torch.")
     if tiling and not vae:

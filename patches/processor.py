@@ -19,11 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from cogsurgeon.inspector.geometry import TRANSFORMER_CLASS_NAME, FrameLayout, layout_of_call, tokens_per_frame
 from cogsurgeon.patches.attention import AttentionPlan, Structure, plan_attention, run_plan
 from cogsurgeon.patches.errors import AttentionMaskError, PatchError, PatchTargetError
-from cogsurgeon.patches.layout import FrameLayout, layout_of_call, tokens_per_frame
-
-TRANSFORMER_CLASS_NAME = "CogVideoXTransformer3DModel"
 
 
 def is_cogvideox_transformer(obj: Any) -> bool:
