@@ -16,7 +16,8 @@ import torch
 from cogsurgeon import patches
 from cogsurgeon.inspector.loading import transformer_class
 from cogsurgeon.inspector.model_specs import tiny_config
-from cogsurgeon.patches.verify import forward, layout_of_inputs, sample_masks, tiny_inputs
+from cogsurgeon.inspector.geometry import layout_of_inputs
+from cogsurgeon.patches.verify import forward, sample_masks, tiny_inputs
 
 
 def one_block_tiny():
@@ -35,7 +36,7 @@ def one_block_tiny():
 def test_a_masked_forward_compiles_as_one_graph_and_equals_eager(names, form):
     model = one_block_tiny()
     inputs = tiny_inputs(model)
-    mask = sample_masks(layout_of_inputs(model, inputs), batch=2, heads=2)[form]
+    mask = sample_masks(layout_of_inputs(model.config, inputs), batch=2, heads=2)[form]
     for name in names:
         patches.apply(model, name)
     eager = forward(model, inputs, mask)
