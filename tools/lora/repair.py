@@ -1,11 +1,11 @@
-"""Rebuild a LoRA checkpoint into an adapter folder that PEFT and diffusers load offline at the trained scale:
+"""Rebuild a LoRA checkpoint into an adapter folder that its consumers load offline at the trained scale: by default
 `adapter_config.json` + `adapter_model.safetensors` (PEFT) and `pytorch_lora_weights.safetensors` with
-`lora_adapter_metadata` (diffusers). Tensor bytes are streamed from the source; the folder appears atomically.
+`lora_adapter_metadata` (diffusers); with `--to …,comfyui` also a kohya-style file (what each file holds:
+tools/lora/export.py). Tensor bytes are streamed from the source; the folder appears atomically.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -14,15 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cogsurgeon.tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, LoraReport, read_checkpoint
-from cogsurgeon.tools.lora.safetensors_io import OutputTensor, ProgressCallback, new_progress, write_safetensors
+from cogsurgeon.tools.lora.checkpoint import LoraCheckpointError, LoraReport, read_checkpoint
+from cogsurgeon.tools.lora.export import (  # noqa: F401  (names verify and callers import from here)
+    COMFYUI_WEIGHTS_NAME,
+    DIFFUSERS_KEY_PREFIX,
+    DIFFUSERS_WEIGHTS_NAME,
+    PEFT_CONFIG_NAME,
+    PEFT_KEY_PREFIX,
+    PEFT_WEIGHTS_NAME,
+    diffusers_metadata,
+    lora_config,
+    output_files,
+    parse_consumers,
+)
+from cogsurgeon.tools.lora.safetensors_io import ProgressCallback, new_progress, write_safetensors
 
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-ADAPTER_FILE_NAMES = frozenset({PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME})
-PEFT_KEY_PREFIX = "base_model.model."
-DIFFUSERS_KEY_PREFIX = "transformer."
+ADAPTER_FILE_NAMES = frozenset({PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME, COMFYUI_WEIGHTS_NAME})
 
 
 @dataclass(frozen=True)
@@ -39,50 +46,6 @@ class RepairResult:
             "bytes_written": self.bytes_written,
             "report": self.report.to_json(),
         }
-
-
-def lora_config(report: LoraReport) -> dict[str, Any]:
-    """The LoraConfig of the repaired adapter. target_modules are full module names, so that the adapter goes
-    exactly where it was trained and nowhere else; ranks and alpha per module follow PEFT's patterns."""
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "r": report.rank,
-        "lora_alpha": report.alpha,
-        "rank_pattern": dict(report.rank_pattern),
-        "alpha_pattern": dict(report.alpha_pattern),
-        "target_modules": list(report.modules),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "fan_in_fan_out": False,
-        "modules_to_save": None,
-        "inference_mode": True,
-    }
-
-
-def diffusers_metadata(config: dict[str, Any]) -> dict[str, str]:
-    """Safetensors metadata as diffusers >= 0.34 writes it: the LoraConfig under `transformer.`-prefixed keys."""
-    loadable = {k: v for k, v in config.items() if k not in ("base_model_name_or_path", "inference_mode", "task_type")}
-    packed = {f"{DIFFUSERS_KEY_PREFIX}{key}": value for key, value in loadable.items()}
-    return {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True)}
-
-
-def output_tensors(checkpoint: LoraCheckpoint, prefix: str) -> list[OutputTensor]:
-    return [
-        OutputTensor(
-            name=f"{prefix}{tensor.module}.lora_{tensor.part}.weight",
-            dtype=tensor.dtype,
-            shape=tensor.shape,
-            nbytes=tensor.nbytes,
-            source_start=tensor.source_start,
-            payload=tensor.payload,
-        )
-        for tensor in checkpoint.tensors
-    ]
 
 
 def _check_output(out: Path, given: Path, tensor_file: Path, force: bool) -> None:
@@ -117,6 +80,8 @@ def repair_checkpoint(
     step: int | None = None,
     latest: bool = False,
     force: bool = False,
+    to: str | tuple[str, ...] | None = None,
+    bake_scale: bool = False,
     progress: ProgressCallback | None = None,
 ) -> RepairResult:
     """Write the adapter folder for the checkpoint at `path` into `out_dir`; `progress(done_bytes, total_bytes)`
@@ -124,6 +89,7 @@ def repair_checkpoint(
     checkpoint has problems or the output exists without `force`."""
     if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
         raise LoraCheckpointError(f"--alpha must be a positive finite number, got {alpha}")
+    consumers = parse_consumers(to)
     given = Path(path).expanduser()
     out = Path(out_dir).expanduser().resolve()
     checkpoint = read_checkpoint(given, alpha=alpha, trainer=trainer, step=step, latest=latest)
@@ -135,9 +101,8 @@ def repair_checkpoint(
         raise LoraCheckpointError(report.unsettled_alpha_message())
     _check_output(out, given, Path(report.file), force)
 
-    config = lora_config(report)
-    data_bytes = sum(tensor.nbytes for tensor in checkpoint.tensors)
-    tracker = new_progress(2 * data_bytes, progress)
+    files_to_write = output_files(checkpoint, consumers, bake_scale=bake_scale)
+    tracker = new_progress(sum(t.nbytes for f in files_to_write for t in f.tensors), progress)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as exc:
@@ -145,14 +110,15 @@ def repair_checkpoint(
     try:
         source = checkpoint.source_file.open("rb") if checkpoint.source_file is not None else None
         try:
-            write_safetensors(staging / PEFT_WEIGHTS_NAME, output_tensors(checkpoint, PEFT_KEY_PREFIX),
-                              {"format": "pt"}, source=source, progress=tracker)
-            write_safetensors(staging / DIFFUSERS_WEIGHTS_NAME, output_tensors(checkpoint, DIFFUSERS_KEY_PREFIX),
-                              diffusers_metadata(config), source=source, progress=tracker)
+            for output in files_to_write:
+                if output.text is not None:
+                    (staging / output.name).write_text(output.text)
+                else:
+                    write_safetensors(staging / output.name, list(output.tensors), output.metadata or {},
+                                      source=source, progress=tracker)
         finally:
             if source is not None:
                 source.close()
-        (staging / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         _move_into_place(staging, out)
     except OSError as exc:  # a full disk, a folder that cannot be renamed: the input is untouched, nothing is left
         shutil.rmtree(staging, ignore_errors=True)
@@ -160,7 +126,7 @@ def repair_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    files = tuple(str(out / name) for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME))
+    files = tuple(str(out / output.name) for output in files_to_write)
     return RepairResult(str(out), files, report, tracker.done)
 
 
