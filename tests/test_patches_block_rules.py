@@ -21,7 +21,7 @@ from cogsurgeon.patches.attention import (
     structure_segments,
 )
 from cogsurgeon.patches.errors import PatchParameterError
-from cogsurgeon.patches.layout import FrameLayout
+from cogsurgeon.inspector.geometry import FrameLayout
 from cogsurgeon.patches.reference import (
     block_causal_mask,
     chunk_of_token,

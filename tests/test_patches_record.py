@@ -73,7 +73,7 @@ COPIES = {
 def test_a_copy_of_a_patched_model_carries_its_patches(how, with_double_output):
     model = fresh_tiny("tiny", "plain")
     inputs = tiny_inputs(model)
-    layout = layout_of_inputs(model, inputs)
+    layout = layout_of_inputs(model.config, inputs)
     mask = sample_masks(layout, batch=2, heads=2)["text bool (B,T)"]
     originals = [type(p) for p in processors_of(model)]
     state_before = {key: value.clone() for key, value in model.state_dict().items()}
@@ -162,7 +162,7 @@ def run_sequence(model, steps, inputs, mask, patched):
 def test_fuse_and_unfuse_interleaved_with_patches_end_as_never_patched(steps):
     model, never_patched = fresh_tiny("tiny", "plain"), fresh_tiny("tiny", "plain")
     inputs = tiny_inputs(model)
-    layout = layout_of_inputs(model, inputs)
+    layout = layout_of_inputs(model.config, inputs)
     mask = sample_masks(layout, batch=2, heads=2)["text bool (B,T)"]
     run_sequence(model, steps, inputs, mask, patched=True)
     run_sequence(never_patched, steps, inputs, mask, patched=False)
@@ -189,7 +189,7 @@ def test_a_forward_between_fuse_and_unfuse_keeps_the_patch_on_the_fused_and_unfu
     """`applied()` tells the truth at every forward: the patch follows the processors diffusers swaps in."""
     model = fresh_tiny("tiny", "plain")
     inputs = tiny_inputs(model)
-    causal = RULE_MASKS["causal-attention"](layout_of_inputs(model, inputs))
+    causal = RULE_MASKS["causal-attention"](layout_of_inputs(model.config, inputs))
     with reference_processors(model, causal):
         expected = forward(model, inputs)
     patches.apply(model, "causal-attention")

@@ -163,7 +163,7 @@ def tiny_pipeline():
 def test_a_tiny_pipeline_generates_with_patches_applied_through_it():
     from cogsurgeon.patches.reference import reference_processors
     from cogsurgeon.patches.verify import combined_reference_mask
-    from cogsurgeon.patches.layout import FrameLayout
+    from cogsurgeon.inspector.geometry import FrameLayout
 
     pipe, prompt_embeds, negative_embeds = tiny_pipeline()
     text_mask = torch.tensor([[True] * 5 + [False] * 3])  # batch 1: broadcast over the guidance batch
