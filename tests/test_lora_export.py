@@ -42,8 +42,9 @@ def test_every_consumer_reproduces_the_trained_model(trained, tmp_path):
     out = tmp_path / "adapter"
     result = repair_checkpoint(peft_folder(trained, tmp_path / "peft"), out, to="peft,diffusers,comfyui")
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                     "comfyui_lora.safetensors", "pytorch_lora_weights.safetensors"]
-    assert len(result.files) == 4
+                                                     "cogsurgeon-repair.json", "comfyui_lora.safetensors",
+                                                     "pytorch_lora_weights.safetensors"]
+    assert len(result.files) == 5  # with the manifest that marks the folder as a repair
     torch.testing.assert_close(run(PeftModel.from_pretrained(base_model("tiny-i2v"), str(out))), trained.output, atol=ATOL, rtol=0)
     diffusers_model = base_model("tiny-i2v")
     load_with_diffusers(diffusers_model, out)
