@@ -38,6 +38,7 @@ from cogsurgeon.patches.registry import (
     memory_estimate,
     patched,
     register,
+    resolve_options,
     revert,
 )
 
@@ -67,5 +68,6 @@ __all__ = [
     "parse_patch_spec",
     "patched",
     "register",
+    "resolve_options",
     "revert",
 ]
