@@ -10,9 +10,10 @@ from __future__ import annotations
 import inspect
 import linecache
 import re
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from torch import nn
@@ -174,54 +175,64 @@ class FoldedRow:
     repeat: int = 1
 
 
+T = TypeVar("T")
 _INDEXED = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)(?P<rest>(\..*)?)$")
 
 
-def _block_signature(rows: list[ModuleInfo], prefix_length: int) -> tuple[Any, ...]:
-    return tuple(
-        (row.name[prefix_length:].split(".", 1)[1:], row.class_name, row.params, row.dtype, row.device, row.processor)
-        for row in rows
-    )
-
-
-def fold_repeated(infos: list[ModuleInfo]) -> list[FoldedRow]:
-    """Fold runs of identical numbered siblings (`blocks.0`, `blocks.1`, ...): same classes, parameter counts,
-    dtypes, devices and processors all the way down. Each run keeps the rows of its first member, renamed
-    `blocks.(0-41)...`; a member that differs starts a new run, so nothing is hidden."""
-    groups: list[tuple[str | None, int | None, list[ModuleInfo]]] = []
-    for info in infos:
-        match = _INDEXED.match(info.name)
+def fold_numbered(
+    items: Sequence[T], name_of: Callable[[T], str], key_of: Callable[[T], Hashable]
+) -> list[tuple[T, str, int]]:
+    """Fold runs of identical numbered siblings (`blocks.0`, `blocks.1`, ...): items named `prefix.N...` whose
+    relative names and `key_of` values agree all the way down. Each run keeps the items of its first member, as
+    (item, name with the index range `blocks.(0-41)...`, run length); a member that differs starts a new run, so
+    nothing is hidden. Module rows and attention calls fold alike."""
+    groups: list[tuple[str | None, int | None, list[T]]] = []
+    for item in items:
+        match = _INDEXED.match(name_of(item))
         key = (match["prefix"], int(match["index"])) if match else (None, None)
         if groups and groups[-1][0] is not None and groups[-1][:2] == key:
-            groups[-1][2].append(info)
+            groups[-1][2].append(item)
         else:
-            groups.append((key[0], key[1], [info]))
+            groups.append((key[0], key[1], [item]))
 
-    rows: list[FoldedRow] = []
+    def signature(members: list[T], prefix_length: int) -> tuple[Any, ...]:
+        return tuple((name_of(member)[prefix_length:].split(".", 1)[1:], key_of(member)) for member in members)
+
+    rows: list[tuple[T, str, int]] = []
     index = 0
     while index < len(groups):
         prefix, first, members = groups[index]
         if prefix is None:
-            rows.extend(FoldedRow(info, info.name) for info in members)
+            rows.extend((item, name_of(item), 1) for item in members)
             index += 1
             continue
-        signature = _block_signature(members, len(prefix) + 1)
+        first_signature = signature(members, len(prefix) + 1)
         stop = index + 1
         while (
             stop < len(groups)
             and groups[stop][0] == prefix
             and groups[stop][1] == groups[stop - 1][1] + 1
-            and _block_signature(groups[stop][2], len(prefix) + 1) == signature
+            and signature(groups[stop][2], len(prefix) + 1) == first_signature
         ):
             stop += 1
         repeat = stop - index
         last = groups[stop - 1][1]
         label = f"{prefix}.({first}-{last})" if repeat > 1 else f"{prefix}.{first}"
-        for info in members:
-            rest = info.name[len(f"{prefix}.{first}") :]
-            rows.append(FoldedRow(info, label + rest, repeat))
+        for item in members:
+            rows.append((item, label + name_of(item)[len(f"{prefix}.{first}") :], repeat))
         index = stop
     return rows
+
+
+def fold_repeated(infos: list[ModuleInfo]) -> list[FoldedRow]:
+    """Module rows folded by `fold_numbered`: same classes, parameter counts, dtypes, devices and processors."""
+    return [
+        FoldedRow(info, name, repeat)
+        for info, name, repeat in fold_numbered(
+            infos, lambda info: info.name,
+            lambda info: (info.class_name, info.params, info.dtype, info.device, info.processor),
+        )
+    ]
 
 
 def filter_inventory(infos: list[ModuleInfo], text: str | None) -> list[ModuleInfo]:
@@ -240,13 +251,13 @@ def filter_inventory(infos: list[ModuleInfo], text: str | None) -> list[ModuleIn
 
 
 def inventory_for_spec(spec: str | None, dtype: str | None = None, use_cache: bool = True) -> list[ModuleInfo]:
-    """The inventory of what a MODEL spec names. Published (meta) configs come from the inventory cache when it
-    is fresh (no torch or diffusers import at all), else are built and cached."""
+    """The inventory of what a MODEL spec names. Shipped configs (published on meta, tiny) come from the inventory
+    cache when it is fresh (no torch or diffusers import at all), else are built and cached."""
     from cogsurgeon.inspector.loading import load_transformer
     from cogsurgeon.inspector.model_specs import resolve_spec
 
     resolved = resolve_spec(spec)
-    if resolved.kind != "published" or not use_cache:
+    if resolved.kind not in ("published", "tiny") or not use_cache:
         return module_inventory(load_transformer(resolved.spec, dtype=dtype))
     from cogsurgeon.inspector import inventory_cache
 

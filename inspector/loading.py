@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import ModelLoadError, ModelSpecError
+from cogsurgeon.inspector.offline import hub_download_command
 from cogsurgeon.inspector.model_specs import (
     PUBLISHED_DTYPES,
     TINY_SEED,
@@ -34,6 +35,11 @@ WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.safetensors.index.json",
 )
+# What diffusers raises for files it cannot load: unreadable or corrupt weights (OSError), weights of another shape
+# (ValueError; RuntimeError from torch in older releases), config values of the wrong type (TypeError, KeyError),
+# and an unknown activation_fn, for which its FeedForward leaves `act_fn` unbound (UnboundLocalError). Anything
+# else is a bug and keeps its traceback.
+_USER_FILE_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, UnboundLocalError)
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -221,7 +227,7 @@ def load_from_folder(root: Path, dtype: str | torch.dtype | None = None) -> CogV
     cls = transformer_class()
     try:
         model = cls.from_pretrained(str(folder), torch_dtype=resolved, local_files_only=True)
-    except Exception as exc:  # the user's files are the input here; report, don't crash
+    except _USER_FILE_ERRORS as exc:  # the user's files are the input here; report, don't crash
         message = " ".join(str(exc).split())[:400]
         raise ModelLoadError(f"could not load {folder}: {type(exc).__name__}: {message}") from None
     return model.eval()
@@ -243,7 +249,7 @@ def cached_snapshot(repo_id: str) -> Path:
         return candidates[-1]
     raise ModelSpecError(
         f"{repo_id} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); cogsurgeon never "
-        "downloads: fetch it elsewhere (huggingface-cli download) or pass a local folder"
+        f"downloads: fetch it elsewhere ({hub_download_command(repo_id)}) or pass a local folder"
     )
 
 

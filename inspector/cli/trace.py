@@ -25,7 +25,8 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option("--width", default=720, show_default=True, callback=_positive, help="Video width in pixels.")
 @click.option("--batch", default=2, show_default=True, callback=_positive,
               help="The transformer's batch: 2 is one video with classifier-free guidance.")
-@click.option("--all", "show_all", is_flag=True, help="Show every module's shapes, not only the first block's.")
+@click.option("--all", "show_all", is_flag=True,
+              help="Show every attention call and every module's shapes; without it identical blocks are folded.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"sequence", "attention", "modules", "mask_memory", ...} as JSON.')
 def trace(model: str | None, frames: int, height: int, width: int, batch: int, show_all: bool,
@@ -68,25 +69,21 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
 
 def _known_config(model: str | None) -> dict | None:
     """The config of a published or tiny MODEL, read without torch; None for folders and hub ids."""
-    from cogsurgeon.inspector.model_specs import published_config, resolve_spec, tiny_config
+    from cogsurgeon.inspector.model_specs import builtin_config, resolve_spec
 
     resolved = resolve_spec(model)
-    if resolved.kind == "published":
-        return published_config(resolved.spec)
-    if resolved.kind == "tiny":
-        return tiny_config(resolved.spec)
-    return None
+    return builtin_config(resolved.spec) if resolved.kind in ("published", "tiny") else None
 
 
 def _print_tables(result, show_all: bool) -> None:
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    from cogsurgeon.inspector.cli.output import stdout_console
+    from cogsurgeon.inspector.inventory import fold_numbered
     from cogsurgeon.inspector.trace import format_bytes, format_shape
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)
+    console = stdout_console()
     sequence, geometry = result.sequence, result.geometry
     console.print(
         f"[bold]{result.model_class}[/bold] at {result.frames}×{result.height}×{result.width}, "
@@ -102,10 +99,17 @@ def _print_tables(result, show_all: bool) -> None:
 
     calls = Table(title=f"{len(result.attention)} attention calls", header_style="bold")
     for column in ("module", "query", "key", "value", "output", "mask", "causal"):
-        calls.add_column(column)
-    for call in result.attention:
+        calls.add_column(column, no_wrap=column == "module")
+    rows = [(call, call.module, 1) for call in result.attention] if show_all else fold_numbered(
+        result.attention, lambda call: call.module,
+        lambda call: (call.query, call.key, call.value, call.output, call.attn_mask, call.is_causal),
+    )
+    for call, name, repeat in rows:
         shapes = (call.query, call.key, call.value, call.output, call.attn_mask)
-        calls.add_row(call.module, *(format_shape(shape) for shape in shapes), "yes" if call.is_causal else "no")
+        label = Text(name)
+        if repeat > 1:
+            label.append(f"  ×{repeat}", style="dim")
+        calls.add_row(label, *(format_shape(shape) for shape in shapes), "yes" if call.is_causal else "no")
     console.print(calls)
 
     memory = Table(title="memory per attention call: a patch's rule as an explicit mask vs the patch",
