@@ -10,10 +10,9 @@ from __future__ import annotations
 import inspect
 import linecache
 import re
-from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
@@ -165,89 +164,26 @@ def module_inventory(model: nn.Module) -> list[ModuleInfo]:
     return infos
 
 
-@dataclass(frozen=True)
-class FoldedRow:
-    """A row of a folded listing: `info` stands for `repeat` identical modules; `display_name` writes the index
-    range, e.g. `transformer_blocks.(0-41).attn1`."""
-
-    info: ModuleInfo
-    display_name: str
-    repeat: int = 1
+@lru_cache(maxsize=8192)
+def _haystack(info: ModuleInfo) -> str:
+    # one lower-cased string per module, fields split by a character no filter contains, so that a filter
+    # keystroke in the TUI costs one `in` per module instead of five `lower()` calls
+    fields = (info.name, info.class_name, info.class_module, info.file, info.processor)
+    return "\0".join((value or "").lower() for value in fields)
 
 
-T = TypeVar("T")
-_INDEXED = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)(?P<rest>(\..*)?)$")
-
-
-def fold_numbered(
-    items: Sequence[T], name_of: Callable[[T], str], key_of: Callable[[T], Hashable]
-) -> list[tuple[T, str, int]]:
-    """Fold runs of identical numbered siblings (`blocks.0`, `blocks.1`, ...): items named `prefix.N...` whose
-    relative names and `key_of` values agree all the way down. Each run keeps the items of its first member, as
-    (item, name with the index range `blocks.(0-41)...`, run length); a member that differs starts a new run, so
-    nothing is hidden. Module rows and attention calls fold alike."""
-    groups: list[tuple[str | None, int | None, list[T]]] = []
-    for item in items:
-        match = _INDEXED.match(name_of(item))
-        key = (match["prefix"], int(match["index"])) if match else (None, None)
-        if groups and groups[-1][0] is not None and groups[-1][:2] == key:
-            groups[-1][2].append(item)
-        else:
-            groups.append((key[0], key[1], [item]))
-
-    def signature(members: list[T], prefix_length: int) -> tuple[Any, ...]:
-        return tuple((name_of(member)[prefix_length:].split(".", 1)[1:], key_of(member)) for member in members)
-
-    rows: list[tuple[T, str, int]] = []
-    index = 0
-    while index < len(groups):
-        prefix, first, members = groups[index]
-        if prefix is None:
-            rows.extend((item, name_of(item), 1) for item in members)
-            index += 1
-            continue
-        first_signature = signature(members, len(prefix) + 1)
-        stop = index + 1
-        while (
-            stop < len(groups)
-            and groups[stop][0] == prefix
-            and groups[stop][1] == groups[stop - 1][1] + 1
-            and signature(groups[stop][2], len(prefix) + 1) == first_signature
-        ):
-            stop += 1
-        repeat = stop - index
-        last = groups[stop - 1][1]
-        label = f"{prefix}.({first}-{last})" if repeat > 1 else f"{prefix}.{first}"
-        for item in members:
-            rows.append((item, label + name_of(item)[len(f"{prefix}.{first}") :], repeat))
-        index = stop
-    return rows
-
-
-def fold_repeated(infos: list[ModuleInfo]) -> list[FoldedRow]:
-    """Module rows folded by `fold_numbered`: same classes, parameter counts, dtypes, devices and processors."""
-    return [
-        FoldedRow(info, name, repeat)
-        for info, name, repeat in fold_numbered(
-            infos, lambda info: info.name,
-            lambda info: (info.class_name, info.params, info.dtype, info.device, info.processor),
-        )
-    ]
+def matches(info: ModuleInfo, needle: str) -> bool:
+    """Whether `needle` (already lower-cased) occurs in the module's name, class, defining module, file or
+    processor: the one test behind `filter_inventory`, the `modules` table and the TUI's filter."""
+    return needle in _haystack(info)
 
 
 def filter_inventory(infos: list[ModuleInfo], text: str | None) -> list[ModuleInfo]:
     """The rows whose name, class, defining module, file or processor contains `text` (case-insensitive)."""
-    if not text:
+    needle = (text or "").strip().lower()
+    if not needle:
         return infos
-    needle = text.lower()
-    return [
-        info
-        for info in infos
-        if any(
-            needle in (field or "").lower()
-            for field in (info.name, info.class_name, info.class_module, info.file, info.processor)
-        )
-    ]
+    return [info for info in infos if matches(info, needle)]
 
 
 def inventory_for_spec(spec: str | None, dtype: str | None = None, use_cache: bool = True) -> list[ModuleInfo]:

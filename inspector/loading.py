@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import ModelLoadError, ModelSpecError
-from cogsurgeon.inspector.offline import hub_download_command
+from cogsurgeon.inspector.geometry import TRANSFORMER_CLASS_NAME
 from cogsurgeon.inspector.model_specs import (
     PUBLISHED_DTYPES,
     TINY_SEED,
@@ -25,12 +25,12 @@ from cogsurgeon.inspector.model_specs import (
     resolve_spec,
     tiny_config,
 )
+from cogsurgeon.inspector.offline import hub_download_command
 
 if TYPE_CHECKING:
     import torch
     from diffusers import CogVideoXTransformer3DModel
 
-TRANSFORMER_CLASS_NAME = "CogVideoXTransformer3DModel"
 WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.safetensors.index.json",

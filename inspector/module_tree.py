@@ -1,4 +1,5 @@
-"""The module hierarchy as nested nodes, with runs of identical numbered blocks folded, for the TUI's tree.
+"""The module hierarchy as nested nodes, with runs of identical numbered blocks folded: the one fold and filter
+of module rows behind both the TUI's tree (`visible_rows`) and the CLI's `modules` table (`listed_rows`).
 
 Pure: built from the `ModuleInfo` list the inventory produced (parents are found by name), so it never touches
 an `nn.Module` and is tested without Textual. Folding follows nnsight: 42 identical `CogVideoXBlock`s under
@@ -7,11 +8,10 @@ an `nn.Module` and is tested without Textual. Folding follows nnsight: 42 identi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-from cogsurgeon.inspector.inventory import ModuleInfo
+from cogsurgeon.inspector.inventory import ModuleInfo, filter_inventory, matches
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,12 @@ class Fold:
     def repeat(self) -> int:
         return self.last - self.first + 1
 
+    @property
+    def range_label(self) -> str:
+        return f"({self.first}-{self.last})"
+
     def describe(self) -> str:
-        return f"({self.first}-{self.last}): {self.repeat} × {self.class_name}"
+        return f"{self.range_label}: {self.repeat} × {self.class_name}"
 
 
 @dataclass(frozen=True)
@@ -116,25 +120,11 @@ def _fold_children(children: list[ModuleNode]) -> list[ModuleNode]:
         if stop - index >= 2:
             run = tuple(children[index:stop])
             fold = Fold(int(run[0].label), int(run[-1].label), child.info.class_name)
-            folded.append(ModuleNode(f"({fold.first}-{fold.last})", None, run, fold, child.signature))
+            folded.append(ModuleNode(fold.range_label, None, run, fold, child.signature))
         else:
             folded.append(child)
         index = stop
     return folded
-
-
-@lru_cache(maxsize=8192)
-def _haystack(info: ModuleInfo) -> str:
-    # one lower-cased string per module, fields split by a character no filter contains, so that a keystroke
-    # costs one `in` per module instead of five `lower()` calls
-    fields = (info.name, info.class_name, info.class_module, info.file, info.processor)
-    return "\0".join((value or "").lower() for value in fields)
-
-
-def matches(info: ModuleInfo, needle: str) -> bool:
-    """Whether the filter text (already lower-cased) occurs in the module's name, class, defining module, file
-    or processor: the same fields as `filter_inventory`."""
-    return needle in _haystack(info)
 
 
 def narrow_inventory(infos: list[ModuleInfo], text: str) -> tuple[list[ModuleInfo], set[str]]:
@@ -169,3 +159,125 @@ def path_to(root: ModuleNode, name: str) -> list[ModuleNode]:
 
 def _is_within(name: str, ancestor: str) -> bool:
     return name == ancestor or name.startswith(ancestor + ".")
+
+
+# --- the rows as drawn: the TUI's tree -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeRow:
+    """One row of the tree as drawn. `key` names the row by the labels on its path ("" for the root,
+    "/transformer_blocks/3/attn1"), the same in a narrowed tree; `lasts` says, for each level below the root down
+    to this row, whether the node there is the last of its siblings (what the guides draw)."""
+
+    node: ModuleNode
+    key: str
+    lasts: tuple[bool, ...]
+    expanded: bool
+
+    @property
+    def depth(self) -> int:
+        return len(self.lasts)
+
+    @property
+    def expandable(self) -> bool:
+        return bool(self.node.children)
+
+    @property
+    def module(self) -> ModuleInfo | None:
+        """The module this row stands for: its own, or for a folded group row its first member's."""
+        node: ModuleNode | None = self.node
+        while node is not None and node.info is None:
+            node = node.children[0] if node.children else None
+        return node.info if node is not None else None
+
+
+def child_key(parent_key: str, child: ModuleNode) -> str:
+    return f"{parent_key}/{child.label}"
+
+
+def visible_rows(root: ModuleNode, expanded: Set[str]) -> list[TreeRow]:
+    """The rows a tree shows: `root`, then depth first the children of every row whose key is in `expanded`."""
+    rows: list[TreeRow] = []
+    stack: list[tuple[ModuleNode, str, tuple[bool, ...]]] = [(root, "", ())]
+    while stack:
+        node, key, lasts = stack.pop()
+        is_open = key in expanded and bool(node.children)
+        rows.append(TreeRow(node, key, lasts, is_open))
+        if is_open:
+            last_index = len(node.children) - 1
+            for index in range(last_index, -1, -1):
+                child = node.children[index]
+                stack.append((child, child_key(key, child), (*lasts, index == last_index)))
+    return rows
+
+
+def keys_to(root: ModuleNode, name: str) -> list[str]:
+    """The row keys from the root down to module `name` ([] when it is not in the tree)."""
+    keys: list[str] = []
+    for node in path_to(root, name):
+        keys.append("" if not keys else child_key(keys[-1], node))
+    return keys
+
+
+def opened_for_filter(root: ModuleNode) -> set[str]:
+    """The rows to open in a tree narrowed by a filter, where every row is a match or leads to one: all of them,
+    except that a folded run opens only through its first member, so its other members stay one row each."""
+    opened: set[str] = set()
+
+    def open_below(node: ModuleNode, key: str) -> None:
+        opened.add(key)
+        first_member_opened = False
+        for child in node.children:
+            if not child.children:
+                continue
+            if node.fold is not None:
+                if first_member_opened:
+                    continue
+                first_member_opened = True
+            open_below(child, child_key(key, child))
+
+    open_below(root, "")
+    return opened
+
+
+# --- the rows as listed: the CLI's `modules` table ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListedRow:
+    """A row of a flat listing: `info` stands for `repeat` identical modules; `display_name` writes the index
+    range of a folded run, e.g. `transformer_blocks.(0-41).attn1`."""
+
+    info: ModuleInfo
+    display_name: str
+    repeat: int = 1
+
+
+def listed_rows(infos: list[ModuleInfo], filter_text: str | None = None, fold: bool = True) -> list[ListedRow]:
+    """The `modules` table's rows: the modules matching `filter_text` (all when empty) in inventory order, each
+    folded run of identical blocks listed once through its first member — the tree's fold, flattened."""
+    if not fold:
+        return [ListedRow(info, info.name) for info in filter_inventory(infos, filter_text)]
+    narrowed, matched = narrow_inventory(infos, filter_text or "")
+    shown = matched if (filter_text or "").strip() else None
+    if not narrowed:
+        return []
+    rows: list[ListedRow] = []
+
+    def walk(node: ModuleNode, display_name: str, repeat: int) -> None:
+        if node.info is not None and (shown is None or node.info.name in shown):
+            rows.append(ListedRow(node.info, display_name, repeat))
+        if node.fold is not None:  # the run's first member stands for all of it, named by the index range
+            walk(node.children[0], _join(display_name, node.fold.range_label), repeat * node.fold.repeat)
+            return
+        for child in node.children:  # a group row adds no name of its own: `blocks` + `(0-2)`
+            walk(child, display_name if child.info is None else _join(display_name, child.label), repeat)
+
+    root = build_module_tree(narrowed)
+    walk(root, "", 1)
+    return rows
+
+
+def _join(prefix: str, label: str) -> str:
+    return f"{prefix}.{label}" if prefix else label

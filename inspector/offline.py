@@ -5,7 +5,6 @@ and the user's own setting is remembered so that programs cogsurgeon launches (`
 from __future__ import annotations
 
 import os
-from importlib import metadata
 
 HUB_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 _users_values: dict[str, str | None] = {}
@@ -32,6 +31,8 @@ def user_environment() -> dict[str, str]:
 def hub_download_command(repo_id: str) -> str:
     """The command that fetches `repo_id` with the installed huggingface_hub: `hf download` from 1.0 on (which
     removed `huggingface-cli`), `huggingface-cli download` before."""
+    from importlib import metadata
+
     try:
         major = int(metadata.version("huggingface_hub").split(".")[0])
     except (metadata.PackageNotFoundError, ValueError):

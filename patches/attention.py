@@ -32,8 +32,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from cogsurgeon.inspector.geometry import FrameLayout
 from cogsurgeon.patches.errors import AttentionMaskError
-from cogsurgeon.patches.layout import FrameLayout
 
 Structure = Literal["causal", "frame-causal"]
 

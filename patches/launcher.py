@@ -2,13 +2,14 @@
 starts, builds is patched.
 
 The mechanism is a generated `sitecustomize` (a copy of `patches/run_startup.py`) in a temporary folder put first on
-PYTHONPATH, with COGSURGEON_RUN_PATCHES naming the patches. The program gets the user's own environment
+PYTHONPATH, with COGSURGEON_RUN_PATCHES listing the patch specs (`NAME` or `NAME:key=value,...`, a JSON list). The program gets the user's own environment
 (`cogsurgeon.inspector.offline.user_environment()`: cogsurgeon's process is offline, theirs keeps their settings). Processes
 started with `python -E`/`-I`, or with an environment that drops PYTHONPATH, are not reached.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,7 +21,9 @@ from pathlib import Path
 
 from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.offline import user_environment
-from cogsurgeon.patches.registry import check_composition, get_patch
+from cogsurgeon.patches.errors import PatchSpecError
+from cogsurgeon.patches.parameters import parse_patch_spec
+from cogsurgeon.patches.registry import check_composition, resolve_options
 
 PATCHES_VARIABLE = "COGSURGEON_RUN_PATCHES"
 ROOT_VARIABLE = "COGSURGEON_RUN_ROOT"
@@ -32,15 +35,21 @@ class LaunchError(CogsurgeonError):
     """The program could not be started."""
 
 
-def check_patch_names(patch_names: Sequence[str]) -> list[str]:
-    """Every name known and the set composable; duplicates collapse."""
-    names = list(dict.fromkeys(patch_names))
-    if not names:
+def check_patch_names(patch_specs: Sequence[str]) -> list[str]:
+    """Every spec (`NAME` or `NAME:key=value,...`) parsed, its name known, its options valid, and the set
+    composable; repeats of one spec collapse, one name with two sets of options is refused."""
+    specs = list(dict.fromkeys(patch_specs))
+    if not specs:
         raise CogsurgeonError("name at least one patch: cogsurgeon run --patch NAME -- COMMAND ...")
-    for name in names:
-        get_patch(name)
-    check_composition(names)
-    return names
+    chosen: dict[str, dict] = {}
+    for spec in specs:
+        name, options = parse_patch_spec(spec)
+        options = resolve_options(name, options)
+        if chosen.get(name, options) != options:
+            raise PatchSpecError(f"--patch {name} is given twice with different options; give it once")
+        chosen[name] = options
+    check_composition(list(chosen))
+    return specs
 
 
 def child_environment(patch_names: Sequence[str], startup_folder: Path) -> dict[str, str]:
@@ -48,7 +57,7 @@ def child_environment(patch_names: Sequence[str], startup_folder: Path) -> dict[
     environment = user_environment()
     existing = environment.get("PYTHONPATH")
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(startup_folder), existing]))
-    environment[PATCHES_VARIABLE] = ",".join(patch_names)
+    environment[PATCHES_VARIABLE] = json.dumps(list(patch_names))
     environment[ROOT_VARIABLE] = str(COGSURGEON_ROOT)
     return environment
 

@@ -4,7 +4,7 @@ launched program's PYTHONPATH, so that it runs at the start of that program and 
 
 It costs nothing until the program imports diffusers' CogVideoX transformer module: an import hook then wraps
 `CogVideoXTransformer3DModel.__init__` so that every model built (by `from_pretrained`, `from_config` or directly)
-gets the patches named in COGSURGEON_RUN_PATCHES, and says so on stderr. The sitecustomize that this one shadows
+gets the patches in COGSURGEON_RUN_PATCHES (a JSON list of `NAME` or `NAME:key=value,...` specs), and says so on stderr. The sitecustomize that this one shadows
 (the program's own, if any) still runs. Standard library only: cogsurgeon itself is imported when a model is built,
 from the installed `cogsurgeon` or else from COGSURGEON_RUN_ROOT.
 """
@@ -13,6 +13,7 @@ import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import os
 import sys
 import threading
@@ -63,22 +64,27 @@ def _describe(model, source):
     )
 
 
+def _patch_specs():
+    return json.loads(os.environ.get(PATCHES_VARIABLE) or "[]")
+
+
 def _patch_model(model):
-    names = [name for name in os.environ.get(PATCHES_VARIABLE, "").split(",") if name]
-    if not names:
+    specs = _patch_specs()
+    if not specs:
         return
     try:
         patches = _cogsurgeon_patches()
-        for name in names:
-            patches.apply(model, name)
+        for spec in specs:
+            name, options = patches.parse_patch_spec(spec)
+            patches.apply(model, name, **options)
     except Exception as exc:
-        _say(f"could not patch {type(model).__name__} with {', '.join(names)}: {exc}")
+        _say(f"could not patch {type(model).__name__} with {', '.join(specs)}: {exc}")
         raise
     stack = getattr(_loading, "stack", None)
     if stack:  # inside from_pretrained: report once the source is known
         stack[-1].append(model)
     else:
-        _say(f"{', '.join(names)} -> {_describe(model, None)}")
+        _say(f"{', '.join(specs)} -> {_describe(model, None)}")
 
 
 def _wrap_transformer_class(cls):
@@ -98,7 +104,7 @@ def _wrap_transformer_class(cls):
             model = inherited_from_pretrained(klass, pretrained_model_name_or_path, *args, **kwargs)
         finally:
             built = stack.pop()
-        names = os.environ.get(PATCHES_VARIABLE, "").replace(",", ", ")
+        names = ", ".join(_patch_specs())
         for patched_model in built:
             _say(f"{names} -> {_describe(patched_model, pretrained_model_name_or_path)}")
         return model

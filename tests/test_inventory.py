@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cogsurgeon.inspector import load_transformer, module_inventory
-from cogsurgeon.inspector.inventory import filter_inventory, fold_repeated, source_location
+from cogsurgeon.inspector.inventory import filter_inventory, source_location
 
 # Loading and reading models goes through diffusers internals that change between releases.
 pytestmark = pytest.mark.diffusers_versions
@@ -46,18 +46,6 @@ def test_totals_add_up_and_mixed_dtypes_are_reported(tiny_model):
     assert infos[""].dtype == "bfloat16+float32"
     assert infos["proj_out"].dtype == "bfloat16"
     assert infos["transformer_blocks"].params == sum(infos[f"transformer_blocks.{i}"].params for i in range(2))
-
-
-def test_fold_repeated_folds_identical_blocks_and_keeps_a_different_one(tiny_model):
-    infos = module_inventory(tiny_model)
-    rows = fold_repeated(infos)
-    names = [row.display_name for row in rows]
-    assert "transformer_blocks.(0-1).attn1" in names
-    assert not any(name.startswith("transformer_blocks.1") for name in names)
-
-    tiny_model.transformer_blocks[1].attn1.to_q.to(torch.bfloat16)  # block 1 now differs
-    names = [row.display_name for row in fold_repeated(module_inventory(tiny_model))]
-    assert "transformer_blocks.0.attn1" in names and "transformer_blocks.1.attn1" in names
 
 
 def test_filter_matches_name_class_and_file(tiny_model):

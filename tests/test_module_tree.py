@@ -1,12 +1,22 @@
-"""The TUI's pure core: the folded module tree, the filter's narrowing, source lookups, display paths, counts."""
+"""The TUI's pure core: the folded module tree (the one fold and filter of the TUI's rows and the CLI's table),
+the rows as drawn, the filter's narrowing, source lookups, display paths, counts."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cogsurgeon.inspector.browse import format_count, model_title, open_model
 from cogsurgeon.inspector.inventory import ModuleInfo, module_inventory
-from cogsurgeon.inspector.module_tree import build_module_tree, narrow_inventory, path_to
+from cogsurgeon.inspector.module_tree import (
+    build_module_tree,
+    keys_to,
+    listed_rows,
+    narrow_inventory,
+    opened_for_filter,
+    path_to,
+    visible_rows,
+)
 from cogsurgeon.inspector.source import class_source, display_path, processor_call_source
 
 pytestmark = pytest.mark.diffusers_versions  # the tree and the sources read what each diffusers release builds
@@ -30,6 +40,27 @@ def test_the_42_blocks_of_5b_fold_into_the_module_list_row(five_b_infos):
     assert blocks.fold.describe() == "(0-41): 42 × CogVideoXBlock"
     assert [member.label for member in blocks.children] == [str(index) for index in range(42)]
     assert sum(1 for _ in root.walk()) == len(five_b_infos)  # folding hides nothing
+
+
+def test_the_listing_folds_as_the_tree_does_and_filters_without_ancestors(tiny_model):
+    """`listed_rows` (the CLI's `modules` table) is the tree's fold flattened: one member per run, named by the
+    index range; a filter keeps only the matches, folded the same way."""
+    rows = listed_rows(module_inventory(tiny_model))
+    names = [row.display_name for row in rows]
+    assert names[:2] == ["", "patch_embed"]
+    assert "transformer_blocks.(0-1).attn1" in names
+    assert not any(name.startswith("transformer_blocks.1") for name in names)
+    assert {row.repeat for row in rows if row.display_name.startswith("transformer_blocks.(0-1)")} == {2}
+
+    matched = listed_rows(module_inventory(tiny_model), "to_q")
+    assert [(row.display_name, row.repeat) for row in matched] == [("transformer_blocks.(0-1).attn1.to_q", 2)]
+    assert [row.display_name for row in listed_rows(module_inventory(tiny_model), "to_q", fold=False)] == [
+        "transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_q"]
+    assert listed_rows(module_inventory(tiny_model), "no-such-module") == []
+
+    tiny_model.transformer_blocks[1].attn1.to_q.to(torch.bfloat16)  # block 1 now differs: both listed
+    names = [row.display_name for row in listed_rows(module_inventory(tiny_model))]
+    assert "transformer_blocks.0.attn1" in names and "transformer_blocks.1.attn1" in names
 
 
 def test_a_differing_member_breaks_the_run_into_groups():
@@ -75,6 +106,48 @@ def test_narrowing_matches_class_and_file_case_insensitively(five_b_infos):
     assert "transformer_blocks.0.attn1" in by_file
     assert narrow_inventory(five_b_infos, "  ") == (five_b_infos, set())
     assert narrow_inventory(five_b_infos, "no-such-module")[1] == set()
+
+
+def test_the_listing_names_group_rows_by_their_range():
+    infos = [
+        _info("", "Root", 0),
+        _info("blocks", "ModuleList", 0),
+        *[_info(f"blocks.{index}", "Block", 10) for index in range(3)],
+        _info("blocks.3", "Block", 99),
+    ]
+    assert [(row.display_name, row.repeat) for row in listed_rows(infos)] == [
+        ("", 1), ("blocks", 1), ("blocks.(0-2)", 3), ("blocks.3", 1)]
+
+
+def test_visible_rows_follow_the_open_rows_and_draw_the_guides(five_b_infos):
+    root = build_module_tree(five_b_infos)
+    closed = visible_rows(root, set())
+    assert [row.key for row in closed] == [""] and not closed[0].expanded and closed[0].expandable
+    top = visible_rows(root, {""})
+    assert [row.key for row in top][:3] == ["", "/patch_embed", "/embedding_dropout"]
+    assert len(top) == 1 + len(root.children) and top[-1].lasts == (True,) and top[1].lasts == (False,)
+    blocks = next(row for row in top if row.key == "/transformer_blocks")
+    assert blocks.node.fold.describe() == "(0-41): 42 × CogVideoXBlock" and not blocks.expanded
+
+    opened = visible_rows(root, {"", "/transformer_blocks", "/transformer_blocks/41"})
+    last_block = [row for row in opened if row.key.startswith("/transformer_blocks/41/")]
+    assert [row.node.label for row in last_block][:2] == ["norm1", "attn1"]
+    assert last_block[0].lasts == (False, True, False) and last_block[0].depth == 3
+    assert keys_to(root, "transformer_blocks.3.attn1") == [
+        "", "/transformer_blocks", "/transformer_blocks/3", "/transformer_blocks/3/attn1"]
+    assert keys_to(root, "no.such") == []
+
+
+def test_a_narrowed_tree_opens_every_row_but_a_run_only_through_its_first_member(five_b_infos):
+    infos, _ = narrow_inventory(five_b_infos, "to_q")
+    root = build_module_tree(infos)
+    rows = visible_rows(root, opened_for_filter(root))
+    assert [row.key for row in rows][:5] == [
+        "", "/transformer_blocks", "/transformer_blocks/0", "/transformer_blocks/0/attn1",
+        "/transformer_blocks/0/attn1/to_q"]
+    assert rows[5].key == "/transformer_blocks/1" and not rows[5].expanded  # the run's other members: one row each
+    assert len(rows) == 5 + 41
+    assert rows[2].module.name == "transformer_blocks.0"
 
 
 def test_path_to_reaches_into_a_folded_run(five_b_infos):

@@ -16,6 +16,7 @@ from cogsurgeon.inspector.cli.doctor import doctor
 from cogsurgeon.inspector.cli.lora import lora
 from cogsurgeon.inspector.cli.modules import modules
 from cogsurgeon.inspector.cli.patch import patch, run
+from cogsurgeon.inspector.cli.plan import plan
 from cogsurgeon.inspector.cli.trace import trace
 from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.model_specs import DEFAULT_SPEC
@@ -57,7 +58,7 @@ def tui(model: str | None) -> None:
     run_app(model or DEFAULT_SPEC)
 
 
-for _command in (modules, trace, patch, run, lora, doctor):
+for _command in (modules, trace, patch, run, lora, plan, doctor):
     cli.add_command(_command)
 
 

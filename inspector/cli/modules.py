@@ -3,14 +3,19 @@ terminal) one block per module with its location on its own line, so that file:l
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
-from rich.console import Console, Group
-from rich.table import Table
-from rich.text import Text
 
 from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, MODEL_HELP, print_json, stdout_console
-from cogsurgeon.inspector.inventory import FoldedRow, ModuleInfo, fold_repeated
+from cogsurgeon.inspector.inventory import ModuleInfo, filter_inventory, inventory_for_spec
+from cogsurgeon.inspector.module_tree import ListedRow, listed_rows
 from cogsurgeon.inspector.source import display_path
+
+if TYPE_CHECKING:  # rich loads when a table is drawn, not on every start of the CLI
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
 
 
 @click.command()
@@ -32,23 +37,24 @@ def modules(
     (from site-packages or the checkout on) and a table too wide for the window becomes one block per module;
     piped or redirected, every row is one line with the full path.
     """
-    from cogsurgeon.inspector.inventory import filter_inventory, inventory_for_spec
-
-    infos = filter_inventory(inventory_for_spec(model, dtype, use_cache=not no_cache), filter_text)
+    infos = inventory_for_spec(model, dtype, use_cache=not no_cache)
+    matching = filter_inventory(infos, filter_text)
     if as_json:
-        print_json([info.to_json() for info in infos])
+        print_json([info.to_json() for info in matching])
         return
-    rows = fold_repeated(infos) if not show_all else [FoldedRow(info, info.name) for info in infos]
+    from rich.console import Console
+
+    rows = listed_rows(infos, filter_text, fold=not show_all)
     console = stdout_console()
     full_paths = not console.is_terminal
-    table = modules_table(rows, len(infos), full_paths)
+    table = modules_table(rows, len(matching), full_paths)
     natural_width = Console(width=100_000).measure(table).maximum
     if full_paths:  # a file or a pipe: one line per module, however wide
-        console.print(table, width=natural_width)
+        Console(width=natural_width).print(table)
     elif natural_width <= console.width:
         console.print(table)
     else:
-        console.print(modules_blocks(rows, len(infos)))
+        console.print(modules_blocks(rows, len(matching)))
 
 
 modules.help = (modules.help or "") + "\n\n" + MODEL_HELP
@@ -62,15 +68,19 @@ def location(info: ModuleInfo, full_path: bool = False) -> str:
     return f"{path}:{info.line}" if info.line else path
 
 
-def _name(row: FoldedRow, style: str = "") -> Text:
+def _name(row: ListedRow, style: str = "") -> Text:
+    from rich.text import Text
+
     name = Text(row.display_name or "(root)", style=style)
     if row.repeat > 1:
         name.append(f"  ×{row.repeat}", style="dim")
     return name
 
 
-def modules_table(rows: list[FoldedRow], total: int, full_paths: bool = False) -> Table:
+def modules_table(rows: list[ListedRow], total: int, full_paths: bool = False) -> Table:
     """One row per (folded) module; the location column never wraps and is never cut."""
+    from rich.table import Table
+
     table = Table(title=f"{total} modules", header_style="bold", expand=False)
     for column, justify in (
         ("module", "left"), ("class", "left"), ("params", "right"), ("dtype", "left"), ("device", "left"),
@@ -84,9 +94,12 @@ def modules_table(rows: list[FoldedRow], total: int, full_paths: bool = False) -
     return table
 
 
-def modules_blocks(rows: list[FoldedRow], total: int) -> Group:
+def modules_blocks(rows: list[ListedRow], total: int) -> Group:
     """For a terminal too narrow for the table: per module its name, then its facts, then its location, each on
     a line of its own (the location wraps, never cut)."""
+    from rich.console import Group
+    from rich.text import Text
+
     lines: list[Text] = [Text(f"{total} modules", style="bold")]
     for row in rows:
         info = row.info

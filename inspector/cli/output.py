@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 
 from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, known_specs
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 MODEL_HELP = (
     f"MODEL is one of {', '.join(known_specs())} (published configs load on the meta device, no download; "
@@ -27,5 +29,7 @@ def print_json(value: Any) -> None:
 def stdout_console() -> Console:
     """A console for stdout: the terminal's width in a terminal; piped or redirected, wide enough that tables
     are not squeezed into 80 columns."""
+    from rich.console import Console
+
     console = Console()
     return console if console.is_terminal else Console(width=200)

@@ -5,11 +5,17 @@ Top-level imports stay light (click only): the CLI imports this module on every 
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
-from cogsurgeon.inspector.cli.output import print_json
+from cogsurgeon.inspector.cli.output import print_json, stdout_console
+
+if TYPE_CHECKING:
+    from cogsurgeon.inspector.trace import AttentionCall
 
 
 def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -48,7 +54,7 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
 
     MODEL: see `cogsurgeon modules --help`; a model with real weights is traced through a meta copy.
     """
-    from cogsurgeon.inspector.trace import latent_geometry
+    from cogsurgeon.inspector.geometry import latent_geometry
 
     config = _known_config(model)
     if config is not None:  # refuse a size the model cannot take before paying for torch and the model
@@ -79,8 +85,6 @@ def _print_tables(result, show_all: bool) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from cogsurgeon.inspector.cli.output import stdout_console
-    from cogsurgeon.inspector.inventory import fold_numbered
     from cogsurgeon.inspector.trace import format_bytes, format_shape
 
     console = stdout_console()
@@ -91,7 +95,7 @@ def _print_tables(result, show_all: bool) -> None:
         f"{geometry.latent_width}, output {format_shape(result.output)}"
     )
     console.print(
-        f"sequence: {sequence.total:,} tokens = {sequence.text_tokens:,} text + {sequence.video_tokens:,} video "
+        f"sequence: {sequence.sequence_length:,} tokens = {sequence.text_tokens:,} text + {sequence.video_tokens:,} video "
         f"({sequence.frames} frames × {sequence.tokens_per_frame:,} tokens)"
     )
     for note in result.notes:
@@ -100,10 +104,7 @@ def _print_tables(result, show_all: bool) -> None:
     calls = Table(title=f"{len(result.attention)} attention calls", header_style="bold")
     for column in ("module", "query", "key", "value", "output", "mask", "causal"):
         calls.add_column(column, no_wrap=column == "module")
-    rows = [(call, call.module, 1) for call in result.attention] if show_all else fold_numbered(
-        result.attention, lambda call: call.module,
-        lambda call: (call.query, call.key, call.value, call.output, call.attn_mask, call.is_causal),
-    )
+    rows = [(call, call.module, 1) for call in result.attention] if show_all else fold_calls(result.attention)
     for call, name, repeat in rows:
         shapes = (call.query, call.key, call.value, call.output, call.attn_mask)
         label = Text(name)
@@ -131,3 +132,34 @@ def _print_tables(result, show_all: bool) -> None:
             continue
         modules.add_row(name or "(root)", format_shape(shapes.inputs), format_shape(shapes.outputs))
     console.print(modules)
+
+
+_BLOCK_CALL = re.compile(r"^(?P<prefix>.+)\.(?P<index>\d+)\.(?P<rest>[^.]+)$")
+
+
+def fold_calls(calls: list[AttentionCall]) -> list[tuple[AttentionCall, str, int]]:
+    """Runs of calls from consecutive blocks (`transformer_blocks.3.attn1`, `.4.attn1`, ...) with the same shapes
+    as one row `transformer_blocks.(0-41).attn1` standing for `repeat` calls, as `modules` folds its blocks."""
+    runs: list[list[AttentionCall]] = []
+    for call in calls:
+        previous = runs[-1][-1] if runs else None
+        if previous is not None and _follows(previous, call):
+            runs[-1].append(call)
+        else:
+            runs.append([call])
+    rows = []
+    for run in runs:
+        if len(run) == 1:
+            rows.append((run[0], run[0].module, 1))
+            continue
+        first, last = _BLOCK_CALL.match(run[0].module), _BLOCK_CALL.match(run[-1].module)
+        rows.append((run[0], f"{first['prefix']}.({first['index']}-{last['index']}).{first['rest']}", len(run)))
+    return rows
+
+
+def _follows(previous: AttentionCall, call: AttentionCall) -> bool:
+    before, after = _BLOCK_CALL.match(previous.module), _BLOCK_CALL.match(call.module)
+    return (before is not None and after is not None
+            and (before["prefix"], before["rest"]) == (after["prefix"], after["rest"])
+            and int(after["index"]) == int(before["index"]) + 1
+            and dataclasses.replace(call, module=previous.module) == previous)

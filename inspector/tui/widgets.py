@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from rich.cells import cell_len
 from rich.console import Group
 from rich.rule import Rule
 from rich.style import Style
@@ -19,19 +18,18 @@ from rich.table import Table
 from rich.text import Text
 from textual import events, on
 from textual.app import ComposeResult
-from textual._segment_tools import line_pad
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.geometry import Region, Size
 from textual.message import Message
-from textual.reactive import Reactive
+from textual.reactive import Reactive, var
+from textual.scroll_view import ScrollView
 from textual.strip import Strip
-from textual.widgets import DataTable, Input, LoadingIndicator, Static, Tree
-from textual.widgets.tree import TreeNode
+from textual.widgets import DataTable, Input, LoadingIndicator, Static
 
 from cogsurgeon.inspector.browse import format_count
 from cogsurgeon.inspector.inventory import ModuleInfo
-from cogsurgeon.inspector.module_tree import ModuleNode, path_to
+from cogsurgeon.inspector.module_tree import ModuleNode, TreeRow, keys_to, opened_for_filter, visible_rows
 from cogsurgeon.inspector.patching import PatchRow
 from cogsurgeon.inspector.source import SourceText, display_path
 
@@ -55,42 +53,22 @@ class SlowLoadingIndicator(LoadingIndicator):
     def __init__(self, what: str) -> None:
         super().__init__()
         self.what = what
+        self.started = time.monotonic()
 
-    def _on_mount(self, event: events.Mount) -> None:
+    def on_mount(self, event: events.Mount) -> None:
         event.prevent_default()  # LoadingIndicator's own handler would set 16 frames a second
-        self._start_time = time.time()
         self.auto_refresh = 1.0
 
     def render(self) -> Text:
-        seconds = int(time.time() - self._start_time)
+        seconds = int(time.monotonic() - self.started)
         return Text(f"● {self.what}  {seconds} s", style="dim")
-
-
-@dataclass(frozen=True)
-class TreeLineStyles:
-    """The styles one repaint of the module tree draws with. Textual's Tree looks each of them up again for every
-    row (`rich_style` walks the widget's ancestors, and there are ten more), the largest part of drawing a row;
-    `ModuleTree.render_lines` looks them up once per repaint."""
-
-    base: Style
-    highlight_line: Style
-    guide: Style
-    guide_hover: Style
-    guide_selected: Style
-    guide_hidden: bool
-    guide_hover_hidden: bool
-    guide_selected_hidden: bool
-    label: Style
-    highlight: Style
-    cursor: Style
-    has_focus: bool
 
 
 class RepaintOnContentSize:
     """For a widget whose size the stylesheet fixes: a change of its content's size (`virtual_size`) is a repaint,
     not a layout of the whole screen. Widget declares `virtual_size` with `layout=True`, and every layout also
-    repaints the scroll views' scrollbars one screen update (a 60 fps tick) later: the filter's text and the
-    tree's rows change size on every filter keystroke, which cost it two extra screen updates."""
+    repaints the scroll views' scrollbars one screen update (a 60 fps tick) later: the filter's text changes size
+    on every filter keystroke, which cost it an extra screen update."""
 
     virtual_size: Reactive[Size] = Reactive(Size(0, 0))
 
@@ -99,14 +77,94 @@ class FilterInput(RepaintOnContentSize, Input):
     """The tree's filter: fixed width, its text scrolls inside it."""
 
 
-class ModuleTree(RepaintOnContentSize, Tree[ModuleNode]):
-    """The module hierarchy; children are added when a node is first expanded, so a 1,067-module model costs only
-    the rows on screen. Folded runs read `transformer_blocks (0-41): 42 × CogVideoXBlock`."""
+@dataclass(frozen=True)
+class TreeStyles:
+    """The styles one repaint of the module tree draws with, looked up once per repaint rather than per row."""
+
+    base: Style
+    hover_line: Style
+    guide: Style
+    guide_hover: Style
+    guide_selected: Style
+    label: Style
+    hover_label: Style
+    cursor: Style
+    has_focus: bool
+
+
+class ModuleTree(ScrollView, can_focus=True):
+    """The module hierarchy, drawn line by line over `visible_rows` (toolong's `LogLines` is the model): a
+    keystroke of the filter rebuilds a flat list of rows and repaints the ~40 on screen, whatever the model's
+    size. Folded runs read `transformer_blocks (0-41): 42 × CogVideoXBlock`; it looks like Textual's Tree."""
 
     BINDINGS = [
+        Binding("up", "cursor_up", "Up", show=False, id="tree.up"),
+        Binding("down", "cursor_down", "Down", show=False, id="tree.down"),
+        Binding("pageup", "page_up", "Page up", show=False, id="tree.page-up"),
+        Binding("pagedown", "page_down", "Page down", show=False, id="tree.page-down"),
+        Binding("home", "cursor_home", "First row", show=False, id="tree.home"),
+        Binding("end", "cursor_end", "Last row", show=False, id="tree.end"),
         Binding("right", "expand_node", "Expand", show=False, id="tree.expand"),
         Binding("left", "collapse_node", "Collapse", show=False, id="tree.collapse"),
+        Binding("enter,space", "toggle_node", "Open/close", show=False, id="tree.toggle"),
     ]
+
+    COMPONENT_CLASSES = {
+        "module-tree--cursor",
+        "module-tree--guides",
+        "module-tree--guides-hover",
+        "module-tree--guides-selected",
+        "module-tree--highlight",
+        "module-tree--highlight-line",
+        "module-tree--label",
+    }
+
+    # Textual's Tree's look, for its own component classes
+    DEFAULT_CSS = """
+    ModuleTree {
+        background: $surface;
+        color: $foreground;
+        overflow-x: hidden;
+        & > .module-tree--label {}
+        & > .module-tree--guides { color: $surface-lighten-2; }
+        & > .module-tree--guides-hover { color: $surface-lighten-2; }
+        & > .module-tree--guides-selected { color: $block-cursor-blurred-background; }
+        & > .module-tree--cursor {
+            text-style: $block-cursor-blurred-text-style;
+            background: $block-cursor-blurred-background;
+        }
+        & > .module-tree--highlight {}
+        & > .module-tree--highlight-line { background: $block-hover-background; }
+        &:focus {
+            background-tint: $foreground 5%;
+            & > .module-tree--cursor {
+                color: $block-cursor-foreground;
+                background: $block-cursor-background;
+                text-style: $block-cursor-text-style;
+            }
+            & > .module-tree--guides { color: $surface-lighten-3; }
+            & > .module-tree--guides-hover { color: $surface-lighten-3; }
+            & > .module-tree--guides-selected { color: $block-cursor-background; }
+        }
+        &:light {
+            & > .module-tree--guides { color: $surface-darken-1; }
+            & > .module-tree--guides-hover { color: $block-cursor-background; }
+            & > .module-tree--guides-selected { color: $block-cursor-background; }
+        }
+    }
+    ModuleTree:ansi {
+        color: ansi_default;
+        & > .module-tree--guides { color: $ansi-background; }
+        &:nocolor > .module-tree--cursor { text-style: reverse; }
+    }
+    """
+
+    ICON_CLOSED = "▶ "
+    ICON_OPEN = "▼ "
+    GUIDES = ("  ", "│ ", "└ ", "├ ")  # space, vertical, last child, middle child
+
+    cursor_line: var[int] = var(0)
+    hover_line: var[int] = var(-1)
 
     @dataclass
     class ModuleHighlighted(Message):
@@ -115,17 +173,28 @@ class ModuleTree(RepaintOnContentSize, Tree[ModuleNode]):
         info: ModuleInfo
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__("(no model)", **kwargs)
-        self.guide_depth = 2
+        super().__init__(**kwargs)
+        self.root: ModuleNode = ModuleNode("(no model)", None)
+        self.title = ""
+        self.expanded: set[str] = {""}
+        self.rows: list[TreeRow] = visible_rows(self.root, self.expanded)
+        self.line_of: dict[str, int] = {"": 0}
         self.patched: set[str] = set()
         self.patched_within: set[str] = set()
-        self._populated: set[int] = set()
-        self._repaint_styles: TreeLineStyles | None = None
+        self._labels: dict[str, Text] = {}
+        self._styles: TreeStyles | None = None
 
-    def watch_virtual_size(self, size: Size) -> None:
-        """The scrollbars follow the rows in the same repaint (a layout still happens when one appears or goes)."""
-        if self.is_mounted:
-            self._scroll_update(size)
+    # what is shown
+
+    def show_modules(self, root: ModuleNode, title: str, open_all: bool = False) -> None:
+        """Replace the tree with `root`, its first level open; with `open_all` (a tree narrowed by the filter, where
+        every row is a match or leads to one) every row open but a folded run only through its first member. The
+        cursor stays on the same row when the new tree has it, else goes to the first; no highlight is posted."""
+        cursor_key = self.cursor_row.key if self.cursor_row is not None else ""
+        self.root, self.title = root, title
+        self.expanded = opened_for_filter(root) if open_all else {""}
+        self._labels.clear()
+        self._rebuild(cursor_key)
 
     def set_patched(self, names: set[str]) -> None:
         """Mark these modules as patched, and their ancestors (a folded row too) as holding patched modules."""
@@ -133,155 +202,198 @@ class ModuleTree(RepaintOnContentSize, Tree[ModuleNode]):
         self.patched_within = {name.rsplit(".", depth)[0] for name in names for depth in range(1, name.count(".") + 1)}
         if names:
             self.patched_within.add("")
-
-    def _invalidate(self) -> None:
-        """Tree's own `_invalidate` asks for a layout of the whole screen on every change, because a tree may size
-        itself to its labels; this one's size is fixed by the stylesheet, so a repaint of the tree is enough (it
-        takes a full-screen layout out of every filter keystroke)."""
-        self._clear_line_cache()
-        self._updates += 1
-        self.root._reset()
+        self._labels.clear()
         self.refresh()
 
-    def get_label_width(self, node: TreeNode[ModuleNode]) -> int:
-        """The width Tree sizes its lines by, without rendering the label as Tree's default does (that rendered
-        every row of a narrowed tree, up to 1,067, on every keystroke)."""
-        icon = (self.ICON_NODE_EXPANDED if node.is_expanded else self.ICON_NODE) if node.allow_expand else ""
-        return cell_len(icon) + node._label.cell_len
+    @property
+    def cursor_row(self) -> TreeRow | None:
+        return self.rows[self.cursor_line] if 0 <= self.cursor_line < len(self.rows) else None
 
-    def _line_styles(self) -> TreeLineStyles:
+    def _rebuild(self, cursor_key: str | None = None) -> None:
+        """Flatten the open rows again, keep the cursor on `cursor_key` when it is still shown, and size the
+        scrollable area: a repaint, with a layout only when the scrollbar appears or goes."""
+        self.rows = visible_rows(self.root, self.expanded)
+        self.line_of = {row.key: line for line, row in enumerate(self.rows)}
+        if cursor_key is not None:
+            self.set_reactive(ModuleTree.cursor_line, self.line_of.get(cursor_key, 0))
+        height = len(self.rows)
+        visible_height = self.scrollable_content_region.height
+        size = Size(0, height)
+        if not self.is_mounted or (height > visible_height) != self.show_vertical_scrollbar:
+            self.virtual_size = size
+        else:
+            self.set_reactive(ModuleTree.virtual_size, size)
+            if self.show_vertical_scrollbar:
+                bar = self.vertical_scrollbar
+                bar.window_virtual_size, bar.window_size = height, visible_height
+            self.scroll_y = min(self.scroll_y, self.max_scroll_y)
+        self.refresh()
+
+    # moving
+
+    def go_to(self, name: str) -> bool:
+        """Open the path to module `name` and put the cursor on it (posting its highlight); False when it is not
+        in the tree."""
+        keys = keys_to(self.root, name)
+        if not keys:
+            return False
+        self.expanded.update(keys[:-1])
+        self._rebuild()
+        self.move_cursor(self.line_of[keys[-1]], always_post=True)
+        return True
+
+    def move_cursor(self, line: int, always_post: bool = False) -> None:
+        """Put the cursor on `line` (clamped), scroll it into view and post the module it stands for."""
+        line = max(0, min(line, len(self.rows) - 1))
+        moved = line != self.cursor_line
+        self.cursor_line = line
+        if self.is_mounted and self.scrollable_content_region.height:
+            if line < self.scroll_y:
+                self.scroll_y = line
+            elif line >= self.scroll_y + self.scrollable_content_region.height:
+                self.scroll_y = line - self.scrollable_content_region.height + 1
+        module = self.rows[line].module
+        if (moved or always_post) and module is not None:
+            self.post_message(self.ModuleHighlighted(module))
+
+    def watch_cursor_line(self) -> None:
+        self.refresh()  # the cursor row and the guides below it
+
+    def watch_hover_line(self) -> None:
+        self.refresh()
+
+    def set_open(self, line: int, is_open: bool) -> None:
+        row = self.rows[line] if 0 <= line < len(self.rows) else None
+        if row is None or not row.expandable or row.expanded == is_open:
+            return
+        if is_open:
+            self.expanded.add(row.key)
+        else:
+            self.expanded.discard(row.key)
+        self._rebuild(self.cursor_row.key if self.cursor_row is not None else None)
+
+    def action_cursor_up(self) -> None:
+        self.move_cursor(self.cursor_line - 1)
+
+    def action_cursor_down(self) -> None:
+        self.move_cursor(self.cursor_line + 1)
+
+    def action_page_up(self) -> None:
+        self.move_cursor(self.cursor_line - max(1, self.scrollable_content_region.height - 1))
+
+    def action_page_down(self) -> None:
+        self.move_cursor(self.cursor_line + max(1, self.scrollable_content_region.height - 1))
+
+    def action_cursor_home(self) -> None:
+        self.move_cursor(0)
+
+    def action_cursor_end(self) -> None:
+        self.move_cursor(len(self.rows) - 1)
+
+    def action_toggle_node(self) -> None:
+        row = self.cursor_row
+        if row is not None:
+            self.set_open(self.cursor_line, not row.expanded)
+
+    def action_expand_node(self) -> None:
+        self.set_open(self.cursor_line, True)
+
+    def action_collapse_node(self) -> None:
+        row = self.cursor_row
+        if row is None:
+            return
+        if row.expanded:
+            self.set_open(self.cursor_line, False)
+        elif row.key:
+            self.move_cursor(self.line_of[row.key.rsplit("/", 1)[0]])
+
+    # the mouse: each drawn cell carries its line (and the icon a toggle) in its style's metadata
+
+    def on_click(self, event: events.Click) -> None:
+        meta = event.style.meta
+        if "line" not in meta:
+            return
+        line = meta["line"]
+        if meta.get("toggle"):
+            self.set_open(line, not self.rows[line].expanded)
+            return
+        self.move_cursor(line)
+        if self.rows[line].expandable:
+            self.set_open(line, not self.rows[line].expanded)
+
+    def on_mouse_move(self, event: events.MouseMove) -> None:
+        self.hover_line = event.style.meta.get("line", -1)
+
+    def on_leave(self, event: events.Leave) -> None:
+        self.hover_line = -1
+
+    # drawing
+
+    def _line_styles(self) -> TreeStyles:
         component = self.get_component_rich_style
-        guide = component("tree--guides", partial=True)
-        return TreeLineStyles(
+        guide = component("module-tree--guides", partial=True)
+        label = component("module-tree--label", partial=True)
+        return TreeStyles(
             base=self.rich_style,
-            highlight_line=component("tree--highlight-line"),
+            hover_line=component("module-tree--highlight-line"),
             guide=guide,
-            guide_hover=guide + component("tree--guides-hover", partial=True),
-            guide_selected=guide + component("tree--guides-selected", partial=True),
-            guide_hidden=self.get_component_styles("tree--guides").color.a == 0,
-            guide_hover_hidden=self.get_component_styles("tree--guides-hover").color.a == 0,
-            guide_selected_hidden=self.get_component_styles("tree--guides-selected").color.a == 0,
-            label=component("tree--label", partial=True),
-            highlight=component("tree--highlight", partial=True),
-            cursor=component("tree--cursor", partial=False),
+            guide_hover=guide + component("module-tree--guides-hover", partial=True),
+            guide_selected=guide + component("module-tree--guides-selected", partial=True),
+            label=label,
+            hover_label=label + component("module-tree--highlight", partial=True),
+            cursor=component("module-tree--cursor", partial=False),
             has_focus=self.has_focus,
         )
 
     def render_lines(self, crop: Region) -> list[Strip]:
-        self._repaint_styles = self._line_styles()
+        self._styles = self._line_styles()
         try:
             return super().render_lines(crop)
         finally:
-            self._repaint_styles = None
+            self._styles = None
 
     def render_line(self, y: int) -> Strip:
-        styles = self._repaint_styles or self._line_styles()
-        scroll_x, scroll_y = self.scroll_offset
-        return self._render_line(y + scroll_y, scroll_x, scroll_x + self.size.width, styles.base)
-
-    def _render_line(self, y: int, x1: int, x2: int, base_style: Style) -> Strip:
-        """Textual 8.2's `Tree._render_line`, drawing the same cells (a test compares them row by row), with the
-        styles taken from one lookup per repaint (`TreeLineStyles`)."""
-        tree_lines = self._tree_lines
+        styles = self._styles or self._line_styles()
         width = self.size.width
-        if y >= len(tree_lines):
-            return Strip.blank(width, base_style)
-        line = tree_lines[y]
-        is_hover = self.hover_line >= 0 and any(node._hover for node in line.path)
-        cache_key = (
-            y,
-            is_hover,
-            width,
-            self._updates,
-            self._pseudo_class_state,
-            tuple(node._updates for node in line.path),
-        )
-        strip = self._line_cache.get(cache_key)
-        if strip is None:
-            styles = self._repaint_styles or self._line_styles()
-            strip = self._line_cache[cache_key] = self._draw_line(line, y, width, is_hover, styles)
-        return strip.crop(x1, x2)
-
-    def _guides(self, style: Style, hidden: bool) -> tuple[str, str, str, str]:
-        if not self.show_guides or hidden:
-            lines: tuple[str, ...] = ("  ", "  ", "  ", "  ")
-        elif style.bold:
-            lines = self.LINES["bold"]
-        else:
-            lines = self.LINES["double"] if style.underline2 else self.LINES["default"]
-        depth = max(0, self.guide_depth - 2)
-        space, vertical, terminator, cross = (f"{chars[0]}{chars[1] * depth} " for chars in lines)
-        return space, vertical, terminator, cross
-
-    def _draw_line(self, line: Any, y: int, width: int, is_hover: bool, styles: TreeLineStyles) -> Strip:
-        line_style = (styles.highlight_line if is_hover else styles.base) + Style(meta={"line": y})
-        guides = Text(style=line_style)
-        guide_style = styles.guide
-        hover = line.path[0]._hover
-        selected = line.path[0]._selected and styles.has_focus
-        hidden = True
-        for node in line.path[1:]:
-            hidden = styles.guide_hidden
-            if hover:
-                guide_style, hidden = styles.guide_hover, styles.guide_hover_hidden
-            if selected:
-                guide_style, hidden = styles.guide_selected, styles.guide_selected_hidden
-            if node != line.path[-1]:
-                space, vertical, _, _ = self._guides(guide_style, hidden)
-                guides.append(space if node.is_last else vertical, style=guide_style)
-            hover = hover or node._hover
-            selected = (selected or node._selected) and styles.has_focus
-        if len(line.path) > 1:
-            _, _, terminator, cross = self._guides(guide_style, hidden)
-            guides.append(terminator if line.last else cross, style=guide_style)
-        label_style = styles.label
-        if self.hover_line == y:
-            label_style += styles.highlight
-        if self.cursor_line == y:
+        line = y + int(self.scroll_y)
+        if not 0 <= line < len(self.rows):
+            return Strip.blank(width, styles.base)
+        row = self.rows[line]
+        cursor = self.cursor_row
+        hover = self.rows[self.hover_line] if 0 <= self.hover_line < len(self.rows) else None
+        line_style = (styles.hover_line if hover is not None and _within(row.key, hover.key) else styles.base)
+        line_style += Style(meta={"line": line})
+        # guides at a depth below the cursor's (or the hovered) row, on rows inside it, take its guide style
+        below_cursor = cursor.depth if styles.has_focus and cursor is not None and _within(row.key, cursor.key) else None
+        below_hover = hover.depth if hover is not None and _within(row.key, hover.key) else None
+        text = Text(style=line_style)
+        for level, last in enumerate(row.lasts):
+            guide_style = styles.guide
+            if below_hover is not None and level >= below_hover:
+                guide_style = styles.guide_hover
+            if below_cursor is not None and level >= below_cursor:
+                guide_style = styles.guide_selected
+            space, vertical, terminator, cross = self.GUIDES
+            if level < row.depth - 1:
+                text.append(space if last else vertical, guide_style)
+            else:
+                text.append(terminator if last else cross, guide_style)
+        if row.expandable:
+            text.append(self.ICON_OPEN if row.expanded else self.ICON_CLOSED, line_style + Style(meta={"toggle": True}))
+        label_style = styles.hover_label if line == self.hover_line else styles.label
+        if line == self.cursor_line:
             label_style += styles.cursor
-        label = self.render_label(line.path[-1], line_style, label_style).copy()
-        label.stylize(Style(meta={"node": line.node._id}))
-        guides.append(label)
-        segments = list(guides.render(self.app.console))
-        pad_width = max(self.virtual_size.width, width)
-        return Strip(line_pad(segments, 0, pad_width - guides.cell_len, line_style))
+        label = self._label_of(row).copy()
+        label.stylize(label_style)
+        text.append_text(label)
+        segments = list(text.render(self.app.console))
+        return Strip(segments, text.cell_len).extend_cell_length(width, line_style).crop(0, width)
 
-    def show_modules(self, root: ModuleNode, title: str, open_all: bool = False) -> None:
-        """Replace the tree with `root`, its first level open. With `open_all` (for a tree narrowed by the filter,
-        where every row is a match or leads to one) every row is opened, but a folded run only through its first
-        member, so that the run's other members stay one row each."""
-        self.clear()
-        self._populated.clear()
-        self.root.data = root
-        self.root.set_label(self._label(root, title))
-        self._populate(self.root)
-        self.root.expand()
-        if open_all:
-            self._open_below(self.root)
-        # build the line index now rather than on the next idle, so that the new rows and size go out in the same
-        # screen update (bench/RESULTS-tui.md)
-        self._tree_lines
-
-    def _open_below(self, node: TreeNode[ModuleNode]) -> None:
-        folded_members_seen = False
-        for child in node.children:
-            data = child.data
-            if data is None or not data.children:
-                continue
-            if node.data is not None and node.data.fold is not None:
-                if folded_members_seen:
-                    continue
-                folded_members_seen = True
-            self._populate(child)
-            child.expand()
-            self._open_below(child)
-
-    def _populate(self, node: TreeNode[ModuleNode]) -> None:
-        if id(node) in self._populated or node.data is None:
-            return
-        self._populated.add(id(node))
-        for child in node.data.children:
-            node.add(self._label(child), data=child, allow_expand=bool(child.children))
+    def _label_of(self, row: TreeRow) -> Text:
+        label = self._labels.get(row.key)
+        if label is None:
+            label = self._labels[row.key] = self._label(row.node, self.title if not row.key else None)
+        return label
 
     def _label(self, node: ModuleNode, title: str | None = None) -> Text:
         info = node.info
@@ -307,50 +419,10 @@ class ModuleTree(RepaintOnContentSize, Tree[ModuleNode]):
             text.append("  [patched inside]", style="magenta")
         return text
 
-    def go_to(self, name: str) -> bool:
-        """Open the path to module `name` and put the cursor on it; False when it is not in the tree."""
-        if self.root.data is None:
-            return False
-        path = path_to(self.root.data, name)
-        if not path:
-            return False
-        node = self.root
-        for step in path[1:]:
-            self._populate(node)
-            node.expand()
-            node = next(child for child in node.children if child.data is step)
-        self._tree_lines  # rebuilds the line index now, so that `node._line` is current for move_cursor
-        self.move_cursor(node)
-        if node.data is not None and node.data.info is not None:
-            # the root row survives `clear()`, so landing on it again posts no NodeHighlighted
-            self.post_message(self.ModuleHighlighted(node.data.info))
-        return True
 
-    @on(Tree.NodeExpanded)
-    def _expand_lazily(self, event: Tree.NodeExpanded[ModuleNode]) -> None:
-        self._populate(event.node)
-
-    @on(Tree.NodeHighlighted)
-    def _report_highlight(self, event: Tree.NodeHighlighted[ModuleNode]) -> None:
-        event.stop()
-        data = event.node.data
-        while data is not None and data.info is None:
-            data = data.children[0] if data.children else None
-        if data is not None and data.info is not None:
-            self.post_message(self.ModuleHighlighted(data.info))
-
-    def action_expand_node(self) -> None:
-        if self.cursor_node is not None and self.cursor_node.allow_expand:
-            self.cursor_node.expand()
-
-    def action_collapse_node(self) -> None:
-        node = self.cursor_node
-        if node is None:
-            return
-        if node.is_expanded:
-            node.collapse()
-        elif node.parent is not None:
-            self.move_cursor(node.parent)
+def _within(key: str, ancestor_key: str) -> bool:
+    """Whether the row `key` is the row `ancestor_key` or lies below it."""
+    return key == ancestor_key or key.startswith(ancestor_key + "/") or ancestor_key == ""
 
 
 class ModuleDetails(Static):

@@ -113,6 +113,9 @@ def repair_checkpoint(
     out_dir: str | Path,
     *,
     alpha: float | None = None,
+    trainer: str | None = None,
+    step: int | None = None,
+    latest: bool = False,
     force: bool = False,
     progress: ProgressCallback | None = None,
 ) -> RepairResult:
@@ -123,11 +126,13 @@ def repair_checkpoint(
         raise LoraCheckpointError(f"--alpha must be a positive finite number, got {alpha}")
     given = Path(path).expanduser()
     out = Path(out_dir).expanduser().resolve()
-    checkpoint = read_checkpoint(given, alpha=alpha)
+    checkpoint = read_checkpoint(given, alpha=alpha, trainer=trainer, step=step, latest=latest)
     report = checkpoint.report
     if report.problems:
         more = f" (and {len(report.problems) - 1} more; see `cogsurgeon lora inspect`)" if len(report.problems) > 1 else ""
         raise LoraCheckpointError(f"cannot repair {report.file}: {report.problems[0]}{more}")
+    if report.alpha is None:  # several trainers fit and disagree: a repair at a guessed strength is the worst outcome
+        raise LoraCheckpointError(report.unsettled_alpha_message())
     _check_output(out, given, Path(report.file), force)
 
     config = lora_config(report)

@@ -1,0 +1,124 @@
+"""`cogsurgeon plan`: the memory planner of `inspector.plan` on the command line, as JSON or a readable summary.
+
+Top-level imports stay light (click only): the CLI imports this module on every start.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cogsurgeon.inspector.cli.output import print_json
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
+          "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise click.BadParameter(f"must be at least 1, got {value}")
+    return value
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--frames", type=int, callback=_positive, help="Video frames (4k+1: 49, 81). Default: the model's.")
+@click.option("--height", type=int, callback=_positive, help="Video height in pixels. Default: the model's.")
+@click.option("--width", type=int, callback=_positive, help="Video width in pixels. Default: the model's.")
+@click.option("--batch", default=2, show_default=True, callback=_positive,
+              help="The transformer's batch: 2 is one video with classifier-free guidance.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Weights' dtype. Default: the model's (bf16).")
+@click.option("--train", metavar="lora:RANK|full", help="Plan one training step instead of inference.")
+@click.option("--checkpointing", is_flag=True, help="Gradient checkpointing (diffusers' enable_gradient_checkpointing).")
+@click.option("--patch", "patch_names", multiple=True, metavar="NAME", help="Plan with this patch applied (repeatable).")
+@click.option("--vae", is_flag=True, help="Add the VAE decode of the latents (transformer still on the GPU).")
+@click.option("--tiling", is_flag=True, help="Decode tiled, as diffusers' vae.enable_tiling().")
+@click.option("--gpu-memory", metavar="SIZE", help="A card's memory (80GiB, 24G): say whether it fits and what would.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"peak_bytes", "breakdown", "peak_at", "fits", "suggestions", ...} as JSON.')
+def plan(model: str | None, frames: int | None, height: int | None, width: int | None, batch: int,
+         dtype: str | None, train: str | None, checkpointing: bool, patch_names: tuple[str, ...], vae: bool,
+         tiling: bool, gpu_memory: str | None, as_json: bool) -> None:
+    """Plan the peak GPU memory of a run of MODEL at a video size, before running it.
+
+    The run is diffusers' own code on the meta device (no weights, no compute), with every allocation booked as
+    PyTorch's CUDA allocator books it (512-byte blocks, freed when the tensor dies) and attention counted by the
+    kernel the GPU runs (flash; memory-efficient with a mask). The peak compares with
+    torch.cuda.max_memory_allocated(); the CUDA context comes on top.
+
+    \b
+    Examples:
+      cogsurgeon plan                                          # cogvideox-5b-i2v, 49×480×720, batch 2, inference
+      cogsurgeon plan cogvideox1.5-5b --frames 81 --height 768 --width 1360
+      cogsurgeon plan cogvideox-5b --train lora:128 --batch 1 --checkpointing --gpu-memory 24GiB
+      cogsurgeon plan cogvideox-5b --vae --tiling --json | jq .breakdown
+
+    MODEL: see `cogsurgeon modules --help`.
+    """
+    from cogsurgeon.inspector.plan import parse_memory_size, parse_train
+    from cogsurgeon.inspector.geometry import default_video_size, latent_geometry
+    from cogsurgeon.inspector.cli.trace import _known_config
+
+    train_mode = parse_train(train)  # flags refused before paying for torch and the model
+    card = parse_memory_size(gpu_memory) if gpu_memory is not None else None
+    config = _known_config(model)
+    if config is not None:
+        default_frames, default_height, default_width = default_video_size(config)
+        frames, height, width = frames or default_frames, height or default_height, width or default_width
+        latent_geometry(config, frames, height, width)
+    else:
+        frames, height, width = frames or 49, height or 480, width or 720
+
+    from cogsurgeon.inspector.plan import plan_memory
+
+    if not as_json and sys.stderr.isatty():
+        click.echo(f"planning {model or 'the default model'} at {frames}×{height}×{width}, batch {batch} ...",
+                   err=True)
+    result = plan_memory(model, frames=frames, height=height, width=width, batch=batch,
+                         dtype=DTYPES[dtype] if dtype else None, train=train_mode, checkpointing=checkpointing,
+                         patches=patch_names, vae=vae, tiling=tiling, gpu_memory=card)
+    if as_json:
+        print_json(result.to_json())
+        return
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cogsurgeon.inspector.trace import format_bytes
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    settings, peak = result.settings, result.peak
+    mode = f"training step ({settings.train.label()})" if settings.train else "inference"
+    switches = [name for name, on in (("checkpointing", settings.checkpointing), ("vae decode", settings.vae),
+                                      ("tiling", settings.tiling)) if on]
+    switches += [f"patch {name}" for name in settings.patches]
+    console.print(
+        f"[bold]{settings.model}[/bold] {mode} at {settings.frames}×{settings.height}×{settings.width}, batch "
+        f"{settings.batch}, {settings.dtype}" + (f" ({', '.join(switches)})" if switches else "")
+    )
+    console.print(f"peak: [bold]{format_bytes(peak.peak_bytes)}[/bold] ({peak.peak_bytes:,} bytes) in "
+                  f"{peak.phase}, at {peak.peak_at}")
+    table = Table(title="live at the peak", header_style="bold")
+    table.add_column("what")
+    table.add_column("bytes", justify="right")
+    for name, value in peak.breakdown.items():
+        if value:
+            table.add_row(name, format_bytes(value))
+    console.print(table)
+    if len(result.phases) > 1:
+        for phase in result.phases:
+            console.print(f"  {phase.phase}: {format_bytes(phase.peak_bytes)} at {phase.peak_at}")
+    if result.fits is not None:
+        verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
+        console.print(f"{format_bytes(result.gpu_memory)} card: {verdict}")
+        for suggestion in result.suggestions:
+            outcome = "fits" if suggestion.fits else "still too large"
+            console.print(f"  with {suggestion.switch}: {format_bytes(suggestion.peak_bytes)} ({outcome})")
+    for note in result.notes:
+        console.print(f"[dim]note: {note}[/dim]")
