@@ -84,9 +84,14 @@ def run_transformer_case(case: dict) -> dict:
                             int(config["attention_head_dim"]))
 
     model = build_on_meta(config, DTYPE)
-    trainable = prepare_training(model, train, checkpointing) if train else []
+    if train:
+        prepare_training(model, train, checkpointing)
     model.to_empty(device="cuda")
+    # After to_empty: a meta parameter cannot take CUDA data in place, so the module holds new Parameter objects.
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     _fill_random(model)
+    torch.cuda.synchronize()
+    weights_allocated = torch.cuda.memory_allocated()
     inputs = pipeline_inputs(config, (size["frames"], size["height"], size["width"]), case["batch"],
                              dtype=getattr(torch, DTYPE), device="cuda", seed=0)
     if train is None:
@@ -104,13 +109,23 @@ def run_transformer_case(case: dict) -> dict:
         target = torch.randn_like(training_target(inputs, config), device="cuda")
         training_step(model, inputs, target, optimizer)  # step 1: AdamW's state appears
         torch.cuda.synchronize()
+        stepped = sum(1 for parameter in trainable if parameter in optimizer.state)
+        held_grads = sum(1 for parameter in model.parameters() if parameter.grad is not None)
+        if stepped != len(trainable) or held_grads:
+            raise RuntimeError(f"optimizer state for {stepped} of {len(trainable)} trained parameters, "
+                               f"{held_grads} gradients held after zero_grad")
         torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated()
         training_step(model, inputs, target, optimizer)
         torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated()
+    parameter_bytes = sum(tensor.untyped_storage().nbytes() for tensor in (*model.parameters(), *model.buffers()))
+    state_bytes = sum(value.untyped_storage().nbytes() for state in (optimizer.state.values() if train else ())
+                      for value in state.values() if value.is_cuda)
     return dict(predicted=predicted.peak_bytes, measured=measured, predicted_resident=predicted.resident_bytes,
-                measured_resident=resident, predicted_peak_at=predicted.peak_at, sdpa_backend=backend,
+                measured_resident=resident, weights_allocated=weights_allocated, parameter_bytes=parameter_bytes,
+                optimizer_state_bytes=state_bytes,
+                predicted_peak_at=predicted.peak_at, sdpa_backend=backend,
                 plan_seconds=round(plan_seconds, 1), breakdown=predicted.breakdown)
 
 

@@ -28,7 +28,13 @@ if TYPE_CHECKING:
 # `torch.cuda.max_memory_allocated()` counts those blocks.
 ALLOCATOR_BLOCK_BYTES = 512
 
-CATEGORIES = ("weights", "inputs", "activations", "attention", "gradients", "optimizer", "vae")
+CATEGORIES = ("weights", "inputs", "activations", "attention", "gradients", "optimizer", "vae", "workspace")
+
+# PyTorch gives each (cuBLAS handle, stream) a workspace from the caching allocator on its first matmul and keeps
+# it: 4096 KiB × 8 = 32 MiB on sm90 (H100/H200), 4096 KiB × 2 + 16 KiB × 8 on other GPUs (`parseChosenWorkspaceSize`
+# in aten/src/ATen/cuda/CublasHandlePool.cpp; `CUBLAS_WORKSPACE_CONFIG` changes it). Handles are per thread, and
+# autograd runs CUDA backward on its own device thread: a training step holds two.
+CUBLAS_WORKSPACE_BYTES = {"sm90": 4096 * 8 * 1024, "other": 4096 * 1024 * 2 + 16 * 1024 * 8}
 
 # What CogVideo's and diffusers' LoRA trainers target, and their default alpha (DESIGN.md, LoRA checkpoints).
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -150,13 +156,18 @@ class MemoryLedger:
             self.totals[category] += entry[0]
             self.live[key] = (entry[0], category)
 
-    @contextmanager
-    def transient(self, nbytes: int, category: str) -> Iterator[None]:
-        """A workspace a kernel allocates and frees inside itself (invisible as a tensor)."""
+    def reserve(self, nbytes: int, category: str) -> int:
+        """Book memory that is no tensor of the run (a library's workspace); returns its key for `free`."""
         key = -1 - len(self.live)
         while key in self.live:
             key -= 1
         self.allocate(key, nbytes, category)
+        return key
+
+    @contextmanager
+    def transient(self, nbytes: int, category: str) -> Iterator[None]:
+        """A workspace a kernel allocates and frees inside itself (invisible as a tensor)."""
+        key = self.reserve(nbytes, category)
         try:
             yield
         finally:
@@ -523,9 +534,11 @@ def training_target(inputs: Mapping[str, Any], config: Mapping[str, Any]) -> tor
 
 
 def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, batch: int = 2,
-                     train: TrainMode | None = None, checkpointing: bool = False) -> PhasePeak:
+                     train: TrainMode | None = None, checkpointing: bool = False,
+                     blas_workspace_bytes: int = CUBLAS_WORKSPACE_BYTES["sm90"]) -> PhasePeak:
     """The peak of one transformer forward (inference, no grad) or one steady-state training step on `model`,
-    which must be on the meta device and may be changed (adapters, checkpointing): pass a fresh one."""
+    which must be on the meta device and may be changed (adapters, checkpointing): pass a fresh one.
+    `blas_workspace_bytes`: cuBLAS' workspace per thread that runs matmuls (see CUBLAS_WORKSPACE_BYTES)."""
     import torch
 
     from cogsurgeon.inspector.geometry import pipeline_inputs
@@ -537,6 +550,8 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
         trainable = prepare_training(model, train, checkpointing)
         optimizer = make_optimizer(trainable)
     accounting.adopt(model, "weights")
+    for _thread in range(1 if train is None else 2):  # the forward's thread, and autograd's for backward
+        accounting.ledger.reserve(blas_workspace_bytes, "workspace")
     hooks = []
     for parameter in trainable:
         hooks.append(parameter.register_post_accumulate_grad_hook(

@@ -7,7 +7,8 @@ The plan (segments, kept keys) is made once per forward, at the first attention 
 
 What the hook read stays until the next forward, so gradient checkpointing's recomputation in backward sees the
 layout of the forward it belongs to, as long as no other forward of the same model ran in between. Making a plan
-with a key mask reads the mask on the host (one sync per forward), which also breaks a torch.compile graph there.
+with a key mask reads the mask on the host (one sync per forward); inside a torch.compile graph it does not (the mask
+goes to SDPA), so a masked forward compiles with `fullgraph=True`.
 """
 
 from __future__ import annotations
@@ -246,18 +247,22 @@ class AttentionPatchState:
     def plan(
         self, mask: torch.Tensor | None, text_tokens: int, video_tokens: int, query: torch.Tensor
     ) -> AttentionPlan:
-        """The attention plan of this call, made at the first layer and reused while nothing it depends on changes."""
+        """The attention plan of this call, made at the first layer and reused while nothing it depends on changes
+        (inside a compiled graph it is traced, not cached: the graph holds it)."""
         batch, heads = query.shape[0], query.shape[1]
-        mask_version = None if mask is None else mask._version  # an in-place edit of the same mask re-plans
-        key = (mask_version, text_tokens, video_tokens, self.frame_tokens, self.structure, batch, heads, query.device)
-        if self._plan is not None and self._plan_mask is mask and self._plan_key == key:
-            return self._plan
-        layout = self.layout(text_tokens, video_tokens)
-        self._plan = plan_attention(
-            self.structure, layout, mask, batch=batch, heads=heads, device=query.device, dtype=query.dtype
+        cached = not torch.compiler.is_compiling()
+        if cached:
+            mask_version = None if mask is None else mask._version  # an in-place edit of the same mask re-plans
+            key = (mask_version, text_tokens, video_tokens, self.frame_tokens, self.structure, batch, heads, query.device)
+            if self._plan is not None and self._plan_mask is mask and self._plan_key == key:
+                return self._plan
+        plan = plan_attention(
+            self.structure, self.layout(text_tokens, video_tokens), mask,
+            batch=batch, heads=heads, device=query.device, dtype=query.dtype,
         )
-        self._plan_key, self._plan_mask = key, mask  # holding the mask keeps its identity unambiguous
-        return self._plan
+        if cached:
+            self._plan, self._plan_key, self._plan_mask = plan, key, mask  # the mask held: its identity is unambiguous
+        return plan
 
     def layout(self, text_tokens: int, video_tokens: int) -> FrameLayout:
         if self.frame_tokens is None:

@@ -5,7 +5,8 @@ launched program's PYTHONPATH, so that it runs at the start of that program and 
 It costs nothing until the program imports diffusers' CogVideoX transformer module: an import hook then wraps
 `CogVideoXTransformer3DModel.__init__` so that every model built (by `from_pretrained`, `from_config` or directly)
 gets the patches in COGSURGEON_RUN_PATCHES (a JSON list of `NAME` or `NAME:key=value,...` specs), and says so on stderr. The sitecustomize that this one shadows
-(the program's own, if any) still runs. Standard library only: cogsurgeon itself is imported when a model is built,
+(the program's own, if any) still runs. Each model built leaves a `built-PID-N` file in this folder, so that `run`
+can say when the program built none. Standard library only: cogsurgeon itself is imported when a model is built,
 from the installed `cogsurgeon` or else from COGSURGEON_RUN_ROOT.
 """
 
@@ -13,6 +14,7 @@ import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import itertools
 import json
 import os
 import sys
@@ -21,7 +23,10 @@ import threading
 PATCHES_VARIABLE = "COGSURGEON_RUN_PATCHES"
 ROOT_VARIABLE = "COGSURGEON_RUN_ROOT"
 TARGET_MODULE = "diffusers.models.transformers.cogvideox_transformer_3d"
+BUILT_MARKER = "built-"  # `cogsurgeon run` counts these files in this folder to say whether any model was built
+_HERE = os.path.dirname(os.path.abspath(__file__))
 _loading = threading.local()
+_built = itertools.count()
 
 
 def _say(message):
@@ -68,10 +73,18 @@ def _patch_specs():
     return json.loads(os.environ.get(PATCHES_VARIABLE) or "[]")
 
 
+def _record_built():
+    try:
+        open(os.path.join(_HERE, f"{BUILT_MARKER}{os.getpid()}-{next(_built)}"), "x").close()
+    except OSError:  # the launcher is gone or its folder unwritable: only its closing note is lost
+        pass
+
+
 def _patch_model(model):
     specs = _patch_specs()
     if not specs:
         return
+    _record_built()
     try:
         patches = _cogsurgeon_patches()
         for spec in specs:
@@ -140,8 +153,7 @@ class _CogVideoXFinder(importlib.abc.MetaPathFinder):
 
 def _run_shadowed_sitecustomize():
     """Run the sitecustomize that ours hides (later on sys.path), as Python would have."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    rest = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != here]
+    rest = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
     if spec is None or spec.loader is None:
         return

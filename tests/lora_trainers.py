@@ -48,7 +48,7 @@ def base_model(base: str):
 
 
 def train(base: str, rank: int, lora_alpha: float, targets: list[str] | None = None, *, inject: bool = False,
-          seed: int = 1) -> Trained:
+          seed: int = 1, rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> Trained:
     """A "trained" adapter: the trainer's LoraConfig on the base (add_adapter, or peft's inject_adapter_in_model where
     the trainer uses that), every LoRA weight set to seeded random values so that B is non-zero."""
     import torch
@@ -56,7 +56,8 @@ def train(base: str, rank: int, lora_alpha: float, targets: list[str] | None = N
 
     targets = targets or ATTENTION
     model = base_model(base)
-    config = LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights=True, target_modules=targets)
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights=True, target_modules=targets,
+                        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
     if inject:
         model = inject_adapter_in_model(config, model)
     else:
@@ -330,6 +331,29 @@ def save_videox_fun_network(trained: Trained, output_dir: Path, step: int) -> Pa
               str(output_dir / f"checkpoint-{step}.safetensors"),
               {"sshs_model_hash": digest, "sshs_legacy_hash": digest[:8]})
     return output_dir
+
+
+def kijai_merge(transformer, lora_path: Path, multiplier: float = 1.0):
+    """ComfyUI-CogVideoXWrapper lora_utils.py:369-423 (merge_lora): per layer, weight += multiplier * alpha * up @ down
+    with alpha = .alpha / up.shape[1], or 1.0 without .alpha. The layer is found from the key as its greedy underscore
+    walk finds it; here through the kohya grammar of tools/lora/keys.py."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cogsurgeon.tools.lora.keys import kohya_module
+
+    updates: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(lora_path)).items():
+        layer, elem = key.split(".", 1)
+        updates.setdefault(layer, {})[elem] = value
+    modules = dict(transformer.named_modules())
+    for layer, elems in updates.items():
+        current = modules[kohya_module(layer.split("lora_unet_")[-1])]
+        weight_up = elems["lora_up.weight"].to(torch.float32)
+        weight_down = elems["lora_down.weight"].to(torch.float32)
+        alpha = elems["alpha"].item() / weight_up.shape[1] if "alpha" in elems else 1.0
+        current.weight.data += multiplier * alpha * torch.mm(weight_up, weight_down)
+    return transformer
 
 
 def tree_digest(path: Path) -> dict[str, str]:

@@ -241,7 +241,8 @@ def test_lora_verify_checks_its_inputs_before_importing_diffusers(tmp_path):
 
 @pytest.mark.parametrize(("key", "value"), [
     ("num_attention_heads", 3),  # weights of another shape: ValueError
-    ("num_layers", "two"),  # a value of the wrong type: TypeError
+    ("timestep_activation_fn", ["silu"]),  # a list where a name belongs (diffusers: AttributeError)
+    ("flip_sin_to_cos", "yes"),  # text where a flag belongs (diffusers would take it as True)
     ("activation_fn", "no-such-activation"),  # diffusers leaves act_fn unbound: UnboundLocalError
 ])
 def test_a_folder_diffusers_cannot_load_is_a_load_error(tmp_path, key, value):
@@ -251,7 +252,7 @@ def test_a_folder_diffusers_cannot_load_is_a_load_error(tmp_path, key, value):
     load_transformer("tiny").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
-    with pytest.raises(ModelLoadError, match="could not load"):
+    with pytest.raises(ModelLoadError, match="could not load|it must be a"):
         load_transformer(str(tmp_path))
 
 

@@ -115,7 +115,7 @@ def test_repaired_adapter_reproduces_the_trained_model(case, request, tmp_path):
     out = tmp_path / "adapter"
     result = repair_checkpoint(checkpoint, out, alpha=alpha)
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"]
+        "adapter_config.json", "adapter_model.safetensors", "cogsurgeon-repair.json", "pytorch_lora_weights.safetensors"]
     assert result.report.alpha == trained.lora_alpha
     assert tree_digest(checkpoint) == before
 
@@ -197,12 +197,11 @@ def test_force_replaces_an_existing_adapter_atomically(uniform, tmp_path):
 
     checkpoint = save_cogkit(uniform, tmp_path / "cogkit")
     out = tmp_path / "adapter"
-    out.mkdir()
-    (out / "adapter_config.json").write_text("{}")  # an earlier repair's folder
+    repair_checkpoint(checkpoint, out, alpha=4)  # an earlier repair's folder (its manifest marks it)
     calls = []
     repair_checkpoint(checkpoint, out, alpha=6, force=True, progress=lambda done, total: calls.append((done, total)))
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"]
+        "adapter_config.json", "adapter_model.safetensors", "cogsurgeon-repair.json", "pytorch_lora_weights.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "cogkit"]  # no staging or retired folders
     lora_bytes = sum(v.numel() * v.element_size() for v in peft_state_dict(uniform).values())
     assert calls[-1] == (2 * lora_bytes, 2 * lora_bytes)  # both weight files, every byte counted once

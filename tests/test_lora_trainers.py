@@ -1,7 +1,8 @@
 """Every row of the LoRA-in-the-wild table: a checkpoint written by the trainer's own save code (tests/lora_trainers.py
 cites the lines) on a tiny T2V, I2V or 1.5 base, with lora_alpha != rank. `inspect` must give the true alpha, or
 alpha null with a candidate list that holds it; `repair` must refuse to guess (exit 2 naming the candidates and the
-flags) and, settled by the flag, reproduce the trained model within 1e-5 (fp32) through PEFT and through diffusers.
+flags) and, settled by the flag, reproduce the trained model within 1e-5 (fp32) through PEFT, diffusers and the
+kohya/ComfyUI file merged as kijai's CogVideoXWrapper merges it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lora_trainers import (
     COGKIT_ALPHA,
     all_linear_names,
     base_model,
+    kijai_merge,
     run,
     save_cogkit_dcp,
     save_cogkit_low_vram,
@@ -129,7 +131,7 @@ def test_trainer_checkpoint_inspects_and_repairs_at_the_trained_strength(name, t
         assert report.alpha_candidates == ()
 
     out = tmp_path / "adapter"
-    result = repair_checkpoint(checkpoint, out, **choose, **settle)
+    result = repair_checkpoint(checkpoint, out, **choose, **settle, to="peft,diffusers,comfyui")
     assert result.report.alpha == trained.lora_alpha
     assert tree_digest(checkpoint) == before
 
@@ -137,6 +139,8 @@ def test_trainer_checkpoint_inspects_and_repairs_at_the_trained_strength(name, t
     assert (trained.output - base_output).abs().max() > 1e-3  # the LoRA matters, so a wrong scale would show
     torch.testing.assert_close(run(load_peft(base, out)), trained.output, atol=ATOL, rtol=0)
     torch.testing.assert_close(run(load_diffusers(base, out)), trained.output, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run(kijai_merge(base_model(base), out / "comfyui_lora.safetensors")), trained.output,
+                               atol=ATOL, rtol=0)
 
 
 def test_cli_lists_candidates_and_refuses_to_guess(tmp_path, cli):

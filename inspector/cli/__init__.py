@@ -6,6 +6,7 @@ line on stderr. Heavy imports (torch, diffusers, textual) happen inside the comm
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Any, NoReturn, TextIO
@@ -18,9 +19,10 @@ from cogsurgeon.inspector.cli.modules import modules
 from cogsurgeon.inspector.cli.patch import patch, run
 from cogsurgeon.inspector.cli.plan import plan
 from cogsurgeon.inspector.cli.trace import trace
-from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.errors import CogsurgeonError, Interrupted
 from cogsurgeon.inspector.model_specs import DEFAULT_SPEC
 from cogsurgeon.inspector.offline import enter_offline_mode
+from cogsurgeon.inspector.user_files import describe_os_error
 
 
 class CogsurgeonGroup(click.Group):
@@ -63,7 +65,20 @@ for _command in (modules, trace, patch, run, lora, plan, doctor):
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """One printable line: whitespace folded, lone surrogates (undecodable file names) escaped."""
+    return " ".join(str(text).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _flush_stdout() -> None:
+    """Flush stdout now, where a failure (a full device, a closed pipe) can still be reported; after a failure fd 1
+    points at /dev/null, so that the interpreter's own flush at exit has nothing left to fail on."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise
 
 
 class _LineTrackingStream:
@@ -100,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.stderr = stderr  # type: ignore[assignment]
     try:
         result = cli.main(args=argv, prog_name="cogsurgeon", standalone_mode=False)
+        _flush_stdout()
     except CogsurgeonError as exc:
         _fail(stderr, f"cogsurgeon: error: {_one_line(exc)}", 2)
     except click.UsageError as exc:
@@ -109,9 +125,13 @@ def main(argv: list[str] | None = None) -> None:
         _fail(stderr, f"cogsurgeon: error: {_one_line(exc.format_message())}", exc.exit_code if exc.exit_code != 1 else 2)
     except click.Abort:
         _fail(stderr, "cogsurgeon: aborted", 130)
+    except Interrupted as exc:
+        _fail(stderr, f"cogsurgeon: {_one_line(exc)}", 128 + exc.signum)
     except BrokenPipeError:
         sys.stderr.close()  # the reader (head, less) left; not an error of ours
         sys.exit(0)
+    except OSError as exc:  # the machine, not the input: a full disk or device, a file we may not read
+        _fail(stderr, f"cogsurgeon: error: {_one_line(describe_os_error(exc.filename or 'standard output', exc))}", 2)
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -143,9 +143,16 @@ class _ByteProgress:
               help="The adapter folder to create (it must not exist, unless --force).")
 @checkpoint_options
 @click.option("--force", is_flag=True, help="Replace DIR if it exists (atomically: the old folder stays until the new one is complete).")
+@click.option("--to", "to", default="peft,diffusers", show_default=True, metavar="LIST",
+              help="Consumers to write for: peft (adapter_config.json + adapter_model.safetensors), diffusers "
+                   "(pytorch_lora_weights.safetensors with metadata), comfyui (comfyui_lora.safetensors, kohya keys "
+                   "with .alpha, merged at the trained scale by kijai's CogVideoXWrapper).")
+@click.option("--bake-scale", is_flag=True,
+              help="Fold lora_alpha / r into lora_B (written alpha = r), for consumers that ignore alpha: strength 1.0 "
+                   "is then the trained strength.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def repair(ckpt: str, out_dir: str, alpha: float | None, trainer: str | None, step: int | None, latest: bool,
-           force: bool, as_json: bool) -> None:
+           force: bool, to: str, bake_scale: bool, as_json: bool) -> None:
     """Rebuild CKPT into an adapter folder that PEFT and diffusers load offline at the trained scale.
 
     DIR gets adapter_config.json + adapter_model.safetensors (PEFT: PeftModel.from_pretrained(transformer, DIR))
@@ -163,7 +170,7 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, trainer: str | None, st
 
     progress = _ByteProgress()
     result = repair_checkpoint(ckpt, out_dir, alpha=alpha, trainer=trainer, step=step, latest=latest, force=force,
-                               progress=progress)
+                               to=to, bake_scale=bake_scale, progress=progress)
     _print_warnings(result.report.warnings)
     if as_json:
         print_json(result.to_json())

@@ -107,4 +107,8 @@ def run(patch_names: tuple[str, ...], command: tuple[str, ...]) -> int:
     """
     from cogsurgeon.patches.launcher import run_patched
 
-    return run_patched(command, patch_names)
+    outcome = run_patched(command, patch_names)
+    if not outcome.models_built:
+        click.echo("cogsurgeon run: the program ended without building a CogVideoXTransformer3DModel: nothing was "
+                   "patched", err=True)
+    return outcome.exit_status

@@ -8,7 +8,7 @@ imported only when such a checkpoint is given.
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,6 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.user_files import (
+    UserFileError,
+    describe_os_error,
+    file_kind,
+    is_folder,
+    is_regular_file,
+    list_folder,
+    loads_json,
+    read_json,
+    read_yaml,
+)
 from cogsurgeon.tools.lora.keys import (
     FORMAT_DESCRIPTIONS,
     TRAINERS,
@@ -140,16 +151,16 @@ def checkpoint_steps(folder: Path) -> dict[int, Path]:
     found: dict[int, Path] = {}
     fallbacks: dict[int, Path] = {}
     folders = [folder]
-    if (folder / "lora_weights").is_dir():
+    if is_folder(folder / "lora_weights"):
         folders.append(folder / "lora_weights")
     for parent in folders:
-        for child in parent.iterdir():
+        for child in list_folder(parent):
             file_match = STEP_FILE.match(child.name)
-            if file_match and child.is_file():
+            if file_match and is_regular_file(child):
                 found[int(file_match["step"])] = child
                 continue
             folder_match = STEP_FOLDER.match(child.name)
-            if not folder_match or not child.is_dir():
+            if not folder_match or not is_folder(child):
                 continue
             step = int(folder_match["step"])
             if child.name.startswith("finetrainers_step_"):
@@ -162,15 +173,19 @@ def checkpoint_steps(folder: Path) -> dict[int, Path]:
 
 
 def _holds_checkpoint(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in (*SAFETENSORS_NAMES, SAT_FILE_NAME, DCP_METADATA))
+    return any(is_regular_file(folder / name) for name in (*SAFETENSORS_NAMES, SAT_FILE_NAME, DCP_METADATA))
 
 
 def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = False) -> Located:
     """The checkpoint a CKPT argument names. A folder holding several checkpoints is never picked from silently:
     `step` or `latest` chooses, otherwise the steps are listed in the error."""
-    if not path.exists():
-        raise LoraCheckpointError(f"{path} does not exist")
-    if path.is_file():
+    try:
+        kind = file_kind(path)  # None: a regular file; FIFOs and devices are never opened
+    except FileNotFoundError:
+        raise LoraCheckpointError(f"{path} does not exist") from None
+    except OSError as exc:  # a symlink loop, a folder we may not enter, a name too long
+        raise LoraCheckpointError(f"cannot read {describe_os_error(path, exc)}") from None
+    if kind is None:
         if step is not None or latest:
             raise LoraCheckpointError(f"{path} is one file: --step and --latest choose among the checkpoints of a folder")
         if path.suffix == ".distcp" or path.name == DCP_METADATA:
@@ -181,8 +196,8 @@ def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = Fal
                 "checkpoint's .safetensors file or its folder (SAT: mp_rank_00_model_states.pt)"
             )
         return Located("sat" if path.name == SAT_FILE_NAME else "safetensors", path)
-    if not path.is_dir():
-        raise LoraCheckpointError(f"{path} is neither a file nor a folder")
+    if kind != "a folder":
+        raise LoraCheckpointError(f"{path} is {kind}, neither a regular file nor a folder")
     steps = checkpoint_steps(path)
     direct = _checkpoint_in(path)
     listed = ", ".join(str(s) for s in steps)
@@ -216,14 +231,14 @@ def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = Fal
 def _checkpoint_in(folder: Path) -> Located | None:
     """The checkpoint a folder itself holds (not its numbered sub-checkpoints)."""
     for name in SAFETENSORS_NAMES:
-        if (folder / name).is_file():
+        if is_regular_file(folder / name):
             return Located("safetensors", folder / name)
-    if (folder / SAT_FILE_NAME).is_file():
+    if is_regular_file(folder / SAT_FILE_NAME):
         return Located("sat", folder / SAT_FILE_NAME)
-    if (folder / DCP_METADATA).is_file():
+    if is_regular_file(folder / DCP_METADATA):
         return Located("dcp", folder)
-    candidates = sorted(p for p in folder.glob("*.safetensors") if not STEP_FILE.match(p.name)
-                        and not p.name.endswith("-compatible_with_comfyui.safetensors"))
+    candidates = [p for p in list_folder(folder) if p.suffix == ".safetensors" and is_regular_file(p)
+                  and not STEP_FILE.match(p.name) and not p.name.endswith("-compatible_with_comfyui.safetensors")]
     if len(candidates) == 1:
         return Located("safetensors", candidates[0])
     if candidates:
@@ -301,8 +316,8 @@ def _read_safetensors(tensor_file: Path) -> RawCheckpoint:
     raw = _classify(
         [(e.name, e.dtype, e.shape, e.nbytes, e.start, None) for e in header.tensors], header.metadata, tensor_file,
         None, folder_names=(tensor_file.name, folder.name),
-        accelerate_state=any(ACCELERATE_STATE.match(p.name) for p in folder.iterdir()),
-        peft_config_beside=(folder / "adapter_config.json").is_file(),
+        accelerate_state=any(ACCELERATE_STATE.match(p.name) for p in list_folder(folder)),
+        peft_config_beside=is_regular_file(folder / "adapter_config.json"),
     )
     alphas = [(key, t) for key, t in raw.entries if t.part == "alpha"]
     if alphas:
@@ -338,7 +353,7 @@ def _metadata_config(metadata: dict[str, str], warnings: list[str], tensor_file:
     if raw is None:
         return {}
     try:
-        config = json.loads(raw)
+        config = loads_json(raw, allow_nan=True)  # NaN reaches the checks of _assemble and is refused there
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
@@ -358,17 +373,12 @@ def _config_beside(
     for folder in folders:
         for name in CONFIG_FILES:
             config_path = folder / name
-            if not config_path.is_file():
+            if not is_regular_file(config_path):
                 continue
-            try:
-                if name.endswith(".json"):
-                    config = json.loads(config_path.read_text())
-                else:
-                    import yaml
-
-                    config = yaml.safe_load(config_path.read_text())
-            except Exception as exc:  # a config the user's trainer wrote; unreadable means "no config"
-                warnings.append(f"{config_path} is unreadable ({type(exc).__name__}); ignored")
+            try:  # regular files only, size capped; JSON without NaN, YAML without aliases (no alias bombs)
+                config = read_json(config_path) if name.endswith(".json") else read_yaml(config_path)
+            except UserFileError as exc:  # a config the user's trainer wrote; unreadable means "no config"
+                warnings.append(f"{' '.join(str(exc).split())[:300]}; ignored")
                 continue
             if not isinstance(config, dict):  # it parsed, but as a list or a scalar: not the config it claims to be
                 raise LoraCheckpointError(
@@ -377,7 +387,7 @@ def _config_beside(
                 )
             _unsupported_variants(config, str(config_path), problems)
             found = _find_key(config, "lora_alpha")
-            if isinstance(found, (int, float)) and not isinstance(found, bool) and found > 0:
+            if _positive_number(found):
                 pattern = _find_key(config, "alpha_pattern")
                 return float(found), pattern if isinstance(pattern, dict) else None, str(config_path)
     return None, None, None
@@ -414,11 +424,11 @@ def _finetrainers_config(tensor_file: Path) -> tuple[float | None, str | None]:
     if match is None:
         return None, None
     sibling = tensor_file.parent.parent / "lora_weights" / f"{int(match[1]):06d}" / "pytorch_lora_weights.safetensors"
-    if not sibling.is_file():
+    if not is_regular_file(sibling):
         return None, None
     config = _lora_config_metadata(read_header(sibling).metadata, [], sibling)
     value = config.get("lora_alpha")
-    return (float(value), str(sibling)) if isinstance(value, (int, float)) and not isinstance(value, bool) else (None, None)
+    return (float(value), str(sibling)) if _positive_number(value) else (None, None)
 
 
 def _lora_config_metadata(metadata: dict[str, str], warnings: list[str], tensor_file: Path) -> dict[str, Any]:
@@ -427,7 +437,7 @@ def _lora_config_metadata(metadata: dict[str, str], warnings: list[str], tensor_
     if raw is None:
         return {}
     try:
-        config = json.loads(raw)
+        config = loads_json(raw, allow_nan=True)
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
@@ -498,8 +508,16 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
         metadata_config = _lora_config_metadata(raw.metadata, warnings, tensor_file)
         stored_where = "lora_config in the file (finetrainers)"
     metadata_alpha = metadata_config.get("lora_alpha")
-    if not isinstance(metadata_alpha, (int, float)) or isinstance(metadata_alpha, bool):
+    if metadata_alpha is not None and not _positive_number(metadata_alpha):
+        problems.append(f"the file's LoRA config says lora_alpha={_shown(metadata_alpha)}: not a positive finite number")
         metadata_alpha = None
+    for key, check, what in (("alpha_pattern", _positive_number, "positive numbers"),
+                             ("rank_pattern", _positive_int, "positive integers")):
+        pattern = metadata_config.get(key)
+        if pattern is not None and not (isinstance(pattern, dict) and all(check(v) for v in pattern.values())):
+            problems.append(f"the file's LoRA config says {key}={_shown(pattern)}: expected module names mapped to {what}")
+            if key == "alpha_pattern":
+                stored_pattern = None
     kohya_alpha, kohya_pattern = _kohya_alpha(raw, ranks, problems)
     if kohya_alpha is not None and metadata_alpha is None:
         metadata_alpha, stored_pattern, stored_where = kohya_alpha, kohya_pattern, "kohya .alpha tensors in the file"
@@ -571,6 +589,25 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
         fit_detail=fit_detail,
     )
     return LoraCheckpoint(report, tuple(tensors), raw.source_file, metadata_config)
+
+
+def _positive_number(value: Any) -> bool:
+    """A lora_alpha PEFT and diffusers can use: an int or float (not a bool), finite, above zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # a 401-digit integer
+        return False
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def inspect_checkpoint(

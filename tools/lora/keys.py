@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 LoraPart = Literal["A", "B"]
 
@@ -303,6 +303,14 @@ def resolve_alpha(
         detail = "; ".join(candidate.source for candidate in candidates)
         return AlphaResolution(values.pop(), "default", detail, {}, candidates)  # type: ignore[arg-type]
     return AlphaResolution(None, None, "not stored, and several trainers write this format", {}, candidates)
+
+
+def module_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """A rank_pattern / alpha_pattern lookup as PEFT does it: a key matches a module name ending in it."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
 
 
 def number(value: float | None) -> float | int | None:
