@@ -266,9 +266,9 @@ class AttentionPatchState:
 
     def layout(self, text_tokens: int, video_tokens: int) -> FrameLayout:
         if self.frame_tokens is None:
-            if self.structure == "frame-causal":
+            if self.structure not in (None, "causal"):
                 raise PatchError(
-                    "frame-causal attention needs the frame layout, read when the transformer is called: call the "
+                    "block and window attention need the frame layout, read when the transformer is called: call the "
                     "CogVideoXTransformer3DModel with a 5-D latent (B, frames, C, H, W), not its blocks directly"
                 )
             return FrameLayout(text_tokens, 1, video_tokens)  # the token rules and masks need no frames
