@@ -194,7 +194,7 @@ def test_a_progress_line_ends_before_the_error(tmp_path):
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
     )
     assert completed.returncode == 2, completed.stderr
-    assert "writing adapter:" in completed.stderr  # the progress line was drawn
+    assert "MiB (" in completed.stderr  # the progress line was drawn
     error_lines = [line for line in completed.stderr.split("\n") if "cogsurgeon: error:" in line]
     assert len(error_lines) == 1 and error_lines[0].startswith("cogsurgeon: error:"), repr(completed.stderr)
     assert not (tmp_path / "out").exists()
