@@ -39,7 +39,45 @@ def frame_causal_mask(layout: FrameLayout) -> torch.Tensor:
     return frames[None, :] <= frames[:, None]
 
 
-RULE_MASKS = {"causal-attention": causal_mask, "frame-causal-attention": frame_causal_mask}
+def chunk_of_token(layout: FrameLayout, chunk: int) -> torch.Tensor:
+    """`chunk(f) = f // chunk` for every video token; -1 for text (text has no chunk)."""
+    frames = frame_of_token(layout)
+    return torch.where(frames >= 0, frames // chunk, -1)
+
+
+def block_causal_mask(layout: FrameLayout, chunk: int = 1, window: int | None = None, sink: int = 0) -> torch.Tensor:
+    """`block-causal-attention(chunk, window, sink)`: a video query in chunk i may attend all text keys and the video
+    keys of chunks j with `j <= i` and (`window` is None or `j > i - window` or `j < sink`); text attends text only."""
+    chunks = chunk_of_token(layout, chunk)
+    i, j = chunks[:, None], chunks[None, :]
+    text_query, text_key = i < 0, j < 0
+    in_reach = (j <= i) if window is None else (j <= i) & ((j > i - window) | (j < sink))
+    return torch.where(text_query, text_key, text_key | in_reach)
+
+
+def window_attention_mask(
+    layout: FrameLayout, window: int = 1, chunk: int = 1, text_sees_video: bool = False
+) -> torch.Tensor:
+    """`window-attention(window, chunk, text_sees_video)`: a video query in chunk i may attend all text keys and the
+    chunks j with `|i - j| < window`; text attends text only, or every key with `text_sees_video`."""
+    chunks = chunk_of_token(layout, chunk)
+    i, j = chunks[:, None], chunks[None, :]
+    text_query, text_key = i < 0, j < 0
+    text_row = torch.ones_like(text_key) if text_sees_video else text_key.expand(i.shape[0], -1)
+    return torch.where(text_query, text_row, text_key | ((i - j).abs() < window))
+
+
+RULE_MASKS = {
+    "causal-attention": causal_mask,
+    "frame-causal-attention": frame_causal_mask,
+    "block-causal-attention": block_causal_mask,
+    "window-attention": window_attention_mask,
+}
+
+
+def rule_mask(name: str, layout: FrameLayout, **parameters: Any) -> torch.Tensor:
+    """The `(L, L)` bool mask of the attention rule of patch `name` with these parameters."""
+    return RULE_MASKS[name](layout, **parameters)
 
 
 def full_attention_mask(user_mask: torch.Tensor, layout: FrameLayout) -> torch.Tensor:

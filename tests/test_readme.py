@@ -8,9 +8,11 @@ The blocks are found generically (any fenced block, any section, whoever added i
 - blocks of any other language, or none (the layout tree), are not code and are not run.
 
 Everything runs in one folder laid out as a reader's would be (`readme_world`): a saved model `./my-finetune`, a
-CogVideo trainer's LoRA checkpoint `out/checkpoint-500`, a base model folder `./CogVideoX-5b-I2V` and a script
-`test.py`, all made from the tiny models, so that commands naming them run for real on a CPU. Commands that name
-published models run on them as written (meta device).
+CogVideo trainer's LoRA checkpoint `out/checkpoint-500`, a base model root `./CogVideoX-5b-I2V`, a second repaired
+adapter `other-adapter` and a script `test.py`, all made from the tiny models, so that commands naming them run for
+real on a CPU; the commands of one block run in order (a repair before the verify of its output). Commands that name
+published models run on them as written (meta device). A snippet that needs another file: add it to
+`readme_world`.
 
 Not runnable? Say why, in one of two ways:
 - put `<!-- no-test: REASON -->` on the line just before the block's opening fence (the whole block is skipped);
@@ -155,9 +157,12 @@ def readme_world(tmp_path_factory) -> Path:
     tiny.save_pretrained(world / "my-finetune")
     torch.save(pipeline_inputs(tiny.config, default_video_size(tiny.config), 1, seed=0), world / "inputs.pt")
     (world / "test.py").write_text(TEST_SCRIPT)
-    load_transformer("tiny-i2v").save_pretrained(world / "CogVideoX-5b-I2V")  # stands in for the real base
-    trained = lora_trainers.train("tiny-i2v", 8, 4)
-    lora_trainers.save_cogvideo_finetune(trained, world / "out", 500)
+    load_transformer("tiny-i2v").save_pretrained(world / "CogVideoX-5b-I2V" / "transformer")  # the base's stand-in
+    lora_trainers.save_cogvideo_finetune(lora_trainers.train("tiny-i2v", 8, 4), world / "out", 500)
+    other = lora_trainers.save_cogvideo_finetune(lora_trainers.train("tiny-i2v", 4, 4, seed=2), world / "other", 100)
+    repaired = subprocess.run(["cogsurgeon", "lora", "repair", str(other), "--alpha", "4", "--out", "other-adapter"],
+                              cwd=world, env=_environment(), capture_output=True, text=True)
+    _check(repaired, "making other-adapter")
     return world
 
 
