@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.user_files import expand_user
 from cogsurgeon.tools.lora.repair import (
     DIFFUSERS_KEY_PREFIX,
     DIFFUSERS_WEIGHTS_NAME,
@@ -332,7 +333,7 @@ def verify_adapter(
 
     from cogsurgeon.inspector.loading import load_transformer
 
-    folder = Path(adapter_dir).expanduser()
+    folder = expand_user(adapter_dir)
     config = read_adapter_folder(folder)
     base = load_transformer(base_spec)
     if any(parameter.is_meta for parameter in base.parameters()):
