@@ -68,70 +68,69 @@ alphas = st.one_of(st.integers(-3, 300), st.floats(allow_nan=True, allow_infinit
 
 clean_modules = st.builds(lambda block, target: f"transformer_blocks.{block}.attn1.{target}",
                           st.integers(0, 3), st.sampled_from(["to_q", "to_k", "to_v", "to_out.0"]))
+MUTATIONS = ("key", "dtype", "shape", "field", "entry", "junk-entry", "rank-0", "metadata", "pattern", "raw",
+             "length", "truncate", "append", "byte")
 
 
 @st.composite
 def lora_files(draw) -> bytes:
-    """A safetensors file. Half are well-formed LoRA files (the grammar's valid keys, one float dtype, an alpha or
-    none); the other half replace any piece — keys, dtypes, shapes, offsets, metadata, header bytes, the length
-    prefix, the data — by hostile ones."""
-    hostile = draw(st.booleans())
-    rank = draw(st.integers(0, 4) if hostile else st.integers(1, 4))
+    """A safetensors file: a well-formed LoRA file (the grammar's valid keys, one float dtype, an alpha or none),
+    then none, one (most often) or several hostile mutations — keys, dtypes, shapes, offsets, metadata values,
+    header bytes, the length prefix, the data. One mutation on an otherwise valid file is what finds acceptance
+    bugs; several find crashes in combinations."""
+    count = draw(st.sampled_from([0, 1, 1, 1, 3]))
+    chosen = set(draw(st.lists(st.sampled_from(MUTATIONS), min_size=count, max_size=count)))
+    rank = 0 if "rank-0" in chosen else draw(st.integers(1, 4))
     features = draw(st.integers(1, 6))
     float_dtype = draw(st.sampled_from(["F32", "F16", "BF16"]))
     header: dict = {}
     data = b""
     file_prefix = draw(st.sampled_from(["", "transformer.", "base_model.model."]))  # one per file, as trainers do
-    for module in draw(st.lists(modules if hostile else clean_modules, min_size=0 if hostile else 1, max_size=4,
-                                unique=True)):
-        prefix = draw(prefixes) if hostile else file_prefix
+    for module in draw(st.lists(clean_modules, min_size=1, max_size=4, unique=True)):
         for part, shape in (("lora_A", [rank, features]), ("lora_B", [features, rank])):
-            key = f"{prefix}{module}.{part}.weight"
+            key = f"{file_prefix}{module}.{part}.weight"
             dtype = float_dtype
-            if hostile and not draw(st.integers(0, 4)):
-                key = draw(keys)
-            if hostile and not draw(st.integers(0, 4)):
+            if "key" in chosen and draw(st.booleans()):
+                key = draw(st.one_of(keys, st.builds(lambda p, m: f"{p}{m}.{part}.weight", prefixes, modules)))
+            if "dtype" in chosen and draw(st.booleans()):
                 dtype = draw(st.sampled_from(sorted(DTYPES)))
-            if hostile and not draw(st.integers(0, 8)):
+            if "shape" in chosen and draw(st.booleans()):
                 shape = draw(st.lists(st.integers(0, 5), max_size=3))
             size = DTYPES[dtype] * math.prod(shape)
             header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + size]}
             data += draw(st.binary(min_size=size, max_size=size)) if size < 64 else b"\x01" * size
-    if draw(st.booleans()):
-        if hostile:
-            config = {"transformer.r": draw(st.one_of(st.just(rank), st.integers(-2, 8), json_values)),
-                      "transformer.lora_alpha": draw(alphas)}
-            if draw(st.booleans()):
-                config["transformer.alpha_pattern"] = draw(st.one_of(
-                    st.dictionaries(st.text(max_size=5), alphas, max_size=2), json_values))
-        else:
-            config = {"transformer.r": rank, "transformer.lora_alpha": draw(st.integers(1, 256))}
+    if "metadata" in chosen or "pattern" in chosen or draw(st.booleans()):
+        alpha = draw(alphas) if "metadata" in chosen else draw(st.integers(1, 256))
+        r_value = draw(st.one_of(st.integers(-2, 8), json_values)) if "metadata" in chosen else rank
+        config = {"transformer.r": r_value, "transformer.lora_alpha": alpha}
+        if "pattern" in chosen:
+            config["transformer.alpha_pattern"] = draw(st.one_of(
+                st.dictionaries(st.text(max_size=5), alphas, max_size=2), json_values))
         header["__metadata__"] = {"format": "pt", "lora_adapter_metadata": json.dumps(config)}
-    for _ in range(draw(st.integers(0, 2)) if hostile else 0):  # a whole entry or one field replaced
-        if header and draw(st.booleans()):
-            name = draw(st.sampled_from(sorted(header)))
-            if isinstance(header[name], dict) and header[name] and draw(st.booleans()):
-                field = draw(st.sampled_from(sorted(header[name])))
-                header[name] = {**header[name], field: draw(json_values)}
-            else:
-                header[name] = draw(json_values)
-        else:
-            header[draw(keys)] = draw(json_values)
+    if "field" in chosen:  # one field of one entry replaced by any JSON value
+        name = draw(st.sampled_from(sorted(header)))
+        if isinstance(header[name], dict):
+            field = draw(st.sampled_from(sorted(header[name])))
+            header[name] = {**header[name], field: draw(json_values)}
+    if "entry" in chosen:
+        header[draw(st.sampled_from(sorted(header)))] = draw(json_values)
+    if "junk-entry" in chosen:
+        header[draw(keys)] = draw(json_values)
     text = json.dumps(header, allow_nan=True)  # NaN/Infinity as Python writes them: invalid JSON elsewhere
     raw = text.encode("utf-8", "surrogatepass")  # lone surrogates as raw bytes: not UTF-8
-    if hostile:
-        raw = draw(st.sampled_from([raw, b"\xef\xbb\xbf" + raw, raw + b"  ", raw[:-1], b" " + raw]))
+    if "raw" in chosen:
+        raw = draw(st.sampled_from([b"\xef\xbb\xbf" + raw, raw + b"  ", raw[:-1], b" " + raw, b"\t" + raw,
+                                    raw.replace(b'"', b"'", 1), raw + b"}"]))
     raw += b" " * (-len(raw) % 8)
     length = len(raw)
-    if hostile and not draw(st.integers(0, 7)):
-        length = draw(st.sampled_from([0, 7, length + 8, 100_000_001, 2**64 - 1]))
+    if "length" in chosen:
+        length = draw(st.sampled_from([0, 7, length - 8, length + 8, 100_000_001, 2**64 - 1]))
     content = struct.pack("<Q", length) + raw + data
-    edit = draw(st.integers(0, 8)) if hostile else -1
-    if edit == 0:
-        content = content[: draw(st.integers(0, len(content)))]
-    elif edit == 1:
+    if "truncate" in chosen:
+        content = content[: draw(st.integers(0, max(len(content) - 1, 0)))]
+    if "append" in chosen:
         content += draw(st.binary(min_size=1, max_size=16))
-    elif edit == 2 and content:
+    if "byte" in chosen and content:
         position = draw(st.integers(0, len(content) - 1))
         content = content[:position] + bytes([draw(st.integers(0, 255))]) + content[position + 1:]
     return content
