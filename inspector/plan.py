@@ -109,6 +109,15 @@ def parse_memory_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
+def parse_video_size(text: str) -> tuple[int, int, int]:
+    """`49x480x720` (or with ×) → (frames, height, width)."""
+    parts = re.split(r"\s*[x×,]\s*", str(text).strip().lower())
+    if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise PlanError(f"video size {text!r}: expected FRAMESxHEIGHTxWIDTH, e.g. 49x480x720")
+    frames, height, width = (int(part) for part in parts)
+    return frames, height, width
+
+
 def attention_backend(dtype_name: str, has_mask: bool, head_dim: int) -> str:
     """The SDPA kernel PyTorch picks on an H100/H200 for these inputs: flash for fp16/bf16 without a mask (head dim
     ≤ 256), else memory-efficient attention (which takes a mask and fp32). Neither materialises L×L scores."""
@@ -647,9 +656,12 @@ def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSett
     from cogsurgeon.inspector.loading import build_on_meta
     from cogsurgeon.inspector.geometry import latent_geometry
 
+    from cogsurgeon.patches.parameters import parse_patch_spec
+
     model = build_on_meta(dict(config), settings.dtype)
-    for name in settings.patches:
-        patches.apply(model, name)
+    for spec in settings.patches:  # `NAME` or `NAME:key=value,...`, as `cogsurgeon run --patch` takes them
+        name, options = parse_patch_spec(spec)
+        patches.apply(model, name, **options)
     phases = [plan_transformer(model, frames=settings.frames, height=settings.height, width=settings.width,
                                batch=settings.batch, train=settings.train, checkpointing=settings.checkpointing)]
     if settings.vae:

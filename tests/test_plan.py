@@ -21,6 +21,7 @@ from cogsurgeon.inspector.plan import (
     flash_backward_workspace_bytes,
     parse_memory_size,
     parse_train,
+    parse_video_size,
     plan_memory,
     plan_vae_decode,
 )
@@ -51,6 +52,14 @@ def test_parse_train_and_memory():
     for bad in ("", "80XB", "-1G", "GiB"):
         with pytest.raises(PlanError):
             parse_memory_size(bad)
+
+
+def test_parse_video_size():
+    assert parse_video_size("49x480x720") == (49, 480, 720)
+    assert parse_video_size(" 81 × 768 × 1360 ") == (81, 768, 1360)
+    for bad in ("49x480", "0x480x720", "ax480x720", ""):
+        with pytest.raises(PlanError):
+            parse_video_size(bad)
 
 
 def test_ledger_peak_breakdown_and_transient():

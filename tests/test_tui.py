@@ -372,7 +372,7 @@ async def test_apply_and_revert_a_patch_from_the_panel():
         await wait_for_model(pilot)
         model = app.screen.loaded.model
         original = model.transformer_blocks[0].attn1.processor
-        assert list(patch_rows(app)) == ["causal-attention", "frame-causal-attention", "attention-mask"]
+        assert list(patch_rows(app))[:3] == ["causal-attention", "frame-causal-attention", "attention-mask"]
         assert patch_rows(app)["causal-attention"][0] == "off"
 
         await pilot.press("p", "space")  # the cursor starts on the first patch: causal-attention
@@ -450,7 +450,8 @@ async def test_lora_screen_inspects_repairs_and_verifies_a_cogvideo_checkpoint(t
         await settle(pilot)
         findings = shown_text(app.screen.query_one("#lora-findings"))
         assert "rank        4" in findings
-        assert "lora_alpha  64 from default, scale 16" in findings  # the trainer's default: the file has no alpha
+        # the file has no alpha and three trainers write this layout: the screen lists them instead of guessing
+        assert "lora_alpha  UNKNOWN: could be 64 (cogvideo-finetune), 128 (diffusers-scripts)" in findings
         assert app.screen.query_one("#lora-out").value == "checkpoint-10-adapter"
 
         alpha = app.screen.query_one("#lora-alpha")

@@ -34,12 +34,18 @@ def findings_table(report: Any) -> Table:
     rank = str(report.rank) if report.rank is not None else "-"
     if report.rank_pattern:
         rank += f"  ({len(report.rank_pattern)} modules differ: rank_pattern)"
-    scale = f", scale {report.alpha / report.rank:g}" if report.rank else ""
+    if report.alpha is None:  # several trainers fit: the screen asks, as the CLI does, instead of guessing
+        candidates = ", ".join(f"{c['alpha']:g} ({c['trainer']})" for c in report.alpha_candidates)
+        alpha_row: str | Text = Text(f"UNKNOWN: could be {candidates}; type the trained lora_alpha below",
+                                     style="bold yellow")
+    else:
+        scale = f", scale {report.alpha / report.rank:g}" if report.rank else ""
+        alpha_row = f"{report.alpha:g} from {report.alpha_source}{scale}"
     rows: list[tuple[str | Text, str | Text]] = [
         ("file", shown_path(report.file)),
         ("format", report.format),
         ("rank", rank),
-        ("lora_alpha", f"{report.alpha:g} from {report.alpha_source}{scale}"),
+        ("lora_alpha", alpha_row),
     ]
     if report.alpha_detail:
         rows.append(("", Text(report.alpha_detail, style="dim")))
@@ -127,7 +133,7 @@ class LoraScreen(Screen[None]):
     def _show_report(self, report: Any) -> None:
         self.report = report
         self.query_one("#lora-findings", Static).update(findings_table(report))
-        self.query_one("#lora-alpha", Input).value = f"{report.alpha:g}"
+        self.query_one("#lora-alpha", Input).value = f"{report.alpha:g}" if report.alpha is not None else ""
         out = self.query_one("#lora-out", Input)
         if not out.value:
             given = Path(self.query_one("#lora-checkpoint", Input).value.strip())

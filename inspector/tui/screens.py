@@ -85,6 +85,8 @@ class MainScreen(Screen[None]):
         Binding("p", "focus_patches", "Patches", id="main.patches"),
         Binding("m", "switch_model", "Model", id="main.switch-model"),
         Binding("l", "open_lora", "LoRA", id="main.lora"),
+        # not in the footer yet: the footer is in the TUI snapshots (tests/__snapshots__), which its owner redraws
+        Binding("g", "open_plan", "GPU memory", id="main.plan", show=False),
     ]
 
     AUTO_FOCUS = "#tree"
@@ -346,6 +348,14 @@ class MainScreen(Screen[None]):
         from cogsurgeon.inspector.tui.lora_screen import LoraScreen
 
         self.app.push_screen(LoraScreen(base_spec=self.spec))
+
+    def action_open_plan(self) -> None:
+        from cogsurgeon.inspector.tui.plan_screen import PlanScreen
+
+        from cogsurgeon.inspector.geometry import default_video_size
+
+        size = default_video_size(self.loaded.model.config) if self.loaded is not None else (49, 480, 720)
+        self.app.push_screen(PlanScreen(self.spec, size))
 
 
 class ModelScreen(ModalScreen[str | None]):
