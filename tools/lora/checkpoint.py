@@ -290,10 +290,13 @@ def read_checkpoint(
     return _assemble(given, located, raw, alpha, trainer)
 
 
-def _classify(entries, metadata: dict[str, str], source_file: Path | None, format_name: str | None,
+RawEntry = tuple[str, str, tuple[int, ...], int, int | None, Callable[[], Any] | None]  # key, dtype, shape, bytes, start, payload
+
+
+def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Path | None, format_name: str | None,
               folder_names: tuple[str, str] = ("", ""), accelerate_state: bool = False,
               peft_config_beside: bool = False) -> RawCheckpoint:
-    """Sort (key, LoraTensor-without-module) entries into LoRA weights (by the key grammar), DoRA and other tensors."""
+    """Sort raw entries into LoRA weights (by the key grammar), DoRA and other tensors, and name the format."""
     raw = RawCheckpoint([], [], [], set(), set(), metadata, "", {}, source_file)
     for key, dtype, shape, nbytes, start, payload in entries:
         parsed = parse_lora_key(key)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.tools.lora.keys import module_value
 from cogsurgeon.tools.lora.repair import (
     DIFFUSERS_KEY_PREFIX,
     DIFFUSERS_WEIGHTS_NAME,
@@ -114,20 +115,12 @@ class AdapterVerifyReport:
         return lines
 
 
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """A rank_pattern / alpha_pattern lookup as PEFT does it: a key matches a module name ending in it."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def expected_scales(config: dict[str, Any], modules: list[str]) -> dict[str, float]:
     rank, alpha = config["r"], config["lora_alpha"]
     scales = {}
     for module in modules:
-        module_rank = pattern_value(config.get("rank_pattern") or {}, module, rank)
-        module_alpha = pattern_value(config.get("alpha_pattern") or {}, module, alpha)
+        module_rank = module_value(config.get("rank_pattern") or {}, module, rank)
+        module_alpha = module_value(config.get("alpha_pattern") or {}, module, alpha)
         scales[module] = module_alpha / module_rank
     return scales
 
@@ -303,7 +296,7 @@ def load_with_diffusers(base: torch.nn.Module, adapter_dir: str | Path, adapter_
     config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
     modules = list(_weights_by_module(folder / DIFFUSERS_WEIGHTS_NAME, DIFFUSERS_KEY_PREFIX))
     network_alphas = {
-        f"{DIFFUSERS_KEY_PREFIX}{module}.alpha": float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+        f"{DIFFUSERS_KEY_PREFIX}{module}.alpha": float(module_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
         for module in modules
     }
     base.load_lora_adapter(str(folder), weight_name=DIFFUSERS_WEIGHTS_NAME, prefix="transformer",
