@@ -23,6 +23,7 @@ from cogsurgeon.inspector.geometry import (
     pipeline_inputs,
     resize_crop_region_for_grid,
     rotary_embedding,
+    video_frame_count,
 )
 from cogsurgeon.inspector.model_specs import TINY_CONFIGS, published_config, tiny_config
 
@@ -37,6 +38,13 @@ from cogsurgeon.inspector.model_specs import TINY_CONFIGS, published_config, tin
 )
 def test_latent_frame_count_follows_the_pipeline(frames, patch_size_t, expected):
     assert latent_frame_count(frames, 4, patch_size_t) == expected
+
+
+@pytest.mark.parametrize("latent_frames", [1, 2, 3, 13, 22])
+def test_video_frame_count_is_the_4k_plus_1_that_gives_a_latent_frame_count(latent_frames):
+    frames = video_frame_count(latent_frames)
+    assert (frames - 1) % 4 == 0 and latent_frame_count(frames) == latent_frames
+    assert latent_frame_count(frames - 1) == latent_frames - 1 or frames == 1
 
 
 def test_geometry_of_5b_i2v_at_its_native_size():
