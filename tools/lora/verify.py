@@ -318,21 +318,22 @@ def verify_adapter(
     """Load the adapter folder onto `base_spec` with PEFT and with diffusers and compare (see module docstring).
     `progress(message)` is told each slow stage, once the inputs are known to be good."""
     say = progress or (lambda message: None)
+    from cogsurgeon.inspector.model_specs import resolve_spec
     from cogsurgeon.inspector.offline import enter_offline_mode
 
+    folder = Path(adapter_dir).expanduser()
+    config = read_adapter_folder(folder)  # the inputs first: a wrong folder or MODEL costs no torch import
+    if resolve_spec(base_spec).kind == "published":
+        raise CogsurgeonError(
+            f"{base_spec} loads on the meta device (no weights): verify runs the model, so --base must be tiny, "
+            "tiny-i2v, tiny-1.5, a local model folder or a cached hub id"
+        )
     enter_offline_mode()  # before huggingface_hub is imported below; a no-op when the CLI already did it
     import diffusers
 
     from cogsurgeon.inspector.loading import load_transformer
 
-    folder = Path(adapter_dir).expanduser()
-    config = read_adapter_folder(folder)
     base = load_transformer(base_spec)
-    if any(parameter.is_meta for parameter in base.parameters()):
-        raise CogsurgeonError(
-            f"{base_spec} loads on the meta device (no weights): verify runs the model, so --base must be tiny, "
-            "tiny-i2v, tiny-1.5, a local model folder or a cached hub id"
-        )
     from cogsurgeon.tools.lora.compat import check_fits
 
     misfit = check_fits(dict(base.config), adapter_shapes(folder), base_spec)
