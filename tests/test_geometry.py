@@ -138,8 +138,8 @@ def _full_config(config: dict) -> SimpleNamespace:
     """A config with the transformer's defaults filled in, as `model.config` reads (attribute access)."""
     from diffusers import CogVideoXTransformer3DModel
 
-    defaults = {name: p.default for name, p in inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    parameters = inspect.signature(CogVideoXTransformer3DModel.__init__).parameters
+    defaults = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
     return SimpleNamespace(**{**defaults, **config})
 
 
@@ -227,7 +227,8 @@ def test_pipeline_inputs_are_what_the_pipeline_hands_the_transformer(spec, size)
 
 
 @pytest.mark.diffusers_versions
-@pytest.mark.parametrize(("spec", "size"), [case for case in CASES if _config(case[0])["use_rotary_positional_embeddings"]])
+@pytest.mark.parametrize(("spec", "size"), [case for case in CASES
+                                            if _config(case[0])["use_rotary_positional_embeddings"]])
 def test_rotary_embedding_equals_the_pipelines(spec, size):
     config = _config(spec)
     geometry = latent_geometry(config, *size)
