@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.user_files import expand_user
 from cogsurgeon.tools.lora.keys import module_value
 from cogsurgeon.tools.lora.repair import (
     DIFFUSERS_KEY_PREFIX,
@@ -321,7 +322,7 @@ def verify_adapter(
     from cogsurgeon.inspector.model_specs import resolve_spec
     from cogsurgeon.inspector.offline import enter_offline_mode
 
-    folder = Path(adapter_dir).expanduser()
+    folder = expand_user(adapter_dir)
     config = read_adapter_folder(folder)  # the inputs first: a wrong folder or MODEL costs no torch import
     if resolve_spec(base_spec).kind == "published":
         raise CogsurgeonError(
