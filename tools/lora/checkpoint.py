@@ -19,6 +19,7 @@ from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.user_files import (
     UserFileError,
     describe_os_error,
+    expand_user,
     file_kind,
     is_folder,
     is_regular_file,
@@ -274,7 +275,7 @@ def read_checkpoint(
     checkpoint at all; fixable-or-not defects of one that is are listed in `report.problems`."""
     if trainer is not None and trainer not in TRAINERS:
         raise LoraCheckpointError(f"--trainer {trainer}: unknown trainer; known: {', '.join(TRAINERS)}")
-    given = Path(path).expanduser()
+    given = expand_user(path)
     located = locate_checkpoint(given, step=step, latest=latest)
     if located.kind == "sat":
         from cogsurgeon.tools.lora.sat import read_sat_lora  # imports torch
