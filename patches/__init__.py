@@ -39,6 +39,7 @@ from cogsurgeon.patches.registry import (
     memory_estimate,
     patched,
     register,
+    resolve_options,
     revert,
 )
 
@@ -76,6 +77,7 @@ __all__ = [
     "parse_patch_spec",
     "patched",
     "register",
+    "resolve_options",
     "revert",
     "streaming",
 ]

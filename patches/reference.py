@@ -151,3 +151,130 @@ def reference_processors(transformer: nn.Module, mask: torch.Tensor | None) -> I
     finally:
         for module, original in originals.items():
             module.set_processor(original)
+
+
+# -- per-frame timesteps, from the definition ----------------------------------------------------------------------
+
+
+def reference_text_timesteps(frame_timesteps: torch.Tensor, text_timestep: str | float) -> torch.Tensor:
+    """The text tokens' timestep per sample: `max`, `min`, `first`, `last` of its frame timesteps, or a number."""
+    choices = {
+        "max": lambda t: t.max(dim=1).values,
+        "min": lambda t: t.min(dim=1).values,
+        "first": lambda t: t[:, 0],
+        "last": lambda t: t[:, -1],
+    }
+    if isinstance(text_timestep, str):
+        return choices[text_timestep](frame_timesteps).double()
+    return torch.full(frame_timesteps.shape[:1], float(text_timestep), dtype=torch.float64)
+
+
+def timestep_embedding(transformer: nn.Module, timestep: float, ofs: float | None = None) -> torch.Tensor:
+    """The conditioning vector `(D,)` of one timestep (plus `ofs` where the model has an ofs embedding), computed with
+    the model's own layers one value at a time: sinusoid, then linear, activation, linear."""
+
+    def embed(projection: nn.Module, embedding: nn.Module, value: float) -> torch.Tensor:
+        sinusoid = projection(torch.tensor([value], dtype=torch.float64)).to(embedding.linear_1.weight.dtype)
+        hidden = embedding.linear_1(sinusoid)
+        if embedding.act is not None:
+            hidden = embedding.act(hidden)
+        return embedding.linear_2(hidden)[0]
+
+    vector = embed(transformer.time_proj, transformer.time_embedding, timestep)
+    if getattr(transformer, "ofs_embedding", None) is not None:
+        vector = vector + embed(transformer.ofs_proj, transformer.ofs_embedding, ofs)
+    return vector
+
+
+def layer_norm_zero_reference(
+    norm: nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    frame_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`CogVideoXLayerNormZero` token by token: video token of frame f in sample b modulated by
+    `frame_embeddings[b, f]` `(B, F, D)`, text of sample b by `text_embeddings[b]` `(B, D)`; gates per token."""
+    batch, tokens, _ = hidden_states.shape
+    frames = frame_embeddings.shape[1]
+    per_frame = tokens // frames
+    video, gates = torch.empty_like(hidden_states), torch.empty_like(hidden_states)
+    text = torch.empty_like(encoder_hidden_states)
+    text_gates = torch.empty(batch, 1, hidden_states.shape[-1], dtype=hidden_states.dtype)
+    for b in range(batch):
+        for f in range(frames):
+            shift, scale, gate, _, _, _ = norm.linear(norm.silu(frame_embeddings[b, f])).chunk(6)
+            for token in range(f * per_frame, (f + 1) * per_frame):
+                video[b, token] = norm.norm(hidden_states[b, token]) * (1 + scale) + shift
+                gates[b, token] = gate
+        _, _, _, enc_shift, enc_scale, enc_gate = norm.linear(norm.silu(text_embeddings[b])).chunk(6)
+        text[b] = norm.norm(encoder_hidden_states[b]) * (1 + enc_scale) + enc_shift
+        text_gates[b, 0] = enc_gate
+    return video, text, gates, text_gates
+
+
+def ada_layer_norm_reference(norm: nn.Module, hidden_states: torch.Tensor, frame_embeddings: torch.Tensor) -> torch.Tensor:
+    """The final `AdaLayerNorm(chunk_dim=1)` token by token, frame f's tokens by `frame_embeddings[:, f]`."""
+    batch, tokens, _ = hidden_states.shape
+    frames = frame_embeddings.shape[1]
+    per_frame = tokens // frames
+    output = torch.empty_like(hidden_states)
+    for b in range(batch):
+        for f in range(frames):
+            shift, scale = norm.linear(norm.silu(frame_embeddings[b, f])).chunk(2)
+            rows = slice(f * per_frame, (f + 1) * per_frame)
+            output[b, rows] = norm.norm(hidden_states[b, rows]) * (1 + scale) + shift
+    return output
+
+
+def per_frame_modulation_error(
+    transformer: nn.Module, inputs: dict[str, Any], text_timestep: str | float = "max"
+) -> float:
+    """Run `transformer` (with per-frame-timesteps applied) on `inputs` (a `(B, F)` timestep), capturing what every
+    `CogVideoXLayerNormZero` and the final `AdaLayerNorm` got and returned; the largest difference from the token by
+    token reference above, with embeddings computed one timestep at a time."""
+    captured: list[tuple[nn.Module, tuple, dict, Any]] = []
+    norms = [block.norm1 for block in transformer.transformer_blocks]
+    norms += [block.norm2 for block in transformer.transformer_blocks]
+    norms.append(transformer.norm_out)
+    handles = [
+        norm.register_forward_hook(
+            lambda module, args, kwargs, output: captured.append((module, args, kwargs, output)), with_kwargs=True
+        )
+        for norm in norms
+    ]
+    try:
+        with torch.no_grad():
+            transformer(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    patch_frames = transformer.config.patch_size_t or 1
+    frame_timesteps = inputs["timestep"][:, ::patch_frames].double()
+    ofs = inputs.get("ofs")
+    batch = frame_timesteps.shape[0]
+
+    def ofs_of(b: int) -> float | None:
+        return None if ofs is None else float(ofs.reshape(-1)[b if ofs.numel() > 1 else 0])
+
+    with torch.no_grad():
+        frame_embeddings = torch.stack(
+            [
+                torch.stack([timestep_embedding(transformer, float(t), ofs_of(b)) for t in frame_timesteps[b]])
+                for b in range(batch)
+            ]
+        )
+        text = reference_text_timesteps(frame_timesteps, text_timestep)
+        text_embeddings = torch.stack([timestep_embedding(transformer, float(text[b]), ofs_of(b)) for b in range(batch)])
+        error = 0.0
+        for module, args, kwargs, output in captured:
+            if module is transformer.norm_out:
+                expected = (ada_layer_norm_reference(module, args[0], frame_embeddings),)
+                output = (output,)
+            else:
+                expected = layer_norm_zero_reference(module, args[0], args[1], frame_embeddings, text_embeddings)
+            for got, want in zip(output, expected):
+                error = max(error, float((got - want.expand_as(got)).abs().max()))
+    if len(captured) != len(norms):
+        raise AssertionError(f"captured {len(captured)} of {len(norms)} modulations")
+    return error

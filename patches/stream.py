@@ -139,7 +139,8 @@ class Stream:
         if self._layers:
             raise StreamError("prefill runs once per stream, before the first step")
         expected = self.shape.text_tokens
-        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[1] != expected:
+        if encoder_hidden_states.dim() != 3 or tuple(encoder_hidden_states.shape[1:]) != (
+                expected, self.config["text_embed_dim"]):
             raise StreamError(
                 f"encoder_hidden_states of shape {tuple(encoder_hidden_states.shape)}: expected (B, {expected}, "
                 f"{self.config['text_embed_dim']})"

@@ -210,3 +210,17 @@ def test_learned_positions_past_their_table_are_refused_naming_the_limit():
     with pytest.raises(StreamError, match="learned positional embeddings are for 64x64"):
         with patches.streaming(model, chunk=1, height=128, width=64):
             pass
+
+
+def test_trace_reports_the_cache_a_stream_holds():
+    from cogsurgeon.inspector.trace import trace_shapes
+
+    model = tiny_model("tiny")
+    traced = trace_shapes(model, frames=9, height=HEIGHT, width=WIDTH, batch=BATCH)  # 3 latent frames
+    by_setting = {(row["chunk"], row["window"], row["sink"]): row["bytes"] for row in traced.kv_cache}
+    _, text = video(model, 3)
+    for (chunk, window, sink), planned in by_setting.items():
+        with patches.streaming(model, chunk=chunk, window=window, sink=sink, height=HEIGHT, width=WIDTH,
+                               frames=3) as stream:
+            stream.prefill(text)
+            assert stream.cache_bytes() == planned

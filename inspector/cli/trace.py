@@ -123,6 +123,14 @@ def _print_tables(result, show_all: bool) -> None:
                        format_bytes(entry.patch_bytes) if entry.patch_bytes is not None else "no estimate")
     console.print(memory)
 
+    cache = Table(title="KV cache of patches.streaming for this video (K and V of every layer)", header_style="bold")
+    for column in ("chunk", "window", "sink", "bytes"):
+        cache.add_column(column)
+    for entry in result.kv_cache:
+        cache.add_row(str(entry["chunk"]), str(entry["window"] or "none"), str(entry["sink"]),
+                      format_bytes(entry["bytes"]))
+    console.print(cache)
+
     modules = Table(title="module shapes" + ("" if show_all else " (root, embeddings, first block, output; "
                                                                "--all for every module)"), header_style="bold")
     for column in ("module", "inputs", "outputs"):
