@@ -144,9 +144,10 @@ class _ByteProgress:
 @lora.command(short_help="Rebuild a checkpoint into an adapter folder PEFT and diffusers load offline.")
 @click.argument("ckpt", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="DIR",
-              help="The adapter folder to create (it must not exist, unless --force).")
+              help="The adapter folder to create (missing parent folders are created); it must not exist, unless --force.")
 @checkpoint_options
-@click.option("--force", is_flag=True, help="Replace DIR if it exists (atomically: the old folder stays until the new one is complete).")
+@click.option("--force", is_flag=True, help="Replace DIR if it is an earlier repair, unchanged (its cogsurgeon-repair.json "
+              "manifest and every hash match), in one atomic swap; any other folder is left alone.")
 @click.option("--to", "to", default="peft,diffusers", show_default=True, metavar="LIST",
               help="Consumers to write for: peft (adapter_config.json + adapter_model.safetensors), diffusers "
                    "(pytorch_lora_weights.safetensors with metadata), comfyui (comfyui_lora.safetensors, kohya keys "

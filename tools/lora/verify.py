@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.user_files import expand_user
 from cogsurgeon.tools.lora.keys import module_value
 from cogsurgeon.tools.lora.repair import (
     DIFFUSERS_KEY_PREFIX,
@@ -180,7 +181,7 @@ def _holds_weights(layer: Any, adapter_name: str, weights: dict[str, torch.Tenso
 def forward_inputs(model: torch.nn.Module) -> dict[str, Any]:
     """A small, seeded input the transformer accepts, built as the pipelines build it: the sample size where learned
     positions require it, else one temporal patch of 2x2 spatial patches, so that a real 5B model runs too."""
-    from cogsurgeon.inspector.geometry import VAE_SPATIAL_FACTOR, default_video_size, pipeline_inputs
+    from cogsurgeon.inspector.geometry import VAE_SPATIAL_FACTOR, default_video_size, pipeline_inputs, video_frame_count
 
     config = model.config
     parameter = next(model.parameters())
@@ -188,7 +189,7 @@ def forward_inputs(model: torch.nn.Module) -> dict[str, Any]:
         size = default_video_size(config)
     else:
         side = 2 * config.patch_size * VAE_SPATIAL_FACTOR
-        size = ((config.get("patch_size_t") or 1) - 1) * config.temporal_compression_ratio + 1, side, side
+        size = video_frame_count(config.get("patch_size_t") or 1, config.temporal_compression_ratio), side, side
     return pipeline_inputs(config, size, 1, dtype=parameter.dtype, device=parameter.device, seed=0)
 
 
@@ -321,7 +322,7 @@ def verify_adapter(
     from cogsurgeon.inspector.model_specs import resolve_spec
     from cogsurgeon.inspector.offline import enter_offline_mode
 
-    folder = Path(adapter_dir).expanduser()
+    folder = expand_user(adapter_dir)
     config = read_adapter_folder(folder)  # the inputs first: a wrong folder or MODEL costs no torch import
     if resolve_spec(base_spec).kind == "published":
         raise CogsurgeonError(
