@@ -119,14 +119,17 @@ def test_crafted_lora_files_are_refused_in_one_line(tmp_path, name, content, exp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input"]
 
 
-def test_nested_metadata_is_not_a_crash(tmp_path):
-    """A lora_adapter_metadata nested 100,000 deep: inspect reads the file and says the metadata is unreadable."""
+def test_nested_metadata_is_one_line(tmp_path):
+    """A lora_adapter_metadata nested 100,000 deep: inspect lists it as a problem, repair refuses in one line."""
     header, data = lora_header(metadata={"lora_adapter_metadata": "[" * DEPTH + "]" * DEPTH})
     path = tmp_path / "pytorch_lora_weights.safetensors"
     path.write_bytes(safetensors_bytes(header, data))
-    result = cogsurgeon("lora", "inspect", str(path), "--json", "--alpha", "8")
-    assert result.returncode == 0, result.stderr
-    assert b"nested too deeply" in result.stderr and b"Traceback" not in result.stderr
+    inspected = cogsurgeon("lora", "inspect", str(path), "--json", "--alpha", "8")
+    assert inspected.returncode == 0 and b"Traceback" not in inspected.stderr, inspected.stderr
+    assert any("nested too deeply" in problem for problem in json.loads(inspected.stdout)["problems"])
+    assert_one_line(cogsurgeon("lora", "repair", str(path), "--out", str(tmp_path / "out"), "--alpha", "8"),
+                    "nested too deeply")
+    assert not (tmp_path / "out").exists()
 
 
 def valid_checkpoint(folder: Path) -> Path:

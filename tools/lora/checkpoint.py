@@ -351,8 +351,9 @@ def scalar_value(tensor: LoraTensor, data: bytes) -> float:
     return float(struct.unpack(formats[tensor.dtype], bytes(data))[0])
 
 
-def _metadata_config(metadata: dict[str, str], warnings: list[str], tensor_file: Path) -> dict[str, Any]:
-    """The transformer's LoRA config from diffusers' `lora_adapter_metadata` (keys `transformer.r`, ...)."""
+def _metadata_config(metadata: dict[str, str], problems: list[str], tensor_file: Path) -> dict[str, Any]:
+    """The transformer's LoRA config from diffusers' `lora_adapter_metadata` (keys `transformer.r`, ...); an
+    unreadable one is added to `problems`."""
     raw = metadata.get(METADATA_KEY)
     if raw is None:
         return {}
@@ -361,7 +362,8 @@ def _metadata_config(metadata: dict[str, str], warnings: list[str], tensor_file:
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
-        warnings.append(f"{tensor_file.name}: {METADATA_KEY} is unreadable ({exc}); ignored")
+        problems.append(f"{tensor_file.name}: {METADATA_KEY} is unreadable ({exc}), so the LoRA config it holds is "
+                        "unknown; fix or strip the metadata")
         return {}
     prefixed = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
     return prefixed or {k: v for k, v in config.items() if "." not in k}
@@ -505,7 +507,8 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
     problems.extend(rank_problems)
     rank, rank_pattern = rank_and_pattern(ranks)
 
-    metadata_config = _metadata_config(raw.metadata, warnings, tensor_file)
+    # unreadable metadata that claims to hold the LoRA config is a problem (repair refuses), not a silent default
+    metadata_config = _metadata_config(raw.metadata, problems, tensor_file)
     stored_where = f"{METADATA_KEY} in the file"
     stored_pattern = metadata_config.get("alpha_pattern")
     if not metadata_config and "lora_config" in raw.metadata:
