@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError, ModelLoadError, ModelSpecError
-from cogsurgeon.inspector.geometry import TRANSFORMER_CLASS_NAME
+from cogsurgeon.inspector.geometry import TRANSFORMER_CLASS_NAME, latent_frame_count
 from cogsurgeon.inspector.model_specs import (
     PUBLISHED_DTYPES,
     TINY_SEED,
@@ -220,7 +220,7 @@ def estimated_size(config: dict[str, Any], where: str = "the config") -> tuple[i
         + dim * (sizes.get("out_channels") or sizes["in_channels"]) * patch * patch * patch_t
     )
     parameters = sizes["num_layers"] * per_block + embeddings
-    latent_frames = (max(sizes["sample_frames"], 1) - 1) // max(sizes["temporal_compression_ratio"], 1) + 1
+    latent_frames = latent_frame_count(max(sizes["sample_frames"], 1), max(sizes["temporal_compression_ratio"], 1))
     patches = (sizes["sample_height"] // patch) * (sizes["sample_width"] // patch) * (latent_frames // patch_t + 1)
     position_table = (patches + sizes["max_text_seq_length"]) * dim
     return parameters, position_table

@@ -119,8 +119,10 @@ def parse_video_size(text: str) -> tuple[int, int, int]:
 
 
 def attention_backend(dtype_name: str, has_mask: bool, head_dim: int) -> str:
-    """The SDPA kernel PyTorch picks on an H100/H200 for these inputs: flash for fp16/bf16 without a mask (head dim
-    ≤ 256), else memory-efficient attention (which takes a mask and fp32). Neither materialises L×L scores."""
+    """The SDPA kernel whose allocations the plan books: flash for fp16/bf16 without a mask (head dim ≤ 256), else
+    memory-efficient attention (which takes a mask and fp32). Neither materialises L×L scores. torch 2.11 on an
+    H200 runs cuDNN attention for CogVideoX's unmasked bf16 shapes instead of flash: the same visible tensors
+    (output, log-sum-exp) and a backward workspace of the same size (bench/RESULTS.md, within 0.13 %)."""
     if not has_mask and dtype_name in ("float16", "bfloat16") and head_dim <= 256:
         return "flash"
     return "efficient"
@@ -274,7 +276,8 @@ class MemoryPlan:
         return {
             "peak_bytes": peak.peak_bytes,
             "breakdown": dict(peak.breakdown),
-            "peak_at": f"{peak.phase}: {peak.peak_at}" if peak.peak_at else peak.phase,
+            "peak_at": peak.peak_at,  # the module running (or the backward node) when the peak was reached
+            "peak_phase": peak.phase,
             "fits": self.fits,
             "gpu_memory": self.gpu_memory,
             "suggestions": [suggestion.to_json() for suggestion in self.suggestions],
@@ -387,7 +390,6 @@ class MemoryAccounting:
         return Tracking()
 
     def _function_mode(self):
-        import torch
         import torch.nn.functional as F
         from torch.overrides import TorchFunctionMode
 
@@ -401,7 +403,6 @@ class MemoryAccounting:
                 with accounting.within("attention"):
                     return _sdpa_as_on_gpu(*args, **kwargs)
 
-        del torch
         return GpuAttention()
 
 
@@ -667,8 +668,9 @@ def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSett
     if settings.vae:
         geometry = latent_geometry(config, settings.frames, settings.height, settings.width)
         vae = build_vae_on_meta(vae_config(spec or ""), settings.dtype)
-        videos = settings.batch // 2 if settings.train is None and settings.batch >= 2 else settings.batch
-        phases.append(plan_vae_decode(vae, latents_shape(config, geometry, max(videos, 1)), tiling=settings.tiling,
+        # The transformer's batch doubles each video for classifier-free guidance; the pipeline decodes one per video.
+        videos = max(settings.batch // 2, 1)
+        phases.append(plan_vae_decode(vae, latents_shape(config, geometry, videos), tiling=settings.tiling,
                                       resident=(model,)))
     return tuple(phases)
 
@@ -717,6 +719,9 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     dtype_name = str(_torch_dtype(dtype or PUBLISHED_DTYPES.get(resolved.spec, "bfloat16"))).removeprefix("torch.")
     if tiling and not vae:
         raise PlanError("--tiling is a VAE switch: add --vae")
+    if vae and train is not None:
+        raise PlanError("--vae plans the decode after inference; a training step takes encoded latents: drop --vae "
+                        "or --train")
     if vae and resolved.kind != "published":
         raise PlanError(f"--vae needs a published model (its VAE config ships with cogsurgeon), not {resolved.spec!r}")
     settings = PlanSettings(

@@ -24,7 +24,6 @@ from cogsurgeon.patches.errors import (
     PatchTargetError,
     UnknownPatchError,
 )
-
 from cogsurgeon.patches.parameters import PatchParameter, check_options
 
 ENTRY_POINT_GROUP = "cogsurgeon.patches"
@@ -154,7 +153,7 @@ def _load_entry_points() -> None:
 
 def available() -> list[PatchInfo]:
     """Every registered patch, built-ins first."""
-    return [patch.info for patch in _all_patches().values()]
+    return [patch.info for patch in list(_all_patches().values())]  # a copy: another thread may register meanwhile
 
 
 def get_patch(name: str) -> Patch:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogsurgeon.inspector.geometry import rotary_embedding
+from cogsurgeon.inspector.geometry import rotary_embedding, video_frame_count
 from cogsurgeon.patches.errors import PatchError
 from cogsurgeon.patches.processor import attention_state, joint_query_key_value, project_attention_output
 from cogsurgeon.patches.registry import patched, resolve_transformer
@@ -278,7 +278,7 @@ class Stream:
             table = embed.pos_embedding
         else:
             table = embed._get_positional_embeddings(
-                self.latent_height, self.latent_width, (end - 1) * embed.temporal_compression_ratio + 1,
+                self.latent_height, self.latent_width, video_frame_count(end, embed.temporal_compression_ratio),
                 device=self.device,
             )
         return table[:, text + first_frame * tokens : text + end * tokens]

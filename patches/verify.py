@@ -11,7 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cogsurgeon.inspector.geometry import FrameLayout, default_video_size, layout_of_inputs, pipeline_inputs
+from cogsurgeon.inspector.geometry import (
+    FrameLayout,
+    default_video_size,
+    layout_of_inputs,
+    pipeline_inputs,
+    video_frame_count,
+)
 from cogsurgeon.inspector.model_specs import TINY_SPECS
 from cogsurgeon.patches.errors import PatchError
 from cogsurgeon.patches.parameters import format_patch_spec
@@ -60,7 +66,7 @@ def tiny_video_size(config: Any) -> tuple[int, int, int]:
     (so that frame rules have frames to tell apart)."""
     frames, height, width = default_video_size(config)
     if config.get("patch_size_t"):
-        frames = (3 * config["patch_size_t"] - 1) * config["temporal_compression_ratio"] + 1
+        frames = video_frame_count(3 * config["patch_size_t"], config["temporal_compression_ratio"])
     return frames, height, width
 
 

@@ -91,9 +91,12 @@ def test_attention_backend_is_the_gpus():
 def test_candidate_switches():
     from cogsurgeon.inspector.plan import PlanSettings
 
-    settings = PlanSettings("cogvideox-5b", 49, 480, 720, 2, "bfloat16", train=TrainMode("full"), vae=True)
-    switches = [switch for switch, _ in candidate_switches(settings)]
-    assert switches == ["--checkpointing", "--tiling", "--train lora:128", "--batch 1"]
+    full = PlanSettings("cogvideox-5b", 49, 480, 720, 2, "bfloat16", train=TrainMode("full"))
+    switches = [switch for switch, _ in candidate_switches(full)]
+    assert switches == ["--checkpointing", "--train lora:128", "--batch 1"]
+    assert candidate_switches(full)[0][1].checkpointing is True
+    decode = PlanSettings("cogvideox-5b", 49, 480, 720, 2, "bfloat16", vae=True)
+    assert [switch for switch, _ in candidate_switches(decode)] == ["--tiling", "--batch 1"]
     inference = PlanSettings("cogvideox-5b", 49, 480, 720, 1, "bfloat16")
     assert candidate_switches(inference) == []
 
@@ -261,7 +264,7 @@ def test_cli_json(cli):
     assert set(document["breakdown"]) >= {"weights", "activations", "attention", "gradients", "optimizer", "vae"}
     assert document["fits"] is True and document["suggestions"] == []
     assert document["peak_bytes"] == sum(document["breakdown"].values())
-    assert document["peak_at"]
+    assert document["peak_at"] and document["peak_phase"] == "transformer training step (lora:4)"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -271,6 +274,8 @@ def test_cli_json(cli):
     (("--batch", "0"), "batch"),
     (("--checkpointing",), "training"),
     (("--tiling",), "--vae"),
+    (("--vae",), "published"),
+    (("--vae", "--train", "lora:4"), "--vae"),
     (("--dtype", "int8"), "dtype"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(cli, args, message):

@@ -9,10 +9,10 @@ The blocks are found generically (any fenced block, any section, whoever added i
 
 Everything runs in one folder laid out as a reader's would be (`readme_world`): a saved model `./my-finetune`, a
 CogVideo trainer's LoRA checkpoint `out/checkpoint-500`, a base model root `./CogVideoX-5b-I2V`, a second repaired
-adapter `other-adapter` and a script `test.py`, all made from the tiny models, so that commands naming them run for
-real on a CPU; the commands of one block run in order (a repair before the verify of its output). Commands that name
-published models run on them as written (meta device). A snippet that needs another file: add it to
-`readme_world`.
+adapter `other-adapter` and the scripts `test.py` and `train.py`, all made from the tiny models, so that commands
+naming them run for real on a CPU; the commands of one block run in order (a repair before the verify of its
+output). Commands that name published models run on them as written (meta device). A snippet that needs another
+file: add it to `readme_world`.
 
 Not runnable? Say why, in one of two ways:
 - put `<!-- no-test: REASON -->` on the line just before the block's opening fence (the whole block is skipped);
@@ -43,7 +43,7 @@ SKIPPED_COMMANDS = {
     ". .venv/bin/activate":
         "set-up: every command here already runs with the venv's bin first on PATH, which is what it does",
     "cogsurgeon run --patch frame-causal-attention -- torchrun --nproc_per_node 2 train.py":
-        "needs a training script; a two-rank torchrun under run is tests/test_patches_cli.py::"
+        "a two-process launch, slow on a CPU; torchrun under run is tests/test_patches_cli.py::"
         "test_run_patches_every_rank_of_a_torchrun_launch",
 }
 
@@ -138,6 +138,19 @@ with torch.no_grad():
 print("output", tuple(output.shape))
 '''
 
+TRAIN_SCRIPT = '''
+"""A user's unchanged training script: one optimizer step on the model."""
+import torch
+from diffusers import CogVideoXTransformer3DModel
+
+model = CogVideoXTransformer3DModel.from_pretrained("my-finetune").train()
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+output = model(**torch.load("inputs.pt", weights_only=False))[0]
+output.square().mean().backward()
+optimizer.step()
+print("one step")
+'''
+
 
 @pytest.fixture(scope="module")
 def readme_world(tmp_path_factory) -> Path:
@@ -157,6 +170,7 @@ def readme_world(tmp_path_factory) -> Path:
     tiny.save_pretrained(world / "my-finetune")
     torch.save(pipeline_inputs(tiny.config, default_video_size(tiny.config), 1, seed=0), world / "inputs.pt")
     (world / "test.py").write_text(TEST_SCRIPT)
+    (world / "train.py").write_text(TRAIN_SCRIPT)
     load_transformer("tiny-i2v").save_pretrained(world / "CogVideoX-5b-I2V" / "transformer")  # the base's stand-in
     lora_trainers.save_cogvideo_finetune(lora_trainers.train("tiny-i2v", 8, 4), world / "out", 500)
     other = lora_trainers.save_cogvideo_finetune(lora_trainers.train("tiny-i2v", 4, 4, seed=2), world / "other", 100)

@@ -19,6 +19,7 @@ from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.user_files import (
     UserFileError,
     describe_os_error,
+    expand_user,
     file_kind,
     is_folder,
     is_regular_file,
@@ -274,7 +275,7 @@ def read_checkpoint(
     checkpoint at all; fixable-or-not defects of one that is are listed in `report.problems`."""
     if trainer is not None and trainer not in TRAINERS:
         raise LoraCheckpointError(f"--trainer {trainer}: unknown trainer; known: {', '.join(TRAINERS)}")
-    given = Path(path).expanduser()
+    given = expand_user(path)
     located = locate_checkpoint(given, step=step, latest=latest)
     if located.kind == "sat":
         from cogsurgeon.tools.lora.sat import read_sat_lora  # imports torch
@@ -350,8 +351,9 @@ def scalar_value(tensor: LoraTensor, data: bytes) -> float:
     return float(struct.unpack(formats[tensor.dtype], bytes(data))[0])
 
 
-def _metadata_config(metadata: dict[str, str], warnings: list[str], tensor_file: Path) -> dict[str, Any]:
-    """The transformer's LoRA config from diffusers' `lora_adapter_metadata` (keys `transformer.r`, ...)."""
+def _metadata_config(metadata: dict[str, str], problems: list[str], tensor_file: Path) -> dict[str, Any]:
+    """The transformer's LoRA config from diffusers' `lora_adapter_metadata` (keys `transformer.r`, ...); an
+    unreadable one is added to `problems`."""
     raw = metadata.get(METADATA_KEY)
     if raw is None:
         return {}
@@ -360,7 +362,8 @@ def _metadata_config(metadata: dict[str, str], warnings: list[str], tensor_file:
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
-        warnings.append(f"{tensor_file.name}: {METADATA_KEY} is unreadable ({exc}); ignored")
+        problems.append(f"{tensor_file.name}: {METADATA_KEY} is unreadable ({exc}), so the LoRA config it holds is "
+                        "unknown; fix or strip the metadata")
         return {}
     prefixed = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
     return prefixed or {k: v for k, v in config.items() if "." not in k}
@@ -390,7 +393,7 @@ def _config_beside(
                 )
             _unsupported_variants(config, str(config_path), problems)
             found = _find_key(config, "lora_alpha")
-            if _positive_number(found):
+            if positive_number(found):
                 pattern = _find_key(config, "alpha_pattern")
                 return float(found), pattern if isinstance(pattern, dict) else None, str(config_path)
     return None, None, None
@@ -431,7 +434,7 @@ def _finetrainers_config(tensor_file: Path) -> tuple[float | None, str | None]:
         return None, None
     config = _lora_config_metadata(read_header(sibling).metadata, [], sibling)
     value = config.get("lora_alpha")
-    return (float(value), str(sibling)) if _positive_number(value) else (None, None)
+    return (float(value), str(sibling)) if positive_number(value) else (None, None)
 
 
 def _lora_config_metadata(metadata: dict[str, str], warnings: list[str], tensor_file: Path) -> dict[str, Any]:
@@ -504,18 +507,19 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
     problems.extend(rank_problems)
     rank, rank_pattern = rank_and_pattern(ranks)
 
-    metadata_config = _metadata_config(raw.metadata, warnings, tensor_file)
+    # unreadable metadata that claims to hold the LoRA config is a problem (repair refuses), not a silent default
+    metadata_config = _metadata_config(raw.metadata, problems, tensor_file)
     stored_where = f"{METADATA_KEY} in the file"
     stored_pattern = metadata_config.get("alpha_pattern")
     if not metadata_config and "lora_config" in raw.metadata:
         metadata_config = _lora_config_metadata(raw.metadata, warnings, tensor_file)
         stored_where = "lora_config in the file (finetrainers)"
     metadata_alpha = metadata_config.get("lora_alpha")
-    if metadata_alpha is not None and not _positive_number(metadata_alpha):
+    if metadata_alpha is not None and not positive_number(metadata_alpha):
         problems.append(f"the file's LoRA config says lora_alpha={_shown(metadata_alpha)}: not a positive finite number")
         metadata_alpha = None
-    for key, check, what in (("alpha_pattern", _positive_number, "positive numbers"),
-                             ("rank_pattern", _positive_int, "positive integers")):
+    for key, check, what in (("alpha_pattern", positive_number, "positive numbers"),
+                             ("rank_pattern", positive_int, "positive integers")):
         pattern = metadata_config.get(key)
         if pattern is not None and not (isinstance(pattern, dict) and all(check(v) for v in pattern.values())):
             problems.append(f"the file's LoRA config says {key}={_shown(pattern)}: expected module names mapped to {what}")
@@ -594,7 +598,7 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
     return LoraCheckpoint(report, tuple(tensors), raw.source_file, metadata_config)
 
 
-def _positive_number(value: Any) -> bool:
+def positive_number(value: Any) -> bool:
     """A lora_alpha PEFT and diffusers can use: an int or float (not a bool), finite, above zero."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -604,7 +608,7 @@ def _positive_number(value: Any) -> bool:
         return False
 
 
-def _positive_int(value: Any) -> bool:
+def positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 

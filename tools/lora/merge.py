@@ -1,7 +1,8 @@
 """`cogsurgeon lora merge BASE LORA[:WEIGHT] … --out DIR`: fuse LoRAs into a local base transformer's weights and write
 a diffusers transformer folder — same dtype, the base's shards and index, config copied. Streams shard by shard and
 tensor by tensor: untouched tensors are byte ranges copied by the kernel, each LoRA target weight is read, fused
-(W + Σ weight·α/r·B·A, in float32) and written before the next is read, so memory stays at about one tensor.
+(W + Σ weight·α/r·B·A as one GEMM in the weight's dtype, accumulated in float32) and written before the next is
+read, so memory stays at about one tensor.
 
 Imports torch (fusing is arithmetic on tensors); tools/lora inspect and repair do not import this module.
 """
@@ -153,10 +154,9 @@ def merge_loras(
 
             def fuse(name: str, handle=handle) -> memoryview:
                 weight = handle.get_tensor(name)
-                merged = weight.float()
-                for factor, pair in deltas[name]:
-                    merged.addmm_(pair["B"].float(), pair["A"].float(), alpha=factor)
-                return memoryview(merged.to(weight.dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+                down, up = stacked(deltas[name], weight.dtype)
+                merged = torch.addmm(weight, up, down)  # one GEMM, accumulated in float32, rounded once
+                return memoryview(merged.contiguous().reshape(-1).view(torch.uint8).numpy())
 
             ahead = Prefetcher([entry.name for entry in header.tensors if entry.name in deltas], fuse)
             tensors = [
@@ -183,6 +183,16 @@ def merge_loras(
         raise
     files = tuple(str(out / p.name) for p in sorted(out.iterdir()))
     return MergeResult(str(out), files, len(deltas), tuple(summaries))
+
+
+def stacked(pairs: list[tuple[float, dict[str, Any]]], dtype: Any) -> tuple[Any, Any]:
+    """All LoRAs of one weight as one low-rank product: A stacked by rows, B (times each LoRA's weight * alpha / r,
+    in float32) by columns, so that W + B_all @ A_all = W + Σ factor_i B_i A_i is one GEMM in the weight's dtype."""
+    import torch
+
+    down = torch.cat([pair["A"].float() for _, pair in pairs], dim=0)
+    up = torch.cat([pair["B"].float() * factor for factor, pair in pairs], dim=1)
+    return down.to(dtype), up.to(dtype)
 
 
 class Prefetcher:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.user_files import expand_user, is_folder, is_regular_file, read_json
 from cogsurgeon.tools.lora.keys import module_value
 from cogsurgeon.tools.lora.repair import (
     DIFFUSERS_KEY_PREFIX,
@@ -126,17 +127,18 @@ def expected_scales(config: dict[str, Any], modules: list[str]) -> dict[str, flo
 
 
 def read_adapter_folder(folder: Path) -> dict[str, Any]:
-    if not folder.is_dir():
+    if not is_folder(folder):
         raise CogsurgeonError(f"{folder} is not a folder: verify takes the folder `cogsurgeon lora repair` wrote")
-    missing = [name for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME) if not (folder / name).is_file()]
+    missing = [name for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME)
+               if not is_regular_file(folder / name)]
     if missing:
         raise CogsurgeonError(
             f"{folder} lacks {', '.join(missing)}: it is not an adapter folder; run `cogsurgeon lora repair CKPT --out DIR` first"
         )
     try:
-        config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
+        config = read_json(folder / PEFT_CONFIG_NAME)  # regular file, size capped, nesting and NaN refused
         int(config["r"]), float(config["lora_alpha"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
         raise CogsurgeonError(f"{folder / PEFT_CONFIG_NAME} is not a LoRA adapter config: {exc}") from None
     return config
 
@@ -180,7 +182,7 @@ def _holds_weights(layer: Any, adapter_name: str, weights: dict[str, torch.Tenso
 def forward_inputs(model: torch.nn.Module) -> dict[str, Any]:
     """A small, seeded input the transformer accepts, built as the pipelines build it: the sample size where learned
     positions require it, else one temporal patch of 2x2 spatial patches, so that a real 5B model runs too."""
-    from cogsurgeon.inspector.geometry import VAE_SPATIAL_FACTOR, default_video_size, pipeline_inputs
+    from cogsurgeon.inspector.geometry import VAE_SPATIAL_FACTOR, default_video_size, pipeline_inputs, video_frame_count
 
     config = model.config
     parameter = next(model.parameters())
@@ -188,7 +190,7 @@ def forward_inputs(model: torch.nn.Module) -> dict[str, Any]:
         size = default_video_size(config)
     else:
         side = 2 * config.patch_size * VAE_SPATIAL_FACTOR
-        size = ((config.get("patch_size_t") or 1) - 1) * config.temporal_compression_ratio + 1, side, side
+        size = video_frame_count(config.get("patch_size_t") or 1, config.temporal_compression_ratio), side, side
     return pipeline_inputs(config, size, 1, dtype=parameter.dtype, device=parameter.device, seed=0)
 
 
@@ -321,7 +323,7 @@ def verify_adapter(
     from cogsurgeon.inspector.model_specs import resolve_spec
     from cogsurgeon.inspector.offline import enter_offline_mode
 
-    folder = Path(adapter_dir).expanduser()
+    folder = expand_user(adapter_dir)
     config = read_adapter_folder(folder)  # the inputs first: a wrong folder or MODEL costs no torch import
     if resolve_spec(base_spec).kind == "published":
         raise CogsurgeonError(
