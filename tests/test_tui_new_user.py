@@ -1,0 +1,213 @@
+"""What a new user hit in the TUI (issue 16 item 12), each driven through Pilot on tiny real models: the patches
+panel after a second patch, details during a model switch, the layout at 80×24, the LoRA screen's base, wording and
+alpha, what `patch verify` runs, and the keys `?`, `e` and `c`; also the source view following the app's theme."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import sys
+
+from test_tui import SIZE, hold_loads, notifications, patch_rows, pilot_test, settle, shown_text, wait_for_model
+
+from cogsurgeon.inspector.tui.app import CogsurgeonApp
+from cogsurgeon.inspector.tui.widgets import ModuleDetails, ModuleTree, SourceView
+
+
+@pilot_test
+async def test_the_patches_panel_shows_a_second_patch_applied():
+    """causal-attention then attention-mask (they compose): the second one's state must read applied, although the
+    modules' processors (and so the model's inventory) are the same after it as before."""
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("p", "space", "down", "down", "space")
+        await pilot.pause()
+        rows = patch_rows(app)
+        assert list(rows) == ["causal-attention", "frame-causal-attention", "attention-mask"]
+        assert rows["causal-attention"][0] == "applied"
+        assert rows["attention-mask"][0] == "applied"
+        await pilot.press("space")  # and reverting it again
+        await pilot.pause()
+        assert patch_rows(app)["attention-mask"][0] == "off"
+
+
+@pilot_test
+async def test_a_model_switch_clears_the_previous_models_details(monkeypatch, tmp_path, tiny_model):
+    folder = tmp_path / "runs" / "my-tiny"
+    tiny_model.save_pretrained(folder)
+    release = hold_loads(monkeypatch, str(folder))
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        app.main_screen.go_to_module("transformer_blocks.0.attn1")
+        await pilot.pause()
+        assert "transformer_blocks.0.attn1" in shown_text(app.query_one(ModuleDetails))
+        app.main_screen.open(str(folder))
+        await pilot.pause()
+        details = shown_text(app.query_one(ModuleDetails))
+        assert "transformer_blocks.0.attn1" not in details and f"loading {folder}" in details
+        assert "loading" in app.query_one(SourceView).border_title
+        release[str(folder)].set()
+        await wait_for_model(pilot)
+        details = shown_text(app.query_one(ModuleDetails))
+        assert "transformer_blocks.0.attn1" in details and "9×64×64 video, batch 2" in details
+
+
+@pilot_test
+async def test_at_80_columns_the_details_stack_under_the_tree():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        tree, details = app.query_one(ModuleTree), app.query_one(ModuleDetails)
+        assert details.region.width >= 70 and tree.region.width >= 70
+        assert tree.region.y < details.region.y
+        await pilot.resize_terminal(160, 48)
+        await pilot.pause()
+        assert tree.region.y == details.region.y and details.region.x > tree.region.x  # side by side when wide
+
+
+@pilot_test
+async def test_verify_says_what_it_runs_and_shows_its_progress():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("p", "v")
+        seen = set()
+        while app.main_screen.workers and any(worker.group == "verify" for worker in app.main_screen.workers):
+            seen.add(patch_rows(app)["causal-attention"][1])
+            await pilot.pause(0.02)
+        await settle(pilot)
+        started = notifications(app)[-2]
+        assert "tiny, tiny-i2v, tiny-1.5" in started and "plain and fused processors" in started
+        assert any(re.fullmatch(r"running \d/6: tiny(-i2v|-1\.5)?, (plain|fused) processor", verdict) for verdict in seen), seen
+        assert patch_rows(app)["causal-attention"][1].startswith("passed, max error ")
+
+
+@pilot_test
+async def test_question_mark_lists_the_keys():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        keys = shown_text(app.screen.query_one("#help-keys"))
+        for key, what in (("/", "Filter"), ("e", "Open in $EDITOR"), ("c", "Copy file:line"), ("space", "Apply/revert"),
+                          ("v", "Verify"), ("m", "Model"), ("l", "LoRA"), ("ctrl+q", "Quit"), ("ctrl+p", "palette")):
+            assert re.search(rf"^\s*{re.escape(key)}\s+.*{re.escape(what)}", keys, re.MULTILINE), (key, keys)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen is app.main_screen
+
+
+@pilot_test
+async def test_e_opens_the_modules_file_and_line_in_the_editor(tmp_path, monkeypatch):
+    record = tmp_path / "args.txt"
+    editor = tmp_path / "record-args"
+    editor.write_text(f"#!{sys.executable}\nimport sys\nopen({str(record)!r}, 'w').write('\\n'.join(sys.argv[1:]))\n")
+    editor.chmod(editor.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("EDITOR", str(editor))
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        app.main_screen.go_to_module("transformer_blocks.0")
+        await pilot.pause()
+        await pilot.press("e")
+        await pilot.pause()
+        info = app.main_screen.selected
+        assert record.read_text().splitlines() == [f"+{info.line}", info.file]
+        assert os.path.isfile(info.file) and info.file.endswith("cogvideox_transformer_3d.py")
+
+
+@pilot_test
+async def test_e_without_an_editor_says_how_to_set_one(monkeypatch):
+    monkeypatch.delenv("EDITOR", raising=False)
+    monkeypatch.delenv("VISUAL", raising=False)
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("e")
+        await pilot.pause()
+        assert any("set $EDITOR" in message for message in notifications(app))
+
+
+@pilot_test
+async def test_c_copies_the_modules_file_and_line():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        app.main_screen.go_to_module("transformer_blocks.0.attn1")
+        await pilot.pause()
+        await pilot.press("c")
+        await pilot.pause()
+        info = app.main_screen.selected
+        assert app.clipboard == f"{info.file}:{info.line}"
+        assert info.file.endswith("attention_processor.py")
+        assert any(message.startswith("copied ") and f":{info.line}" in message for message in notifications(app))
+
+
+@pilot_test
+async def test_the_source_view_follows_the_apps_theme():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        source = app.query_one(SourceView)
+        code = source.query_one("#source-code")
+        drawn_dark = code.content
+        assert app.current_theme.dark and source.syntax_theme == "ansi_dark"
+        app.theme = "textual-light"
+        await pilot.pause()
+        assert source.syntax_theme == "ansi_light"
+        assert code.content is not drawn_dark and "class CogVideoXTransformer3DModel" in shown_text(code)
+
+
+@pilot_test
+async def test_the_lora_screen_offers_no_meta_base_speaks_of_its_own_controls_and_follows_the_alpha(tmp_path,
+                                                                                                   monkeypatch):
+    from lora_helpers import save_cogvideo_checkpoint, train
+
+    from cogsurgeon.inspector.tui.lora_screen import LoraScreen
+
+    monkeypatch.chdir(tmp_path)
+    save_cogvideo_checkpoint(train(rank=4, lora_alpha=2), tmp_path / "checkpoint-10")
+    (tmp_path / "taken").mkdir()
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        app.push_screen(LoraScreen(base_spec="cogvideox-5b-i2v"))  # as from a main screen on the meta 5B-I2V
+        await pilot.pause()
+        base = app.screen.query_one("#lora-base")
+        assert base.value == "" and "with weights" in base.placeholder  # verify refuses a meta base
+        await pilot.press(*"checkpoint-10", "enter")
+        await settle(pilot)
+        findings = shown_text(app.screen.query_one("#lora-findings"))
+        assert "lora_alpha  64 from default, scale 16" in findings
+        assert "--alpha" not in findings and "lora_alpha field" in findings
+
+        app.screen.query_one("#lora-alpha").value = "2"
+        await pilot.pause()
+        findings = shown_text(app.screen.query_one("#lora-findings"))
+        assert "lora_alpha  2 from the lora_alpha field, scale 0.5" in findings
+
+        app.screen.query_one("#lora-out").value = "taken"
+        await pilot.click("#lora-repair")
+        await settle(pilot)
+        refusal = notifications(app)[-1]
+        assert "taken already exists" in refusal and "--" not in refusal and "replace an earlier repair" in refusal
+        assert list((tmp_path / "taken").iterdir()) == []
+
+        app.screen.query_one("#lora-out").value = "adapter"
+        await pilot.click("#lora-repair")
+        await settle(pilot)
+        assert '"lora_alpha": 2' in (tmp_path / "adapter" / "adapter_config.json").read_text()
+
+
+@pilot_test
+async def test_the_lora_screen_offers_the_open_tiny_model_as_base():
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("l")
+        await pilot.pause()
+        assert app.screen.query_one("#lora-base").value == "tiny"
