@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cogsurgeon.inspector.geometry import FrameLayout  # noqa: E402
 from cogsurgeon.patches.attention import plan_attention, run_plan  # noqa: E402
-from cogsurgeon.patches.layout import FrameLayout  # noqa: E402
 
 BATCH, HEADS, HEAD_DIM, TEXT = 2, 48, 64, 226
 SHAPES = {

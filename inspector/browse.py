@@ -121,7 +121,8 @@ class TracedShapes:
 def trace_for_details(model: Any) -> TracedShapes:
     """Trace `model` on the meta device at the video size its pipelines default to (batch 2: one video with
     classifier-free guidance)."""
-    from cogsurgeon.inspector.trace import default_video_size, format_shape, trace_shapes
+    from cogsurgeon.inspector.geometry import default_video_size
+    from cogsurgeon.inspector.trace import format_shape, trace_shapes
 
     frames, height, width = default_video_size(model.config)
     result = trace_shapes(model, frames=frames, height=height, width=width, batch=2)

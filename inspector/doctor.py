@@ -70,21 +70,10 @@ def _tiny_model(name: str = "tiny"):
 
 
 def _tiny_inputs(model, batch: int = 1) -> dict[str, Any]:
-    """Real CPU inputs for a tiny model at its sample size (rotary left out: not what these probes look at)."""
-    import torch
+    """Seeded CPU inputs for a tiny model at its pipelines' default size."""
+    from cogsurgeon.inspector.geometry import default_video_size, pipeline_inputs
 
-    config = model.config
-    latent_frames = (config.sample_frames - 1) // config.temporal_compression_ratio + 1
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "hidden_states": torch.randn(
-            batch, latent_frames, config.in_channels, config.sample_height, config.sample_width, generator=generator
-        ),
-        "encoder_hidden_states": torch.randn(
-            batch, config.max_text_seq_length, config.text_embed_dim, generator=generator
-        ),
-        "timestep": torch.tensor([1] * batch),
-    }
+    return pipeline_inputs(model.config, default_video_size(model.config), batch, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

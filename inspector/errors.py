@@ -14,3 +14,13 @@ class ModelSpecError(CogsurgeonError):
 
 class ModelLoadError(CogsurgeonError):
     """A model folder or cache entry that exists but cannot be loaded as a CogVideoX transformer."""
+
+
+class Interrupted(BaseException):
+    """A terminating signal (SIGTERM, SIGHUP) turned into an exception so that clean-up code runs, as SIGINT
+    becomes KeyboardInterrupt; the CLI exits with 128 + the signal's number. A BaseException, so that
+    `except Exception` does not swallow it."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        self.signum = signum
+        super().__init__(message)

@@ -10,6 +10,7 @@ edit to diffusers in site-packages (what the original fork did) invalidates it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,8 +22,17 @@ from typing import Any
 
 from cogsurgeon.inspector.inventory import ModuleInfo
 from cogsurgeon.inspector.model_specs import PUBLISHED_DTYPES, published_config
+from cogsurgeon.inspector.user_files import UserFileError, loads_json, read_bytes
 
 CACHE_FORMAT = 1
+ENTRY_BYTES_LIMIT = 32 * 1024 * 1024  # a 5B inventory is ~300 KB; a cache file pointing at /dev/zero is refused
+# the type of every ModuleInfo field in a cache row (a row of any other shape means the entry is rebuilt)
+_ROW_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "class_name": (str,), "class_module": (str,), "file": (str, type(None)),
+    "line": (int, type(None)), "own_params": (int,), "params": (int,), "dtype": (str, type(None)),
+    "device": (str, type(None)), "processor": (str, type(None)), "processor_module": (str, type(None)),
+}
+_REQUIRED_FIELDS = frozenset(f.name for f in dataclasses.fields(ModuleInfo) if f.default is dataclasses.MISSING)
 
 
 def cache_folder() -> Path:
@@ -68,29 +78,55 @@ def _entry_path(spec: str, dtype: str | None) -> Path:
 
 
 def load_cached_inventory(spec: str, dtype: str | None = None) -> list[ModuleInfo] | None:
-    """The cached inventory of a published spec, or None if absent, unreadable or stale."""
+    """The cached inventory of a published spec, or None if absent, unreadable, malformed or stale: the caller
+    rebuilds it. Only a regular file is read, at most `ENTRY_BYTES_LIMIT` bytes."""
     try:
-        entry = json.loads(_entry_path(spec, dtype).read_text())
-        stamps: dict[str, Any] = entry["source_stamps"]
-        if any(_file_stamp(Path(file)) != stamp for file, stamp in stamps.items()):
-            return None
-        return [ModuleInfo(**row) for row in entry["modules"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        entry = loads_json(read_bytes(_entry_path(spec, dtype), ENTRY_BYTES_LIMIT))
+    except (UserFileError, ValueError):
         return None
+    if not isinstance(entry, dict):
+        return None
+    stamps, rows = entry.get("source_stamps"), entry.get("modules")
+    if not isinstance(stamps, dict) or not isinstance(rows, list):
+        return None
+    if any(not isinstance(file, str) or _file_stamp(Path(file)) != stamp for file, stamp in stamps.items()):
+        return None
+    infos = [_module_info(row) for row in rows]
+    return None if any(info is None for info in infos) else infos  # type: ignore[return-value]
+
+
+def _module_info(row: Any) -> ModuleInfo | None:
+    """A cache row as a ModuleInfo, or None when its fields or their types are not ModuleInfo's."""
+    if not isinstance(row, dict) or not _REQUIRED_FIELDS <= set(row) or not set(row) <= set(_ROW_TYPES):
+        return None
+    for field, value in row.items():
+        if not isinstance(value, _ROW_TYPES[field]) or isinstance(value, bool):
+            return None
+    return ModuleInfo(**row)
 
 
 def store_inventory(spec: str, dtype: str | None, infos: list[ModuleInfo]) -> None:
-    """Write the entry atomically; a cache that cannot be written (read-only home) is silently skipped."""
+    """Write the entry atomically; a cache that cannot be written (read-only home, a folder in the entry's place)
+    is silently skipped, and leaves no temporary file behind."""
     files = sorted({info.file for info in infos if info.file})
     entry = {
         "source_stamps": {file: _file_stamp(Path(file)) for file in files},
         "modules": [info.__dict__ for info in infos],
     }
     path = _entry_path(spec, dtype)
+    temporary: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+            temporary = handle.name
             json.dump(entry, handle)
-        os.replace(handle.name, path)
+        os.replace(temporary, path)
+        temporary = None
     except OSError:
         return
+    finally:
+        if temporary is not None:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
-import struct
+import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cogsurgeon.inspector.errors import ModelLoadError, ModelSpecError
+from cogsurgeon.inspector.errors import CogsurgeonError, ModelLoadError, ModelSpecError
+from cogsurgeon.inspector.geometry import TRANSFORMER_CLASS_NAME
 from cogsurgeon.inspector.model_specs import (
     PUBLISHED_DTYPES,
     TINY_SEED,
@@ -24,12 +25,13 @@ from cogsurgeon.inspector.model_specs import (
     resolve_spec,
     tiny_config,
 )
+from cogsurgeon.inspector.safetensors_header import SafetensorsHeader, read_header
+from cogsurgeon.inspector.user_files import UserFileError, is_folder, is_regular_file, read_json, read_text
 
 if TYPE_CHECKING:
     import torch
     from diffusers import CogVideoXTransformer3DModel
 
-TRANSFORMER_CLASS_NAME = "CogVideoXTransformer3DModel"
 WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.safetensors.index.json",
@@ -95,6 +97,7 @@ def build_on_meta(config: dict[str, Any], dtype: str | torch.dtype | None = None
     """Build from a config on the meta device, buffers included: no memory, no weights, same shapes."""
     import torch
 
+    check_config_size(config, "the config")
     cls = transformer_class()
     resolved = _torch_dtype(dtype)
     with torch.device("meta"), _default_dtype(resolved):
@@ -129,16 +132,16 @@ def _cast_float_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def find_transformer_folder(root: Path) -> Path:
     """The folder holding the transformer's config: `root` itself, or `root/transformer` for a model root."""
-    if not root.is_dir():
+    if not is_folder(root):
         raise ModelSpecError(f"{root} is not a folder: MODEL must be a diffusers model folder")
     for candidate in (root, root / "transformer"):
         config_path = candidate / "config.json"
-        if config_path.is_file():
+        if os.path.lexists(config_path):
             config = read_config(config_path)
             class_name = config.get("_class_name")
             if class_name == TRANSFORMER_CLASS_NAME:
                 return candidate
-            if candidate == root and (root / "transformer" / "config.json").is_file():
+            if candidate == root and is_regular_file(root / "transformer" / "config.json"):
                 continue
             raise ModelLoadError(
                 f"{config_path} describes a {class_name or 'model of unknown class'}, "
@@ -151,28 +154,113 @@ def find_transformer_folder(root: Path) -> Path:
 
 
 def read_config(config_path: Path) -> dict[str, Any]:
+    """A model's config.json as a dict; anything else (not a regular file, not JSON, nested absurdly deep, too
+    large) is a `ModelLoadError`."""
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{config_path} is not readable JSON: {exc}") from None
+        config = read_json(config_path, CONFIG_BYTES_LIMIT, allow_nan=True)
+    except UserFileError as exc:
+        raise ModelLoadError(str(exc)) from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{config_path} is not a JSON object")
     return config
 
 
+CONFIG_BYTES_LIMIT = 16 * 1024 * 1024
+MAX_PARAMETERS = 100_000_000_000  # CogVideoX-5B has 5.6e9; a config far beyond is a typo or hostile
+MAX_LAYERS = 1_000  # CogVideoX has 30 or 42; building a million modules never returns
+MAX_BUFFER_ELEMENTS = 10_000_000_000  # the sincos position table is (patches + text) x inner_dim
+_SIZE_FIELDS = (
+    "num_attention_heads", "attention_head_dim", "num_layers", "in_channels", "out_channels", "text_embed_dim",
+    "time_embed_dim", "sample_width", "sample_height", "sample_frames", "patch_size", "patch_size_t",
+    "max_text_seq_length", "temporal_compression_ratio", "ofs_embed_dim",
+)
+_SIZE_DEFAULTS = {
+    "num_attention_heads": 30, "attention_head_dim": 64, "num_layers": 30, "in_channels": 16, "text_embed_dim": 4096,
+    "time_embed_dim": 512, "sample_width": 90, "sample_height": 60, "sample_frames": 49, "patch_size": 2,
+    "max_text_seq_length": 226, "temporal_compression_ratio": 4,
+}  # diffusers' CogVideoXTransformer3DModel defaults
+
+
+def config_sizes(config: dict[str, Any], where: str) -> dict[str, int]:
+    """The size fields of a CogVideoX config as integers (diffusers' defaults where absent); a float, bool, string
+    or negative number where a size belongs is a `ModelLoadError`."""
+    sizes: dict[str, int] = {}
+    for field in _SIZE_FIELDS:
+        value = config.get(field, _SIZE_DEFAULTS.get(field))
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ModelLoadError(f"{where}: {field} is {value!r}; it must be a non-negative integer")
+        sizes[field] = value
+    return sizes
+
+
+def estimated_size(config: dict[str, Any], where: str = "the config") -> tuple[int, int]:
+    """(parameters, position-table elements) a CogVideoX config would allocate, from its sizes alone: per block the
+    attention (4 dim^2), the feed-forward (8 dim^2) and the two adaptive norms (12 dim x time_embed_dim), plus the
+    embeddings and the output projection. An estimate within a few percent, good enough to refuse absurd ones."""
+    sizes = config_sizes(config, where)
+    dim = sizes["num_attention_heads"] * sizes["attention_head_dim"]
+    time_dim = sizes["time_embed_dim"]
+    patch = max(sizes["patch_size"], 1)
+    patch_t = max(sizes.get("patch_size_t") or 1, 1)
+    per_block = 12 * dim * dim + 12 * dim * time_dim + 20 * dim
+    embeddings = (
+        sizes["text_embed_dim"] * dim
+        + sizes["in_channels"] * patch * patch * patch_t * dim
+        + 2 * time_dim * time_dim
+        + 2 * time_dim * dim
+        + dim * (sizes.get("out_channels") or sizes["in_channels"]) * patch * patch * patch_t
+    )
+    parameters = sizes["num_layers"] * per_block + embeddings
+    latent_frames = (max(sizes["sample_frames"], 1) - 1) // max(sizes["temporal_compression_ratio"], 1) + 1
+    patches = (sizes["sample_height"] // patch) * (sizes["sample_width"] // patch) * (latent_frames // patch_t + 1)
+    position_table = (patches + sizes["max_text_seq_length"]) * dim
+    return parameters, position_table
+
+
+def check_config_size(config: dict[str, Any], where: str) -> None:
+    """Refuse a config whose model would not fit any machine (or take hours to build) before anything is built,
+    saying what it would allocate."""
+    parameters, position_table = estimated_size(config, where)
+    layers = config_sizes(config, where)["num_layers"]
+    gib = 4 * parameters / 2**30
+    if layers > MAX_LAYERS or parameters > MAX_PARAMETERS or position_table > MAX_BUFFER_ELEMENTS:
+        raise ModelLoadError(
+            f"{where} describes a model of {layers:,} blocks and about {_count(parameters)} parameters "
+            f"({gib:,.0f} GiB in float32) with a {_count(position_table)}-element position table; cogsurgeon builds "
+            f"at most {MAX_LAYERS:,} blocks and {_count(MAX_PARAMETERS)} parameters (CogVideoX-5B: 42 blocks, 5.6 "
+            "billion): check num_layers, num_attention_heads, attention_head_dim and the sample sizes"
+        )
+
+
+def _count(value: int) -> str:
+    if value < 1_000_000:
+        return f"{value:,}"
+    exponent = int(math.log10(value))
+    return f"{value / 10**exponent:.1f}e{exponent}"
+
+
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a transformer folder, shards in index order."""
+    """The safetensors files of a transformer folder, shards in index order; each must be a regular file inside
+    the folder."""
     index_path = folder / WEIGHT_FILES[1]
-    if index_path.is_file():
+    if os.path.lexists(index_path):
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            index = read_json(index_path, CONFIG_BYTES_LIMIT)
+        except UserFileError as exc:
             raise ModelLoadError(f"{index_path} is not a valid shard index: {exc}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
             raise ModelLoadError(f"{index_path} is not a valid shard index: weight_map must map tensors to file names")
-        return [folder / name for name in dict.fromkeys(weight_map.values())]
+        names = list(dict.fromkeys(weight_map.values()))
+        for name in names:
+            parts = Path(name).parts
+            if not parts or Path(name).is_absolute() or ".." in parts:
+                raise ModelLoadError(f"{index_path} names the shard {name!r}, which is not a file inside {folder}")
+        return [folder / name for name in names]
     single = folder / WEIGHT_FILES[0]
-    if single.is_file():
+    if os.path.lexists(single):
         return [single]
     raise ModelLoadError(
         f"{folder} has a config but no weights ({WEIGHT_FILES[0]} or its sharded index): "
@@ -180,44 +268,34 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes, offsets), read without torch."""
-    try:
-        with path.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100_000_000:
-                raise ValueError(f"header length {length} is implausible")
-            header = json.loads(handle.read(length))
-    except (OSError, struct.error, ValueError) as exc:
-        raise ModelLoadError(f"{path} is not a valid safetensors file: {exc}") from None
-    if not isinstance(header, dict):
-        raise ModelLoadError(f"{path} is not a valid safetensors file: header is not a JSON object")
-    return header
+def read_weight_headers(folder: Path, files: list[Path]) -> list[SafetensorsHeader]:
+    """The validated header of every weight file (regular files only: a FIFO or a device is refused unread)."""
+    headers = []
+    for path in files:
+        try:
+            headers.append(read_header(path))
+        except CogsurgeonError as exc:
+            raise ModelLoadError(f"could not load {folder}: {exc}") from None
+    return headers
 
 
-def saved_dtype(files: list[Path]) -> str | None:
+def saved_dtype(headers: list[SafetensorsHeader]) -> str | None:
     """The floating dtype most tensors were saved in (by element count), read from the headers only."""
     counts: Counter[str] = Counter()
-    for path in files:
-        for name, entry in read_safetensors_header(path).items():
-            if name == "__metadata__":
-                continue
-            if not isinstance(entry, dict) or not isinstance(entry.get("shape", []), list):
-                raise ModelLoadError(f"{path} is not a valid safetensors file: tensor {name!r} has no dtype and shape")
-            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+    for header in headers:
+        for entry in header.tensors:
+            dtype = _SAFETENSORS_DTYPES.get(entry.dtype)
             if dtype is not None:
-                elements = 1
-                for size in entry.get("shape", []):
-                    elements *= size
-                counts[dtype] += elements
+                counts[dtype] += math.prod(entry.shape)
     return counts.most_common(1)[0][0] if counts else None
 
 
 def load_from_folder(root: Path, dtype: str | torch.dtype | None = None) -> CogVideoXTransformer3DModel:
     """Real weights from a local folder, memory-mapped, in the dtype they were saved in unless one is asked for."""
     folder = find_transformer_folder(root)
-    files = weight_files(folder)
-    resolved = _torch_dtype(dtype if dtype is not None else saved_dtype(files))
+    check_config_size(read_config(folder / "config.json"), str(folder / "config.json"))
+    headers = read_weight_headers(folder, weight_files(folder))
+    resolved = _torch_dtype(dtype if dtype is not None else saved_dtype(headers))
     cls = transformer_class()
     try:
         model = cls.from_pretrained(str(folder), torch_dtype=resolved, local_files_only=True)
@@ -232,19 +310,41 @@ def cached_snapshot(repo_id: str) -> Path:
     from huggingface_hub import constants
 
     repo_folder = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
-    ref = repo_folder / "refs" / "main"
     snapshots = repo_folder / "snapshots"
-    if ref.is_file():
-        snapshot = snapshots / ref.read_text().strip()
-        if snapshot.is_dir():
-            return snapshot
-    candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime) if snapshots.is_dir() else []
+    revision = _main_revision(repo_folder / "refs" / "main")
+    if revision is not None and is_folder(snapshots / revision):
+        return snapshots / revision
+    candidates = sorted(_folders_by_mtime(snapshots))
     if candidates:
-        return candidates[-1]
+        return candidates[-1][1]
     raise ModelSpecError(
         f"{repo_id} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); cogsurgeon never "
         "downloads: fetch it elsewhere (huggingface-cli download) or pass a local folder"
     )
+
+
+def _main_revision(ref: Path) -> str | None:
+    """The commit hash in a cache's `refs/main`, or None when it is absent or not one (binary, a path, huge)."""
+    try:
+        revision = read_text(ref, 4096).strip()
+    except UserFileError:
+        return None
+    return revision if revision and revision.isascii() and revision.isalnum() else None
+
+
+def _folders_by_mtime(folder: Path) -> list[tuple[float, Path]]:
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            if is_folder(entry):
+                found.append((entry.stat().st_mtime, entry))
+        except OSError:
+            continue
+    return found
 
 
 def load_transformer(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cogsurgeon.inspector.errors import ModelSpecError
+from cogsurgeon.inspector.user_files import describe_os_error, expand_user
 
 DEFAULT_SPEC = "cogvideox-5b-i2v"
 
@@ -124,8 +125,12 @@ def resolve_spec(spec: str | None) -> ResolvedSpec:
         return ResolvedSpec("published", spec)
     if spec in TINY_CONFIGS:
         return ResolvedSpec("tiny", spec)
-    path = Path(spec).expanduser()
-    if path.exists():
+    path = expand_user(spec)
+    try:
+        exists = path.exists()  # raises for a name too long, a loop, a folder we may not enter
+    except OSError as exc:
+        raise ModelSpecError(f"model folder {describe_os_error(spec, exc)}") from None
+    if exists:
         return ResolvedSpec("folder", str(path.resolve()))
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
     if _HUB_ID.match(spec) and not looks_like_path:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,13 @@ if TYPE_CHECKING:
 # `torch.cuda.max_memory_allocated()` counts those blocks.
 ALLOCATOR_BLOCK_BYTES = 512
 
-CATEGORIES = ("weights", "inputs", "activations", "attention", "gradients", "optimizer", "vae")
+CATEGORIES = ("weights", "inputs", "activations", "attention", "gradients", "optimizer", "vae", "workspace")
+
+# PyTorch gives each (cuBLAS handle, stream) a workspace from the caching allocator on its first matmul and keeps
+# it: 4096 KiB × 8 = 32 MiB on sm90 (H100/H200), 4096 KiB × 2 + 16 KiB × 8 on other GPUs (`parseChosenWorkspaceSize`
+# in aten/src/ATen/cuda/CublasHandlePool.cpp; `CUBLAS_WORKSPACE_CONFIG` changes it). Handles are per thread, and
+# autograd runs CUDA backward on its own device thread: a training step holds two.
+CUBLAS_WORKSPACE_BYTES = {"sm90": 4096 * 8 * 1024, "other": 4096 * 1024 * 2 + 16 * 1024 * 8}
 
 # What CogVideo's and diffusers' LoRA trainers target, and their default alpha (DESIGN.md, LoRA checkpoints).
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -125,6 +131,7 @@ class MemoryLedger:
         self.peak = 0
         self.peak_breakdown: dict[str, int] = dict(self.totals)
         self.peak_at = ""
+        self.resident = 0  # live bytes at the last reset_peak
         self.where = where
 
     def allocate(self, key: int, nbytes: int, category: str) -> None:
@@ -149,13 +156,18 @@ class MemoryLedger:
             self.totals[category] += entry[0]
             self.live[key] = (entry[0], category)
 
-    @contextmanager
-    def transient(self, nbytes: int, category: str) -> Iterator[None]:
-        """A workspace a kernel allocates and frees inside itself (invisible as a tensor)."""
+    def reserve(self, nbytes: int, category: str) -> int:
+        """Book memory that is no tensor of the run (a library's workspace); returns its key for `free`."""
         key = -1 - len(self.live)
         while key in self.live:
             key -= 1
         self.allocate(key, nbytes, category)
+        return key
+
+    @contextmanager
+    def transient(self, nbytes: int, category: str) -> Iterator[None]:
+        """A workspace a kernel allocates and frees inside itself (invisible as a tensor)."""
+        key = self.reserve(nbytes, category)
         try:
             yield
         finally:
@@ -163,6 +175,7 @@ class MemoryLedger:
 
     def reset_peak(self) -> None:
         """As `torch.cuda.reset_peak_memory_stats()`: the peak restarts from what is live now."""
+        self.resident = self.current
         self._mark_peak()
 
     def _mark_peak(self) -> None:
@@ -183,10 +196,11 @@ class PhasePeak:
     peak_bytes: int
     breakdown: dict[str, int]
     peak_at: str
+    resident_bytes: int = 0  # live when the phase starts (weights, inputs, optimizer state): memory_allocated() then
 
     def to_json(self) -> dict[str, Any]:
         return {"phase": self.phase, "peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown),
-                "peak_at": self.peak_at}
+                "peak_at": self.peak_at, "resident_bytes": self.resident_bytes}
 
 
 @dataclass(frozen=True)
@@ -311,7 +325,7 @@ class MemoryAccounting:
 
     def result(self, phase: str) -> PhasePeak:
         ledger = self.ledger
-        return PhasePeak(phase, ledger.peak, dict(ledger.peak_breakdown), ledger.peak_at)
+        return PhasePeak(phase, ledger.peak, dict(ledger.peak_breakdown), ledger.peak_at, ledger.resident)
 
     @contextmanager
     def within(self, category: str | None = None, phase: str | None = None) -> Iterator[None]:
@@ -480,17 +494,22 @@ def make_optimizer(parameters: Sequence[torch.nn.Parameter]) -> torch.optim.Opti
 
 
 def training_step(model: nn.Module, inputs: Mapping[str, Any], target: torch.Tensor,
-                  optimizer: torch.optim.Optimizer) -> None:
-    """One step as the trainers take it: forward, MSE against the target latents, backward, AdamW, grads freed."""
+                  optimizer: torch.optim.Optimizer, *, phase: Callable[..., Any] | None = None) -> None:
+    """One step as the trainers take it: forward, MSE against the target latents, backward, AdamW, grads freed.
+    The planner runs this very function on meta and the GPU bench on CUDA; `phase(category, name)` (the planner's
+    `MemoryAccounting.within`) labels the parts."""
     import torch.nn.functional as F
 
+    phase = phase or (lambda category=None, name=None: nullcontext())
     prediction = model(**inputs, return_dict=False)[0]
     loss = F.mse_loss(prediction, target)
     del prediction
-    loss.backward()
+    with phase(None, "backward"):
+        _backward_keeping_modes(loss)
     del loss
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with phase("optimizer", "optimizer step"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _backward_keeping_modes(loss: torch.Tensor) -> None:
@@ -504,15 +523,26 @@ def _backward_keeping_modes(loss: torch.Tensor) -> None:
                          accumulate_grad=True)
 
 
-def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, batch: int = 2,
-                     train: TrainMode | None = None, checkpointing: bool = False) -> PhasePeak:
-    """The peak of one transformer forward (inference, no grad) or one steady-state training step on `model`,
-    which must be on the meta device and may be changed (adapters, checkpointing): pass a fresh one."""
+def training_target(inputs: Mapping[str, Any], config: Mapping[str, Any]) -> torch.Tensor:
+    """A target shaped as the transformer's output (the noise latents' channels, not the image latents')."""
     import torch
 
-    from cogsurgeon.inspector.trace import latent_geometry, trace_inputs
+    hidden_states = inputs["hidden_states"]
+    batch, frames, _, height, width = hidden_states.shape
+    return torch.empty(batch, frames, config["out_channels"], height, width, dtype=hidden_states.dtype,
+                       device=hidden_states.device)
 
-    geometry = latent_geometry(model.config, frames, height, width)
+
+def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, batch: int = 2,
+                     train: TrainMode | None = None, checkpointing: bool = False,
+                     blas_workspace_bytes: int = CUBLAS_WORKSPACE_BYTES["sm90"]) -> PhasePeak:
+    """The peak of one transformer forward (inference, no grad) or one steady-state training step on `model`,
+    which must be on the meta device and may be changed (adapters, checkpointing): pass a fresh one.
+    `blas_workspace_bytes`: cuBLAS' workspace per thread that runs matmuls (see CUBLAS_WORKSPACE_BYTES)."""
+    import torch
+
+    from cogsurgeon.inspector.geometry import pipeline_inputs
+
     accounting = MemoryAccounting()
     trainable: list[torch.nn.Parameter] = []
     optimizer = None
@@ -520,6 +550,8 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
         trainable = prepare_training(model, train, checkpointing)
         optimizer = make_optimizer(trainable)
     accounting.adopt(model, "weights")
+    for _thread in range(1 if train is None else 2):  # the forward's thread, and autograd's for backward
+        accounting.ledger.reserve(blas_workspace_bytes, "workspace")
     hooks = []
     for parameter in trainable:
         hooks.append(parameter.register_post_accumulate_grad_hook(
@@ -527,9 +559,10 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
     try:
         with accounting.active(model):
             with accounting.within("inputs"):
-                inputs = trace_inputs(model, geometry, batch)
-                target = torch.empty_like(inputs["hidden_states"][:, :, : model.config.out_channels])
+                inputs = pipeline_inputs(model.config, (frames, height, width), batch, dtype=model.dtype,
+                                         device=torch.device("meta"))
             if optimizer is None:
+                accounting.ledger.reset_peak()
                 with torch.no_grad():
                     model(**inputs, return_dict=False)
                 return accounting.result("transformer forward")
@@ -539,16 +572,10 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
                     parameter.grad = torch.empty_like(parameter)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            with accounting.within("inputs"):
+                target = training_target(inputs, model.config)
             accounting.ledger.reset_peak()
-            prediction = model(**inputs, return_dict=False)[0]
-            loss = torch.nn.functional.mse_loss(prediction, target)
-            del prediction
-            with accounting.within(phase="backward"):
-                _backward_keeping_modes(loss)
-            del loss
-            with accounting.within("optimizer", "optimizer step"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            training_step(model, inputs, target, optimizer, phase=accounting.within)
             return accounting.result(f"transformer training step ({train.label()})")
     finally:
         for hook in hooks:
@@ -600,6 +627,7 @@ def plan_vae_decode(vae: nn.Module, latents_shape: tuple[int, ...], *, tiling: b
     accounting.adopt(vae, "vae")
     with accounting.active(vae), accounting.within("vae"), torch.no_grad():
         latents = torch.empty(latents_shape, dtype=dtype, device="meta")
+        accounting.ledger.reset_peak()
         vae.decode(latents, return_dict=False)
     return accounting.result("vae decode" + (" (tiled)" if tiling else ""))
 
@@ -617,7 +645,7 @@ def latents_shape(config: Mapping[str, Any], geometry: Any, batch: int) -> tuple
 def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSettings) -> tuple[PhasePeak, ...]:
     from cogsurgeon import patches
     from cogsurgeon.inspector.loading import build_on_meta
-    from cogsurgeon.inspector.trace import latent_geometry
+    from cogsurgeon.inspector.geometry import latent_geometry
 
     model = build_on_meta(dict(config), settings.dtype)
     for name in settings.patches:
@@ -659,7 +687,7 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     """
     from cogsurgeon.inspector.loading import _torch_dtype
     from cogsurgeon.inspector.model_specs import PUBLISHED_DTYPES, published_config, resolve_spec, tiny_config
-    from cogsurgeon.inspector.trace import TraceSizeError, latent_geometry
+    from cogsurgeon.inspector.geometry import VideoSizeError, latent_geometry
 
     resolved = resolve_spec(spec)
     if resolved.kind == "published":
@@ -672,7 +700,7 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
 
         config = read_config(find_transformer_folder(Path(resolved.spec)) / "config.json")
     if not isinstance(batch, int) or batch < 1:
-        raise TraceSizeError(f"batch must be a positive whole number, got {batch!r}")
+        raise VideoSizeError(f"batch must be a positive whole number, got {batch!r}")
     latent_geometry(config, frames, height, width)
     dtype_name = str(_torch_dtype(dtype or PUBLISHED_DTYPES.get(resolved.spec, "bfloat16"))).removeprefix("torch.")
     if tiling and not vae:

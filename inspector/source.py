@@ -30,30 +30,20 @@ class SourceText:
         return f"{display_path(self.file)}:{self.start_line}"
 
 
-def short_path(file: str | None) -> str:
-    """A source path from the package root on (`diffusers/models/attention_processor.py`), or '-'."""
-    if not file:
-        return "-"
-    parts = Path(file).parts
-    for anchor in ("site-packages", "dist-packages"):
-        if anchor in parts:
-            return "/".join(parts[parts.index(anchor) + 1 :])
-    return file
-
-
 def display_path(file: str | None) -> str:
     """A path that reads the same on every machine: from the package root inside site-packages
     (`diffusers/models/attention_processor.py`), from the checkout for cogsurgeon's own files
     (`patches/causal.py`), else as given; '-' when there is none."""
     if not file:
         return "-"
-    path = Path(file)
-    if {"site-packages", "dist-packages"} & set(path.parts):  # also when the venv lives inside the checkout
-        return short_path(file)
+    parts = Path(file).parts
+    for anchor in ("site-packages", "dist-packages"):  # first: the venv may live inside the checkout
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1 :])
     try:
-        return path.resolve().relative_to(_PROJECT_ROOT).as_posix()
+        return Path(file).resolve().relative_to(_PROJECT_ROOT).as_posix()
     except ValueError:
-        return short_path(file)
+        return file
 
 
 def _loaded_class(module_name: str | None, class_name: str | None) -> type | None:

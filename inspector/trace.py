@@ -3,8 +3,8 @@ the way diffusers' CogVideoX pipelines derive them, recording every module's inp
 attention call's query/key/value shapes, how the joint sequence splits into text and video tokens, and what an
 explicit attention mask would cost at that size.
 
-The size arithmetic lives in small pure functions (`latent_geometry`, `sequence_split`, `mask_memory_table`);
-the torch edge (`trace_shapes`) only builds meta inputs, runs, and reads shapes. Nothing is computed for real and
+The size arithmetic and the inputs come from `inspector.geometry` (the pipelines' arithmetic, written once); the
+memory table is a small pure function (`mask_memory_table`); the torch edge (`trace_shapes`) runs and reads shapes. Nothing is computed for real and
 the model is left as it was: hooks are removed, a model that is not on meta is traced through a meta twin.
 """
 
@@ -17,60 +17,21 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Union
 
-from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.geometry import (
+    FrameLayout,
+    LatentGeometry,
+    VideoSizeError,
+    latent_frame_count,
+    latent_geometry,
+    pipeline_inputs,
+)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-# The CogVideoX VAE: 8× spatial, 4× temporal compression (`vae_scale_factor_spatial`, `..._temporal` in the
-# pipelines; the transformer's config repeats the temporal one as `temporal_compression_ratio`).
-VAE_SPATIAL_FACTOR = 8
-
 # A traced shape: a tensor's shape, None for a non-tensor, or a nest of those (tuples of tensors, dicts).
 Shape = Union[tuple[int, ...], None, tuple["Shape", ...], dict[str, "Shape"]]
-
-
-class TraceSizeError(CogsurgeonError):
-    """A video size the model cannot take (learned positions, patch divisibility, rotary table, ...)."""
-
-
-@dataclass(frozen=True)
-class LatentGeometry:
-    """The latent video the transformer sees for a requested video size, as the pipelines compute it."""
-
-    frames: int  # video frames asked for
-    latent_frames: int  # after the VAE's temporal compression, padded to whole temporal patches (1.5)
-    padding_frames: int  # latent frames added for CogVideoX1.5's temporal patches (the pipeline drops them after)
-    latent_height: int
-    latent_width: int
-    token_frames: int  # latent frames, or temporal patches of `patch_size_t` latent frames (1.5)
-    grid_height: int  # tokens per column after spatial patching
-    grid_width: int
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.grid_height * self.grid_width
-
-
-@dataclass(frozen=True)
-class SequenceSplit:
-    """The joint attention sequence `[text ; video]`: video in frame-major raster order, `frames` token frames."""
-
-    text_tokens: int
-    video_tokens: int
-    frames: int  # latent frames, or temporal patches for CogVideoX1.5
-    tokens_per_frame: int
-    total: int
-
-    def to_json(self) -> dict[str, int]:
-        return {
-            "text_tokens": self.text_tokens,
-            "video_tokens": self.video_tokens,
-            "frames": self.frames,
-            "tokens_per_frame": self.tokens_per_frame,
-            "total": self.total,
-        }
 
 
 @dataclass(frozen=True)
@@ -150,7 +111,7 @@ class TraceResult:
     batch: int
     dtype: str
     geometry: LatentGeometry
-    sequence: SequenceSplit
+    sequence: FrameLayout
     attention: tuple[AttentionCall, ...]
     modules: dict[str, ModuleShapes]
     mask_memory: tuple[MaskMemory, ...]
@@ -182,91 +143,7 @@ class TraceResult:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Size arithmetic (pure)
-
-
-def latent_frame_count(frames: int, temporal_compression_ratio: int = 4, patch_size_t: int | None = None) -> int:
-    """Latent frames for `frames` video frames: `(F-1)//4+1`, then padded up to whole temporal patches for
-    CogVideoX1.5 (the pipelines add the padding frames and drop them after decoding)."""
-    latent_frames = (frames - 1) // temporal_compression_ratio + 1
-    if patch_size_t is not None and latent_frames % patch_size_t:
-        latent_frames += patch_size_t - latent_frames % patch_size_t
-    return latent_frames
-
-
-def latent_geometry(config: Mapping[str, Any], frames: int, height: int, width: int) -> LatentGeometry:
-    """The latent video for a video size, or a `TraceSizeError` saying why the model cannot take that size."""
-    for label, value in (("frames", frames), ("height", height), ("width", width)):
-        if not isinstance(value, int) or value < 1:
-            raise TraceSizeError(f"{label} must be a positive whole number, got {value!r}")
-    patch_size = int(config.get("patch_size", 2))
-    patch_size_t = config.get("patch_size_t")
-    temporal_ratio = int(config.get("temporal_compression_ratio", 4))
-    pixel_step = VAE_SPATIAL_FACTOR * patch_size
-    for label, value in (("height", height), ("width", width)):
-        if value % pixel_step:
-            lower = max(pixel_step, value - value % pixel_step)
-            raise TraceSizeError(
-                f"{label} {value} is not a multiple of {pixel_step} (the VAE's {VAE_SPATIAL_FACTOR}× times patch "
-                f"size {patch_size}): try {lower} or {lower + pixel_step}"
-            )
-    latent_height, latent_width = height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR
-    if config.get("use_learned_positional_embeddings"):
-        sample_height, sample_width = int(config["sample_height"]), int(config["sample_width"])
-        if (latent_height, latent_width) != (sample_height, sample_width):
-            raise TraceSizeError(
-                f"this model's learned positional embeddings fix the video size to "
-                f"{sample_height * VAE_SPATIAL_FACTOR}×{sample_width * VAE_SPATIAL_FACTOR} (height×width); "
-                f"{height}×{width} cannot run (diffusers raises ValueError in CogVideoXPatchEmbed)"
-            )
-    unpadded = latent_frame_count(frames, temporal_ratio)
-    latent_frames = latent_frame_count(frames, temporal_ratio, patch_size_t)
-    grid_height, grid_width = latent_height // patch_size, latent_width // patch_size
-    if patch_size_t is not None and config.get("use_rotary_positional_embeddings"):
-        # The pipelines slice 1.5's rotary table out of a grid of the config's sample size; beyond it diffusers
-        # fails with a reshape error deep inside get_3d_rotary_pos_embed.
-        max_height, max_width = int(config["sample_height"]) // patch_size, int(config["sample_width"]) // patch_size
-        if grid_height > max_height or grid_width > max_width:
-            raise TraceSizeError(
-                f"{height}×{width} is larger than this model's rotary grid allows: at most "
-                f"{max_height * pixel_step}×{max_width * pixel_step} (height×width)"
-            )
-    token_frames = latent_frames // patch_size_t if patch_size_t else latent_frames
-    return LatentGeometry(
-        frames=frames,
-        latent_frames=latent_frames,
-        padding_frames=latent_frames - unpadded,
-        latent_height=latent_height,
-        latent_width=latent_width,
-        token_frames=token_frames,
-        grid_height=grid_height,
-        grid_width=grid_width,
-    )
-
-
-VAE_SCALE_FACTOR = 8
-LARGEST_DEFAULT_SIZE = (768, 1360)  # CogVideoX1.5's pipelines' size; its config's 300x300 latent is a maximum
-
-
-def default_video_size(config: Mapping[str, Any]) -> tuple[int, int, int]:
-    """The video (frames, height, width) the pipelines default to for this config: the sample size times the VAE's
-    factor (49x480x720 for CogVideoX, 9x64x64 for the tiny models), capped at CogVideoX1.5's 81x768x1360."""
-    height = int(config["sample_height"]) * VAE_SCALE_FACTOR
-    width = int(config["sample_width"]) * VAE_SCALE_FACTOR
-    if height > LARGEST_DEFAULT_SIZE[0] or width > LARGEST_DEFAULT_SIZE[1]:
-        height, width = LARGEST_DEFAULT_SIZE
-    return int(config["sample_frames"]), height, width
-
-
-def sequence_split(geometry: LatentGeometry, text_tokens: int) -> SequenceSplit:
-    video_tokens = geometry.token_frames * geometry.tokens_per_frame
-    return SequenceSplit(
-        text_tokens=text_tokens,
-        video_tokens=video_tokens,
-        frames=geometry.token_frames,
-        tokens_per_frame=geometry.tokens_per_frame,
-        total=text_tokens + video_tokens,
-    )
+# Notes and mask memory (pure)
 
 
 def size_notes(config: Mapping[str, Any], geometry: LatentGeometry) -> tuple[str, ...]:
@@ -283,30 +160,12 @@ def size_notes(config: Mapping[str, Any], geometry: LatentGeometry) -> tuple[str
         )
     sample_frames = int(config.get("sample_frames", 49))
     if config.get("use_learned_positional_embeddings") and geometry.frames != sample_frames:
-        latent_sample = (sample_frames - 1) // ratio + 1
-        if geometry.latent_frames != latent_sample:
+        if geometry.latent_frames != latent_frame_count(sample_frames, ratio):
             notes.append(
                 f"learned positional embeddings cover {sample_frames} frames; at {geometry.frames} diffusers "
                 "swaps them for sin-cos positions the model was not trained with"
             )
     return tuple(notes)
-
-
-def resize_crop_region_for_grid(
-    grid: tuple[int, int], base_width: int, base_height: int
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The rotary crop region CogVideoX 1.0's pipelines use (`get_resize_crop_region_for_grid` in
-    pipeline_cogvideox.py, same arithmetic; importing it would import the pipelines and transformers)."""
-    grid_height, grid_width = grid
-    if grid_height / grid_width > base_height / base_width:
-        resize_height = base_height
-        resize_width = int(round(base_height / grid_height * grid_width))
-    else:
-        resize_width = base_width
-        resize_height = int(round(base_width / grid_width * grid_height))
-    crop_top = int(round((base_height - resize_height) / 2.0))
-    crop_left = int(round((base_width - resize_width) / 2.0))
-    return (crop_top, crop_left), (crop_top + resize_height, crop_left + resize_width)
 
 
 DTYPE_BYTES = {"bool": 1, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
@@ -331,10 +190,10 @@ class PatchMemoryModel:
 
 
 def mask_memory_table(
-    sequence: SequenceSplit, batch: int, heads: int, head_dim: int, dtype: str, source: PatchMemoryModel
+    sequence: FrameLayout, batch: int, heads: int, head_dim: int, dtype: str, source: PatchMemoryModel
 ) -> tuple[MaskMemory, ...]:
     """One row per patch: the explicit mask against the patch's own extra memory, per attention call."""
-    length = sequence.total
+    length = sequence.sequence_length
     dtype_bytes = DTYPE_BYTES[dtype]
     explicit_shape = (batch * heads, length, length)
     if source.explicit_mask_bytes is not None:
@@ -446,55 +305,6 @@ def named_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, 
 # The meta forward
 
 
-def trace_inputs(model: nn.Module, geometry: LatentGeometry, batch: int) -> dict[str, Any]:
-    """The transformer's keyword inputs on the meta device, shaped as the CogVideoX pipelines shape them."""
-    import torch
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
-    config = model.config
-    dtype = _model_dtype(model)
-    meta = torch.device("meta")
-    # In the i2v pipelines in_channels is the noise latents and the image latents concatenated on channels;
-    # either way the transformer takes `in_channels`.
-    hidden_states = torch.empty(
-        batch, geometry.latent_frames, config.in_channels, geometry.latent_height, geometry.latent_width,
-        dtype=dtype, device=meta,
-    )
-    encoder_hidden_states = torch.empty(
-        batch, config.max_text_seq_length, config.text_embed_dim, dtype=dtype, device=meta
-    )
-    inputs: dict[str, Any] = {
-        "hidden_states": hidden_states,
-        "encoder_hidden_states": encoder_hidden_states,
-        "timestep": torch.empty(batch, dtype=torch.int64, device=meta),  # `t.expand(batch)` of int64 timesteps
-    }
-    if config.get("ofs_embed_dim"):
-        inputs["ofs"] = torch.empty(1, dtype=dtype, device=meta)  # `latents.new_full((1,), fill_value=2.0)`
-    if config.use_rotary_positional_embeddings:
-        patch_size, patch_size_t = config.patch_size, config.get("patch_size_t")
-        grid = (geometry.grid_height, geometry.grid_width)
-        base_width, base_height = config.sample_width // patch_size, config.sample_height // patch_size
-        if patch_size_t is None:
-            inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(
-                embed_dim=config.attention_head_dim,
-                crops_coords=resize_crop_region_for_grid(grid, base_width, base_height),
-                grid_size=grid,
-                temporal_size=geometry.latent_frames,
-                device=meta,
-            )
-        else:
-            inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(
-                embed_dim=config.attention_head_dim,
-                crops_coords=None,
-                grid_size=grid,
-                temporal_size=(geometry.latent_frames + patch_size_t - 1) // patch_size_t,
-                grid_type="slice",
-                max_size=(base_height, base_width),
-                device=meta,
-            )
-    return inputs
-
-
 def _model_dtype(model: nn.Module) -> torch.dtype:
     import torch
 
@@ -517,10 +327,10 @@ def meta_twin(model: nn.Module) -> nn.Module:
     from cogsurgeon.inspector.loading import build_on_meta
 
     twin = build_on_meta(dict(model.config), _model_dtype(model))
-    applied = patches.applied(model)
+    applied = patches.applied_options(model)
     if applied:
-        for name in applied:
-            patches.apply(twin, name)
+        for name, options in applied.items():
+            patches.apply(twin, name, **options)
         return twin
     processors = getattr(model, "attn_processors", None)
     if processors:
@@ -597,20 +407,19 @@ def trace_shapes(model: nn.Module, *, frames: int, height: int, width: int, batc
     import torch
 
     if not isinstance(batch, int) or batch < 1:
-        raise TraceSizeError(f"batch must be a positive whole number, got {batch!r}")
+        raise VideoSizeError(f"batch must be a positive whole number, got {batch!r}")
     config = model.config
     geometry = latent_geometry(config, frames, height, width)
-    text_tokens = int(config.max_text_seq_length)
     traced = model if _on_meta(model) else meta_twin(model)
-    inputs = trace_inputs(traced, geometry, batch)
+    dtype = _model_dtype(traced)
+    inputs = pipeline_inputs(config, (frames, height, width), batch, dtype=dtype, device=torch.device("meta"))
     modules: dict[str, ModuleShapes] = {}
     attention: list[AttentionCall] = []
     stack: list[str] = []
     with torch.no_grad(), _recording_hooks(traced, modules, stack), _attention_recorder(attention, stack):
         output = traced(**inputs, return_dict=False)[0]
-    dtype = _model_dtype(traced)
     dtype_name = str(dtype).removeprefix("torch.")
-    sequence = sequence_split(geometry, text_tokens)
+    sequence = geometry.layout(int(config.max_text_seq_length))
     heads = int(config.num_attention_heads)
     return TraceResult(
         model_class=type(model).__name__,

@@ -4,6 +4,7 @@
     patches.available()                               # [PatchInfo(name, summary), ...]
     handle = patches.apply(model_or_pipeline, "frame-causal-attention")
     patches.applied(model)                            # ["frame-causal-attention"]
+    patches.applied_options(model)                    # {"frame-causal-attention": {}}: the options in force
     handle.revert()                                   # or patches.revert(model[, name])
     with patches.patched(model, "causal-attention", "attention-mask"): ...
 
@@ -17,15 +18,19 @@ from cogsurgeon.patches.errors import (
     PatchConflictError,
     PatchError,
     PatchNotAppliedError,
+    PatchParameterError,
+    PatchSpecError,
     PatchTargetError,
     UnknownPatchError,
 )
+from cogsurgeon.patches.parameters import PatchParameter, format_patch_spec, parse_patch_spec
 from cogsurgeon.patches.registry import (
     ENTRY_POINT_GROUP,
     Patch,
     PatchHandle,
     PatchInfo,
     applied,
+    applied_options,
     apply,
     available,
     explicit_mask_bytes,
@@ -46,14 +51,20 @@ __all__ = [
     "PatchHandle",
     "PatchInfo",
     "PatchNotAppliedError",
+    "PatchParameter",
+    "PatchParameterError",
+    "PatchSpecError",
     "PatchTargetError",
     "UnknownPatchError",
     "applied",
+    "applied_options",
     "apply",
     "available",
     "explicit_mask_bytes",
+    "format_patch_spec",
     "get_patch",
     "memory_estimate",
+    "parse_patch_spec",
     "patched",
     "register",
     "revert",

@@ -32,8 +32,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from cogsurgeon.inspector.geometry import FrameLayout
 from cogsurgeon.patches.errors import AttentionMaskError
-from cogsurgeon.patches.layout import FrameLayout
 
 Structure = Literal["causal", "frame-causal"]
 
@@ -139,7 +139,7 @@ def describe_mask_forms(layout: FrameLayout) -> str:
 
 
 def normalize_attention_mask(
-    mask: torch.Tensor, layout: FrameLayout, batch: int, heads: int
+    mask: torch.Tensor, layout: FrameLayout, batch: int, heads: int, *, read_values: bool = True
 ) -> tuple[Literal["keys", "soft-keys", "dense"], torch.Tensor]:
     """Check a user mask against DESIGN's accepted forms and bring it to one of three shapes:
 
@@ -147,6 +147,7 @@ def normalize_attention_mask(
     mask or an additive one of only 0 and -inf;
     ("soft-keys", bias): an additive `(B|1, L)` of only 0 and finite values <= -1e4 (HF's classic -10000 padding);
     ("dense", m): m a bool or additive float `(B|1, 1|heads, L|1, L)`.
+    `read_values=False` classifies by shape and dtype alone (no host read): additive key masks become "dense".
     """
     text, length = layout.text_tokens, layout.sequence_length
     if not isinstance(mask, torch.Tensor):
@@ -164,6 +165,8 @@ def normalize_attention_mask(
             mask = torch.cat([mask, video(shape[0], length - text, dtype=mask.dtype, device=mask.device)], dim=1)
         if mask.dtype == torch.bool or mask.is_meta:  # a meta mask has no values: shapes as if every key is kept
             return "keys", mask if mask.dtype == torch.bool else mask == 0
+        if not read_values:  # an additive key mask, its values unread (inside a compiled graph)
+            return "dense", mask[:, None, None, :]
         if bool(((mask == 0) | (mask == float("-inf"))).all()):
             return "keys", mask == 0
         if bool(((mask == 0) | (mask <= DROP_THRESHOLD)).all()):
@@ -191,15 +194,19 @@ def plan_attention(
     segments = structure_segments(structure, layout)
     if mask is None:
         return SegmentPlan(segments)
-    form, normalized = normalize_attention_mask(mask, layout, batch, heads)
+    # Inside a compiled graph (torch.compile, fullgraph) the mask's values cannot be read on the host: it goes to
+    # SDPA as a key mask instead of dropping keys (same result, without the flash kernel).
+    read_values = not torch.compiler.is_compiling()
+    form, normalized = normalize_attention_mask(mask, layout, batch, heads, read_values=read_values)
     if form == "keys" and normalized.is_meta:  # a shape-only (meta) forward: the mask's values are unknown
         return SegmentPlan(segments)
     if form in ("keys", "soft-keys"):
-        # Dropping a key whose additive value is finite is exact only while each query keeps another key.
-        keep = normalized if form == "keys" else normalized == 0
-        plan = _kept_key_plan(keep, segments, device, allow_keyless_queries=form == "keys")
-        if plan is not None:
-            return plan
+        if read_values:
+            # Dropping a key whose additive value is finite is exact only while each query keeps another key.
+            keep = normalized if form == "keys" else normalized == 0
+            plan = _kept_key_plan(keep, segments, device, allow_keyless_queries=form == "keys")
+            if plan is not None:
+                return plan
         normalized = normalized[:, None, None, :]
     if normalized.dtype != torch.bool:
         normalized = normalized.to(dtype)

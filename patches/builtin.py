@@ -7,32 +7,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from cogsurgeon.patches.errors import PatchError
 from cogsurgeon.patches.registry import Patch
-
-
-def _no_options(patch: Patch, options: dict[str, Any]) -> None:
-    if options:
-        raise PatchError(f"{patch.name} takes no options (got {', '.join(sorted(options))})")
 
 
 class StructuralAttentionPatch(Patch):
     """A rule on which keys each query may see, fixed by positions only (no user input)."""
 
     structure: str = ""
+    exclusive = "attention-pattern"
 
-    def apply(self, transformer: Any, **options: Any) -> None:
-        _no_options(self, options)
+    def apply(self, transformer: Any, **options: Any) -> Any:
         from cogsurgeon.patches.processor import enable_attention_rule
 
-        enable_attention_rule(transformer, structure=self.structure)
+        return enable_attention_rule(transformer, structure=self.structure)
 
-    def revert(self, transformer: Any) -> None:
+    def revert(self, transformer: Any, record: Any) -> None:
         from cogsurgeon.patches.processor import disable_attention_rule
 
-        disable_attention_rule(transformer, structure=self.structure)
+        disable_attention_rule(transformer, record, structure=self.structure)
 
-    def reference_mask(self, layout: Any) -> Any:
+    def reference_mask(self, layout: Any, **options: Any) -> Any:
         from cogsurgeon.patches.reference import RULE_MASKS
 
         return RULE_MASKS[self.name](layout)
@@ -48,7 +42,6 @@ class CausalAttention(StructuralAttentionPatch):
     name = "causal-attention"
     summary = "token-causal attention over [text ; video] (k <= q), as the original fork's is_causal=True"
     structure = "causal"
-    conflicts = frozenset({"frame-causal-attention"})
 
     def extra_memory_bytes(
         self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False
@@ -67,7 +60,6 @@ class FrameCausalAttention(StructuralAttentionPatch):
     name = "frame-causal-attention"
     summary = "frame-causal attention: text sees text; frame f sees text and frames <= f"
     structure = "frame-causal"
-    conflicts = frozenset({"causal-attention"})
 
     def extra_memory_bytes(
         self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False
@@ -92,16 +84,15 @@ class AttentionMask(Patch):
     name = "attention-mask"
     summary = "attention_kwargs={'attention_mask': M} reaches attention: (B,T), (B,T+N) or (B|1,1|heads,L,L)"
 
-    def apply(self, transformer: Any, **options: Any) -> None:
-        _no_options(self, options)
+    def apply(self, transformer: Any, **options: Any) -> Any:
         from cogsurgeon.patches.processor import enable_attention_rule
 
-        enable_attention_rule(transformer, masks=True)
+        return enable_attention_rule(transformer, masks=True)
 
-    def revert(self, transformer: Any) -> None:
+    def revert(self, transformer: Any, record: Any) -> None:
         from cogsurgeon.patches.processor import disable_attention_rule
 
-        disable_attention_rule(transformer, masks=True)
+        disable_attention_rule(transformer, record, masks=True)
 
     def extra_memory_bytes(
         self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False

@@ -33,3 +33,19 @@ class PatchNotAppliedError(PatchError):
 
 class AttentionMaskError(PatchError):
     """An `attention_mask` that is not one of the accepted forms, or that arrives where no patch handles masks."""
+
+
+class PatchParameterError(PatchError):
+    """An option a patch does not declare, of the wrong type, or out of range; `.patch` and `.parameter` name it."""
+
+    def __init__(self, patch: str, parameter: str, message: str):
+        super().__init__(message)
+        self.patch = patch
+        self.parameter = parameter
+
+    def __reduce__(self):
+        return type(self), (self.patch, self.parameter, str(self))
+
+
+class PatchSpecError(PatchError):
+    """A `NAME:key=value,...` patch spec that does not parse."""

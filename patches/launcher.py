@@ -2,29 +2,36 @@
 starts, builds is patched.
 
 The mechanism is a generated `sitecustomize` (a copy of `patches/run_startup.py`) in a temporary folder put first on
-PYTHONPATH, with COGSURGEON_RUN_PATCHES naming the patches. The program gets the user's own environment
+PYTHONPATH, with COGSURGEON_RUN_PATCHES listing the patch specs (`NAME` or `NAME:key=value,...`, a JSON list). The program gets the user's own environment
 (`cogsurgeon.inspector.offline.user_environment()`: cogsurgeon's process is offline, theirs keeps their settings). Processes
-started with `python -E`/`-I`, or with an environment that drops PYTHONPATH, are not reached.
+started with `python -E`/`-I`, or with an environment that drops PYTHONPATH, are not reached. Terminating signals are
+passed on to the program and the temporary folder is removed however the program ends.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.offline import user_environment
-from cogsurgeon.patches.registry import check_composition, get_patch
+from cogsurgeon.patches.errors import PatchSpecError
+from cogsurgeon.patches.parameters import parse_patch_spec
+from cogsurgeon.patches.registry import check_composition, resolve_options
 
 PATCHES_VARIABLE = "COGSURGEON_RUN_PATCHES"
 ROOT_VARIABLE = "COGSURGEON_RUN_ROOT"
 STARTUP_SOURCE = Path(__file__).with_name("run_startup.py")
+BUILT_MARKER = "built-"  # the startup code leaves `built-PID-N` in its own folder for each model it patches
 COGSURGEON_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,15 +39,21 @@ class LaunchError(CogsurgeonError):
     """The program could not be started."""
 
 
-def check_patch_names(patch_names: Sequence[str]) -> list[str]:
-    """Every name known and the set composable; duplicates collapse."""
-    names = list(dict.fromkeys(patch_names))
-    if not names:
+def check_patch_names(patch_specs: Sequence[str]) -> list[str]:
+    """Every spec (`NAME` or `NAME:key=value,...`) parsed, its name known, its options valid, and the set
+    composable; repeats of one spec collapse, one name with two sets of options is refused."""
+    specs = list(dict.fromkeys(patch_specs))
+    if not specs:
         raise CogsurgeonError("name at least one patch: cogsurgeon run --patch NAME -- COMMAND ...")
-    for name in names:
-        get_patch(name)
-    check_composition(names)
-    return names
+    chosen: dict[str, dict] = {}
+    for spec in specs:
+        name, options = parse_patch_spec(spec)
+        options = resolve_options(name, options)
+        if chosen.get(name, options) != options:
+            raise PatchSpecError(f"--patch {name} is given twice with different options; give it once")
+        chosen[name] = options
+    check_composition(list(chosen))
+    return specs
 
 
 def child_environment(patch_names: Sequence[str], startup_folder: Path) -> dict[str, str]:
@@ -48,42 +61,75 @@ def child_environment(patch_names: Sequence[str], startup_folder: Path) -> dict[
     environment = user_environment()
     existing = environment.get("PYTHONPATH")
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(startup_folder), existing]))
-    environment[PATCHES_VARIABLE] = ",".join(patch_names)
+    environment[PATCHES_VARIABLE] = json.dumps(list(patch_names))
     environment[ROOT_VARIABLE] = str(COGSURGEON_ROOT)
     return environment
 
 
-def run_patched(command: Sequence[str], patch_names: Sequence[str]) -> int:
-    """Run `command` with the patches on; returns its exit status (128 + N when signal N ended it)."""
+# Terminating signals `run` passes on to the program, as a shell does to its foreground job. SIGINT is not among
+# them: Ctrl-C reaches the program from the terminal (same process group), so `run` only ignores it meanwhile.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How the program ended: its exit status (128 + N when signal N ended it) and how many CogVideoX transformers
+    it (or its Python children) built, each of which got the patches."""
+
+    exit_status: int
+    models_built: int
+
+
+def run_patched(command: Sequence[str], patch_names: Sequence[str]) -> RunOutcome:
+    """Run `command` with the patches on and wait for it, forwarding terminating signals; the startup folder is
+    removed however the wait ends."""
     if not command:
         raise CogsurgeonError("no command to run: cogsurgeon run --patch NAME -- COMMAND [ARGS...]")
     names = check_patch_names(patch_names)
-    startup_folder = Path(tempfile.mkdtemp(prefix="cogsurgeon-run-"))
-    try:
-        shutil.copyfile(STARTUP_SOURCE, startup_folder / "sitecustomize.py")
-        environment = child_environment(names, startup_folder)
+    with _forwarded_signals() as forward_to:
+        startup_folder = Path(tempfile.mkdtemp(prefix="cogsurgeon-run-"))
         try:
-            process = subprocess.Popen(list(command), env=environment)
-        except OSError as exc:
-            raise LaunchError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None
-        return _wait_forwarding_signals(process)
-    finally:
-        shutil.rmtree(startup_folder, ignore_errors=True)
+            shutil.copyfile(STARTUP_SOURCE, startup_folder / "sitecustomize.py")
+            environment = child_environment(names, startup_folder)
+            try:
+                process = subprocess.Popen(list(command), env=environment)
+            except OSError as exc:
+                raise LaunchError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None
+            forward_to(process)
+            status = _exit_status(process.wait())
+            return RunOutcome(status, len(list(startup_folder.glob(f"{BUILT_MARKER}*"))))
+        finally:
+            shutil.rmtree(startup_folder, ignore_errors=True)
 
 
-def _wait_forwarding_signals(process: subprocess.Popen) -> int:
-    """Wait like a shell: Ctrl-C reaches the program through the terminal, so cogsurgeon ignores it meanwhile and
-    passes on a SIGTERM it receives; the program decides how to stop."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
-        return _exit_status(process.wait())
-    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+@contextmanager
+def _forwarded_signals() -> Iterator[Callable[[subprocess.Popen], None]]:
+    """While the program runs: SIGINT ignored, FORWARDED_SIGNALS passed on to it (one arriving before it started
+    is passed on as it starts). Off the main thread, where handlers cannot be set, nothing is changed."""
+    process: list[subprocess.Popen] = []
+    pending: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        if process:
+            process[0].send_signal(signum)
+        else:
+            pending.append(signum)
+
+    def forward_to(started: subprocess.Popen) -> None:
+        process.append(started)
+        for signum in pending:
+            started.send_signal(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield forward_to
+        return
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        returncode = process.wait()
+        yield forward_to
     finally:
-        signal.signal(signal.SIGINT, previous_int)
-        signal.signal(signal.SIGTERM, previous_term)
-    return _exit_status(returncode)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _exit_status(returncode: int) -> int:

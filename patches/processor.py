@@ -7,24 +7,21 @@ The plan (segments, kept keys) is made once per forward, at the first attention 
 
 What the hook read stays until the next forward, so gradient checkpointing's recomputation in backward sees the
 layout of the forward it belongs to, as long as no other forward of the same model ran in between. Making a plan
-with a key mask reads the mask on the host (one sync per forward), which also breaks a torch.compile graph there.
+with a key mask reads the mask on the host (one sync per forward); inside a torch.compile graph it does not (the mask
+goes to SDPA), so a masked forward compiles with `fullgraph=True`.
 """
 
 from __future__ import annotations
 
 import inspect
-import weakref
 from typing import Any
 
 import torch
 from torch import nn
 
+from cogsurgeon.inspector.geometry import TRANSFORMER_CLASS_NAME, FrameLayout, layout_of_call, tokens_per_frame
 from cogsurgeon.patches.attention import AttentionPlan, Structure, plan_attention, run_plan
 from cogsurgeon.patches.errors import AttentionMaskError, PatchError, PatchTargetError
-from cogsurgeon.patches.layout import FrameLayout, layout_of_call, tokens_per_frame
-
-TRANSFORMER_CLASS_NAME = "CogVideoXTransformer3DModel"
-_states: weakref.WeakKeyDictionary[nn.Module, AttentionPatchState] = weakref.WeakKeyDictionary()
 
 
 def is_cogvideox_transformer(obj: Any) -> bool:
@@ -147,13 +144,17 @@ class PatchedCogVideoXAttnProcessor:
 
 
 class AttentionPatchState:
-    """The attention patches in force on one transformer, and everything they replaced."""
+    """The attention patches in force on one transformer: the record that the built-in attention patches share (each
+    one's `apply` returns it, so it lives in the transformer's patch record and is copied and pickled with it).
 
-    def __init__(self, transformer: nn.Module):
+    Each installed processor wraps the one it replaced (`.original`), so nothing else needs remembering: revert
+    unwraps whatever of ours it finds, in the modules and in diffusers' own `original_attn_processors` (kept by
+    `fuse_qkv_projections()` for `unfuse_qkv_projections()`)."""
+
+    def __init__(self, transformer: nn.Module, modules: list[nn.Module]):
         self.structure: Structure | None = None
         self.masks_enabled = False
-        self.replaced: dict[nn.Module, Any] = {}  # attention module -> the processor it had before us
-        self.installed: dict[nn.Module, PatchedCogVideoXAttnProcessor] = {}
+        self.modules = modules
         self.config = transformer.config
         self.forward_parameters = list(inspect.signature(transformer.forward).parameters)
         self.hook_handle: Any = None
@@ -179,28 +180,35 @@ class AttentionPatchState:
                     "(CogVideoXAttnProcessor2_0 or FusedCogVideoXAttnProcessor2_0): restore it "
                     "(e.g. model.set_attn_processor(CogVideoXAttnProcessor2_0())) before patching"
                 )
-        state = cls(transformer)
-        for _, module in modules:
-            state._wrap(module)
+        state = cls(transformer, [module for _, module in modules])
+        for module in state.modules:
+            module.set_processor(PatchedCogVideoXAttnProcessor(module.processor, state))
         state.hook_handle = transformer.register_forward_pre_hook(state._read_forward_call, with_kwargs=True)
         return state
 
-    def _wrap(self, module: nn.Module) -> None:
-        ours = PatchedCogVideoXAttnProcessor(module.processor, self)
-        self.replaced[module] = module.processor
-        self.installed[module] = ours
-        module.set_processor(ours)
+    def owns(self, processor: Any) -> bool:
+        return isinstance(processor, PatchedCogVideoXAttnProcessor) and processor.state is self
 
-    def uninstall(self) -> None:
-        """Put back exactly the processors we replaced (where ours is still in place) and remove the hook."""
-        for module, original in self.replaced.items():
-            if module.processor is self.installed[module]:
-                module.set_processor(original)
-        self.replaced.clear()
-        self.installed.clear()
+    def unwrapped(self, processor: Any) -> Any:
+        while self.owns(processor):
+            processor = processor.original
+        return processor
+
+    def uninstall(self, transformer: nn.Module) -> None:
+        """Put back what our processors wrap wherever one of ours is (a processor someone set over ours stays), also
+        in diffusers' `original_attn_processors`, and remove the hook and what the last forward left."""
+        for module in self.modules:
+            if self.owns(module.processor):
+                module.set_processor(self.unwrapped(module.processor))
+        saved = getattr(transformer, "original_attn_processors", None)
+        if isinstance(saved, dict):
+            for key, processor in saved.items():
+                saved[key] = self.unwrapped(processor)
         if self.hook_handle is not None:
             self.hook_handle.remove()
             self.hook_handle = None
+        self.call_mask = self.frame_tokens = None
+        self._plan_key = self._plan = self._plan_mask = None
 
     @property
     def in_use(self) -> bool:
@@ -225,35 +233,36 @@ class AttentionPatchState:
         """Keep the patches on after something swapped processors under us: `fuse_qkv_projections()` installs
         fused processors on every module. The new processor becomes what a revert restores."""
         known = _cogvideox_processor_classes()
-        for module, ours in self.installed.items():
+        for module in self.modules:
             current = module.processor
-            if current is ours:
+            if self.owns(current):
                 continue
-            if isinstance(current, PatchedCogVideoXAttnProcessor):
-                current = current.original
             if not isinstance(current, known):
                 raise PatchTargetError(
                     f"an attention processor was replaced by {type(current).__name__} while patches were on; "
                     "revert the patches before changing processors"
                 )
-            module.set_processor(current)  # so that _wrap records it as what it replaced
-            self._wrap(module)
+            module.set_processor(PatchedCogVideoXAttnProcessor(current, self))
 
     def plan(
         self, mask: torch.Tensor | None, text_tokens: int, video_tokens: int, query: torch.Tensor
     ) -> AttentionPlan:
-        """The attention plan of this call, made at the first layer and reused while nothing it depends on changes."""
+        """The attention plan of this call, made at the first layer and reused while nothing it depends on changes
+        (inside a compiled graph it is traced, not cached: the graph holds it)."""
         batch, heads = query.shape[0], query.shape[1]
-        mask_version = None if mask is None else mask._version  # an in-place edit of the same mask re-plans
-        key = (mask_version, text_tokens, video_tokens, self.frame_tokens, self.structure, batch, heads, query.device)
-        if self._plan is not None and self._plan_mask is mask and self._plan_key == key:
-            return self._plan
-        layout = self.layout(text_tokens, video_tokens)
-        self._plan = plan_attention(
-            self.structure, layout, mask, batch=batch, heads=heads, device=query.device, dtype=query.dtype
+        cached = not torch.compiler.is_compiling()
+        if cached:
+            mask_version = None if mask is None else mask._version  # an in-place edit of the same mask re-plans
+            key = (mask_version, text_tokens, video_tokens, self.frame_tokens, self.structure, batch, heads, query.device)
+            if self._plan is not None and self._plan_mask is mask and self._plan_key == key:
+                return self._plan
+        plan = plan_attention(
+            self.structure, self.layout(text_tokens, video_tokens), mask,
+            batch=batch, heads=heads, device=query.device, dtype=query.dtype,
         )
-        self._plan_key, self._plan_mask = key, mask  # holding the mask keeps its identity unambiguous
-        return self._plan
+        if cached:
+            self._plan, self._plan_key, self._plan_mask = plan, key, mask  # the mask held: its identity is unambiguous
+        return plan
 
     def layout(self, text_tokens: int, video_tokens: int) -> FrameLayout:
         if self.frame_tokens is None:
@@ -267,31 +276,33 @@ class AttentionPatchState:
 
 
 def attention_state(transformer: nn.Module) -> AttentionPatchState | None:
-    return _states.get(transformer)
+    """The attention surgery on a transformer: the record its attention patches share (None when none is on)."""
+    from cogsurgeon.patches.registry import applied_records
+
+    records = applied_records(transformer).values()
+    return next((record for record in records if isinstance(record, AttentionPatchState)), None)
 
 
-def enable_attention_rule(transformer: nn.Module, *, structure: Structure | None = None, masks: bool = False) -> None:
-    """Turn on a structural rule and/or mask handling, installing the processors on first use."""
-    state = _states.get(transformer)
-    if state is not None and structure is not None and state.structure not in (None, structure):
-        raise PatchError(f"attention is already {state.structure}; it cannot also be {structure}")
-    if state is None:
-        state = _states[transformer] = AttentionPatchState.install(transformer)
+def enable_attention_rule(
+    transformer: nn.Module, *, structure: Structure | None = None, masks: bool = False
+) -> AttentionPatchState:
+    """Turn on a structural rule and/or mask handling, installing the processors on first use; returns the shared
+    state (the applying patch's record). Composition is the registry's to decide."""
+    state = attention_state(transformer) or AttentionPatchState.install(transformer)
     if structure is not None:
         state.structure = structure
     if masks:
         state.masks_enabled = True
+    return state
 
 
-def disable_attention_rule(transformer: nn.Module, *, structure: Structure | None = None, masks: bool = False) -> None:
+def disable_attention_rule(
+    transformer: nn.Module, state: AttentionPatchState, *, structure: Structure | None = None, masks: bool = False
+) -> None:
     """Turn a rule off; when none is left, restore the original processors and remove the hook."""
-    state = _states.get(transformer)
-    if state is None:
-        return
     if structure is not None and state.structure == structure:
         state.structure = None
     if masks:
         state.masks_enabled = False
     if not state.in_use:
-        state.uninstall()
-        del _states[transformer]
+        state.uninstall(transformer)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cogsurgeon.patches.layout import FrameLayout
+from cogsurgeon.inspector.geometry import FrameLayout
 from cogsurgeon.patches.processor import (
     attention_modules,
     is_fused_processor,

@@ -7,6 +7,7 @@ that patch needs.
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -19,27 +20,36 @@ from cogsurgeon.patches.errors import (
     PatchConflictError,
     PatchError,
     PatchNotAppliedError,
+    PatchParameterError,
     PatchTargetError,
     UnknownPatchError,
 )
+
+from cogsurgeon.patches.parameters import PatchParameter, check_options
 
 ENTRY_POINT_GROUP = "cogsurgeon.patches"
 
 
 @dataclass(frozen=True)
 class PatchInfo:
-    """A patch as listed: its unique name and a one-line summary."""
+    """A patch as listed: its unique name, a one-line summary and the parameters it takes."""
 
     name: str
     summary: str
+    parameters: tuple[PatchParameter, ...] = ()
 
 
 class Patch:
     """Base of every patch. Subclasses set `name` and `summary` and implement `apply` / `revert`.
 
-    `apply(transformer, **options)` changes a `CogVideoXTransformer3DModel` (already resolved from a pipeline) and
-    must leave it unchanged when it raises; `revert(transformer)` restores exactly what `apply` replaced.
-    `conflicts` names patches this one does not compose with (checked in both directions).
+    `parameters` declares the options the patch takes; `apply` receives every one of them, validated, defaults filled
+    in (`check_options(options)` may refuse combinations, raising `PatchParameterError`).
+    `apply(transformer, **options)` changes a `CogVideoXTransformer3DModel` (already resolved from a pipeline), must
+    leave it unchanged when it raises, and returns a record of what it replaced (any object; the registry keeps it on
+    the transformer, so it is copied, pickled and saved with the model); `revert(transformer, record)` gets that
+    record back and restores exactly what `apply` replaced. The registry calls both under the model's lock.
+    `conflicts` names patches this one does not compose with (checked in both directions); patches with the same
+    non-empty `exclusive` role (e.g. "attention-pattern": which keys a query sees) do not compose either.
     `extra_memory_bytes(...)` estimates the memory the patch allocates beyond unpatched attention (None: unknown).
     `reference_mask(layout)` gives the `(L, L)` bool mask (True = attend) that `verify` compares the patched model
     with (None: the patch cannot be verified that way).
@@ -48,11 +58,16 @@ class Patch:
     name: str = ""
     summary: str = ""
     conflicts: frozenset[str] = frozenset()
+    exclusive: str = ""
+    parameters: tuple[PatchParameter, ...] = ()
 
-    def apply(self, transformer: Any, **options: Any) -> None:
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Refuse values or combinations the types alone allow (e.g. a chunk of 0); raise `PatchParameterError`."""
+
+    def apply(self, transformer: Any, **options: Any) -> Any:
         raise NotImplementedError
 
-    def revert(self, transformer: Any) -> None:
+    def revert(self, transformer: Any, record: Any) -> None:
         raise NotImplementedError
 
     def extra_memory_bytes(
@@ -66,25 +81,29 @@ class Patch:
         *,
         head_dim: int = 64,
         training: bool = False,
+        **options: Any,
     ) -> int | None:
         return None
 
-    def reference_mask(self, layout: Any) -> Any:
+    def reference_mask(self, layout: Any, **options: Any) -> Any:
         return None
 
     @property
     def info(self) -> PatchInfo:
-        return PatchInfo(self.name, self.summary)
+        return PatchInfo(self.name, self.summary, tuple(self.parameters))
 
 
 _registry: dict[str, Patch] = {}
-_loaded = False
+_loaded = False  # set only once the registry is filled
+_filling = False  # the thread holding _registry_lock is filling it (an entry point may call register meanwhile)
+_registry_lock = threading.RLock()
 
 
 def register(patch: Patch) -> Patch:
     """Add a patch under its name; a name already taken is an error (names are unique)."""
     _all_patches()
-    return _add(patch)
+    with _registry_lock:
+        return _add(patch)
 
 
 def _add(patch: Patch) -> Patch:
@@ -99,14 +118,21 @@ def _add(patch: Patch) -> Patch:
 
 def _all_patches() -> dict[str, Patch]:
     """The registry, filled on first use: the built-ins, then the `cogsurgeon.patches` entry points."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from cogsurgeon.patches.builtin import BUILTIN_PATCHES
+    global _loaded, _filling
+    if _loaded:
+        return _registry
+    with _registry_lock:
+        if not _loaded and not _filling:
+            _filling = True
+            try:
+                from cogsurgeon.patches.builtin import BUILTIN_PATCHES
 
-        for patch in BUILTIN_PATCHES:
-            _add(patch)
-        _load_entry_points()
+                for patch in BUILTIN_PATCHES:
+                    _add(patch)
+                _load_entry_points()
+                _loaded = True
+            finally:
+                _filling = False
     return _registry
 
 
@@ -140,7 +166,45 @@ def get_patch(name: str) -> Patch:
 
 # -- which patches are on which model ------------------------------------------------------------------------------
 
-_applied: weakref.WeakKeyDictionary[Any, dict[str, dict[str, Any]]] = weakref.WeakKeyDictionary()
+RECORD_ATTRIBUTE = "_cogsurgeon_patches"
+
+
+@dataclass
+class AppliedPatch:
+    """One patch on a model: the options in force and what its `apply` returned (given back to its `revert`)."""
+
+    options: dict[str, Any]
+    record: Any
+
+
+class PatchRecord:
+    """The patches on one transformer, kept on it (`transformer._cogsurgeon_patches`, as diffusers keeps
+    `_diffusers_hook`), so that copies, pickles and `torch.save` of a patched model carry the truth with them: an
+    ordered map name -> `AppliedPatch`, and the lock that serialises apply and revert on that model. The lock is
+    not copied: a copy gets its own."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, AppliedPatch] = {}
+        self.lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"entries": self.entries}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.entries = state["entries"]
+        self.lock = threading.RLock()
+
+
+def patch_record(transformer: Any) -> PatchRecord:
+    """The record on a transformer, made on first use (once, under the registry's lock) and kept from then on."""
+    record = vars(transformer).get(RECORD_ATTRIBUTE)
+    if record is None:
+        with _registry_lock:
+            record = vars(transformer).get(RECORD_ATTRIBUTE)
+            if record is None:
+                record = PatchRecord()
+                setattr(transformer, RECORD_ATTRIBUTE, record)
+    return record
 
 
 def resolve_transformer(target: Any) -> Any:
@@ -160,11 +224,13 @@ def resolve_transformer(target: Any) -> Any:
 
 
 class PatchHandle:
-    """What `apply` returns: `.revert()` takes this patch (only) back off its model; reverting twice is a no-op."""
+    """What `apply` returns: `.revert()` takes this application of the patch (only) back off its model; reverting
+    twice, or after the patch was reverted another way, is a no-op."""
 
-    def __init__(self, name: str, transformer: Any):
+    def __init__(self, name: str, transformer: Any, entry: AppliedPatch):
         self.name = name
         self._transformer = weakref.ref(transformer)
+        self._entry = entry
 
     @property
     def model(self) -> Any:
@@ -173,22 +239,41 @@ class PatchHandle:
     @property
     def active(self) -> bool:
         transformer = self._transformer()
-        return transformer is not None and self.name in _applied.get(transformer, {})
+        return transformer is not None and patch_record(transformer).entries.get(self.name) is self._entry
 
     def revert(self) -> None:
-        if self.active:
-            revert(self._transformer(), self.name)
+        transformer = self._transformer()
+        if transformer is None:
+            return
+        with patch_record(transformer).lock:
+            if self.active:
+                revert(transformer, self.name)
 
     def __repr__(self) -> str:
         return f"PatchHandle({self.name!r}, active={self.active})"
 
 
+def resolve_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Patch `name`'s options as `apply` passes them: checked against its declared parameters (unknown key, wrong
+    type, then the patch's own `check_options`), defaults filled in. Raises `PatchParameterError`."""
+    patch = get_patch(name)
+    resolved = check_options(name, patch.parameters, options)
+    patch.check_options(resolved)
+    return resolved
+
+
 def check_composition(names: list[str]) -> None:
-    """Raise `PatchConflictError` when two of `names` do not compose."""
+    """The one place that decides composition: raise `PatchConflictError` when two of `names` do not compose (one
+    names the other in `conflicts`, or both claim the same non-empty `exclusive` role)."""
     for index, name in enumerate(names):
         patch = get_patch(name)
         for other in names[index + 1 :]:
-            if other in patch.conflicts or name in get_patch(other).conflicts:
+            other_patch = get_patch(other)
+            if (
+                other in patch.conflicts
+                or name in other_patch.conflicts
+                or (patch.exclusive and patch.exclusive == other_patch.exclusive)
+            ):
                 raise PatchConflictError(
                     f"{name} and {other} do not compose (their attention rules contradict each other); "
                     "apply one of them"
@@ -199,44 +284,72 @@ def apply(target: Any, name: str, **options: Any) -> PatchHandle:
     """Apply patch `name` to a CogVideoX transformer or a pipeline holding one; the model is unchanged on error."""
     transformer = resolve_transformer(target)
     patch = get_patch(name)
-    on_model = _applied.get(transformer, {})
-    if name in on_model:
-        raise PatchAlreadyAppliedError(f"{name} is already applied to this model; revert it before applying again")
-    check_composition([*on_model, name])
-    patch.apply(transformer, **options)
-    _applied.setdefault(transformer, {})[name] = dict(options)
-    return PatchHandle(name, transformer)
+    resolved = resolve_options(name, options)
+    record = patch_record(transformer)
+    with record.lock:
+        if name in record.entries:
+            raise PatchAlreadyAppliedError(
+                f"{name} is already applied to this model; revert it before applying again"
+            )
+        check_composition([*record.entries, name])
+        entry = AppliedPatch(resolved, patch.apply(transformer, **resolved))
+        record.entries[name] = entry
+    return PatchHandle(name, transformer, entry)
 
 
 def applied(target: Any) -> list[str]:
     """Names of the patches on a model (or pipeline), in the order they were applied."""
-    return list(_applied.get(resolve_transformer(target), {}))
+    record = patch_record(resolve_transformer(target))
+    with record.lock:
+        return list(record.entries)
+
+
+def applied_options(target: Any) -> dict[str, dict[str, Any]]:
+    """The patches on a model (or pipeline) in the order applied, each with the options in force (defaults filled
+    in): what `apply(model, name, **options)` needs to put the same patches on another model."""
+    record = patch_record(resolve_transformer(target))
+    with record.lock:
+        return {name: dict(entry.options) for name, entry in record.entries.items()}
+
+
+def applied_records(transformer: Any) -> dict[str, Any]:
+    """What each applied patch's `apply` returned, by name: for patches that share machinery on one model."""
+    record = patch_record(transformer)
+    with record.lock:
+        return {name: entry.record for name, entry in record.entries.items()}
 
 
 def revert(target: Any, name: str | None = None) -> None:
-    """Revert one patch, or all of them (most recent first) when `name` is None."""
+    """Revert one patch, or all of them (most recent first) when `name` is None. Each patch's `revert` gets the
+    record its `apply` returned."""
     transformer = resolve_transformer(target)
-    on_model = _applied.get(transformer, {})
-    if name is not None and name not in on_model:
-        raise PatchNotAppliedError(
-            f"{name} is not applied to this model (applied: {', '.join(on_model) or 'none'})"
-        )
-    for patch_name in [name] if name is not None else list(reversed(on_model)):
-        get_patch(patch_name).revert(transformer)
-        del on_model[patch_name]
-    if not on_model:
-        _applied.pop(transformer, None)
+    record = patch_record(transformer)
+    with record.lock:
+        if name is not None and name not in record.entries:
+            raise PatchNotAppliedError(
+                f"{name} is not applied to this model (applied: {', '.join(record.entries) or 'none'})"
+            )
+        for patch_name in [name] if name is not None else list(reversed(record.entries)):
+            get_patch(patch_name).revert(transformer, record.entries[patch_name].record)
+            del record.entries[patch_name]
 
 
 @contextmanager
 def patched(target: Any, *names: str, **options: Any) -> Iterator[Any]:
-    """Apply `names` for the duration of a `with` block, then revert exactly those (also on error). Options are
-    passed to every patch. Yields the transformer."""
+    """Apply `names` for the duration of a `with` block, then revert exactly those (also on error). Each option goes
+    to the patches among `names` that declare it; one that none declares is a `PatchParameterError`. Yields the
+    transformer."""
     transformer = resolve_transformer(target)
+    declared = {name: {p.name for p in get_patch(name).parameters} for name in names}
+    for key in options:
+        if not any(key in keys for keys in declared.values()):
+            raise PatchParameterError(
+                names[0] if names else "", key, f"none of {', '.join(names) or 'no patches'} has a parameter {key!r}"
+            )
     handles: list[PatchHandle] = []
     try:
         for name in names:
-            handles.append(apply(transformer, name, **options))
+            handles.append(apply(transformer, name, **{k: v for k, v in options.items() if k in declared[name]}))
         yield transformer
     finally:
         for handle in reversed(handles):
@@ -254,11 +367,15 @@ def memory_estimate(
     *,
     head_dim: int = 64,
     training: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> int | None:
     """Bytes patch `name` allocates beyond unpatched attention, per attention call, at this size: inference (no
-    autograd) unless `training` (None: the patch gives no estimate)."""
-    return get_patch(name).extra_memory_bytes(
-        batch, heads, text_tokens, video_tokens, frames, dtype_bytes, head_dim=head_dim, training=training
+    autograd) unless `training` (None: the patch gives no estimate). A patch with parameters gets its options
+    (defaults filled in) as keywords."""
+    patch = get_patch(name)
+    resolved = resolve_options(name, options or {}) if patch.parameters else {}
+    return patch.extra_memory_bytes(
+        batch, heads, text_tokens, video_tokens, frames, dtype_bytes, head_dim=head_dim, training=training, **resolved
     )
 
 

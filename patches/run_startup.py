@@ -4,8 +4,9 @@ launched program's PYTHONPATH, so that it runs at the start of that program and 
 
 It costs nothing until the program imports diffusers' CogVideoX transformer module: an import hook then wraps
 `CogVideoXTransformer3DModel.__init__` so that every model built (by `from_pretrained`, `from_config` or directly)
-gets the patches named in COGSURGEON_RUN_PATCHES, and says so on stderr. The sitecustomize that this one shadows
-(the program's own, if any) still runs. Standard library only: cogsurgeon itself is imported when a model is built,
+gets the patches in COGSURGEON_RUN_PATCHES (a JSON list of `NAME` or `NAME:key=value,...` specs), and says so on stderr. The sitecustomize that this one shadows
+(the program's own, if any) still runs. Each model built leaves a `built-PID-N` file in this folder, so that `run`
+can say when the program built none. Standard library only: cogsurgeon itself is imported when a model is built,
 from the installed `cogsurgeon` or else from COGSURGEON_RUN_ROOT.
 """
 
@@ -13,6 +14,8 @@ import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import itertools
+import json
 import os
 import sys
 import threading
@@ -20,7 +23,10 @@ import threading
 PATCHES_VARIABLE = "COGSURGEON_RUN_PATCHES"
 ROOT_VARIABLE = "COGSURGEON_RUN_ROOT"
 TARGET_MODULE = "diffusers.models.transformers.cogvideox_transformer_3d"
+BUILT_MARKER = "built-"  # `cogsurgeon run` counts these files in this folder to say whether any model was built
+_HERE = os.path.dirname(os.path.abspath(__file__))
 _loading = threading.local()
+_built = itertools.count()
 
 
 def _say(message):
@@ -63,22 +69,35 @@ def _describe(model, source):
     )
 
 
+def _patch_specs():
+    return json.loads(os.environ.get(PATCHES_VARIABLE) or "[]")
+
+
+def _record_built():
+    try:
+        open(os.path.join(_HERE, f"{BUILT_MARKER}{os.getpid()}-{next(_built)}"), "x").close()
+    except OSError:  # the launcher is gone or its folder unwritable: only its closing note is lost
+        pass
+
+
 def _patch_model(model):
-    names = [name for name in os.environ.get(PATCHES_VARIABLE, "").split(",") if name]
-    if not names:
+    specs = _patch_specs()
+    if not specs:
         return
+    _record_built()
     try:
         patches = _cogsurgeon_patches()
-        for name in names:
-            patches.apply(model, name)
+        for spec in specs:
+            name, options = patches.parse_patch_spec(spec)
+            patches.apply(model, name, **options)
     except Exception as exc:
-        _say(f"could not patch {type(model).__name__} with {', '.join(names)}: {exc}")
+        _say(f"could not patch {type(model).__name__} with {', '.join(specs)}: {exc}")
         raise
     stack = getattr(_loading, "stack", None)
     if stack:  # inside from_pretrained: report once the source is known
         stack[-1].append(model)
     else:
-        _say(f"{', '.join(names)} -> {_describe(model, None)}")
+        _say(f"{', '.join(specs)} -> {_describe(model, None)}")
 
 
 def _wrap_transformer_class(cls):
@@ -98,7 +117,7 @@ def _wrap_transformer_class(cls):
             model = inherited_from_pretrained(klass, pretrained_model_name_or_path, *args, **kwargs)
         finally:
             built = stack.pop()
-        names = os.environ.get(PATCHES_VARIABLE, "").replace(",", ", ")
+        names = ", ".join(_patch_specs())
         for patched_model in built:
             _say(f"{names} -> {_describe(patched_model, pretrained_model_name_or_path)}")
         return model
@@ -134,8 +153,7 @@ class _CogVideoXFinder(importlib.abc.MetaPathFinder):
 
 def _run_shadowed_sitecustomize():
     """Run the sitecustomize that ours hides (later on sys.path), as Python would have."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    rest = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != here]
+    rest = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
     if spec is None or spec.loader is None:
         return

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from cogsurgeon.inspector.geometry import FrameLayout, default_video_size, layout_of_inputs, pipeline_inputs
 from cogsurgeon.inspector.model_specs import TINY_SPECS
-from cogsurgeon.patches.layout import FrameLayout, tokens_per_frame
 from cogsurgeon.patches.errors import PatchError
 from cogsurgeon.patches.reference import RULE_MASKS, combine_masks, full_attention_mask, reference_processors
-from cogsurgeon.patches.registry import apply, get_patch, revert
+from cogsurgeon.patches.registry import apply, get_patch, resolve_options, revert
 
 TOLERANCE = 1e-4
 PROCESSORS = ("plain", "fused")
@@ -48,73 +48,21 @@ class VerifyResult:
 # -- inputs --------------------------------------------------------------------------------------------------------
 
 
-def _crop_region(grid: tuple[int, int], base_width: int, base_height: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The rotary crop region of CogVideoX 1.0's pipelines (`get_resize_crop_region_for_grid`, same arithmetic)."""
-    grid_height, grid_width = grid
-    if grid_height / grid_width > base_height / base_width:
-        resize_height, resize_width = base_height, int(round(base_height / grid_height * grid_width))
-    else:
-        resize_width, resize_height = base_width, int(round(base_width / grid_width * grid_height))
-    top, left = int(round((base_height - resize_height) / 2.0)), int(round((base_width - resize_width) / 2.0))
-    return (top, left), (top + resize_height, left + resize_width)
+def tiny_video_size(config: Any) -> tuple[int, int, int]:
+    """The video size verify runs a tiny model at: its sample size, with three temporal patches for CogVideoX1.5
+    (so that frame rules have frames to tell apart)."""
+    frames, height, width = default_video_size(config)
+    if config.get("patch_size_t"):
+        frames = (3 * config["patch_size_t"] - 1) * config["temporal_compression_ratio"] + 1
+    return frames, height, width
 
 
-def rotary_embedding(config: Any, latent_frames: int, latent_height: int, latent_width: int) -> Any:
-    """`image_rotary_emb` for a latent of this size, computed as the CogVideoX pipelines do (None without rotary)."""
-    if not config.use_rotary_positional_embeddings:
-        return None
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
-    patch, patch_t = config.patch_size, config.patch_size_t
-    grid = (latent_height // patch, latent_width // patch)
-    base = (config.sample_width // patch, config.sample_height // patch)
-    if patch_t is None:
-        return get_3d_rotary_pos_embed(
-            embed_dim=config.attention_head_dim,
-            crops_coords=_crop_region(grid, *base),
-            grid_size=grid,
-            temporal_size=latent_frames,
-        )
-    return get_3d_rotary_pos_embed(
-        embed_dim=config.attention_head_dim,
-        crops_coords=None,
-        grid_size=grid,
-        temporal_size=(latent_frames + patch_t - 1) // patch_t,
-        grid_type="slice",
-        max_size=(base[1], base[0]),
-    )
-
-
-def tiny_inputs(model: nn.Module, *, batch: int = 2, latent_frames: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Forward keyword arguments for a model at its sample size: random latents and text, the pipeline's rotary
-    embedding. Latent frames default to the config's sample frames (three temporal patches for CogVideoX1.5)."""
-    config = model.config
-    if latent_frames is None:
-        latent_frames = (config.sample_frames - 1) // config.temporal_compression_ratio + 1
-        if config.patch_size_t:
-            latent_frames = 3 * config.patch_size_t
-    generator = torch.Generator().manual_seed(seed)
-    height, width = config.sample_height, config.sample_width
-    inputs = {
-        "hidden_states": torch.randn(batch, latent_frames, config.in_channels, height, width, generator=generator),
-        "encoder_hidden_states": torch.randn(batch, config.max_text_seq_length, config.text_embed_dim, generator=generator),
-        "timestep": torch.randint(0, 1000, (batch,), generator=generator),
-        "image_rotary_emb": rotary_embedding(config, latent_frames, height, width),
-        "return_dict": False,
-    }
-    if config.ofs_embed_dim:
-        inputs["ofs"] = torch.full((batch,), 2.0)
-    return inputs
-
-
-def layout_of_inputs(model: nn.Module, inputs: dict[str, Any]) -> FrameLayout:
-    latents = inputs["hidden_states"]
-    frames = latents.shape[1] // (model.config.patch_size_t or 1)
-    return FrameLayout(
-        inputs["encoder_hidden_states"].shape[1],
-        frames,
-        tokens_per_frame(model.config, latents.shape[-2], latents.shape[-1]),
-    )
+def tiny_inputs(
+    model: nn.Module, *, batch: int = 2, size: tuple[int, int, int] | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Seeded random forward inputs for a (tiny) model, built as the pipelines build them, at `size` (frames,
+    height, width of the video) or `tiny_video_size`."""
+    return pipeline_inputs(model.config, size or tiny_video_size(model.config), batch, seed=seed)
 
 
 def forward(model: nn.Module, inputs: dict[str, Any], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,14 +105,16 @@ class Case:
     reference_mask: torch.Tensor | None
 
 
-def verify_cases(name: str, layout: FrameLayout, batch: int, heads: int) -> list[Case]:
+def verify_cases(
+    name: str, layout: FrameLayout, batch: int, heads: int, options: dict[str, Any] | None = None
+) -> list[Case]:
     """What to run for each patch: for `attention-mask`, every accepted form; otherwise its reference mask."""
     if name == "attention-mask":
         return [
             Case(label, mask, full_attention_mask(mask, layout))
             for label, mask in sample_masks(layout, batch, heads).items()
         ]
-    reference = get_patch(name).reference_mask(layout)
+    reference = get_patch(name).reference_mask(layout, **(options or {}))
     if reference is None:
         raise PatchError(f"{name} gives no reference mask (Patch.reference_mask), so it cannot be verified")
     return [Case(name, None, reference)]
@@ -182,18 +132,21 @@ def fresh_tiny(variant: str, processor: str) -> nn.Module:
 def verify_patch(
     name: str,
     *,
+    options: dict[str, Any] | None = None,
     variants: tuple[str, ...] = TINY_SPECS,
     tolerance: float = TOLERANCE,
     progress: Callable[[str], None] | None = None,
 ) -> VerifyResult:
-    """Run patch `name` on each tiny variant with the plain and the fused processor: max |patched - reference| over
-    every case, and whether the model after `revert` reproduces the unpatched output bit for bit."""
+    """Run patch `name` (with `options`, defaults filled in) on each tiny variant with the plain and the fused
+    processor: max |patched - reference| over every case, and whether the model after `revert` reproduces the
+    unpatched output bit for bit."""
+    options = resolve_options(name, options or {})
     details = []
     for variant in variants:
         for processor in PROCESSORS:
             if progress is not None:
                 progress(f"{name}: {variant}, {processor} processor")
-            details.extend(_verify_on(name, fresh_tiny(variant, processor), variant, processor))
+            details.extend(_verify_on(name, options, fresh_tiny(variant, processor), variant, processor))
     max_error = max(case.max_error for case in details)
     revert_bit_exact = all(case.revert_bit_exact for case in details)
     return VerifyResult(
@@ -206,14 +159,16 @@ def verify_patch(
     )
 
 
-def _verify_on(name: str, model: nn.Module, variant: str, processor: str) -> Iterator[CaseResult]:
+def _verify_on(
+    name: str, options: dict[str, Any], model: nn.Module, variant: str, processor: str
+) -> Iterator[CaseResult]:
     inputs = tiny_inputs(model)
-    layout = layout_of_inputs(model, inputs)
+    layout = layout_of_inputs(model.config, inputs)
     unpatched = forward(model, inputs)
-    for case in verify_cases(name, layout, batch=2, heads=model.config.num_attention_heads):
+    for case in verify_cases(name, layout, batch=2, heads=model.config.num_attention_heads, options=options):
         with reference_processors(model, case.reference_mask):
             expected = forward(model, inputs)
-        apply(model, name)
+        apply(model, name, **options)
         try:
             actual = forward(model, inputs, case.attention_mask)
         finally:

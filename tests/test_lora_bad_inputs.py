@@ -230,7 +230,7 @@ def test_force_never_replaces_a_folder_holding_other_files(tmp_path, cli):
     (project / "thesis.txt").write_text("years of work")
     before = tree_digest(project)
     result = cli("lora", "repair", str(checkpoint), "--out", str(project), "--force", "--alpha", "4")
-    assert_one_line_error(result, "not an adapter's")
+    assert_one_line_error(result, "not an earlier repair")
     assert tree_digest(project) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "project"]
 

@@ -46,14 +46,37 @@ def test_non_lora_keys_are_not_parsed(key):
     assert parse_lora_key(key) is None
 
 
-def test_detect_format():
-    base = dict(file_name="pytorch_lora_weights.safetensors", adapters={None}, has_metadata=False, accelerate_state=False)
-    assert detect_format(**{**base, "prefixes": {"transformer."}, "accelerate_state": True}) == "cogvideo-finetune"
-    assert detect_format(**{**base, "prefixes": {"transformer."}}) == "diffusers-script"
-    assert detect_format(**{**base, "prefixes": {"transformer."}, "has_metadata": True}) == "diffusers-metadata"
-    assert detect_format(**{**base, "prefixes": {""}, "file_name": "adapter_model.safetensors"}) == "cogkit"
+def test_detect_format_names_the_trainer_table_rows():
+    base = dict(file_name="pytorch_lora_weights.safetensors", adapters={None}, accelerate_state=False)
+    transformer = {**base, "prefixes": {"transformer."}}
+    assert detect_format(**transformer, metadata_keys={"format"}) == "diffusers-lora"
+    assert detect_format(**{**transformer, "accelerate_state": True}) == "diffusers-checkpoint"
+    assert detect_format(**transformer, metadata_keys={"format", "lora_adapter_metadata"}) == "diffusers-metadata"
+    assert detect_format(**transformer, metadata_keys={"format", "lora_config"}) == "finetrainers"
+    unprefixed = {**base, "prefixes": {""}}
+    assert detect_format(**{**unprefixed, "file_name": "adapter_model.safetensors"}) == "cogkit"
+    # the same name with PEFT's config beside is a PEFT folder saved without the prefix, not CogKit
+    assert detect_format(**{**unprefixed, "file_name": "adapter_model.safetensors"}, peft_config_beside=True) == "peft-unprefixed"
+    assert detect_format(**{**unprefixed, "file_name": "checkpoint-500.safetensors"}) == "videox-fun"
+    assert detect_format(**{**unprefixed, "file_name": "my_lora.safetensors"}) == "peft-unprefixed"
+    assert detect_format(**{**base, "prefixes": {"lora_unet_"}}) == "kohya"
     assert detect_format(**{**base, "prefixes": {"base_model.model."}}) == "peft"
-    assert detect_format(**{**base, "prefixes": {""}, "adapters": {"default"}}) == "peft-adapter-name"
+    assert detect_format(**{**unprefixed, "adapters": {"default"}}) == "peft-adapter-name"
+    assert detect_format(**{**unprefixed, "adapters": {"default"}, "file_name": "model.safetensors"},
+                         folder_name="finetrainers_step_100") == "finetrainers-state"
+
+
+def test_kohya_keys_map_back_to_cogvideox_modules():
+    from cogsurgeon.tools.lora.keys import kohya_key
+
+    parsed = parse_lora_key("lora_unet__transformer_blocks_11_attn1_to_out_0.lora_up.weight")
+    assert (parsed.module, parsed.part, parsed.style) == ("transformer_blocks.11.attn1.to_out.0", "B", "kohya")
+    assert parse_lora_key("lora_unet_transformer_blocks_0_ff_net_0_proj.alpha").module == "transformer_blocks.0.ff.net.0.proj"
+    assert parse_lora_key("lora_unet__time_embedding_linear_1.lora_down.weight").module == "time_embedding.linear_1"
+    assert parse_lora_key("lora_unet__not_a_cogvideox_layer.lora_down.weight") is None
+    assert kohya_key("transformer_blocks.3.attn1.to_out.0", "alpha") == "lora_unet__transformer_blocks_3_attn1_to_out_0.alpha"
+    for module in ("transformer_blocks.7.norm1.linear", "proj_out", "patch_embed.text_proj"):
+        assert parse_lora_key(kohya_key(module, "A")).module == module
 
 
 def test_module_ranks_find_missing_halves_and_clashes():
@@ -77,18 +100,32 @@ def test_rank_pattern_holds_the_modules_off_the_common_rank():
 
 def test_alpha_resolution_order():
     common = dict(metadata_alpha_pattern=None, config_alpha_pattern=None, config_file="adapter_config.json",
-                  format_name="cogvideo-finetune", rank=128)
+                  format_name="cogkit", rank=128)
     everything = dict(common, flag=32.0, metadata_alpha=16.0, config_alpha=8.0)
     assert resolve_alpha(**everything).source == "flag" and resolve_alpha(**everything).lora_alpha == 32
     assert resolve_alpha(**dict(everything, flag=None)).source == "metadata"
     assert resolve_alpha(**dict(everything, flag=None, metadata_alpha=None)).lora_alpha == 8
     default = resolve_alpha(**dict(common, flag=None, metadata_alpha=None, config_alpha=None))
-    assert (default.source, default.lora_alpha) == ("default", 64)
+    assert (default.source, default.lora_alpha) == ("default", 64)  # CogKit alone writes this layout
     sat = resolve_alpha(**dict(common, flag=None, metadata_alpha=None, config_alpha=None, format_name="sat"))
     assert sat.lora_alpha == 1
-    metadata_format = resolve_alpha(**dict(common, flag=None, metadata_alpha=None, config_alpha=None,
-                                           format_name="diffusers-metadata"))
-    assert metadata_format.lora_alpha == 128  # alpha = rank, what diffusers assumes
+
+
+def test_several_trainers_give_candidates_not_a_guess():
+    nothing = dict(flag=None, metadata_alpha=None, metadata_alpha_pattern=None, config_alpha=None,
+                   config_alpha_pattern=None, config_file=None, rank=16)
+    checkpoint = resolve_alpha(**nothing, format_name="diffusers-checkpoint")
+    assert (checkpoint.lora_alpha, checkpoint.source) == (None, None)
+    assert [(c.alpha, c.trainer) for c in checkpoint.candidates] == [
+        (64, "cogvideo-finetune"), (128, "diffusers-scripts"), (64, "cogvideox-factory")]
+    bare = resolve_alpha(**nothing, format_name="diffusers-lora")
+    assert {c.trainer: c.alpha for c in bare.candidates}["sat-export"] == 1
+    kohya = resolve_alpha(**nothing, format_name="kohya")
+    assert {c.trainer: c.alpha for c in kohya.candidates}["alpha-equals-rank"] == 16
+    settled = resolve_alpha(**nothing, format_name="diffusers-checkpoint", trainer="diffusers-scripts")
+    assert (settled.lora_alpha, settled.source) == (128, "trainer")
+    for candidate in checkpoint.candidates + bare.candidates:
+        assert candidate.source  # each says which trainer and where its default is written
 
 
 def test_short_target():

@@ -76,9 +76,9 @@ MIXED_PATTERN = {"transformer_blocks.0.attn1.to_v": 2, "transformer_blocks.1.att
 # id, trained fixture, how the trainer saved it, --alpha, expected format, alpha_source, rank_pattern
 CASES = [
     ("cogvideo-finetune", "uniform", lambda t, d: save_cogvideo_checkpoint(t, d / "run" / "checkpoint-10"), 6,
-     "cogvideo-finetune", "flag", {}),
+     "diffusers-checkpoint", "flag", {}),
     ("diffusers-script-mixed-ranks", "mixed", lambda t, d: save_cogvideo_checkpoint(t, d / "run", accelerate_state=False),
-     6, "diffusers-script", "flag", MIXED_PATTERN),
+     6, "diffusers-lora", "flag", MIXED_PATTERN),
     ("cogkit-file", "uniform", lambda t, d: save_cogkit(t, d / "cogkit") / "adapter_model.safetensors", 6,
      "cogkit", "flag", {}),
     ("adapter-name-with-config", "mixed", lambda t, d: save_with_adapter_name(t, d / "raw", with_config=True), None,
@@ -115,7 +115,7 @@ def test_repaired_adapter_reproduces_the_trained_model(case, request, tmp_path):
     out = tmp_path / "adapter"
     result = repair_checkpoint(checkpoint, out, alpha=alpha)
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"]
+        "adapter_config.json", "adapter_model.safetensors", "cogsurgeon-repair.json", "pytorch_lora_weights.safetensors"]
     assert result.report.alpha == trained.lora_alpha
     assert tree_digest(checkpoint) == before
 
@@ -132,9 +132,9 @@ def load_transformer_base():
 
 
 def test_default_alpha_is_the_trainers_and_is_loud(uniform, tmp_path, cli):
-    """Without --alpha a CogVideo checkpoint gets the trainer's lora_alpha 64 — not what this one was trained with —
-    so the repaired adapter must differ from the trained model: the scale really is taken from alpha."""
-    checkpoint = save_cogvideo_checkpoint(uniform, tmp_path / "checkpoint-3")
+    """A layout only CogKit writes gets CogKit's hard-coded lora_alpha 64 — not what this one was trained with — so
+    the repaired adapter must differ from the trained model: the scale really is taken from alpha, and said loudly."""
+    checkpoint = save_cogkit(uniform, tmp_path / "checkpoint-3")
     result = cli("lora", "repair", str(checkpoint), "--out", str(tmp_path / "adapter"))
     assert result.returncode == 0, result.stderr
     assert "LORA_ALPHA NOT STORED" in result.stderr and "lora_alpha=64" in result.stderr and "--alpha" in result.stderr
@@ -149,7 +149,8 @@ def test_cli_inspect_repair_verify(mixed, tmp_path, cli):
     assert inspected.returncode == 0, inspected.stderr
     report = json.loads(inspected.stdout)
     assert DESIGN_KEYS <= set(report)
-    assert (report["format"], report["rank"], report["alpha"], report["alpha_source"]) == ("cogvideo-finetune", 4, 64, "default")
+    assert (report["format"], report["rank"], report["alpha"], report["alpha_source"]) == ("diffusers-checkpoint", 4, None, None)
+    assert {c["alpha"] for c in report["alpha_candidates"]} == {64, 128}
     assert report["rank_pattern"] == MIXED_PATTERN
 
     out = tmp_path / "adapter"
@@ -196,12 +197,11 @@ def test_force_replaces_an_existing_adapter_atomically(uniform, tmp_path):
 
     checkpoint = save_cogkit(uniform, tmp_path / "cogkit")
     out = tmp_path / "adapter"
-    out.mkdir()
-    (out / "adapter_config.json").write_text("{}")  # an earlier repair's folder
+    repair_checkpoint(checkpoint, out, alpha=4)  # an earlier repair's folder (its manifest marks it)
     calls = []
     repair_checkpoint(checkpoint, out, alpha=6, force=True, progress=lambda done, total: calls.append((done, total)))
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"]
+        "adapter_config.json", "adapter_model.safetensors", "cogsurgeon-repair.json", "pytorch_lora_weights.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "cogkit"]  # no staging or retired folders
     lora_bytes = sum(v.numel() * v.element_size() for v in peft_state_dict(uniform).values())
     assert calls[-1] == (2 * lora_bytes, 2 * lora_bytes)  # both weight files, every byte counted once

@@ -18,7 +18,7 @@ from cogsurgeon.patches.attention import (
     structure_segments,
 )
 from cogsurgeon.patches.errors import AttentionMaskError
-from cogsurgeon.patches.layout import FrameLayout, layout_of_call
+from cogsurgeon.inspector.geometry import FrameLayout, layout_of_call
 from cogsurgeon.patches.reference import (
     causal_mask,
     combine_masks,

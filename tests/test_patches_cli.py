@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cogsurgeon.inspector.geometry import layout_of_inputs
 from cogsurgeon.patches.reference import causal_mask, reference_processors
-from cogsurgeon.patches.verify import forward, layout_of_inputs, tiny_inputs
+from cogsurgeon.patches.verify import forward, tiny_inputs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ class ClaimsCausal(patches.Patch):
     def apply(self, transformer, **options):
         pass
 
-    def revert(self, transformer):
+    def revert(self, transformer, record):
         pass
 
     def reference_mask(self, layout):
@@ -129,7 +130,7 @@ def saved_tiny(tmp_path_factory):
     model.save_pretrained(folder / "transformer")
     inputs = tiny_inputs(model)
     torch.save(inputs, folder / "inputs.pt")
-    with reference_processors(model, causal_mask(layout_of_inputs(model, inputs))):
+    with reference_processors(model, causal_mask(layout_of_inputs(model.config, inputs))):
         expected = forward(model, inputs)
     return folder, expected, forward(model, inputs)
 

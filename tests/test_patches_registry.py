@@ -28,11 +28,10 @@ class DoubleOutput(patches.Patch):
     summary = "doubles proj_out (a test plugin)"
 
     def apply(self, transformer, **options):
-        self.hooks = getattr(self, "hooks", {})
-        self.hooks[transformer] = transformer.proj_out.register_forward_hook(lambda m, a, out: out * 2)
+        return transformer.proj_out.register_forward_hook(lambda m, a, out: out * 2)  # the record: what to undo
 
-    def revert(self, transformer):
-        self.hooks.pop(transformer).remove()
+    def revert(self, transformer, record):
+        record.remove()
 
 
 class Broken(patches.Patch):
@@ -156,7 +155,7 @@ def tiny_pipeline():
 def test_a_tiny_pipeline_generates_with_patches_applied_through_it():
     from cogsurgeon.patches.reference import reference_processors
     from cogsurgeon.patches.verify import combined_reference_mask
-    from cogsurgeon.patches.layout import FrameLayout
+    from cogsurgeon.inspector.geometry import FrameLayout
 
     pipe, prompt_embeds, negative_embeds = tiny_pipeline()
     text_mask = torch.tensor([[True] * 5 + [False] * 3])  # batch 1: broadcast over the guidance batch

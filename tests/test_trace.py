@@ -9,83 +9,19 @@ import sys
 
 import pytest
 
-from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.geometry import FrameLayout, VideoSizeError, latent_geometry
 from cogsurgeon.inspector.model_specs import published_config, tiny_config
 from cogsurgeon.inspector.trace import (
-    TraceSizeError,
     PatchMemoryModel,
-    SequenceSplit,
     dense_mask_bytes,
     format_bytes,
     format_shape,
-    latent_frame_count,
-    latent_geometry,
     mask_memory_table,
     patch_memory_model,
-    resize_crop_region_for_grid,
-    sequence_split,
     shape_of,
     shape_to_json,
     size_notes,
 )
-
-# ---------------------------------------------------------------------------------------------------------------
-# Pure size arithmetic
-
-
-@pytest.mark.parametrize(
-    ("frames", "patch_size_t", "expected"),
-    [(49, None, 13), (1, None, 1), (50, None, 13), (53, None, 14), (81, None, 21), (81, 2, 22), (85, 2, 22),
-     (49, 2, 14), (1, 2, 2)],
-)
-def test_latent_frame_count_follows_the_pipeline(frames, patch_size_t, expected):
-    assert latent_frame_count(frames, 4, patch_size_t) == expected
-
-
-def test_geometry_of_5b_i2v_at_its_native_size():
-    geometry = latent_geometry(published_config("cogvideox-5b-i2v"), 49, 480, 720)
-    assert (geometry.latent_frames, geometry.latent_height, geometry.latent_width) == (13, 60, 90)
-    assert (geometry.grid_height, geometry.grid_width, geometry.token_frames) == (30, 45, 13)
-    assert geometry.padding_frames == 0
-    split = sequence_split(geometry, 226)
-    assert (split.text_tokens, split.video_tokens, split.frames, split.tokens_per_frame, split.total) == (
-        226, 17550, 13, 1350, 17776)
-
-
-def test_geometry_of_1_5_counts_temporal_patches_and_padding():
-    geometry = latent_geometry(published_config("cogvideox1.5-5b"), 81, 768, 1360)
-    assert (geometry.latent_frames, geometry.padding_frames, geometry.token_frames) == (22, 1, 11)
-    assert (geometry.grid_height, geometry.grid_width) == (48, 85)
-    assert sequence_split(geometry, 226).total == 45106
-
-
-def test_learned_positions_refuse_other_sizes():
-    with pytest.raises(TraceSizeError, match=r"480×720"):
-        latent_geometry(published_config("cogvideox-5b-i2v"), 49, 768, 1360)
-    # the same size is fine for the text-to-video model, which has no learned positions
-    latent_geometry(published_config("cogvideox-5b"), 49, 768, 1360)
-
-
-@pytest.mark.parametrize(("height", "width", "message"), [
-    (500, 720, r"height 500 is not a multiple of 16.*try 496 or 512"),
-    (480, 8, r"width 8 is not a multiple of 16"),
-])
-def test_sizes_off_the_patch_grid_are_refused(height, width, message):
-    with pytest.raises(TraceSizeError, match=message):
-        latent_geometry(published_config("cogvideox-5b"), 49, height, width)
-
-
-def test_1_5_rotary_grid_bounds_the_size():
-    config = published_config("cogvideox1.5-5b")
-    latent_geometry(config, 81, 2400, 2400)
-    with pytest.raises(TraceSizeError, match=r"at most 2400×2400"):
-        latent_geometry(config, 81, 2416, 1360)
-
-
-def test_non_positive_sizes_are_refused_with_a_cogsurgeon_error():
-    with pytest.raises(CogsurgeonError, match="frames must be a positive"):
-        latent_geometry(published_config("cogvideox-5b"), 0, 480, 720)
-
 
 def test_size_notes_say_what_a_person_should_know():
     i2v = published_config("cogvideox-5b-i2v")
@@ -97,20 +33,13 @@ def test_size_notes_say_what_a_person_should_know():
     assert any("padding" in note for note in size_notes(one_five, latent_geometry(one_five, 81, 768, 1360)))
 
 
-@pytest.mark.parametrize("grid", [(30, 45), (60, 90), (45, 30), (20, 20), (48, 85), (7, 13)])
-def test_rotary_crop_region_matches_diffusers(grid):
-    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-
-    assert resize_crop_region_for_grid(grid, 45, 30) == get_resize_crop_region_for_grid(grid, 45, 30)
-
-
 def test_dense_mask_bytes():
     assert dense_mask_bytes((1, 1, 17776, 17776), "bool") == 17776 * 17776
     assert dense_mask_bytes((96, 17776, 17776), "bfloat16") == 96 * 17776 * 17776 * 2
     assert dense_mask_bytes((2, 3), "float32") == 24
 
 
-SPLIT_5B = SequenceSplit(text_tokens=226, video_tokens=17550, frames=13, tokens_per_frame=1350, total=17776)
+SPLIT_5B = FrameLayout(text_tokens=226, frames=13, tokens_per_frame=1350)
 
 
 def test_mask_memory_table_without_patch_estimates():
@@ -188,7 +117,7 @@ def test_trace_5b_i2v_at_49x480x720():
     assert len(result.attention) == 42
     assert {(call.query, call.key, call.value) for call in result.attention} == {((2, 48, 17776, 64),) * 3}
     assert [call.module for call in result.attention] == [f"transformer_blocks.{i}.attn1" for i in range(42)]
-    assert result.sequence.total == 17776 and result.sequence.tokens_per_frame == 1350
+    assert result.sequence.sequence_length == 17776 and result.sequence.tokens_per_frame == 1350
     assert result.output == (2, 13, 16, 60, 90)
     assert result.inputs["hidden_states"] == (2, 13, 32, 60, 90)  # noise and image latents on channels
     assert result.inputs["image_rotary_emb"] == ((17550, 64), (17550, 64))
@@ -236,9 +165,9 @@ def test_trace_refuses_a_size_before_running():
     from cogsurgeon.inspector.trace import trace_shapes
 
     model = load_transformer("cogvideox-5b-i2v")
-    with pytest.raises(TraceSizeError):
+    with pytest.raises(VideoSizeError):
         trace_shapes(model, frames=49, height=512, width=720)
-    with pytest.raises(TraceSizeError, match="batch"):
+    with pytest.raises(VideoSizeError, match="batch"):
         trace_shapes(model, frames=49, height=480, width=720, batch=0)
     assert _hook_count(model) == 0
 
@@ -272,7 +201,7 @@ def test_tiny_model_is_traced_without_compute_or_change(tiny_model):
     result = trace_shapes(tiny_model, frames=9, height=64, width=64, batch=2)
     config = tiny_config("tiny")
     assert calls_seen == ["meta"] * config["num_layers"]
-    assert result.sequence.total == 8 + 3 * 16
+    assert result.sequence.sequence_length == 8 + 3 * 16
     assert result.attention[0].query == (2, 2, 56, 16)
     assert result.dtype == "float32"
     assert _hook_count(tiny_model) == 0
@@ -348,17 +277,8 @@ def test_cli_trace_bad_size_is_one_line_exit_2(cli, args):
 
 
 def test_cli_modules_stay_light():
-    code = ("import sys, cogsurgeon.inspector.cli, cogsurgeon.inspector.trace, cogsurgeon.inspector.doctor; "
+    code = ("import sys, cogsurgeon.inspector.cli, cogsurgeon.inspector.trace, cogsurgeon.inspector.doctor, "
+            "cogsurgeon.inspector.geometry; "
             "print(sorted(m for m in ('torch', 'diffusers', 'peft', 'textual') if m in sys.modules))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert completed.stdout.strip() == "[]"
-
-
-def test_default_video_size_is_the_pipelines_default():
-    from cogsurgeon.inspector.model_specs import TINY_CONFIGS, published_config
-    from cogsurgeon.inspector.trace import default_video_size
-
-    assert default_video_size(published_config("cogvideox-5b-i2v")) == (49, 480, 720)
-    assert default_video_size(published_config("cogvideox-2b")) == (49, 480, 720)
-    assert default_video_size(published_config("cogvideox1.5-5b")) == (81, 768, 1360)
-    assert default_video_size(TINY_CONFIGS["tiny"]) == (9, 64, 64)

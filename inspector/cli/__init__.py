@@ -6,13 +6,15 @@ line on stderr. Heavy imports (torch, diffusers, textual) happen inside the comm
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
-from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.errors import CogsurgeonError, Interrupted
 from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, known_specs
 from cogsurgeon.inspector.offline import enter_offline_mode
+from cogsurgeon.inspector.user_files import describe_os_error
 from cogsurgeon.inspector.cli.output import print_json
 
 MODEL_HELP = (
@@ -106,7 +108,20 @@ for _command in (patch, run, lora, trace, plan, doctor):
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """One printable line: whitespace folded, lone surrogates (undecodable file names) escaped."""
+    return " ".join(str(text).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _flush_stdout() -> None:
+    """Flush stdout now, where a failure (a full device, a closed pipe) can still be reported; after a failure fd 1
+    points at /dev/null, so that the interpreter's own flush at exit has nothing left to fail on."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     enter_offline_mode()
     try:
         result = cli.main(args=argv, prog_name="cogsurgeon", standalone_mode=False)
+        _flush_stdout()
     except CogsurgeonError as exc:
         click.echo(f"cogsurgeon: error: {_one_line(exc)}", err=True)
         sys.exit(2)
@@ -127,9 +143,15 @@ def main(argv: list[str] | None = None) -> None:
     except click.Abort:
         click.echo("cogsurgeon: aborted", err=True)
         sys.exit(130)
+    except Interrupted as exc:
+        click.echo(f"cogsurgeon: {_one_line(exc)}", err=True)
+        sys.exit(128 + exc.signum)
     except BrokenPipeError:
         sys.stderr.close()  # the reader (head, less) left; not an error of ours
         sys.exit(0)
+    except OSError as exc:  # the machine, not the input: a full disk or device, a file we may not read
+        click.echo(f"cogsurgeon: error: {_one_line(describe_os_error(exc.filename or 'standard output', exc))}", err=True)
+        sys.exit(2)
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -13,6 +13,22 @@ import click
 from cogsurgeon.inspector.cli.output import print_json
 
 ALPHA_HELP = "lora_alpha the LoRA was trained with; overrides metadata, configs and trainer defaults."
+TRAINER_HELP = ("The trainer that wrote CKPT, when the file does not store lora_alpha and several trainers fit: its "
+                "default lora_alpha is used (inspect lists the candidates).")
+
+
+def checkpoint_options(function):
+    """--alpha, --trainer, --step, --latest: what settles lora_alpha and which checkpoint of a folder is read."""
+    from cogsurgeon.tools.lora.keys import TRAINERS
+
+    for option in reversed((
+        click.option("--alpha", type=float, callback=_positive_finite_alpha, metavar="A", help=ALPHA_HELP),
+        click.option("--trainer", type=click.Choice(sorted(TRAINERS)), metavar="NAME", help=TRAINER_HELP),
+        click.option("--step", type=int, metavar="N", help="Read the checkpoint of step N of an output folder."),
+        click.option("--latest", is_flag=True, help="Read the newest checkpoint of an output folder."),
+    )):
+        function = option(function)
+    return function
 
 
 def _print_warnings(warnings: tuple[str, ...]) -> None:
@@ -27,12 +43,20 @@ def _format_report(report) -> list[str]:
             f"{module}={rank}" for module, rank in list(report.rank_pattern.items())[:4]
         ) + (", ..." if len(report.rank_pattern) > 4 else "") + ")"
     scale = f", scale {report.scale:g}" if report.scale is not None else ""
+    if report.alpha is None:
+        alpha_lines = ["lora_alpha    UNKNOWN: not stored, and several trainers write this format; candidates:"]
+        alpha_lines += [f"  - {c['alpha']} ({c['trainer']}: {c['source']})" for c in report.alpha_candidates]
+        alpha_lines.append("              settle it with --alpha A or --trainer NAME")
+    else:
+        alpha_lines = [f"lora_alpha    {report.alpha} from {report.alpha_source} ({report.alpha_detail}){scale}"]
     lines = [
         f"file          {report.file}",
         f"format        {report.format}: {report.format_description}",
+        *([f"steps         {', '.join(str(s) for s in report.steps)}"] if report.steps else []),
         f"rank          {rank_line}",
-        f"lora_alpha    {report.alpha} from {report.alpha_source} ({report.alpha_detail}){scale}",
+        *alpha_lines,
         f"targets       {', '.join(report.target_modules)} ({report.num_modules} modules)",
+        f"fits          {report.fit_detail}",
         f"dtype         {report.dtype}",
         f"size          {report.size_bytes:,} bytes",
     ]
@@ -68,9 +92,9 @@ def lora() -> None:
 
 @lora.command(short_help="Format, ranks, targets, lora_alpha and its source, problems.")
 @click.argument("ckpt", type=click.Path(path_type=str))
-@click.option("--alpha", type=float, callback=_positive_finite_alpha, metavar="A", help=ALPHA_HELP)
+@checkpoint_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(ckpt: str, alpha: float | None, as_json: bool) -> None:
+def inspect(ckpt: str, alpha: float | None, trainer: str | None, step: int | None, latest: bool, as_json: bool) -> None:
     """Say what a LoRA checkpoint holds: format, rank and per-module ranks, targets, dtype, size, lora_alpha and
     where it came from (flag, metadata, config, default), and problems.
 
@@ -82,7 +106,7 @@ def inspect(ckpt: str, alpha: float | None, as_json: bool) -> None:
     """
     from cogsurgeon.tools.lora.checkpoint import inspect_checkpoint
 
-    report = inspect_checkpoint(ckpt, alpha=alpha)
+    report = inspect_checkpoint(ckpt, alpha=alpha, trainer=trainer, step=step, latest=latest)
     _print_warnings(report.warnings)
     if as_json:
         print_json(report.to_json())
@@ -117,10 +141,18 @@ class _ByteProgress:
 @click.argument("ckpt", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="DIR",
               help="The adapter folder to create (it must not exist, unless --force).")
-@click.option("--alpha", type=float, callback=_positive_finite_alpha, metavar="A", help=ALPHA_HELP)
+@checkpoint_options
 @click.option("--force", is_flag=True, help="Replace DIR if it exists (atomically: the old folder stays until the new one is complete).")
+@click.option("--to", "to", default="peft,diffusers", show_default=True, metavar="LIST",
+              help="Consumers to write for: peft (adapter_config.json + adapter_model.safetensors), diffusers "
+                   "(pytorch_lora_weights.safetensors with metadata), comfyui (comfyui_lora.safetensors, kohya keys "
+                   "with .alpha, merged at the trained scale by kijai's CogVideoXWrapper).")
+@click.option("--bake-scale", is_flag=True,
+              help="Fold lora_alpha / r into lora_B (written alpha = r), for consumers that ignore alpha: strength 1.0 "
+                   "is then the trained strength.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def repair(ckpt: str, out_dir: str, alpha: float | None, force: bool, as_json: bool) -> None:
+def repair(ckpt: str, out_dir: str, alpha: float | None, trainer: str | None, step: int | None, latest: bool,
+           force: bool, to: str, bake_scale: bool, as_json: bool) -> None:
     """Rebuild CKPT into an adapter folder that PEFT and diffusers load offline at the trained scale.
 
     DIR gets adapter_config.json + adapter_model.safetensors (PEFT: PeftModel.from_pretrained(transformer, DIR))
@@ -137,7 +169,8 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, force: bool, as_json: b
     from cogsurgeon.tools.lora.repair import repair_checkpoint
 
     progress = _ByteProgress()
-    result = repair_checkpoint(ckpt, out_dir, alpha=alpha, force=force, progress=progress)
+    result = repair_checkpoint(ckpt, out_dir, alpha=alpha, trainer=trainer, step=step, latest=latest, force=force,
+                               to=to, bake_scale=bake_scale, progress=progress)
     _print_warnings(result.report.warnings)
     if as_json:
         print_json(result.to_json())

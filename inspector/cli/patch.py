@@ -23,25 +23,38 @@ def patch() -> None:
 
 
 @patch.command("list")
-@click.option("--json", "as_json", is_flag=True, help='Print [{"name", "summary"}].')
+@click.option("--json", "as_json", is_flag=True, help='Print [{"name", "summary", "parameters"}].')
 def list_patches(as_json: bool) -> None:
-    """List every registered patch (built-in and installed through the `cogsurgeon.patches` entry points)."""
+    """List every registered patch (built-in and installed through the `cogsurgeon.patches` entry points), with the
+    parameters each takes and their defaults (give them as NAME:key=value,key=value)."""
     from cogsurgeon import patches
+    from cogsurgeon.patches.parameters import format_value
 
     infos = patches.available()
     if as_json:
-        print_json([{"name": info.name, "summary": info.summary} for info in infos])
+        print_json([
+            {
+                "name": info.name,
+                "summary": info.summary,
+                "parameters": [
+                    {"name": p.name, "type": p.type_name, "default": p.default, "doc": p.doc} for p in info.parameters
+                ],
+            }
+            for info in infos
+        ])
         return
     width = max(len(info.name) for info in infos)
     for info in infos:
         click.echo(f"{info.name:<{width}}  {info.summary}")
+        for p in info.parameters:
+            click.echo(f"{'':<{width}}    {p.name}: {p.type_name} = {format_value(p.default)}  {p.doc}")
 
 
 @patch.command("verify")
-@click.argument("name")
+@click.argument("spec", metavar="NAME[:key=value,...]")
 @click.option("--json", "as_json", is_flag=True, help="Print the result with every case compared.")
-def verify(name: str, as_json: bool) -> None:
-    """Run patch NAME on the tiny models (tiny, tiny-i2v, tiny-1.5; plain and fused attention processors) against
+def verify(spec: str, as_json: bool) -> None:
+    """Run patch NAME (with its parameters, if given) on the tiny models (tiny, tiny-i2v, tiny-1.5; plain and fused attention processors) against
     explicit-mask reference attention, then revert it.
 
     Prints the largest difference from the reference (must be <= 1e-4 in fp32) and whether the reverted model
@@ -51,12 +64,14 @@ def verify(name: str, as_json: bool) -> None:
     cogsurgeon patch verify causal-attention
     cogsurgeon patch verify attention-mask --json
     """
-    from cogsurgeon.patches.registry import get_patch
+    from cogsurgeon.patches.parameters import parse_patch_spec
+    from cogsurgeon.patches.registry import resolve_options
 
-    get_patch(name)  # an unknown name: one line, exit 2, before loading torch
+    name, options = parse_patch_spec(spec)
+    options = resolve_options(name, options)  # an unknown name or bad option: one line, exit 2, before loading torch
     from cogsurgeon.patches.verify import verify_patch
 
-    result = verify_patch(name, progress=lambda step: click.echo(f"verifying {step}", err=True))
+    result = verify_patch(name, options=options, progress=lambda step: click.echo(f"verifying {step}", err=True))
     if as_json:
         print_json(result.to_json())
     else:
@@ -75,7 +90,10 @@ def verify(name: str, as_json: bool) -> None:
     "run",
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
-@click.option("--patch", "patch_names", multiple=True, metavar="NAME", help="A patch to apply (repeatable).")
+@click.option(
+    "--patch", "patch_names", multiple=True, metavar="NAME[:key=value,...]",
+    help="A patch to apply, with its parameters if any (repeatable).",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(patch_names: tuple[str, ...], command: tuple[str, ...]) -> int:
     """Run COMMAND, an unchanged program, so that every CogVideoXTransformer3DModel it or any of its Python child
@@ -89,4 +107,8 @@ def run(patch_names: tuple[str, ...], command: tuple[str, ...]) -> int:
     """
     from cogsurgeon.patches.launcher import run_patched
 
-    return run_patched(command, patch_names)
+    outcome = run_patched(command, patch_names)
+    if not outcome.models_built:
+        click.echo("cogsurgeon run: the program ended without building a CogVideoXTransformer3DModel: nothing was "
+                   "patched", err=True)
+    return outcome.exit_status

@@ -57,7 +57,7 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
     MODEL: see `cogsurgeon modules --help`.
     """
     from cogsurgeon.inspector.plan import parse_memory_size, parse_train
-    from cogsurgeon.inspector.trace import default_video_size, latent_geometry
+    from cogsurgeon.inspector.geometry import default_video_size, latent_geometry
     from cogsurgeon.inspector.cli.trace import _known_config
 
     train_mode = parse_train(train)  # flags refused before paying for torch and the model

@@ -6,7 +6,7 @@ from rich.table import Table
 
 from cogsurgeon.inspector.inventory import ModuleInfo, filter_inventory
 from cogsurgeon.inspector.module_tree import listed_rows
-from cogsurgeon.inspector.source import short_path
+from cogsurgeon.inspector.source import display_path
 
 
 def modules_table(infos: list[ModuleInfo], filter_text: str | None = None, fold: bool = True) -> Table:
@@ -31,7 +31,7 @@ def modules_table(infos: list[ModuleInfo], filter_text: str | None = None, fold:
 
 
 def _cells(info: ModuleInfo, name: str) -> tuple[str, ...]:
-    location = short_path(info.file) + (f":{info.line}" if info.line else "")
+    location = display_path(info.file) + (f":{info.line}" if info.line else "")
     return (
         name,
         info.class_name,

@@ -47,7 +47,7 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
 
     MODEL: see `cogsurgeon modules --help`; a model with real weights is traced through a meta copy.
     """
-    from cogsurgeon.inspector.trace import latent_geometry
+    from cogsurgeon.inspector.geometry import latent_geometry
 
     config = _known_config(model)
     if config is not None:  # refuse a size the model cannot take before paying for torch and the model
@@ -94,7 +94,7 @@ def _print_tables(result, show_all: bool) -> None:
         f"{geometry.latent_width}, output {format_shape(result.output)}"
     )
     console.print(
-        f"sequence: {sequence.total:,} tokens = {sequence.text_tokens:,} text + {sequence.video_tokens:,} video "
+        f"sequence: {sequence.sequence_length:,} tokens = {sequence.text_tokens:,} text + {sequence.video_tokens:,} video "
         f"({sequence.frames} frames × {sequence.tokens_per_frame:,} tokens)"
     )
     for note in result.notes:

@@ -1,11 +1,14 @@
-"""Read a LoRA checkpoint as it was left by a trainer — a folder or a file, safetensors or SAT — into one view
-(tensors by module, format, ranks, lora_alpha and where it came from, problems) and the `LoraReport` of
-`cogsurgeon lora inspect`. Torch-free except for the SAT reader, which is imported only for SAT files.
+"""Read a LoRA checkpoint as a trainer left it — a file, a checkpoint folder, or an output folder holding several
+checkpoints — in every format of the LoRA-in-the-wild table (diffusers/CogVideo, finetrainers, CogKit file or DCP,
+VideoX-Fun, kohya/ComfyUI, PEFT, SAT) into one view: tensors by module, format, ranks, lora_alpha and where it came
+from (or the candidates when the file does not settle it), problems; and the `LoraReport` of `cogsurgeon lora inspect`.
+Torch-free: the SAT pickle and torch DCP readers (tools/lora/sat.py, tools/lora/dcp.py) import torch, and are
+imported only when such a checkpoint is given.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,8 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.user_files import (
+    UserFileError,
+    describe_os_error,
+    file_kind,
+    is_folder,
+    is_regular_file,
+    list_folder,
+    loads_json,
+    read_json,
+    read_yaml,
+)
 from cogsurgeon.tools.lora.keys import (
     FORMAT_DESCRIPTIONS,
+    TRAINERS,
     AlphaResolution,
     detect_format,
     is_dora_key,
@@ -29,6 +44,9 @@ from cogsurgeon.tools.lora.keys import (
 from cogsurgeon.tools.lora.safetensors_io import DTYPE_NAMES, read_header
 
 SAFETENSORS_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+DCP_METADATA = ".metadata"
+STEP_FOLDER = re.compile(r"^(?:checkpoint-|finetrainers_step_)?(?P<step>\d+)$")
+STEP_FILE = re.compile(r"^checkpoint-(?P<step>\d+)\.safetensors$")
 SAT_FILE_NAME = "mp_rank_00_model_states.pt"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ACCELERATE_STATE = re.compile(r"^(optimizer(_\d+)?\.bin|scheduler(_\d+)?\.bin|random_states_\d+\.pkl|scaler\.pt)$")
@@ -45,7 +63,7 @@ class LoraTensor:
     """One LoRA weight of a checkpoint and where its bytes are."""
 
     module: str
-    part: str  # "A" or "B"
+    part: str  # "A", "B" or "alpha" (a kohya per-module alpha, a scalar)
     dtype: str  # safetensors name (BF16, F32, ...)
     shape: tuple[int, ...]
     nbytes: int
@@ -62,10 +80,11 @@ class LoraReport:
     file: str
     rank: int | None
     rank_pattern: dict[str, int]
-    alpha: float | int
-    alpha_source: str  # flag | metadata | config | default
+    alpha: float | int | None  # None: not settled, see alpha_candidates
+    alpha_source: str | None  # flag | metadata | config | trainer | default; None when not settled
     alpha_detail: str
     alpha_pattern: dict[str, float]
+    alpha_candidates: tuple[dict[str, Any], ...]  # [{"alpha", "trainer", "source"}] when several trainers fit
     target_modules: tuple[str, ...]
     num_modules: int
     modules: tuple[str, ...]
@@ -73,6 +92,10 @@ class LoraReport:
     size_bytes: int
     problems: tuple[str, ...]
     warnings: tuple[str, ...]
+    steps: tuple[int, ...] = ()  # the checkpoints of the output folder given, when it holds several
+    ignored: tuple[str, ...] = ()  # non-LoRA tensors read past (finetrainers' full state)
+    fits: tuple[str, ...] = ()  # CogVideoX variants whose shapes the LoRA fits
+    fit_detail: str = ""
 
     @property
     def format_description(self) -> str:
@@ -81,17 +104,24 @@ class LoraReport:
     @property
     def scale(self) -> float | None:
         """The LoRA scale of the common rank (lora_alpha / r)."""
-        return self.alpha / self.rank if self.rank else None
+        return self.alpha / self.rank if self.rank and self.alpha is not None else None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["target_modules"] = list(self.target_modules)
-        data["modules"] = list(self.modules)
-        data["problems"] = list(self.problems)
-        data["warnings"] = list(self.warnings)
+        for key in ("target_modules", "modules", "problems", "warnings", "steps", "ignored", "fits"):
+            data[key] = list(data[key])
+        data["alpha_candidates"] = [dict(candidate) for candidate in self.alpha_candidates]
         data["format_description"] = self.format_description
         data["scale"] = self.scale
         return data
+
+    def unsettled_alpha_message(self) -> str:
+        """One line for a repair without --alpha when the file does not settle lora_alpha."""
+        options = "; ".join(f"{c['alpha']} ({c['trainer']}: {c['source']})" for c in self.alpha_candidates)
+        trainers = ", ".join(c["trainer"] for c in self.alpha_candidates)
+        return (f"{self.file} does not store lora_alpha and several trainers write this format "
+                f"({self.format}), so the strength is unknown: candidates {options}. "
+                f"Settle it with --alpha A or --trainer NAME ({trainers})")
 
 
 @dataclass(frozen=True)
@@ -100,93 +130,221 @@ class LoraCheckpoint:
 
     report: LoraReport
     tensors: tuple[LoraTensor, ...]
-    source_file: Path | None  # the safetensors file the bytes come from; None for SAT (payloads)
+    source_file: Path | None  # the safetensors file the bytes come from; None for SAT/DCP (payloads)
     metadata_config: dict[str, Any]  # LoRA config keys from the file's metadata (prefix removed), if any
 
 
-def locate_checkpoint(path: Path) -> Path:
-    """The tensor file a CKPT argument names: the file itself, or the known file inside a checkpoint folder."""
-    if not path.exists():
-        raise LoraCheckpointError(f"{path} does not exist")
-    if path.is_file():
+@dataclass(frozen=True)
+class Located:
+    """Which checkpoint a CKPT argument names: the tensor file (or DCP folder), and the steps of the folder."""
+
+    kind: str  # "safetensors" | "sat" | "dcp"
+    path: Path
+    steps: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def checkpoint_steps(folder: Path) -> dict[int, Path]:
+    """The checkpoints an output folder holds, by step: `checkpoint-N/` (CogVideo, diffusers, CogKit),
+    `checkpoint-N.safetensors` (VideoX-Fun), `lora_weights/NNNNNN/` (finetrainers; its `finetrainers_step_N/` full
+    states only for steps without one), `N/` with a SAT model file."""
+    found: dict[int, Path] = {}
+    fallbacks: dict[int, Path] = {}
+    folders = [folder]
+    if is_folder(folder / "lora_weights"):
+        folders.append(folder / "lora_weights")
+    for parent in folders:
+        for child in list_folder(parent):
+            file_match = STEP_FILE.match(child.name)
+            if file_match and is_regular_file(child):
+                found[int(file_match["step"])] = child
+                continue
+            folder_match = STEP_FOLDER.match(child.name)
+            if not folder_match or not is_folder(child):
+                continue
+            step = int(folder_match["step"])
+            if child.name.startswith("finetrainers_step_"):
+                fallbacks[step] = child
+            elif child.name.startswith("checkpoint-") or _holds_checkpoint(child):
+                found[step] = child
+    for step, path in fallbacks.items():
+        found.setdefault(step, path)
+    return dict(sorted(found.items()))
+
+
+def _holds_checkpoint(folder: Path) -> bool:
+    return any(is_regular_file(folder / name) for name in (*SAFETENSORS_NAMES, SAT_FILE_NAME, DCP_METADATA))
+
+
+def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = False) -> Located:
+    """The checkpoint a CKPT argument names. A folder holding several checkpoints is never picked from silently:
+    `step` or `latest` chooses, otherwise the steps are listed in the error."""
+    try:
+        kind = file_kind(path)  # None: a regular file; FIFOs and devices are never opened
+    except FileNotFoundError:
+        raise LoraCheckpointError(f"{path} does not exist") from None
+    except OSError as exc:  # a symlink loop, a folder we may not enter, a name too long
+        raise LoraCheckpointError(f"cannot read {describe_os_error(path, exc)}") from None
+    if kind is None:
+        if step is not None or latest:
+            raise LoraCheckpointError(f"{path} is one file: --step and --latest choose among the checkpoints of a folder")
+        if path.suffix == ".distcp" or path.name == DCP_METADATA:
+            return Located("dcp", path.parent)
         if path.name != SAT_FILE_NAME and path.suffix.lower() in PICKLE_SUFFIXES:
             raise LoraCheckpointError(
                 f"{path} is a pickle, and cogsurgeon never unpickles files (they can run code): pass the "
                 "checkpoint's .safetensors file or its folder (SAT: mp_rank_00_model_states.pt)"
             )
-        return path
-    if not path.is_dir():
-        raise LoraCheckpointError(f"{path} is neither a file nor a folder")
+        return Located("sat" if path.name == SAT_FILE_NAME else "safetensors", path)
+    if kind != "a folder":
+        raise LoraCheckpointError(f"{path} is {kind}, neither a regular file nor a folder")
+    steps = checkpoint_steps(path)
+    direct = _checkpoint_in(path)
+    listed = ", ".join(str(s) for s in steps)
+    if step is not None:
+        if step not in steps:
+            raise LoraCheckpointError(f"{path} holds no checkpoint of step {step} (steps: {listed or 'none'})")
+        chosen = steps[step]
+    elif latest:
+        if not steps:
+            raise LoraCheckpointError(f"{path} holds no numbered checkpoints for --latest to choose from")
+        chosen = steps[max(steps)]
+    elif direct is not None:
+        notes = (f"{path} also holds the checkpoints of steps {listed}: --step N reads one of them",) if steps else ()
+        return Located(direct.kind, direct.path, tuple(steps), notes)
+    elif len(steps) == 1:
+        chosen = next(iter(steps.values()))
+    elif steps:
+        raise LoraCheckpointError(
+            f"{path} holds {len(steps)} checkpoints (steps {listed}): pass --step N for one, or --latest for step "
+            f"{max(steps)}"
+        )
+    else:
+        raise LoraCheckpointError(
+            f"{path} holds no LoRA checkpoint: looked for {', '.join(SAFETENSORS_NAMES)}, {SAT_FILE_NAME}, a torch "
+            "DCP (.metadata), a single .safetensors file, or checkpoint-N folders/files"
+        )
+    located = locate_checkpoint(chosen)
+    return Located(located.kind, located.path, tuple(steps), located.notes)
+
+
+def _checkpoint_in(folder: Path) -> Located | None:
+    """The checkpoint a folder itself holds (not its numbered sub-checkpoints)."""
     for name in SAFETENSORS_NAMES:
-        if (path / name).is_file():
-            return path / name
-    sat = _sat_file_in(path)
-    if sat is not None:
-        return sat
-    candidates = sorted(path.glob("*.safetensors"))
+        if is_regular_file(folder / name):
+            return Located("safetensors", folder / name)
+    if is_regular_file(folder / SAT_FILE_NAME):
+        return Located("sat", folder / SAT_FILE_NAME)
+    if is_regular_file(folder / DCP_METADATA):
+        return Located("dcp", folder)
+    candidates = [p for p in list_folder(folder) if p.suffix == ".safetensors" and is_regular_file(p)
+                  and not STEP_FILE.match(p.name) and not p.name.endswith("-compatible_with_comfyui.safetensors")]
     if len(candidates) == 1:
-        return candidates[0]
+        return Located("safetensors", candidates[0])
     if candidates:
         names = ", ".join(candidate.name for candidate in candidates[:4])
-        raise LoraCheckpointError(f"{path} holds several safetensors files ({names}): pass the LoRA file itself")
-    raise LoraCheckpointError(
-        f"{path} holds no LoRA checkpoint: looked for {', '.join(SAFETENSORS_NAMES)}, "
-        f"{SAT_FILE_NAME} or a single .safetensors file"
-    )
-
-
-def _sat_file_in(folder: Path) -> Path | None:
-    """SAT saves `{save_dir}/{iteration}/mp_rank_00_model_states.pt` and names the newest in `latest`."""
-    if (folder / SAT_FILE_NAME).is_file():
-        return folder / SAT_FILE_NAME
-    latest = folder / "latest"
-    if latest.is_file():
-        candidate = folder / latest.read_text().strip() / SAT_FILE_NAME
-        if candidate.is_file():
-            return candidate
-    iterations = [p.parent for p in folder.glob(f"*/{SAT_FILE_NAME}")]
-    if iterations:
-        newest = max(iterations, key=lambda p: (int(p.name) if p.name.isdigit() else -1, p.name))
-        return newest / SAT_FILE_NAME
+        raise LoraCheckpointError(f"{folder} holds several safetensors files ({names}): pass the LoRA file itself")
     return None
 
 
-def read_checkpoint(path: str | Path, *, alpha: float | None = None) -> LoraCheckpoint:
+@dataclass
+class RawCheckpoint:
+    """A tensor file's LoRA entries before they are checked: what every reader hands to `_assemble`."""
+
+    entries: list[tuple[str, LoraTensor]]
+    non_lora: list[str]
+    dora: list[str]
+    adapters: set[str | None]
+    prefixes: set[str]
+    metadata: dict[str, str]
+    format_name: str
+    alpha_values: dict[str, float]  # kohya per-module `.alpha` values
+    source_file: Path | None
+
+
+def read_checkpoint(
+    path: str | Path,
+    *,
+    alpha: float | None = None,
+    trainer: str | None = None,
+    step: int | None = None,
+    latest: bool = False,
+) -> LoraCheckpoint:
     """Read the checkpoint at `path` (folder or file). Raises `LoraCheckpointError` for what is not a LoRA
     checkpoint at all; fixable-or-not defects of one that is are listed in `report.problems`."""
+    if trainer is not None and trainer not in TRAINERS:
+        raise LoraCheckpointError(f"--trainer {trainer}: unknown trainer; known: {', '.join(TRAINERS)}")
     given = Path(path).expanduser()
-    tensor_file = locate_checkpoint(given)
-    if tensor_file.name == SAT_FILE_NAME:
-        from cogsurgeon.tools.lora.sat import read_sat_lora  # the one reader that needs torch
+    located = locate_checkpoint(given, step=step, latest=latest)
+    if located.kind == "sat":
+        from cogsurgeon.tools.lora.sat import read_sat_lora  # imports torch
 
-        raw_tensors, non_lora = read_sat_lora(tensor_file)
-        return _assemble(given, tensor_file, raw_tensors, non_lora, dora=[], adapters=set(), prefixes=set(),
-                         metadata={}, format_name="sat", source_file=None, alpha=alpha)
-    header = read_header(tensor_file)
-    raw: list[tuple[str, LoraTensor]] = []
-    non_lora: list[str] = []
-    dora: list[str] = []
-    adapters: set[str | None] = set()
-    prefixes: set[str] = set()
-    for entry in header.tensors:
-        parsed = parse_lora_key(entry.name)
+        raw_tensors, non_lora = read_sat_lora(located.path)
+        raw = RawCheckpoint(raw_tensors, non_lora, [], set(), set(), {}, "sat", {}, None)
+    elif located.kind == "dcp":
+        from cogsurgeon.tools.lora.dcp import read_dcp_lora  # imports torch
+
+        raw = _classify(read_dcp_lora(located.path), {}, None, "cogkit-dcp")
+    else:
+        raw = _read_safetensors(located.path)
+    return _assemble(given, located, raw, alpha, trainer)
+
+
+def _classify(entries, metadata: dict[str, str], source_file: Path | None, format_name: str | None,
+              folder_names: tuple[str, str] = ("", ""), accelerate_state: bool = False,
+              peft_config_beside: bool = False) -> RawCheckpoint:
+    """Sort (key, LoraTensor-without-module) entries into LoRA weights (by the key grammar), DoRA and other tensors."""
+    raw = RawCheckpoint([], [], [], set(), set(), metadata, "", {}, source_file)
+    for key, dtype, shape, nbytes, start, payload in entries:
+        parsed = parse_lora_key(key)
         if parsed is None:
-            (dora if is_dora_key(entry.name) else non_lora).append(entry.name)
+            (raw.dora if is_dora_key(key) else raw.non_lora).append(key)
             continue
-        adapters.add(parsed.adapter)
-        prefixes.add(key_prefix(entry.name))
-        raw.append((entry.name, LoraTensor(parsed.module, parsed.part, entry.dtype, entry.shape, entry.nbytes, entry.start)))
-    folder = tensor_file.parent
-    accelerate_state = any(ACCELERATE_STATE.match(p.name) for p in folder.iterdir())
-    format_name = detect_format(
-        file_name=tensor_file.name,
-        prefixes=prefixes,
-        adapters=adapters,
-        has_metadata=METADATA_KEY in header.metadata,
-        accelerate_state=accelerate_state,
+        raw.adapters.add(parsed.adapter)
+        raw.prefixes.add(key_prefix(key))
+        raw.entries.append((key, LoraTensor(parsed.module, parsed.part, dtype, shape, nbytes, start, payload)))
+    raw.format_name = format_name or detect_format(
+        file_name=folder_names[0], folder_name=folder_names[1], prefixes=raw.prefixes, adapters=raw.adapters,
+        metadata_keys=set(metadata), accelerate_state=accelerate_state, peft_config_beside=peft_config_beside,
     )
-    return _assemble(given, tensor_file, raw, non_lora, dora, adapters, prefixes, header.metadata, format_name,
-                     tensor_file, alpha)
+    return raw
+
+
+def _read_safetensors(tensor_file: Path) -> RawCheckpoint:
+    header = read_header(tensor_file)
+    folder = tensor_file.parent
+    raw = _classify(
+        [(e.name, e.dtype, e.shape, e.nbytes, e.start, None) for e in header.tensors], header.metadata, tensor_file,
+        None, folder_names=(tensor_file.name, folder.name),
+        accelerate_state=any(ACCELERATE_STATE.match(p.name) for p in list_folder(folder)),
+        peft_config_beside=is_regular_file(folder / "adapter_config.json"),
+    )
+    alphas = [(key, t) for key, t in raw.entries if t.part == "alpha"]
+    if alphas:
+        with tensor_file.open("rb") as handle:
+            for _, tensor in alphas:
+                handle.seek(tensor.source_start or 0)
+                raw.alpha_values[tensor.module] = scalar_value(tensor, handle.read(tensor.nbytes))
+    return raw
+
+
+def scalar_value(tensor: LoraTensor, data: bytes) -> float:
+    """The value of a one-element tensor from its bytes (F32/F16/BF16/F64), without torch."""
+    import struct
+
+    elements = 1
+    for size in tensor.shape:
+        elements *= size
+    if elements != 1:
+        raise LoraCheckpointError(
+            f"{tensor.module}.alpha has shape {list(tensor.shape)}: a kohya alpha is one number (shape [] or [1])"
+        )
+    if tensor.dtype == "BF16":
+        return struct.unpack("<f", b"\x00\x00" + bytes(data[:2]))[0]
+    formats = {"F32": "<f", "F16": "<e", "F64": "<d", "I64": "<q", "I32": "<i"}
+    if tensor.dtype not in formats:
+        raise LoraCheckpointError(f"{tensor.module}.alpha has dtype {tensor.dtype}: expected a float")
+    return float(struct.unpack(formats[tensor.dtype], bytes(data))[0])
 
 
 def _metadata_config(metadata: dict[str, str], warnings: list[str], tensor_file: Path) -> dict[str, Any]:
@@ -195,7 +353,7 @@ def _metadata_config(metadata: dict[str, str], warnings: list[str], tensor_file:
     if raw is None:
         return {}
     try:
-        config = json.loads(raw)
+        config = loads_json(raw, allow_nan=True)  # NaN reaches the checks of _assemble and is refused there
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
@@ -209,27 +367,27 @@ def _config_beside(
     tensor_file: Path, warnings: list[str], problems: list[str]
 ) -> tuple[float | None, dict[str, float] | None, str | None]:
     """lora_alpha from a trainer or PEFT config next to the checkpoint (for SAT also one folder up)."""
-    folders = [tensor_file.parent]
+    folders = [tensor_file if tensor_file.is_dir() else tensor_file.parent]  # a DCP checkpoint is a folder
     if tensor_file.name == SAT_FILE_NAME:
         folders.append(tensor_file.parent.parent)
     for folder in folders:
         for name in CONFIG_FILES:
             config_path = folder / name
-            if not config_path.is_file():
+            if not is_regular_file(config_path):
                 continue
-            try:
-                if name.endswith(".json"):
-                    config = json.loads(config_path.read_text())
-                else:
-                    import yaml
-
-                    config = yaml.safe_load(config_path.read_text())
-            except Exception as exc:  # a config the user's trainer wrote; unreadable means "no config"
-                warnings.append(f"{config_path} is unreadable ({type(exc).__name__}); ignored")
+            try:  # regular files only, size capped; JSON without NaN, YAML without aliases (no alias bombs)
+                config = read_json(config_path) if name.endswith(".json") else read_yaml(config_path)
+            except UserFileError as exc:  # a config the user's trainer wrote; unreadable means "no config"
+                warnings.append(f"{' '.join(str(exc).split())[:300]}; ignored")
                 continue
+            if not isinstance(config, dict):  # it parsed, but as a list or a scalar: not the config it claims to be
+                raise LoraCheckpointError(
+                    f"{config_path} is not a mapping (it parses as {type(config).__name__}): a trainer config "
+                    "is a mapping of settings; fix or move it"
+                )
             _unsupported_variants(config, str(config_path), problems)
             found = _find_key(config, "lora_alpha")
-            if isinstance(found, (int, float)) and not isinstance(found, bool) and found > 0:
+            if _positive_number(found):
                 pattern = _find_key(config, "alpha_pattern")
                 return float(found), pattern if isinstance(pattern, dict) else None, str(config_path)
     return None, None, None
@@ -259,42 +417,80 @@ def _find_key(tree: Any, wanted: str) -> Any:
     return None
 
 
-def _assemble(
-    given: Path,
-    tensor_file: Path,
-    raw: list[tuple[str, LoraTensor]],
-    non_lora: list[str],
-    dora: list[str],
-    adapters: set[str | None],
-    prefixes: set[str],
-    metadata: dict[str, str],
-    format_name: str,
-    source_file: Path | None,
-    alpha: float | None,
-) -> LoraCheckpoint:
+def _finetrainers_config(tensor_file: Path) -> tuple[float | None, str | None]:
+    """finetrainers' full state `finetrainers_step_N/model.safetensors` stores no alpha; the LoRA file it saved at the
+    same step, `lora_weights/{N:06d}/pytorch_lora_weights.safetensors`, holds it in `lora_config`."""
+    match = re.match(r"^finetrainers_step_(\d+)$", tensor_file.parent.name)
+    if match is None:
+        return None, None
+    sibling = tensor_file.parent.parent / "lora_weights" / f"{int(match[1]):06d}" / "pytorch_lora_weights.safetensors"
+    if not is_regular_file(sibling):
+        return None, None
+    config = _lora_config_metadata(read_header(sibling).metadata, [], sibling)
+    value = config.get("lora_alpha")
+    return (float(value), str(sibling)) if _positive_number(value) else (None, None)
+
+
+def _lora_config_metadata(metadata: dict[str, str], warnings: list[str], tensor_file: Path) -> dict[str, Any]:
+    """finetrainers' header `lora_config`: JSON with r, lora_alpha, target_modules."""
+    raw = metadata.get("lora_config")
+    if raw is None:
+        return {}
+    try:
+        config = loads_json(raw, allow_nan=True)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise LoraCheckpointError(f"{tensor_file}: header lora_config is unreadable ({exc})") from None
+    return config
+
+
+def _kohya_alpha(raw: RawCheckpoint, ranks: dict[str, int], problems: list[str]) -> tuple[float | None, dict[str, float]]:
+    """kohya stores alpha per module: the most common value is lora_alpha, the others go to alpha_pattern."""
+    if not raw.alpha_values:
+        return None, {}
+    from collections import Counter
+
+    missing = sorted(set(ranks) - set(raw.alpha_values))
+    if missing:
+        problems.append(f"{len(missing)} modules have no .alpha while others do, e.g. {missing[0]}")
+    counts = Counter(raw.alpha_values.values())
+    common = max(counts, key=lambda value: (counts[value], value))
+    if common <= 0:
+        problems.append(f".alpha {common:g} is not positive")
+    return common, {module: value for module, value in sorted(raw.alpha_values.items()) if value != common}
+
+
+def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | None, trainer: str | None) -> LoraCheckpoint:
+    tensor_file = located.path
     problems: list[str] = []
-    warnings: list[str] = []
-    if not raw and not dora:
-        detail = f" (it holds {len(non_lora)} other tensors, e.g. {non_lora[0]})" if non_lora else ""
+    warnings: list[str] = list(located.notes)
+    lora = [(key, t) for key, t in raw.entries if t.part in ("A", "B")]
+    if not lora and not raw.dora:
+        detail = f" (it holds {len(raw.non_lora)} other tensors, e.g. {raw.non_lora[0]})" if raw.non_lora else ""
         raise LoraCheckpointError(f"{tensor_file} holds no LoRA weights (no lora_A/lora_B keys){detail}")
-    named_adapters = sorted(a for a in adapters if a is not None)
-    if len(named_adapters) > 1 or (named_adapters and None in adapters):
+    named_adapters = sorted(a for a in raw.adapters if a is not None)
+    if len(named_adapters) > 1 or (named_adapters and None in raw.adapters):
         problems.append(f"keys name several adapters ({', '.join(named_adapters)}): keep one adapter per file")
-    if len(prefixes) > 1:
-        problems.append(f"keys mix prefixes {sorted(prefixes)}: one model prefix per file expected")
-    if non_lora:
+    if len(raw.prefixes) > 1:
+        problems.append(f"keys mix prefixes {sorted(raw.prefixes)}: one model prefix per file expected")
+    ignored: tuple[str, ...] = ()
+    if raw.non_lora and raw.format_name == "finetrainers-state":
+        ignored = tuple(raw.non_lora)
+        warnings.append(f"{len(ignored)} non-LoRA tensors of finetrainers' full state ignored, e.g. {ignored[0]!r}")
+    elif raw.non_lora:
         problems.append(
-            f"{len(non_lora)} tensors are not LoRA weights, e.g. {non_lora[0]!r}: repair writes LoRA weights only"
+            f"{len(raw.non_lora)} tensors are not LoRA weights, e.g. {raw.non_lora[0]!r}: repair writes LoRA weights only"
         )
-    if dora:
+    if raw.dora:
         problems.append(
-            f"{len(dora)} DoRA magnitude vectors (e.g. {dora[0]!r}): a DoRA adapter, not plain LoRA; repair does not "
-            "rebuild DoRA"
+            f"{len(raw.dora)} DoRA magnitude vectors (e.g. {raw.dora[0]!r}): a DoRA adapter, not plain LoRA; repair "
+            "does not rebuild DoRA"
         )
     a_shapes: dict[str, tuple[int, ...]] = {}
     b_shapes: dict[str, tuple[int, ...]] = {}
     tensors: list[LoraTensor] = []
-    for key, tensor in raw:
+    for key, tensor in lora:
         shapes = a_shapes if tensor.part == "A" else b_shapes
         if tensor.module in shapes:
             problems.append(f"{tensor.module}: lora_{tensor.part} appears twice (again as {key!r})")
@@ -305,42 +501,70 @@ def _assemble(
     problems.extend(rank_problems)
     rank, rank_pattern = rank_and_pattern(ranks)
 
-    metadata_config = _metadata_config(metadata, warnings, tensor_file)
+    metadata_config = _metadata_config(raw.metadata, warnings, tensor_file)
+    stored_where = f"{METADATA_KEY} in the file"
+    stored_pattern = metadata_config.get("alpha_pattern")
+    if not metadata_config and "lora_config" in raw.metadata:
+        metadata_config = _lora_config_metadata(raw.metadata, warnings, tensor_file)
+        stored_where = "lora_config in the file (finetrainers)"
     metadata_alpha = metadata_config.get("lora_alpha")
+    if metadata_alpha is not None and not _positive_number(metadata_alpha):
+        problems.append(f"the file's LoRA config says lora_alpha={_shown(metadata_alpha)}: not a positive finite number")
+        metadata_alpha = None
+    for key, check, what in (("alpha_pattern", _positive_number, "positive numbers"),
+                             ("rank_pattern", _positive_int, "positive integers")):
+        pattern = metadata_config.get(key)
+        if pattern is not None and not (isinstance(pattern, dict) and all(check(v) for v in pattern.values())):
+            problems.append(f"the file's LoRA config says {key}={_shown(pattern)}: expected module names mapped to {what}")
+            if key == "alpha_pattern":
+                stored_pattern = None
+    kohya_alpha, kohya_pattern = _kohya_alpha(raw, ranks, problems)
+    if kohya_alpha is not None and metadata_alpha is None:
+        metadata_alpha, stored_pattern, stored_where = kohya_alpha, kohya_pattern, "kohya .alpha tensors in the file"
     if metadata_config and rank is not None:
         stored_r = metadata_config.get("r")
-        stored_pattern = metadata_config.get("rank_pattern") or {}
-        if stored_r is not None and stored_r != rank and not stored_pattern:
-            problems.append(
-                f"rank clash: {METADATA_KEY} says r={stored_r} but the tensors have rank {rank}"
-            )
+        if stored_r is not None and stored_r != rank and not metadata_config.get("rank_pattern"):
+            problems.append(f"rank clash: the file's LoRA config says r={stored_r} but the tensors have rank {rank}")
     if metadata_config:
         _unsupported_variants(metadata_config, METADATA_KEY, problems)
     config_alpha, config_pattern, config_file = _config_beside(tensor_file, warnings, problems)
+    if config_alpha is None and raw.format_name == "finetrainers-state":
+        config_alpha, config_file = _finetrainers_config(tensor_file)
     resolution: AlphaResolution = resolve_alpha(
         flag=alpha,
-        metadata_alpha=float(metadata_alpha) if isinstance(metadata_alpha, (int, float)) else None,
-        metadata_alpha_pattern=metadata_config.get("alpha_pattern"),
+        metadata_alpha=float(metadata_alpha) if metadata_alpha is not None else None,
+        metadata_alpha_pattern=stored_pattern,
         config_alpha=config_alpha,
         config_alpha_pattern=config_pattern,
         config_file=config_file,
-        format_name=format_name,
+        format_name=raw.format_name,
         rank=rank,
+        trainer=trainer,
+        stored_where=stored_where,
     )
-    if resolution.source == "default":
+    if trainer is not None and resolution.source in ("metadata", "config"):
+        warnings.append(f"--trainer {trainer} ignored: lora_alpha is stored ({resolution.detail})")
+    if resolution.source in ("default", "trainer") and resolution.lora_alpha is not None:
         scale = resolution.lora_alpha / rank if rank else float("nan")
         warnings.insert(
             0,
-            f"LORA_ALPHA NOT STORED: {tensor_file.name} has no lora_alpha and no config beside it; assuming "
+            f"LORA_ALPHA NOT STORED: {tensor_file.name} has no lora_alpha and no config beside it; using "
             f"lora_alpha={number(resolution.lora_alpha)} (scale {scale:g} at rank {rank}), {resolution.detail}. "
             "If your training used another value, pass --alpha A.",
         )
+    elif resolution.lora_alpha is None:
+        listed = ", ".join(f"{number(c.alpha)} ({c.trainer})" for c in resolution.candidates)
+        warnings.insert(0, f"LORA_ALPHA NOT STORED and not settled: it could be {listed}; pass --alpha A or --trainer NAME")
     dtypes = sorted({DTYPE_NAMES.get(t.dtype, t.dtype) for t in tensors})
     if len(dtypes) > 1:
         warnings.append(f"LoRA weights mix dtypes ({', '.join(dtypes)})")
     modules = tuple(sorted(ranks) if ranks else sorted(set(a_shapes) | set(b_shapes)))
+    from cogsurgeon.tools.lora.compat import lora_fits  # pure: shapes against the published configs
+
+    fits, fit_detail = lora_fits([(t.module, t.part, t.shape) for t in tensors])
+    size = sum(p.stat().st_size for p in tensor_file.iterdir() if p.is_file()) if tensor_file.is_dir() else tensor_file.stat().st_size
     report = LoraReport(
-        format=format_name,
+        format=raw.format_name,
         path=str(given),
         file=str(tensor_file),
         rank=rank,
@@ -349,17 +573,51 @@ def _assemble(
         alpha_source=resolution.source,
         alpha_detail=resolution.detail,
         alpha_pattern=dict(resolution.alpha_pattern),
+        alpha_candidates=tuple(
+            {"alpha": number(c.alpha), "trainer": c.trainer, "source": c.source} for c in resolution.candidates
+        ) if resolution.lora_alpha is None else (),
         target_modules=tuple(sorted({short_target(m) for m in modules})),
         num_modules=len(modules),
         modules=modules,
         dtype=dtypes[0] if len(dtypes) == 1 else ("mixed" if dtypes else None),
-        size_bytes=tensor_file.stat().st_size,
+        size_bytes=size,
         problems=tuple(problems),
         warnings=tuple(warnings),
+        steps=located.steps,
+        ignored=ignored,
+        fits=fits,
+        fit_detail=fit_detail,
     )
-    return LoraCheckpoint(report, tuple(tensors), source_file, metadata_config)
+    return LoraCheckpoint(report, tuple(tensors), raw.source_file, metadata_config)
 
 
-def inspect_checkpoint(path: str | Path, *, alpha: float | None = None) -> LoraReport:
-    """Inspect a LoRA checkpoint (folder or file) without changing anything. `alpha` plays the role of `--alpha`."""
-    return read_checkpoint(path, alpha=alpha).report
+def _positive_number(value: Any) -> bool:
+    """A lora_alpha PEFT and diffusers can use: an int or float (not a bool), finite, above zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # a 401-digit integer
+        return False
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def inspect_checkpoint(
+    path: str | Path,
+    *,
+    alpha: float | None = None,
+    trainer: str | None = None,
+    step: int | None = None,
+    latest: bool = False,
+) -> LoraReport:
+    """Inspect a LoRA checkpoint (folder or file) without changing anything. `alpha` plays the role of `--alpha`,
+    `trainer` of `--trainer`, `step`/`latest` choose among the checkpoints of an output folder."""
+    return read_checkpoint(path, alpha=alpha, trainer=trainer, step=step, latest=latest).report

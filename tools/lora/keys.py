@@ -1,5 +1,6 @@
-"""Pure logic of LoRA checkpoints: what a tensor name means (module, A or B, adapter name), which trainer wrote a
-file, per-module ranks and the rank_pattern, and where lora_alpha comes from. No I/O, no torch.
+"""Pure logic of LoRA checkpoints, the one LoRA key grammar: what a tensor name means (module, A or B or a kohya alpha,
+adapter name) in PEFT, diffusers and kohya/ComfyUI spelling; which trainer wrote a file; per-module ranks and the
+rank_pattern; and where lora_alpha comes from, or which trainers' values it could be. No I/O, no torch.
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 LoraPart = Literal["A", "B"]
 
@@ -18,48 +19,125 @@ _DORA_KEY = re.compile(r"(\.lora_magnitude_vector(\.|$))|(\.dora_scale$)")
 _MODEL_PREFIXES = ("base_model.model.", "transformer.")
 
 FORMAT_DESCRIPTIONS: dict[str, str] = {
-    "cogvideo-finetune": "CogVideo finetune trainer checkpoint (checkpoint-N with accelerate state)",
-    "diffusers-script": "diffusers training script output (pytorch_lora_weights.safetensors, no metadata)",
+    "diffusers-checkpoint": "diffusers-style checkpoint-N/ (transformer. keys, accelerate state beside): CogVideo finetune, "
+    "the diffusers CogVideoX scripts or cogvideox-factory",
+    "diffusers-lora": "diffusers save_lora_weights file (transformer. keys, no alpha): the diffusers CogVideoX scripts, "
+    "cogvideox-factory, CogVideo finetune or CogVideo's SAT export",
     "diffusers-metadata": "diffusers >= 0.34 LoRA with lora_adapter_metadata",
-    "cogkit": "CogKit adapter (unprefixed adapter_model.safetensors)",
+    "finetrainers": "finetrainers lora_weights/{step}/ (lora_config in the header)",
+    "finetrainers-state": "finetrainers full state finetrainers_step_N/model.safetensors (LoRA + base tensors)",
+    "cogkit": "CogKit low_vram checkpoint (unprefixed adapter_model.safetensors, no adapter_config.json)",
+    "cogkit-dcp": "CogKit torch distributed checkpoint (.metadata + __0_0.distcp)",
+    "videox-fun": "VideoX-Fun PEFT checkpoint-N.safetensors (unprefixed keys)",
+    "kohya": "kohya / ComfyUI LoRA (lora_unet_ keys, lora_down/lora_up, .alpha)",
     "peft": "PEFT adapter (base_model.model. keys)",
+    "peft-unprefixed": "unprefixed PEFT state dict (get_peft_model_state_dict saved as is)",
     "peft-adapter-name": "PEFT model state_dict with an adapter name in the keys",
     "sat": "SAT checkpoint (mp_rank_00_model_states.pt)",
 }
 
 
 @dataclass(frozen=True)
-class TrainerDefault:
-    """A trainer's documented lora_alpha when it stored none, and where that default is written down."""
+class Trainer:
+    """A trainer's lora_alpha when it stored none, and where in its code that value is written down."""
 
+    name: str  # what --trainer takes
     lora_alpha: float | None  # None: alpha = rank
     reference: str
 
 
-TRAINER_DEFAULTS: dict[str, TrainerDefault] = {
-    "cogvideo-finetune": TrainerDefault(64, "the CogVideo finetune trainer's default (rank 128, lora_alpha 64)"),
-    "diffusers-script": TrainerDefault(128, "diffusers' train_cogvideox_lora.py default (--rank 128 --lora_alpha 128)"),
-    "cogkit": TrainerDefault(64, "CogKit's hard-coded LoRA config (rank 128, lora_alpha 64)"),
-    "peft": TrainerDefault(8, "PEFT's LoraConfig default (lora_alpha 8)"),
-    "peft-adapter-name": TrainerDefault(8, "PEFT's LoraConfig default (lora_alpha 8)"),
-    "sat": TrainerDefault(1, "SAT's LoRA (lora_alpha 1, scale 1/rank)"),
-    "diffusers-metadata": TrainerDefault(None, "diffusers' reload default (alpha = rank)"),
+TRAINERS: dict[str, Trainer] = {trainer.name: trainer for trainer in (
+    Trainer("cogvideo-finetune", 64, "CogVideo finetune/: --lora_alpha default 64 (finetune/schemas/args.py:229, rank 128)"),
+    Trainer("diffusers-scripts", 128, "diffusers examples/cogvideo/train_cogvideox*_lora.py: --lora_alpha default 128 "
+            "(rank 128)"),
+    Trainer("cogvideox-factory", 64, "cogvideox-factory: --rank 64 --lora_alpha 64 defaults (finetrainers "
+            "examples/_legacy/training/cogvideox/args.py:166-171)"),
+    Trainer("finetrainers", 64, "finetrainers: --rank 64 --lora_alpha 64 defaults (docs/args.md:328)"),
+    Trainer("cogkit", 64, "CogKit src/cogkit/utils/lora.py:33-38: LoraConfig(r=128, lora_alpha=64) hard-coded"),
+    Trainer("sat", 1, "SAT LoRA: lora_alpha 1 (scale 1/r) unless training_config.yaml sets lora_alpha"),
+    Trainer("sat-export", 1, "CogVideo tools/export_sat_lora_weight.py: a SAT LoRA (lora_alpha 1) written without alpha"),
+    Trainer("videox-fun", 32, "VideoX-Fun scripts/cogvideox_fun/train_lora.sh: --rank=64 --network_alpha=32"),
+    Trainer("videox-fun-cli", 64, "VideoX-Fun scripts/cogvideox_fun/train_lora.py:551: --network_alpha default 64 "
+            "(run without train_lora.sh)"),
+    Trainer("peft", 8, "PEFT LoraConfig default lora_alpha 8"),
+    Trainer("alpha-equals-rank", None, "alpha = rank: what diffusers and ComfyUI apply to a file without alpha"),
+)}
+
+# Which trainers write each format (in the order listed to people). One trainer: its default settles alpha.
+FORMAT_TRAINERS: dict[str, tuple[str, ...]] = {
+    "diffusers-checkpoint": ("cogvideo-finetune", "diffusers-scripts", "cogvideox-factory"),
+    "diffusers-lora": ("diffusers-scripts", "cogvideox-factory", "cogvideo-finetune", "sat-export"),
+    "diffusers-metadata": ("alpha-equals-rank",),
+    "finetrainers": ("finetrainers",),
+    "finetrainers-state": ("finetrainers",),
+    "cogkit": ("cogkit",),
+    "cogkit-dcp": ("cogkit",),
+    "videox-fun": ("videox-fun", "videox-fun-cli"),
+    "kohya": ("videox-fun", "videox-fun-cli", "alpha-equals-rank"),
+    "peft": ("peft", "alpha-equals-rank"),
+    "peft-unprefixed": ("cogkit", "videox-fun", "videox-fun-cli", "peft"),
+    "peft-adapter-name": ("peft", "alpha-equals-rank"),
+    "sat": ("sat",),
 }
+
+# CogVideoX's Linear layers (all variants), for kohya names, where every "." became "_".
+COGVIDEOX_LINEARS = (
+    "transformer_blocks.{i}.attn1.to_q", "transformer_blocks.{i}.attn1.to_k", "transformer_blocks.{i}.attn1.to_v",
+    "transformer_blocks.{i}.attn1.to_out.0", "transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2",
+    "transformer_blocks.{i}.norm1.linear", "transformer_blocks.{i}.norm2.linear", "norm_out.linear", "patch_embed.proj",
+    "patch_embed.text_proj", "proj_out", "time_embedding.linear_1", "time_embedding.linear_2",
+    "ofs_embedding.linear_1", "ofs_embedding.linear_2",
+)
+_KOHYA_MODULES = tuple(
+    (re.compile("^" + re.escape(name.replace(".", "_")).replace(re.escape("{i}"), r"(\d+)") + "$"), name)
+    for name in COGVIDEOX_LINEARS
+)
+_KOHYA_KEY = re.compile(r"^lora_unet_+(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+KOHYA_PREFIX = "lora_unet__"
 
 
 @dataclass(frozen=True)
 class ParsedKey:
     module: str  # canonical module name inside the transformer: transformer_blocks.0.attn1.to_q
-    part: LoraPart
+    part: LoraPart | Literal["alpha"]
     adapter: str | None
+    style: Literal["peft", "kohya"] = "peft"
 
 
 def parse_lora_key(key: str) -> ParsedKey | None:
-    """The module, A/B and adapter name a LoRA weight key names, or None for anything else."""
+    """The module, A/B (or a kohya `.alpha`) and adapter name a LoRA weight key names, or None for anything else."""
     match = _PEFT_KEY.match(key)
-    if match is None:
+    if match is not None:
+        return ParsedKey(canonical_module(match["module"]), match["part"], match["adapter"])  # type: ignore[arg-type]
+    kohya = _KOHYA_KEY.match(key)
+    if kohya is None:
         return None
-    return ParsedKey(canonical_module(match["module"]), match["part"], match["adapter"])  # type: ignore[arg-type]
+    module = kohya_module(kohya["name"])
+    if module is None:
+        return None
+    part = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}[kohya["part"]]
+    return ParsedKey(module, part, None, "kohya")  # type: ignore[arg-type]
+
+
+def is_kohya_key(key: str) -> bool:
+    return key.startswith("lora_unet_") or key.startswith("lora_te_")
+
+
+def kohya_module(name: str) -> str | None:
+    """`transformer_blocks_0_attn1_to_out_0` -> `transformer_blocks.0.attn1.to_out.0` (CogVideoX's Linear names only:
+    the underscores of a kohya name are ambiguous without knowing the model)."""
+    name = name.lstrip("_")
+    for pattern, module in _KOHYA_MODULES:
+        found = pattern.match(name)
+        if found:
+            return module.replace("{i}", found.group(1)) if found.groups() else module
+    return None
+
+
+def kohya_key(module: str, part: str) -> str:
+    """The kohya/ComfyUI key of a module's weight: part "A" -> lora_down, "B" -> lora_up, "alpha"."""
+    suffix = {"A": "lora_down.weight", "B": "lora_up.weight", "alpha": "alpha"}[part]
+    return f"{KOHYA_PREFIX}{module.replace('.', '_')}.{suffix}"
 
 
 def canonical_module(name: str) -> str:
@@ -74,7 +152,9 @@ def is_dora_key(key: str) -> bool:
 
 
 def key_prefix(key: str) -> str:
-    """The model prefix of a key as written ("transformer.", "base_model.model." or "")."""
+    """The model prefix of a key as written ("transformer.", "base_model.model.", "lora_unet_" or "")."""
+    if is_kohya_key(key):
+        return "lora_unet_"
     for prefix in _MODEL_PREFIXES:
         if key.startswith(prefix):
             return prefix
@@ -89,21 +169,42 @@ def short_target(module: str) -> str:
     return parts[-1]
 
 
+_CHECKPOINT_FOLDER = re.compile(r"^checkpoint-\d+$")
+_VIDEOX_FUN_FILE = re.compile(r"^checkpoint-\d+\.safetensors$")
+_FINETRAINERS_STATE_FOLDER = re.compile(r"^finetrainers_step_\d+$")
+
+
 def detect_format(
-    *, file_name: str, prefixes: set[str], adapters: set[str | None], has_metadata: bool, accelerate_state: bool
+    *,
+    file_name: str,
+    folder_name: str = "",
+    prefixes: set[str],
+    adapters: set[str | None],
+    metadata_keys: set[str] = frozenset(),  # type: ignore[assignment]
+    accelerate_state: bool,
+    peft_config_beside: bool = False,
 ) -> str:
-    """Which trainer wrote a safetensors LoRA, from its file name, key prefixes and neighbours."""
-    if has_metadata:
+    """Which trainer's format a safetensors LoRA is, from its header, file and folder names and neighbours (the
+    table of the LoRA-in-the-wild issue)."""
+    if "lora_adapter_metadata" in metadata_keys:
         return "diffusers-metadata"
+    if "lora_config" in metadata_keys:
+        return "finetrainers"
+    if "lora_unet_" in prefixes:
+        return "kohya"
     if adapters - {None}:
+        if _FINETRAINERS_STATE_FOLDER.match(folder_name) and file_name == "model.safetensors":
+            return "finetrainers-state"
         return "peft-adapter-name"
     if "base_model.model." in prefixes:
         return "peft"
     if "transformer." in prefixes:
-        return "cogvideo-finetune" if accelerate_state else "diffusers-script"
-    if file_name == "adapter_model.safetensors" or "" in prefixes:
+        return "diffusers-checkpoint" if accelerate_state else "diffusers-lora"
+    if file_name == "adapter_model.safetensors" and not peft_config_beside:
         return "cogkit"
-    return "diffusers-script"
+    if _VIDEOX_FUN_FILE.match(file_name):
+        return "videox-fun"
+    return "peft-unprefixed"
 
 
 def module_ranks(a_shapes: dict[str, tuple[int, ...]], b_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], list[str]]:
@@ -141,11 +242,34 @@ def rank_and_pattern(ranks: dict[str, int]) -> tuple[int | None, dict[str, int]]
 
 
 @dataclass(frozen=True)
+class AlphaCandidate:
+    """A lora_alpha the checkpoint could have been trained with, and which trainer and why."""
+
+    alpha: float | None  # None: alpha = rank (filled in by the caller that knows the rank)
+    trainer: str
+    source: str
+
+
+AlphaSource = Literal["flag", "metadata", "config", "trainer", "default"]
+
+
+@dataclass(frozen=True)
 class AlphaResolution:
-    lora_alpha: float
-    source: Literal["flag", "metadata", "config", "default"]
+    lora_alpha: float | None  # None: not settled; see candidates
+    source: AlphaSource | None
     detail: str  # where it came from, for people
     alpha_pattern: dict[str, float]
+    candidates: tuple[AlphaCandidate, ...] = ()
+
+
+def trainer_candidates(trainers: tuple[str, ...], rank: int | None) -> tuple[AlphaCandidate, ...]:
+    """Each trainer's default lora_alpha (alpha = rank resolved at `rank`)."""
+    found = []
+    for name in trainers:
+        trainer = TRAINERS[name]
+        value = trainer.lora_alpha if trainer.lora_alpha is not None else (float(rank) if rank else None)
+        found.append(AlphaCandidate(value, name, trainer.reference))
+    return tuple(found)
 
 
 def resolve_alpha(
@@ -158,19 +282,39 @@ def resolve_alpha(
     config_file: str | None,
     format_name: str,
     rank: int | None,
+    trainer: str | None = None,
+    stored_where: str = "lora_adapter_metadata in the file",
 ) -> AlphaResolution:
-    """lora_alpha in DESIGN's order: --alpha, metadata in the file, a trainer config beside it, the default."""
+    """lora_alpha in the issue's order: --alpha; stored in the file; a trainer config beside it; a trainer's default
+    (--trainer NAME, or the one trainer the format identifies). When several trainers fit and disagree, nothing is
+    guessed: lora_alpha is None and `candidates` lists them."""
     if flag is not None:
         return AlphaResolution(flag, "flag", "--alpha", {})
     if metadata_alpha is not None:
-        return AlphaResolution(metadata_alpha, "metadata", "lora_adapter_metadata in the file", metadata_alpha_pattern or {})
+        return AlphaResolution(metadata_alpha, "metadata", stored_where, metadata_alpha_pattern or {})
     if config_alpha is not None:
         return AlphaResolution(config_alpha, "config", config_file or "a config beside the checkpoint", config_alpha_pattern or {})
-    default = TRAINER_DEFAULTS[format_name]
-    value = default.lora_alpha if default.lora_alpha is not None else float(rank or 1)
-    return AlphaResolution(value, "default", default.reference, {})
+    if trainer is not None:
+        (chosen,) = trainer_candidates((trainer,), rank)
+        return AlphaResolution(chosen.alpha, "trainer", f"--trainer {trainer}: {chosen.source}", {})
+    candidates = trainer_candidates(FORMAT_TRAINERS[format_name], rank)
+    values = {candidate.alpha for candidate in candidates}
+    if len(values) == 1 and None not in values:
+        detail = "; ".join(candidate.source for candidate in candidates)
+        return AlphaResolution(values.pop(), "default", detail, {}, candidates)  # type: ignore[arg-type]
+    return AlphaResolution(None, None, "not stored, and several trainers write this format", {}, candidates)
 
 
-def number(value: float) -> float | int:
+def module_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """A rank_pattern / alpha_pattern lookup as PEFT does it: a key matches a module name ending in it."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def number(value: float | None) -> float | int | None:
     """JSON-friendly: 64.0 -> 64."""
+    if value is None:
+        return None
     return int(value) if float(value).is_integer() else float(value)

@@ -1,8 +1,6 @@
-"""Safetensors as a file format, without torch: read and validate a header, and write a new file whose tensors are
-copied byte for byte out of other files (or handed over as bytes), so a checkpoint is never held in memory.
-
-Layout: 8 bytes little-endian header length N, N bytes of JSON (`{name: {dtype, shape, data_offsets}, ...,
-"__metadata__": {str: str}}`, padded with spaces), then the data; offsets are relative to the start of the data.
+"""Writing safetensors without torch: a new file whose tensors are copied byte for byte out of other files (or
+handed over as bytes), so a checkpoint is never held in memory. Reading and validating headers has one home,
+`cogsurgeon.inspector.safetensors_header`; its names are re-exported here for the LoRA tools.
 """
 
 from __future__ import annotations
@@ -15,124 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.safetensors_header import (  # noqa: F401 - re-exported for the LoRA tools
+    DTYPE_NAMES,
+    DTYPE_SIZES,
+    MAX_HEADER_BYTES,
+    SafetensorsFormatError,
+    SafetensorsHeader,
+    TensorEntry,
+    library_rejection,
+    read_header,
+)
 
-# bytes per element; the names are safetensors' own
-DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
-DTYPE_NAMES: dict[str, str] = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-}
-MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 
 ProgressCallback = Callable[[int, int], None]
-
-
-class SafetensorsFormatError(CogsurgeonError):
-    """A file that claims to be safetensors but is not a complete, consistent one."""
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a safetensors file: where its bytes are, as absolute offsets into the file."""
-
-    name: str
-    dtype: str  # safetensors' name: F32, BF16, ...
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-@dataclass(frozen=True)
-class SafetensorsHeader:
-    path: Path
-    tensors: tuple[TensorEntry, ...]  # in file order (by offset)
-    metadata: dict[str, str]
-    data_start: int
-    file_size: int
-
-
-def read_header(path: Path) -> SafetensorsHeader:
-    """Parse and validate the header of `path`: every tensor's bytes lie in the file, back to back, and match its
-    shape and dtype. Raises `SafetensorsFormatError` naming the file and what is wrong."""
-    try:
-        file_size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise SafetensorsFormatError(f"{path} is not a safetensors file: it is only {file_size} bytes long")
-            (header_length,) = struct.unpack("<Q", prefix)
-            if header_length > MAX_HEADER_BYTES or header_length > file_size - 8:
-                raise SafetensorsFormatError(
-                    f"{path} is not a safetensors file (or is truncated): its first 8 bytes announce a "
-                    f"{header_length}-byte header in a {file_size}-byte file"
-                )
-            raw_header = handle.read(header_length)
-    except OSError as exc:
-        raise SafetensorsFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw_header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsFormatError(f"{path} has a broken safetensors header: not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise SafetensorsFormatError(f"{path} has a broken safetensors header: not a JSON object")
-    data_start = 8 + header_length
-    return _validated(path, header, data_start, file_size)
-
-
-def _validated(path: Path, header: dict, data_start: int, file_size: int) -> SafetensorsHeader:
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise SafetensorsFormatError(f"{path} has a broken safetensors header: __metadata__ must map strings to strings")
-    entries = []
-    for name, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(size) for size in entry["shape"])
-            begin, end = (int(offset) for offset in entry["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise SafetensorsFormatError(
-                f"{path} has a broken safetensors header: entry {name!r} lacks dtype, shape or data_offsets"
-            ) from None
-        if dtype not in DTYPE_SIZES:
-            raise SafetensorsFormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        elements = 1
-        for size in shape:
-            elements *= size
-        if end - begin != elements * DTYPE_SIZES[dtype] or begin < 0:
-            raise SafetensorsFormatError(
-                f"{path}: tensor {name!r} ({dtype}, shape {list(shape)}) has {end - begin} bytes of data, "
-                f"expected {elements * DTYPE_SIZES[dtype]}"
-            )
-        entries.append(TensorEntry(name, dtype, shape, data_start + begin, data_start + end))
-    entries.sort(key=lambda entry: (entry.start, entry.end))
-    position = data_start
-    for entry in entries:
-        if entry.start != position:
-            raise SafetensorsFormatError(
-                f"{path} has a broken safetensors header: tensor {entry.name!r} starts at data byte "
-                f"{entry.start - data_start}, expected {position - data_start} (overlap or gap)"
-            )
-        position = entry.end
-    if position != file_size:
-        if position > file_size:
-            raise SafetensorsFormatError(
-                f"{path} is truncated: its header describes {position} bytes, the file has {file_size}"
-            )
-        raise SafetensorsFormatError(
-            f"{path} has {file_size - position} bytes after the last tensor the header describes"
-        )
-    return SafetensorsHeader(path, tuple(entries), dict(metadata), data_start, file_size)
 
 
 @dataclass(frozen=True)

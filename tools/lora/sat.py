@@ -1,5 +1,6 @@
 """The SAT reader: LoRA weights out of `mp_rank_00_model_states.pt`, loaded only with `torch.load(weights_only=True)`
-(the one place in tools/lora that imports torch). The fused `query_key_value` LoRA is split into to_q/to_k/to_v
+plus an explicit allow-list of the numpy globals that rebuild SAT's saved numpy rng state (`np_rng_state`, saved unless
+`--no-save-rng`); any other global refuses the file. Imports torch: imported only when a SAT checkpoint is given. The fused `query_key_value` LoRA is split into to_q/to_k/to_v
 as CogVideo's `tools/export_sat_lora_weight.py` does: SAT keeps one A/B pair per partition (.0 .1 .2).
 """
 
@@ -50,12 +51,13 @@ def read_sat_lora(path: Path) -> tuple[list[tuple[str, LoraTensor]], list[str]]:
     import torch
 
     try:
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            saved = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+        with torch.serialization.safe_globals(numpy_rng_globals()):
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                saved = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except pickle.UnpicklingError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoraCheckpointError(
@@ -82,6 +84,23 @@ def read_sat_lora(path: Path) -> tuple[list[tuple[str, LoraTensor]], list[str]]:
         found.append((key, LoraTensor(module, part, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(),
                                       payload=_payload(tensor))))
     return found, unknown
+
+
+def numpy_rng_globals() -> list[Any]:
+    """What `pickle` needs to rebuild `np.random.get_state()` (a tuple holding a uint32 ndarray): the ndarray
+    reconstructor, ndarray, dtype and the uint32 dtype class, under the names numpy 1.x and 2.x pickle them by.
+    Nothing that can run code: these build arrays of numbers."""
+    import numpy
+
+    reconstruct = numpy.ndarray.__reduce__(numpy.zeros(1))[0]  # numpy's own _reconstruct, whatever module holds it
+    allowed: list[Any] = [reconstruct, numpy.ndarray, numpy.dtype,
+                          (reconstruct, "numpy.core.multiarray._reconstruct"),
+                          (reconstruct, "numpy._core.multiarray._reconstruct")]
+    dtypes = getattr(numpy, "dtypes", None)
+    for name in ("UInt32DType", "Int64DType", "Float64DType"):
+        if dtypes is not None and hasattr(dtypes, name):
+            allowed.append(getattr(dtypes, name))
+    return allowed
 
 
 def _payload(tensor: Any):

@@ -1,6 +1,9 @@
 """`cogsurgeon lora verify`: load a repaired adapter folder onto a base transformer twice — with PEFT
 (`PeftModel.from_pretrained`) and with diffusers (`load_lora_adapter`, what `load_lora_weights` calls) — offline,
-and check that every module got its weights at the expected scale and that both loads compute the same output.
+and check each against a reference written from the raw tensors: the base with `x·Aᵀ·Bᵀ·α/r` added to every LoRA
+module's output by plain forward hooks (no PEFT or diffusers code in that path), α/r as the adapter declares them. The
+effective scale each loader applied is measured from its LoRA layers' inputs and outputs, so a loader at another
+strength fails even when both loaders agree with each other.
 
 diffusers >= 0.34 reads lora_alpha from the file's `lora_adapter_metadata`; older releases ignore metadata and load
 at alpha = rank, so there the alpha is passed as `network_alphas` (the kohya-style per-module alphas they accept).
@@ -32,6 +35,7 @@ DIFFUSERS_ADAPTER_NAME = "cogsurgeon_verify"
 OUTPUT_ATOL = 1e-5
 OUTPUT_RTOL = 1e-4
 SCALE_TOLERANCE = 1e-6
+EFFECTIVE_SCALE_TOLERANCE = 1e-3  # measured through a float32 forward, so not exact
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class ModuleCheck:
     diffusers_scale: float | None
     peft_weights_loaded: bool
     diffusers_weights_loaded: bool
+    peft_effective_scale: float | None = None  # measured: (layer output - base output) / (x·Aᵀ·Bᵀ)
+    diffusers_effective_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ class AdapterVerifyReport:
     outputs_match: bool | None  # None: a load failed, nothing to compare
     scales_match: bool
     failures: tuple[str, ...]
+    reference_diff: dict[str, float] | None = None  # each loader's output vs the raw-tensor reference, max |diff|
+    effective_scale: dict[str, float | None] | None = None  # per loader: the scale it applied (median over modules)
 
     @property
     def passed(self) -> bool:
@@ -84,11 +92,16 @@ class AdapterVerifyReport:
         else:
             output_line = (f"PEFT vs diffusers max |diff| {self.max_abs_diff:.3g}; the LoRA changes the output by up to "
                            f"{self.lora_effect:.3g}")
+        applied = ", ".join(f"{loader} {value:g}" if value is not None else f"{loader} -"
+                            for loader, value in (self.effective_scale or {}).items())
+        reference = ", ".join(f"{loader} {value:.3g}" for loader, value in (self.reference_diff or {}).items())
         lines = [
             f"adapter       {self.adapter_dir}",
             f"base          {self.base} (diffusers {self.diffusers_version}, alpha via {self.diffusers_alpha_via})",
             f"modules       {len(self.matched)} matched, {len(self.missing)} missing, {len(self.unexpected)} unexpected",
             f"scales        {scale_line}",
+            f"applied       {applied or '-'} (measured from each loader's LoRA layers)",
+            f"reference     max |diff| vs x·Aᵀ·Bᵀ·α/r from the raw tensors: {reference or 'not compared'}",
             f"outputs       {output_line}",
         ]
         if self.failures:
@@ -172,33 +185,90 @@ def _holds_weights(layer: Any, adapter_name: str, weights: dict[str, torch.Tenso
 
 
 def forward_inputs(model: torch.nn.Module) -> dict[str, Any]:
-    """A small, seeded input the transformer accepts: the sample size where learned positions require it, else a
-    couple of patches, so that a real 5B model runs too."""
-    import torch
+    """A small, seeded input the transformer accepts, built as the pipelines build it: the sample size where learned
+    positions require it, else one temporal patch of 2x2 spatial patches, so that a real 5B model runs too."""
+    from cogsurgeon.inspector.geometry import VAE_SPATIAL_FACTOR, default_video_size, pipeline_inputs
 
     config = model.config
     parameter = next(model.parameters())
-    generator = torch.Generator().manual_seed(0)
-    patch_t = config.get("patch_size_t") or 1
     if config.use_learned_positional_embeddings:
-        frames = (config.sample_frames - 1) // config.temporal_compression_ratio + 1
-        height, width = config.sample_height, config.sample_width
+        size = default_video_size(config)
     else:
-        frames, height, width = patch_t, 2 * config.patch_size, 2 * config.patch_size
-    frames = -(-frames // patch_t) * patch_t
+        side = 2 * config.patch_size * VAE_SPATIAL_FACTOR
+        size = ((config.get("patch_size_t") or 1) - 1) * config.temporal_compression_ratio + 1, side, side
+    return pipeline_inputs(config, size, 1, dtype=parameter.dtype, device=parameter.device, seed=0)
 
-    def noise(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(parameter.device, parameter.dtype)
 
-    inputs: dict[str, Any] = {
-        "hidden_states": noise(1, frames, config.in_channels, height, width),
-        "encoder_hidden_states": noise(1, config.max_text_seq_length, config.text_embed_dim),
-        "timestep": torch.tensor([500], device=parameter.device),
-        "return_dict": False,
-    }
-    if config.get("ofs_embed_dim"):
-        inputs["ofs"] = torch.tensor([2.0], device=parameter.device, dtype=parameter.dtype)
-    return inputs
+def reference_output(base: torch.nn.Module, inputs: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]],
+                     scales: dict[str, float]) -> torch.Tensor:
+    """The base's output with `x·Aᵀ·Bᵀ·scale` added to each LoRA module's output: forward hooks on the plain
+    nn.Linear layers, the A and B tensors as stored in the file. No PEFT or diffusers LoRA code runs."""
+    handles = []
+    modules = dict(base.named_modules())
+
+    def add_lora(a: torch.Tensor, b: torch.Tensor, scale: float):
+        def hook(module, args, output):
+            x = args[0]
+            return output + (x @ a.to(x.dtype).T @ b.to(x.dtype).T) * scale
+        return hook
+
+    try:
+        for name, pair in weights.items():
+            if name in modules and set(pair) == {"A", "B"} and name in scales:
+                handles.append(modules[name].register_forward_hook(add_lora(pair["A"], pair["B"], scales[name])))
+        return _run(base, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def measure_scales(model: torch.nn.Module, inputs: dict[str, Any], layers: dict[str, Any],
+                   weights: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Run `model` and measure, for each LoRA layer, the scale it applied: the least-squares ratio of (its output
+    minus its base layer's output) to x·Aᵀ·Bᵀ computed from the file's tensors."""
+    import torch
+
+    measured: dict[str, float] = {}
+    handles = []
+
+    def observe(name: str, layer: Any, pair: dict[str, torch.Tensor]):
+        def hook(module, args, output):
+            x = args[0]
+            with torch.no_grad():
+                unit = (x.float() @ pair["A"].float().T @ pair["B"].float().T)
+                delta = output.float() - layer.base_layer(x).float()
+                norm = float((unit * unit).sum())
+                measured[name] = float((delta * unit).sum()) / norm if norm > 0 else float("nan")
+        return hook
+
+    try:
+        for name, layer in layers.items():
+            pair = weights.get(name)
+            if pair and set(pair) == {"A", "B"}:
+                handles.append(layer.register_forward_hook(observe(name, layer, pair)))
+        output = _run(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return output, measured
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v == v)
+    return values[len(values) // 2] if values else None
+
+
+def adapter_shapes(folder: Path) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(module, A|B, shape) of the adapter's PEFT weights, from the safetensors header alone."""
+    from cogsurgeon.tools.lora.keys import parse_lora_key
+    from cogsurgeon.tools.lora.safetensors_io import read_header
+
+    shapes = []
+    for entry in read_header(folder / PEFT_WEIGHTS_NAME).tensors:
+        parsed = parse_lora_key(entry.name)
+        if parsed is not None and parsed.part in ("A", "B"):
+            shapes.append((parsed.module, parsed.part, entry.shape))
+    return shapes
 
 
 def _run(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -270,6 +340,11 @@ def verify_adapter(
             f"{base_spec} loads on the meta device (no weights): verify runs the model, so --base must be tiny, "
             "tiny-i2v, tiny-1.5, a local model folder or a cached hub id"
         )
+    from cogsurgeon.tools.lora.compat import check_fits
+
+    misfit = check_fits(dict(base.config), adapter_shapes(folder), base_spec)
+    if misfit is not None:
+        raise CogsurgeonError(misfit)
     say(f"loaded {base_spec}; loading the adapter with PEFT and with diffusers ...")
     peft_weights = _weights_by_module(folder / PEFT_WEIGHTS_NAME, PEFT_KEY_PREFIX)
     diffusers_weights = _weights_by_module(folder / DIFFUSERS_WEIGHTS_NAME, DIFFUSERS_KEY_PREFIX)
@@ -283,10 +358,12 @@ def verify_adapter(
 
     peft_layers: dict[str, Any] = {}
     peft_output = None
+    peft_measured: dict[str, float] = {}
+    diffusers_measured: dict[str, float] = {}
     try:
         peft_model = load_with_peft(copy.deepcopy(base), folder)
         peft_layers = _lora_layers(peft_model, "default", strip="base_model.model.")
-        peft_output = _run(peft_model, inputs)
+        peft_output, peft_measured = measure_scales(peft_model, inputs, peft_layers, peft_weights)
     except Exception as exc:  # the adapter is the input under test: a failed load is a finding, not a crash
         failures.append(f"PEFT could not load the adapter: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
@@ -297,7 +374,7 @@ def verify_adapter(
         diffusers_model = copy.deepcopy(base)
         alpha_via = load_with_diffusers(diffusers_model, folder)
         diffusers_layers = _lora_layers(diffusers_model, DIFFUSERS_ADAPTER_NAME)
-        diffusers_output = _run(diffusers_model, inputs)
+        diffusers_output, diffusers_measured = measure_scales(diffusers_model, inputs, diffusers_layers, diffusers_weights)
     except Exception as exc:
         failures.append(f"diffusers could not load the adapter: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
@@ -312,6 +389,8 @@ def verify_adapter(
             peft_weights_loaded=peft_layer is not None and _holds_weights(peft_layer, "default", peft_weights.get(module)),
             diffusers_weights_loaded=diffusers_layer is not None
             and _holds_weights(diffusers_layer, DIFFUSERS_ADAPTER_NAME, diffusers_weights.get(module)),
+            peft_effective_scale=peft_measured.get(module),
+            diffusers_effective_scale=diffusers_measured.get(module),
         )
         checks.append(check)
     matched, missing, unexpected = [], [], []
@@ -330,10 +409,28 @@ def verify_adapter(
             if scale is not None and abs(scale - check.expected_scale) > SCALE_TOLERANCE * max(1.0, check.expected_scale):
                 scales_match = False
                 failures.append(f"{check.module}: {loader} scale {scale:g}, expected {check.expected_scale:g} (lora_alpha / r)")
+        for loader, applied in (("PEFT", check.peft_effective_scale), ("diffusers", check.diffusers_effective_scale)):
+            if applied is not None and not abs(applied - check.expected_scale) <= EFFECTIVE_SCALE_TOLERANCE * max(1.0, check.expected_scale):
+                scales_match = False
+                failures.append(f"{check.module}: {loader} applied scale {applied:.6g} to x·Aᵀ·Bᵀ, the adapter's "
+                                f"lora_alpha / r is {check.expected_scale:g}")
+
+    import torch
+
+    reference = reference_output(base, inputs, peft_weights, expected)
+    reference_diff: dict[str, float] = {}
+    for loader, output in (("PEFT", peft_output), ("diffusers", diffusers_output)):
+        if output is None:
+            continue
+        reference_diff[loader] = float((output - reference).abs().max())
+        if not torch.allclose(output, reference, atol=OUTPUT_ATOL, rtol=OUTPUT_RTOL):
+            failures.append(f"{loader}'s output differs from the reference (x·Aᵀ·Bᵀ·α/r from the raw tensors) by "
+                            f"{reference_diff[loader]:.3g}: it runs the LoRA at another strength")
+    effective = {"PEFT": _median([c.peft_effective_scale for c in checks if c.peft_effective_scale is not None]),
+                 "diffusers": _median([c.diffusers_effective_scale for c in checks if c.diffusers_effective_scale is not None])}
 
     max_abs_diff = lora_effect = outputs_match = None
     if peft_output is not None and diffusers_output is not None:
-        import torch
 
         max_abs_diff = float((peft_output - diffusers_output).abs().max())
         lora_effect = float((peft_output - base_output).abs().max())
@@ -357,4 +454,6 @@ def verify_adapter(
         outputs_match=outputs_match,
         scales_match=scales_match,
         failures=tuple(failures),
+        reference_diff=reference_diff,
+        effective_scale=effective,
     )

@@ -1,0 +1,212 @@
+"""GPU check of `cogsurgeon plan`: each case's peak measured as `torch.cuda.max_memory_allocated()` after
+`torch.cuda.reset_peak_memory_stats()`, beside the plan's prediction made in the same run (on meta, on the CPU),
+with the ratio. Random weights at the published sizes: each model is built on meta, moved with
+`to_empty(device="cuda")` and filled with normal noise; inputs are random tensors of the shapes `plan` uses.
+
+    python bench/plan_gpu.py                     # every case, each in its own process (a fresh allocator)
+    python bench/plan_gpu.py --cases vae,vae-tiled --out results.jsonl
+
+What is measured is what the plan predicts: the peak from the moment the model (and, for training, AdamW's
+state after a first step) and the inputs are on the GPU, through one forward, one training step or one decode.
+A warm-up run at the same size comes first, so the cuBLAS workspace exists at the reset, as in any real run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CASES = {
+    "5b-i2v-inference": dict(spec="cogvideox-5b-i2v", frames=49, height=480, width=720, batch=2),
+    "1.5-5b-inference": dict(spec="cogvideox1.5-5b", frames=81, height=768, width=1360, batch=2),
+    "5b-lora128-checkpointing": dict(spec="cogvideox-5b", frames=49, height=480, width=720, batch=1,
+                                     train="lora:128:64", checkpointing=True),
+    "5b-lora128": dict(spec="cogvideox-5b", frames=49, height=480, width=720, batch=1, train="lora:128:64"),
+    "vae": dict(vae="cogvideox-5b", latents=(1, 16, 13, 60, 90), tiling=False),
+    "vae-tiled": dict(vae="cogvideox-5b", latents=(1, 16, 13, 60, 90), tiling=True),
+}
+DTYPE = "bfloat16"
+
+
+def _fill_random(module) -> None:
+    import torch
+
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.is_floating_point():
+                tensor.normal_(0.0, 0.02)
+
+
+def _sdpa_backend(batch: int, heads: int, length: int, head_dim: int) -> str:
+    """The kernel PyTorch picks on this GPU for CogVideoX's attention shape (no mask, bf16)."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    query = torch.empty(batch, heads, length, head_dim, dtype=torch.bfloat16, device="cuda")
+    choice = torch._fused_sdp_choice(query, query, query)
+    del query
+    torch.cuda.empty_cache()
+    return SDPBackend(choice).name
+
+
+def run_transformer_case(case: dict) -> dict:
+    import torch
+
+    from cogsurgeon.inspector.loading import build_on_meta
+    from cogsurgeon.inspector.model_specs import published_config
+    from cogsurgeon.inspector.plan import (
+        make_optimizer,
+        parse_train,
+        plan_transformer,
+        prepare_training,
+        training_step,
+        training_target,
+    )
+    from cogsurgeon.inspector.geometry import latent_geometry, pipeline_inputs
+
+    config = published_config(case["spec"])
+    size = dict(frames=case["frames"], height=case["height"], width=case["width"])
+    train = parse_train(case.get("train"))
+    checkpointing = case.get("checkpointing", False)
+
+    started = time.perf_counter()
+    predicted = plan_transformer(build_on_meta(config, DTYPE), batch=case["batch"], train=train,
+                                 checkpointing=checkpointing, **size)
+    plan_seconds = time.perf_counter() - started
+
+    geometry = latent_geometry(config, **size)
+    length = geometry.layout(int(config["max_text_seq_length"])).sequence_length
+    backend = _sdpa_backend(case["batch"], int(config["num_attention_heads"]), length,
+                            int(config["attention_head_dim"]))
+
+    model = build_on_meta(config, DTYPE)
+    if train:
+        prepare_training(model, train, checkpointing)
+    model.to_empty(device="cuda")
+    # After to_empty: a meta parameter cannot take CUDA data in place, so the module holds new Parameter objects.
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    _fill_random(model)
+    torch.cuda.synchronize()
+    weights_allocated = torch.cuda.memory_allocated()
+    inputs = pipeline_inputs(config, (size["frames"], size["height"], size["width"]), case["batch"],
+                             dtype=getattr(torch, DTYPE), device="cuda", seed=0)
+    if train is None:
+        model.eval()
+        with torch.no_grad():
+            model(**inputs, return_dict=False)  # warm-up
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated()
+            output = model(**inputs, return_dict=False)
+            torch.cuda.synchronize()
+        del output
+    else:
+        optimizer = make_optimizer(trainable)
+        target = torch.randn_like(training_target(inputs, config), device="cuda")
+        training_step(model, inputs, target, optimizer)  # step 1: AdamW's state appears
+        torch.cuda.synchronize()
+        stepped = sum(1 for parameter in trainable if parameter in optimizer.state)
+        held_grads = sum(1 for parameter in model.parameters() if parameter.grad is not None)
+        if stepped != len(trainable) or held_grads:
+            raise RuntimeError(f"optimizer state for {stepped} of {len(trainable)} trained parameters, "
+                               f"{held_grads} gradients held after zero_grad")
+        torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
+        training_step(model, inputs, target, optimizer)
+        torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated()
+    parameter_bytes = sum(tensor.untyped_storage().nbytes() for tensor in (*model.parameters(), *model.buffers()))
+    state_bytes = sum(value.untyped_storage().nbytes() for state in (optimizer.state.values() if train else ())
+                      for value in state.values() if value.is_cuda)
+    return dict(predicted=predicted.peak_bytes, measured=measured, predicted_resident=predicted.resident_bytes,
+                measured_resident=resident, weights_allocated=weights_allocated, parameter_bytes=parameter_bytes,
+                optimizer_state_bytes=state_bytes,
+                predicted_peak_at=predicted.peak_at, sdpa_backend=backend,
+                plan_seconds=round(plan_seconds, 1), breakdown=predicted.breakdown)
+
+
+def run_vae_case(case: dict) -> dict:
+    import torch
+
+    from cogsurgeon.inspector.plan import build_vae_on_meta, plan_vae_decode, vae_config
+
+    config = vae_config(case["vae"])
+    started = time.perf_counter()
+    predicted = plan_vae_decode(build_vae_on_meta(config, DTYPE), tuple(case["latents"]), tiling=case["tiling"])
+    plan_seconds = time.perf_counter() - started
+
+    vae = build_vae_on_meta(config, DTYPE)
+    vae.to_empty(device="cuda")
+    _fill_random(vae)
+    if case["tiling"]:
+        vae.enable_tiling()
+    latents = torch.randn(tuple(case["latents"]), dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        vae.decode(latents[:, :, :3], return_dict=False)  # warm-up (cuDNN handles, cuBLAS workspace)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
+        decoded = vae.decode(latents, return_dict=False)[0]
+        torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated()
+    return dict(predicted=predicted.peak_bytes, measured=measured, predicted_resident=predicted.resident_bytes,
+                measured_resident=resident, predicted_peak_at=predicted.peak_at, output=list(decoded.shape),
+                plan_seconds=round(plan_seconds, 1), breakdown=predicted.breakdown)
+
+
+def run_case(name: str) -> dict:
+    case = CASES[name]
+    started = time.perf_counter()
+    try:
+        result = run_vae_case(case) if "vae" in case else run_transformer_case(case)
+    except Exception as exc:  # an OOM or a failure is a result here: report it and go on with the other cases
+        result = dict(error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+    result.update(case=name, seconds=round(time.perf_counter() - started, 1))
+    if "measured" in result:
+        result["ratio"] = round(result["predicted"] / result["measured"], 4)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process (the parent's child)
+    parser.add_argument("--out", help="also write one JSON line per case here")
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case)), flush=True)
+        return
+
+    import torch
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    results = []
+    for name in args.cases.split(","):
+        if name not in CASES:
+            parser.error(f"unknown case {name!r}; known: {', '.join(CASES)}")
+        child = subprocess.run([sys.executable, __file__, "--case", name], capture_output=True, text=True,
+                               env=dict(os.environ))
+        lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+        result = json.loads(lines[-1]) if lines else dict(case=name, error=child.stderr.strip()[-500:])
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    if args.out:
+        with open(args.out, "w") as handle:
+            for result in results:
+                handle.write(json.dumps(result) + "\n")
+    gib = 2**30
+    print(f"\n{'case':28} {'predicted GiB':>14} {'measured GiB':>13} {'ratio':>7}")
+    for result in results:
+        if "ratio" in result:
+            print(f"{result['case']:28} {result['predicted'] / gib:14.3f} {result['measured'] / gib:13.3f} "
+                  f"{result['ratio']:7.4f}")
+        else:
+            print(f"{result['case']:28} {result.get('error', '')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""`cogsurgeon run` as a real process: the one `cogsurgeon` import namespace (a user's own `inspector`, `patches`
+and `tools` neither shadow cogsurgeon nor are shadowed), terminating signals passed on to the program with the
+startup folder removed, and a closing line when the program built no CogVideoX model (nothing was patched)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cogsurgeon.inspector.model_specs import tiny_config
+
+
+def clean_environment() -> dict[str, str]:
+    """The environment of a user's shell: cogsurgeon only as installed (no checkout on PYTHONPATH), no colours."""
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment["NO_COLOR"] = "1"
+    return environment
+
+
+def cogsurgeon_run(*args: str, cwd: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cogsurgeon.inspector", "run", *args], cwd=cwd,
+                            env=clean_environment(), text=True, **popen)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One import namespace (issue 15 item 5, issue 16 item 11)
+
+
+def test_cogsurgeon_imports_from_any_folder_and_installs_no_generic_top_level_names(tmp_path):
+    code = ("import importlib.util, cogsurgeon.patches, cogsurgeon.inspector, cogsurgeon.tools.lora; "
+            "print([name for name in ('inspector', 'patches', 'tools') if importlib.util.find_spec(name)])")
+    completed = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_environment(),
+                               capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"
+
+
+USER_SCRIPT = '''
+"""A user's script beside their own inspector.py, patches/ and tools/ (CogVideo's repository has a tools/)."""
+import json
+import sys
+
+import torch
+from diffusers import CogVideoXTransformer3DModel
+
+import inspector
+import patches
+from tools.frames import frame_count
+
+assert (inspector.OWNER, patches.OWNER, frame_count()) == ("user", "user", 49), "the user's modules were shadowed"
+model = CogVideoXTransformer3DModel(**json.loads(sys.argv[1])).eval()
+processor = type(model.transformer_blocks[0].attn1.processor).__name__
+
+from cogsurgeon import patches as cogsurgeon_patches  # the user may also use cogsurgeon's API by its own name
+from cogsurgeon.inspector.geometry import pipeline_inputs
+
+inputs = pipeline_inputs(model.config, (9, 64, 64), 2, seed=0)
+with torch.no_grad():
+    patched = model(**inputs)[0]
+    applied = cogsurgeon_patches.applied(model)
+    cogsurgeon_patches.revert(model)
+    unpatched = model(**inputs)[0]
+print(json.dumps({"processor": processor, "applied": applied, "changed": not torch.equal(patched, unpatched)}))
+'''
+
+
+def test_run_from_a_folder_holding_its_own_inspector_patches_and_tools(tmp_path):
+    (tmp_path / "inspector.py").write_text('OWNER = "user"\n')
+    (tmp_path / "patches").mkdir()
+    (tmp_path / "patches" / "__init__.py").write_text('OWNER = "user"\n')
+    (tmp_path / "patches" / "errors.py").write_text("")  # the module name that broke `run` before the namespace
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "__init__.py").write_text("")
+    (tmp_path / "tools" / "frames.py").write_text("def frame_count():\n    return 49\n")
+    (tmp_path / "sample.py").write_text(USER_SCRIPT)
+    run = cogsurgeon_run("--patch", "causal-attention", "--", sys.executable, "sample.py",
+                         json.dumps(tiny_config("tiny")), cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result == {"processor": "PatchedCogVideoXAttnProcessor", "applied": ["causal-attention"],
+                      "changed": True}
+    assert "causal-attention -> CogVideoXTransformer3DModel" in stderr
+    assert "nothing was patched" not in stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Signals and the startup folder (issue 16 item 10)
+
+SLEEPER = '''
+"""Records the first terminating signal it gets and exits 7; tells the test its pid and run's startup folder."""
+import os
+import signal
+import sys
+import time
+
+record = sys.argv[1]
+
+
+def received(signum, frame):
+    with open(record, "w") as file:
+        file.write(signal.Signals(signum).name)
+    sys.exit(7)
+
+
+for signum in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, received)
+print(os.getpid(), os.environ["PYTHONPATH"].split(os.pathsep)[0], flush=True)
+time.sleep(120)
+'''
+
+
+def _start_sleeper(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    run = cogsurgeon_run("--patch", "causal-attention", "--", sys.executable, str(script), str(tmp_path / "got"),
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    pid, folder = run.stdout.readline().split()
+    return run, int(pid), Path(folder)
+
+
+def _stop(run: subprocess.Popen, child_pid: int) -> None:
+    """Leave no process behind, whatever the test saw."""
+    for pid in (child_pid, run.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    run.communicate()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_terminating_signal_reaches_the_program_and_the_startup_folder_goes(tmp_path, signum):
+    run, child_pid, folder = _start_sleeper(tmp_path)
+    try:
+        assert folder.name.startswith("cogsurgeon-run-") and (folder / "sitecustomize.py").is_file()
+        os.kill(run.pid, signum)
+        stdout, stderr = run.communicate(timeout=60)
+        assert (tmp_path / "got").read_text() == signum.name  # the program got it, not an orphan left running
+        assert run.returncode == 7, stderr  # the program's own exit status
+        assert not folder.exists()
+    finally:
+        _stop(run, child_pid)
+
+
+def test_ctrl_c_reaches_the_program_once_through_its_process_group(tmp_path):
+    """As a terminal does: SIGINT to the whole foreground group. `run` ignores it and waits for the program."""
+    run, child_pid, folder = _start_sleeper(tmp_path)
+    try:
+        os.killpg(run.pid, signal.SIGINT)
+        stdout, stderr = run.communicate(timeout=60)
+        assert (tmp_path / "got").read_text() == "SIGINT"
+        assert run.returncode == 7, stderr
+        assert not folder.exists()
+    finally:
+        _stop(run, child_pid)
+
+
+def test_a_program_that_builds_no_model_is_told_nothing_was_patched(tmp_path):
+    program = "import os, sys; print(os.environ['PYTHONPATH'].split(os.pathsep)[0]); sys.exit(3)"
+    run = cogsurgeon_run("--patch", "causal-attention", "--", sys.executable, "-c", program, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 3  # the program's status, unchanged
+    assert stderr.strip().splitlines() == [
+        "cogsurgeon run: the program ended without building a CogVideoXTransformer3DModel: nothing was patched"]
+    assert not Path(stdout.strip()).exists()

@@ -1,0 +1,165 @@
+"""What a repair writes, by consumer (`repair --to peft,diffusers,comfyui`): the PEFT adapter (adapter_config.json +
+adapter_model.safetensors), the diffusers file with `lora_adapter_metadata`, and a kohya-style file for ComfyUI
+(`lora_unet__…lora_down/up.weight` + a per-module `.alpha`, which kijai's CogVideoXWrapper merges at alpha/rank,
+lora_utils.py:369-423 there). `--bake-scale` folds alpha/r into lora_B for consumers that ignore alpha (then scale 1.0
+is the trained strength). Torch-free: tensor bytes are copied, or scaled with numpy when baking.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cogsurgeon.tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, LoraReport, LoraTensor
+from cogsurgeon.tools.lora.keys import kohya_key, module_value
+from cogsurgeon.tools.lora.safetensors_io import OutputTensor
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+COMFYUI_WEIGHTS_NAME = "comfyui_lora.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."
+DIFFUSERS_KEY_PREFIX = "transformer."
+CONSUMERS = ("peft", "diffusers", "comfyui")
+DEFAULT_CONSUMERS = ("peft", "diffusers")
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file of the repaired folder: tensors to stream (or text), and its metadata."""
+
+    name: str
+    tensors: tuple[OutputTensor, ...] = ()
+    metadata: dict[str, str] | None = None
+    text: str | None = None  # a JSON file instead of safetensors
+
+
+def parse_consumers(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """`--to peft,diffusers,comfyui` -> ("peft", "diffusers", "comfyui"), in that order; unknown names refused."""
+    if value is None:
+        return DEFAULT_CONSUMERS
+    names = [part.strip() for part in (value.split(",") if isinstance(value, str) else value) if part.strip()]
+    unknown = [name for name in names if name not in CONSUMERS]
+    if unknown or not names:
+        raise LoraCheckpointError(f"--to {value}: expected a comma-separated list of {', '.join(CONSUMERS)}")
+    return tuple(name for name in CONSUMERS if name in names)
+
+
+def module_scales(report: LoraReport) -> dict[str, tuple[int, float]]:
+    """Each module's (rank, lora_alpha), with the rank_pattern and alpha_pattern applied."""
+    assert report.rank is not None and report.alpha is not None
+    return {
+        module: (int(module_value(report.rank_pattern, module, report.rank)),
+                 float(module_value(report.alpha_pattern, module, report.alpha)))
+        for module in report.modules
+    }
+
+
+def lora_config(report: LoraReport, *, baked: bool = False) -> dict[str, Any]:
+    """The LoraConfig of the repaired adapter. target_modules are full module names, so that the adapter goes
+    exactly where it was trained and nowhere else; ranks and alpha per module follow PEFT's patterns. Baked:
+    lora_alpha = r everywhere (scale 1.0), alpha/r being inside lora_B."""
+    alpha: float | int | None = report.alpha
+    alpha_pattern: dict[str, Any] = dict(report.alpha_pattern)
+    if baked:
+        alpha, alpha_pattern = report.rank, dict(report.rank_pattern)
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": report.rank,
+        "lora_alpha": alpha,
+        "rank_pattern": dict(report.rank_pattern),
+        "alpha_pattern": alpha_pattern,
+        "target_modules": list(report.modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def diffusers_metadata(config: dict[str, Any]) -> dict[str, str]:
+    """Safetensors metadata as diffusers >= 0.34 writes it: the LoraConfig under `transformer.`-prefixed keys."""
+    loadable = {k: v for k, v in config.items() if k not in ("base_model_name_or_path", "inference_mode", "task_type")}
+    packed = {f"{DIFFUSERS_KEY_PREFIX}{key}": value for key, value in loadable.items()}
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True)}
+
+
+def scaled_bytes(data: bytes | memoryview, dtype: str, factor: float) -> bytes:
+    """`data` (a tensor's bytes) times `factor`, in its own dtype; float16/bfloat16 computed in float32 and rounded to
+    nearest-even, as torch does."""
+    import numpy
+
+    if dtype == "F32":
+        return (numpy.frombuffer(data, "<f4") * numpy.float32(factor)).astype("<f4").tobytes()
+    if dtype == "F64":
+        return (numpy.frombuffer(data, "<f8") * factor).astype("<f8").tobytes()
+    if dtype == "F16":
+        return (numpy.frombuffer(data, "<f2").astype(numpy.float32) * numpy.float32(factor)).astype("<f2").tobytes()
+    if dtype == "BF16":
+        widened = (numpy.frombuffer(data, "<u2").astype(numpy.uint32) << 16).view(numpy.float32)
+        bits = (widened * numpy.float32(factor)).astype(numpy.float32).view(numpy.uint32)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return rounded.astype("<u2").tobytes()
+    raise LoraCheckpointError(f"--bake-scale: cannot scale {dtype} weights")
+
+
+def _reader(tensor: LoraTensor, source_file: Path | None) -> Callable[[], bytes | memoryview]:
+    if tensor.payload is not None:
+        return tensor.payload
+
+    def read() -> bytes:
+        assert source_file is not None and tensor.source_start is not None
+        with source_file.open("rb") as handle:
+            handle.seek(tensor.source_start)
+            return handle.read(tensor.nbytes)
+
+    return read
+
+
+def _tensor(checkpoint: LoraCheckpoint, tensor: LoraTensor, name: str, factor: float | None) -> OutputTensor:
+    if factor is None or tensor.part != "B":
+        return OutputTensor(name, tensor.dtype, tensor.shape, tensor.nbytes, tensor.source_start, tensor.payload)
+    read = _reader(tensor, checkpoint.source_file)
+    return OutputTensor(name, tensor.dtype, tensor.shape, tensor.nbytes, payload=lambda: scaled_bytes(read(), tensor.dtype, factor))
+
+
+def output_files(checkpoint: LoraCheckpoint, consumers: tuple[str, ...], *, bake_scale: bool = False) -> list[OutputFile]:
+    """The files of the repaired folder for these consumers (see module docstring)."""
+    report = checkpoint.report
+    scales = module_scales(report)
+    factors = {module: alpha / rank for module, (rank, alpha) in scales.items()} if bake_scale else {}
+    config = lora_config(report, baked=bake_scale)
+
+    def renamed(prefix: str) -> tuple[OutputTensor, ...]:
+        return tuple(_tensor(checkpoint, t, f"{prefix}{t.module}.lora_{t.part}.weight", factors.get(t.module))
+                     for t in checkpoint.tensors)
+
+    files: list[OutputFile] = []
+    if "peft" in consumers:
+        files.append(OutputFile(PEFT_WEIGHTS_NAME, renamed(PEFT_KEY_PREFIX), {"format": "pt"}))
+        files.append(OutputFile(PEFT_CONFIG_NAME, text=json.dumps(config, indent=2) + "\n"))
+    if "diffusers" in consumers:
+        files.append(OutputFile(DIFFUSERS_WEIGHTS_NAME, renamed(DIFFUSERS_KEY_PREFIX), diffusers_metadata(config)))
+    if "comfyui" in consumers:
+        tensors: list[OutputTensor] = []
+        for module in report.modules:
+            for tensor in (t for t in checkpoint.tensors if t.module == module):
+                tensors.append(_tensor(checkpoint, tensor, kohya_key(module, tensor.part), factors.get(module)))
+            rank, alpha = scales[module]
+            value = struct.pack("<f", float(rank) if bake_scale else alpha)
+            tensors.append(OutputTensor(kohya_key(module, "alpha"), "F32", (), 4, payload=lambda value=value: value))
+        metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(report.rank),
+                    "ss_network_alpha": str(report.rank if bake_scale else report.alpha),
+                    "cogsurgeon_baked_scale": "true" if bake_scale else "false"}
+        files.append(OutputFile(COMFYUI_WEIGHTS_NAME, tuple(tensors), metadata))
+    return files

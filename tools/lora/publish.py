@@ -1,0 +1,457 @@
+"""How a repaired adapter folder reaches `--out` without ever losing a user's data: the files are written into a
+hidden staging folder beside it (`.NAME.partial-PID-XXXX`, removed on any failure, SIGINT, SIGTERM or SIGHUP, and
+by the next run on that output when its process died), a manifest with the sha256 of every file is written last,
+and the folder is renamed into place atomically, under a lock that one repair per output holds:
+
+- without --force, only if `--out` is still absent at the moment of the rename (renameat2 RENAME_NOREPLACE);
+- with --force, only over an earlier repair that is unchanged (its manifest and every hash match), swapped in one
+  step (RENAME_EXCHANGE) and checked again after the swap; anything else is swapped back and left as it was.
+
+What files a repair writes is decided elsewhere (tools/lora/repair.py); this module decides how they are published.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cogsurgeon.inspector.errors import CogsurgeonError, Interrupted
+from cogsurgeon.inspector.user_files import describe_os_error, expand_user
+
+MANIFEST_NAME = "cogsurgeon-repair.json"
+MANIFEST_FORMAT = 1
+WRITTEN_BY = "cogsurgeon lora repair"
+LOCK_SUFFIX = ".cogsurgeon-lock"
+_HASH_CHUNK = 8 * 1024 * 1024
+_TERMINATING_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
+_BLOCKED_WHILE_RENAMING = {signal.SIGINT, *_TERMINATING_SIGNALS}
+
+
+class OutputError(CogsurgeonError):
+    """An `--out` that cannot be (or can no longer be) written without risking what is there."""
+
+
+class RepairInterrupted(Interrupted):
+    """SIGTERM or SIGHUP arrived during a repair; the staging folder is removed before this propagates."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum, f"interrupted by {signal.Signals(signum).name}; the partial output was removed")
+
+
+# ---------------------------------------------------------------- the output path
+
+
+def output_path(out_dir: str | Path, inputs: tuple[Path, ...]) -> Path:
+    """`--out` as an absolute path whose parent is resolved and whose last part is kept as given (a symlink at
+    `--out` is never followed). Refused: a symlink (dangling or not), a path inside or around an input."""
+    given = expand_user(out_dir)
+    absolute = Path(os.path.abspath(given))
+    if absolute.name in ("", ".", ".."):
+        raise OutputError(f"--out {out_dir} names no folder: give the adapter folder to create")
+    try:
+        out = absolute.parent.resolve() / absolute.name
+        is_link = out.is_symlink()
+    except (OSError, RuntimeError) as exc:
+        reason = describe_os_error(out_dir, exc) if isinstance(exc, OSError) else f"{out_dir}: a symlink loop"
+        raise OutputError(f"cannot use --out {reason}") from None
+    if is_link:
+        target = os.readlink(out)
+        state = "which exists" if out.exists() else "which does not exist (a dangling symlink)"
+        raise OutputError(
+            f"--out {out} is a symlink to {target}, {state}: cogsurgeon does not write through symlinks; "
+            "give the real folder"
+        )
+    for input_path in inputs:
+        resolved_input = input_path.resolve()
+        if out == resolved_input or out in resolved_input.parents:
+            raise OutputError(f"--out {out} would replace the checkpoint itself ({resolved_input}): choose another folder")
+        if resolved_input.is_dir() and resolved_input in out.parents:
+            raise OutputError(
+                f"--out {out} lies inside the checkpoint folder {resolved_input}: the input is never written to; "
+                "choose a folder outside it"
+            )
+    return out
+
+
+# ---------------------------------------------------------------- the manifest
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_for(folder: Path, names: list[str]) -> dict[str, Any]:
+    return {
+        "written_by": WRITTEN_BY,
+        "format": MANIFEST_FORMAT,
+        "files": {name: {"sha256": file_sha256(folder / name), "bytes": (folder / name).stat().st_size}
+                  for name in sorted(names)},
+    }
+
+
+@dataclass(frozen=True)
+class EarlierRepair:
+    """A folder at `--out` that is exactly what an earlier repair published: its manifest, byte for byte."""
+
+    manifest_bytes: bytes
+
+
+def earlier_repair_problem(folder: Path) -> tuple[EarlierRepair | None, str | None]:
+    """(the repair, None) when `folder` holds exactly the files its manifest lists, each with the listed sha256;
+    otherwise (None, why not)."""
+    manifest_path = folder / MANIFEST_NAME
+    try:
+        if manifest_path.is_symlink() or not manifest_path.is_file():
+            return None, f"it has no {MANIFEST_NAME}, so it was not written by `{WRITTEN_BY}`"
+        manifest_bytes = manifest_path.read_bytes()
+        manifest = json.loads(manifest_bytes)
+        files = manifest["files"] if isinstance(manifest, dict) and manifest.get("written_by") == WRITTEN_BY else None
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            return None, f"its {MANIFEST_NAME} is not a repair manifest"
+        present = {entry.name for entry in folder.iterdir()} - {MANIFEST_NAME}
+        if present != set(files):
+            extra = sorted(present - set(files))
+            missing = sorted(set(files) - present)
+            what = f"files the repair did not write ({', '.join(extra[:3])})" if extra else \
+                f"files of the repair are missing ({', '.join(missing[:3])})"
+            return None, f"it has changed since the repair: {what}"
+        for name, entry in files.items():
+            path = folder / name
+            if path.is_symlink() or not path.is_file() or file_sha256(path) != entry.get("sha256"):
+                return None, f"it has changed since the repair: {name} differs from what was written"
+    except (OSError, ValueError, RecursionError) as exc:
+        return None, f"it cannot be checked ({type(exc).__name__}: {exc})"
+    return EarlierRepair(manifest_bytes), None
+
+
+def _is_the_same_repair(folder: Path, expected: EarlierRepair) -> bool:
+    found, _ = earlier_repair_problem(folder)
+    return found is not None and found.manifest_bytes == expected.manifest_bytes
+
+
+def refuse_existing_output(out: Path, force: bool) -> None:
+    """The cheap check before anything is written or locked: without --force `out` must be absent; with it, it
+    must at least be a real folder. `check_output` does the full check under the lock."""
+    if not os.path.lexists(out):
+        return
+    if not force:
+        raise OutputError(f"{out} already exists: choose another --out, or pass --force to replace an earlier repair")
+    if not out.is_dir() or out.is_symlink():
+        raise OutputError(f"{out} exists and is not a folder: remove it yourself, --force replaces earlier repairs only")
+
+
+def check_output(out: Path, force: bool) -> EarlierRepair | None:
+    """What is at `out` now: nothing (None), or an earlier unchanged repair that --force may replace. Anything
+    else is an `OutputError` and is left alone."""
+    refuse_existing_output(out, force)
+    if not os.path.lexists(out):
+        return None
+    repair, why_not = earlier_repair_problem(out)
+    if repair is None:
+        raise OutputError(
+            f"{out} is not an earlier repair that --force may replace: {why_not}; nothing was changed, "
+            "choose another --out or remove it yourself"
+        )
+    return repair
+
+
+# ---------------------------------------------------------------- atomic renames
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_libc: Any = None
+
+
+def _renameat2(source: Path, target: Path, flags: int) -> None:
+    """Linux's renameat2; OSError(ENOSYS) where the C library lacks it, EINVAL where the file system does."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _libc = False
+    function = getattr(_libc, "renameat2", None) if _libc else None
+    if function is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    result = function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), ctypes.c_uint(flags))
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(source), None, str(target))
+
+
+def rename_if_absent(source: Path, target: Path) -> None:
+    """Rename `source` to `target` only if nothing is at `target`; FileExistsError otherwise."""
+    try:
+        _renameat2(source, target, _RENAME_NOREPLACE)
+        return
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
+        if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise
+    # Without renameat2: claim the name with an exclusive mkdir, then rename over that empty folder (a rename
+    # only replaces an empty folder, so files someone puts there meanwhile make it fail instead of vanish).
+    os.mkdir(target)
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        try:
+            os.rmdir(target)
+        except OSError:
+            pass
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
+        raise
+
+
+def exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically; False where the system cannot (then the caller falls back)."""
+    try:
+        _renameat2(first, second, _RENAME_EXCHANGE)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            return False
+        raise
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP for the few system calls that move folders: they are delivered right after."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_WHILE_RENAMING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+# ---------------------------------------------------------------- staging, locking, publishing
+
+
+_HIDDEN_WORK = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours: under the lock, no repair of this process is writing to this output
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_work(out: Path) -> list[Path]:
+    """Remove the `.NAME.partial-PID-*` / `.NAME.old-PID-*` folders of `out` left by processes that died (SIGKILL,
+    a power cut); called with the output's lock held, so no live repair of this output owns one."""
+    removed = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _HIDDEN_WORK.match(entry.name)
+        if match is None or match["name"] != out.name or _process_alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _hidden_folder(out: Path, kind: str) -> Path:
+    """A new empty folder `.NAME.KIND-PID-RANDOM` beside `out`, created with the usual permissions (umask)."""
+    for _ in range(100):
+        candidate = out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(candidate, 0o777)
+            return candidate
+        except FileExistsError:
+            continue
+    raise OutputError(f"cannot create a staging folder beside {out}")
+
+
+def _create_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (outermost first) so that a failed repair can remove them."""
+    missing = []
+    current = folder
+    while not os.path.lexists(current):
+        missing.append(current)
+        current = current.parent
+    created = []
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            continue
+        created.append(path)
+    if not folder.is_dir():
+        raise OutputError(f"the parent of --out, {folder}, is not a folder")
+    return created
+
+
+@contextmanager
+def _terminating_signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `RepairInterrupted` (as SIGINT raises KeyboardInterrupt) so that the `finally`
+    clauses clean up; the previous handlers come back afterwards. Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise RepairInterrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in _TERMINATING_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class Publication:
+    """One repair's way to `out`: `staging` is where its files go; `publish()` moves them into place."""
+
+    def __init__(self, out: Path, staging: Path, expected: EarlierRepair | None) -> None:
+        self.out = out
+        self.staging = staging
+        self.expected = expected  # the earlier repair --force replaces, as checked under the lock
+        self.published = False
+
+    def publish(self) -> list[str]:
+        """Write the manifest (last), then move the staging folder to `out` atomically, re-checking `out`: absent
+        (or, with --force, still the same earlier repair). Returns the names of the files published."""
+        names = sorted(entry.name for entry in self.staging.iterdir())
+        manifest = manifest_for(self.staging, names)
+        manifest_path = self.staging / MANIFEST_NAME
+        with manifest_path.open("w") as handle:
+            json.dump(manifest, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        for name in names:
+            with (self.staging / name).open("rb") as handle:
+                os.fsync(handle.fileno())
+        with _signals_held():
+            if self.expected is None or not os.path.lexists(self.out):
+                try:
+                    rename_if_absent(self.staging, self.out)
+                except FileExistsError:
+                    raise OutputError(
+                        f"{self.out} appeared while the repair ran: it was left as it is and nothing was written; "
+                        "choose another --out"
+                    ) from None
+            else:
+                self._replace_earlier_repair(self.expected)
+            self.published = True
+        _fsync_folder(self.out.parent)
+        return [*names, MANIFEST_NAME]
+
+    def _replace_earlier_repair(self, expected: EarlierRepair) -> None:
+        if exchange(self.staging, self.out):
+            if _is_the_same_repair(self.staging, expected):  # the staging path now holds what was at out
+                return
+            exchange(self.staging, self.out)  # put it back as it was
+            raise OutputError(
+                f"{self.out} changed while the repair ran: it was left as it is and nothing was written; "
+                "run the repair again"
+            )
+        # No atomic exchange here: move the earlier repair aside, check it, then rename if absent.
+        retired = _hidden_folder(self.out, "old")
+        os.rmdir(retired)
+        os.rename(self.out, retired)
+        if not _is_the_same_repair(retired, expected):
+            rename_if_absent(retired, self.out)
+            raise OutputError(f"{self.out} changed while the repair ran: it was left as it is and nothing was written")
+        try:
+            rename_if_absent(self.staging, self.out)
+        except BaseException:
+            rename_if_absent(retired, self.out)
+            raise
+        os.rename(retired, self.staging)  # so that the cleanup below removes the earlier repair
+
+
+@contextmanager
+def publication(out: Path, *, force: bool) -> Iterator[Publication]:
+    """Hold the lock of `out`, clean what dead runs left, and give a staging folder to write into. On leaving, the
+    staging folder (after `publish()`: the earlier repair it replaced) is removed, whatever happened; on failure
+    the parent folders this run created are removed too."""
+    from filelock import FileLock, Timeout
+
+    with _terminating_signals_raise():
+        created: list[Path] = []
+        staging: Path | None = None
+        succeeded = False
+        lock_path = out.parent / f".{out.name}{LOCK_SUFFIX}"
+        try:
+            created = _create_parents(out.parent)
+            lock = FileLock(str(lock_path), timeout=0)
+            try:
+                lock.acquire()
+            except Timeout:
+                raise OutputError(
+                    f"another repair holds {out} (lock {lock_path}): wait for it to finish, or choose another --out"
+                ) from None
+            try:
+                expected = check_output(out, force)
+                remove_stale_work(out)
+                staging = _hidden_folder(out, "partial")
+                current = Publication(out, staging, expected)
+                yield current
+                succeeded = current.published
+            finally:
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                try:  # no lock file is left beside the output; filelock re-checks a lock file unlinked under it
+                    os.unlink(lock_path)
+                except OSError:
+                    pass
+                lock.release()
+        except OSError as exc:
+            raise OutputError(f"cannot write {describe_os_error(out, exc)}") from None
+        finally:
+            if not succeeded:
+                for folder in reversed(created):
+                    try:
+                        os.rmdir(folder)
+                    except OSError:
+                        break
