@@ -65,7 +65,8 @@ async def test_at_80_columns_the_details_stack_under_the_tree():
         assert tree.region.y < details.region.y
         await pilot.resize_terminal(160, 48)
         await pilot.pause()
-        assert tree.region.y == details.region.y and details.region.x > tree.region.x  # side by side when wide
+        left = app.query_one("#left")  # the filter and the tree
+        assert left.region.y == details.region.y and details.region.x > left.region.x  # side by side when wide
 
 
 @pilot_test
@@ -74,13 +75,14 @@ async def test_verify_says_what_it_runs_and_shows_its_progress():
     async with app.run_test(size=SIZE) as pilot:
         await wait_for_model(pilot)
         await pilot.press("p", "v")
+        await pilot.pause()
+        started = notifications(app)[-1]
+        assert "tiny, tiny-i2v, tiny-1.5" in started and "plain and fused processors" in started
         seen = set()
         while app.main_screen.workers and any(worker.group == "verify" for worker in app.main_screen.workers):
             seen.add(patch_rows(app)["causal-attention"][1])
             await pilot.pause(0.02)
         await settle(pilot)
-        started = notifications(app)[-2]
-        assert "tiny, tiny-i2v, tiny-1.5" in started and "plain and fused processors" in started
         assert any(re.fullmatch(r"running \d/6: tiny(-i2v|-1\.5)?, (plain|fused) processor", verdict) for verdict in seen), seen
         assert patch_rows(app)["causal-attention"][1].startswith("passed, max error ")
 
@@ -94,7 +96,7 @@ async def test_question_mark_lists_the_keys():
         await pilot.pause()
         keys = shown_text(app.screen.query_one("#help-keys"))
         for key, what in (("/", "Filter"), ("e", "Open in $EDITOR"), ("c", "Copy file:line"), ("space", "Apply/revert"),
-                          ("v", "Verify"), ("m", "Model"), ("l", "LoRA"), ("ctrl+q", "Quit"), ("ctrl+p", "palette")):
+                          ("v", "Verify"), ("m", "Model"), ("l", "LoRA"), ("^q", "Quit"), ("^p", "palette")):
             assert re.search(rf"^\s*{re.escape(key)}\s+.*{re.escape(what)}", keys, re.MULTILINE), (key, keys)
         await pilot.press("escape")
         await pilot.pause()
@@ -182,8 +184,9 @@ async def test_the_lora_screen_offers_no_meta_base_speaks_of_its_own_controls_an
         await pilot.press(*"checkpoint-10", "enter")
         await settle(pilot)
         findings = shown_text(app.screen.query_one("#lora-findings"))
-        assert "lora_alpha  64 from default, scale 16" in findings
-        assert "--alpha" not in findings and "lora_alpha field" in findings
+        assert "lora_alpha  not settled by the checkpoint" in findings and "it could be 64" in findings
+        assert "--" not in findings and "lora_alpha field" in findings  # the screen's controls, not the CLI's flags
+        assert app.screen.query_one("#lora-alpha").value == ""
 
         app.screen.query_one("#lora-alpha").value = "2"
         await pilot.pause()
@@ -211,3 +214,84 @@ async def test_the_lora_screen_offers_the_open_tiny_model_as_base():
         await pilot.press("l")
         await pilot.pause()
         assert app.screen.query_one("#lora-base").value == "tiny"
+
+
+def scaled_output_patch():
+    """A third-party patch with parameters, for the panel's options: multiplies proj_out's weight by `factor`."""
+    from cogsurgeon import patches
+    from cogsurgeon.patches.errors import PatchParameterError
+
+    class Scaled(patches.Patch):
+        name = "scaled-output"
+        summary = "proj_out's weight times factor (a test patch)"
+        parameters = (patches.PatchParameter("factor", float, 1.0, "the multiplier"),
+                      patches.PatchParameter("label", (str, type(None)), None, "a note"))
+
+        def check_options(self, options):
+            if options["factor"] <= 0:
+                raise PatchParameterError(self.name, "factor", "scaled-output: factor must be positive")
+
+        def apply(self, transformer, **options):
+            original = transformer.proj_out.weight.detach().clone()
+            transformer.proj_out.weight.data.mul_(options["factor"])
+            return original
+
+        def revert(self, transformer, record):
+            transformer.proj_out.weight.data.copy_(record)
+
+    return Scaled()
+
+
+@pilot_test
+async def test_the_patches_panel_shows_and_edits_a_patchs_parameters(monkeypatch):
+    import torch
+
+    from cogsurgeon import patches
+    from cogsurgeon.patches import registry
+
+    patches.available()  # the registry filled, then a third-party patch beside the built-ins for this test only
+    monkeypatch.setitem(registry._registry, "scaled-output", scaled_output_patch())
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        model = app.main_screen.loaded.model
+        original = model.proj_out.weight.detach().clone()
+        rows = patch_rows(app)
+        assert rows["scaled-output"][:3] == ["off", "-", "factor=1.0, label=none"]
+        assert rows["causal-attention"][2] == "-"
+        await pilot.press("p", "o")
+        await pilot.pause()
+        assert "causal-attention takes no parameters" in notifications(app)[-1]
+        app.query_one("#patches-table").move_cursor(row=list(rows).index("scaled-output"))
+        await pilot.press("o")
+        await pilot.pause()
+        factor = app.screen.query_one("#option-factor")
+        assert factor.value == "1.0"
+        factor.value = "-1"
+        factor.focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "factor must be positive" in notifications(app)[-1]
+        assert patch_rows(app)["scaled-output"][2] == "factor=1.0, label=none"  # unchanged
+
+        await pilot.press("o")
+        await pilot.pause()
+        app.screen.query_one("#option-factor").value = "2"
+        app.screen.query_one("#option-factor").focus()
+        await pilot.press("enter", "space")
+        await pilot.pause()
+        assert patch_rows(app)["scaled-output"][:3] == ["applied", "-", "factor=2, label=none"]
+        assert torch.equal(model.proj_out.weight, original * 2)
+        assert patches.applied_options(model)["scaled-output"] == {"factor": 2, "label": None}
+
+        await pilot.press("o")  # re-applied with a new value while on
+        await pilot.pause()
+        app.screen.query_one("#option-factor").value = "3"
+        app.screen.query_one("#option-factor").focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert torch.equal(model.proj_out.weight, original * 3)
+        assert patch_rows(app)["scaled-output"][2] == "factor=3, label=none"
+        await pilot.press("space")
+        await pilot.pause()
+        assert torch.equal(model.proj_out.weight, original) and patches.applied(model) == []

@@ -30,6 +30,8 @@ from cogsurgeon.inspector.tui.widgets import facts_table
 
 # The core's messages name the CLI's flags; on this screen each is a field or a switch.
 SCREEN_CONTROLS = (
+    ("Settle it with --alpha A or --trainer NAME", "Enter it in the lora_alpha field"),
+    ("pass --alpha A or --trainer NAME", "enter it in the lora_alpha field"),
     ("pass --alpha A", "enter it in the lora_alpha field"),
     ("--alpha", "the lora_alpha field"),
     ("pass --force to replace it", "tick “replace an earlier repair” to replace it"),

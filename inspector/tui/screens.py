@@ -104,8 +104,8 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         Binding("p", "focus_patches", "Patches", id="main.patches"),
         Binding("m", "switch_model", "Model", id="main.switch-model"),
         Binding("l", "open_lora", "LoRA", id="main.lora"),
-        Binding("e", "open_in_editor", "Open in $EDITOR", id="main.editor"),
-        Binding("c", "copy_location", "Copy file:line", id="main.copy"),
+        Binding("e", "open_in_editor", "Open in $EDITOR", id="main.editor", show=False),  # listed by ?
+        Binding("c", "copy_location", "Copy file:line", id="main.copy", show=False),
         Binding("question_mark", "help", "Keys", id="main.help"),
     ]
 
@@ -491,7 +491,8 @@ class HelpScreen(ModalScreen[None]):
                 keys = ", ".join(self.app.get_key_display(Binding(key, "")) for key in binding.key.split(","))
                 lines.append(Text.assemble(f"  {keys:<14}", (binding.description, "")))
             if where == "anywhere":
-                lines.append(Text.assemble(f"  {'ctrl+p':<14}", "Command palette: patches, modules, models, LoRA"))
+                palette = self.app.get_key_display(Binding(self.app.COMMAND_PALETTE_BINDING, ""))
+                lines.append(Text.assemble(f"  {palette:<14}", "Command palette: patches, modules, models, LoRA"))
         with Vertical(id="help-dialog"):
             yield Label("Keys", id="help-title")
             yield Static(Text("\n").join(lines), id="help-keys")

@@ -541,7 +541,6 @@ class PatchesPanel(Vertical):
         table: DataTable[Any] = DataTable(id="patches-table", cursor_type="row", zebra_stripes=False)
         table.add_columns("patch", "state", "verify", "options", "summary")
         yield table
-        yield Static(id="patches-note")
 
     def show_rows(self, rows: list[PatchRow]) -> None:
         table = self.query_one(DataTable)
@@ -554,11 +553,6 @@ class PatchesPanel(Vertical):
                           key=row.name)
         if rows:
             table.move_cursor(row=min(cursor, len(rows) - 1))
-
-    def note(self, text: str) -> None:
-        note = self.query_one("#patches-note", Static)
-        note.update(Text(text))
-        note.display = bool(text)
 
     def _current(self) -> str | None:
         table = self.query_one(DataTable)
