@@ -21,7 +21,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult, SuspendNotSupported
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.reactive import var
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Header, Input, Label, OptionList, Static
@@ -493,7 +493,7 @@ class HelpScreen(ModalScreen[None]):
             if where == "anywhere":
                 palette = self.app.get_key_display(Binding(self.app.COMMAND_PALETTE_BINDING, ""))
                 lines.append(Text.assemble(f"  {palette:<14}", "Command palette: patches, modules, models, LoRA"))
-        with Vertical(id="help-dialog"):
+        with VerticalScroll(id="help-dialog"):  # taller than a 24-row terminal: it scrolls there
             yield Label("Keys", id="help-title")
             yield Static(Text("\n").join(lines), id="help-keys")
             yield Static("escape closes", id="help-hint")
