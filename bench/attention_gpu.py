@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cogsurgeon.inspector.geometry import FrameLayout  # noqa: E402
+from cogsurgeon.inspector.geometry import FrameLayout, rotary_embedding  # noqa: E402
 from cogsurgeon.patches.attention import plan_attention, run_plan  # noqa: E402
 
 BATCH, HEADS, HEAD_DIM, TEXT = 2, 48, 64, 226
@@ -161,44 +161,21 @@ def one_block_transformer(config_overrides: dict):
     return model.to(torch.bfloat16).eval()
 
 
-def rotary(latent_frames: int, grid_height: int, grid_width: int, temporal_patches: int | None):
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
-    if temporal_patches is None:
-        return get_3d_rotary_pos_embed(
-            embed_dim=HEAD_DIM,
-            crops_coords=((0, 0), (grid_height, grid_width)),
-            grid_size=(grid_height, grid_width),
-            temporal_size=latent_frames,
-            device="cuda",
-        )
-    return get_3d_rotary_pos_embed(
-        embed_dim=HEAD_DIM,
-        crops_coords=None,
-        grid_size=(grid_height, grid_width),
-        temporal_size=temporal_patches,
-        grid_type="slice",
-        max_size=(grid_height, grid_width),
-        device="cuda",
-    )
-
-
 def block_level(repeats: int) -> list[dict]:
     from cogsurgeon import patches
 
     rows = []
     setups = {
-        "5B (L=17,776)": ({}, (13, 16, 60, 90), None),
+        "5B (L=17,776)": ({}, (13, 16, 60, 90)),
         "1.5 (L=45,106)": ({"patch_size_t": 2, "patch_bias": False, "sample_frames": 81, "sample_height": 300,
-                            "sample_width": 300}, (22, 16, 96, 170), 11),
+                            "sample_width": 300}, (22, 16, 96, 170)),
     }
-    for shape_name, (overrides, latent_shape, temporal_patches) in setups.items():
+    for shape_name, (overrides, latent_shape) in setups.items():
         model = one_block_transformer(overrides)
         latent = torch.randn(BATCH, *latent_shape, device="cuda", dtype=torch.bfloat16)
         text = torch.randn(BATCH, TEXT, 4096, device="cuda", dtype=torch.bfloat16)
         timestep = torch.tensor([500, 500], device="cuda")
-        grid_h, grid_w = latent_shape[2] // 2, latent_shape[3] // 2
-        cos, sin = rotary(latent_shape[0], grid_h, grid_w, temporal_patches)
+        cos, sin = rotary_embedding(model.config, latent_shape[0], latent_shape[2], latent_shape[3], device="cuda")
         rotary_emb = (cos.to(torch.bfloat16), sin.to(torch.bfloat16))
         block = model.transformer_blocks[0]
         events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []

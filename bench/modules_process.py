@@ -1,7 +1,7 @@
-"""Benchmark: the whole `cogsurgeon modules cogvideox-5b-i2v --json` process against a bare
-`python -c "import torch, diffusers.models"` process, interleaved in one run (this machine is noisy).
+"""Benchmark: the whole `cogsurgeon modules MODEL --json` process (MODEL cogvideox-5b-i2v unless --model) against a
+bare `python -c "import torch, diffusers.models"` process, interleaved in one run (this machine is noisy).
 
-    python bench/modules_process.py [--runs 7]
+    python bench/modules_process.py [--runs 7] [--model tiny]
 
 Prints the median wall time of each and their ratio (goal: at most 1.3x), for a warm inventory cache (the usual
 case after the first run) and a cold one (`--no-cache`: diffusers' model code imported, the model built on meta).
@@ -21,8 +21,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINE = [sys.executable, "-c", "import torch, diffusers.models"]
-COMMAND = [sys.executable, "-m", "cogsurgeon.inspector", "modules", "cogvideox-5b-i2v", "--json"]
-COLD_COMMAND = [*COMMAND, "--no-cache"]
 
 
 def wall_seconds(command: list[str], environment: dict[str, str]) -> float:
@@ -34,19 +32,23 @@ def wall_seconds(command: list[str], environment: dict[str, str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--model", default="cogvideox-5b-i2v", help="a shipped spec: published or tiny")
     args = parser.parse_args()
+    command = [sys.executable, "-m", "cogsurgeon.inspector", "modules", args.model, "--json"]
+    cold_command = [*command, "--no-cache"]
     environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     with tempfile.TemporaryDirectory() as cache:
         environment["COGSURGEON_CACHE_DIR"] = cache
-        for command in (BASELINE, COLD_COMMAND, COMMAND):  # warm the page cache; the last run fills the cache
-            wall_seconds(command, environment)
+        for warmup in (BASELINE, cold_command, command):  # warm the page cache; the last run fills the cache
+            wall_seconds(warmup, environment)
         times: dict[str, list[float]] = {"baseline": [], "cold": [], "warm": []}
         for _ in range(args.runs):
             times["baseline"].append(wall_seconds(BASELINE, environment))
-            times["cold"].append(wall_seconds(COLD_COMMAND, environment))
-            times["warm"].append(wall_seconds(COMMAND, environment))
+            times["cold"].append(wall_seconds(cold_command, environment))
+            times["warm"].append(wall_seconds(command, environment))
     medians = {name: statistics.median(values) for name, values in times.items()}
     result = {
+        "model": args.model,
         "baseline_median_s": round(medians["baseline"], 3),
         "modules_warm_cache_median_s": round(medians["warm"], 3),
         "modules_cold_median_s": round(medians["cold"], 3),

@@ -183,7 +183,11 @@ def main() -> None:
 
     import torch
 
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    import diffusers
+    import peft
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
+          f"diffusers {diffusers.__version__}, peft {peft.__version__}", flush=True)
     results = []
     for name in args.cases.split(","):
         if name not in CASES:

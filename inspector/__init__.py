@@ -7,7 +7,14 @@ model is actually loaded.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time the names below resolve on first use
+    from cogsurgeon.inspector.doctor import run_doctor
+    from cogsurgeon.inspector.errors import CogsurgeonError, ModelLoadError, ModelSpecError
+    from cogsurgeon.inspector.inventory import ModuleInfo, module_inventory
+    from cogsurgeon.inspector.loading import load_transformer
+    from cogsurgeon.inspector.trace import trace_shapes
 
 _EXPORTS = {
     "load_transformer": "cogsurgeon.inspector.loading",

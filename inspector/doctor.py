@@ -24,14 +24,15 @@ Status = Literal["present", "absent", "error"]
 
 @dataclass(frozen=True)
 class Finding:
-    """One probed pitfall. `status` is "error" only when the probe itself could not run (a bug to report)."""
+    """One probed pitfall. `status` is "error" only when the probe itself could not run (a bug to report); `fix`,
+the cogsurgeon command that fixes or avoids the pitfall, is given only when it is present."""
 
     id: str
     status: Status
     detail: str
-    fix: str
+    fix: str | None
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, str | None]:
         return {"id": self.id, "status": self.status, "detail": self.detail, "fix": self.fix}
 
 
@@ -364,8 +365,8 @@ def run_probe(probe: Probe) -> Finding:
             present, detail = probe.run()
     except Exception as exc:  # a probe that cannot run is reported, not a crash of the whole doctor
         message = " ".join(str(exc).split())[:300]
-        return Finding(probe.id, "error", f"probe could not run: {type(exc).__name__}: {message}", probe.fix)
-    return Finding(probe.id, "present" if present else "absent", detail, probe.fix)
+        return Finding(probe.id, "error", f"probe could not run: {type(exc).__name__}: {message}", None)
+    return Finding(probe.id, "present" if present else "absent", detail, probe.fix if present else None)
 
 
 def run_doctor(ids: tuple[str, ...] | None = None,

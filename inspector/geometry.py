@@ -95,6 +95,11 @@ def latent_frame_count(frames: int, temporal_compression_ratio: int = VAE_TEMPOR
     return latent_frames
 
 
+def video_frame_count(latent_frames: int, temporal_compression_ratio: int = VAE_TEMPORAL_FACTOR) -> int:
+    """The video frames (4k+1) that give `latent_frames` latent frames: the inverse of `latent_frame_count`."""
+    return (latent_frames - 1) * temporal_compression_ratio + 1
+
+
 def tokens_per_frame(config: Config, latent_height: int, latent_width: int) -> int:
     """Video tokens per latent frame (per temporal patch for CogVideoX1.5) for a latent of this size."""
     patch = config["patch_size"]

@@ -187,13 +187,13 @@ def filter_inventory(infos: list[ModuleInfo], text: str | None) -> list[ModuleIn
 
 
 def inventory_for_spec(spec: str | None, dtype: str | None = None, use_cache: bool = True) -> list[ModuleInfo]:
-    """The inventory of what a MODEL spec names. Published (meta) configs come from the inventory cache when it
-    is fresh (no torch or diffusers import at all), else are built and cached."""
+    """The inventory of what a MODEL spec names. Shipped configs (published on meta, tiny) come from the inventory
+    cache when it is fresh (no torch or diffusers import at all), else are built and cached."""
     from cogsurgeon.inspector.loading import load_transformer
     from cogsurgeon.inspector.model_specs import resolve_spec
 
     resolved = resolve_spec(spec)
-    if resolved.kind != "published" or not use_cache:
+    if resolved.kind not in ("published", "tiny") or not use_cache:
         return module_inventory(load_transformer(resolved.spec, dtype=dtype))
     from cogsurgeon.inspector import inventory_cache
 

@@ -1,9 +1,9 @@
-"""A cache of the module inventories of the published (meta) configs, so `cogsurgeon modules` and the TUI's first
-paint need neither torch nor diffusers imported.
+"""A cache of the module inventories of the configs shipped with the package (published on meta, and tiny), so
+`cogsurgeon modules` and the TUI's first paint need neither torch nor diffusers imported.
 
 Building the inventory costs little; importing diffusers' model code costs ~2 s more than `import torch,
 diffusers.models`, because diffusers' hooks import peft, which imports transformers. A published config's
-inventory depends only on the config, the dtype, and the installed torch and diffusers, so it is cached under
+inventory depends only on the config (a tiny model's random weights are not in it), the dtype, and the installed torch and diffusers, so it is cached under
 those keys, and each entry is checked on read against the size and mtime of every source file it points to: an
 edit to diffusers in site-packages (what the original fork did) invalidates it.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cogsurgeon.inspector.inventory import ModuleInfo
-from cogsurgeon.inspector.model_specs import PUBLISHED_DTYPES, published_config
+from cogsurgeon.inspector.model_specs import builtin_config, builtin_dtype
 from cogsurgeon.inspector.user_files import UserFileError, loads_json, read_bytes
 
 CACHE_FORMAT = 1
@@ -53,11 +53,11 @@ def _installed(distribution: str) -> str:
 
 
 def cache_key(spec: str, dtype: str | None) -> str:
-    """Everything a published inventory depends on, hashed: config, dtype, torch, diffusers, cogsurgeon."""
+    """Everything a shipped spec's inventory depends on, hashed: config, dtype, torch, diffusers, cogsurgeon."""
     parts = {
         "format": CACHE_FORMAT,
-        "config": published_config(spec),
-        "dtype": dtype or PUBLISHED_DTYPES[spec],
+        "config": builtin_config(spec),
+        "dtype": dtype or builtin_dtype(spec),
         "torch": _installed("torch"),
         "diffusers": _installed("diffusers"),
         "inventory_source": _file_stamp(Path(__file__).with_name("inventory.py")),
@@ -78,8 +78,8 @@ def _entry_path(spec: str, dtype: str | None) -> Path:
 
 
 def load_cached_inventory(spec: str, dtype: str | None = None) -> list[ModuleInfo] | None:
-    """The cached inventory of a published spec, or None if absent, unreadable, malformed or stale: the caller
-    rebuilds it. Only a regular file is read, at most `ENTRY_BYTES_LIMIT` bytes."""
+    """The cached inventory of a shipped (published or tiny) spec, or None if absent, unreadable, malformed or stale:
+    the caller rebuilds it. Only a regular file is read, at most `ENTRY_BYTES_LIMIT` bytes."""
     try:
         entry = loads_json(read_bytes(_entry_path(spec, dtype), ENTRY_BYTES_LIMIT))
     except (UserFileError, ValueError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError, ModelLoadError, ModelSpecError
-from cogsurgeon.inspector.geometry import TRANSFORMER_CLASS_NAME
+from cogsurgeon.inspector.geometry import TRANSFORMER_CLASS_NAME, latent_frame_count
 from cogsurgeon.inspector.model_specs import (
     PUBLISHED_DTYPES,
     TINY_SEED,
@@ -25,6 +26,7 @@ from cogsurgeon.inspector.model_specs import (
     resolve_spec,
     tiny_config,
 )
+from cogsurgeon.inspector.offline import hub_download_command
 from cogsurgeon.inspector.safetensors_header import SafetensorsHeader, read_header
 from cogsurgeon.inspector.user_files import UserFileError, is_folder, is_regular_file, read_json, read_text
 
@@ -36,6 +38,11 @@ WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.safetensors.index.json",
 )
+# What diffusers raises for files it cannot load, once the config's sizes and types are checked: unreadable or
+# corrupt weights (OSError), weights of another shape (ValueError; RuntimeError from torch in older releases),
+# config values it cannot use (TypeError, KeyError), and an unknown activation_fn, for which its FeedForward leaves
+# `act_fn` unbound (UnboundLocalError). Anything else is a bug and keeps its traceback.
+_USER_FILE_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, UnboundLocalError)
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -213,7 +220,7 @@ def estimated_size(config: dict[str, Any], where: str = "the config") -> tuple[i
         + dim * (sizes.get("out_channels") or sizes["in_channels"]) * patch * patch * patch_t
     )
     parameters = sizes["num_layers"] * per_block + embeddings
-    latent_frames = (max(sizes["sample_frames"], 1) - 1) // max(sizes["temporal_compression_ratio"], 1) + 1
+    latent_frames = latent_frame_count(max(sizes["sample_frames"], 1), max(sizes["temporal_compression_ratio"], 1))
     patches = (sizes["sample_height"] // patch) * (sizes["sample_width"] // patch) * (latent_frames // patch_t + 1)
     position_table = (patches + sizes["max_text_seq_length"]) * dim
     return parameters, position_table
@@ -232,6 +239,21 @@ def check_config_size(config: dict[str, Any], where: str) -> None:
             f"at most {MAX_LAYERS:,} blocks and {_count(MAX_PARAMETERS)} parameters (CogVideoX-5B: 42 blocks, 5.6 "
             "billion): check num_layers, num_attention_heads, attention_head_dim and the sample sizes"
         )
+
+
+def check_config_types(config: dict[str, Any], signature: inspect.Signature, where: str) -> None:
+    """Refuse a config value of another type than the argument's default (a list where a name belongs, text where
+    a number or a flag belongs): diffusers would fail on it deep inside, with any kind of exception."""
+    for name, parameter in signature.parameters.items():
+        default = parameter.default
+        if name not in config or default is inspect.Parameter.empty or default is None:
+            continue
+        value = config[name]
+        accepted = (int, float) if type(default) is float else (type(default),)
+        if not isinstance(value, accepted) or (isinstance(value, bool) and type(default) is not bool):
+            raise ModelLoadError(
+                f"{where}: {name} is {value!r}; it must be a {type(default).__name__} (diffusers' default: {default!r})"
+            )
 
 
 def _count(value: int) -> str:
@@ -293,13 +315,15 @@ def saved_dtype(headers: list[SafetensorsHeader]) -> str | None:
 def load_from_folder(root: Path, dtype: str | torch.dtype | None = None) -> CogVideoXTransformer3DModel:
     """Real weights from a local folder, memory-mapped, in the dtype they were saved in unless one is asked for."""
     folder = find_transformer_folder(root)
-    check_config_size(read_config(folder / "config.json"), str(folder / "config.json"))
+    config = read_config(folder / "config.json")
+    check_config_size(config, str(folder / "config.json"))
     headers = read_weight_headers(folder, weight_files(folder))
     resolved = _torch_dtype(dtype if dtype is not None else saved_dtype(headers))
     cls = transformer_class()
+    check_config_types(config, inspect.signature(cls.__init__), str(folder / "config.json"))
     try:
         model = cls.from_pretrained(str(folder), torch_dtype=resolved, local_files_only=True)
-    except Exception as exc:  # the user's files are the input here; report, don't crash
+    except _USER_FILE_ERRORS as exc:  # the user's files are the input here; report, don't crash
         message = " ".join(str(exc).split())[:400]
         raise ModelLoadError(f"could not load {folder}: {type(exc).__name__}: {message}") from None
     return model.eval()
@@ -319,7 +343,7 @@ def cached_snapshot(repo_id: str) -> Path:
         return candidates[-1][1]
     raise ModelSpecError(
         f"{repo_id} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); cogsurgeon never "
-        "downloads: fetch it elsewhere (huggingface-cli download) or pass a local folder"
+        f"downloads: fetch it elsewhere ({hub_download_command(repo_id)}) or pass a local folder"
     )
 
 

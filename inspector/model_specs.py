@@ -112,6 +112,16 @@ def tiny_config(name: str) -> dict[str, Any]:
     return dict(TINY_CONFIGS[name])
 
 
+def builtin_config(name: str) -> dict[str, Any]:
+    """The config of a spec shipped with the package, published or tiny."""
+    return tiny_config(name) if name in TINY_CONFIGS else published_config(name)
+
+
+def builtin_dtype(name: str) -> str:
+    """The dtype a shipped spec loads in when none is asked for: as the published weights are stored; tiny in fp32."""
+    return PUBLISHED_DTYPES.get(name, "float32")
+
+
 def known_specs() -> tuple[str, ...]:
     return PUBLISHED_SPECS + TINY_SPECS
 

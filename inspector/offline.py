@@ -26,3 +26,15 @@ def user_environment() -> dict[str, str]:
         else:
             environment[variable] = value
     return environment
+
+
+def hub_download_command(repo_id: str) -> str:
+    """The command that fetches `repo_id` with the installed huggingface_hub: `hf download` from 1.0 on (which
+    removed `huggingface-cli`), `huggingface-cli download` before."""
+    from importlib import metadata
+
+    try:
+        major = int(metadata.version("huggingface_hub").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        major = 1
+    return f"{'hf' if major >= 1 else 'huggingface-cli'} download {repo_id}"

@@ -109,9 +109,20 @@ def parse_memory_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
+def parse_video_size(text: str) -> tuple[int, int, int]:
+    """`49x480x720` (or with ×) → (frames, height, width)."""
+    parts = re.split(r"\s*[x×,]\s*", str(text).strip().lower())
+    if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise PlanError(f"video size {text!r}: expected FRAMESxHEIGHTxWIDTH, e.g. 49x480x720")
+    frames, height, width = (int(part) for part in parts)
+    return frames, height, width
+
+
 def attention_backend(dtype_name: str, has_mask: bool, head_dim: int) -> str:
-    """The SDPA kernel PyTorch picks on an H100/H200 for these inputs: flash for fp16/bf16 without a mask (head dim
-    ≤ 256), else memory-efficient attention (which takes a mask and fp32). Neither materialises L×L scores."""
+    """The SDPA kernel whose allocations the plan books: flash for fp16/bf16 without a mask (head dim ≤ 256), else
+    memory-efficient attention (which takes a mask and fp32). Neither materialises L×L scores. torch 2.11 on an
+    H200 runs cuDNN attention for CogVideoX's unmasked bf16 shapes instead of flash: the same visible tensors
+    (output, log-sum-exp) and a backward workspace of the same size (bench/RESULTS.md, within 0.13 %)."""
     if not has_mask and dtype_name in ("float16", "bfloat16") and head_dim <= 256:
         return "flash"
     return "efficient"
@@ -378,7 +389,6 @@ class MemoryAccounting:
         return Tracking()
 
     def _function_mode(self):
-        import torch
         import torch.nn.functional as F
         from torch.overrides import TorchFunctionMode
 
@@ -392,7 +402,6 @@ class MemoryAccounting:
                 with accounting.within("attention"):
                     return _sdpa_as_on_gpu(*args, **kwargs)
 
-        del torch
         return GpuAttention()
 
 
@@ -647,16 +656,20 @@ def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSett
     from cogsurgeon.inspector.loading import build_on_meta
     from cogsurgeon.inspector.geometry import latent_geometry
 
+    from cogsurgeon.patches.parameters import parse_patch_spec
+
     model = build_on_meta(dict(config), settings.dtype)
-    for name in settings.patches:
-        patches.apply(model, name)
+    for spec in settings.patches:  # `NAME` or `NAME:key=value,...`, as `cogsurgeon run --patch` takes them
+        name, options = parse_patch_spec(spec)
+        patches.apply(model, name, **options)
     phases = [plan_transformer(model, frames=settings.frames, height=settings.height, width=settings.width,
                                batch=settings.batch, train=settings.train, checkpointing=settings.checkpointing)]
     if settings.vae:
         geometry = latent_geometry(config, settings.frames, settings.height, settings.width)
         vae = build_vae_on_meta(vae_config(spec or ""), settings.dtype)
-        videos = settings.batch // 2 if settings.train is None and settings.batch >= 2 else settings.batch
-        phases.append(plan_vae_decode(vae, latents_shape(config, geometry, max(videos, 1)), tiling=settings.tiling,
+        # The transformer's batch doubles each video for classifier-free guidance; the pipeline decodes one per video.
+        videos = max(settings.batch // 2, 1)
+        phases.append(plan_vae_decode(vae, latents_shape(config, geometry, videos), tiling=settings.tiling,
                                       resident=(model,)))
     return tuple(phases)
 
@@ -705,6 +718,9 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     dtype_name = str(_torch_dtype(dtype or PUBLISHED_DTYPES.get(resolved.spec, "bfloat16"))).removeprefix("torch.")
     if tiling and not vae:
         raise PlanError("--tiling is a VAE switch: add --vae")
+    if vae and train is not None:
+        raise PlanError("--vae plans the decode after inference; a training step takes encoded latents: drop --vae "
+                        "or --train")
     if vae and resolved.kind != "published":
         raise PlanError(f"--vae needs a published model (its VAE config ships with cogsurgeon), not {resolved.spec!r}")
     settings = PlanSettings(

@@ -116,6 +116,7 @@ class TraceResult:
     modules: dict[str, ModuleShapes]
     mask_memory: tuple[MaskMemory, ...]
     output: tuple[int, ...]
+    kv_cache: tuple[dict[str, Any], ...] = ()
     inputs: dict[str, Shape] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
@@ -138,6 +139,7 @@ class TraceResult:
             "attention": [call.to_json() for call in self.attention],
             "modules": [shapes.to_json(name) for name, shapes in self.modules.items()],
             "mask_memory": [entry.to_json() for entry in self.mask_memory],
+            "kv_cache": list(self.kv_cache),
             "notes": list(self.notes),
         }
 
@@ -437,4 +439,22 @@ def trace_shapes(model: nn.Module, *, frames: int, height: int, width: int, batc
         output=tuple(output.shape),
         inputs={name: shape_of(value) for name, value in inputs.items()},
         notes=size_notes(config, geometry),
+        kv_cache=kv_cache_table(config, sequence.frames, height, width, batch, dtype.itemsize),
+    )
+
+
+STREAMING_CASES = ((1, None, 0), (3, None, 0), (1, 4, 1))  # (chunk, window, sink) shown by trace
+
+
+def kv_cache_table(config: Mapping[str, Any], frames: int, height: int, width: int, batch: int,
+                   dtype_bytes: int) -> tuple[dict[str, Any], ...]:
+    """What a `patches.streaming` KV cache holds for this video (`frames` frames after temporal patching), for a few
+    chunk / window / sink settings."""
+    from cogsurgeon.patches.stream import kv_cache_bytes
+
+    return tuple(
+        {"chunk": chunk, "window": window, "sink": sink,
+         "bytes": kv_cache_bytes(config, frames=frames, height=height, width=width, batch=batch, chunk=chunk,
+                                 window=window, sink=sink, dtype_bytes=dtype_bytes)}
+        for chunk, window, sink in STREAMING_CASES
     )

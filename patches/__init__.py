@@ -7,6 +7,7 @@
     patches.applied_options(model)                    # {"frame-causal-attention": {}}: the options in force
     handle.revert()                                   # or patches.revert(model[, name])
     with patches.patched(model, "causal-attention", "attention-mask"): ...
+    with patches.streaming(model, chunk=3, height=480, width=720) as stream: ...   # KV-cache generation
 
 Third-party patches register through the entry-point group `cogsurgeon.patches` (a `patches.Patch` instance or
 subclass). Importing this package is light: torch and diffusers load when a patch is applied.
@@ -38,8 +39,17 @@ from cogsurgeon.patches.registry import (
     memory_estimate,
     patched,
     register,
+    resolve_options,
     revert,
 )
+
+
+def streaming(target, **options):
+    """Generate chunk by chunk with a KV cache (`cogsurgeon.patches.stream.streaming`; imports torch when called)."""
+    from cogsurgeon.patches.stream import streaming as open_stream
+
+    return open_stream(target, **options)
+
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -67,5 +77,7 @@ __all__ = [
     "parse_patch_spec",
     "patched",
     "register",
+    "resolve_options",
     "revert",
+    "streaming",
 ]

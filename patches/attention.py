@@ -1,23 +1,32 @@
 """Attention under the patches' rules, computed without an `(L, L)` tensor on the hot path.
 
-Every rule the patches define is a *key prefix per block of queries*: causal lets query q see keys `[0, q]`,
-frame-causal lets the queries of frame f see `[text ; frames <= f]` and text see text. So attention is planned once
-per forward as a list of `QuerySegment`s (a run of queries and the key prefix it may see) and run as one SDPA call
-per segment:
+Every rule the patches define gives each *block of queries* at most two contiguous key ranges: a prefix `[0, p)`
+(text, and for block-causal also the sink chunks) and a range `[a, e)` (the chunks the block may see). Causal lets
+query q see keys `[0, q]`; block-causal (frame-causal is chunk 1) lets the queries of chunk i see
+`[text ; chunks <= i]`, with a window and sinks `[text ; sink chunks] + [chunks i-w+1 .. i]`; window attention lets
+chunk i see `[text] + [chunks i-w+1 .. i+w-1]`; text sees text (or everything). So attention is planned once per
+forward as a list of `QuerySegment`s (a run of queries and the keys it may see) and run as SDPA per segment:
 
 - causal: a single segment, SDPA `is_causal=True` (flash kernel skips the upper triangle: 0.454x of full
   attention at the 5B shape on an H100, bench/RESULTS.md; no mask memory).
-- frame-causal: text queries over text keys, then each frame's queries over its key prefix. Work is
-  `sum_f n_f * (T + (f+1) n)`, about 0.54 of full attention at 13 frames, in plain (flash) SDPA calls with no mask;
-  flex_attention's block mask is 1.11x of full on an H100 by DESIGN's anchors, so it is not used.
+- block-causal / frame-causal / window, every segment one key range: on a CUDA device without autograd, one
+  varlen flash-attention call over all segments of all heads (`_packed_flash`: each (item, head, segment) is one
+  "sequence" whose keys start where its range starts, `seqused_k` its length), so the GPU is filled once instead of
+  once per segment; otherwise one SDPA call per segment. Frame-causal's work is `sum_f n_f * (T + (f+1) n)`, about
+  0.54 of full attention at 13 frames; flex_attention's block mask is 1.11x of full on an H100 by DESIGN's anchors,
+  so it is not used.
+- segments with two key ranges (a window past the sinks): when the keys are ours to overwrite (the processor's own
+  temporaries, no autograd), the prefix is moved in place to just before the window, into keys no later segment
+  needs (windows only move forward), so each segment is still one SDPA call over one slice; otherwise the two
+  ranges are concatenated for that segment.
 - a key mask (`(B, T)` or `(B, T+N)`; bool, or additive with only 0 and -inf, or 0 and <= -1e4 while every query
   keeps a key): the masked keys are *dropped*, per group of batch items sharing a mask, instead of passed as a mask,
   because SDPA with any `attn_mask` leaves the flash kernel. With text padding the few kept text keys are moved in
   place next to the video keys, so the kept keys are one slice (1.014x of full SDPA at the 5B shape,
   bench/RESULTS.md; nothing allocated); otherwise, or while autograd needs K and V, they are gathered. Kept keys
-  stay in order, so every key prefix above maps to a prefix of the kept keys and causal runs become lower-right
+  stay in order, so every key range above maps to a range of the kept keys and causal runs become lower-right
   causal segments.
-- a full `(B|1, 1|heads, L, L)` mask: given to SDPA as it is (no head repeat, no copy); composed with frame-causal
+- a full `(B|1, 1|heads, L, L)` mask: given to SDPA as it is (no head repeat, no copy); composed with a block rule
   by slicing it per segment, with causal by combining it chunk by chunk (chunks of at most `CHUNK_MASK_ELEMENTS`).
 
 A query that may see no key at all gets a zero output (what SDPA returns for a fully masked row since torch 2.5).
@@ -26,16 +35,15 @@ A query that may see no key at all gets a zero output (what SDPA returns for a f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from cogsurgeon.inspector.geometry import FrameLayout
-from cogsurgeon.patches.errors import AttentionMaskError
-
-Structure = Literal["causal", "frame-causal"]
+from cogsurgeon.patches.errors import AttentionMaskError, PatchParameterError
 
 # Additive key-mask values at or below this count as padding: exp(-1e4) underflows to 0 in every float dtype, so
 # dropping those keys gives the same softmax as adding the value, as long as the query keeps some other key.
@@ -46,40 +54,162 @@ MAX_SEGMENTS = 64
 CHUNK_MASK_ELEMENTS = 1 << 26
 
 
+def _check_int(parameter: str, value: Any, minimum: int, pattern: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PatchParameterError(pattern, parameter, f"{pattern}: {parameter} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise PatchParameterError(pattern, parameter, f"{pattern}: {parameter} must be at least {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class BlockCausal:
+    """`block-causal-attention(chunk, window, sink)`: with `chunk(f) = f // chunk` for video, a video query in chunk i
+    attends all text keys and the video keys of chunks j with `j <= i` and (`window` is None or `j > i - window` or
+    `j < sink`); text attends text only. `frame-causal-attention` is `BlockCausal(chunk=1)`."""
+
+    chunk: int = 1
+    window: int | None = None
+    sink: int = 0
+
+    def __post_init__(self) -> None:
+        name = "block-causal-attention"
+        _check_int("chunk", self.chunk, 1, name)
+        if self.window is not None:
+            _check_int("window", self.window, 1, name)
+        _check_int("sink", self.sink, 0, name)
+        if self.window is not None and self.sink > self.window:
+            raise PatchParameterError(
+                name,
+                "sink",
+                f"{name}: sink ({self.sink}) must not exceed window ({self.window}): sinks are the first chunks kept "
+                "beside the window",
+            )
+
+
+@dataclass(frozen=True)
+class WindowAttention:
+    """`window-attention(window, chunk, text_sees_video)`: bidirectional local attention; a video query in chunk i
+    attends all text keys and the chunks j with `|i - j| < window`; text attends text only, or every key when
+    `text_sees_video`."""
+
+    window: int = 1
+    chunk: int = 1
+    text_sees_video: bool = False
+
+    def __post_init__(self) -> None:
+        name = "window-attention"
+        _check_int("window", self.window, 1, name)
+        _check_int("chunk", self.chunk, 1, name)
+        if not isinstance(self.text_sees_video, bool):
+            raise PatchParameterError(
+                name, "text_sees_video", f"{name}: text_sees_video must be true or false, got {self.text_sees_video!r}"
+            )
+
+
+Structure = Literal["causal", "frame-causal"] | BlockCausal | WindowAttention
+FRAME_CAUSAL = BlockCausal(chunk=1)
+
+
+def as_pattern(structure: Structure | None) -> Structure | None:
+    """"frame-causal" is block-causal with chunks of one frame; everything else is itself."""
+    return FRAME_CAUSAL if structure == "frame-causal" else structure
+
+
 @dataclass(frozen=True)
 class QuerySegment:
-    """Queries `[query_start, query_end)` see keys `[0, key_end)`; when `causal`, lower-right aligned: query i of the
-    segment sees keys `< key_end - (length - 1 - i)`."""
+    """Queries `[query_start, query_end)` see keys `[0, prefix_end) + [key_start, key_end)` (with `key_start` 0: the
+    prefix `[0, key_end)`); when `causal` (one prefix only), lower-right aligned: query i of the segment sees keys
+    `< key_end - (length - 1 - i)`."""
 
     query_start: int
     query_end: int
     key_end: int
     causal: bool = False
+    key_start: int = 0
+    prefix_end: int = 0
 
     @property
     def length(self) -> int:
         return self.query_end - self.query_start
 
+    @property
+    def two_ranges(self) -> bool:
+        return self.key_start > 0
+
+    @property
+    def key_count(self) -> int:
+        return self.key_end - self.key_start + self.prefix_end
+
+    @property
+    def key_ranges(self) -> tuple[tuple[int, int], ...]:
+        if not self.two_ranges:
+            return ((0, self.key_end),)
+        return ((0, self.prefix_end), (self.key_start, self.key_end))
+
+
+def keys_segment(query_start: int, query_end: int, prefix_end: int, key_start: int, key_end: int) -> QuerySegment:
+    """Queries that see `[0, prefix_end) + [key_start, key_end)`, written as one prefix when the ranges touch."""
+    if key_end <= key_start:  # an empty range: the prefix only
+        return QuerySegment(query_start, query_end, prefix_end)
+    if key_start <= prefix_end:
+        return QuerySegment(query_start, query_end, max(prefix_end, key_end))
+    return QuerySegment(query_start, query_end, key_end, key_start=key_start, prefix_end=prefix_end)
+
+
+def chunk_bounds(layout: FrameLayout, chunk: int) -> list[int]:
+    """Token positions where each chunk of `chunk` frames starts, plus the end of the sequence: chunk i is
+    `[bounds[i], bounds[i + 1])`. The last chunk may hold fewer frames."""
+    return [layout.frame_start(min(f, layout.frames)) for f in range(0, layout.frames + chunk, chunk)]
+
+
+def _merge_equal_neighbours(segments: list[QuerySegment]) -> tuple[QuerySegment, ...]:
+    """Adjacent query runs that see the same keys become one segment (fewer, larger SDPA calls)."""
+    merged: list[QuerySegment] = []
+    for segment in segments:
+        previous = merged[-1] if merged else None
+        if (
+            previous is not None
+            and not previous.causal
+            and not segment.causal
+            and previous.query_end == segment.query_start
+            and previous.key_ranges == segment.key_ranges
+        ):
+            merged[-1] = QuerySegment(
+                previous.query_start, segment.query_end, segment.key_end, False, segment.key_start, segment.prefix_end
+            )
+        else:
+            merged.append(segment)
+    return tuple(merged)
+
 
 def structure_segments(structure: Structure | None, layout: FrameLayout) -> tuple[QuerySegment, ...]:
     """The segments of a structural rule over the full (uncompacted) sequence."""
-    length = layout.sequence_length
-    if structure is None:
+    length, text = layout.sequence_length, layout.text_tokens
+    pattern = as_pattern(structure)
+    if pattern is None:
         return (QuerySegment(0, length, length),)
-    if structure == "causal":
+    if pattern == "causal":
         return (QuerySegment(0, length, length, causal=True),)
-    if structure == "frame-causal":
-        text = layout.text_tokens
-        segments = [QuerySegment(0, text, text)] if text else []
-        segments += [
-            QuerySegment(layout.frame_start(f), layout.frame_end(f), layout.frame_end(f)) for f in range(layout.frames)
-        ]
-        return tuple(segments)
+    if isinstance(pattern, (BlockCausal, WindowAttention)):
+        bounds = chunk_bounds(layout, pattern.chunk)
+        chunks = len(bounds) - 1
+        text_sees = length if isinstance(pattern, WindowAttention) and pattern.text_sees_video else text
+        segments = [QuerySegment(0, text, text_sees)] if text else []
+        for i in range(chunks):
+            if isinstance(pattern, BlockCausal):
+                first = 0 if pattern.window is None else max(0, i - pattern.window + 1)
+                prefix_end = bounds[min(pattern.sink, i + 1)] if first else bounds[0]
+                last = i + 1
+            else:
+                first, last = max(0, i - pattern.window + 1), min(chunks, i + pattern.window)
+                prefix_end = text
+            segments.append(keys_segment(bounds[i], bounds[i + 1], prefix_end, bounds[first], bounds[last]))
+        return _merge_equal_neighbours(segments)
     raise ValueError(f"unknown attention structure {structure!r}")
 
 
 def compact_segments(segments: tuple[QuerySegment, ...], keep: list[bool]) -> tuple[QuerySegment, ...]:
-    """The same rule over the kept keys only (keys keep their order, so a key prefix is a prefix of kept keys).
+    """The same rule over the kept keys only (keys keep their order, so a key range is a range of kept keys).
 
     A causal segment splits into runs: queries at kept positions see a lower-right causal prefix, queries at dropped
     positions see every kept key before them (non-causal)."""
@@ -87,7 +217,15 @@ def compact_segments(segments: tuple[QuerySegment, ...], keep: list[bool]) -> tu
     compacted: list[QuerySegment] = []
     for segment in segments:
         if not segment.causal:
-            compacted.append(QuerySegment(segment.query_start, segment.query_end, kept_before[segment.key_end]))
+            compacted.append(
+                keys_segment(
+                    segment.query_start,
+                    segment.query_end,
+                    kept_before[segment.prefix_end],
+                    kept_before[segment.key_start],
+                    kept_before[segment.key_end],
+                )
+            )
             continue
         if segment.key_end != segment.query_end:
             raise ValueError("only causal segments aligned at the diagonal are compacted")
@@ -227,7 +365,7 @@ def _kept_key_plan(
         compacted = compact_segments(segments, keep_list)
         if len(compacted) > MAX_SEGMENTS:
             return None
-        if not allow_keyless_queries and any(segment.key_end == 0 for segment in compacted):
+        if not allow_keyless_queries and any(segment.key_count == 0 for segment in compacted):
             return None
         if len(unique_rows) == 1:
             items = None
@@ -253,14 +391,14 @@ def run_plan(
 ) -> torch.Tensor:
     """Attention output `(B, H, L, D)` for query/key/value `(B, H, L, D)` under a plan.
 
-    `keys_writable=True` lets a key-dropping plan reorder `key` and `value` in place (the processor's own temporaries):
-    with text padding it then moves the few kept text keys next to the video keys instead of gathering every kept
-    key into new tensors (a copy of K and V, about 3% of attention time at the 5B shape). Ignored while autograd
-    needs the keys."""
-    if isinstance(plan, SegmentPlan):
-        return attend_segments(query, key, value, plan.segments, plan.dense_mask)
+    `keys_writable=True` lets the plan reorder `key` and `value` in place (the processor's own temporaries): with
+    text padding it then moves the few kept text keys next to the video keys instead of gathering every kept key into
+    new tensors (a copy of K and V, about 3% of attention time at the 5B shape), and a window past the sinks moves the
+    prefix next to the window instead of concatenating both per segment. Ignored while autograd needs the keys."""
     if keys_writable and torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
         keys_writable = False
+    if isinstance(plan, SegmentPlan):
+        return attend_segments(query, key, value, plan.segments, plan.dense_mask, keys_writable=keys_writable)
     if len(plan.groups) == 1 and plan.groups[0].items is None:
         return _attend_group(plan.groups[0], query, key, value, keys_writable)
     output = query.new_empty(*query.shape[:-1], value.shape[-1])
@@ -272,9 +410,10 @@ def run_plan(
             )
             continue
         index = torch.tensor(group.items, device=query.device)
+        writable = not (torch.is_grad_enabled() and (key.requires_grad or value.requires_grad))
         group_output = _attend_group(
-            group, query.index_select(0, index), key.index_select(0, index), value.index_select(0, index), True
-        )  # index_select made copies: ours to reorder
+            group, query.index_select(0, index), key.index_select(0, index), value.index_select(0, index), writable
+        )  # index_select made copies: ours to reorder (unless autograd keeps them)
         output.index_copy_(0, index, group_output)
     return output
 
@@ -285,17 +424,33 @@ def _attend_group(
     """The kept keys, in order, as one tensor: a slice after moving the prefix's kept keys up (when allowed and the
     prefix is at most half the sequence), else a gather."""
     if group.kept_index is None:
-        return attend_segments(query, key, value, group.segments)
+        return attend_segments(query, key, value, group.segments, keys_writable=keys_writable)
     if keys_writable and group.prefix_kept_index is not None and 2 * group.prefix_end <= key.shape[2]:
         start = group.prefix_end - group.prefix_kept_index.numel()
         key[:, :, start : group.prefix_end] = key[:, :, : group.prefix_end].index_select(2, group.prefix_kept_index)
         value[:, :, start : group.prefix_end] = value[:, :, : group.prefix_end].index_select(
             2, group.prefix_kept_index
         )
-        return attend_segments(query, key[:, :, start:], value[:, :, start:], group.segments)
+        return attend_segments(query, key[:, :, start:], value[:, :, start:], group.segments, keys_writable=True)
     key = key.index_select(2, group.kept_index)
     value = value.index_select(2, group.kept_index)
-    return attend_segments(query, key, value, group.segments)
+    writable = not (torch.is_grad_enabled() and (key.requires_grad or value.requires_grad))
+    return attend_segments(query, key, value, group.segments, keys_writable=writable)
+
+
+def prefix_can_roll(segments: tuple[QuerySegment, ...]) -> bool:
+    """Whether the two-range segments may move the prefix in place, in order: they come after every one-range
+    segment that needs keys past the prefix, share one prefix, and their windows only move forward (so the keys
+    overwritten just before a window are never needed again)."""
+    two = [index for index, segment in enumerate(segments) if segment.two_ranges]
+    if not two:
+        return False
+    tail = segments[two[0] :]
+    if any(segment.causal or not segment.two_ranges for segment in tail):
+        return False
+    prefix = tail[0].prefix_end
+    starts = [segment.key_start for segment in tail]
+    return all(segment.prefix_end == prefix for segment in tail) and starts == sorted(starts)
 
 
 def attend_segments(
@@ -304,16 +459,47 @@ def attend_segments(
     value: torch.Tensor,
     segments: tuple[QuerySegment, ...],
     dense_mask: torch.Tensor | None = None,
+    *,
+    keys_writable: bool = False,
 ) -> torch.Tensor:
-    """One SDPA call per segment, written into one output tensor (a single segment returns SDPA's own output)."""
+    """SDPA per segment, written into one output tensor (a single segment returns SDPA's own output; one-range
+    segments on a CUDA device without autograd run as one packed flash call)."""
     if len(segments) == 1 and segments[0].query_start == 0 and segments[0].query_end == query.shape[2]:
-        return _attend_segment(query, key, value, segments[0], dense_mask)
+        if not segments[0].two_ranges:
+            return _attend_segment(query, key, value, segments[0], dense_mask)
+    if dense_mask is None:
+        packed = _packed_flash(query, key, value, segments)
+        if packed is not None:
+            return packed
     output = query.new_empty(*query.shape[:-1], value.shape[-1])
+    roll = keys_writable and dense_mask is None and prefix_can_roll(segments)
+    prefix_at = 0  # where the keys [0, prefix_end) of the two-range segments live now
     for segment in segments:
-        output[:, :, segment.query_start : segment.query_end] = _attend_segment(
-            query, key, value, segment, dense_mask
-        )
+        rows = slice(segment.query_start, segment.query_end)
+        if roll and segment.two_ranges:
+            prefix = segment.prefix_end
+            destination = segment.key_start - prefix
+            if destination != prefix_at:
+                _move_keys(key, prefix_at, destination, prefix)
+                _move_keys(value, prefix_at, destination, prefix)
+                prefix_at = destination
+            sliced = QuerySegment(segment.query_start, segment.query_end, segment.key_end - destination)
+            output[:, :, rows] = _attend_segment(
+                query, key[:, :, destination:], value[:, :, destination:], sliced, None
+            )
+            continue
+        output[:, :, rows] = _attend_segment(query, key, value, segment, dense_mask)
     return output
+
+
+def _move_keys(keys: torch.Tensor, source: int, destination: int, count: int) -> None:
+    """keys[:, :, destination : destination + count] = keys[:, :, source : source + count], overlap allowed."""
+    if count == 0:
+        return
+    moved = keys[:, :, source : source + count]
+    if abs(destination - source) < count:
+        moved = moved.clone()
+    keys[:, :, destination : destination + count] = moved
 
 
 def _attend_segment(
@@ -325,11 +511,20 @@ def _attend_segment(
 ) -> torch.Tensor:
     start, end, key_end = segment.query_start, segment.query_end, segment.key_end
     segment_query = query[:, :, start:end]
-    if key_end == 0:
+    if segment.key_count == 0:
         return segment_query.new_zeros(*segment_query.shape[:-1], value.shape[-1])
-    segment_key, segment_value = key[:, :, :key_end], value[:, :, :key_end]
+    rows = None
     if dense_mask is not None:
         rows = dense_mask if dense_mask.shape[-2] == 1 else dense_mask[:, :, start:end]
+    if segment.two_ranges:  # keys not ours to move: the two ranges concatenated for this segment
+        ranges = segment.key_ranges
+        segment_key = torch.cat([key[:, :, a:b] for a, b in ranges], dim=2)
+        segment_value = torch.cat([value[:, :, a:b] for a, b in ranges], dim=2)
+        if rows is not None:
+            rows = torch.cat([rows[..., a:b] for a, b in ranges], dim=-1)
+        return F.scaled_dot_product_attention(segment_query, segment_key, segment_value, attn_mask=rows)
+    segment_key, segment_value = key[:, :, :key_end], value[:, :, :key_end]
+    if rows is not None:
         rows = rows[..., :key_end]
         if segment.causal:
             return _causal_with_dense_mask(segment_query, segment_key, segment_value, rows)
@@ -342,6 +537,139 @@ def _attend_segment(
 
     return F.scaled_dot_product_attention(
         segment_query, segment_key, segment_value, attn_mask=causal_lower_right(segment.length, key_end)
+    )
+
+
+# -- one packed flash-attention call for many segments (CUDA, no autograd) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """Varlen flash-attention descriptors over `(B*H*L, 1, D)` views of q/k/v: sequence s has queries
+    `[query_offsets[s], query_offsets[s + 1])` and keys `[key_starts[s], key_starts[s] + key_lengths[s])`."""
+
+    query_offsets: list[int]
+    key_starts: list[int]
+    key_lengths: list[int]
+    max_query: int
+    max_key: int
+
+
+def packed_sequences(
+    segments: tuple[QuerySegment, ...], batch_heads: int, query_length: int, key_length: int
+) -> PackedSequences | None:
+    """The descriptors of a plan whose segments tile the queries in order, each with one key range (None otherwise).
+    A segment that sees no key stays a sequence of zero keys (flash writes zeros for it)."""
+    if any(segment.causal or segment.two_ranges for segment in segments):
+        return None
+    if [segment.query_start for segment in segments[1:]] != [segment.query_end for segment in segments[:-1]]:
+        return None
+    if not segments or segments[0].query_start != 0 or segments[-1].query_end != query_length:
+        return None
+    query_offsets, key_starts, key_lengths = [], [], []
+    for item in range(batch_heads):
+        for segment in segments:
+            query_offsets.append(item * query_length + segment.query_start)
+            key_starts.append(item * key_length)
+            key_lengths.append(segment.key_end)
+    query_offsets.append(batch_heads * query_length)
+    return PackedSequences(
+        query_offsets,
+        key_starts,
+        key_lengths,
+        max(segment.length for segment in segments),
+        max(max(segment.key_end for segment in segments), 1),
+    )
+
+
+# The packed call is a private aten op: it is checked once per device and dtype against one SDPA call per segment
+# (`_packed_flash_checked`); where this torch refuses it or disagrees, segments run one SDPA call each.
+_packed_flash_checked: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _packed_flash_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Run the packed call once on a small problem (keys of different lengths, item offsets) against SDPA."""
+    check = (str(device), dtype)
+    if check not in _packed_flash_checked:
+        _packed_flash_checked[check] = True  # so that the check's own call goes through
+        layout = FrameLayout(text_tokens=5, frames=3, tokens_per_frame=70)
+        segments = structure_segments("frame-causal", layout)
+        generator = torch.Generator().manual_seed(0)
+        query, key, value = (
+            torch.randn(2, 3, layout.sequence_length, 64, generator=generator).to(device, dtype) for _ in range(3)
+        )
+        try:
+            with torch.no_grad():
+                packed = _packed_flash(query, key, value, segments)
+                expected = torch.cat(
+                    [_attend_segment(query, key, value, segment, None) for segment in segments], dim=2
+                )
+            works = packed is not None and bool((packed.float() - expected.float()).abs().max() < 0.05)
+        except (RuntimeError, TypeError):  # an older torch without seqused_k, or a build without flash
+            works = False
+        _packed_flash_checked[check] = works
+        if not works:
+            import warnings
+
+            warnings.warn(f"cogsurgeon: packed flash attention unavailable on {device}; using one SDPA call per segment")
+    return _packed_flash_checked[check]
+
+
+def _packed_flash(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: tuple[QuerySegment, ...]
+) -> torch.Tensor | None:
+    """All segments (each one key range) of every item and head in one varlen flash-attention call, or None when
+    that does not apply here (CPU, fp32, autograd, flash disabled, non-contiguous q/k/v, two-range segments)."""
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None
+    if not torch.backends.cuda.flash_sdp_enabled() or torch.cuda.get_device_capability(query.device) < (8, 0):
+        return None
+    head_dim = query.shape[-1]
+    if value.shape[-1] != head_dim or head_dim % 8 or head_dim > 256 or not all(
+        tensor.is_contiguous() for tensor in (query, key, value)
+    ):
+        return None
+    batch, heads, query_length, _ = query.shape
+    tensors = _packed_tensors(segments, batch * heads, query_length, key.shape[2], query.device)
+    if tensors is None or not _packed_flash_works(query.device, query.dtype):
+        return None
+    query_offsets, key_offsets, key_lengths, max_query, max_key = tensors
+    output = torch.ops.aten._flash_attention_forward(
+        query.view(-1, 1, head_dim),
+        key.view(-1, 1, head_dim),
+        value.view(-1, 1, head_dim),
+        query_offsets,
+        key_offsets,
+        max_query,
+        max_key,
+        0.0,
+        False,
+        False,
+        seqused_k=key_lengths,
+    )[0]
+    return output.view(batch, heads, query_length, head_dim)
+
+
+@lru_cache(maxsize=16)
+def _packed_tensors(
+    segments: tuple[QuerySegment, ...], batch_heads: int, query_length: int, key_length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
+    """The descriptors on the device, made once per plan and size (every layer of a forward reuses them)."""
+    descriptors = packed_sequences(segments, batch_heads, query_length, key_length)
+    if descriptors is None or len(descriptors.key_starts) >= 65535:  # sequences are a grid dimension
+        return None
+
+    def int32(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    return (
+        int32(descriptors.query_offsets),
+        int32([*descriptors.key_starts, batch_heads * key_length]),  # starts only: lengths come from seqused_k
+        int32(descriptors.key_lengths),
+        descriptors.max_query,
+        descriptors.max_key,
     )
 
 

@@ -1,35 +1,46 @@
 """The built-in patches (DESIGN, "Patch definitions (exact)"): `causal-attention`, `frame-causal-attention`,
-`attention-mask`. Each is a rule switched on in the shared attention surgery of `patches.processor`; how each rule
-is computed fast is explained in `patches.attention`.
+`attention-mask`, `block-causal-attention(chunk, window, sink)`, `window-attention(window, chunk, text_sees_video)`
+(each a rule switched on in the shared attention surgery of `patches.processor`; how each rule is computed fast is
+explained in `patches.attention`), and `per-frame-timesteps(text_timestep)` (`patches.timesteps`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from cogsurgeon.patches.parameters import PatchParameter
 from cogsurgeon.patches.registry import Patch
 
 
 class StructuralAttentionPatch(Patch):
-    """A rule on which keys each query may see, fixed by positions only (no user input)."""
+    """A rule on which keys each query may see, fixed by positions and the patch's parameters (no user input).
+    The rules contradict each other (one "attention-pattern" at a time); each composes with `attention-mask`."""
 
     structure: str = ""
     exclusive = "attention-pattern"
 
+    def pattern(self, **options: Any) -> Any:
+        """The rule as `patches.attention` plans it: a name, or a `BlockCausal` / `WindowAttention` (whose
+        construction checks the parameters' ranges)."""
+        return self.structure
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        self.pattern(**options)
+
     def apply(self, transformer: Any, **options: Any) -> Any:
         from cogsurgeon.patches.processor import enable_attention_rule
 
-        return enable_attention_rule(transformer, structure=self.structure)
+        return enable_attention_rule(transformer, structure=self.pattern(**options))
 
     def revert(self, transformer: Any, record: Any) -> None:
         from cogsurgeon.patches.processor import disable_attention_rule
 
-        disable_attention_rule(transformer, record, structure=self.structure)
+        disable_attention_rule(transformer, record, structure=record.structure)
 
     def reference_mask(self, layout: Any, **options: Any) -> Any:
-        from cogsurgeon.patches.reference import RULE_MASKS
+        from cogsurgeon.patches.reference import rule_mask
 
-        return RULE_MASKS[self.name](layout)
+        return rule_mask(self.name, layout, **options)
 
 
 class CausalAttention(StructuralAttentionPatch):
@@ -66,6 +77,96 @@ class FrameCausalAttention(StructuralAttentionPatch):
     ):
         largest_segment = max(text_tokens, video_tokens // max(frames, 1))
         return batch * heads * largest_segment * head_dim * dtype_bytes
+
+
+class BlockCausalAttention(StructuralAttentionPatch):
+    """Block-causal by chunks of `chunk` frames, optionally a sliding `window` of chunks with the first `sink` chunks
+    always kept (CausVid's chunks, Self-Forcing's `local_attn_size` / `sink_size`): a video query in chunk
+    `i = frame // chunk` sees all text and the chunks j with `j <= i` and (`window` is None or `j > i - window` or
+    `j < sink`); text sees text. `frame-causal-attention` is chunk 1.
+
+    Planned as one key range per chunk of queries (`[text ; chunks <= i]`), or a prefix `[text ; sinks]` and a window
+    of chunks; run as one packed flash call (CUDA inference, one key range per chunk) or one SDPA call per chunk. A
+    window past the sinks gets the prefix moved next to it in place (inference), or concatenated with it per chunk
+    under autograd (then saved for backward: up to `T + (sink + window)·chunk·n` keys per chunk)."""
+
+    name = "block-causal-attention"
+    summary = "block-causal by chunks of frames, optional sliding window with sink chunks (CausVid, Self-Forcing)"
+    parameters = (
+        PatchParameter("chunk", int, 1, "frames per chunk (latent frames; temporal patches for CogVideoX1.5)"),
+        PatchParameter("window", int, None, "chunks a query sees back to, its own included (none: all earlier)"),
+        PatchParameter("sink", int, 0, "first chunks every query keeps seeing beside the window (at most window)"),
+    )
+
+    def pattern(self, **options: Any) -> Any:
+        from cogsurgeon.patches.attention import BlockCausal
+
+        return BlockCausal(**options)
+
+    def extra_memory_bytes(
+        self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False, **options
+    ):
+        """The largest chunk's output (one SDPA call per chunk; none with the packed call); with a window past the
+        sinks, the prefix moved in place (a temporary of its size when it overlaps itself)."""
+        chunk = options.get("chunk", 1)
+        frame_tokens = video_tokens // max(frames, 1)
+        largest_segment = max(text_tokens, chunk * frame_tokens)
+        prefix = text_tokens + options.get("sink", 0) * chunk * frame_tokens if options.get("window") else 0
+        return batch * heads * (largest_segment + prefix) * head_dim * dtype_bytes
+
+
+class WindowAttentionPatch(StructuralAttentionPatch):
+    """Bidirectional local attention by chunks of frames (TTT-Video's segments): a video query in chunk i sees all
+    text and the chunks j with `|i - j| < window`; text sees text, or everything with `text_sees_video`. Planned as
+    the text prefix plus one range of chunks per chunk of queries, run as `block-causal-attention` is."""
+
+    name = "window-attention"
+    summary = "bidirectional local attention: chunk i sees text and chunks j with |i - j| < window"
+    parameters = (
+        PatchParameter("window", int, 1, "a query in chunk i sees chunks j with |i - j| < window"),
+        PatchParameter("chunk", int, 1, "frames per chunk (latent frames; temporal patches for CogVideoX1.5)"),
+        PatchParameter("text_sees_video", bool, False, "text queries attend every key (else text only)"),
+    )
+
+    def pattern(self, **options: Any) -> Any:
+        from cogsurgeon.patches.attention import WindowAttention
+
+        return WindowAttention(**options)
+
+    def extra_memory_bytes(
+        self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False, **options
+    ):
+        chunk = options.get("chunk", 1)
+        largest_segment = max(text_tokens, chunk * (video_tokens // max(frames, 1)))
+        return batch * heads * (largest_segment + text_tokens) * head_dim * dtype_bytes
+
+
+class PerFrameTimesteps(Patch):
+    """A timestep per latent frame (diffusion forcing): the transformer's `timestep` may be `(B, F)`; each video
+    token is modulated by its own frame's timestep embedding in every `CogVideoXLayerNormZero` and the final
+    `AdaLayerNorm`, text by `text_timestep` (`max`, `min`, `first`, `last` of the sample's frame timesteps, or a
+    fixed number). A `(B,)` timestep runs exactly as unpatched. See `patches.timesteps`."""
+
+    name = "per-frame-timesteps"
+    summary = "timestep (B, F): each frame's tokens modulated by their own frame's timestep (diffusion forcing)"
+    parameters = (
+        PatchParameter(
+            "text_timestep", (str, float), "max", "text's timestep: max, min, first, last of the frames', or a number"
+        ),
+    )
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        from cogsurgeon.patches.timesteps import check_text_timestep
+
+        check_text_timestep(options["text_timestep"])
+
+    def apply(self, transformer: Any, **options: Any) -> Any:
+        from cogsurgeon.patches.timesteps import PerFrameTimestepState, check_text_timestep
+
+        return PerFrameTimestepState.install(transformer, check_text_timestep(options["text_timestep"]))
+
+    def revert(self, transformer: Any, record: Any) -> None:
+        record.uninstall()
 
 
 class AttentionMask(Patch):
@@ -110,4 +211,11 @@ class AttentionMask(Patch):
         return (batch - 1) * row + moved_text_keys + keep_mask
 
 
-BUILTIN_PATCHES: tuple[Patch, ...] = (CausalAttention(), FrameCausalAttention(), AttentionMask())
+BUILTIN_PATCHES: tuple[Patch, ...] = (
+    CausalAttention(),
+    FrameCausalAttention(),
+    AttentionMask(),
+    BlockCausalAttention(),
+    WindowAttentionPatch(),
+    PerFrameTimesteps(),
+)

@@ -2,10 +2,11 @@
 starts, builds is patched.
 
 The mechanism is a generated `sitecustomize` (a copy of `patches/run_startup.py`) in a temporary folder put first on
-PYTHONPATH, with COGSURGEON_RUN_PATCHES listing the patch specs (`NAME` or `NAME:key=value,...`, a JSON list). The program gets the user's own environment
-(`cogsurgeon.inspector.offline.user_environment()`: cogsurgeon's process is offline, theirs keeps their settings). Processes
-started with `python -E`/`-I`, or with an environment that drops PYTHONPATH, are not reached. Terminating signals are
-passed on to the program and the temporary folder is removed however the program ends.
+PYTHONPATH, with COGSURGEON_RUN_PATCHES listing the patch specs (`NAME` or `NAME:key=value,...`, a JSON list). The
+program gets the user's own environment (`cogsurgeon.inspector.offline.user_environment()`: cogsurgeon's process is
+offline, theirs keeps their settings). Processes started with `python -E`/`-I`, or with an environment that drops
+PYTHONPATH, are not reached. Terminating signals are passed on to the program and the temporary folder is removed
+however the program ends.
 """
 
 from __future__ import annotations

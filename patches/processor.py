@@ -122,6 +122,8 @@ class PatchedCogVideoXAttnProcessor:
         image_rotary_emb: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.state
+        if state.stream is not None:  # a `patches.streaming` stream's own forward: attention over its KV cache
+            return state.stream.attend(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.fused)
         mask = attention_mask if attention_mask is not None else state.call_mask
         if mask is not None and not state.masks_enabled:
             raise AttentionMaskError(
@@ -163,6 +165,7 @@ class AttentionPatchState:
         self._plan_key: tuple[Any, ...] | None = None
         self._plan_mask: torch.Tensor | None = None
         self._plan: AttentionPlan | None = None
+        self.stream: Any = None  # set by `patches.streaming` for the length of one of its forwards
 
     # -- installing and removing -----------------------------------------------------------------------------------
 
@@ -266,9 +269,9 @@ class AttentionPatchState:
 
     def layout(self, text_tokens: int, video_tokens: int) -> FrameLayout:
         if self.frame_tokens is None:
-            if self.structure == "frame-causal":
+            if self.structure not in (None, "causal"):
                 raise PatchError(
-                    "frame-causal attention needs the frame layout, read when the transformer is called: call the "
+                    "block and window attention need the frame layout, read when the transformer is called: call the "
                     "CogVideoXTransformer3DModel with a 5-D latent (B, frames, C, H, W), not its blocks directly"
                 )
             return FrameLayout(text_tokens, 1, video_tokens)  # the token rules and masks need no frames

@@ -39,7 +39,45 @@ def frame_causal_mask(layout: FrameLayout) -> torch.Tensor:
     return frames[None, :] <= frames[:, None]
 
 
-RULE_MASKS = {"causal-attention": causal_mask, "frame-causal-attention": frame_causal_mask}
+def chunk_of_token(layout: FrameLayout, chunk: int) -> torch.Tensor:
+    """`chunk(f) = f // chunk` for every video token; -1 for text (text has no chunk)."""
+    frames = frame_of_token(layout)
+    return torch.where(frames >= 0, frames // chunk, -1)
+
+
+def block_causal_mask(layout: FrameLayout, chunk: int = 1, window: int | None = None, sink: int = 0) -> torch.Tensor:
+    """`block-causal-attention(chunk, window, sink)`: a video query in chunk i may attend all text keys and the video
+    keys of chunks j with `j <= i` and (`window` is None or `j > i - window` or `j < sink`); text attends text only."""
+    chunks = chunk_of_token(layout, chunk)
+    i, j = chunks[:, None], chunks[None, :]
+    text_query, text_key = i < 0, j < 0
+    in_reach = (j <= i) if window is None else (j <= i) & ((j > i - window) | (j < sink))
+    return torch.where(text_query, text_key, text_key | in_reach)
+
+
+def window_attention_mask(
+    layout: FrameLayout, window: int = 1, chunk: int = 1, text_sees_video: bool = False
+) -> torch.Tensor:
+    """`window-attention(window, chunk, text_sees_video)`: a video query in chunk i may attend all text keys and the
+    chunks j with `|i - j| < window`; text attends text only, or every key with `text_sees_video`."""
+    chunks = chunk_of_token(layout, chunk)
+    i, j = chunks[:, None], chunks[None, :]
+    text_query, text_key = i < 0, j < 0
+    text_row = torch.ones_like(text_key) if text_sees_video else text_key.expand(i.shape[0], -1)
+    return torch.where(text_query, text_row, text_key | ((i - j).abs() < window))
+
+
+RULE_MASKS = {
+    "causal-attention": causal_mask,
+    "frame-causal-attention": frame_causal_mask,
+    "block-causal-attention": block_causal_mask,
+    "window-attention": window_attention_mask,
+}
+
+
+def rule_mask(name: str, layout: FrameLayout, **parameters: Any) -> torch.Tensor:
+    """The `(L, L)` bool mask of the attention rule of patch `name` with these parameters."""
+    return RULE_MASKS[name](layout, **parameters)
 
 
 def full_attention_mask(user_mask: torch.Tensor, layout: FrameLayout) -> torch.Tensor:
@@ -113,3 +151,130 @@ def reference_processors(transformer: nn.Module, mask: torch.Tensor | None) -> I
     finally:
         for module, original in originals.items():
             module.set_processor(original)
+
+
+# -- per-frame timesteps, from the definition ----------------------------------------------------------------------
+
+
+def reference_text_timesteps(frame_timesteps: torch.Tensor, text_timestep: str | float) -> torch.Tensor:
+    """The text tokens' timestep per sample: `max`, `min`, `first`, `last` of its frame timesteps, or a number."""
+    choices = {
+        "max": lambda t: t.max(dim=1).values,
+        "min": lambda t: t.min(dim=1).values,
+        "first": lambda t: t[:, 0],
+        "last": lambda t: t[:, -1],
+    }
+    if isinstance(text_timestep, str):
+        return choices[text_timestep](frame_timesteps).double()
+    return torch.full(frame_timesteps.shape[:1], float(text_timestep), dtype=torch.float64)
+
+
+def timestep_embedding(transformer: nn.Module, timestep: float, ofs: float | None = None) -> torch.Tensor:
+    """The conditioning vector `(D,)` of one timestep (plus `ofs` where the model has an ofs embedding), computed with
+    the model's own layers one value at a time: sinusoid, then linear, activation, linear."""
+
+    def embed(projection: nn.Module, embedding: nn.Module, value: float) -> torch.Tensor:
+        sinusoid = projection(torch.tensor([value], dtype=torch.float64)).to(embedding.linear_1.weight.dtype)
+        hidden = embedding.linear_1(sinusoid)
+        if embedding.act is not None:
+            hidden = embedding.act(hidden)
+        return embedding.linear_2(hidden)[0]
+
+    vector = embed(transformer.time_proj, transformer.time_embedding, timestep)
+    if getattr(transformer, "ofs_embedding", None) is not None:
+        vector = vector + embed(transformer.ofs_proj, transformer.ofs_embedding, ofs)
+    return vector
+
+
+def layer_norm_zero_reference(
+    norm: nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    frame_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`CogVideoXLayerNormZero` token by token: video token of frame f in sample b modulated by
+    `frame_embeddings[b, f]` `(B, F, D)`, text of sample b by `text_embeddings[b]` `(B, D)`; gates per token."""
+    batch, tokens, _ = hidden_states.shape
+    frames = frame_embeddings.shape[1]
+    per_frame = tokens // frames
+    video, gates = torch.empty_like(hidden_states), torch.empty_like(hidden_states)
+    text = torch.empty_like(encoder_hidden_states)
+    text_gates = torch.empty(batch, 1, hidden_states.shape[-1], dtype=hidden_states.dtype)
+    for b in range(batch):
+        for f in range(frames):
+            shift, scale, gate, _, _, _ = norm.linear(norm.silu(frame_embeddings[b, f])).chunk(6)
+            for token in range(f * per_frame, (f + 1) * per_frame):
+                video[b, token] = norm.norm(hidden_states[b, token]) * (1 + scale) + shift
+                gates[b, token] = gate
+        _, _, _, enc_shift, enc_scale, enc_gate = norm.linear(norm.silu(text_embeddings[b])).chunk(6)
+        text[b] = norm.norm(encoder_hidden_states[b]) * (1 + enc_scale) + enc_shift
+        text_gates[b, 0] = enc_gate
+    return video, text, gates, text_gates
+
+
+def ada_layer_norm_reference(norm: nn.Module, hidden_states: torch.Tensor, frame_embeddings: torch.Tensor) -> torch.Tensor:
+    """The final `AdaLayerNorm(chunk_dim=1)` token by token, frame f's tokens by `frame_embeddings[:, f]`."""
+    batch, tokens, _ = hidden_states.shape
+    frames = frame_embeddings.shape[1]
+    per_frame = tokens // frames
+    output = torch.empty_like(hidden_states)
+    for b in range(batch):
+        for f in range(frames):
+            shift, scale = norm.linear(norm.silu(frame_embeddings[b, f])).chunk(2)
+            rows = slice(f * per_frame, (f + 1) * per_frame)
+            output[b, rows] = norm.norm(hidden_states[b, rows]) * (1 + scale) + shift
+    return output
+
+
+def per_frame_modulation_error(
+    transformer: nn.Module, inputs: dict[str, Any], text_timestep: str | float = "max"
+) -> float:
+    """Run `transformer` (with per-frame-timesteps applied) on `inputs` (a `(B, F)` timestep), capturing what every
+    `CogVideoXLayerNormZero` and the final `AdaLayerNorm` got and returned; the largest difference from the token by
+    token reference above, with embeddings computed one timestep at a time."""
+    captured: list[tuple[nn.Module, tuple, dict, Any]] = []
+    norms = [block.norm1 for block in transformer.transformer_blocks]
+    norms += [block.norm2 for block in transformer.transformer_blocks]
+    norms.append(transformer.norm_out)
+    handles = [
+        norm.register_forward_hook(
+            lambda module, args, kwargs, output: captured.append((module, args, kwargs, output)), with_kwargs=True
+        )
+        for norm in norms
+    ]
+    try:
+        with torch.no_grad():
+            transformer(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    patch_frames = transformer.config.patch_size_t or 1
+    frame_timesteps = inputs["timestep"][:, ::patch_frames].double()
+    ofs = inputs.get("ofs")
+    batch = frame_timesteps.shape[0]
+
+    def ofs_of(b: int) -> float | None:
+        return None if ofs is None else float(ofs.reshape(-1)[b if ofs.numel() > 1 else 0])
+
+    with torch.no_grad():
+        frame_embeddings = torch.stack(
+            [
+                torch.stack([timestep_embedding(transformer, float(t), ofs_of(b)) for t in frame_timesteps[b]])
+                for b in range(batch)
+            ]
+        )
+        text = reference_text_timesteps(frame_timesteps, text_timestep)
+        text_embeddings = torch.stack([timestep_embedding(transformer, float(text[b]), ofs_of(b)) for b in range(batch)])
+        error = 0.0
+        for module, args, kwargs, output in captured:
+            if module is transformer.norm_out:
+                expected = (ada_layer_norm_reference(module, args[0], frame_embeddings),)
+                output = (output,)
+            else:
+                expected = layer_norm_zero_reference(module, args[0], args[1], frame_embeddings, text_embeddings)
+            for got, want in zip(output, expected):
+                error = max(error, float((got - want.expand_as(got)).abs().max()))
+    if len(captured) != len(norms):
+        raise AssertionError(f"captured {len(captured)} of {len(norms)} modulations")
+    return error

@@ -24,7 +24,6 @@ from cogsurgeon.patches.errors import (
     PatchTargetError,
     UnknownPatchError,
 )
-
 from cogsurgeon.patches.parameters import PatchParameter, check_options
 
 ENTRY_POINT_GROUP = "cogsurgeon.patches"
@@ -154,7 +153,7 @@ def _load_entry_points() -> None:
 
 def available() -> list[PatchInfo]:
     """Every registered patch, built-ins first."""
-    return [patch.info for patch in _all_patches().values()]
+    return [patch.info for patch in list(_all_patches().values())]  # a copy: another thread may register meanwhile
 
 
 def get_patch(name: str) -> Patch:
@@ -207,6 +206,15 @@ def patch_record(transformer: Any) -> PatchRecord:
     return record
 
 
+def _entries(transformer: Any) -> dict[str, AppliedPatch]:
+    """A snapshot of a transformer's record ({} for a model never patched: reading creates nothing)."""
+    record = vars(transformer).get(RECORD_ATTRIBUTE)
+    if record is None:
+        return {}
+    with record.lock:
+        return dict(record.entries)
+
+
 def resolve_transformer(target: Any) -> Any:
     """The CogVideoX transformer itself, or the `.transformer` of a pipeline holding one."""
     from cogsurgeon.patches.processor import is_cogvideox_transformer
@@ -233,13 +241,9 @@ class PatchHandle:
         self._entry = entry
 
     @property
-    def model(self) -> Any:
-        return self._transformer()
-
-    @property
     def active(self) -> bool:
         transformer = self._transformer()
-        return transformer is not None and patch_record(transformer).entries.get(self.name) is self._entry
+        return transformer is not None and _entries(transformer).get(self.name) is self._entry
 
     def revert(self) -> None:
         transformer = self._transformer()
@@ -299,24 +303,18 @@ def apply(target: Any, name: str, **options: Any) -> PatchHandle:
 
 def applied(target: Any) -> list[str]:
     """Names of the patches on a model (or pipeline), in the order they were applied."""
-    record = patch_record(resolve_transformer(target))
-    with record.lock:
-        return list(record.entries)
+    return list(_entries(resolve_transformer(target)))
 
 
 def applied_options(target: Any) -> dict[str, dict[str, Any]]:
     """The patches on a model (or pipeline) in the order applied, each with the options in force (defaults filled
     in): what `apply(model, name, **options)` needs to put the same patches on another model."""
-    record = patch_record(resolve_transformer(target))
-    with record.lock:
-        return {name: dict(entry.options) for name, entry in record.entries.items()}
+    return {name: dict(entry.options) for name, entry in _entries(resolve_transformer(target)).items()}
 
 
 def applied_records(transformer: Any) -> dict[str, Any]:
     """What each applied patch's `apply` returned, by name: for patches that share machinery on one model."""
-    record = patch_record(transformer)
-    with record.lock:
-        return {name: entry.record for name, entry in record.entries.items()}
+    return {name: entry.record for name, entry in _entries(transformer).items()}
 
 
 def revert(target: Any, name: str | None = None) -> None:

@@ -11,10 +11,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from cogsurgeon.inspector.geometry import FrameLayout, default_video_size, layout_of_inputs, pipeline_inputs
+from cogsurgeon.inspector.geometry import (
+    FrameLayout,
+    default_video_size,
+    layout_of_inputs,
+    pipeline_inputs,
+    video_frame_count,
+)
 from cogsurgeon.inspector.model_specs import TINY_SPECS
 from cogsurgeon.patches.errors import PatchError
-from cogsurgeon.patches.reference import RULE_MASKS, combine_masks, full_attention_mask, reference_processors
+from cogsurgeon.patches.parameters import format_patch_spec
+from cogsurgeon.patches.reference import (
+    RULE_MASKS,
+    combine_masks,
+    full_attention_mask,
+    per_frame_modulation_error,
+    reference_processors,
+)
 from cogsurgeon.patches.registry import apply, get_patch, resolve_options, revert
 
 TOLERANCE = 1e-4
@@ -53,7 +66,7 @@ def tiny_video_size(config: Any) -> tuple[int, int, int]:
     (so that frame rules have frames to tell apart)."""
     frames, height, width = default_video_size(config)
     if config.get("patch_size_t"):
-        frames = (3 * config["patch_size_t"] - 1) * config["temporal_compression_ratio"] + 1
+        frames = video_frame_count(3 * config["patch_size_t"], config["temporal_compression_ratio"])
     return frames, height, width
 
 
@@ -129,6 +142,20 @@ def fresh_tiny(variant: str, processor: str) -> nn.Module:
     return model
 
 
+# What `verify NAME` runs for a patch with parameters when none are given: its defaults and settings that exercise
+# chunks, windows past the sinks, and text seeing video (the tiny models have 3 frames or temporal patches).
+PARAMETER_SETTINGS: dict[str, tuple[dict[str, Any], ...]] = {
+    "block-causal-attention": (
+        {},
+        {"chunk": 2},
+        {"chunk": 1, "window": 1, "sink": 1},
+        {"chunk": 1, "window": 2, "sink": 0},
+    ),
+    "window-attention": ({}, {"window": 2}, {"window": 1, "chunk": 2}, {"window": 2, "text_sees_video": True}),
+    "per-frame-timesteps": ({}, {"text_timestep": "first"}, {"text_timestep": 0}),
+}
+
+
 def verify_patch(
     name: str,
     *,
@@ -140,13 +167,17 @@ def verify_patch(
     """Run patch `name` (with `options`, defaults filled in) on each tiny variant with the plain and the fused
     processor: max |patched - reference| over every case, and whether the model after `revert` reproduces the
     unpatched output bit for bit."""
-    options = resolve_options(name, options or {})
+    settings = PARAMETER_SETTINGS.get(name, ({},)) if options is None else (options,)
+    settings = [resolve_options(name, setting) for setting in settings]
+    verify_on = _verify_per_frame_on if name == "per-frame-timesteps" else _verify_on
     details = []
     for variant in variants:
         for processor in PROCESSORS:
             if progress is not None:
                 progress(f"{name}: {variant}, {processor} processor")
-            details.extend(_verify_on(name, options, fresh_tiny(variant, processor), variant, processor))
+            model = fresh_tiny(variant, processor)
+            for setting in settings:
+                details.extend(verify_on(name, setting, model, variant, processor))
     max_error = max(case.max_error for case in details)
     revert_bit_exact = all(case.revert_bit_exact for case in details)
     return VerifyResult(
@@ -175,7 +206,44 @@ def _verify_on(
             revert(model, name)
         reverted = forward(model, inputs)
         error = float((actual - expected).abs().max()) if torch.isfinite(actual).all() else float("inf")
-        yield CaseResult(variant, processor, case.label, error, bool(torch.equal(reverted, unpatched)))
+        label = case.label if case.label != name else format_patch_spec(name, _non_default(name, options))
+        yield CaseResult(variant, processor, label, error, bool(torch.equal(reverted, unpatched)))
+
+
+def _non_default(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    return {p.name: options[p.name] for p in get_patch(name).parameters if options.get(p.name, p.default) != p.default}
+
+
+def _verify_per_frame_on(
+    name: str, options: dict[str, Any], model: nn.Module, variant: str, processor: str
+) -> Iterator[CaseResult]:
+    """per-frame-timesteps: a `(B,)` timestep and equal frames give the unpatched output bit for bit (error 0 when
+    they do, else the difference); random per-frame timesteps give every modulation as the token-by-token
+    reference (`patches.reference.per_frame_modulation_error`); revert is bit-exact."""
+    inputs = tiny_inputs(model)
+    unpatched = forward(model, inputs)
+    frames = inputs["hidden_states"].shape[1]
+    patch_frames = model.config.patch_size_t or 1
+    generator = torch.Generator().manual_seed(1)
+    random_frames = torch.randint(0, 1000, (2, frames // patch_frames), generator=generator)
+    per_frame = {**inputs, "timestep": random_frames.repeat_interleave(patch_frames, dim=1)}
+    equal_frames = {**inputs, "timestep": inputs["timestep"][:, None].expand(-1, frames).contiguous()}
+    spec = format_patch_spec(name, _non_default(name, options))
+    apply(model, name, **options)
+    try:
+        batch_error = float((forward(model, inputs) - unpatched).abs().max())
+        equal_output = forward(model, equal_frames)
+        # equal frames with a fixed text timestep other than theirs are not the unpatched model: not compared
+        fixed_text = not isinstance(options["text_timestep"], str)
+        equal_error = 0.0 if fixed_text else float((equal_output - unpatched).abs().max())
+        modulation_error = per_frame_modulation_error(model, per_frame, options["text_timestep"])
+    finally:
+        revert(model, name)
+    bit_exact = bool(torch.equal(forward(model, inputs), unpatched))
+    yield CaseResult(variant, processor, f"{spec}: timestep (B,) as unpatched", batch_error, bit_exact)
+    if not fixed_text:
+        yield CaseResult(variant, processor, f"{spec}: equal frames as unpatched", equal_error, bit_exact)
+    yield CaseResult(variant, processor, f"{spec}: per-token modulation vs reference", modulation_error, bit_exact)
 
 
 def combined_reference_mask(names: tuple[str, ...], layout: FrameLayout, attention_mask: torch.Tensor | None):

@@ -23,6 +23,7 @@ from cogsurgeon.inspector.geometry import (
     pipeline_inputs,
     resize_crop_region_for_grid,
     rotary_embedding,
+    video_frame_count,
 )
 from cogsurgeon.inspector.model_specs import TINY_CONFIGS, published_config, tiny_config
 
@@ -37,6 +38,13 @@ from cogsurgeon.inspector.model_specs import TINY_CONFIGS, published_config, tin
 )
 def test_latent_frame_count_follows_the_pipeline(frames, patch_size_t, expected):
     assert latent_frame_count(frames, 4, patch_size_t) == expected
+
+
+@pytest.mark.parametrize("latent_frames", [1, 2, 3, 13, 22])
+def test_video_frame_count_is_the_4k_plus_1_that_gives_a_latent_frame_count(latent_frames):
+    frames = video_frame_count(latent_frames)
+    assert (frames - 1) % 4 == 0 and latent_frame_count(frames) == latent_frames
+    assert latent_frame_count(frames - 1) == latent_frames - 1 or frames == 1
 
 
 def test_geometry_of_5b_i2v_at_its_native_size():
@@ -130,8 +138,8 @@ def _full_config(config: dict) -> SimpleNamespace:
     """A config with the transformer's defaults filled in, as `model.config` reads (attribute access)."""
     from diffusers import CogVideoXTransformer3DModel
 
-    defaults = {name: p.default for name, p in inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    parameters = inspect.signature(CogVideoXTransformer3DModel.__init__).parameters
+    defaults = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
     return SimpleNamespace(**{**defaults, **config})
 
 
@@ -219,7 +227,8 @@ def test_pipeline_inputs_are_what_the_pipeline_hands_the_transformer(spec, size)
 
 
 @pytest.mark.diffusers_versions
-@pytest.mark.parametrize(("spec", "size"), [case for case in CASES if _config(case[0])["use_rotary_positional_embeddings"]])
+@pytest.mark.parametrize(("spec", "size"), [case for case in CASES
+                                            if _config(case[0])["use_rotary_positional_embeddings"]])
 def test_rotary_embedding_equals_the_pipelines(spec, size):
     config = _config(spec)
     geometry = latent_geometry(config, *size)

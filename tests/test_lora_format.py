@@ -184,3 +184,15 @@ def test_overlapping_offsets_are_rejected(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(12))
     with pytest.raises(SafetensorsFormatError, match="overlap or gap"):
         read_header(path)
+
+
+@pytest.mark.parametrize("dtype,name", [("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16")])
+def test_kohya_alpha_reads_in_every_float_dtype(dtype, name):
+    """VideoX-Fun's save_weights casts the .alpha buffers to the weight dtype (bf16 in practice)."""
+    import torch
+
+    from cogsurgeon.tools.lora.checkpoint import LoraTensor, scalar_value
+
+    value = torch.tensor(32.0, dtype=getattr(torch, dtype))
+    data = value.reshape(1).view(torch.uint8).numpy().tobytes()
+    assert scalar_value(LoraTensor("m", "alpha", name, (), len(data)), data) == 32.0

@@ -113,6 +113,11 @@ def test_a_copy_of_a_patched_model_carries_its_patches(how, with_double_output):
     assert patches.applied(twin) == ["causal-attention"]
 
 
+def test_reading_a_never_patched_model_leaves_it_as_it_was(tiny_model):
+    assert patches.applied(tiny_model) == [] and patches.applied_options(tiny_model) == {}
+    assert "_cogsurgeon_patches" not in vars(tiny_model)
+
+
 def test_meta_twin_traces_the_patches_with_their_options():
     from cogsurgeon.inspector.trace import meta_twin
 

@@ -66,7 +66,15 @@ def test_a_third_party_patch_registers_through_the_entry_point_group(plugin_on_p
 
     with pytest.warns(UserWarning) as warnings_seen:
         names = [info.name for info in patches.available()]
-    assert names == ["causal-attention", "frame-causal-attention", "attention-mask", "double-output"]
+    assert names == [
+        "causal-attention",
+        "frame-causal-attention",
+        "attention-mask",
+        "block-causal-attention",
+        "window-attention",
+        "per-frame-timesteps",
+        "double-output",
+    ]
     messages = " ".join(str(w.message) for w in warnings_seen)
     assert "skipped patch entry point 'broken'" in messages and "this plugin is broken" in messages
     assert "skipped patch entry point 'clash'" in messages and "already registered" in messages

@@ -21,6 +21,7 @@ from cogsurgeon.inspector.plan import (
     flash_backward_workspace_bytes,
     parse_memory_size,
     parse_train,
+    parse_video_size,
     plan_memory,
     plan_vae_decode,
 )
@@ -53,6 +54,14 @@ def test_parse_train_and_memory():
             parse_memory_size(bad)
 
 
+def test_parse_video_size():
+    assert parse_video_size("49x480x720") == (49, 480, 720)
+    assert parse_video_size(" 81 × 768 × 1360 ") == (81, 768, 1360)
+    for bad in ("49x480", "0x480x720", "ax480x720", ""):
+        with pytest.raises(PlanError):
+            parse_video_size(bad)
+
+
 def test_ledger_peak_breakdown_and_transient():
     ledger = MemoryLedger(where=lambda: "here")
     ledger.allocate(1, 1024, "weights")
@@ -82,9 +91,12 @@ def test_attention_backend_is_the_gpus():
 def test_candidate_switches():
     from cogsurgeon.inspector.plan import PlanSettings
 
-    settings = PlanSettings("cogvideox-5b", 49, 480, 720, 2, "bfloat16", train=TrainMode("full"), vae=True)
-    switches = [switch for switch, _ in candidate_switches(settings)]
-    assert switches == ["--checkpointing", "--tiling", "--train lora:128", "--batch 1"]
+    full = PlanSettings("cogvideox-5b", 49, 480, 720, 2, "bfloat16", train=TrainMode("full"))
+    switches = [switch for switch, _ in candidate_switches(full)]
+    assert switches == ["--checkpointing", "--train lora:128", "--batch 1"]
+    assert candidate_switches(full)[0][1].checkpointing is True
+    decode = PlanSettings("cogvideox-5b", 49, 480, 720, 2, "bfloat16", vae=True)
+    assert [switch for switch, _ in candidate_switches(decode)] == ["--tiling", "--batch 1"]
     inference = PlanSettings("cogvideox-5b", 49, 480, 720, 1, "bfloat16")
     assert candidate_switches(inference) == []
 
@@ -262,6 +274,8 @@ def test_cli_json(cli):
     (("--batch", "0"), "batch"),
     (("--checkpointing",), "training"),
     (("--tiling",), "--vae"),
+    (("--vae",), "published"),
+    (("--vae", "--train", "lora:4"), "--vae"),
     (("--dtype", "int8"), "dtype"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(cli, args, message):

@@ -180,7 +180,7 @@ async def test_the_narrowed_tree_is_drawn_scrolls_and_takes_clicks():
     """ModuleTree draws its own rows and updates its scrollbar without a layout of the screen: the rows drawn, the
     scrollbar, the scroll position and a click on a row must still follow the filter."""
     app = CogsurgeonApp("tiny")
-    async with app.run_test(size=(160, 24)) as pilot:
+    async with app.run_test(size=(160, 30)) as pilot:  # the tree's first level fits, all of it does not
         await wait_for_model(pilot)
         tree = app.query_one(ModuleTree)
         assert not tree.show_vertical_scrollbar
@@ -373,7 +373,7 @@ async def test_apply_and_revert_a_patch_from_the_panel():
         await wait_for_model(pilot)
         model = app.screen.loaded.model
         original = model.transformer_blocks[0].attn1.processor
-        assert list(patch_rows(app)) == ["causal-attention", "frame-causal-attention", "attention-mask"]
+        assert list(patch_rows(app))[:3] == ["causal-attention", "frame-causal-attention", "attention-mask"]
         assert patch_rows(app)["causal-attention"][0] == "off"
 
         await pilot.press("p", "space")  # the cursor starts on the first patch: causal-attention
@@ -451,7 +451,8 @@ async def test_lora_screen_inspects_repairs_and_verifies_a_cogvideo_checkpoint(t
         await settle(pilot)
         findings = shown_text(app.screen.query_one("#lora-findings"))
         assert "rank        4" in findings
-        assert "lora_alpha  not settled by the checkpoint" in findings  # the file has no alpha: candidates listed
+        # the file has no alpha and three trainers write this layout: the screen lists them instead of guessing
+        assert "lora_alpha  UNKNOWN: could be 64 (cogvideo-finetune), 128 (diffusers-scripts)" in findings
         assert app.screen.query_one("#lora-out").value == "checkpoint-10-adapter"
 
         alpha = app.screen.query_one("#lora-alpha")

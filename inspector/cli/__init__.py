@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+from typing import Any, NoReturn, TextIO
 
 import click
 
+from cogsurgeon.inspector.cli.doctor import doctor
+from cogsurgeon.inspector.cli.lora import lora
+from cogsurgeon.inspector.cli.modules import modules
+from cogsurgeon.inspector.cli.patch import patch, run
+from cogsurgeon.inspector.cli.plan import plan
+from cogsurgeon.inspector.cli.trace import trace
 from cogsurgeon.inspector.errors import CogsurgeonError, Interrupted
-from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, known_specs
+from cogsurgeon.inspector.model_specs import DEFAULT_SPEC
 from cogsurgeon.inspector.offline import enter_offline_mode
 from cogsurgeon.inspector.user_files import describe_os_error
-from cogsurgeon.inspector.cli.output import print_json
-
-MODEL_HELP = (
-    f"MODEL is one of {', '.join(known_specs())} (published configs load on the meta device, no download; "
-    "tiny ones are runnable), a local diffusers model folder, or a hub id already in the local Hugging Face "
-    f"cache. Default: {DEFAULT_SPEC}."
-)
 
 
 class CogsurgeonGroup(click.Group):
@@ -59,51 +60,7 @@ def tui(model: str | None) -> None:
     run_app(model or DEFAULT_SPEC)
 
 
-@cli.command()
-@click.argument("model", required=False)
-@click.option("--filter", "filter_text", metavar="TEXT", help="Keep rows whose name, class or file contains TEXT.")
-@click.option("--dtype", metavar="DTYPE", help="Load in this dtype (float32, bfloat16, float16) instead of as saved.")
-@click.option("--all", "show_all", is_flag=True, help="List repeated blocks one by one instead of folded.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per module (never folded).")
-@click.option(
-    "--no-cache", is_flag=True, help="Rebuild a published model's inventory instead of reading the inventory cache."
-)
-def modules(
-    model: str | None, filter_text: str | None, dtype: str | None, show_all: bool, as_json: bool, no_cache: bool
-) -> None:
-    """List every named module of MODEL.
-
-    Each row: name, class, the file and line where the class is defined, parameters (the module's subtree),
-    dtype, device, and the attention processor for attention modules.
-
-    \b
-    """
-    from cogsurgeon.inspector.inventory import filter_inventory, inventory_for_spec
-
-    infos = inventory_for_spec(model, dtype, use_cache=not no_cache)
-    if as_json:
-        print_json([info.to_json() for info in filter_inventory(infos, filter_text)])
-        return
-    from cogsurgeon.inspector.cli.render import modules_table
-
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal:  # piped into a file or less: don't squeeze the table into 80 columns
-        console = Console(width=200)
-    console.print(modules_table(infos, filter_text, fold=not show_all))
-
-
-modules.help = (modules.help or "") + MODEL_HELP
-
-
-from cogsurgeon.inspector.cli.doctor import doctor  # noqa: E402  (the group above comes first)
-from cogsurgeon.inspector.cli.lora import lora  # noqa: E402
-from cogsurgeon.inspector.cli.patch import patch, run  # noqa: E402
-from cogsurgeon.inspector.cli.plan import plan  # noqa: E402
-from cogsurgeon.inspector.cli.trace import trace  # noqa: E402
-
-for _command in (patch, run, lora, trace, plan, doctor):
+for _command in (modules, trace, patch, run, lora, plan, doctor):
     cli.add_command(_command)
 
 
@@ -124,34 +81,57 @@ def _flush_stdout() -> None:
         raise
 
 
+class _LineTrackingStream:
+    """A text stream that remembers whether what was last written ended its line: a progress bar redrawn with
+    `\r` does not, and an error printed after it must start a line of its own."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        written = self._stream.write(text)
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _fail(stderr: _LineTrackingStream, message: str, status: int) -> NoReturn:
+    if not stderr.at_line_start:
+        stderr.write("\n")
+    click.echo(message, err=True)
+    sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: runs the group and turns errors meant for people into one line and exit 2."""
     enter_offline_mode()
+    # torch.load's notes on the pickle protocol of a checkpoint are for torch's developers, not our users.
+    warnings.filterwarnings("ignore", module=r"torch\.(serialization|_weights_only_unpickler)")
+    stderr = _LineTrackingStream(sys.stderr)
+    sys.stderr = stderr  # type: ignore[assignment]
     try:
         result = cli.main(args=argv, prog_name="cogsurgeon", standalone_mode=False)
         _flush_stdout()
     except CogsurgeonError as exc:
-        click.echo(f"cogsurgeon: error: {_one_line(exc)}", err=True)
-        sys.exit(2)
+        _fail(stderr, f"cogsurgeon: error: {_one_line(exc)}", 2)
     except click.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "cogsurgeon"
-        click.echo(f"{command}: error: {_one_line(exc.format_message())} (see '{command} --help')", err=True)
-        sys.exit(2)
+        _fail(stderr, f"{command}: error: {_one_line(exc.format_message())} (see '{command} --help')", 2)
     except click.ClickException as exc:
-        click.echo(f"cogsurgeon: error: {_one_line(exc.format_message())}", err=True)
-        sys.exit(exc.exit_code if exc.exit_code != 1 else 2)
+        _fail(stderr, f"cogsurgeon: error: {_one_line(exc.format_message())}", exc.exit_code if exc.exit_code != 1 else 2)
     except click.Abort:
-        click.echo("cogsurgeon: aborted", err=True)
-        sys.exit(130)
+        _fail(stderr, "cogsurgeon: aborted", 130)
     except Interrupted as exc:
-        click.echo(f"cogsurgeon: {_one_line(exc)}", err=True)
-        sys.exit(128 + exc.signum)
+        _fail(stderr, f"cogsurgeon: {_one_line(exc)}", 128 + exc.signum)
     except BrokenPipeError:
         sys.stderr.close()  # the reader (head, less) left; not an error of ours
         sys.exit(0)
     except OSError as exc:  # the machine, not the input: a full disk or device, a file we may not read
-        click.echo(f"cogsurgeon: error: {_one_line(describe_os_error(exc.filename or 'standard output', exc))}", err=True)
-        sys.exit(2)
+        _fail(stderr, f"cogsurgeon: error: {_one_line(describe_os_error(exc.filename or 'standard output', exc))}", 2)
     sys.exit(result if isinstance(result, int) else 0)
 
 

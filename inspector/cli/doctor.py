@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from cogsurgeon.inspector.cli.output import print_json
+from cogsurgeon.inspector.cli.output import print_json, stdout_console
 
 
 @click.command()
@@ -32,8 +32,8 @@ def doctor(checks: tuple[str, ...], as_json: bool) -> None:
       lora-alpha-lost               a LoRA saved without metadata reloads at alpha = rank
       peft-local-path-hub           PEFT goes to the Hub for a local folder without adapter_config.json
 
-    Each finding is "present" or "absent", with what the experiment saw and the cogsurgeon command that fixes
-    or avoids the pitfall. Takes under a minute (the PEFT check starts one Python process).
+    Each finding is "present" or "absent", with what the experiment saw and, when present, the cogsurgeon command
+    that fixes or avoids the pitfall. Takes under a minute (the PEFT check starts one Python process).
 
     Exit status: 0 when every check ran (present pitfalls are information about your installation, not a
     failure of the run); 1 when a check could not run (status "error"; please report it); 2 for bad usage.
@@ -60,18 +60,14 @@ def doctor(checks: tuple[str, ...], as_json: bool) -> None:
 
 
 def _print_table(findings) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)
+    console = stdout_console()
     styles = {"present": "bold yellow", "absent": "green", "error": "bold red"}
     table = Table(title="cogsurgeon doctor", header_style="bold", show_lines=True)
     for column in ("check", "status", "what the experiment saw", "fix or avoid with"):
         table.add_column(column, overflow="fold")
     for finding in findings:
         status = f"[{styles[finding.status]}]{finding.status}[/]"
-        fix = finding.fix if finding.status != "absent" else f"[dim]{finding.fix}[/dim]"
-        table.add_row(finding.id, status, finding.detail, fix)
+        table.add_row(finding.id, status, finding.detail, finding.fix or "")
     console.print(table)

@@ -131,7 +131,7 @@ class _ByteProgress:
             return
         self.last_draw = now
         self.shown = True
-        sys.stderr.write(f"\rwriting adapter: {done / 2**20:8.1f} / {total / 2**20:.1f} MiB ({100 * done / total:5.1f}%)")
+        sys.stderr.write(f"\rwriting: {done / 2**20:8.1f} / {total / 2**20:.1f} MiB ({100 * done / total:5.1f}%)")
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -140,9 +140,10 @@ class _ByteProgress:
 @lora.command(short_help="Rebuild a checkpoint into an adapter folder PEFT and diffusers load offline.")
 @click.argument("ckpt", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="DIR",
-              help="The adapter folder to create (it must not exist, unless --force).")
+              help="The adapter folder to create (missing parent folders are created); it must not exist, unless --force.")
 @checkpoint_options
-@click.option("--force", is_flag=True, help="Replace DIR if it exists (atomically: the old folder stays until the new one is complete).")
+@click.option("--force", is_flag=True, help="Replace DIR if it is an earlier repair, unchanged (its cogsurgeon-repair.json "
+              "manifest and every hash match), in one atomic swap; any other folder is left alone.")
 @click.option("--to", "to", default="peft,diffusers", show_default=True, metavar="LIST",
               help="Consumers to write for: peft (adapter_config.json + adapter_model.safetensors), diffusers "
                    "(pytorch_lora_weights.safetensors with metadata), comfyui (comfyui_lora.safetensors, kohya keys "
@@ -193,9 +194,10 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, trainer: str | None, st
 def verify(ctx: click.Context, adapter_dir: str, base: str, as_json: bool) -> None:
     """Load the adapter in DIR onto MODEL with PEFT and with diffusers, offline, and check both.
 
-    Reports matched, missing and unexpected modules, the effective scale of each module under each loader,
-    and whether both loads give the same output. Exit 1 on any mismatch (e.g. the silent no-op load: no key
-    matched and lora_B left at zero).
+    Reports matched, missing and unexpected modules, the scale each loader applied (measured from its LoRA
+    layers' outputs), and each loader's output against a reference built from the raw tensors (x·Aᵀ·Bᵀ·α/r added
+    by plain forward hooks). Exit 1 on any mismatch (a loader at another strength; the silent no-op load: no key
+    matched and lora_B left at zero); exit 2 when the LoRA does not fit MODEL (the mismatch is named).
 
     \b
     cogsurgeon lora verify my-adapter --base tiny-i2v
@@ -210,3 +212,29 @@ def verify(ctx: click.Context, adapter_dir: str, base: str, as_json: bool) -> No
         click.echo("\n".join(report.summary_lines()))
     if not report.passed:
         ctx.exit(1)
+
+
+@lora.command(short_help="Fuse LoRAs into a local base's weights; write a diffusers transformer folder.")
+@click.argument("base", type=click.Path(path_type=str))
+@click.argument("loras", nargs=-1, required=True, metavar="LORA[:WEIGHT]...")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="DIR",
+              help="The transformer folder to create (missing parents are created; it must not exist).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def merge(base: str, loras: tuple[str, ...], out_dir: str, as_json: bool) -> None:
+    """Fuse each LORA into BASE at its trained scale times WEIGHT (default 1.0) and write DIR: same dtype and shards
+    as BASE, config copied, streamed tensor by tensor. BASE is a local transformer folder (or a model root with
+    transformer/). A LORA whose lora_alpha is not settled is refused: repair it with --alpha first.
+
+    \b
+    cogsurgeon lora merge /models/CogVideoX-5b/transformer style-adapter detail-adapter:0.5 --out merged
+    """
+    from cogsurgeon.tools.lora.merge import merge_loras, parse_lora_spec
+
+    progress = _ByteProgress()
+    result = merge_loras(base, [parse_lora_spec(text) for text in loras], out_dir, progress=progress)
+    if as_json:
+        print_json(result.to_json())
+        return
+    click.echo(f"wrote {result.out_dir}: {result.fused_modules} weights fused from {len(result.loras)} LoRA(s)")
+    for path in result.files:
+        click.echo(f"  {path}")

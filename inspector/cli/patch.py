@@ -67,11 +67,12 @@ def verify(spec: str, as_json: bool) -> None:
     from cogsurgeon.patches.parameters import parse_patch_spec
     from cogsurgeon.patches.registry import resolve_options
 
-    name, options = parse_patch_spec(spec)
-    options = resolve_options(name, options)  # an unknown name or bad option: one line, exit 2, before loading torch
+    name, given = parse_patch_spec(spec)
+    options = resolve_options(name, given)  # an unknown name or bad option: one line, exit 2, before loading torch
     from cogsurgeon.patches.verify import verify_patch
 
-    result = verify_patch(name, options=options, progress=lambda step: click.echo(f"verifying {step}", err=True))
+    # NAME alone: the patch's representative settings (verify.PARAMETER_SETTINGS); NAME:key=value: exactly those
+    result = verify_patch(name, options=options if given else None, progress=lambda step: click.echo(f"verifying {step}", err=True))
     if as_json:
         print_json(result.to_json())
     else:

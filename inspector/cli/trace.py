@@ -5,11 +5,17 @@ Top-level imports stay light (click only): the CLI imports this module on every 
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
-from cogsurgeon.inspector.cli.output import print_json
+from cogsurgeon.inspector.cli.output import print_json, stdout_console
+
+if TYPE_CHECKING:
+    from cogsurgeon.inspector.trace import AttentionCall
 
 
 def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -25,7 +31,8 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option("--width", default=720, show_default=True, callback=_positive, help="Video width in pixels.")
 @click.option("--batch", default=2, show_default=True, callback=_positive,
               help="The transformer's batch: 2 is one video with classifier-free guidance.")
-@click.option("--all", "show_all", is_flag=True, help="Show every module's shapes, not only the first block's.")
+@click.option("--all", "show_all", is_flag=True,
+              help="Show every attention call and every module's shapes; without it identical blocks are folded.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"sequence", "attention", "modules", "mask_memory", ...} as JSON.')
 def trace(model: str | None, frames: int, height: int, width: int, batch: int, show_all: bool,
@@ -68,25 +75,19 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
 
 def _known_config(model: str | None) -> dict | None:
     """The config of a published or tiny MODEL, read without torch; None for folders and hub ids."""
-    from cogsurgeon.inspector.model_specs import published_config, resolve_spec, tiny_config
+    from cogsurgeon.inspector.model_specs import builtin_config, resolve_spec
 
     resolved = resolve_spec(model)
-    if resolved.kind == "published":
-        return published_config(resolved.spec)
-    if resolved.kind == "tiny":
-        return tiny_config(resolved.spec)
-    return None
+    return builtin_config(resolved.spec) if resolved.kind in ("published", "tiny") else None
 
 
 def _print_tables(result, show_all: bool) -> None:
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from cogsurgeon.inspector.trace import format_bytes, format_shape
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)
+    console = stdout_console()
     sequence, geometry = result.sequence, result.geometry
     console.print(
         f"[bold]{result.model_class}[/bold] at {result.frames}×{result.height}×{result.width}, "
@@ -102,10 +103,14 @@ def _print_tables(result, show_all: bool) -> None:
 
     calls = Table(title=f"{len(result.attention)} attention calls", header_style="bold")
     for column in ("module", "query", "key", "value", "output", "mask", "causal"):
-        calls.add_column(column)
-    for call in result.attention:
+        calls.add_column(column, no_wrap=column == "module")
+    rows = [(call, call.module, 1) for call in result.attention] if show_all else fold_calls(result.attention)
+    for call, name, repeat in rows:
         shapes = (call.query, call.key, call.value, call.output, call.attn_mask)
-        calls.add_row(call.module, *(format_shape(shape) for shape in shapes), "yes" if call.is_causal else "no")
+        label = Text(name)
+        if repeat > 1:
+            label.append(f"  ×{repeat}", style="dim")
+        calls.add_row(label, *(format_shape(shape) for shape in shapes), "yes" if call.is_causal else "no")
     console.print(calls)
 
     memory = Table(title="memory per attention call: a patch's rule as an explicit mask vs the patch",
@@ -118,6 +123,14 @@ def _print_tables(result, show_all: bool) -> None:
                        format_bytes(entry.patch_bytes) if entry.patch_bytes is not None else "no estimate")
     console.print(memory)
 
+    cache = Table(title="KV cache of patches.streaming for this video (K and V of every layer)", header_style="bold")
+    for column in ("chunk", "window", "sink", "bytes"):
+        cache.add_column(column)
+    for entry in result.kv_cache:
+        cache.add_row(str(entry["chunk"]), str(entry["window"] or "none"), str(entry["sink"]),
+                      format_bytes(entry["bytes"]))
+    console.print(cache)
+
     modules = Table(title="module shapes" + ("" if show_all else " (root, embeddings, first block, output; "
                                                                "--all for every module)"), header_style="bold")
     for column in ("module", "inputs", "outputs"):
@@ -127,3 +140,34 @@ def _print_tables(result, show_all: bool) -> None:
             continue
         modules.add_row(name or "(root)", format_shape(shapes.inputs), format_shape(shapes.outputs))
     console.print(modules)
+
+
+_BLOCK_CALL = re.compile(r"^(?P<prefix>.+)\.(?P<index>\d+)\.(?P<rest>[^.]+)$")
+
+
+def fold_calls(calls: list[AttentionCall]) -> list[tuple[AttentionCall, str, int]]:
+    """Runs of calls from consecutive blocks (`transformer_blocks.3.attn1`, `.4.attn1`, ...) with the same shapes
+    as one row `transformer_blocks.(0-41).attn1` standing for `repeat` calls, as `modules` folds its blocks."""
+    runs: list[list[AttentionCall]] = []
+    for call in calls:
+        previous = runs[-1][-1] if runs else None
+        if previous is not None and _follows(previous, call):
+            runs[-1].append(call)
+        else:
+            runs.append([call])
+    rows = []
+    for run in runs:
+        if len(run) == 1:
+            rows.append((run[0], run[0].module, 1))
+            continue
+        first, last = _BLOCK_CALL.match(run[0].module), _BLOCK_CALL.match(run[-1].module)
+        rows.append((run[0], f"{first['prefix']}.({first['index']}-{last['index']}).{first['rest']}", len(run)))
+    return rows
+
+
+def _follows(previous: AttentionCall, call: AttentionCall) -> bool:
+    before, after = _BLOCK_CALL.match(previous.module), _BLOCK_CALL.match(call.module)
+    return (before is not None and after is not None
+            and (before["prefix"], before["rest"]) == (after["prefix"], after["rest"])
+            and int(after["index"]) == int(before["index"]) + 1
+            and dataclasses.replace(call, module=previous.module) == previous)

@@ -24,6 +24,8 @@ class CogsurgeonCommands(Provider):
         commands: list[Command] = [
             ("lora: repair a checkpoint", "inspect, repair and verify a LoRA checkpoint", main.action_open_lora),
             ("model: open…", "a published spec, a tiny model or a local folder", main.action_switch_model),
+            ("plan: GPU memory", "peak GPU memory of inference, a training step or the VAE decode",
+             main.action_open_plan),
         ]
         for spec in known_specs():
             commands.append((f"model: open {spec}", "load it in the background", partial(main.open, spec)))

@@ -81,8 +81,10 @@ def findings_table(report: Any, alpha: float | None = None) -> Table:
         ("format", report.format),
         ("rank", rank),
     ]
-    if chosen is None:
-        rows.append(("lora_alpha", "not settled by the checkpoint: enter it in the lora_alpha field"))
+    if chosen is None:  # several trainers fit: the screen asks, as the CLI does, instead of guessing
+        candidates = ", ".join(f"{c['alpha']:g} ({c['trainer']})" for c in report.alpha_candidates)
+        rows.append(("lora_alpha", Text(f"UNKNOWN: could be {candidates}; type the trained lora_alpha below",
+                                        style="bold yellow")))
     else:
         scale = f", scale {chosen / report.rank:g}" if report.rank else ""
         rows.append(("lora_alpha", f"{chosen:g} from {source}{scale}"))

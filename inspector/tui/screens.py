@@ -107,6 +107,7 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         Binding("e", "open_in_editor", "Open in $EDITOR", id="main.editor", show=False),  # listed by ?
         Binding("c", "copy_location", "Copy file:line", id="main.copy", show=False),
         Binding("question_mark", "help", "Keys", id="main.help"),
+        Binding("g", "open_plan", "GPU memory plan", id="main.plan", show=False),  # listed by ?
     ]
 
     AUTO_FOCUS = "#tree"
@@ -453,6 +454,14 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         from cogsurgeon.inspector.tui.lora_screen import LoraScreen
 
         self.app.push_screen(LoraScreen(base_spec=self.spec))
+
+    def action_open_plan(self) -> None:
+        from cogsurgeon.inspector.geometry import default_video_size
+        from cogsurgeon.inspector.tui.plan_screen import PlanScreen
+
+        model = self.loaded.model if self.loaded is not None else None  # None while a cached preview shows
+        size = default_video_size(model.config) if model is not None else (49, 480, 720)
+        self.app.push_screen(PlanScreen(self.spec, size))
 
 
 class ModelScreen(ModalScreen[str | None]):

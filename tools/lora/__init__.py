@@ -8,7 +8,12 @@ load offline at the trained scale, and verify that folder against a base model.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time the names below resolve on first use
+    from cogsurgeon.tools.lora.checkpoint import LoraCheckpointError, LoraReport, inspect_checkpoint
+    from cogsurgeon.tools.lora.repair import RepairResult, repair_checkpoint
+    from cogsurgeon.tools.lora.verify import AdapterVerifyReport, verify_adapter
 
 _EXPORTS = {
     "inspect_checkpoint": "cogsurgeon.tools.lora.checkpoint",

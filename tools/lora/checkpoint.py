@@ -19,6 +19,7 @@ from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.user_files import (
     UserFileError,
     describe_os_error,
+    expand_user,
     file_kind,
     is_folder,
     is_regular_file,
@@ -274,7 +275,7 @@ def read_checkpoint(
     checkpoint at all; fixable-or-not defects of one that is are listed in `report.problems`."""
     if trainer is not None and trainer not in TRAINERS:
         raise LoraCheckpointError(f"--trainer {trainer}: unknown trainer; known: {', '.join(TRAINERS)}")
-    given = Path(path).expanduser()
+    given = expand_user(path)
     located = locate_checkpoint(given, step=step, latest=latest)
     if located.kind == "sat":
         from cogsurgeon.tools.lora.sat import read_sat_lora  # imports torch
@@ -290,10 +291,13 @@ def read_checkpoint(
     return _assemble(given, located, raw, alpha, trainer)
 
 
-def _classify(entries, metadata: dict[str, str], source_file: Path | None, format_name: str | None,
+RawEntry = tuple[str, str, tuple[int, ...], int, int | None, Callable[[], Any] | None]  # key, dtype, shape, bytes, start, payload
+
+
+def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Path | None, format_name: str | None,
               folder_names: tuple[str, str] = ("", ""), accelerate_state: bool = False,
               peft_config_beside: bool = False) -> RawCheckpoint:
-    """Sort (key, LoraTensor-without-module) entries into LoRA weights (by the key grammar), DoRA and other tensors."""
+    """Sort raw entries into LoRA weights (by the key grammar), DoRA and other tensors, and name the format."""
     raw = RawCheckpoint([], [], [], set(), set(), metadata, "", {}, source_file)
     for key, dtype, shape, nbytes, start, payload in entries:
         parsed = parse_lora_key(key)
@@ -347,8 +351,9 @@ def scalar_value(tensor: LoraTensor, data: bytes) -> float:
     return float(struct.unpack(formats[tensor.dtype], bytes(data))[0])
 
 
-def _metadata_config(metadata: dict[str, str], warnings: list[str], tensor_file: Path) -> dict[str, Any]:
-    """The transformer's LoRA config from diffusers' `lora_adapter_metadata` (keys `transformer.r`, ...)."""
+def _metadata_config(metadata: dict[str, str], problems: list[str], tensor_file: Path) -> dict[str, Any]:
+    """The transformer's LoRA config from diffusers' `lora_adapter_metadata` (keys `transformer.r`, ...); an
+    unreadable one is added to `problems`."""
     raw = metadata.get(METADATA_KEY)
     if raw is None:
         return {}
@@ -357,7 +362,8 @@ def _metadata_config(metadata: dict[str, str], warnings: list[str], tensor_file:
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
-        warnings.append(f"{tensor_file.name}: {METADATA_KEY} is unreadable ({exc}); ignored")
+        problems.append(f"{tensor_file.name}: {METADATA_KEY} is unreadable ({exc}), so the LoRA config it holds is "
+                        "unknown; fix or strip the metadata")
         return {}
     prefixed = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
     return prefixed or {k: v for k, v in config.items() if "." not in k}
@@ -501,7 +507,8 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
     problems.extend(rank_problems)
     rank, rank_pattern = rank_and_pattern(ranks)
 
-    metadata_config = _metadata_config(raw.metadata, warnings, tensor_file)
+    # unreadable metadata that claims to hold the LoRA config is a problem (repair refuses), not a silent default
+    metadata_config = _metadata_config(raw.metadata, problems, tensor_file)
     stored_where = f"{METADATA_KEY} in the file"
     stored_pattern = metadata_config.get("alpha_pattern")
     if not metadata_config and "lora_config" in raw.metadata:

@@ -180,7 +180,7 @@ def detect_format(
     folder_name: str = "",
     prefixes: set[str],
     adapters: set[str | None],
-    metadata_keys: set[str] = frozenset(),  # type: ignore[assignment]
+    metadata_keys: frozenset[str] | set[str] = frozenset(),
     accelerate_state: bool,
     peft_config_beside: bool = False,
 ) -> str:

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.user_files import expand_user
+from cogsurgeon.tools.lora.keys import module_value
 from cogsurgeon.tools.lora.repair import (
     DIFFUSERS_KEY_PREFIX,
     DIFFUSERS_WEIGHTS_NAME,
@@ -114,20 +116,12 @@ class AdapterVerifyReport:
         return lines
 
 
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """A rank_pattern / alpha_pattern lookup as PEFT does it: a key matches a module name ending in it."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def expected_scales(config: dict[str, Any], modules: list[str]) -> dict[str, float]:
     rank, alpha = config["r"], config["lora_alpha"]
     scales = {}
     for module in modules:
-        module_rank = pattern_value(config.get("rank_pattern") or {}, module, rank)
-        module_alpha = pattern_value(config.get("alpha_pattern") or {}, module, alpha)
+        module_rank = module_value(config.get("rank_pattern") or {}, module, rank)
+        module_alpha = module_value(config.get("alpha_pattern") or {}, module, alpha)
         scales[module] = module_alpha / module_rank
     return scales
 
@@ -187,7 +181,7 @@ def _holds_weights(layer: Any, adapter_name: str, weights: dict[str, torch.Tenso
 def forward_inputs(model: torch.nn.Module) -> dict[str, Any]:
     """A small, seeded input the transformer accepts, built as the pipelines build it: the sample size where learned
     positions require it, else one temporal patch of 2x2 spatial patches, so that a real 5B model runs too."""
-    from cogsurgeon.inspector.geometry import VAE_SPATIAL_FACTOR, default_video_size, pipeline_inputs
+    from cogsurgeon.inspector.geometry import VAE_SPATIAL_FACTOR, default_video_size, pipeline_inputs, video_frame_count
 
     config = model.config
     parameter = next(model.parameters())
@@ -195,7 +189,7 @@ def forward_inputs(model: torch.nn.Module) -> dict[str, Any]:
         size = default_video_size(config)
     else:
         side = 2 * config.patch_size * VAE_SPATIAL_FACTOR
-        size = ((config.get("patch_size_t") or 1) - 1) * config.temporal_compression_ratio + 1, side, side
+        size = video_frame_count(config.get("patch_size_t") or 1, config.temporal_compression_ratio), side, side
     return pipeline_inputs(config, size, 1, dtype=parameter.dtype, device=parameter.device, seed=0)
 
 
@@ -303,7 +297,7 @@ def load_with_diffusers(base: torch.nn.Module, adapter_dir: str | Path, adapter_
     config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
     modules = list(_weights_by_module(folder / DIFFUSERS_WEIGHTS_NAME, DIFFUSERS_KEY_PREFIX))
     network_alphas = {
-        f"{DIFFUSERS_KEY_PREFIX}{module}.alpha": float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+        f"{DIFFUSERS_KEY_PREFIX}{module}.alpha": float(module_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
         for module in modules
     }
     base.load_lora_adapter(str(folder), weight_name=DIFFUSERS_WEIGHTS_NAME, prefix="transformer",
@@ -325,21 +319,22 @@ def verify_adapter(
     """Load the adapter folder onto `base_spec` with PEFT and with diffusers and compare (see module docstring).
     `progress(message)` is told each slow stage, once the inputs are known to be good."""
     say = progress or (lambda message: None)
+    from cogsurgeon.inspector.model_specs import resolve_spec
     from cogsurgeon.inspector.offline import enter_offline_mode
 
+    folder = expand_user(adapter_dir)
+    config = read_adapter_folder(folder)  # the inputs first: a wrong folder or MODEL costs no torch import
+    if resolve_spec(base_spec).kind == "published":
+        raise CogsurgeonError(
+            f"{base_spec} loads on the meta device (no weights): verify runs the model, so --base must be tiny, "
+            "tiny-i2v, tiny-1.5, a local model folder or a cached hub id"
+        )
     enter_offline_mode()  # before huggingface_hub is imported below; a no-op when the CLI already did it
     import diffusers
 
     from cogsurgeon.inspector.loading import load_transformer
 
-    folder = Path(adapter_dir).expanduser()
-    config = read_adapter_folder(folder)
     base = load_transformer(base_spec)
-    if any(parameter.is_meta for parameter in base.parameters()):
-        raise CogsurgeonError(
-            f"{base_spec} loads on the meta device (no weights): verify runs the model, so --base must be tiny, "
-            "tiny-i2v, tiny-1.5, a local model folder or a cached hub id"
-        )
     from cogsurgeon.tools.lora.compat import check_fits
 
     misfit = check_fits(dict(base.config), adapter_shapes(folder), base_spec)

@@ -1,0 +1,352 @@
+"""Hostile inputs to the parsers (issue 16 items 6-8): each ends in exit 2 with one line on stderr, no traceback,
+in bounded time (every subprocess has a timeout: a hang fails the test), the input byte-identical and nothing
+written; the inventory cache rebuilds silently instead. Files are crafted byte by byte, as an attacker would."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from conftest import cli_environment
+from lora_helpers import tree_digest
+
+A_KEY = "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"
+B_KEY = "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight"
+TIMEOUT = 60  # seconds; every case here takes about one
+
+
+def cogsurgeon(*args: str, env: dict[str, str] | None = None, stdout=subprocess.PIPE, prefix: tuple[str, ...] = (),
+               timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, "-m", "cogsurgeon.inspector", *args], stdout=stdout,
+                          stderr=subprocess.PIPE, env=cli_environment(env), timeout=timeout)
+
+
+def assert_one_line(result: subprocess.CompletedProcess, expected: str = "") -> None:
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2, (result.returncode, result.stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr and lines[0].startswith("cogsurgeon: error:"), stderr
+    assert expected in lines[0], lines[0]
+
+
+def safetensors_bytes(header: dict | str | bytes, data: bytes = b"") -> bytes:
+    """A file from a header given as an object, as JSON text, or as raw bytes (padded to 8 like safetensors)."""
+    if isinstance(header, dict):
+        header = json.dumps(header)
+    raw = header.encode("utf-8", "surrogatepass") if isinstance(header, str) else header
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def lora_header(a_shape=(4, 8), b_shape=(8, 4), dtype="F32", metadata: dict | None = None) -> tuple[dict, bytes]:
+    a_bytes = 4 * int(np.prod(a_shape))
+    b_bytes = 4 * int(np.prod(b_shape))
+    header: dict = {A_KEY: {"dtype": dtype, "shape": list(a_shape), "data_offsets": [0, a_bytes]},
+                    B_KEY: {"dtype": dtype, "shape": list(b_shape), "data_offsets": [a_bytes, a_bytes + b_bytes]}}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    return header, b"\x01" * (a_bytes + b_bytes)
+
+
+def with_metadata(config: dict) -> bytes:
+    """A diffusers >= 0.34 file whose lora_adapter_metadata holds `config` (values as JSON text, NaN allowed)."""
+    text = "{" + ", ".join(f'"transformer.{k}": {v}' for k, v in config.items()) + "}"
+    header, data = lora_header(metadata={"format": "pt", "lora_adapter_metadata": text})
+    return safetensors_bytes(header, data)
+
+
+def entry_with(field: str, value_json: str) -> bytes:
+    """The A tensor's `field` replaced by raw JSON text (so Infinity, 1e3 and friends survive as written)."""
+    header, data = lora_header()
+    text = json.dumps(header)
+    original = json.dumps(header[A_KEY][field])
+    return safetensors_bytes(text.replace(f'"{field}": {original}', f'"{field}": {value_json}', 1), data)
+
+
+# (name, file bytes, words the one line must hold) for `lora repair FILE --out DIR` (and inspect where it applies)
+DEPTH = 100_000
+CRAFTED: list[tuple[str, bytes, str]] = [
+    # item 6: what loaders reject or misread
+    ("zero-rank", safetensors_bytes(*lora_header((0, 8), (8, 0))), "not a positive integer"),
+    ("negative-shape", entry_with("shape", "[-4, 8]"), "shape"),
+    ("lone-surrogate-key", safetensors_bytes(json.dumps(lora_header()[0]).replace(
+        "to_q.lora_A", "to_q\\ud800.lora_A"), lora_header()[1]), "surrogate"),
+    ("alpha-nan", with_metadata({"r": 4, "lora_alpha": "NaN"}), "lora_alpha"),
+    ("alpha-infinity", with_metadata({"r": 4, "lora_alpha": "Infinity"}), "lora_alpha"),
+    ("alpha-negative", with_metadata({"r": 4, "lora_alpha": "-8"}), "lora_alpha"),
+    ("alpha-zero", with_metadata({"r": 4, "lora_alpha": "0"}), "lora_alpha"),
+    ("alpha-boolean", with_metadata({"r": 4, "lora_alpha": "true"}), "lora_alpha"),
+    ("alpha-401-digits", with_metadata({"r": 4, "lora_alpha": "9" * 401}), "lora_alpha"),
+    ("alpha-pattern-string-values", with_metadata({"r": 4, "lora_alpha": "8", "alpha_pattern": '{"x": "big"}'}),
+     "alpha_pattern"),
+    ("alpha-pattern-a-list", with_metadata({"r": 4, "lora_alpha": "8", "alpha_pattern": "[1, 2]"}), "alpha_pattern"),
+    ("shape-strings", entry_with("shape", '["4", "8"]'), "shape"),
+    ("shape-floats", entry_with("shape", "[4.0, 8.0]"), "shape"),
+    ("offsets-floats", entry_with("data_offsets", "[0.0, 128.0]"), "data_offsets"),
+    ("offsets-strings", entry_with("data_offsets", '["0", "128"]'), "data_offsets"),
+    ("byte-order-mark", safetensors_bytes(b"\xef\xbb\xbf" + json.dumps(lora_header()[0]).encode(), lora_header()[1]),
+     "byte-order mark"),
+    ("header-over-100-MB", struct.pack("<Q", 100_000_001) + b"{}" + b" " * 6, "limit"),
+    # item 7: what crashed the parsers
+    ("dtype-a-list", entry_with("dtype", '["F32"]'), "dtype"),
+    ("dtype-a-dict", entry_with("dtype", '{"F32": 1}'), "dtype"),
+    ("shape-infinity", entry_with("shape", "[Infinity, 8]"), "not valid JSON"),
+    ("offsets-infinity", entry_with("data_offsets", "[0, Infinity]"), "not valid JSON"),
+    ("nested-header", safetensors_bytes("[" * DEPTH + "]" * DEPTH), "not valid JSON"),
+    # item 8: a huge repeated shape (its element count overflows 64 bits long before the end)
+    ("huge-repeated-shape", entry_with("shape", "[" + ", ".join(["4294967296"] * 100_000) + "]"), "overflows"),
+]
+
+
+@pytest.mark.parametrize("name, content, expected", CRAFTED, ids=[case[0] for case in CRAFTED])
+def test_crafted_lora_files_are_refused_in_one_line(tmp_path, name, content, expected):
+    source = tmp_path / "input"
+    source.mkdir()
+    (source / "pytorch_lora_weights.safetensors").write_bytes(content)
+    before = tree_digest(source)
+    result = cogsurgeon("lora", "repair", str(source), "--out", str(tmp_path / "out"), "--alpha", "8")
+    assert_one_line(result, expected)
+    assert result.stdout == b""
+    assert tree_digest(source) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input"]
+
+
+def test_nested_metadata_is_one_line(tmp_path):
+    """A lora_adapter_metadata nested 100,000 deep: inspect lists it as a problem, repair refuses in one line."""
+    header, data = lora_header(metadata={"lora_adapter_metadata": "[" * DEPTH + "]" * DEPTH})
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    path.write_bytes(safetensors_bytes(header, data))
+    inspected = cogsurgeon("lora", "inspect", str(path), "--json", "--alpha", "8")
+    assert inspected.returncode == 0 and b"Traceback" not in inspected.stderr, inspected.stderr
+    assert any("nested too deeply" in problem for problem in json.loads(inspected.stdout)["problems"])
+    assert_one_line(cogsurgeon("lora", "repair", str(path), "--out", str(tmp_path / "out"), "--alpha", "8"),
+                    "nested too deeply")
+    assert not (tmp_path / "out").exists()
+
+
+def valid_checkpoint(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    header, data = lora_header()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(safetensors_bytes(header, data))
+    return folder
+
+
+def symlink_loop(tmp: Path) -> Path:
+    (tmp / "loop").symlink_to(tmp / "loop")
+    return tmp / "loop"
+
+
+def long_name(tmp: Path) -> Path:
+    return tmp / ("x" * 300 + ".safetensors")
+
+
+def undecodable_name(tmp: Path) -> Path:
+    name = os.fsdecode(b"lora-\xff\xfe.safetensors")  # a name from a non-UTF-8 file system
+    (tmp / name).write_bytes(b"not safetensors at all")
+    return tmp / name
+
+
+def fifo_in_folder(tmp: Path) -> Path:
+    folder = tmp / "ckpt"
+    folder.mkdir()
+    os.mkfifo(folder / "lora.safetensors")  # no writer: opening it for reading blocks forever
+    return folder
+
+
+def fifo_itself(tmp: Path) -> Path:
+    os.mkfifo(tmp / "pytorch_lora_weights.safetensors")
+    return tmp / "pytorch_lora_weights.safetensors"
+
+
+def sat_iteration_superscript(tmp: Path) -> Path:
+    (tmp / "sat" / "²").mkdir(parents=True)
+    (tmp / "sat" / "²" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    return tmp / "sat"
+
+
+def sat_latest_not_utf8(tmp: Path) -> Path:
+    (tmp / "sat").mkdir()
+    (tmp / "sat" / "latest").write_bytes(b"\xff\xfe1000")
+    return tmp / "sat"
+
+
+def yaml_alias_bomb(tmp: Path) -> Path:
+    folder = valid_checkpoint(tmp / "ckpt")
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 12)]
+    (folder / "training_config.yaml").write_text("\n".join(lines) + "\n")  # 9**12 strings if expanded
+    return folder
+
+
+# (name, make CKPT, extra arguments, words the one line must hold)
+HOSTILE_PATHS = [
+    ("symlink-loop", symlink_loop, "symlink loop"),
+    ("name-over-255", long_name, "name too long"),
+    ("no-such-user", lambda tmp: Path("~nosuchuser-cogsurgeon/lora.safetensors"), "cannot expand"),
+    ("undecodable-name", undecodable_name, "not a safetensors file"),
+    ("fifo-in-a-folder", fifo_in_folder, "holds no LoRA checkpoint"),
+    ("fifo-itself", fifo_itself, "FIFO"),
+    ("sat-iteration-superscript", sat_iteration_superscript, "holds no LoRA checkpoint"),
+    ("sat-latest-not-utf8", sat_latest_not_utf8, "holds no LoRA checkpoint"),
+]
+
+
+@pytest.mark.parametrize("name, make, expected", HOSTILE_PATHS, ids=[case[0] for case in HOSTILE_PATHS])
+def test_hostile_paths_are_one_line_and_never_hang(tmp_path, name, make, expected):
+    checkpoint = make(tmp_path)
+    for command in (["lora", "inspect", str(checkpoint)],
+                    ["lora", "repair", str(checkpoint), "--out", str(tmp_path / "out"), "--alpha", "8"]):
+        assert_one_line(cogsurgeon(*command), expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_yaml_alias_bomb_is_refused_not_expanded(tmp_path):
+    checkpoint = yaml_alias_bomb(tmp_path)
+    result = cogsurgeon("lora", "inspect", str(checkpoint), "--json")
+    stderr = result.stderr.decode()
+    assert "aliases" in stderr and "Traceback" not in stderr, stderr
+    assert result.returncode in (0, 2)  # the config is ignored with a warning; the alpha question stands alone
+
+
+def test_permission_errors_are_one_line(tmp_path):
+    checkpoint = valid_checkpoint(tmp_path / "private" / "ckpt")
+    # root reads everything: without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (setpriv), it obeys modes as users do
+    prefix = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search") if os.geteuid() == 0 else ()
+    (tmp_path / "private").chmod(0o000)
+    try:
+        results = [cogsurgeon("lora", "inspect", str(checkpoint), prefix=prefix),
+                   cogsurgeon("lora", "repair", str(checkpoint), "--out", str(tmp_path / "out"), "--alpha", "8",
+                              prefix=prefix)]
+    finally:
+        (tmp_path / "private").chmod(0o700)
+    for result in results:
+        assert_one_line(result, "permission denied")
+    assert not (tmp_path / "out").exists()
+
+
+def test_stdout_on_a_full_device_is_one_line(tmp_path):
+    checkpoint = valid_checkpoint(tmp_path / "ckpt")
+    with open("/dev/full", "w") as full:
+        result = cogsurgeon("lora", "inspect", str(checkpoint), "--json", "--alpha", "8", stdout=full)
+    assert_one_line(result, "no space left")
+
+
+# ---------------------------------------------------------------- model folders (inspector/loading.py)
+
+
+def model_folder(tmp: Path, **config_changes) -> Path:
+    from cogsurgeon.inspector.model_specs import tiny_config
+
+    folder = tmp / "model"
+    folder.mkdir()
+    config = {**tiny_config("tiny"), "_class_name": "CogVideoXTransformer3DModel", **config_changes}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({"proj_out.weight": np.zeros((4, 4), np.float32)}, str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder
+
+
+def nested_config(tmp: Path) -> Path:
+    folder = model_folder(tmp)
+    (folder / "config.json").write_text("[" * DEPTH + "]" * DEPTH)
+    return folder
+
+
+def nested_shard_index(tmp: Path) -> Path:
+    folder = model_folder(tmp)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": ' + "[" * DEPTH + "]" * DEPTH + "}")
+    return folder
+
+
+def fifo_shard(tmp: Path) -> Path:
+    folder = model_folder(tmp)
+    os.mkfifo(folder / "shard-1.safetensors")
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"proj_out.weight": "shard-1.safetensors"}}))
+    return folder
+
+
+MODEL_FOLDERS = [
+    ("num-layers-1e6", lambda tmp: model_folder(tmp, num_layers=1e6), "num_layers is 1000000.0"),
+    ("num-layers-a-million", lambda tmp: model_folder(tmp, num_layers=1_000_000), "1,000,000 blocks"),
+    ("heads-huge", lambda tmp: model_folder(tmp, num_attention_heads=100_000, attention_head_dim=4096), "parameters"),
+    ("nested-config", nested_config, "nested too deeply"),
+    ("nested-shard-index", nested_shard_index, "nested too deeply"),
+    ("fifo-shard", fifo_shard, "FIFO"),
+]
+
+
+@pytest.mark.parametrize("name, make, expected", MODEL_FOLDERS, ids=[case[0] for case in MODEL_FOLDERS])
+def test_hostile_model_folders_are_one_line_and_never_hang(tmp_path, name, make, expected):
+    folder = make(tmp_path)
+    before = tree_digest(folder) if name != "fifo-shard" else None
+    assert_one_line(cogsurgeon("modules", str(folder)), expected)
+    if before is not None:
+        assert tree_digest(folder) == before
+
+
+def test_a_non_utf8_refs_main_is_not_a_crash(tmp_path):
+    repo = tmp_path / "hub" / "models--org--cogvideox"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_bytes(b"\xff\xfe\x00binary")
+    result = cogsurgeon("modules", "org/cogvideox", env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert_one_line(result, "not in the local Hugging Face cache")
+
+
+# ---------------------------------------------------------------- the inventory cache: rebuild, never crash or hang
+
+
+CACHE_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+from cogsurgeon.inspector import inventory_cache
+
+entry = inventory_cache._entry_path("cogvideox-2b", None)
+entry.parent.mkdir(parents=True, exist_ok=True)
+kind = sys.argv[1]
+if kind == "dev-zero":
+    entry.symlink_to("/dev/zero")
+elif kind == "fifo":
+    os.mkfifo(entry)
+elif kind == "nested":
+    entry.write_text("[" * 100000 + "]" * 100000)
+elif kind == "wrong-row-types":
+    entry.write_text(json.dumps({"source_stamps": {}, "modules": [{"name": 1, "class_name": [], "class_module": {},
+        "file": None, "line": "x", "own_params": "many", "params": None, "dtype": None, "device": None,
+        "processor": None}]}))
+elif kind == "rows-not-objects":
+    entry.write_text(json.dumps({"source_stamps": {}, "modules": [[1, 2, 3], "row"]}))
+elif kind == "stamps-wrong-types":
+    entry.write_text(json.dumps({"source_stamps": {"1": "x"}, "modules": []}))
+print("rebuild" if inventory_cache.load_cached_inventory("cogvideox-2b") is None else "used")
+"""
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "nested", "wrong-row-types", "rows-not-objects",
+                                  "stamps-wrong-types"])
+def test_a_hostile_cache_entry_is_rebuilt_silently(tmp_path, kind):
+    result = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, kind], capture_output=True, text=True,
+                            env=cli_environment({"COGSURGEON_CACHE_DIR": str(tmp_path)}), timeout=TIMEOUT * 3)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "rebuild" and result.stderr == ""  # None: the caller rebuilds the entry
+
+
+def test_a_directory_as_cache_entry_leaves_no_temporary_files(tmp_path, monkeypatch):
+    from cogsurgeon.inspector import inventory_cache
+    from cogsurgeon.inspector.inventory import ModuleInfo
+
+    monkeypatch.setenv("COGSURGEON_CACHE_DIR", str(tmp_path))
+    entry = inventory_cache._entry_path("cogvideox-2b", None)
+    entry.mkdir(parents=True)
+    infos = [ModuleInfo(name="", class_name="CogVideoXTransformer3DModel", class_module="diffusers", file=None,
+                        line=None, own_params=0, params=0, dtype=None, device=None, processor=None)]
+    for _ in range(3):
+        inventory_cache.store_inventory("cogvideox-2b", None, infos)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [entry.name]

@@ -1,0 +1,227 @@
+"""Block-causal (with windows and sinks) and window attention in `patches.attention`, against masks written from the
+definitions in `patches.reference`: fixed cases, then property-based over random layouts, parameters and key masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cogsurgeon.patches.attention import (
+    BlockCausal,
+    QuerySegment,
+    WindowAttention,
+    attend_segments,
+    chunk_bounds,
+    packed_sequences,
+    plan_attention,
+    prefix_can_roll,
+    run_plan,
+    structure_segments,
+)
+from cogsurgeon.patches.errors import PatchParameterError
+from cogsurgeon.inspector.geometry import FrameLayout
+from cogsurgeon.patches.reference import (
+    block_causal_mask,
+    chunk_of_token,
+    combine_masks,
+    frame_causal_mask,
+    full_attention_mask,
+    reference_attention,
+    window_attention_mask,
+)
+
+HEADS, HEAD_DIM = 2, 4
+
+
+def reference_mask_of(pattern, layout: FrameLayout) -> torch.Tensor:
+    if isinstance(pattern, BlockCausal):
+        return block_causal_mask(layout, pattern.chunk, pattern.window, pattern.sink)
+    return window_attention_mask(layout, pattern.window, pattern.chunk, pattern.text_sees_video)
+
+
+def random_qkv(batch: int, length: int, seed: int, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, HEADS, length, HEAD_DIM, generator=generator, dtype=dtype) for _ in range(3)]
+
+
+def check_against_reference(pattern, layout, user_mask=None, batch=2, keys_writable=False, seed=0, atol=1e-10):
+    query, key, value = random_qkv(batch, layout.sequence_length, seed)
+    user = full_attention_mask(user_mask, layout) if user_mask is not None else None
+    expected = reference_attention(query, key, value, combine_masks(reference_mask_of(pattern, layout), user))
+    plan = plan_attention(pattern, layout, user_mask, batch=batch, heads=HEADS, device=query.device, dtype=query.dtype)
+    actual = run_plan(plan, query, key.clone(), value.clone(), keys_writable=keys_writable)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
+
+
+# -- the definitions ---------------------------------------------------------------------------------------------
+
+
+def test_chunks_follow_the_definition():
+    layout = FrameLayout(text_tokens=2, frames=5, tokens_per_frame=2)
+    assert chunk_of_token(layout, 2).tolist() == [-1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert chunk_bounds(layout, 2) == [2, 6, 10, 12]  # the last chunk holds one frame
+    assert chunk_bounds(layout, 5) == [2, 12]
+
+
+def test_frame_causal_is_block_causal_with_chunks_of_one_frame():
+    layout = FrameLayout(text_tokens=3, frames=4, tokens_per_frame=2)
+    assert torch.equal(block_causal_mask(layout, chunk=1), frame_causal_mask(layout))
+    assert structure_segments("frame-causal", layout) == structure_segments(BlockCausal(chunk=1), layout)
+
+
+def test_window_and_sink_by_hand():
+    layout = FrameLayout(text_tokens=1, frames=6, tokens_per_frame=1)  # token 1 + f is frame f
+    mask = block_causal_mask(layout, chunk=1, window=2, sink=1)
+    assert mask[1 + 5].tolist() == [True, True, False, False, False, True, True]  # text, sink 0, frames 4 and 5
+    assert mask[0].tolist() == [True] + [False] * 6  # text sees text only
+    local = window_attention_mask(layout, window=2)
+    assert local[1 + 3].tolist() == [True, False, False, True, True, True, False]  # text, frames 2..4
+    assert window_attention_mask(layout, window=2, text_sees_video=True)[0].all()
+
+
+def test_segments_are_a_prefix_and_a_window():
+    layout = FrameLayout(text_tokens=2, frames=6, tokens_per_frame=3)  # frame f starts at 2 + 3f
+    segments = structure_segments(BlockCausal(chunk=2, window=1, sink=1), layout)
+    assert segments == (
+        QuerySegment(0, 2, 2),
+        QuerySegment(2, 8, 8),  # chunk 0 sees text and itself
+        QuerySegment(8, 14, 14),  # chunk 1: sink 0 and window [1] touch: one prefix
+        QuerySegment(14, 20, 20, key_start=14, prefix_end=8),  # chunk 2: [text ; sink 0] + [chunk 2]
+    )
+    assert prefix_can_roll(segments)
+    local = structure_segments(WindowAttention(window=2), FrameLayout(text_tokens=2, frames=3, tokens_per_frame=1))
+    assert local == (
+        QuerySegment(0, 2, 2),
+        QuerySegment(2, 3, 4),
+        QuerySegment(3, 4, 5),
+        QuerySegment(4, 5, 5, key_start=3, prefix_end=2),
+    )
+
+
+@pytest.mark.parametrize(
+    "make, parameter",
+    [
+        (lambda: BlockCausal(chunk=0), "chunk"),
+        (lambda: BlockCausal(chunk=1.5), "chunk"),
+        (lambda: BlockCausal(window=0), "window"),
+        (lambda: BlockCausal(window=2, sink=3), "sink"),
+        (lambda: BlockCausal(sink=-1), "sink"),
+        (lambda: WindowAttention(window=0), "window"),
+        (lambda: WindowAttention(window=2, chunk=True), "chunk"),
+        (lambda: WindowAttention(window=2, text_sees_video="yes"), "text_sees_video"),
+    ],
+)
+def test_invalid_parameters_name_the_parameter(make, parameter):
+    with pytest.raises(PatchParameterError, match=parameter) as caught:
+        make()
+    assert caught.value.parameter == parameter
+
+
+# -- the issue's grid, every mask form of the attention-mask patch, both key-handling paths ------------------------
+
+GRID = [
+    BlockCausal(chunk, window, sink)
+    for chunk in (1, 2, 3)
+    for window in (None, 1, 3)
+    for sink in (0, 1)
+] + [WindowAttention(window, chunk, text_sees) for window in (1, 3) for chunk in (1, 2) for text_sees in (False, True)]
+
+
+@pytest.mark.parametrize("keys_writable", [False, True], ids=["concatenate", "move-in-place"])
+@pytest.mark.parametrize("pattern", GRID, ids=repr)
+def test_every_pattern_of_the_grid_matches_its_reference_mask(pattern, keys_writable):
+    layout = FrameLayout(text_tokens=3, frames=7, tokens_per_frame=2)
+    check_against_reference(pattern, layout, keys_writable=keys_writable)
+    text_keep = torch.ones(2, 3, dtype=torch.bool)
+    text_keep[0, 1:] = False
+    check_against_reference(pattern, layout, text_keep, keys_writable=keys_writable)
+
+
+def test_moving_the_prefix_in_place_writes_into_the_keys_given():
+    layout = FrameLayout(text_tokens=2, frames=6, tokens_per_frame=2)
+    pattern = BlockCausal(chunk=1, window=2, sink=1)
+    query, key, value = random_qkv(1, layout.sequence_length, 0)
+    segments = structure_segments(pattern, layout)
+    untouched = key.clone()
+    concatenated = attend_segments(query, key, value, segments, keys_writable=False)
+    assert torch.equal(key, untouched)
+    moved = attend_segments(query, key, value, segments, keys_writable=True)
+    assert not torch.equal(key, untouched)  # the prefix now sits before the last window
+    torch.testing.assert_close(moved, concatenated, rtol=0, atol=1e-12)
+
+
+# -- properties --------------------------------------------------------------------------------------------------
+
+layouts = st.builds(
+    FrameLayout,
+    text_tokens=st.integers(0, 5),
+    frames=st.integers(1, 8),
+    tokens_per_frame=st.integers(1, 3),
+)
+
+
+@st.composite
+def patterns(draw):
+    chunk = draw(st.integers(1, 4))
+    if draw(st.booleans()):
+        window = draw(st.none() | st.integers(1, 5))
+        sink = draw(st.integers(0, window if window is not None else 3))
+        return BlockCausal(chunk, window, sink)
+    return WindowAttention(draw(st.integers(1, 5)), chunk, draw(st.booleans()))
+
+
+@st.composite
+def key_masks(draw, layout: FrameLayout, batch: int):
+    kind = draw(st.sampled_from(["none", "text", "keys"]))
+    if kind == "none":
+        return None
+    width = layout.text_tokens if kind == "text" else layout.sequence_length
+    if width == 0:
+        return None
+    bits = draw(st.lists(st.booleans(), min_size=batch * width, max_size=batch * width))
+    return torch.tensor(bits).view(batch, width)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), layout=layouts, pattern=patterns(), keys_writable=st.booleans())
+def test_property_planned_attention_equals_the_reference_mask(data, layout, pattern, keys_writable):
+    user_mask = data.draw(key_masks(layout, 2))
+    check_against_reference(pattern, layout, user_mask, keys_writable=keys_writable)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=layouts, pattern=patterns())
+def test_property_fp32_within_the_issue_tolerance(layout, pattern):
+    query, key, value = random_qkv(2, layout.sequence_length, 1, dtype=torch.float32)
+    expected = reference_attention(query, key, value, reference_mask_of(pattern, layout))
+    plan = plan_attention(pattern, layout, None, batch=2, heads=HEADS, device=query.device, dtype=query.dtype)
+    assert (run_plan(plan, query, key, value, keys_writable=True) - expected).abs().max() <= 1e-4
+
+
+def emulate_packed(query, key, value, packed):
+    """What a varlen flash call computes from the descriptors, in plain torch over the `(B*H*L, D)` views."""
+    flat_query, flat_key, flat_value = (t.reshape(-1, t.shape[-1]) for t in (query, key, value))
+    output = torch.zeros_like(flat_query)
+    for s, key_start in enumerate(packed.key_starts):
+        rows = slice(packed.query_offsets[s], packed.query_offsets[s + 1])
+        keys = slice(key_start, key_start + packed.key_lengths[s])
+        if packed.key_lengths[s]:
+            output[rows] = reference_attention(flat_query[rows], flat_key[keys], flat_value[keys], None)
+    return output.view_as(query)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=layouts, pattern=patterns())
+def test_property_packed_descriptors_compute_the_rule(layout, pattern):
+    segments = structure_segments(pattern, layout)
+    query, key, value = random_qkv(2, layout.sequence_length, 2)
+    packed = packed_sequences(segments, 2 * HEADS, layout.sequence_length, layout.sequence_length)
+    if any(segment.two_ranges for segment in segments):
+        assert packed is None  # two key ranges do not pack: one SDPA per segment instead
+        return
+    assert packed is not None
+    assert packed.max_query >= max(segment.length for segment in segments)
+    expected = reference_attention(query, key, value, reference_mask_of(pattern, layout))
+    torch.testing.assert_close(emulate_packed(query, key, value, packed), expected, rtol=0, atol=1e-10)

@@ -1,0 +1,215 @@
+"""Every code block of README.md runs as written.
+
+The blocks are found generically (any fenced block, any section, whoever added it):
+
+- ```python blocks run one by one, each in a fresh interpreter, so each must be complete on its own;
+- ```bash blocks run line by line (a line ending in `\\` continues), each line one command through `bash` with the
+  venv active (its bin first on PATH, as `. .venv/bin/activate` does), and must exit 0;
+- blocks of any other language, or none (the layout tree), are not code and are not run.
+
+Everything runs in one folder laid out as a reader's would be (`readme_world`): a saved model `./my-finetune`, a
+CogVideo trainer's LoRA checkpoint `out/checkpoint-500`, a base model root `./CogVideoX-5b-I2V`, a second repaired
+adapter `other-adapter` and the scripts `test.py` and `train.py`, all made from the tiny models, so that commands
+naming them run for real on a CPU; the commands of one block run in order (a repair before the verify of its
+output). Commands that name published models run on them as written (meta device). A snippet that needs another
+file: add it to `readme_world`.
+
+Not runnable? Say why, in one of two ways:
+- put `<!-- no-test: REASON -->` on the line just before the block's opening fence (the whole block is skipped);
+- or, for one command of a bash block, add its exact line to `SKIPPED_COMMANDS` below with the reason.
+Both show up as skips with that reason; a `SKIPPED_COMMANDS` entry that no longer matches a README line fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+NO_TEST = re.compile(r"<!--\s*no-test:\s*(?P<reason>.+?)\s*-->")
+FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<language>[\w+-]*)\s*$")
+
+SKIPPED_COMMANDS = {
+    "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e . && .venv/bin/cogsurgeon":
+        "set-up: makes a venv and installs from PyPI (this suite already runs in one), then opens the TUI",
+    'python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ".[test]" && .venv/bin/python -m pytest':
+        "set-up: makes a venv and installs from PyPI, then runs this very suite",
+    ". .venv/bin/activate":
+        "set-up: every command here already runs with the venv's bin first on PATH, which is what it does",
+    "cogsurgeon run --patch frame-causal-attention -- torchrun --nproc_per_node 2 train.py":
+        "a two-process launch, slow on a CPU; torchrun under run is tests/test_patches_cli.py::"
+        "test_run_patches_every_rank_of_a_torchrun_launch",
+}
+
+
+@dataclass(frozen=True)
+class Snippet:
+    language: str
+    line: int  # 1-based line of the code in README.md
+    code: str
+    skip_reason: str | None
+
+    @property
+    def label(self) -> str:
+        first = self.code.strip().splitlines()[0] if self.code.strip() else ""
+        return f"README.md:{self.line} {first[:60]}"
+
+
+def fenced_blocks(text: str) -> list[Snippet]:
+    """Every fenced block: its language, first line of code, code, and the reason of a `no-test` comment on the
+    line before its opening fence."""
+    lines = text.splitlines()
+    blocks: list[Snippet] = []
+    index = 0
+    while index < len(lines):
+        opening = FENCE.match(lines[index])
+        if not opening:
+            index += 1
+            continue
+        fence = opening["fence"]
+        end = index + 1
+        while end < len(lines) and not lines[end].strip().startswith(fence):
+            end += 1
+        previous = lines[index - 1] if index else ""
+        marker = NO_TEST.search(previous)
+        blocks.append(Snippet(opening["language"].lower(), index + 2, "\n".join(lines[index + 1 : end]) + "\n",
+                              marker["reason"] if marker else None))
+        index = end + 1
+    return blocks
+
+
+def bash_commands(snippet: Snippet) -> list[tuple[int, str]]:
+    """(README line, command) for each command of a bash block; `\\` at a line end continues the command."""
+    commands: list[tuple[int, str]] = []
+    pending: list[str] = []
+    start = snippet.line
+    for offset, line in enumerate(snippet.code.splitlines()):
+        if not pending:
+            start = snippet.line + offset
+        if line.rstrip().endswith("\\"):
+            pending.append(line.rstrip()[:-1])
+            continue
+        command = " ".join([*pending, line]) if pending else line
+        pending = []
+        if command.strip() and not command.strip().startswith("#"):
+            commands.append((start, command.strip()))
+    return commands
+
+
+SNIPPETS = fenced_blocks(README.read_text(encoding="utf-8"))
+PYTHON = [snippet for snippet in SNIPPETS if snippet.language in ("python", "py")]
+BASH = [(snippet, line, command) for snippet in SNIPPETS if snippet.language in ("bash", "sh", "shell", "console")
+        for line, command in bash_commands(snippet)]
+
+
+def test_the_readme_has_code_and_every_listed_skip_still_names_a_readme_line():
+    assert PYTHON and BASH
+    readme_lines = {command for _, _, command in BASH}
+    assert not [command for command in SKIPPED_COMMANDS if command not in readme_lines]
+
+
+def test_a_no_test_comment_marks_the_block_after_it():
+    text = "intro\n<!-- no-test: needs a GPU -->\n```bash\ncogsurgeon plan x\n```\n\n```python\nprint(1)\n```\n"
+    first, second = fenced_blocks(text)
+    assert (first.language, first.line, first.code, first.skip_reason) == ("bash", 4, "cogsurgeon plan x\n",
+                                                                           "needs a GPU")
+    assert (second.language, second.skip_reason) == ("python", None)
+    assert bash_commands(Snippet("bash", 1, "a \\\n  b  # c\n# only a comment\nd\n", None)) == [
+        (1, "a    b  # c"), (4, "d")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reader's folder
+
+TEST_SCRIPT = '''
+"""A user's unchanged script: builds a model and runs it."""
+import torch
+from diffusers import CogVideoXTransformer3DModel
+
+model = CogVideoXTransformer3DModel.from_pretrained("my-finetune")
+with torch.no_grad():
+    output = model(**torch.load("inputs.pt", weights_only=False))[0]
+print("output", tuple(output.shape))
+'''
+
+TRAIN_SCRIPT = '''
+"""A user's unchanged training script: one optimizer step on the model."""
+import torch
+from diffusers import CogVideoXTransformer3DModel
+
+model = CogVideoXTransformer3DModel.from_pretrained("my-finetune").train()
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+output = model(**torch.load("inputs.pt", weights_only=False))[0]
+output.square().mean().backward()
+optimizer.step()
+print("one step")
+'''
+
+
+@pytest.fixture(scope="module")
+def readme_world(tmp_path_factory) -> Path:
+    import torch
+
+    from cogsurgeon.inspector import load_transformer
+    from cogsurgeon.inspector.geometry import default_video_size, pipeline_inputs
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        import lora_trainers
+    finally:
+        sys.path.pop(0)
+
+    world = tmp_path_factory.mktemp("readme")
+    tiny = load_transformer("tiny")
+    tiny.save_pretrained(world / "my-finetune")
+    torch.save(pipeline_inputs(tiny.config, default_video_size(tiny.config), 1, seed=0), world / "inputs.pt")
+    (world / "test.py").write_text(TEST_SCRIPT)
+    (world / "train.py").write_text(TRAIN_SCRIPT)
+    load_transformer("tiny-i2v").save_pretrained(world / "CogVideoX-5b-I2V" / "transformer")  # the base's stand-in
+    lora_trainers.save_cogvideo_finetune(lora_trainers.train("tiny-i2v", 8, 4), world / "out", 500)
+    other = lora_trainers.save_cogvideo_finetune(lora_trainers.train("tiny-i2v", 4, 4, seed=2), world / "other", 100)
+    repaired = subprocess.run(["cogsurgeon", "lora", "repair", str(other), "--alpha", "4", "--out", "other-adapter"],
+                              cwd=world, env=_environment(), capture_output=True, text=True)
+    _check(repaired, "making other-adapter")
+    return world
+
+
+def _environment() -> dict[str, str]:
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
+    environment.update(NO_COLOR="1", COLUMNS="160")
+    return environment
+
+
+def _check(completed: subprocess.CompletedProcess, what: str) -> None:
+    assert completed.returncode == 0, (
+        f"{what} exited {completed.returncode}\n--- stdout\n{completed.stdout[-3000:]}\n--- stderr\n"
+        f"{completed.stderr[-3000:]}")
+
+
+@pytest.mark.parametrize("snippet", PYTHON, ids=[snippet.label for snippet in PYTHON])
+def test_python_snippet_runs(snippet, readme_world, tmp_path):
+    if snippet.skip_reason:
+        pytest.skip(snippet.skip_reason)
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.code)
+    completed = subprocess.run([sys.executable, str(script)], cwd=readme_world, env=_environment(),
+                               capture_output=True, text=True, timeout=600)
+    _check(completed, snippet.label)
+
+
+@pytest.mark.parametrize(("snippet", "line", "command"), BASH,
+                         ids=[f"README.md:{line} {command.strip()[:60]}" for _, line, command in BASH])
+def test_bash_command_runs(snippet, line, command, readme_world):
+    reason = snippet.skip_reason or SKIPPED_COMMANDS.get(command)
+    if reason:
+        pytest.skip(reason)
+    completed = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=readme_world, env=_environment(),
+                               capture_output=True, text=True, timeout=600)
+    _check(completed, f"README.md:{line} {command.strip()}")
