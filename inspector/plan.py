@@ -276,7 +276,8 @@ class MemoryPlan:
         return {
             "peak_bytes": peak.peak_bytes,
             "breakdown": dict(peak.breakdown),
-            "peak_at": f"{peak.phase}: {peak.peak_at}" if peak.peak_at else peak.phase,
+            "peak_at": peak.peak_at,  # the module running (or the backward node) when the peak was reached
+            "peak_phase": peak.phase,
             "fits": self.fits,
             "gpu_memory": self.gpu_memory,
             "suggestions": [suggestion.to_json() for suggestion in self.suggestions],

@@ -52,6 +52,8 @@ DROP_THRESHOLD = -1.0e4
 MAX_SEGMENTS = 64
 # Largest mask chunk the causal + dense-mask path materialises (elements): 64 Mi, not (L, L).
 CHUNK_MASK_ELEMENTS = 1 << 26
+# One packed varlen flash call for one-range plans on CUDA (False: one SDPA call per segment; the bench compares).
+PACKED_FLASH = True
 
 
 def _check_int(parameter: str, value: Any, minimum: int, pattern: str) -> None:
@@ -556,30 +558,64 @@ class PackedSequences:
 
 
 def packed_sequences(
-    segments: tuple[QuerySegment, ...], batch_heads: int, query_length: int, key_length: int
+    segments: tuple[QuerySegment, ...],
+    batch_heads: int,
+    query_length: int,
+    key_length: int,
+    part: Literal["all", "ranges", "prefixes"] = "all",
 ) -> PackedSequences | None:
-    """The descriptors of a plan whose segments tile the queries in order, each with one key range (None otherwise).
-    A segment that sees no key stays a sequence of zero keys (flash writes zeros for it)."""
-    if any(segment.causal or segment.two_ranges for segment in segments):
+    """The descriptors of a plan whose segments tile the queries in order (None otherwise). `all`: each segment with
+    its one key range (None if one has two). With two-range segments the plan runs as two calls merged by their
+    log-sum-exp: `ranges` gives each segment its last range (`[key_start, key_end)`, or its one prefix), `prefixes`
+    gives the two-range segments their prefix `[0, prefix_end)` and the others zero keys. A sequence of zero keys is
+    allowed (flash writes zeros and an infinite log-sum-exp for it)."""
+    if any(segment.causal for segment in segments):
+        return None
+    if part == "all" and any(segment.two_ranges for segment in segments):
         return None
     if [segment.query_start for segment in segments[1:]] != [segment.query_end for segment in segments[:-1]]:
         return None
     if not segments or segments[0].query_start != 0 or segments[-1].query_end != query_length:
         return None
+    ranges = []
+    for segment in segments:
+        if part == "prefixes":
+            ranges.append((0, segment.prefix_end if segment.two_ranges else 0))
+        else:
+            ranges.append((segment.key_start, segment.key_end))
     query_offsets, key_starts, key_lengths = [], [], []
     for item in range(batch_heads):
-        for segment in segments:
+        for segment, (start, end) in zip(segments, ranges):
             query_offsets.append(item * query_length + segment.query_start)
-            key_starts.append(item * key_length)
-            key_lengths.append(segment.key_end)
+            key_starts.append(item * key_length + start)
+            key_lengths.append(end - start)
     query_offsets.append(batch_heads * query_length)
     return PackedSequences(
         query_offsets,
         key_starts,
         key_lengths,
         max(segment.length for segment in segments),
-        max(max(segment.key_end for segment in segments), 1),
+        max(max(end - start for start, end in ranges), 1),
     )
+
+
+def merge_by_log_sum_exp(
+    output: torch.Tensor, log_sum_exp: torch.Tensor, other: torch.Tensor, other_log_sum_exp: torch.Tensor
+) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets from each one's output `(..., D)` and log-sum-exp `(...)`,
+    written into `output`. An empty key set has output 0 and log-sum-exp +inf (flash's convention) or -inf."""
+
+    def weightless(lse: torch.Tensor) -> torch.Tensor:
+        return lse.masked_fill(torch.isinf(lse), float("-inf"))
+
+    dtype = torch.promote_types(log_sum_exp.dtype, torch.float32)
+    first, second = weightless(log_sum_exp.to(dtype)), weightless(other_log_sum_exp.to(dtype))
+    total = torch.logaddexp(first, second)
+    first_weight = torch.nan_to_num(torch.exp(first - total))  # both empty: -inf - -inf = nan -> 0
+    second_weight = torch.nan_to_num(torch.exp(second - total))
+    output.mul_(first_weight[..., None].to(output.dtype))
+    output.addcmul_(other, second_weight[..., None].to(output.dtype))
+    return output
 
 
 # The packed call is a private aten op: it is checked once per device and dtype against one SDPA call per segment
@@ -588,23 +624,26 @@ _packed_flash_checked: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _packed_flash_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Run the packed call once on a small problem (keys of different lengths, item offsets) against SDPA."""
+    """Run the packed calls once on small problems against one SDPA call per segment: keys of different lengths,
+    item offsets, and two-range segments beside one-range ones (zero-key sequences, the log-sum-exp merge)."""
     check = (str(device), dtype)
     if check not in _packed_flash_checked:
-        _packed_flash_checked[check] = True  # so that the check's own call goes through
-        layout = FrameLayout(text_tokens=5, frames=3, tokens_per_frame=70)
-        segments = structure_segments("frame-causal", layout)
+        _packed_flash_checked[check] = True  # so that the check's own calls go through
+        layout = FrameLayout(text_tokens=5, frames=4, tokens_per_frame=70)
         generator = torch.Generator().manual_seed(0)
         query, key, value = (
             torch.randn(2, 3, layout.sequence_length, 64, generator=generator).to(device, dtype) for _ in range(3)
         )
+        works = True
         try:
             with torch.no_grad():
-                packed = _packed_flash(query, key, value, segments)
-                expected = torch.cat(
-                    [_attend_segment(query, key, value, segment, None) for segment in segments], dim=2
-                )
-            works = packed is not None and bool((packed.float() - expected.float()).abs().max() < 0.05)
+                for pattern in ("frame-causal", BlockCausal(chunk=1, window=1, sink=1)):
+                    segments = structure_segments(pattern, layout)
+                    packed = _packed_flash(query, key, value, segments)
+                    expected = torch.cat(
+                        [_attend_segment(query, key, value, segment, None) for segment in segments], dim=2
+                    )
+                    works = works and packed is not None and bool((packed.float() - expected.float()).abs().max() < 0.05)
         except (RuntimeError, TypeError):  # an older torch without seqused_k, or a build without flash
             works = False
         _packed_flash_checked[check] = works
@@ -618,9 +657,10 @@ def _packed_flash_works(device: torch.device, dtype: torch.dtype) -> bool:
 def _packed_flash(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: tuple[QuerySegment, ...]
 ) -> torch.Tensor | None:
-    """All segments (each one key range) of every item and head in one varlen flash-attention call, or None when
-    that does not apply here (CPU, fp32, autograd, flash disabled, non-contiguous q/k/v, two-range segments)."""
-    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+    """All segments of every item and head in one varlen flash-attention call (two, merged by log-sum-exp, when some
+    segments see a prefix and a window), or None when that does not apply here (CPU, fp32, autograd, flash disabled,
+    non-contiguous q/k/v, causal segments)."""
+    if not (PACKED_FLASH and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
         return None
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return None
@@ -632,11 +672,25 @@ def _packed_flash(
     ):
         return None
     batch, heads, query_length, _ = query.shape
-    tensors = _packed_tensors(segments, batch * heads, query_length, key.shape[2], query.device)
-    if tensors is None or not _packed_flash_works(query.device, query.dtype):
+    two_calls = any(segment.two_ranges for segment in segments)
+    parts = ("ranges", "prefixes") if two_calls else ("all",)
+    calls = [_packed_tensors(segments, batch * heads, query_length, key.shape[2], query.device, part) for part in parts]
+    if any(call is None for call in calls) or not _packed_flash_works(query.device, query.dtype):
         return None
-    query_offsets, key_offsets, key_lengths, max_query, max_key = tensors
-    output = torch.ops.aten._flash_attention_forward(
+    results = [_flash_call(query, key, value, call) for call in calls]
+    output, log_sum_exp = results[0]
+    if two_calls:
+        merge_by_log_sum_exp(output, log_sum_exp.view(-1), results[1][0], results[1][1].view(-1))
+    return output.view(batch, heads, query_length, head_dim)
+
+
+def _flash_call(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One varlen flash-attention forward over `(B*H*L, 1, D)` views: output `(B*H*L, D)` and log-sum-exp."""
+    query_offsets, key_offsets, key_lengths, max_query, max_key = call
+    head_dim = query.shape[-1]
+    output, log_sum_exp = torch.ops.aten._flash_attention_forward(
         query.view(-1, 1, head_dim),
         key.view(-1, 1, head_dim),
         value.view(-1, 1, head_dim),
@@ -648,16 +702,21 @@ def _packed_flash(
         False,
         False,
         seqused_k=key_lengths,
-    )[0]
-    return output.view(batch, heads, query_length, head_dim)
+    )[:2]
+    return output.view(-1, head_dim), log_sum_exp
 
 
 @lru_cache(maxsize=16)
 def _packed_tensors(
-    segments: tuple[QuerySegment, ...], batch_heads: int, query_length: int, key_length: int, device: torch.device
+    segments: tuple[QuerySegment, ...],
+    batch_heads: int,
+    query_length: int,
+    key_length: int,
+    device: torch.device,
+    part: str = "all",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
     """The descriptors on the device, made once per plan and size (every layer of a forward reuses them)."""
-    descriptors = packed_sequences(segments, batch_heads, query_length, key_length)
+    descriptors = packed_sequences(segments, batch_heads, query_length, key_length, part)
     if descriptors is None or len(descriptors.key_starts) >= 65535:  # sequences are a grid dimension
         return None
 

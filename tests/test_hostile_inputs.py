@@ -350,3 +350,12 @@ def test_a_directory_as_cache_entry_leaves_no_temporary_files(tmp_path, monkeypa
     for _ in range(3):
         inventory_cache.store_inventory("cogvideox-2b", None, infos)
     assert sorted(p.name for p in tmp_path.iterdir()) == [entry.name]
+
+
+def test_verify_of_a_folder_with_a_nested_adapter_config_is_one_line(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("[" * DEPTH + "]" * DEPTH)
+    for name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
+        (folder / name).write_bytes(b"")
+    assert_one_line(cogsurgeon("lora", "verify", str(folder), "--base", "tiny"), "nested too deeply")

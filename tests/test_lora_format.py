@@ -54,9 +54,12 @@ def test_detect_format_names_the_trainer_table_rows():
     assert detect_format(**transformer, metadata_keys={"format", "lora_adapter_metadata"}) == "diffusers-metadata"
     assert detect_format(**transformer, metadata_keys={"format", "lora_config"}) == "finetrainers"
     unprefixed = {**base, "prefixes": {""}}
-    assert detect_format(**{**unprefixed, "file_name": "adapter_model.safetensors"}) == "cogkit"
+    assert detect_format(**{**unprefixed, "file_name": "adapter_model.safetensors"}, folder_name="checkpoint-500") == "cogkit"
+    # the name alone is not CogKit's layout: anyone can save an unprefixed adapter_model.safetensors
+    assert detect_format(**{**unprefixed, "file_name": "adapter_model.safetensors"}, folder_name="my-lora") == "peft-unprefixed"
     # the same name with PEFT's config beside is a PEFT folder saved without the prefix, not CogKit
-    assert detect_format(**{**unprefixed, "file_name": "adapter_model.safetensors"}, peft_config_beside=True) == "peft-unprefixed"
+    assert detect_format(**{**unprefixed, "file_name": "adapter_model.safetensors"}, folder_name="checkpoint-500",
+                         peft_config_beside=True) == "peft-unprefixed"
     assert detect_format(**{**unprefixed, "file_name": "checkpoint-500.safetensors"}) == "videox-fun"
     assert detect_format(**{**unprefixed, "file_name": "my_lora.safetensors"}) == "peft-unprefixed"
     assert detect_format(**{**base, "prefixes": {"lora_unet_"}}) == "kohya"

@@ -79,7 +79,7 @@ CASES = [
      "diffusers-checkpoint", "flag", {}),
     ("diffusers-script-mixed-ranks", "mixed", lambda t, d: save_cogvideo_checkpoint(t, d / "run", accelerate_state=False),
      6, "diffusers-lora", "flag", MIXED_PATTERN),
-    ("cogkit-file", "uniform", lambda t, d: save_cogkit(t, d / "cogkit") / "adapter_model.safetensors", 6,
+    ("cogkit-file", "uniform", lambda t, d: save_cogkit(t, d / "checkpoint-4") / "adapter_model.safetensors", 6,
      "cogkit", "flag", {}),
     ("adapter-name-with-config", "mixed", lambda t, d: save_with_adapter_name(t, d / "raw", with_config=True), None,
      "peft-adapter-name", "config", MIXED_PATTERN),

@@ -264,7 +264,7 @@ def test_cli_json(cli):
     assert set(document["breakdown"]) >= {"weights", "activations", "attention", "gradients", "optimizer", "vae"}
     assert document["fits"] is True and document["suggestions"] == []
     assert document["peak_bytes"] == sum(document["breakdown"].values())
-    assert document["peak_at"]
+    assert document["peak_at"] and document["peak_phase"] == "transformer training step (lora:4)"
 
 
 @pytest.mark.parametrize("args, message", [

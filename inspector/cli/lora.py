@@ -95,13 +95,17 @@ def lora() -> None:
 @checkpoint_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect(ckpt: str, alpha: float | None, trainer: str | None, step: int | None, latest: bool, as_json: bool) -> None:
-    """Say what a LoRA checkpoint holds: format, rank and per-module ranks, targets, dtype, size, lora_alpha and
-    where it came from (flag, metadata, config, default), and problems.
+    """Say what a LoRA checkpoint holds: format (the trainer-table row), rank and per-module ranks, targets, which
+    CogVideoX variants it fits, dtype, size, lora_alpha and where it came from (flag, metadata, config, trainer,
+    default) — or, when several trainers write this layout with different defaults, alpha null and the candidates
+    (alpha_candidates in --json) — and problems.
 
-    CKPT is a checkpoint folder (checkpoint-N/, an adapter folder, a SAT save folder) or the weights file.
+    CKPT is a checkpoint folder (checkpoint-N/, an adapter folder, a SAT save folder, a CogKit DCP checkpoint), a
+    trainer's output folder (several checkpoints: --step N or --latest), or the weights file.
 
     \b
     cogsurgeon lora inspect out/checkpoint-500
+    cogsurgeon lora inspect out/ --latest --json
     cogsurgeon lora inspect out/checkpoint-500/pytorch_lora_weights.safetensors --json
     """
     from cogsurgeon.tools.lora.checkpoint import inspect_checkpoint
@@ -163,9 +167,13 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, trainer: str | None, st
     (load_lora_adapter(..., network_alphas=...), plus LoraLayer.set_scale where ranks differ), as
     `cogsurgeon lora verify` does.
 
+    Without a stored lora_alpha and with several trainers fitting the layout, it refuses (exit 2) and lists the
+    candidates: settle with --alpha A or --trainer NAME.
+
     \b
-    cogsurgeon lora repair out/checkpoint-500 --out my-adapter
+    cogsurgeon lora repair out/checkpoint-500 --out my-adapter --trainer cogvideo-finetune
     cogsurgeon lora repair cogkit/adapter_model.safetensors --out my-adapter --alpha 64
+    cogsurgeon lora repair videox-out/ --latest --out my-adapter --trainer videox-fun --to peft,diffusers,comfyui
     """
     from cogsurgeon.tools.lora.repair import repair_checkpoint
 

@@ -393,7 +393,7 @@ def _config_beside(
                 )
             _unsupported_variants(config, str(config_path), problems)
             found = _find_key(config, "lora_alpha")
-            if _positive_number(found):
+            if positive_number(found):
                 pattern = _find_key(config, "alpha_pattern")
                 return float(found), pattern if isinstance(pattern, dict) else None, str(config_path)
     return None, None, None
@@ -434,7 +434,7 @@ def _finetrainers_config(tensor_file: Path) -> tuple[float | None, str | None]:
         return None, None
     config = _lora_config_metadata(read_header(sibling).metadata, [], sibling)
     value = config.get("lora_alpha")
-    return (float(value), str(sibling)) if _positive_number(value) else (None, None)
+    return (float(value), str(sibling)) if positive_number(value) else (None, None)
 
 
 def _lora_config_metadata(metadata: dict[str, str], warnings: list[str], tensor_file: Path) -> dict[str, Any]:
@@ -515,11 +515,11 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
         metadata_config = _lora_config_metadata(raw.metadata, warnings, tensor_file)
         stored_where = "lora_config in the file (finetrainers)"
     metadata_alpha = metadata_config.get("lora_alpha")
-    if metadata_alpha is not None and not _positive_number(metadata_alpha):
+    if metadata_alpha is not None and not positive_number(metadata_alpha):
         problems.append(f"the file's LoRA config says lora_alpha={_shown(metadata_alpha)}: not a positive finite number")
         metadata_alpha = None
-    for key, check, what in (("alpha_pattern", _positive_number, "positive numbers"),
-                             ("rank_pattern", _positive_int, "positive integers")):
+    for key, check, what in (("alpha_pattern", positive_number, "positive numbers"),
+                             ("rank_pattern", positive_int, "positive integers")):
         pattern = metadata_config.get(key)
         if pattern is not None and not (isinstance(pattern, dict) and all(check(v) for v in pattern.values())):
             problems.append(f"the file's LoRA config says {key}={_shown(pattern)}: expected module names mapped to {what}")
@@ -598,7 +598,7 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
     return LoraCheckpoint(report, tuple(tensors), raw.source_file, metadata_config)
 
 
-def _positive_number(value: Any) -> bool:
+def positive_number(value: Any) -> bool:
     """A lora_alpha PEFT and diffusers can use: an int or float (not a bool), finite, above zero."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -608,7 +608,7 @@ def _positive_number(value: Any) -> bool:
         return False
 
 
-def _positive_int(value: Any) -> bool:
+def positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 

@@ -200,8 +200,8 @@ def detect_format(
         return "peft"
     if "transformer." in prefixes:
         return "diffusers-checkpoint" if accelerate_state else "diffusers-lora"
-    if file_name == "adapter_model.safetensors" and not peft_config_beside:
-        return "cogkit"
+    if file_name == "adapter_model.safetensors" and not peft_config_beside and _CHECKPOINT_FOLDER.match(folder_name):
+        return "cogkit"  # CogKit's low_vram save: checkpoint-N/adapter_model.safetensors, nothing else beside
     if _VIDEOX_FUN_FILE.match(file_name):
         return "videox-fun"
     return "peft-unprefixed"

@@ -8,13 +8,18 @@ never over anything but an unchanged earlier repair).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cogsurgeon.inspector.user_files import expand_user
-from cogsurgeon.tools.lora.checkpoint import LoraCheckpointError, LoraReport, read_checkpoint
+from cogsurgeon.tools.lora.checkpoint import (
+    LoraCheckpointError,
+    LoraReport,
+    positive_int,
+    positive_number,
+    read_checkpoint,
+)
 from cogsurgeon.tools.lora.export import (  # noqa: F401  (names verify and callers import from here)
     COMFYUI_WEIGHTS_NAME,
     DIFFUSERS_KEY_PREFIX,
@@ -57,30 +62,17 @@ def _is_text(value: object) -> bool:
     return True
 
 
-def _is_rank(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _is_alpha(value: object) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value)) and value > 0  # float() of a 401-digit int overflows: not finite
-    except OverflowError:
-        return False
-
-
 def config_problems(config: dict[str, Any]) -> list[str]:
     """Every value of the LoraConfig a repair would write that PEFT or diffusers would refuse or misread: ranks
     that are not positive integers, lora_alpha that is not a positive finite number (NaN, Infinity, 0, negative,
     a bool, too large for a float), patterns of the wrong type, module names that are not valid text."""
     problems = []
-    if not _is_rank(config["r"]):
+    if not positive_int(config["r"]):
         problems.append(f"rank r={config['r']!r} is not a positive integer")
-    if not _is_alpha(config["lora_alpha"]):
+    if not positive_number(config["lora_alpha"]):
         problems.append(f"lora_alpha={_shown(config['lora_alpha'])} is not a positive finite number")
-    for key, valid, what in (("rank_pattern", _is_rank, "a positive integer"),
-                             ("alpha_pattern", _is_alpha, "a positive finite number")):
+    for key, valid, what in (("rank_pattern", positive_int, "a positive integer"),
+                             ("alpha_pattern", positive_number, "a positive finite number")):
         pattern = config[key]
         if not isinstance(pattern, dict):
             problems.append(f"{key} is a {type(pattern).__name__}, not a mapping of module names to values")
@@ -121,7 +113,7 @@ def repair_checkpoint(
     checkpoint has problems, or `OutputError` when `out_dir` exists (without `force`: at all; with it: as anything
     but an unchanged earlier repair), appears or changes while the repair runs, or another repair holds it.
     SIGTERM/SIGHUP raise `RepairInterrupted` (SIGINT: KeyboardInterrupt) after the partial output is removed."""
-    if alpha is not None and not _is_alpha(alpha):
+    if alpha is not None and not positive_number(alpha):
         raise LoraCheckpointError(f"--alpha must be a positive finite number, got {alpha}")
     consumers = parse_consumers(to)
     given = expand_user(path)

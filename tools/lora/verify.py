@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
-from cogsurgeon.inspector.user_files import expand_user
+from cogsurgeon.inspector.user_files import expand_user, is_folder, is_regular_file, read_json
 from cogsurgeon.tools.lora.keys import module_value
 from cogsurgeon.tools.lora.repair import (
     DIFFUSERS_KEY_PREFIX,
@@ -127,17 +127,18 @@ def expected_scales(config: dict[str, Any], modules: list[str]) -> dict[str, flo
 
 
 def read_adapter_folder(folder: Path) -> dict[str, Any]:
-    if not folder.is_dir():
+    if not is_folder(folder):
         raise CogsurgeonError(f"{folder} is not a folder: verify takes the folder `cogsurgeon lora repair` wrote")
-    missing = [name for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME) if not (folder / name).is_file()]
+    missing = [name for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME)
+               if not is_regular_file(folder / name)]
     if missing:
         raise CogsurgeonError(
             f"{folder} lacks {', '.join(missing)}: it is not an adapter folder; run `cogsurgeon lora repair CKPT --out DIR` first"
         )
     try:
-        config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
+        config = read_json(folder / PEFT_CONFIG_NAME)  # regular file, size capped, nesting and NaN refused
         int(config["r"]), float(config["lora_alpha"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
         raise CogsurgeonError(f"{folder / PEFT_CONFIG_NAME} is not a LoRA adapter config: {exc}") from None
     return config
 
