@@ -156,9 +156,16 @@ class PerFrameTimesteps(Patch):
     )
 
     def check_options(self, options: dict[str, Any]) -> None:
+        import math
+
+        from cogsurgeon.patches.errors import PatchParameterError
         from cogsurgeon.patches.timesteps import check_text_timestep
 
-        check_text_timestep(options["text_timestep"])
+        text_timestep = check_text_timestep(options["text_timestep"])
+        if isinstance(text_timestep, float) and not math.isfinite(text_timestep):  # "nan" and "inf" parse as floats
+            raise PatchParameterError(
+                self.name, "text_timestep", f"{self.name}: text_timestep must be finite, got {options['text_timestep']!r}"
+            )
 
     def apply(self, transformer: Any, **options: Any) -> Any:
         from cogsurgeon.patches.timesteps import PerFrameTimestepState, check_text_timestep
