@@ -115,19 +115,19 @@ def work_fraction(structure, layout: FrameLayout) -> float:
 
 
 def attention_cases(layout: FrameLayout, device):
-    """(case name, structure, mask, packed) for each patch configuration the goals name; packed False runs the same
-    plan as one SDPA call per segment (the path before the packed call), for comparison."""
+    """(case name, structure, mask, packed) for each patch configuration the goals name; packed True runs the same
+    plan as the packed varlen flash call(s) that `patches.attention.PACKED_FLASH` switches on, for comparison."""
     length = layout.sequence_length
     full_mask = torch.ones(BATCH, 1, length, length, dtype=torch.bool, device=device)
     full_mask[:, :, :, REAL_TEXT_TOKENS:TEXT] = False  # the padding mask, written out as a full (B,1,L,L) mask
     return [
-        ("causal-attention", "causal", None, True),
-        *[(case, pattern, None, True) for case, pattern in PATTERN_CASES],
-        ("frame-causal-attention, one SDPA call per frame (not packed)", "frame-causal", None, False),
-        ("block-causal-attention chunk=3, one SDPA call per chunk (not packed)", BlockCausal(chunk=3), None, False),
-        ("attention-mask (B,T) text padding, 30/226 real", None, text_padding_mask(device), True),
-        ("frame-causal + attention-mask (B,T) text padding", "frame-causal", text_padding_mask(device), True),
-        ("attention-mask (B,1,L,L) bool", None, full_mask, True),
+        ("causal-attention", "causal", None, False),
+        *[(case, pattern, None, False) for case, pattern in PATTERN_CASES],
+        *[(f"{case}, packed varlen flash (PACKED_FLASH, off by default)", pattern, None, True)
+          for case, pattern in PATTERN_CASES],
+        ("attention-mask (B,T) text padding, 30/226 real", None, text_padding_mask(device), False),
+        ("frame-causal + attention-mask (B,T) text padding", "frame-causal", text_padding_mask(device), False),
+        ("attention-mask (B,1,L,L) bool", None, full_mask, False),
     ]
 
 
@@ -177,7 +177,7 @@ def attention_level(repeats: int) -> list[dict]:
                 row["ratio_to_sdpa_given_mask"] = round(patched_ms / sdpa_mask_ms, 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            attention.PACKED_FLASH = True
+            attention.PACKED_FLASH = False
             del plan, mask, k_own, v_own
         del q, k, v
         torch.cuda.empty_cache()
@@ -317,12 +317,12 @@ def accuracy_level() -> list[dict]:
     q, k, v = (t.to(torch.bfloat16) for t in (q32, k32, v32))
     rows = []
     cases = [
-        ("causal-attention", "causal", None, True),
-        *[(case, pattern, None, True) for case, pattern in PATTERN_CASES],
-        *[(f"{case}, not packed", pattern, None, False) for case, pattern in PATTERN_CASES],
-        ("attention-mask (B,T) text padding", None, text_padding_mask("cuda"), True),
-        ("attention-mask + frame-causal", "frame-causal", text_padding_mask("cuda"), True),
-        ("attention-mask + block-causal chunk=1 window=4 sink=1", BlockCausal(1, 4, 1), text_padding_mask("cuda"), True),
+        ("causal-attention", "causal", None, False),
+        *[(case, pattern, None, False) for case, pattern in PATTERN_CASES],
+        *[(f"{case}, packed", pattern, None, True) for case, pattern in PATTERN_CASES],
+        ("attention-mask (B,T) text padding", None, text_padding_mask("cuda"), False),
+        ("attention-mask + frame-causal", "frame-causal", text_padding_mask("cuda"), False),
+        ("attention-mask + block-causal chunk=1 window=4 sink=1", BlockCausal(1, 4, 1), text_padding_mask("cuda"), False),
     ]
     for case, structure, mask, packed in cases:
         attention.PACKED_FLASH = packed
@@ -330,7 +330,7 @@ def accuracy_level() -> list[dict]:
             structure, layout, mask, batch=BATCH, heads=ACCURACY_HEADS, device=q.device, dtype=q.dtype
         )
         patched = run_plan(plan, q, k.clone(), v.clone(), keys_writable=True).float()
-        attention.PACKED_FLASH = True
+        attention.PACKED_FLASH = False
         rule = reference_rule(structure, layout)
         user = full_attention_mask(mask.cpu(), layout) if mask is not None else None
         explicit = combine_masks(rule, user).cuda()

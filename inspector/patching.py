@@ -7,19 +7,29 @@ so that the Textual screens hold no patch logic and this part is tested without 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from cogsurgeon import patches
+from cogsurgeon.patches.parameters import PatchParameter, format_patch_spec, format_value, parse_value
 
 
 @dataclass(frozen=True)
 class PatchRow:
-    """What the patches panel shows for one patch."""
+    """What the patches panel shows for one patch: `options` are those in force when it is applied, else those it
+    will be applied with (chosen in the panel, defaults for the rest)."""
 
     name: str
     summary: str
     applied: bool
     verdict: str = ""
+    parameters: tuple[PatchParameter, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def options_text(self) -> str:
+        """`chunk=1, window=none`, or '-' for a patch without parameters."""
+        return ", ".join(f"{key}={format_value(value)}" for key, value in self.options.items()) or "-"
 
 
 def describe_verdict(result: Any) -> str:
@@ -33,33 +43,71 @@ class PatchBench:
     """The registered patches and the verdicts of the verifications run this session."""
 
     verdicts: dict[str, str] = field(default_factory=dict)
+    chosen: dict[str, dict[str, Any]] = field(default_factory=dict)  # options set in the panel, per patch
 
     def rows(self, model: Any | None) -> list[PatchRow]:
-        """One row per registered patch, marked applied when it is on `model`."""
-        applied = set(patches.applied(model)) if model is not None else set()
-        return [
-            PatchRow(info.name, info.summary, info.name in applied, self.verdicts.get(info.name, ""))
-            for info in patches.available()
-        ]
+        """One row per registered patch, marked applied (with the options in force) when it is on `model`."""
+        in_force = patches.applied_options(model) if model is not None else {}
+        rows = []
+        for info in patches.available():
+            chosen = self.chosen.get(info.name, {})
+            options = in_force.get(info.name) or {
+                parameter.name: chosen.get(parameter.name, parameter.default) for parameter in info.parameters
+            }
+            rows.append(PatchRow(info.name, info.summary, info.name in in_force, self.verdicts.get(info.name, ""),
+                                 info.parameters, dict(options)))
+        return rows
+
+    def set_options(self, model: Any | None, name: str, texts: dict[str, str]) -> str:
+        """Choose patch `name`'s options from the panel's fields (`NAME:key=value` spelling: `none`, `true`, numbers);
+        a patch that is on is re-applied with them. Raises `PatchParameterError` for a value the patch refuses, and
+        then changes nothing."""
+        from cogsurgeon.patches.registry import resolve_options
+
+        options = {key: parse_value(text) for key, text in texts.items()}
+        resolved = resolve_options(name, options)
+        self.chosen[name] = options
+        if model is not None and name in patches.applied(model):
+            patches.revert(model, name)
+            patches.apply(model, name, **options)
+            return f"re-applied {format_patch_spec(name, resolved)}"
+        return f"{format_patch_spec(name, resolved)} will be applied with these options"
 
     def toggle(self, model: Any, name: str, apply: bool | None = None) -> str:
-        """Apply `name` to `model`, or revert it when it is on (`apply` forces one direction); says what it did."""
+        """Apply `name` to `model` (with the options chosen for it), or revert it when it is on (`apply` forces one
+        direction); says what it did."""
         is_on = name in patches.applied(model)
         if apply is None:
             apply = not is_on
         if apply and not is_on:
-            patches.apply(model, name)
-            return f"applied {name}"
+            patches.apply(model, name, **self.chosen.get(name, {}))
+            return f"applied {format_patch_spec(name, patches.applied_options(model)[name])}"
         if not apply and is_on:
             patches.revert(model, name)
             return f"reverted {name}"
         return f"{name} is already {'on' if is_on else 'off'}"
 
-    def verify(self, name: str) -> Any:
-        """Run the patch's tiny-model reference check (slow: call it from a worker)."""
-        from cogsurgeon.patches.verify import verify_patch
+    def verify_scope(self) -> str:
+        """What `verify` runs, in words: `tiny, tiny-i2v, tiny-1.5 with plain and fused processors`."""
+        from cogsurgeon.patches.verify import PROCESSORS, TINY_SPECS
 
-        return verify_patch(name)
+        return f"{', '.join(TINY_SPECS)} with {' and '.join(PROCESSORS)} processors"
+
+    def verify(self, name: str, progress: Callable[[str], None] | None = None) -> Any:
+        """Run the patch's tiny-model reference check (slow: call it from a worker). `progress` is told each step
+        as `running 2/6: tiny, fused processor`."""
+        from cogsurgeon.patches.verify import PROCESSORS, TINY_SPECS, verify_patch
+
+        total = len(TINY_SPECS) * len(PROCESSORS)
+        done = 0
+
+        def step(message: str) -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(f"running {done}/{total}: {message.removeprefix(f'{name}: ')}")
+
+        return verify_patch(name, progress=step)
 
     def record_verdict(self, name: str, result: Any) -> None:
         self.verdicts[name] = describe_verdict(result)

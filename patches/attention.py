@@ -9,12 +9,12 @@ forward as a list of `QuerySegment`s (a run of queries and the keys it may see) 
 
 - causal: a single segment, SDPA `is_causal=True` (flash kernel skips the upper triangle: 0.454x of full
   attention at the 5B shape on an H100, bench/RESULTS.md; no mask memory).
-- block-causal / frame-causal / window, every segment one key range: on a CUDA device without autograd, one
-  varlen flash-attention call over all segments of all heads (`_packed_flash`: each (item, head, segment) is one
-  "sequence" whose keys start where its range starts, `seqused_k` its length), so the GPU is filled once instead of
-  once per segment; otherwise one SDPA call per segment. Frame-causal's work is `sum_f n_f * (T + (f+1) n)`, about
-  0.54 of full attention at 13 frames; flex_attention's block mask is 1.11x of full on an H100 by DESIGN's anchors,
-  so it is not used.
+- block-causal / frame-causal / window: one SDPA call per segment (flash kernel, no mask). Frame-causal's work is
+  `sum_f n_f * (T + (f+1) n)`, 0.538 of full attention at 13 frames; it runs at 0.590x of full SDPA at the 5B shape
+  on an H200 (0.572x at the 1.5 shape; bench/RESULTS.md). flex_attention's block mask is 1.11x of full on an H100 by
+  DESIGN's anchors, so it is not used. A packed alternative, one varlen flash call over every (item, head, segment)
+  as a sequence of its own (`PACKED_FLASH`, off), measured slower on the H200 (0.789x for frame-causal) and is kept
+  only for that comparison.
 - segments with two key ranges (a window past the sinks): when the keys are ours to overwrite (the processor's own
   temporaries, no autograd), the prefix is moved in place to just before the window, into keys no later segment
   needs (windows only move forward), so each segment is still one SDPA call over one slice; otherwise the two
@@ -52,8 +52,10 @@ DROP_THRESHOLD = -1.0e4
 MAX_SEGMENTS = 64
 # Largest mask chunk the causal + dense-mask path materialises (elements): 64 Mi, not (L, L).
 CHUNK_MASK_ELEMENTS = 1 << 26
-# One packed varlen flash call for one-range plans on CUDA (False: one SDPA call per segment; the bench compares).
-PACKED_FLASH = True
+# One packed varlen flash call (two, merged, for two-range plans) instead of one SDPA call per segment, on CUDA
+# without autograd. Off: on an H200 it was slower (frame-causal 0.789x of full SDPA vs 0.590x per segment, 5B shape,
+# bench/RESULTS.md) and the two-call merge needs a second output buffer. The bench turns it on to compare.
+PACKED_FLASH = False
 
 
 def _check_int(parameter: str, value: Any, minimum: int, pattern: str) -> None:

@@ -86,9 +86,10 @@ class BlockCausalAttention(StructuralAttentionPatch):
     `j < sink`); text sees text. `frame-causal-attention` is chunk 1.
 
     Planned as one key range per chunk of queries (`[text ; chunks <= i]`), or a prefix `[text ; sinks]` and a window
-    of chunks; run as one packed flash call (CUDA inference, one key range per chunk) or one SDPA call per chunk. A
-    window past the sinks gets the prefix moved next to it in place (inference), or concatenated with it per chunk
-    under autograd (then saved for backward: up to `T + (sink + window)·chunk·n` keys per chunk)."""
+    of chunks; run as one SDPA call per chunk (chunk 3 at the 5B shape on an H200: 0.657x of full SDPA for 0.607 of
+    its work; bench/RESULTS.md). A window past the sinks gets the prefix moved next to it in place (inference), or
+    concatenated with it per chunk under autograd (then saved for backward: up to `T + (sink + window)·chunk·n` keys
+    per chunk)."""
 
     name = "block-causal-attention"
     summary = "block-causal by chunks of frames, optional sliding window with sink chunks (CausVid, Self-Forcing)"
@@ -106,8 +107,8 @@ class BlockCausalAttention(StructuralAttentionPatch):
     def extra_memory_bytes(
         self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False, **options
     ):
-        """The largest chunk's output (one SDPA call per chunk; none with the packed call); with a window past the
-        sinks, the prefix moved in place (a temporary of its size when it overlaps itself)."""
+        """The largest chunk's output (one SDPA call per chunk); with a window past the sinks, the prefix moved in
+        place (a temporary of its size when it overlaps itself)."""
         chunk = options.get("chunk", 1)
         frame_tokens = video_tokens // max(frames, 1)
         largest_segment = max(text_tokens, chunk * frame_tokens)
@@ -156,9 +157,16 @@ class PerFrameTimesteps(Patch):
     )
 
     def check_options(self, options: dict[str, Any]) -> None:
+        import math
+
+        from cogsurgeon.patches.errors import PatchParameterError
         from cogsurgeon.patches.timesteps import check_text_timestep
 
-        check_text_timestep(options["text_timestep"])
+        text_timestep = check_text_timestep(options["text_timestep"])
+        if isinstance(text_timestep, float) and not math.isfinite(text_timestep):  # "nan" and "inf" parse as floats
+            raise PatchParameterError(
+                self.name, "text_timestep", f"{self.name}: text_timestep must be finite, got {options['text_timestep']!r}"
+            )
 
     def apply(self, transformer: Any, **options: Any) -> Any:
         from cogsurgeon.patches.timesteps import PerFrameTimestepState, check_text_timestep

@@ -42,17 +42,21 @@ class LaunchError(CogsurgeonError):
 
 def check_patch_names(patch_specs: Sequence[str]) -> list[str]:
     """Every spec (`NAME` or `NAME:key=value,...`) parsed, its name known, its options valid, and the set
-    composable; repeats of one spec collapse, one name with two sets of options is refused."""
-    specs = list(dict.fromkeys(patch_specs))
-    if not specs:
+    composable: one spec per patch, the first given. Repeats of one patch with the same options (defaults filled in)
+    collapse, so the program applies it once; one name with two sets of options is refused."""
+    if not patch_specs:
         raise CogsurgeonError("name at least one patch: cogsurgeon run --patch NAME -- COMMAND ...")
     chosen: dict[str, dict] = {}
-    for spec in specs:
+    specs: list[str] = []
+    for spec in patch_specs:
         name, options = parse_patch_spec(spec)
         options = resolve_options(name, options)
-        if chosen.get(name, options) != options:
-            raise PatchSpecError(f"--patch {name} is given twice with different options; give it once")
+        if name in chosen:
+            if chosen[name] != options:
+                raise PatchSpecError(f"--patch {name} is given twice with different options; give it once")
+            continue
         chosen[name] = options
+        specs.append(spec)
     check_composition(list(chosen))
     return specs
 
@@ -68,7 +72,9 @@ def child_environment(patch_names: Sequence[str], startup_folder: Path) -> dict[
 
 
 # Terminating signals `run` passes on to the program, as a shell does to its foreground job. SIGINT is not among
-# them: Ctrl-C reaches the program from the terminal (same process group), so `run` only ignores it meanwhile.
+# them: Ctrl-C reaches the program from the terminal (same process group), so `run` only ignores it meanwhile, with
+# a handler that does nothing rather than SIG_IGN: an ignored signal stays ignored across exec, so the program would
+# start with Ctrl-C ignored (and Python would install no KeyboardInterrupt handler in it).
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -105,8 +111,8 @@ def run_patched(command: Sequence[str], patch_names: Sequence[str]) -> RunOutcom
 
 @contextmanager
 def _forwarded_signals() -> Iterator[Callable[[subprocess.Popen], None]]:
-    """While the program runs: SIGINT ignored, FORWARDED_SIGNALS passed on to it (one arriving before it started
-    is passed on as it starts). Off the main thread, where handlers cannot be set, nothing is changed."""
+    """While the program runs: SIGINT ignored (by a handler, so the program starts with its default),
+    FORWARDED_SIGNALS passed on to it (one arriving before it started is passed on as it starts). Off the main thread, where handlers cannot be set, nothing is changed."""
     process: list[subprocess.Popen] = []
     pending: list[int] = []
 
@@ -125,12 +131,16 @@ def _forwarded_signals() -> Iterator[Callable[[subprocess.Popen], None]]:
         yield forward_to
         return
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, _ignore)
     try:
         yield forward_to
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """SIGINT while the program runs: the program got it too; `run` waits for it to end."""
 
 
 def _exit_status(returncode: int) -> int:

@@ -11,6 +11,8 @@ from typing import Any
 
 from cogsurgeon.patches.errors import PatchParameterError, PatchSpecError
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 
 @dataclass(frozen=True)
 class PatchParameter:
@@ -58,6 +60,8 @@ def check_options(patch_name: str, parameters: Sequence[PatchParameter], options
             raise PatchParameterError(
                 patch_name, name, f"{patch_name}: {name} must be {parameter.type_name}, got {value!r}"
             )
+        if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:  # what torch can hold
+            raise PatchParameterError(patch_name, name, f"{patch_name}: {name} must fit in 64 bits, got {value}")
         resolved[name] = value
     return resolved
 

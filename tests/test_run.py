@@ -172,3 +172,36 @@ def test_a_program_that_builds_no_model_is_told_nothing_was_patched(tmp_path):
     assert stderr.strip().splitlines() == [
         "cogsurgeon run: the program ended without building a CogVideoXTransformer3DModel: nothing was patched"]
     assert not Path(stdout.strip()).exists()
+
+
+def test_ctrl_c_stops_a_program_that_keeps_the_default_handler(tmp_path):
+    """A program that sets no SIGINT handler (most programs) must still stop on Ctrl-C: `run` may not leave SIGINT
+    ignored for the program it starts (an ignored signal stays ignored across exec, and Python then installs no
+    KeyboardInterrupt handler)."""
+    program = "import os, sys, time; print(os.getpid(), flush=True); time.sleep(120); print('slept through')"
+    run = cogsurgeon_run("--patch", "causal-attention", "--", sys.executable, "-c", program, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    child_pid = int(run.stdout.readline())
+    try:
+        os.killpg(run.pid, signal.SIGINT)
+        stdout, stderr = run.communicate(timeout=60)
+        assert "slept through" not in stdout
+        assert "KeyboardInterrupt" in stderr  # the program's own default handler ran
+        assert run.returncode != 0
+    finally:
+        _stop(run, child_pid)
+
+
+def test_one_patch_given_twice_with_the_same_options_is_applied_once(tmp_path):
+    """`--patch block-causal-attention --patch block-causal-attention:chunk=1` name the same patch with the same
+    options: `run` accepts it, so the program must get it once, not a PatchAlreadyAppliedError at model build."""
+    program = (
+        "from cogsurgeon.inspector import load_transformer\n"
+        "from cogsurgeon import patches\n"
+        "print(patches.applied_options(load_transformer('tiny')))\n"
+    )
+    run = cogsurgeon_run("--patch", "block-causal-attention", "--patch", "block-causal-attention:chunk=1", "--",
+                         sys.executable, "-c", program, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    assert stdout.strip() == "{'block-causal-attention': {'chunk': 1, 'window': None, 'sink': 0}}"

@@ -1,5 +1,6 @@
 """The LoRA screen: inspect a checkpoint, choose lora_alpha and an output folder, repair with a progress bar, then
-verify the adapter against a base model. A view over `tools.lora`; each slow step runs in a thread worker."""
+verify the adapter against a base model. A view over `tools.lora`; each slow step runs in a thread worker that posts
+its result as a message (`CheckpointInspected`, `CheckpointRepaired`, `AdapterVerified`)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,47 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Static
-from textual.worker import Worker, WorkerState
+from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, ProgressBar, Static
+from textual.worker import Worker
 
-from cogsurgeon.inspector.tui.screens import describe_failure
+from cogsurgeon.inspector.model_specs import TINY_SPECS, resolve_spec
+from cogsurgeon.inspector.tui.messages import (
+    AdapterVerified,
+    CheckpointInspected,
+    CheckpointRepaired,
+    ReportsWorkerFailures,
+    describe_failure,
+)
 from cogsurgeon.inspector.tui.widgets import facts_table
+
+# The core's messages name the CLI's flags; on this screen each is a field or a switch.
+SCREEN_CONTROLS = (
+    ("Settle it with --alpha A or --trainer NAME", "Enter it in the lora_alpha field"),
+    ("pass --alpha A or --trainer NAME", "enter it in the lora_alpha field"),
+    ("pass --alpha A", "enter it in the lora_alpha field"),
+    ("--alpha", "the lora_alpha field"),
+    ("pass --force to replace it", "tick “replace an earlier repair” to replace it"),
+    ("--force", "“replace an earlier repair”"),
+    ("choose another --out", "choose another output folder"),
+    ("--out", "the output folder"),
+    ("--base", "the base model"),
+)
+
+
+def in_screen_terms(text: str) -> str:
+    """A core message with the CLI's flags named as this screen's controls."""
+    for flag, control in SCREEN_CONTROLS:
+        text = text.replace(flag, control)
+    return text
+
+
+def default_base(spec: str) -> str:
+    """The verify base to offer for the model open in the main screen: it, unless it is a published config, which
+    loads on the meta device without weights and which verify refuses; then nothing (the field says what fits)."""
+    try:
+        return "" if resolve_spec(spec).kind == "published" else spec
+    except Exception:  # a spec that no longer resolves (a removed folder): offer nothing
+        return ""
 
 
 def shown_path(path: str | Path) -> str:
@@ -29,29 +66,33 @@ def shown_path(path: str | Path) -> str:
         return str(path)
 
 
-def findings_table(report: Any) -> Table:
-    """The `inspect` findings of a `LoraReport`: format, rank, alpha and where it came from, targets, problems."""
+def findings_table(report: Any, alpha: float | None = None) -> Table:
+    """The `inspect` findings of a `LoraReport`: format, rank, alpha and where it came from, targets, problems.
+    `alpha`: the value in the screen's lora_alpha field, when it differs from what the checkpoint gave."""
     rank = str(report.rank) if report.rank is not None else "-"
     if report.rank_pattern:
         rank += f"  ({len(report.rank_pattern)} modules differ: rank_pattern)"
-    if report.alpha is None:  # several trainers fit: the screen asks, as the CLI does, instead of guessing
-        candidates = ", ".join(f"{c['alpha']:g} ({c['trainer']})" for c in report.alpha_candidates)
-        alpha_row: str | Text = Text(f"UNKNOWN: could be {candidates}; type the trained lora_alpha below",
-                                     style="bold yellow")
+    if alpha is not None and alpha != report.alpha:
+        chosen, source = alpha, "the lora_alpha field"
     else:
-        scale = f", scale {report.alpha / report.rank:g}" if report.rank else ""
-        alpha_row = f"{report.alpha:g} from {report.alpha_source}{scale}"
+        chosen, source = report.alpha, report.alpha_source
     rows: list[tuple[str | Text, str | Text]] = [
         ("file", shown_path(report.file)),
         ("format", report.format),
         ("rank", rank),
-        ("lora_alpha", alpha_row),
     ]
-    if report.alpha_detail:
-        rows.append(("", Text(report.alpha_detail, style="dim")))
+    if chosen is None:  # several trainers fit: the screen asks, as the CLI does, instead of guessing
+        candidates = ", ".join(f"{c['alpha']:g} ({c['trainer']})" for c in report.alpha_candidates)
+        rows.append(("lora_alpha", Text(f"UNKNOWN: could be {candidates}; type the trained lora_alpha below",
+                                        style="bold yellow")))
+    else:
+        scale = f", scale {chosen / report.rank:g}" if report.rank else ""
+        rows.append(("lora_alpha", f"{chosen:g} from {source}{scale}"))
+    if report.alpha_detail and chosen is report.alpha:
+        rows.append(("", Text(in_screen_terms(report.alpha_detail), style="dim")))
     rows.append(("targets", f"{', '.join(report.target_modules)}  ({report.num_modules} modules)"))
-    rows += [(Text("problem", style="bold red"), problem) for problem in report.problems]
-    rows += [(Text("warning", style="bold yellow"), warning) for warning in report.warnings]
+    rows += [(Text("problem", style="bold red"), in_screen_terms(problem)) for problem in report.problems]
+    rows += [(Text("warning", style="bold yellow"), in_screen_terms(warning)) for warning in report.warnings]
     if not report.problems:
         rows.append((Text("ready", style="bold green"), "no problems: this checkpoint can be repaired"))
     return facts_table(rows)
@@ -69,7 +110,7 @@ def verify_table(report: Any) -> Table:
     return facts_table(rows)
 
 
-class LoraScreen(Screen[None]):
+class LoraScreen(ReportsWorkerFailures, Screen[None]):
     """Repair a CogVideoX LoRA checkpoint that lacks adapter_config.json (and lost its lora_alpha)."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="lora.back")]
@@ -98,12 +139,16 @@ class LoraScreen(Screen[None]):
                 yield Input(placeholder="lora_alpha", id="lora-alpha")
                 yield Input(placeholder="output folder (must not exist)", id="lora-out")
                 yield Button("Repair", id="lora-repair", disabled=True)
+            yield Checkbox("replace an earlier repair in the output folder (only a folder this tool wrote)",
+                           id="lora-force")
             # determinate from the start (an indeterminate bar animates, and says nothing here)
             yield ProgressBar(total=1, id="lora-progress", show_eta=False)
             yield Static(id="lora-repair-result")
             yield Label("3. Verify against a base model", classes="lora-label")
             with Horizontal(classes="lora-row"):
-                yield Input(value=self.base_spec, placeholder="base MODEL (a tiny spec or a local folder)",
+                yield Input(value=default_base(self.base_spec),
+                            placeholder=f"base MODEL with weights: a local folder, a cached hub id or {TINY_SPECS[0]} "
+                                        "(published configs load without weights)",
                             id="lora-base")
                 yield Button("Verify", id="lora-verify", disabled=True)
             yield Static(id="lora-verify-result")
@@ -124,14 +169,14 @@ class LoraScreen(Screen[None]):
         self.query_one("#lora-findings", Static).loading = True
         self._inspect(path)
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="lora-inspect")
-    def _inspect(self, path: str) -> Any:
+    @work(thread=True, exclusive=True, exit_on_error=False, group="lora-inspect", description="inspect failed")
+    def _inspect(self, path: str) -> None:
         from cogsurgeon.tools.lora import inspect_checkpoint
 
-        return inspect_checkpoint(path)
+        self.post_message(CheckpointInspected(inspect_checkpoint(path)))
 
-    def _show_report(self, report: Any) -> None:
-        self.report = report
+    def on_checkpoint_inspected(self, message: CheckpointInspected) -> None:
+        report = self.report = message.report
         self.query_one("#lora-findings", Static).update(findings_table(report))
         self.query_one("#lora-alpha", Input).value = f"{report.alpha:g}" if report.alpha is not None else ""
         out = self.query_one("#lora-out", Input)
@@ -139,6 +184,19 @@ class LoraScreen(Screen[None]):
             given = Path(self.query_one("#lora-checkpoint", Input).value.strip())
             out.value = f"{given.as_posix().rstrip('/')}-adapter"
         self.query_one("#lora-repair", Button).disabled = bool(report.problems)
+
+    def _typed_alpha(self) -> float | None:
+        text = self.query_one("#lora-alpha", Input).value.strip()
+        try:
+            return float(text) if text else None
+        except ValueError:
+            return None
+
+    @on(Input.Changed, "#lora-alpha")
+    def _alpha_edited(self) -> None:
+        """The findings say which lora_alpha the repair will write, and its scale, as the field is edited."""
+        if self.report is not None:
+            self.query_one("#lora-findings", Static).update(findings_table(self.report, self._typed_alpha()))
 
     # repair
 
@@ -161,13 +219,15 @@ class LoraScreen(Screen[None]):
         self.repair_done, self.repair_total = 0, 0
         self._last_percent = -1
         self.query_one("#lora-repair", Button).disabled = True
-        self._repair(self.query_one("#lora-checkpoint", Input).value.strip(), out_dir, alpha)
+        force = self.query_one("#lora-force", Checkbox).value
+        self._repair(self.query_one("#lora-checkpoint", Input).value.strip(), out_dir, alpha, force)
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="lora-repair")
-    def _repair(self, path: str, out_dir: str, alpha: float | None) -> Any:
+    @work(thread=True, exclusive=True, exit_on_error=False, group="lora-repair", description="repair failed")
+    def _repair(self, path: str, out_dir: str, alpha: float | None, force: bool) -> None:
         from cogsurgeon.tools.lora import repair_checkpoint
 
-        return repair_checkpoint(path, out_dir, alpha=alpha, progress=self._progress_from_thread)
+        result = repair_checkpoint(path, out_dir, alpha=alpha, force=force, progress=self._progress_from_thread)
+        self.post_message(CheckpointRepaired(result))
 
     def _progress_from_thread(self, done_bytes: int, total_bytes: int) -> None:
         """Called by the repair as bytes stream; hands the UI one update per percent, not one per tensor."""
@@ -190,17 +250,21 @@ class LoraScreen(Screen[None]):
         if self.repaired_dir is None:
             self.notify("repair a checkpoint first", severity="warning")
             return
-        base = self.query_one("#lora-base", Input).value.strip() or self.base_spec
+        base = self.query_one("#lora-base", Input).value.strip()
+        if not base:
+            self.notify("enter a base model with weights (a local folder, a cached hub id or a tiny spec)",
+                        severity="warning")
+            return
         result_box = self.query_one("#lora-verify-result", Static)
         result_box.display = True
         result_box.loading = True
         self._verify(self.repaired_dir, base)
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="lora-verify")
-    def _verify(self, adapter_dir: str, base: str) -> Any:
+    @work(thread=True, exclusive=True, exit_on_error=False, group="lora-verify", description="verify failed")
+    def _verify(self, adapter_dir: str, base: str) -> None:
         from cogsurgeon.tools.lora import verify_adapter
 
-        return verify_adapter(adapter_dir, base)
+        self.post_message(AdapterVerified(verify_adapter(adapter_dir, base)))
 
     # results and failures of the three workers
 
@@ -209,33 +273,28 @@ class LoraScreen(Screen[None]):
         box.update(content)
         box.display = True
 
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        worker, state = event.worker, event.state
-        if state not in (WorkerState.SUCCESS, WorkerState.ERROR):
-            return
+    def on_checkpoint_repaired(self, message: CheckpointRepaired) -> None:
+        result = message.result
+        self.repaired_dir = result.out_dir
+        self.repair_total = max(self.repair_total, result.bytes_written, 1)
+        self.repair_done = self.repair_total
+        files = ", ".join(Path(file).name for file in result.files)
+        self._show_result("#lora-repair-result", Text(
+            f"wrote {shown_path(result.out_dir)}: {files} (lora_alpha {result.report.alpha:g})"
+        ))
+        self.query_one("#lora-verify", Button).disabled = False
+        self.notify(f"repaired into {shown_path(result.out_dir)}", title="LoRA")
+
+    def on_adapter_verified(self, message: AdapterVerified) -> None:
+        self._show_result("#lora-verify-result", verify_table(message.report))
+
+    def worker_ended(self, worker: Worker[Any]) -> None:
         if worker.group == "lora-inspect":
             self.query_one("#lora-findings", Static).loading = False
-            if state == WorkerState.SUCCESS:
-                self._show_report(worker.result)
         elif worker.group == "lora-repair":
             self.query_one("#lora-repair", Button).disabled = False
-            if state == WorkerState.SUCCESS:
-                result = worker.result
-                self.repaired_dir = result.out_dir
-                self.repair_total = max(self.repair_total, result.bytes_written, 1)
-                self.repair_done = self.repair_total
-                files = ", ".join(Path(file).name for file in result.files)
-                self._show_result("#lora-repair-result", Text(
-                    f"wrote {shown_path(result.out_dir)}: {files} (lora_alpha {result.report.alpha:g})"
-                ))
-                self.query_one("#lora-verify", Button).disabled = False
-                self.notify(f"repaired into {shown_path(result.out_dir)}", title="LoRA")
         elif worker.group == "lora-verify":
             self.query_one("#lora-verify-result", Static).loading = False
-            if state == WorkerState.SUCCESS:
-                self._show_result("#lora-verify-result", verify_table(worker.result))
-        else:
-            return
-        if state == WorkerState.ERROR:
-            title = f"{worker.group.removeprefix('lora-')} failed"
-            self.notify(describe_failure(worker.error), title=title, severity="error")
+
+    def failure_text(self, error: BaseException) -> str:
+        return in_screen_terms(describe_failure(error))

@@ -1,33 +1,48 @@
 """The screens: the main screen (module tree, details and source, patches panel) and the model switcher.
 
-The main screen holds the loaded model as reactive state; loading (in a daemon thread) and verification (a thread
-worker) run off the UI, and one `on_worker_state_changed` turns their failures into notifications (the app never
-crashes on bad input).
+The main screen holds the loaded model as reactive state; loading (in a daemon thread), the shape trace and
+verification (thread workers) run off the UI and post typed messages (`ModelLoaded`, `ShapesTraced`,
+`PatchVerified`), and one handler (`ReportsWorkerFailures`) turns their failures into notifications: the app never
+crashes on bad input.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shlex
+import subprocess
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
+from rich.text import Text
 from textual import on, work
-from textual.app import ComposeResult
+from textual.app import ComposeResult, SuspendNotSupported
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.reactive import var
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Header, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
-from textual.worker import Worker, WorkerState
+from textual.worker import Worker
 
 from cogsurgeon.inspector.browse import LoadedModel, TracedShapes, open_model, preview_model, trace_for_details
 from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.inventory import ModuleInfo
 from cogsurgeon.inspector.model_specs import known_specs
 from cogsurgeon.inspector.module_tree import ModuleNode, build_module_tree, narrow_inventory
-from cogsurgeon.inspector.patching import PatchBench
+from cogsurgeon.inspector.patching import PatchBench, PatchRow
+from cogsurgeon.patches.parameters import format_value
+from cogsurgeon.inspector.tui.messages import (
+    ModelLoaded,
+    PatchVerified,
+    ReportsWorkerFailures,
+    ShapesTraced,
+    VerifyProgress,
+    describe_failure,
+)
 from cogsurgeon.inspector.tui.widgets import (
     FilterInput,
     ModuleDetails,
@@ -68,14 +83,18 @@ async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
     return await future
 
 
-def describe_failure(error: BaseException) -> str:
-    """A worker's failure as one line for a notification: our errors as they are, anything else with its type."""
-    if isinstance(error, CogsurgeonError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+def editor_command(editor: str, file: str, line: int | None) -> list[str]:
+    """The command that opens `file` at `line` in `editor` ($EDITOR, maybe with arguments): `+LINE FILE`, which
+    vi, vim, nvim, nano, emacs, micro, kak and helix understand; `-g FILE:LINE` for VS Code."""
+    command = shlex.split(editor)
+    if not line:
+        return [*command, file]
+    if os.path.basename(command[0]) in ("code", "code-insiders", "codium"):
+        return [*command, "-g", f"{file}:{line}"]
+    return [*command, f"+{line}", file]
 
 
-class MainScreen(Screen[None]):
+class MainScreen(ReportsWorkerFailures, Screen[None]):
     """Tree on the left with the filter above it; details and source on the right; the patches along the bottom."""
 
     BINDINGS = [
@@ -85,14 +104,17 @@ class MainScreen(Screen[None]):
         Binding("p", "focus_patches", "Patches", id="main.patches"),
         Binding("m", "switch_model", "Model", id="main.switch-model"),
         Binding("l", "open_lora", "LoRA", id="main.lora"),
-        # not in the footer yet: the footer is in the TUI snapshots (tests/__snapshots__), which its owner redraws
-        Binding("g", "open_plan", "GPU memory", id="main.plan", show=False),
+        Binding("e", "open_in_editor", "Open in $EDITOR", id="main.editor", show=False),  # listed by ?
+        Binding("c", "copy_location", "Copy file:line", id="main.copy", show=False),
+        Binding("question_mark", "help", "Keys", id="main.help"),
+        Binding("g", "open_plan", "GPU memory plan", id="main.plan", show=False),  # listed by ?
     ]
 
     AUTO_FOCUS = "#tree"
 
     loaded: var[LoadedModel | None] = var(None, init=False)
-    selected: var[ModuleInfo | None] = var(None, init=False)
+    # always_update: the same module of another model (an equal ModuleInfo) must still redraw the details
+    selected: var[ModuleInfo | None] = var(None, init=False, always_update=True)
 
     def __init__(self, spec: str) -> None:
         super().__init__()
@@ -116,6 +138,11 @@ class MainScreen(Screen[None]):
                 yield SourceView(id="source")
         yield PatchesPanel(id="patches")
         yield Footer()
+
+    NARROW_BELOW = 120  # columns: below this the details and source go under the tree instead of beside it
+
+    def on_resize(self) -> None:
+        self.query_one("#main").set_class(self.size.width < self.NARROW_BELOW, "narrow")
 
     def get_loading_widget(self) -> SlowLoadingIndicator:
         return SlowLoadingIndicator(f"loading {self.opening}")  # set by open() before any pane is loading
@@ -148,52 +175,57 @@ class MainScreen(Screen[None]):
             source.loading = True
         else:
             tree.loading = True
+            # the previous model's module must not read as this one's while it loads
+            self.query_one(ModuleDetails).waiting(f"loading {spec}")
+            source.waiting(f"loading {spec}")
         self.load_worker = self._load(spec)
 
-    @work(exclusive=True, exit_on_error=False, group="load", description="loading model")
-    async def _load(self, spec: str) -> LoadedModel:
+    @work(exclusive=True, exit_on_error=False, group="load", description="could not load model")
+    async def _load(self, spec: str) -> None:
         # a daemon thread, not Textual's thread worker: ctrl+q during the first seconds (torch and diffusers being
         # imported) must not wait for the import to finish, and the default executor is joined at exit
-        return await in_daemon_thread(open_model, spec)
+        self.post_message(ModelLoaded(await in_daemon_thread(open_model, spec)))
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="trace", description="tracing shapes")
-    def _trace(self, loaded: LoadedModel) -> TracedShapes:
-        return trace_for_details(loaded.model)
+    @work(thread=True, exclusive=True, exit_on_error=False, group="trace", description="could not trace shapes")
+    def _trace(self, loaded: LoadedModel) -> None:
+        self.post_message(ShapesTraced(loaded.model, trace_for_details(loaded.model)))
 
-    @work(thread=True, exclusive=False, exit_on_error=False, group="verify", description="verifying patch")
-    def _verify(self, name: str) -> Any:
-        return self.patch_bench.verify(name)
+    def _verify(self, name: str) -> None:
+        result = self.patch_bench.verify(name, progress=lambda step: self.post_message(VerifyProgress(name, step)))
+        self.post_message(PatchVerified(name, result))
 
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        worker = event.worker
-        if worker.group == "load":
-            if worker is not self.load_worker:  # a load that a newer one replaced (and cancelled)
-                return
-            if event.state in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
-                self.opening = None
-                self.query_one(ModuleTree).loading = False
-                self.query_one(SourceView).loading = False
-            if event.state == WorkerState.SUCCESS:
-                self.spec = worker.result.spec
-                self.loaded = worker.result
-            elif event.state == WorkerState.ERROR:
-                self.notify(describe_failure(worker.error), title="could not load model", severity="error")
-        elif worker.group == "trace" and event.state == WorkerState.SUCCESS:
-            self.traced = worker.result
+    def worker_ended(self, worker: Worker[Any]) -> None:
+        if worker is self.load_worker:  # not a load that a newer one replaced (and cancelled)
+            self.opening = None
+            self.query_one(ModuleTree).loading = False
+            self.query_one(SourceView).loading = False
+
+    def worker_failed(self, worker: Worker[Any]) -> None:
+        if worker is self.load_worker and self.selected is not None:
+            self.watch_selected(self.selected)  # the model that stays: its details again
+        elif worker.group == "verify":
+            self.patch_bench.verdicts[worker.name] = "error"
+            self.refresh_patches()
+
+    def on_model_loaded(self, message: ModelLoaded) -> None:
+        self.spec = message.loaded.spec
+        self.loaded = message.loaded
+
+    def on_shapes_traced(self, message: ShapesTraced) -> None:
+        if self.loaded is not None and self.loaded.model is message.model:
+            self.traced = message.traced
             if self.selected is not None:
                 self.watch_selected(self.selected)
-        elif worker.group == "trace" and event.state == WorkerState.ERROR:
-            self.notify(describe_failure(worker.error), title="could not trace shapes", severity="warning")
-        elif worker.group == "verify" and event.state in (WorkerState.SUCCESS, WorkerState.ERROR):
-            name = worker.name
-            if event.state == WorkerState.SUCCESS:
-                self.patch_bench.record_verdict(name, worker.result)
-                note = self.patch_bench.verdicts[name]
-                self.notify(f"{name}: {note}", title="verify", severity="information")
-            else:
-                self.patch_bench.verdicts[name] = "error"
-                self.notify(describe_failure(worker.error), title=f"verify {name} failed", severity="error")
+
+    def on_verify_progress(self, message: VerifyProgress) -> None:
+        if self.patch_bench.verdicts.get(message.name, "").startswith(("starting", "running")):
+            self.patch_bench.verdicts[message.name] = message.step
             self.refresh_patches()
+
+    def on_patch_verified(self, message: PatchVerified) -> None:
+        self.patch_bench.record_verdict(message.name, message.result)
+        self.notify(f"{message.name}: {self.patch_bench.verdicts[message.name]}", title="verify")
+        self.refresh_patches()
 
     def watch_loaded(self, previous: LoadedModel | None, loaded: LoadedModel | None) -> None:
         if loaded is None:
@@ -325,15 +357,89 @@ class MainScreen(Screen[None]):
             return
         self.notify(message, title="patch")
         self.loaded = self.loaded.refreshed()  # the selection stays, and shows its new processor
+        # a second patch may leave every processor as it was (the inventory, so `loaded`, compares equal and its
+        # watcher does not run): the state column is refreshed here in any case
+        self.refresh_patches()
+
+    @on(PatchesPanel.OptionsRequested)
+    def _options_requested(self, event: PatchesPanel.OptionsRequested) -> None:
+        model = self.loaded.model if self.loaded is not None else None
+        row = next(row for row in self.patch_bench.rows(model) if row.name == event.name)
+        if not row.parameters:
+            self.notify(f"{row.name} takes no parameters", title="patch options")
+            return
+
+        def chosen(texts: dict[str, str] | None) -> None:
+            if texts is not None:
+                self.set_patch_options(row.name, texts)
+
+        self.app.push_screen(PatchOptionsScreen(row), chosen)
+
+    def set_patch_options(self, name: str, texts: dict[str, str]) -> None:
+        """Set patch `name`'s options from the fields' texts; a patch that is on is re-applied with them."""
+        model = self.loaded.model if self.loaded is not None else None
+        try:
+            message = self.patch_bench.set_options(model, name, texts)
+        except CogsurgeonError as error:
+            self.notify(describe_failure(error), title=f"patch {name}", severity="error")
+            return
+        self.notify(message, title="patch options")
+        if model is not None:
+            self.loaded = self.loaded.refreshed()
+        self.refresh_patches()
 
     @on(PatchesPanel.VerifyRequested)
     def _verify_requested(self, event: PatchesPanel.VerifyRequested) -> None:
         self.verify_patch(event.name)
 
     def verify_patch(self, name: str) -> None:
-        self.patch_bench.verdicts[name] = "running…"
+        scope = self.patch_bench.verify_scope()
+        self.notify(f"verifying {name} on the tiny models {scope}, against explicit-mask reference attention",
+                    title="verify")
+        self.patch_bench.verdicts[name] = "starting…"
         self.refresh_patches()
-        self._verify(name).name = name
+        self.run_worker(partial(self._verify, name), name=name, group="verify", description=f"could not verify {name}",
+                        thread=True, exit_on_error=False)
+
+    # the selected module's file
+
+    def _selected_location(self) -> tuple[str, int | None] | None:
+        info = self.selected
+        if info is None or not info.file:
+            self.notify("this module's class has no source file", severity="warning")
+            return None
+        return info.file, info.line
+
+    def action_copy_location(self) -> None:
+        location = self._selected_location()
+        if location is None:
+            return
+        text = f"{location[0]}:{location[1]}" if location[1] else location[0]
+        self.app.copy_to_clipboard(text)
+        self.notify(f"copied {text}", title="clipboard")
+
+    def action_open_in_editor(self) -> None:
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
+        if not editor:
+            self.notify("set $EDITOR (or $VISUAL) to open files, e.g. export EDITOR=vim", severity="warning")
+            return
+        location = self._selected_location()
+        if location is None:
+            return
+        command = editor_command(editor, *location)
+        try:
+            with self.app.suspend():
+                failed = subprocess.run(command).returncode != 0
+        except SuspendNotSupported:  # no terminal to hand over (a headless run): the editor runs beside the app
+            failed = subprocess.run(command, stdin=subprocess.DEVNULL).returncode != 0
+        except OSError as error:
+            self.notify(f"could not run {command[0]}: {error}", title="editor", severity="error")
+            return
+        if failed:
+            self.notify(f"{' '.join(command)} exited with an error", title="editor", severity="warning")
+
+    def action_help(self) -> None:
+        self.app.push_screen(HelpScreen())
 
     # other screens
 
@@ -350,11 +456,11 @@ class MainScreen(Screen[None]):
         self.app.push_screen(LoraScreen(base_spec=self.spec))
 
     def action_open_plan(self) -> None:
+        from cogsurgeon.inspector.geometry import default_video_size
         from cogsurgeon.inspector.tui.plan_screen import PlanScreen
 
-        from cogsurgeon.inspector.geometry import default_video_size
-
-        size = default_video_size(self.loaded.model.config) if self.loaded is not None else (49, 480, 720)
+        model = self.loaded.model if self.loaded is not None else None  # None while a cached preview shows
+        size = default_video_size(model.config) if model is not None else (49, 480, 720)
         self.app.push_screen(PlanScreen(self.spec, size))
 
 
@@ -378,3 +484,50 @@ class ModelScreen(ModalScreen[str | None]):
     def _path_entered(self, event: Input.Submitted) -> None:
         if event.value.strip():
             self.dismiss(event.value.strip())
+
+
+class HelpScreen(ModalScreen[None]):
+    """`?`: every key of the main screen, the tree and the patches panel, with what it does."""
+
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss(None)", "Close", id="help.close")]
+
+    def compose(self) -> ComposeResult:
+        lines = []
+        for where, bindings in (("anywhere", self.app.BINDINGS), ("main screen", MainScreen.BINDINGS),
+                                ("module tree", ModuleTree.BINDINGS), ("patches panel", PatchesPanel.BINDINGS)):
+            lines.append(Text(where, style="bold"))
+            for binding in bindings:
+                keys = ", ".join(self.app.get_key_display(Binding(key, "")) for key in binding.key.split(","))
+                lines.append(Text.assemble(f"  {keys:<14}", (binding.description, "")))
+            if where == "anywhere":
+                palette = self.app.get_key_display(Binding(self.app.COMMAND_PALETTE_BINDING, ""))
+                lines.append(Text.assemble(f"  {palette:<14}", "Command palette: patches, modules, models, LoRA"))
+        with VerticalScroll(id="help-dialog"):  # taller than a 24-row terminal: it scrolls there
+            yield Label("Keys", id="help-title")
+            yield Static(Text("\n").join(lines), id="help-keys")
+            yield Static("escape closes", id="help-hint")
+
+
+class PatchOptionsScreen(ModalScreen[dict[str, str] | None]):
+    """A patch's parameters, one field each (as `NAME:key=value` spells values: `none`, `true`, numbers); Enter
+    sets them, escape leaves them as they were."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="options.cancel")]
+
+    def __init__(self, row: PatchRow) -> None:
+        super().__init__()
+        self.row = row
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="options-dialog"):
+            yield Label(f"Options of {self.row.name}", id="options-title")
+            for parameter in self.row.parameters:
+                yield Label(Text.assemble((parameter.name, "bold"), f" ({parameter.type_name}): {parameter.doc}"))
+                yield Input(value=format_value(self.row.options.get(parameter.name, parameter.default)),
+                            id=f"option-{parameter.name}", classes="option-value")
+            yield Static("Enter sets them (a patch that is on is re-applied); escape cancels", id="options-hint")
+
+    @on(Input.Submitted, ".option-value")
+    def _submitted(self) -> None:
+        self.dismiss({parameter.name: self.query_one(f"#option-{parameter.name}", Input).value
+                      for parameter in self.row.parameters})

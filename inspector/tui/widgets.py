@@ -429,6 +429,9 @@ class ModuleDetails(Static):
     """The selected module's facts: class, defining module, file and line, parameters, dtype, device, processor;
     for the root, the model's config."""
 
+    def waiting(self, text: str) -> None:
+        self.update(Text(text, style="dim"))
+
     def show(
         self,
         info: ModuleInfo,
@@ -466,16 +469,32 @@ class ModuleDetails(Static):
 
 
 class SourceView(VerticalScroll):
-    """Syntax-highlighted source, starting at the line where it begins in its file."""
+    """Syntax-highlighted source, starting at the line where it begins in its file; its colours follow the app's
+    theme (light or dark), redrawn when the theme changes."""
+
+    shown: tuple[SourceText | None, str] | None = None  # what `show` was last given, redrawn on a theme change
 
     def compose(self) -> ComposeResult:
         yield Static(id="source-code", expand=True)
 
+    def on_mount(self) -> None:
+        self.app.theme_changed_signal.subscribe(self, self._theme_changed)
+
+    @property
+    def syntax_theme(self) -> str:
+        return "ansi_dark" if self.app.current_theme.dark else "ansi_light"
+
+    def _theme_changed(self, theme: Any) -> None:
+        if self.shown is not None:
+            self.show(*self.shown)
+
     def waiting(self, text: str) -> None:
-        self.border_title = "source"
+        self.shown = None
+        self.border_title = "source" if not text.startswith("loading") else text
         self.query_one("#source-code", Static).update(Text(text, style="dim"))
 
     def show(self, source: SourceText | None, what: str) -> None:
+        self.shown = (source, what)
         code = self.query_one("#source-code", Static)
         if source is None:
             self.border_title = what
@@ -488,7 +507,7 @@ class SourceView(VerticalScroll):
                     "python",
                     line_numbers=True,
                     start_line=source.start_line,
-                    theme="ansi_dark",
+                    theme=self.syntax_theme,
                     word_wrap=False,
                     indent_guides=True,
                 )
@@ -497,12 +516,13 @@ class SourceView(VerticalScroll):
 
 
 class PatchesPanel(Vertical):
-    """Every registered patch with its summary and state; `space` applies or reverts the one under the cursor,
-    `v` verifies it on a tiny model."""
+    """Every registered patch with its state, verify verdict, options and summary; `space` applies or reverts the
+    one under the cursor, `v` verifies it on the tiny models, `o` edits its options."""
 
     BINDINGS = [
         Binding("space", "toggle_patch", "Apply/revert", id="patches.toggle"),
         Binding("v", "verify_patch", "Verify", id="patches.verify"),
+        Binding("o", "edit_options", "Options", id="patches.options"),
     ]
 
     @dataclass
@@ -513,11 +533,14 @@ class PatchesPanel(Vertical):
     class VerifyRequested(Message):
         name: str
 
+    @dataclass
+    class OptionsRequested(Message):
+        name: str
+
     def compose(self) -> ComposeResult:
         table: DataTable[Any] = DataTable(id="patches-table", cursor_type="row", zebra_stripes=False)
-        table.add_columns("patch", "state", "verify", "summary")
+        table.add_columns("patch", "state", "verify", "options", "summary")
         yield table
-        yield Static(id="patches-note")
 
     def show_rows(self, rows: list[PatchRow]) -> None:
         table = self.query_one(DataTable)
@@ -526,14 +549,10 @@ class PatchesPanel(Vertical):
         for row in rows:
             state = Text("applied", style="bold magenta") if row.applied else Text("off", style="dim")
             # Text, not str: a summary such as "[text ; video]" is not markup
-            table.add_row(Text(row.name), state, Text(row.verdict or "-"), Text(row.summary), key=row.name)
+            table.add_row(Text(row.name), state, Text(row.verdict or "-"), Text(row.options_text), Text(row.summary),
+                          key=row.name)
         if rows:
             table.move_cursor(row=min(cursor, len(rows) - 1))
-
-    def note(self, text: str) -> None:
-        note = self.query_one("#patches-note", Static)
-        note.update(Text(text))
-        note.display = bool(text)
 
     def _current(self) -> str | None:
         table = self.query_one(DataTable)
@@ -550,6 +569,11 @@ class PatchesPanel(Vertical):
         name = self._current()
         if name is not None:
             self.post_message(self.VerifyRequested(name))
+
+    def action_edit_options(self) -> None:
+        name = self._current()
+        if name is not None:
+            self.post_message(self.OptionsRequested(name))
 
 
 def source_for(info: ModuleInfo) -> tuple[SourceText | None, str]:
