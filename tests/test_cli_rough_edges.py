@@ -223,6 +223,18 @@ def test_a_bad_dtype_is_refused_before_torch_is_imported():
     assert imported == []
 
 
+@pytest.mark.parametrize("size", [
+    ("--frames", str(10**23)),  # latent frames past int64: torch.empty could not unpack the size
+    ("--batch", str(10**20), "--frames", "9", "--height", "64", "--width", "64"),
+    ("--frames", "9", "--height", "6400016", "--width", "6400016"),  # the (B·heads, L, L) weights overflow
+], ids=["frames", "batch", "height-width"])
+@pytest.mark.parametrize("command", ["trace", "plan"])
+def test_a_size_too_large_for_torch_to_trace_is_refused_before_torch_is_imported(command, size):
+    completed, imported = run_cli_counting_imports(command, "tiny", *size)
+    assert_one_error_line(completed, f"too large to {command}")
+    assert imported == []
+
+
 def test_lora_verify_checks_its_inputs_before_importing_diffusers(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()

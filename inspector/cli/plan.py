@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from cogsurgeon.inspector.cli.output import print_json
+from cogsurgeon.inspector.cli.output import print_json, stdout_console
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
           "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
@@ -57,8 +57,8 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
     MODEL: see `cogsurgeon modules --help`.
     """
     from cogsurgeon.inspector.plan import parse_memory_size, parse_train
-    from cogsurgeon.inspector.geometry import default_video_size, latent_geometry
-    from cogsurgeon.inspector.cli.trace import _known_config
+    from cogsurgeon.inspector.cli.trace import _known_config, check_traceable
+    from cogsurgeon.inspector.geometry import default_video_size
 
     train_mode = parse_train(train)  # flags refused before paying for torch and the model
     card = parse_memory_size(gpu_memory) if gpu_memory is not None else None
@@ -66,7 +66,7 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
     if config is not None:
         default_frames, default_height, default_width = default_video_size(config)
         frames, height, width = frames or default_frames, height or default_height, width or default_width
-        latent_geometry(config, frames, height, width)
+        check_traceable(config, frames, height, width, batch, what="plan")
     else:
         frames, height, width = frames or 49, height or 480, width or 720
 
@@ -85,14 +85,11 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
 
 
 def _print_summary(result) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from cogsurgeon.inspector.trace import format_bytes
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)
+    console = stdout_console()
     settings, peak = result.settings, result.peak
     mode = f"training step ({settings.train.label()})" if settings.train else "inference"
     switches = [name for name, on in (("checkpointing", settings.checkpointing), ("vae decode", settings.vae),

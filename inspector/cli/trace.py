@@ -54,11 +54,9 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
 
     MODEL: see `cogsurgeon modules --help`; a model with real weights is traced through a meta copy.
     """
-    from cogsurgeon.inspector.geometry import latent_geometry
-
     config = _known_config(model)
     if config is not None:  # refuse a size the model cannot take before paying for torch and the model
-        latent_geometry(config, frames, height, width)
+        check_traceable(config, frames, height, width, batch)
 
     from cogsurgeon.inspector.loading import load_transformer
     from cogsurgeon.inspector.trace import trace_shapes
@@ -66,11 +64,32 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
     if not as_json and sys.stderr.isatty():  # progress for people; scripts and error output stay one line
         click.echo(f"tracing {model or 'the default model'} at {frames}×{height}×{width}, batch {batch} ...",
                    err=True)
-    result = trace_shapes(load_transformer(model), frames=frames, height=height, width=width, batch=batch)
+    transformer = load_transformer(model)
+    if config is None:
+        check_traceable(transformer.config, frames, height, width, batch)
+    result = trace_shapes(transformer, frames=frames, height=height, width=width, batch=batch)
     if as_json:
         print_json(result.to_json())
         return
     _print_tables(result, show_all)
+
+
+TORCH_MAX_BYTES = 2**63 - 1  # torch sizes a tensor's storage in int64 bytes, on the meta device too
+
+
+def check_traceable(config, frames: int, height: int, width: int, batch: int, what: str = "trace") -> None:
+    """Refuse a size the model cannot take (`latent_geometry`'s reasons) or whose meta forward would make a tensor
+    torch cannot size: its largest is one attention call's `(B, heads, L, L)` weights (SDPA's math path on meta)."""
+    from cogsurgeon.inspector.geometry import VideoSizeError, latent_geometry
+
+    geometry = latent_geometry(config, frames, height, width)
+    tokens = int(config.get("max_text_seq_length", 226)) + geometry.token_frames * geometry.tokens_per_frame
+    weight_bytes = batch * int(config.get("num_attention_heads", 1)) * tokens * tokens * 4
+    if weight_bytes > TORCH_MAX_BYTES:
+        raise VideoSizeError(
+            f"{frames}×{height}×{width} at batch {batch} is too large to {what}: {tokens:,} tokens, so one attention "
+            f"call's weights would take {weight_bytes:.3g} bytes, more than torch can size even on the meta device"
+        )
 
 
 def _known_config(model: str | None) -> dict | None:
