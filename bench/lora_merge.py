@@ -2,11 +2,14 @@
 5,570,283,072 parameters, ~11.1 GB, written as three shards like the published checkpoint) and a 5B-sized LoRA
 (42 blocks x to_q/to_k/to_v/to_out.0, rank 128, bf16, lora_adapter_metadata), both written to disk first.
 
-Measures, page cache warm (one untimed copy first): the time to copy the base's bytes once (`shutil.copyfile` per
-shard: the floor), the merge's wall time and its peak RSS in a fresh subprocess (VmHWM from /proc/self/status).
-Targets: merge <= 1.5x the copy, peak RSS <= 1.5x the largest shard.
+Measures, page cache warm (one untimed copy first), in ROUNDS rounds of copy-then-merge (the same-run baseline:
+the machine's load moves between rounds, so each merge is compared with the copy just before it): the time to copy
+the base's bytes once (`shutil.copyfile` per shard, `os.sync()` included: the floor), the merge's wall time
+(`os.sync()` included) and its peak RSS in a fresh subprocess (VmHWM from /proc/self/status), the load average
+before each round. Targets: merge <= 1.5x the copy (the median of the rounds' ratios), peak RSS <= 1.5x the
+largest shard.
 
-    python bench/lora_merge.py [--layers 42] [--dir /some/disk] [--keep | --reuse DIR]
+    python bench/lora_merge.py [--layers 42] [--rounds 3] [--dir /some/disk] [--keep | --reuse DIR]
 """
 
 from __future__ import annotations
@@ -133,6 +136,7 @@ print(elapsed, int(hwm) * 1024)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=42)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the written base and LoRA (for --reuse)")
     parser.add_argument("--reuse", type=Path, default=None, help="a folder a --keep run left: skip writing")
@@ -161,25 +165,38 @@ def main() -> None:
             return elapsed
 
         copy_once(work / "warm")  # page cache warm for both timed steps
-        copy_seconds = copy_once(work / "copy")
-        os.sync()
         child = MERGE_CHILD.format(root=str(REPO_ROOT), base=str(work / "base"), lora=str(lora), out=str(work / "merged"))
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
-        os.sync()
-        merge_wall = time.perf_counter() - start
-        merge_seconds, peak_rss = result.stdout.split()
         largest = max(p.stat().st_size for p in shards)
+        rounds = []
+        for number in range(1, args.rounds + 1):
+            load = os.getloadavg()[0]
+            copy_seconds = copy_once(work / "copy")
+            os.sync()
+            start = time.perf_counter()
+            result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+            merge_wall = time.perf_counter() - start
+            merge_seconds, peak_rss = result.stdout.split()
+            shutil.rmtree(work / "merged")
+            rounds.append({
+                "round": number,
+                "load_1min_before": round(load, 2),
+                "copy_s": round(copy_seconds, 3),
+                "merge_s": round(float(merge_seconds), 3),
+                "merge_wall_incl_start_s": round(merge_wall, 3),
+                "merge_over_copy": round(float(merge_seconds) / copy_seconds, 3),
+                "peak_rss_bytes": int(peak_rss),
+            })
+            print(json.dumps(rounds[-1]), flush=True)
+        ratios = sorted(r["merge_over_copy"] for r in rounds)
         report = {
             "layers": args.layers,
             "base_bytes": sum(p.stat().st_size for p in shards),
             "largest_shard_bytes": largest,
-            "copy_s": round(copy_seconds, 3),
-            "merge_s": round(float(merge_seconds), 3),
-            "merge_wall_incl_start_and_sync_s": round(merge_wall, 3),
-            "merge_over_copy": round(float(merge_seconds) / copy_seconds, 3),
-            "peak_rss_bytes": int(peak_rss),
-            "peak_rss_over_largest_shard": round(int(peak_rss) / largest, 3),
+            "rounds": len(rounds),
+            "merge_over_copy_median": ratios[len(ratios) // 2],
+            "merge_over_copy_min_max": [ratios[0], ratios[-1]],
+            "peak_rss_over_largest_shard_max": round(max(r["peak_rss_bytes"] for r in rounds) / largest, 3),
+            "cpu_count": os.cpu_count(),
         }
         print(json.dumps(report, indent=2))
     finally:

@@ -13,13 +13,14 @@ Imports torch (fusing is arithmetic on tensors); tools/lora inspect and repair d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 from cogsurgeon.tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, read_checkpoint
 from cogsurgeon.tools.lora.compat import check_fits
 from cogsurgeon.tools.lora.export import module_scales
-from cogsurgeon.tools.lora.publish import MERGE, OutputError, output_path, publication, refuse_existing_output
+from cogsurgeon.tools.lora.publish import MERGE, OutputError, new_hash, output_path, publication, refuse_existing_output
 from cogsurgeon.tools.lora.safetensors_io import (
     OutputTensor,
     ProgressCallback,
@@ -38,6 +39,19 @@ from cogsurgeon.tools.lora.safetensors_io import (
 )
 
 CONFIG_NAME = "config.json"
+TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+class _TorchDtypes(dict):
+    def __missing__(self, key: str) -> Any:
+        import torch
+
+        if key not in TORCH_DTYPE_NAMES:
+            raise LoraCheckpointError(f"merge fuses float weights only; the base stores one as {key}")
+        return getattr(torch, TORCH_DTYPE_NAMES[key])
+
+
+TORCH_DTYPES = _TorchDtypes()
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
@@ -135,10 +149,6 @@ def merge_loras(
 
 def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec], out: Path, force: bool,
            progress: ProgressCallback | None) -> MergeResult:
-    import torch
-    from safetensors import safe_open
-
-
     deltas: dict[str, list[tuple[float, dict[str, Any]]]] = {}
     summaries = []
     for spec in loras:
@@ -168,19 +178,30 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
 
     total = sum(header.file_size for header in headers)
     tracker = new_progress(total, progress)
-    with publication(out, force=force, kind=MERGE) as target:
+    with publication(out, force=force, kind=MERGE) as target, _gemm_threads(GEMM_THREADS):
         staging = target.staging
         hashes: dict[str, str] = {}
         for shard, header in zip(shards, headers):
-            handle = safe_open(str(shard), framework="pt")
+            fused = {entry.name: entry for entry in header.tensors if entry.name in deltas}
+            source_descriptor = os.open(shard, os.O_RDONLY)
 
-            def fuse(name: str, handle=handle) -> memoryview:
-                weight = handle.get_tensor(name)
+            def fuse(name: str, buffer: Any, descriptor: int = source_descriptor, fused: dict = fused) -> memoryview:
+                """Read W into a reused buffer (no fresh pages to fault in), add the LoRAs in place, return its bytes."""
+                entry = fused[name]
+                raw = buffer[:entry.nbytes]
+                view = raw.numpy()
+                done = 0
+                while done < entry.nbytes:
+                    count = os.preadv(descriptor, [view[done:]], entry.start + done)
+                    if count <= 0:
+                        raise LoraCheckpointError(f"{shard} ended inside the weight {name}")
+                    done += count
+                weight = raw.view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
                 down, up = stacked(deltas[name], weight.dtype)
-                merged = torch.addmm(weight, up, down)  # one GEMM, accumulated in float32, rounded once
-                return memoryview(merged.contiguous().reshape(-1).view(torch.uint8).numpy())
+                weight.addmm_(up, down)  # one GEMM, accumulated in float32, rounded once (as torch.addmm)
+                return memoryview(view)
 
-            ahead = Prefetcher([entry.name for entry in header.tensors if entry.name in deltas], fuse)
+            ahead = Prefetcher(list(fused), fuse, max((e.nbytes for e in fused.values()), default=0))
             tensors = [
                 OutputTensor(entry.name, entry.dtype, entry.shape, entry.nbytes,
                              None if entry.name in deltas else entry.start,
@@ -198,6 +219,7 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
                 hashes[shard.name] = hasher.finish(path.stat().st_size)
             finally:
                 ahead.close()
+                os.close(source_descriptor)
                 if hasher is not None:
                     hasher.stop()
         shutil.copyfile(folder / CONFIG_NAME, staging / CONFIG_NAME)
@@ -218,32 +240,59 @@ def stacked(pairs: list[tuple[float, dict[str, Any]]], dtype: Any) -> tuple[Any,
     return down.to(dtype), up.to(dtype)
 
 
+GEMM_THREADS = 1  # the fusing thread's GEMMs on one core: the writer's kernel copies need the other one
+
+
+@contextmanager
+def _gemm_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads for the merge (a process-wide setting, restored afterwards). One thread of rank-r
+    GEMMs keeps ahead of the writer; more made them contend with the copy for the same cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(count, previous))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class Prefetcher:
-    """Fuses the next weights on a worker thread while the writer copies the bytes before them (torch releases the
-    GIL in its kernels): at most DEPTH fused weights wait in memory, so memory stays bounded."""
+    """Fuses the next weights on a worker thread while the writer copies the bytes before them (torch and preadv
+    release the GIL). DEPTH + 1 buffers of the largest fused weight are reused in turn (DEPTH being fused, one being
+    written), so memory stays bounded and no fresh pages are faulted in per weight."""
 
     DEPTH = 6  # a block's four attention weights lie together in a shard: fuse them while its FF bytes are copied
 
-    def __init__(self, names: list[str], compute: Callable[[str], memoryview]) -> None:
+    def __init__(self, names: list[str], compute: Callable[[str, Any], memoryview], buffer_bytes: int) -> None:
+        import torch
         from concurrent.futures import ThreadPoolExecutor
 
         self.names = names
         self.compute = compute
         self.pool = ThreadPoolExecutor(max_workers=1)
-        self.futures: dict[str, Any] = {}
+        self.futures: dict[str, tuple[Any, Any]] = {}
         self.submitted = 0
+        count = min(self.DEPTH + 1, len(names))
+        self.free = [torch.empty(buffer_bytes, dtype=torch.uint8) for _ in range(count)]
+        self.writing: Any = None  # the buffer whose bytes the writer holds
 
     def _fill(self) -> None:
-        while self.submitted < len(self.names) and len(self.futures) < self.DEPTH:
+        while self.submitted < len(self.names) and len(self.futures) < self.DEPTH and self.free:
             name = self.names[self.submitted]
-            self.futures[name] = self.pool.submit(self.compute, name)
+            buffer = self.free.pop()
+            self.futures[name] = (self.pool.submit(self.compute, name, buffer), buffer)
             self.submitted += 1
 
     def payload(self, name: str) -> Callable[[], memoryview]:
         def get() -> memoryview:
+            if self.writing is not None:  # the writer asks for the next weight only once the last one is written
+                self.free.append(self.writing)
+                self.writing = None
             self._fill()
-            future = self.futures.pop(name, None)
-            data = future.result() if future is not None else self.compute(name)
+            future, buffer = self.futures.pop(name)  # asked in the order the names were given
+            data = future.result()
+            self.writing = buffer
             self._fill()  # start the next one before this one is written
             return data
         return get
@@ -253,15 +302,15 @@ class Prefetcher:
 
 
 class TrailingHash:
-    """sha256 of a file while it is written, on a thread that follows the writer: `reached(n)` says that the first
-    n bytes are in the file; `finish(size)` waits for the hash of the whole file. Reads what the kernel holds for
+    """The manifest hash (xxh3-128) of a file while it is written, on a thread that follows the writer: `reached(n)` says that the first
+    n bytes are in the file; `finish(size)` waits for the hash of the whole file. Hashes what the kernel holds for
     the file (the page cache, just written), so the manifest hashes the bytes written, not the bytes meant."""
 
-    CHUNK = 8 * 1024 * 1024
+    CHUNK = 64 * 1024 * 1024
 
     def __init__(self, path: Path, header_bytes: int) -> None:
         self.descriptor = os.open(path, os.O_RDONLY)
-        self.digest = hashlib.sha256()
+        self.digest = new_hash(MERGE.hash_name)
         self.condition = threading.Condition()
         self.header_bytes = header_bytes
         self.target = 0
@@ -287,13 +336,21 @@ class TrailingHash:
                         return
                     target = self.target
                 while self.done < target and not self.stopped:
-                    chunk = os.pread(self.descriptor, min(self.CHUNK, target - self.done), self.done)
-                    if not chunk:
-                        raise OSError(f"the merged shard ended at {self.done} bytes while hashing")
-                    self.digest.update(chunk)  # hashlib releases the GIL on large buffers
-                    self.done += len(chunk)
+                    self.done += self._hash_mapped(min(self.CHUNK, target - self.done))
         except BaseException as exc:  # noqa: BLE001 - handed to the writer's thread in finish()
             self.error = exc
+
+    def _hash_mapped(self, length: int) -> int:
+        """Hash `length` bytes from `done` through a read-only mapping of the file: the page cache's pages are
+        hashed where they lie, with no copy into a buffer (a copy of every byte written cost a core here)."""
+        start = self.done - self.done % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(self.descriptor, self.done + length - start, prot=mmap.PROT_READ, offset=start) as mapped:
+            view = memoryview(mapped)
+            try:
+                self.digest.update(view[self.done - start:])
+            finally:
+                view.release()
+        return length
 
     def finish(self, size: int) -> str:
         with self.condition:

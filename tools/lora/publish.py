@@ -9,7 +9,9 @@ and the folder is renamed into place atomically, under a lock that one repair pe
 
 What files a repair writes is decided elsewhere (tools/lora/repair.py); this module decides how they are published.
 `lora merge` (tools/lora/merge.py) publishes its transformer folder the same way, with its own manifest
-(`cogsurgeon-merge.json`): --force there replaces only an unchanged earlier merge, never a repair or anything else.
+(`cogsurgeon-merge.json`, hashed with xxh3-128: a merge writes gigabytes and sha256 would cost more CPU than the
+merge itself; the hash detects changes, it does not guard against a forger): --force there replaces only an
+unchanged earlier merge, never a repair or anything else.
 """
 
 from __future__ import annotations
@@ -49,10 +51,20 @@ class OutputKind:
     noun: str
     written_by: str
     manifest_name: str
+    hash_name: str = "sha256"
 
 
 REPAIR = OutputKind("repair", WRITTEN_BY, MANIFEST_NAME)
-MERGE = OutputKind("merge", "cogsurgeon lora merge", "cogsurgeon-merge.json")
+MERGE = OutputKind("merge", "cogsurgeon lora merge", "cogsurgeon-merge.json", "xxh3_128")
+
+
+def new_hash(name: str) -> Any:
+    """A hashlib-like object for a manifest's hash: sha256, or xxh3_128 (the `xxhash` package)."""
+    if name == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    return hashlib.new(name)
 
 
 class OutputError(CogsurgeonError):
@@ -104,8 +116,8 @@ def output_path(out_dir: str | Path, inputs: tuple[Path, ...]) -> Path:
 # ---------------------------------------------------------------- the manifest
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path, hash_name: str = "sha256") -> str:
+    digest = new_hash(hash_name)
     with path.open("rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
@@ -114,13 +126,15 @@ def file_sha256(path: Path) -> str:
 
 def manifest_for(folder: Path, names: list[str], kind: OutputKind = REPAIR,
                  hashes: dict[str, str] | None = None) -> dict[str, Any]:
-    """The manifest of `names` in `folder`; `hashes` gives sha256 digests already computed from the written bytes
-    (a merge hashes each shard as it writes it), the others are read back here."""
+    """The manifest of `names` in `folder`; `hashes` gives digests (of `kind.hash_name`) already computed from the
+    written bytes (a merge hashes each shard as it writes it), the others are read back here."""
     hashes = hashes or {}
+    algorithm = kind.hash_name
     return {
         "written_by": kind.written_by,
         "format": MANIFEST_FORMAT,
-        "files": {name: {"sha256": hashes.get(name) or file_sha256(folder / name), "bytes": (folder / name).stat().st_size}
+        "files": {name: {algorithm: hashes.get(name) or file_sha256(folder / name, algorithm),
+                         "bytes": (folder / name).stat().st_size}
                   for name in sorted(names)},
     }
 
@@ -134,7 +148,7 @@ class EarlierRepair:
 
 def earlier_repair_problem(folder: Path, kind: OutputKind = REPAIR) -> tuple[EarlierRepair | None, str | None]:
     """(the earlier output, None) when `folder` holds exactly the files its manifest (of this `kind`) lists, each
-    with the listed sha256; otherwise (None, why not)."""
+    with the listed size and hash; otherwise (None, why not)."""
     manifest_name, noun = kind.manifest_name, kind.noun
     manifest_path = folder / manifest_name
     try:
@@ -155,7 +169,7 @@ def earlier_repair_problem(folder: Path, kind: OutputKind = REPAIR) -> tuple[Ear
         for name, entry in files.items():
             path = folder / name
             if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.get("bytes") \
-                    or file_sha256(path) != entry.get("sha256"):
+                    or file_sha256(path, kind.hash_name) != entry.get(kind.hash_name):
                 return None, f"it has changed since the {noun}: {name} differs from what was written"
     except (OSError, ValueError, RecursionError) as exc:
         return None, f"it cannot be checked ({type(exc).__name__}: {exc})"
@@ -381,7 +395,7 @@ class Publication:
 
     def publish(self, hashes: dict[str, str] | None = None) -> list[str]:
         """Write the manifest (last), then move the staging folder to `out` atomically, re-checking `out`: absent
-        (or, with --force, still the same earlier output). `hashes`: sha256 digests the writer already computed.
+        (or, with --force, still the same earlier output). `hashes`: digests the writer already computed.
         Returns the names of the files published."""
         names = sorted(entry.name for entry in self.staging.iterdir())
         manifest = manifest_for(self.staging, names, self.kind, hashes)
