@@ -28,7 +28,15 @@ from typing import Any
 from cogsurgeon.tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, read_checkpoint
 from cogsurgeon.tools.lora.compat import check_fits
 from cogsurgeon.tools.lora.export import module_scales
-from cogsurgeon.tools.lora.publish import MERGE, OutputError, new_hash, output_path, publication, refuse_existing_output
+from cogsurgeon.tools.lora.publish import (
+    MERGE,
+    OutputError,
+    hash_for,
+    new_hash,
+    output_path,
+    publication,
+    refuse_existing_output,
+)
 from cogsurgeon.tools.lora.safetensors_io import (
     OutputTensor,
     ProgressCallback,
@@ -186,7 +194,7 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
             source_descriptor = os.open(shard, os.O_RDONLY)
 
             def fuse(name: str, buffer: Any, descriptor: int = source_descriptor, fused: dict = fused) -> memoryview:
-                """Read W into a reused buffer (no fresh pages to fault in), add the LoRAs in place, return its bytes."""
+                """Read W into a reused buffer (no fresh pages to fault in); add the LoRAs in place; its bytes."""
                 entry = fused[name]
                 raw = buffer[:entry.nbytes]
                 view = raw.numpy()
@@ -302,15 +310,16 @@ class Prefetcher:
 
 
 class TrailingHash:
-    """The manifest hash (xxh3-128) of a file while it is written, on a thread that follows the writer: `reached(n)` says that the first
-    n bytes are in the file; `finish(size)` waits for the hash of the whole file. Hashes what the kernel holds for
-    the file (the page cache, just written), so the manifest hashes the bytes written, not the bytes meant."""
+    """The manifest hash (`hash_for(MERGE)`: xxh3-128) of a file while it is written, on a thread that follows the
+    writer: `reached(n)` says that the first n bytes are in the file; `finish(size)` waits for the hash of the whole
+    file. Hashes what the kernel holds for the file (the page cache, just written), so the manifest hashes the bytes
+    written, not the bytes meant."""
 
     CHUNK = 64 * 1024 * 1024
 
     def __init__(self, path: Path, header_bytes: int) -> None:
         self.descriptor = os.open(path, os.O_RDONLY)
-        self.digest = new_hash(MERGE.hash_name)
+        self.digest = new_hash(hash_for(MERGE))
         self.condition = threading.Condition()
         self.header_bytes = header_bytes
         self.target = 0

@@ -9,9 +9,9 @@ and the folder is renamed into place atomically, under a lock that one repair pe
 
 What files a repair writes is decided elsewhere (tools/lora/repair.py); this module decides how they are published.
 `lora merge` (tools/lora/merge.py) publishes its transformer folder the same way, with its own manifest
-(`cogsurgeon-merge.json`, hashed with xxh3-128: a merge writes gigabytes and sha256 would cost more CPU than the
-merge itself; the hash detects changes, it does not guard against a forger): --force there replaces only an
-unchanged earlier merge, never a repair or anything else.
+(`cogsurgeon-merge.json`, hashed with xxh3-128 where the `xxhash` package is installed, else sha256: a merge writes
+gigabytes and sha256 would cost more CPU than the merge itself; the hash detects changes, not a forger): --force
+there replaces only an unchanged earlier merge, never a repair or anything else.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -56,6 +57,16 @@ class OutputKind:
 
 REPAIR = OutputKind("repair", WRITTEN_BY, MANIFEST_NAME)
 MERGE = OutputKind("merge", "cogsurgeon lora merge", "cogsurgeon-merge.json", "xxh3_128")
+
+
+MANIFEST_HASHES = ("sha256", "xxh3_128")
+
+
+def hash_for(kind: OutputKind) -> str:
+    """The hash a manifest of `kind` is written with: its own, or sha256 where the `xxhash` package is missing."""
+    if kind.hash_name == "xxh3_128" and importlib.util.find_spec("xxhash") is None:
+        return "sha256"
+    return kind.hash_name
 
 
 def new_hash(name: str) -> Any:
@@ -129,7 +140,7 @@ def manifest_for(folder: Path, names: list[str], kind: OutputKind = REPAIR,
     """The manifest of `names` in `folder`; `hashes` gives digests (of `kind.hash_name`) already computed from the
     written bytes (a merge hashes each shard as it writes it), the others are read back here."""
     hashes = hashes or {}
-    algorithm = kind.hash_name
+    algorithm = hash_for(kind)
     return {
         "written_by": kind.written_by,
         "format": MANIFEST_FORMAT,
@@ -168,10 +179,11 @@ def earlier_repair_problem(folder: Path, kind: OutputKind = REPAIR) -> tuple[Ear
             return None, f"it has changed since the {noun}: {what}"
         for name, entry in files.items():
             path = folder / name
+            algorithm = next((name for name in MANIFEST_HASHES if name in entry), "sha256")
             if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.get("bytes") \
-                    or file_sha256(path, kind.hash_name) != entry.get(kind.hash_name):
+                    or file_sha256(path, algorithm) != entry.get(algorithm):
                 return None, f"it has changed since the {noun}: {name} differs from what was written"
-    except (OSError, ValueError, RecursionError) as exc:
+    except (OSError, ValueError, RecursionError, ImportError) as exc:
         return None, f"it cannot be checked ({type(exc).__name__}: {exc})"
     return EarlierRepair(manifest_bytes), None
 
