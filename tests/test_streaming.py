@@ -188,6 +188,10 @@ def test_bad_calls_are_typed_errors_naming_what_is_wrong():
     with pytest.raises(StreamError, match="chunk must be an integer >= 1"):
         with patches.streaming(model, chunk=0, height=HEIGHT, width=WIDTH):
             pass
+    # 72 pixels are 9 latent rows: diffusers' patch embedding would drop the last one and step would return 8
+    with pytest.raises(StreamError, match="height 72 is not a multiple of 16"):
+        with patches.streaming(model, chunk=1, height=72, width=WIDTH):
+            pass
     with patches.streaming(model, chunk=1, height=HEIGHT, width=WIDTH) as stream:
         with pytest.raises(StreamError, match="prefill"):
             stream.step(latents[:, :2], 500)
