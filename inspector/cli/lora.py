@@ -226,9 +226,12 @@ def verify(ctx: click.Context, adapter_dir: str, base: str, as_json: bool) -> No
 @click.argument("base", type=click.Path(path_type=str))
 @click.argument("loras", nargs=-1, required=True, metavar="LORA[:WEIGHT]...")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="DIR",
-              help="The transformer folder to create (missing parents are created; it must not exist).")
+              help="The transformer folder to create (missing parents are created; it must not exist, see --force).")
+@click.option("--force", is_flag=True,
+              help="Replace DIR if it is an earlier `lora merge` output, unchanged (its cogsurgeon-merge.json "
+                   "hashes match); anything else at DIR is refused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def merge(base: str, loras: tuple[str, ...], out_dir: str, as_json: bool) -> None:
+def merge(base: str, loras: tuple[str, ...], out_dir: str, force: bool, as_json: bool) -> None:
     """Fuse each LORA into BASE at its trained scale times WEIGHT (default 1.0) and write DIR: same dtype and shards
     as BASE, config copied, streamed tensor by tensor. BASE is a local transformer folder (or a model root with
     transformer/). A LORA whose lora_alpha is not settled is refused: repair it with --alpha first.
@@ -239,7 +242,7 @@ def merge(base: str, loras: tuple[str, ...], out_dir: str, as_json: bool) -> Non
     from cogsurgeon.tools.lora.merge import merge_loras, parse_lora_spec
 
     progress = _ByteProgress()
-    result = merge_loras(base, [parse_lora_spec(text) for text in loras], out_dir, progress=progress)
+    result = merge_loras(base, [parse_lora_spec(text) for text in loras], out_dir, force=force, progress=progress)
     if as_json:
         print_json(result.to_json())
         return

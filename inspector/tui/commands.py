@@ -36,7 +36,7 @@ class CogsurgeonCommands(Provider):
             else:
                 commands.append((f"patch: apply {row.name}", row.summary, partial(main.toggle_patch, row.name, True)))
             commands.append(
-                (f"patch: verify {row.name}", "check it on a tiny model against reference attention",
+                (f"patch: verify {row.name}", "check it on the tiny models (plain and fused processors) against reference attention",
                  partial(main.verify_patch, row.name))
             )
         if main.loaded is not None:

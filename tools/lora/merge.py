@@ -1,19 +1,24 @@
 """`cogsurgeon lora merge BASE LORA[:WEIGHT] … --out DIR`: fuse LoRAs into a local base transformer's weights and write
 a diffusers transformer folder — same dtype, the base's shards and index, config copied. Streams shard by shard and
 tensor by tensor: untouched tensors are byte ranges copied by the kernel, each LoRA target weight is read, fused
-(W + Σ weight·α/r·B·A as one GEMM in the weight's dtype, accumulated in float32) and written before the next is
-read, so memory stays at about one tensor.
+(W + Σ weight·α/r·B·A as one GEMM in the weight's dtype, accumulated in float32) on a worker thread a few weights
+ahead of the writer, so memory stays at a few tensors; a second thread follows the writer and hashes what it wrote.
+
+The folder is published as `lora repair` publishes (tools/lora/publish.py): staged beside `--out`, a manifest
+(`cogsurgeon-merge.json`, sha256 of every file) written last, renamed into place only while `--out` is absent, under
+a lock; --force replaces only an unchanged earlier merge; SIGTERM/SIGHUP remove the partial folder.
 
 Imports torch (fusing is arithmetic on tensors); tools/lora inspect and repair do not import this module.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
-import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +27,15 @@ from typing import Any
 from cogsurgeon.tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, read_checkpoint
 from cogsurgeon.tools.lora.compat import check_fits
 from cogsurgeon.tools.lora.export import module_scales
-from cogsurgeon.tools.lora.safetensors_io import OutputTensor, ProgressCallback, new_progress, read_header, write_safetensors
+from cogsurgeon.tools.lora.publish import MERGE, OutputError, output_path, publication, refuse_existing_output
+from cogsurgeon.tools.lora.safetensors_io import (
+    OutputTensor,
+    ProgressCallback,
+    encode_header,
+    new_progress,
+    read_header,
+    write_safetensors,
+)
 
 CONFIG_NAME = "config.json"
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -101,21 +114,30 @@ def merge_loras(
     loras: list[LoraSpec],
     out_dir: str | Path,
     *,
+    force: bool = False,
     progress: ProgressCallback | None = None,
 ) -> MergeResult:
-    """Fuse `loras` (each at its trained scale times its weight) into the base at `base` and write `out_dir`."""
-    import torch
-    from safetensors import safe_open
-
+    """Fuse `loras` (each at its trained scale times its weight) into the base at `base` and write `out_dir`.
+    Raises `LoraCheckpointError` (nothing written) for bad inputs, `OutputError` when `out_dir` exists (with
+    `force`: as anything but an unchanged earlier merge), appears or changes meanwhile, or another merge holds it;
+    SIGTERM/SIGHUP raise `RepairInterrupted` (SIGINT: KeyboardInterrupt) after the partial folder is removed."""
     if not loras:
         raise LoraCheckpointError("merge needs at least one LORA")
     folder = transformer_folder(base)
     config = json.loads((folder / CONFIG_NAME).read_text())
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists():
-        raise LoraCheckpointError(f"{out} already exists: choose another --out")
-    if out == folder.resolve() or folder.resolve() in out.parents:
-        raise LoraCheckpointError(f"--out {out} is inside the base {folder}: choose another folder")
+    out = output_path(out_dir, tuple(Path(spec.path).expanduser() for spec in loras))
+    resolved_base = folder.resolve()
+    if out == resolved_base or resolved_base in out.parents or out in resolved_base.parents:
+        raise OutputError(f"--out {out} would be inside or around the base {folder}: choose another folder")
+    refuse_existing_output(out, force, MERGE)
+    return _merge(str(base), folder, config, loras, out, force, progress)
+
+
+def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec], out: Path, force: bool,
+           progress: ProgressCallback | None) -> MergeResult:
+    import torch
+    from safetensors import safe_open
+
 
     deltas: dict[str, list[tuple[float, dict[str, Any]]]] = {}
     summaries = []
@@ -146,9 +168,9 @@ def merge_loras(
 
     total = sum(header.file_size for header in headers)
     tracker = new_progress(total, progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with publication(out, force=force, kind=MERGE) as target:
+        staging = target.staging
+        hashes: dict[str, str] = {}
         for shard, header in zip(shards, headers):
             handle = safe_open(str(shard), framework="pt")
 
@@ -165,23 +187,24 @@ def merge_loras(
                              ahead.payload(entry.name) if entry.name in deltas else None)
                 for entry in header.tensors
             ]
+            path = staging / shard.name
+            hasher = None
             try:
                 with shard.open("rb") as source:
-                    write_safetensors(staging / shard.name, tensors, header.metadata, source=source, progress=tracker)
+                    path.touch()
+                    hasher = TrailingHash(path, len(encode_header(tensors, header.metadata)))
+                    write_safetensors(path, tensors, header.metadata, source=source,
+                                      progress=_Following(tracker, hasher))
+                hashes[shard.name] = hasher.finish(path.stat().st_size)
             finally:
                 ahead.close()
+                if hasher is not None:
+                    hasher.stop()
         shutil.copyfile(folder / CONFIG_NAME, staging / CONFIG_NAME)
         for index in folder.glob(f"*{INDEX_SUFFIX}"):
             shutil.copyfile(index, staging / index.name)
-        os.chmod(staging, 0o777 & ~_umask())
-        os.rename(staging, out)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise LoraCheckpointError(f"cannot write {out}: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    files = tuple(str(out / p.name) for p in sorted(out.iterdir()))
+        published = target.publish(hashes)
+    files = tuple(str(out / name) for name in sorted(published))
     return MergeResult(str(out), files, len(deltas), tuple(summaries))
 
 
@@ -199,7 +222,7 @@ class Prefetcher:
     """Fuses the next weights on a worker thread while the writer copies the bytes before them (torch releases the
     GIL in its kernels): at most DEPTH fused weights wait in memory, so memory stays bounded."""
 
-    DEPTH = 2
+    DEPTH = 6  # a block's four attention weights lie together in a shard: fuse them while its FF bytes are copied
 
     def __init__(self, names: list[str], compute: Callable[[str], memoryview]) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -229,7 +252,79 @@ class Prefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+class TrailingHash:
+    """sha256 of a file while it is written, on a thread that follows the writer: `reached(n)` says that the first
+    n bytes are in the file; `finish(size)` waits for the hash of the whole file. Reads what the kernel holds for
+    the file (the page cache, just written), so the manifest hashes the bytes written, not the bytes meant."""
+
+    CHUNK = 8 * 1024 * 1024
+
+    def __init__(self, path: Path, header_bytes: int) -> None:
+        self.descriptor = os.open(path, os.O_RDONLY)
+        self.digest = hashlib.sha256()
+        self.condition = threading.Condition()
+        self.header_bytes = header_bytes
+        self.target = 0
+        self.done = 0
+        self.ending = False
+        self.stopped = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="merge-hash", daemon=True)
+        self.thread.start()
+
+    def reached(self, data_bytes: int) -> None:
+        with self.condition:
+            self.target = self.header_bytes + data_bytes
+            self.condition.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.condition:
+                    while self.done >= self.target and not self.ending and not self.stopped:
+                        self.condition.wait()
+                    if self.stopped or (self.ending and self.done >= self.target):
+                        return
+                    target = self.target
+                while self.done < target and not self.stopped:
+                    chunk = os.pread(self.descriptor, min(self.CHUNK, target - self.done), self.done)
+                    if not chunk:
+                        raise OSError(f"the merged shard ended at {self.done} bytes while hashing")
+                    self.digest.update(chunk)  # hashlib releases the GIL on large buffers
+                    self.done += len(chunk)
+        except BaseException as exc:  # noqa: BLE001 - handed to the writer's thread in finish()
+            self.error = exc
+
+    def finish(self, size: int) -> str:
+        with self.condition:
+            self.target = size
+            self.ending = True
+            self.condition.notify()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest.hexdigest()
+
+    def stop(self) -> None:
+        with self.condition:
+            self.stopped = True
+            self.condition.notify()
+        self.thread.join()
+        try:
+            os.close(self.descriptor)
+        except OSError:
+            pass
+
+
+class _Following:
+    """The byte progress of one shard's writer, passed on to the overall progress and to the shard's hasher."""
+
+    def __init__(self, tracker: Any, hasher: TrailingHash) -> None:
+        self.tracker = tracker
+        self.hasher = hasher
+        self.written = 0
+
+    def advance(self, count: int) -> None:
+        self.written += count
+        self.hasher.reached(self.written)
+        self.tracker.advance(count)

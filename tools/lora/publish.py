@@ -8,6 +8,8 @@ and the folder is renamed into place atomically, under a lock that one repair pe
   step (RENAME_EXCHANGE) and checked again after the swap; anything else is swapped back and left as it was.
 
 What files a repair writes is decided elsewhere (tools/lora/repair.py); this module decides how they are published.
+`lora merge` (tools/lora/merge.py) publishes its transformer folder the same way, with its own manifest
+(`cogsurgeon-merge.json`): --force there replaces only an unchanged earlier merge, never a repair or anything else.
 """
 
 from __future__ import annotations
@@ -38,6 +40,19 @@ LOCK_SUFFIX = ".cogsurgeon-lock"
 _HASH_CHUNK = 8 * 1024 * 1024
 _TERMINATING_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
 _BLOCKED_WHILE_RENAMING = {signal.SIGINT, *_TERMINATING_SIGNALS}
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a command publishes: its noun in messages, the `written_by` of its manifest and the manifest's name."""
+
+    noun: str
+    written_by: str
+    manifest_name: str
+
+
+REPAIR = OutputKind("repair", WRITTEN_BY, MANIFEST_NAME)
+MERGE = OutputKind("merge", "cogsurgeon lora merge", "cogsurgeon-merge.json")
 
 
 class OutputError(CogsurgeonError):
@@ -97,11 +112,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def manifest_for(folder: Path, names: list[str]) -> dict[str, Any]:
+def manifest_for(folder: Path, names: list[str], kind: OutputKind = REPAIR,
+                 hashes: dict[str, str] | None = None) -> dict[str, Any]:
+    """The manifest of `names` in `folder`; `hashes` gives sha256 digests already computed from the written bytes
+    (a merge hashes each shard as it writes it), the others are read back here."""
+    hashes = hashes or {}
     return {
-        "written_by": WRITTEN_BY,
+        "written_by": kind.written_by,
         "format": MANIFEST_FORMAT,
-        "files": {name: {"sha256": file_sha256(folder / name), "bytes": (folder / name).stat().st_size}
+        "files": {name: {"sha256": hashes.get(name) or file_sha256(folder / name), "bytes": (folder / name).stat().st_size}
                   for name in sorted(names)},
     }
 
@@ -113,60 +132,62 @@ class EarlierRepair:
     manifest_bytes: bytes
 
 
-def earlier_repair_problem(folder: Path) -> tuple[EarlierRepair | None, str | None]:
-    """(the repair, None) when `folder` holds exactly the files its manifest lists, each with the listed sha256;
-    otherwise (None, why not)."""
-    manifest_path = folder / MANIFEST_NAME
+def earlier_repair_problem(folder: Path, kind: OutputKind = REPAIR) -> tuple[EarlierRepair | None, str | None]:
+    """(the earlier output, None) when `folder` holds exactly the files its manifest (of this `kind`) lists, each
+    with the listed sha256; otherwise (None, why not)."""
+    manifest_name, noun = kind.manifest_name, kind.noun
+    manifest_path = folder / manifest_name
     try:
         if manifest_path.is_symlink() or not manifest_path.is_file():
-            return None, f"it has no {MANIFEST_NAME}, so it was not written by `{WRITTEN_BY}`"
+            return None, f"it has no {manifest_name}, so it was not written by `{kind.written_by}`"
         manifest_bytes = manifest_path.read_bytes()
         manifest = json.loads(manifest_bytes)
-        files = manifest["files"] if isinstance(manifest, dict) and manifest.get("written_by") == WRITTEN_BY else None
+        files = manifest["files"] if isinstance(manifest, dict) and manifest.get("written_by") == kind.written_by else None
         if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
-            return None, f"its {MANIFEST_NAME} is not a repair manifest"
-        present = {entry.name for entry in folder.iterdir()} - {MANIFEST_NAME}
+            return None, f"its {manifest_name} is not a {noun} manifest"
+        present = {entry.name for entry in folder.iterdir()} - {manifest_name}
         if present != set(files):
             extra = sorted(present - set(files))
             missing = sorted(set(files) - present)
-            what = f"files the repair did not write ({', '.join(extra[:3])})" if extra else \
-                f"files of the repair are missing ({', '.join(missing[:3])})"
-            return None, f"it has changed since the repair: {what}"
+            what = f"files the {noun} did not write ({', '.join(extra[:3])})" if extra else \
+                f"files of the {noun} are missing ({', '.join(missing[:3])})"
+            return None, f"it has changed since the {noun}: {what}"
         for name, entry in files.items():
             path = folder / name
-            if path.is_symlink() or not path.is_file() or file_sha256(path) != entry.get("sha256"):
-                return None, f"it has changed since the repair: {name} differs from what was written"
+            if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.get("bytes") \
+                    or file_sha256(path) != entry.get("sha256"):
+                return None, f"it has changed since the {noun}: {name} differs from what was written"
     except (OSError, ValueError, RecursionError) as exc:
         return None, f"it cannot be checked ({type(exc).__name__}: {exc})"
     return EarlierRepair(manifest_bytes), None
 
 
-def _is_the_same_repair(folder: Path, expected: EarlierRepair) -> bool:
-    found, _ = earlier_repair_problem(folder)
+def _is_the_same_repair(folder: Path, expected: EarlierRepair, kind: OutputKind = REPAIR) -> bool:
+    found, _ = earlier_repair_problem(folder, kind)
     return found is not None and found.manifest_bytes == expected.manifest_bytes
 
 
-def refuse_existing_output(out: Path, force: bool) -> None:
+def refuse_existing_output(out: Path, force: bool, kind: OutputKind = REPAIR) -> None:
     """The cheap check before anything is written or locked: without --force `out` must be absent; with it, it
     must at least be a real folder. `check_output` does the full check under the lock."""
     if not os.path.lexists(out):
         return
     if not force:
-        raise OutputError(f"{out} already exists: choose another --out, or pass --force to replace an earlier repair")
+        raise OutputError(f"{out} already exists: choose another --out, or pass --force to replace an earlier {kind.noun}")
     if not out.is_dir() or out.is_symlink():
-        raise OutputError(f"{out} exists and is not a folder: remove it yourself, --force replaces earlier repairs only")
+        raise OutputError(f"{out} exists and is not a folder: remove it yourself, --force replaces earlier {kind.noun}s only")
 
 
-def check_output(out: Path, force: bool) -> EarlierRepair | None:
-    """What is at `out` now: nothing (None), or an earlier unchanged repair that --force may replace. Anything
-    else is an `OutputError` and is left alone."""
-    refuse_existing_output(out, force)
+def check_output(out: Path, force: bool, kind: OutputKind = REPAIR) -> EarlierRepair | None:
+    """What is at `out` now: nothing (None), or an earlier unchanged output of this `kind` that --force may
+    replace. Anything else is an `OutputError` and is left alone."""
+    refuse_existing_output(out, force, kind)
     if not os.path.lexists(out):
         return None
-    repair, why_not = earlier_repair_problem(out)
+    repair, why_not = earlier_repair_problem(out, kind)
     if repair is None:
         raise OutputError(
-            f"{out} is not an earlier repair that --force may replace: {why_not}; nothing was changed, "
+            f"{out} is not an earlier {kind.noun} that --force may replace: {why_not}; nothing was changed, "
             "choose another --out or remove it yourself"
         )
     return repair
@@ -351,18 +372,20 @@ def _terminating_signals_raise() -> Iterator[None]:
 class Publication:
     """One repair's way to `out`: `staging` is where its files go; `publish()` moves them into place."""
 
-    def __init__(self, out: Path, staging: Path, expected: EarlierRepair | None) -> None:
+    def __init__(self, out: Path, staging: Path, expected: EarlierRepair | None, kind: OutputKind = REPAIR) -> None:
         self.out = out
         self.staging = staging
-        self.expected = expected  # the earlier repair --force replaces, as checked under the lock
+        self.expected = expected  # the earlier output --force replaces, as checked under the lock
+        self.kind = kind
         self.published = False
 
-    def publish(self) -> list[str]:
+    def publish(self, hashes: dict[str, str] | None = None) -> list[str]:
         """Write the manifest (last), then move the staging folder to `out` atomically, re-checking `out`: absent
-        (or, with --force, still the same earlier repair). Returns the names of the files published."""
+        (or, with --force, still the same earlier output). `hashes`: sha256 digests the writer already computed.
+        Returns the names of the files published."""
         names = sorted(entry.name for entry in self.staging.iterdir())
-        manifest = manifest_for(self.staging, names)
-        manifest_path = self.staging / MANIFEST_NAME
+        manifest = manifest_for(self.staging, names, self.kind, hashes)
+        manifest_path = self.staging / self.kind.manifest_name
         with manifest_path.open("w") as handle:
             json.dump(manifest, handle, indent=2)
             handle.write("\n")
@@ -377,31 +400,32 @@ class Publication:
                     rename_if_absent(self.staging, self.out)
                 except FileExistsError:
                     raise OutputError(
-                        f"{self.out} appeared while the repair ran: it was left as it is and nothing was written; "
-                        "choose another --out"
+                        f"{self.out} appeared while the {self.kind.noun} ran: it was left as it is and nothing was "
+                        "written; choose another --out"
                     ) from None
             else:
                 self._replace_earlier_repair(self.expected)
             self.published = True
         _fsync_folder(self.out.parent)
-        return [*names, MANIFEST_NAME]
+        return [*names, self.kind.manifest_name]
 
     def _replace_earlier_repair(self, expected: EarlierRepair) -> None:
+        noun = self.kind.noun
         if exchange(self.staging, self.out):
-            if _is_the_same_repair(self.staging, expected):  # the staging path now holds what was at out
+            if _is_the_same_repair(self.staging, expected, self.kind):  # the staging path now holds what was at out
                 return
             exchange(self.staging, self.out)  # put it back as it was
             raise OutputError(
-                f"{self.out} changed while the repair ran: it was left as it is and nothing was written; "
-                "run the repair again"
+                f"{self.out} changed while the {noun} ran: it was left as it is and nothing was written; "
+                f"run the {noun} again"
             )
         # No atomic exchange here: move the earlier repair aside, check it, then rename if absent.
         retired = _hidden_folder(self.out, "old")
         os.rmdir(retired)
         os.rename(self.out, retired)
-        if not _is_the_same_repair(retired, expected):
+        if not _is_the_same_repair(retired, expected, self.kind):
             rename_if_absent(retired, self.out)
-            raise OutputError(f"{self.out} changed while the repair ran: it was left as it is and nothing was written")
+            raise OutputError(f"{self.out} changed while the {noun} ran: it was left as it is and nothing was written")
         try:
             rename_if_absent(self.staging, self.out)
         except BaseException:
@@ -411,7 +435,7 @@ class Publication:
 
 
 @contextmanager
-def publication(out: Path, *, force: bool) -> Iterator[Publication]:
+def publication(out: Path, *, force: bool, kind: OutputKind = REPAIR) -> Iterator[Publication]:
     """Hold the lock of `out`, clean what dead runs left, and give a staging folder to write into. On leaving, the
     staging folder (after `publish()`: the earlier repair it replaced) is removed, whatever happened; on failure
     the parent folders this run created are removed too."""
@@ -429,13 +453,14 @@ def publication(out: Path, *, force: bool) -> Iterator[Publication]:
                 lock.acquire()
             except Timeout:
                 raise OutputError(
-                    f"another repair holds {out} (lock {lock_path}): wait for it to finish, or choose another --out"
+                    f"another {kind.noun} holds {out} (lock {lock_path}): wait for it to finish, or choose another "
+                    "--out"
                 ) from None
             try:
-                expected = check_output(out, force)
+                expected = check_output(out, force, kind)
                 remove_stale_work(out)
                 staging = _hidden_folder(out, "partial")
-                current = Publication(out, staging, expected)
+                current = Publication(out, staging, expected, kind)
                 yield current
                 succeeded = current.published
             finally:
