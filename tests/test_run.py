@@ -192,6 +192,17 @@ def test_ctrl_c_stops_a_program_that_keeps_the_default_handler(tmp_path):
         _stop(run, child_pid)
 
 
+def test_a_program_started_with_sigint_ignored_keeps_it_ignored(tmp_path):
+    """As without `run`: a background job (SIGINT ignored by the shell) passes that on to the program."""
+    program = "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"
+    run = cogsurgeon_run("--patch", "causal-attention", "--", sys.executable, "-c", program, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert stdout.strip() == "True"
+
+
 def test_one_patch_given_twice_with_the_same_options_is_applied_once(tmp_path):
     """`--patch block-causal-attention --patch block-causal-attention:chunk=1` name the same patch with the same
     options: `run` accepts it, so the program must get it once, not a PatchAlreadyAppliedError at model build."""
