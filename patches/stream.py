@@ -158,11 +158,17 @@ class Stream:
         self.batch = encoder_hidden_states.shape[0]
         self.device, self.dtype = encoder_hidden_states.device, encoder_hidden_states.dtype
         self._text = encoder_hidden_states
-        # The text path does not depend on video under the block-causal rule: run it beside one blank frame.
+        # The text path does not depend on video under the block-causal rule: run it beside one blank frame. A failure
+        # part-way leaves no half-filled cache behind.
         blank = torch.zeros(self.batch, self.shape.patch_frames, self.config["in_channels"], self.latent_height,
                             self.latent_width, dtype=self.dtype, device=self.device)
-        self._run("prefill", blank, self._frame_timesteps(0.0, self.shape.patch_frames), first_frame=0,
-                  encoder_hidden_states=encoder_hidden_states)
+        try:
+            self._run("prefill", blank, self._frame_timesteps(0.0, self.shape.patch_frames), first_frame=0,
+                      encoder_hidden_states=encoder_hidden_states)
+        except BaseException:
+            self._layers.clear()
+            self._order.clear()
+            raise
         self._length = self.shape.text_tokens
 
     def step(self, latents: torch.Tensor, timestep: Any, **forward_kwargs: Any) -> torch.Tensor:

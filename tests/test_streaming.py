@@ -228,3 +228,20 @@ def test_trace_reports_the_cache_a_stream_holds():
                                frames=3) as stream:
             stream.prefill(text)
             assert stream.cache_bytes() == planned
+
+
+def test_a_prefill_that_fails_part_way_leaves_no_half_filled_cache():
+    model = tiny_model("tiny")
+    latents, text = video(model, 2)
+
+    def fail(module, args):
+        raise RuntimeError("out of memory (simulated)")
+
+    with patches.streaming(model, chunk=1, height=HEIGHT, width=WIDTH) as stream:
+        handle = model.transformer_blocks[1].register_forward_pre_hook(fail)  # layer 0 has stored its text K/V
+        with pytest.raises(RuntimeError, match="simulated"):
+            stream.prefill(text)
+        handle.remove()
+        assert stream.cache_bytes() == 0
+        stream.prefill(text)  # a second prefill is possible and complete
+        assert stream.step(latents[:, :1], 500).shape == latents[:, :1].shape
