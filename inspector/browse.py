@@ -111,6 +111,7 @@ class TracedShapes:
 
     size: str
     by_module: dict[str, tuple[str, str]]
+    kv_cache: str = ""  # what a `patches.streaming` KV cache holds at this size, for the root's details
 
     def of(self, name: str) -> tuple[str, str, str] | None:
         """(size, inputs, outputs) of module `name`, or None when the traced forward did not call it."""
@@ -122,11 +123,17 @@ def trace_for_details(model: Any) -> TracedShapes:
     """Trace `model` on the meta device at the video size its pipelines default to (batch 2: one video with
     classifier-free guidance)."""
     from cogsurgeon.inspector.geometry import default_video_size
-    from cogsurgeon.inspector.trace import format_shape, trace_shapes
+    from cogsurgeon.inspector.trace import format_bytes, format_shape, trace_shapes
 
     frames, height, width = default_video_size(model.config)
     result = trace_shapes(model, frames=frames, height=height, width=width, batch=2)
+    kv_cache = ", ".join(
+        f"chunk {row['chunk']}" + (f" window {row['window']} sink {row['sink']}" if row["window"] else "")
+        + f": {format_bytes(row['bytes'])}"
+        for row in result.kv_cache
+    )
     return TracedShapes(
         f"{frames}×{height}×{width} video, batch 2",
         {name: (format_shape(shapes.inputs), format_shape(shapes.outputs)) for name, shapes in result.modules.items()},
+        kv_cache,
     )

@@ -13,6 +13,11 @@ Third-party patches register through the entry-point group `cogsurgeon.patches` 
 subclass). Importing this package is light: torch and diffusers load when a patch is applied.
 """
 
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
 from cogsurgeon.patches.errors import (
     AttentionMaskError,
     PatchAlreadyAppliedError,
@@ -43,12 +48,26 @@ from cogsurgeon.patches.registry import (
     revert,
 )
 
+if TYPE_CHECKING:
+    from cogsurgeon.patches.stream import Stream
 
-def streaming(target, **options):
-    """Generate chunk by chunk with a KV cache (`cogsurgeon.patches.stream.streaming`; imports torch when called)."""
+
+def streaming(
+    target: Any,
+    *,
+    chunk: int,
+    window: int | None = None,
+    sink: int = 0,
+    text_timestep: float = 0,
+    height: int,
+    width: int,
+    frames: int | None = None,
+) -> AbstractContextManager[Stream]:
+    """Generate chunk by chunk with a KV cache: `cogsurgeon.patches.stream.streaming` (torch is imported when called)."""
     from cogsurgeon.patches.stream import streaming as open_stream
 
-    return open_stream(target, **options)
+    return open_stream(target, chunk=chunk, window=window, sink=sink, text_timestep=text_timestep, height=height,
+                       width=width, frames=frames)
 
 
 __all__ = [

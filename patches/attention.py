@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from cogsurgeon.inspector.geometry import FrameLayout
-from cogsurgeon.patches.errors import AttentionMaskError, PatchParameterError
+from cogsurgeon.patches.errors import AttentionMaskError
+from cogsurgeon.patches.patterns import FRAME_CAUSAL, BlockCausal, Structure, WindowAttention, as_pattern  # noqa: F401
 
 # Additive key-mask values at or below this count as padding: exp(-1e4) underflows to 0 in every float dtype, so
 # dropping those keys gives the same softmax as adding the value, as long as the query keeps some other key.
@@ -56,67 +57,6 @@ CHUNK_MASK_ELEMENTS = 1 << 26
 # without autograd. Off: on an H200 it was slower (frame-causal 0.789x of full SDPA vs 0.590x per segment, 5B shape,
 # bench/RESULTS.md) and the two-call merge needs a second output buffer. The bench turns it on to compare.
 PACKED_FLASH = False
-
-
-def _check_int(parameter: str, value: Any, minimum: int, pattern: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PatchParameterError(pattern, parameter, f"{pattern}: {parameter} must be a whole number, got {value!r}")
-    if value < minimum:
-        raise PatchParameterError(pattern, parameter, f"{pattern}: {parameter} must be at least {minimum}, got {value}")
-
-
-@dataclass(frozen=True)
-class BlockCausal:
-    """`block-causal-attention(chunk, window, sink)`: with `chunk(f) = f // chunk` for video, a video query in chunk i
-    attends all text keys and the video keys of chunks j with `j <= i` and (`window` is None or `j > i - window` or
-    `j < sink`); text attends text only. `frame-causal-attention` is `BlockCausal(chunk=1)`."""
-
-    chunk: int = 1
-    window: int | None = None
-    sink: int = 0
-
-    def __post_init__(self) -> None:
-        name = "block-causal-attention"
-        _check_int("chunk", self.chunk, 1, name)
-        if self.window is not None:
-            _check_int("window", self.window, 1, name)
-        _check_int("sink", self.sink, 0, name)
-        if self.window is not None and self.sink > self.window:
-            raise PatchParameterError(
-                name,
-                "sink",
-                f"{name}: sink ({self.sink}) must not exceed window ({self.window}): sinks are the first chunks kept "
-                "beside the window",
-            )
-
-
-@dataclass(frozen=True)
-class WindowAttention:
-    """`window-attention(window, chunk, text_sees_video)`: bidirectional local attention; a video query in chunk i
-    attends all text keys and the chunks j with `|i - j| < window`; text attends text only, or every key when
-    `text_sees_video`."""
-
-    window: int = 1
-    chunk: int = 1
-    text_sees_video: bool = False
-
-    def __post_init__(self) -> None:
-        name = "window-attention"
-        _check_int("window", self.window, 1, name)
-        _check_int("chunk", self.chunk, 1, name)
-        if not isinstance(self.text_sees_video, bool):
-            raise PatchParameterError(
-                name, "text_sees_video", f"{name}: text_sees_video must be true or false, got {self.text_sees_video!r}"
-            )
-
-
-Structure = Literal["causal", "frame-causal"] | BlockCausal | WindowAttention
-FRAME_CAUSAL = BlockCausal(chunk=1)
-
-
-def as_pattern(structure: Structure | None) -> Structure | None:
-    """"frame-causal" is block-causal with chunks of one frame; everything else is itself."""
-    return FRAME_CAUSAL if structure == "frame-causal" else structure
 
 
 @dataclass(frozen=True)

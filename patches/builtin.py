@@ -100,7 +100,7 @@ class BlockCausalAttention(StructuralAttentionPatch):
     )
 
     def pattern(self, **options: Any) -> Any:
-        from cogsurgeon.patches.attention import BlockCausal
+        from cogsurgeon.patches.patterns import BlockCausal
 
         return BlockCausal(**options)
 
@@ -130,7 +130,7 @@ class WindowAttentionPatch(StructuralAttentionPatch):
     )
 
     def pattern(self, **options: Any) -> Any:
-        from cogsurgeon.patches.attention import WindowAttention
+        from cogsurgeon.patches.patterns import WindowAttention
 
         return WindowAttention(**options)
 
@@ -160,7 +160,7 @@ class PerFrameTimesteps(Patch):
         import math
 
         from cogsurgeon.patches.errors import PatchParameterError
-        from cogsurgeon.patches.timesteps import check_text_timestep
+        from cogsurgeon.patches.patterns import check_text_timestep
 
         text_timestep = check_text_timestep(options["text_timestep"])
         if isinstance(text_timestep, float) and not math.isfinite(text_timestep):  # "nan" and "inf" parse as floats

@@ -131,7 +131,10 @@ def _forwarded_signals() -> Iterator[Callable[[subprocess.Popen], None]]:
         yield forward_to
         return
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, _ignore)
+    # Where SIGINT was already ignored (a background job of a script, nohup), the program inherits that, as without run.
+    previous[signal.SIGINT] = signal.signal(
+        signal.SIGINT, signal.SIG_IGN if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else _ignore
+    )
     try:
         yield forward_to
     finally:

@@ -38,7 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogsurgeon.inspector.geometry import rotary_embedding, video_frame_count
+from cogsurgeon.inspector.geometry import (
+    VAE_SPATIAL_FACTOR,
+    VideoSizeError,
+    latent_geometry,
+    rotary_embedding,
+    video_frame_count,
+)
 from cogsurgeon.patches.errors import PatchError
 from cogsurgeon.patches.processor import attention_state, joint_query_key_value, project_attention_output
 from cogsurgeon.patches.registry import patched, resolve_transformer
@@ -62,7 +68,7 @@ class StreamShape:
 
 def stream_shape(config: Any, height: int, width: int) -> StreamShape:
     """The cache geometry of a model at a video size in pixels (the VAE's 8x spatial factor, the patch size)."""
-    from cogsurgeon.inspector.geometry import VAE_SPATIAL_FACTOR, tokens_per_frame
+    from cogsurgeon.inspector.geometry import tokens_per_frame
 
     latent_height, latent_width = height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR
     return StreamShape(
@@ -119,7 +125,7 @@ class Stream:
         self.chunk, self.window, self.sink = chunk, window, sink
         self.text_timestep = text_timestep
         self.shape = stream_shape(self.config, height, width)
-        self.latent_height, self.latent_width = height // 8, width // 8
+        self.latent_height, self.latent_width = height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR
         self.frames = frames
         self.committed_frames = 0  # frames (temporal patches) whose K/V are final
         self.finished = False  # a shorter last chunk was committed
@@ -131,6 +137,10 @@ class Stream:
         self._chunk_tokens = 0
         self._positions: torch.Tensor | None = None
         self._check_positions_possible()
+        try:  # the sizes the pipelines allow (whole patches, 1.5's rotary grid): else diffusers drops rows silently
+            latent_geometry(self.config, 1, height, width)
+        except VideoSizeError as exc:
+            raise StreamError(f"streaming: {exc}") from None
 
     # -- public ------------------------------------------------------------------------------------------------------
 
@@ -148,11 +158,17 @@ class Stream:
         self.batch = encoder_hidden_states.shape[0]
         self.device, self.dtype = encoder_hidden_states.device, encoder_hidden_states.dtype
         self._text = encoder_hidden_states
-        # The text path does not depend on video under the block-causal rule: run it beside one blank frame.
+        # The text path does not depend on video under the block-causal rule: run it beside one blank frame. A failure
+        # part-way leaves no half-filled cache behind.
         blank = torch.zeros(self.batch, self.shape.patch_frames, self.config["in_channels"], self.latent_height,
                             self.latent_width, dtype=self.dtype, device=self.device)
-        self._run("prefill", blank, self._frame_timesteps(0.0, self.shape.patch_frames), first_frame=0,
-                  encoder_hidden_states=encoder_hidden_states)
+        try:
+            self._run("prefill", blank, self._frame_timesteps(0.0, self.shape.patch_frames), first_frame=0,
+                      encoder_hidden_states=encoder_hidden_states)
+        except BaseException:
+            self._layers.clear()
+            self._order.clear()
+            raise
         self._length = self.shape.text_tokens
 
     def step(self, latents: torch.Tensor, timestep: Any, **forward_kwargs: Any) -> torch.Tensor:
@@ -187,8 +203,9 @@ class Stream:
             (embed.sample_height, embed.sample_width) != (self.latent_height, self.latent_width)
         ):
             raise StreamError(
-                f"this model's learned positional embeddings are for {embed.sample_height * 8}x{embed.sample_width * 8}"
-                f" videos only; the stream was opened at {self.latent_height * 8}x{self.latent_width * 8}"
+                f"this model's learned positional embeddings are for {embed.sample_height * VAE_SPATIAL_FACTOR}x"
+                f"{embed.sample_width * VAE_SPATIAL_FACTOR} videos only; the stream was opened at "
+                f"{self.latent_height * VAE_SPATIAL_FACTOR}x{self.latent_width * VAE_SPATIAL_FACTOR}"
             )
 
     def _check_chunk(self, latents: torch.Tensor) -> int:

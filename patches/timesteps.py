@@ -20,39 +20,18 @@ timestep except through attention.
 from __future__ import annotations
 
 import inspect
-from numbers import Real
 from typing import Any
 
 import torch
 from torch import nn
 
-from cogsurgeon.patches.errors import PatchError, PatchParameterError, PatchTargetError
-
-TEXT_TIMESTEP_CHOICES = ("max", "min", "first", "last")
+from cogsurgeon.patches.errors import PatchError, PatchTargetError
+from cogsurgeon.patches.patterns import TEXT_TIMESTEP_CHOICES, check_text_timestep  # noqa: F401
 
 
 class PerFrameTimestepError(PatchError):
     """A `(B, F)` timestep that does not fit the call: wrong frame count, or frames of one temporal patch (CogVideoX1.5)
     with different timesteps."""
-
-
-def check_text_timestep(text_timestep: Any) -> str | float:
-    """`max`, `min`, `first`, `last` or a number (a fixed timestep for text); anything else names the parameter."""
-    if isinstance(text_timestep, str):
-        if text_timestep in TEXT_TIMESTEP_CHOICES:
-            return text_timestep
-        try:
-            return float(text_timestep)  # from the command line: text_timestep=0
-        except ValueError:
-            pass
-    elif isinstance(text_timestep, Real) and not isinstance(text_timestep, bool):
-        return float(text_timestep)
-    raise PatchParameterError(
-        "per-frame-timesteps",
-        "text_timestep",
-        f"per-frame-timesteps: text_timestep must be one of {', '.join(TEXT_TIMESTEP_CHOICES)} or a number, "
-        f"got {text_timestep!r}",
-    )
 
 
 def patch_timesteps(timestep: torch.Tensor, latent_frames: int, patch_frames: int) -> torch.Tensor:

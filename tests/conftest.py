@@ -17,9 +17,9 @@ os.environ["COGSURGEON_CACHE_DIR"] = tempfile.mkdtemp(prefix="cogsurgeon-test-ca
 
 
 def cli_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a CLI subprocess: this checkout first on the path, no colour codes, wide output."""
+    """The environment for a CLI subprocess: the installed cogsurgeon (nothing of the checkout on the path, so a
+    bare `import inspector` fails as it does for users), no colour codes, wide output."""
     environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
     environment["NO_COLOR"] = "1"
     environment["COLUMNS"] = "200"
     environment.update(extra or {})

@@ -223,6 +223,14 @@ def test_a_bad_dtype_is_refused_before_torch_is_imported():
     assert imported == []
 
 
+@pytest.mark.parametrize("command", ["trace", "plan"])
+@pytest.mark.parametrize("option", ["--frames", "--height", "--width", "--batch"])
+def test_a_size_below_one_is_refused_before_torch_is_imported(command, option):
+    completed, imported = run_cli_counting_imports(command, "tiny", option, "0")
+    assert_one_error_line(completed, f"Invalid value for '{option}': 0 is not in the range x>=1")
+    assert imported == []
+
+
 @pytest.mark.parametrize("size", [
     ("--frames", str(10**23)),  # latent frames past int64: torch.empty could not unpack the size
     ("--batch", str(10**20), "--frames", "9", "--height", "64", "--width", "64"),

@@ -192,6 +192,17 @@ def test_ctrl_c_stops_a_program_that_keeps_the_default_handler(tmp_path):
         _stop(run, child_pid)
 
 
+def test_a_program_started_with_sigint_ignored_keeps_it_ignored(tmp_path):
+    """As without `run`: a background job (SIGINT ignored by the shell) passes that on to the program."""
+    program = "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"
+    run = cogsurgeon_run("--patch", "causal-attention", "--", sys.executable, "-c", program, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert stdout.strip() == "True"
+
+
 def test_one_patch_given_twice_with_the_same_options_is_applied_once(tmp_path):
     """`--patch block-causal-attention --patch block-causal-attention:chunk=1` name the same patch with the same
     options: `run` accepts it, so the program must get it once, not a PatchAlreadyAppliedError at model build."""
@@ -205,3 +216,22 @@ def test_one_patch_given_twice_with_the_same_options_is_applied_once(tmp_path):
     stdout, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
     assert stdout.strip() == "{'block-causal-attention': {'chunk': 1, 'window': None, 'sink': 0}}"
+
+
+def test_checking_the_causal_patches_options_before_a_run_loads_no_torch(tmp_path):
+    """`run` checks every `--patch NAME:k=v` before it launches the program; for the causal-video patches that is a
+    torch-free check (the patterns live in `patches.patterns`), so a bad option is refused in an instant."""
+    script = (
+        "import sys\n"
+        "from cogsurgeon.patches.launcher import check_patch_names\n"
+        "check_patch_names(['block-causal-attention:chunk=3,window=4,sink=1', 'per-frame-timesteps:text_timestep=0'])\n"
+        "check_patch_names(['window-attention:window=2,chunk=2'])\n"
+        "try:\n"
+        "    check_patch_names(['block-causal-attention:window=2,sink=3'])\n"
+        "except Exception as error:\n"
+        "    print(type(error).__name__)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["PatchParameterError", "False"]

@@ -188,6 +188,10 @@ def test_bad_calls_are_typed_errors_naming_what_is_wrong():
     with pytest.raises(StreamError, match="chunk must be an integer >= 1"):
         with patches.streaming(model, chunk=0, height=HEIGHT, width=WIDTH):
             pass
+    # 72 pixels are 9 latent rows: diffusers' patch embedding would drop the last one and step would return 8
+    with pytest.raises(StreamError, match="height 72 is not a multiple of 16"):
+        with patches.streaming(model, chunk=1, height=72, width=WIDTH):
+            pass
     with patches.streaming(model, chunk=1, height=HEIGHT, width=WIDTH) as stream:
         with pytest.raises(StreamError, match="prefill"):
             stream.step(latents[:, :2], 500)
@@ -224,3 +228,20 @@ def test_trace_reports_the_cache_a_stream_holds():
                                frames=3) as stream:
             stream.prefill(text)
             assert stream.cache_bytes() == planned
+
+
+def test_a_prefill_that_fails_part_way_leaves_no_half_filled_cache():
+    model = tiny_model("tiny")
+    latents, text = video(model, 2)
+
+    def fail(module, args):
+        raise RuntimeError("out of memory (simulated)")
+
+    with patches.streaming(model, chunk=1, height=HEIGHT, width=WIDTH) as stream:
+        handle = model.transformer_blocks[1].register_forward_pre_hook(fail)  # layer 0 has stored its text K/V
+        with pytest.raises(RuntimeError, match="simulated"):
+            stream.prefill(text)
+        handle.remove()
+        assert stream.cache_bytes() == 0
+        stream.prefill(text)  # a second prefill is possible and complete
+        assert stream.step(latents[:, :1], 500).shape == latents[:, :1].shape

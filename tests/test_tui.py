@@ -225,6 +225,26 @@ async def test_details_show_the_shapes_traced_at_the_pipelines_default_size():
 
 
 @pilot_test
+async def test_the_roots_details_show_the_streaming_kv_cache_at_that_size():
+    from cogsurgeon.inspector.model_specs import tiny_config
+    from cogsurgeon.inspector.trace import format_bytes
+    from cogsurgeon.patches.stream import kv_cache_bytes
+
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await settle(pilot)
+        pilot.app.main_screen.go_to_module("")
+        await settle(pilot)
+        details = shown_text(app.query_one(ModuleDetails))
+        whole = kv_cache_bytes(tiny_config("tiny"), frames=3, height=64, width=64, batch=2, dtype_bytes=4)
+        assert "KV cache" in details and f"chunk 1: {format_bytes(whole)}" in details
+        pilot.app.main_screen.go_to_module("transformer_blocks.0.attn1")
+        await settle(pilot)
+        assert "KV cache" not in shown_text(app.query_one(ModuleDetails))  # the root's fact only
+
+
+@pilot_test
 async def test_filter_by_class_and_a_filter_that_matches_nothing():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:

@@ -20,6 +20,7 @@ MODEL_HELP = (
 
 # Checked by click before any command body runs, so a wrong value costs no torch import.
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
+POSITIVE = click.IntRange(min=1)  # video sizes and batches
 
 
 def print_json(value: Any) -> None:

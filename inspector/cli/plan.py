@@ -9,24 +9,19 @@ import sys
 
 import click
 
-from cogsurgeon.inspector.cli.output import print_json, stdout_console
+from cogsurgeon.inspector.cli.output import POSITIVE, print_json, stdout_console
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
           "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
-def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    if value is not None and value < 1:
-        raise click.BadParameter(f"must be at least 1, got {value}")
-    return value
-
 
 @click.command()
 @click.argument("model", required=False)
-@click.option("--frames", type=int, callback=_positive, help="Video frames (4k+1: 49, 81). Default: the model's.")
-@click.option("--height", type=int, callback=_positive, help="Video height in pixels. Default: the model's.")
-@click.option("--width", type=int, callback=_positive, help="Video width in pixels. Default: the model's.")
-@click.option("--batch", default=2, show_default=True, callback=_positive,
+@click.option("--frames", type=POSITIVE, help="Video frames (4k+1: 49, 81). Default: the model's.")
+@click.option("--height", type=POSITIVE, help="Video height in pixels. Default: the model's.")
+@click.option("--width", type=POSITIVE, help="Video width in pixels. Default: the model's.")
+@click.option("--batch", default=2, show_default=True, type=POSITIVE,
               help="The transformer's batch: 2 is one video with classifier-free guidance.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Weights' dtype. Default: the model's (bf16).")
 @click.option("--train", metavar="lora:RANK|full", help="Plan one training step instead of inference.")

@@ -12,24 +12,19 @@ from typing import TYPE_CHECKING
 
 import click
 
-from cogsurgeon.inspector.cli.output import print_json, stdout_console
+from cogsurgeon.inspector.cli.output import POSITIVE, print_json, stdout_console
 
 if TYPE_CHECKING:
     from cogsurgeon.inspector.trace import AttentionCall
 
 
-def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    if value < 1:
-        raise click.BadParameter(f"must be at least 1, got {value}")
-    return value
-
 
 @click.command()
 @click.argument("model", required=False)
-@click.option("--frames", default=49, show_default=True, callback=_positive, help="Video frames (4k+1: 49, 81).")
-@click.option("--height", default=480, show_default=True, callback=_positive, help="Video height in pixels.")
-@click.option("--width", default=720, show_default=True, callback=_positive, help="Video width in pixels.")
-@click.option("--batch", default=2, show_default=True, callback=_positive,
+@click.option("--frames", default=49, show_default=True, type=POSITIVE, help="Video frames (4k+1: 49, 81).")
+@click.option("--height", default=480, show_default=True, type=POSITIVE, help="Video height in pixels.")
+@click.option("--width", default=720, show_default=True, type=POSITIVE, help="Video width in pixels.")
+@click.option("--batch", default=2, show_default=True, type=POSITIVE,
               help="The transformer's batch: 2 is one video with classifier-free guidance.")
 @click.option("--all", "show_all", is_flag=True,
               help="Show every attention call and every module's shapes; without it identical blocks are folded.")

@@ -325,7 +325,8 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         patched = info.name in self.loaded.changed_modules()
         config = self.loaded.config if info.name == "" else None
         shapes = self.traced.of(info.name) if self.traced is not None else None
-        self.query_one(ModuleDetails).show(info, patched, config, shapes)
+        kv_cache = self.traced.kv_cache if self.traced is not None and info.name == "" else None
+        self.query_one(ModuleDetails).show(info, patched, config, shapes, kv_cache)
         if self.loaded.model is None:  # a cached preview: the classes are not imported yet
             self.query_one(SourceView).waiting("importing the model's code: the source appears when it is loaded")
         else:

@@ -438,8 +438,10 @@ class ModuleDetails(Static):
         patched: bool,
         config: dict[str, Any] | None = None,
         shapes: tuple[str, str, str] | None = None,
+        kv_cache: str | None = None,
     ) -> None:
-        """`shapes`: (video size traced at, inputs, outputs) as the core formatted them, when traced."""
+        """`shapes`: (video size traced at, inputs, outputs) as the core formatted them, when traced; `kv_cache`: what
+        a streaming KV cache holds at that size (the root only)."""
         location = display_path(info.file) + (f":{info.line}" if info.line else "")
         facts: list[tuple[str | Text, str | Text]] = [
             ("module", info.name or "(root)"),
@@ -458,6 +460,8 @@ class ModuleDetails(Static):
         if shapes is not None:
             size, inputs, outputs = shapes
             facts += [("traced at", size), ("inputs", inputs), ("outputs", outputs)]
+        if kv_cache:
+            facts.append(("KV cache", kv_cache))
         grid = facts_table(facts)
         if not config:
             self.update(grid)
