@@ -220,7 +220,7 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
             hasher = None
             try:
                 with shard.open("rb") as source:
-                    path.touch()
+                    # not created here first: ext4 flushes a file truncated and rewritten (auto_da_alloc) on close
                     hasher = TrailingHash(path, len(encode_header(tensors, header.metadata)))
                     write_safetensors(path, tensors, header.metadata, source=source,
                                       progress=_Following(tracker, hasher))
@@ -318,7 +318,8 @@ class TrailingHash:
     CHUNK = 64 * 1024 * 1024
 
     def __init__(self, path: Path, header_bytes: int) -> None:
-        self.descriptor = os.open(path, os.O_RDONLY)
+        self.path = path
+        self.descriptor = -1  # opened once the writer has written something (the file exists then)
         self.digest = new_hash(hash_for(MERGE))
         self.condition = threading.Condition()
         self.header_bytes = header_bytes
@@ -344,6 +345,8 @@ class TrailingHash:
                     if self.stopped or (self.ending and self.done >= self.target):
                         return
                     target = self.target
+                if self.descriptor < 0:
+                    self.descriptor = os.open(self.path, os.O_RDONLY)
                 while self.done < target and not self.stopped:
                     self.done += self._hash_mapped(min(self.CHUNK, target - self.done))
         except BaseException as exc:  # noqa: BLE001 - handed to the writer's thread in finish()
@@ -376,10 +379,9 @@ class TrailingHash:
             self.stopped = True
             self.condition.notify()
         self.thread.join()
-        try:
+        if self.descriptor >= 0:
             os.close(self.descriptor)
-        except OSError:
-            pass
+            self.descriptor = -1
 
 
 class _Following:
