@@ -359,3 +359,15 @@ def kijai_merge(transformer, lora_path: Path, multiplier: float = 1.0):
 def tree_digest(path: Path) -> dict[str, str]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def peft_folder(trained, folder: Path) -> Path:
+    """A trained tiny LoRA saved as a PEFT adapter folder (`base_model.model.` keys, adapter_config.json)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in get_peft_model_state_dict(trained.model).items()},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    trained.model.peft_config["default"].save_pretrained(str(folder))
+    return folder

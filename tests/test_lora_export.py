@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_trainers import base_model, kijai_merge, run, train
+from lora_trainers import base_model, kijai_merge, peft_folder, run, train
 
 pytestmark = pytest.mark.diffusers_versions
 
@@ -21,16 +21,6 @@ ATOL = 1e-5
 def trained():
     """Mixed ranks and a per-module alpha, saved as a PEFT folder (adapter_config.json holds both patterns)."""
     return train("tiny-i2v", 4, 6, rank_pattern={"to_v": 2}, alpha_pattern={"to_out.0": 3}, seed=7)
-
-
-def peft_folder(trained, folder: Path) -> Path:
-    from peft.utils import get_peft_model_state_dict
-
-    folder.mkdir(parents=True)
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in get_peft_model_state_dict(trained.model).items()},
-              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    trained.model.peft_config["default"].save_pretrained(str(folder))
-    return folder
 
 
 def test_every_consumer_reproduces_the_trained_model(trained, tmp_path):

@@ -9,22 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from lora_trainers import run, train
+from lora_trainers import peft_folder, run, train
 
 pytestmark = pytest.mark.diffusers_versions
 MERGE_MANIFEST = "cogsurgeon-merge.json"
-
-
-def peft_folder(trained, folder: Path) -> Path:
-    from peft.utils import get_peft_model_state_dict
-
-    folder.mkdir(parents=True)
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in get_peft_model_state_dict(trained.model).items()},
-              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    trained.model.peft_config["default"].save_pretrained(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")
