@@ -15,7 +15,7 @@ import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
@@ -210,8 +210,7 @@ class PhasePeak:
     resident_bytes: int = 0  # live when the phase starts (weights, inputs, optimizer state): memory_allocated() then
 
     def to_json(self) -> dict[str, Any]:
-        return {"phase": self.phase, "peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown),
-                "peak_at": self.peak_at, "resident_bytes": self.resident_bytes}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -223,7 +222,7 @@ class Suggestion:
     fits: bool | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"switch": self.switch, "peak_bytes": self.peak_bytes, "fits": self.fits}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -243,10 +242,7 @@ class PlanSettings:
     tiling: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "frames": self.frames, "height": self.height, "width": self.width,
-                "batch": self.batch, "dtype": self.dtype, "train": self.train.label() if self.train else None,
-                "checkpointing": self.checkpointing, "patches": list(self.patches), "vae": self.vae,
-                "tiling": self.tiling}
+        return {**asdict(self), "train": self.train.label() if self.train else None, "patches": list(self.patches)}
 
 
 @dataclass(frozen=True)

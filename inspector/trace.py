@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Union
 
@@ -47,15 +47,7 @@ class AttentionCall:
     is_causal: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "module": self.module,
-            "query": list(self.query),
-            "key": list(self.key),
-            "value": list(self.value),
-            "output": list(self.output),
-            "attn_mask": None if self.attn_mask is None else list(self.attn_mask),
-            "is_causal": self.is_causal,
-        }
+        return shape_to_json(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -67,8 +59,7 @@ class ModuleShapes:
     calls: int = 1
 
     def to_json(self, name: str) -> dict[str, Any]:
-        return {"name": name, "inputs": shape_to_json(self.inputs), "outputs": shape_to_json(self.outputs),
-                "calls": self.calls}
+        return {"name": name, **shape_to_json(asdict(self))}
 
 
 @dataclass(frozen=True)
@@ -90,14 +81,7 @@ class MaskMemory:
     patch_bytes: int | None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "patch": self.patch,
-            "explicit_mask_shape": list(self.explicit_mask_shape),
-            "explicit_mask_dtype": self.explicit_mask_dtype,
-            "explicit_mask_bytes": self.explicit_mask_bytes,
-            "broadcast_mask_bytes": self.broadcast_mask_bytes,
-            "patch_bytes": self.patch_bytes,
-        }
+        return shape_to_json(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -251,6 +235,7 @@ def shape_of(value: Any) -> Shape:
 
 
 def shape_to_json(shape: Any) -> Any:
+    """A shape (or a dict of them, e.g. a dataclass as `asdict` gives it) with every tuple as a JSON list."""
     if isinstance(shape, dict):
         return {key: shape_to_json(item) for key, item in shape.items()}
     if isinstance(shape, tuple):
