@@ -234,11 +234,15 @@ def module_ranks(a_shapes: dict[str, tuple[int, ...]], b_shapes: dict[str, tuple
 
 def rank_and_pattern(ranks: dict[str, int]) -> tuple[int | None, dict[str, int]]:
     """The most common rank (ties: the larger) and the modules whose rank differs from it, as PEFT's rank_pattern."""
-    if not ranks:
-        return None, {}
-    counts = Counter(ranks.values())
-    rank = max(counts, key=lambda value: (counts[value], value))
-    return rank, {module: value for module, value in sorted(ranks.items()) if value != rank}
+    return most_common_and_pattern(ranks) if ranks else (None, {})
+
+
+def most_common_and_pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The most common of per-module `values` (ties: the larger), and the modules whose value differs, sorted: how
+    a per-module rank or kohya alpha becomes PEFT's r and rank_pattern (lora_alpha and alpha_pattern)."""
+    counts = Counter(values.values())
+    common = max(counts, key=lambda value: (counts[value], value))
+    return common, {module: value for module, value in sorted(values.items()) if value != common}
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.user_files import expand_user, is_folder, is_regular_file, read_json
 from cogsurgeon.tools.lora.keys import module_value
-from cogsurgeon.tools.lora.repair import (
+from cogsurgeon.tools.lora.export import (
     DIFFUSERS_KEY_PREFIX,
     DIFFUSERS_WEIGHTS_NAME,
     PEFT_CONFIG_NAME,
@@ -256,7 +256,7 @@ def _median(values: list[float]) -> float | None:
 def adapter_shapes(folder: Path) -> list[tuple[str, str, tuple[int, ...]]]:
     """(module, A|B, shape) of the adapter's PEFT weights, from the safetensors header alone."""
     from cogsurgeon.tools.lora.keys import parse_lora_key
-    from cogsurgeon.tools.lora.safetensors_io import read_header
+    from cogsurgeon.inspector.safetensors_header import read_header
 
     shapes = []
     for entry in read_header(folder / PEFT_WEIGHTS_NAME).tensors:
