@@ -296,11 +296,9 @@ def read_checkpoint(
 RawEntry = tuple[str, str, tuple[int, ...], int, int | None, Callable[[], Any] | None]  # key, dtype, shape, bytes, start, payload
 
 
-def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Path | None, format_name: str | None,
-              folder_names: tuple[str, str] = ("", ""), accelerate_state: bool = False,
-              peft_config_beside: bool = False) -> RawCheckpoint:
-    """Sort raw entries into LoRA weights (by the key grammar), DoRA and other tensors, and name the format."""
-    raw = RawCheckpoint([], [], [], set(), set(), metadata, "", {}, source_file)
+def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Path | None, format_name: str) -> RawCheckpoint:
+    """Sort raw entries into LoRA weights (by the key grammar), DoRA and other tensors."""
+    raw = RawCheckpoint([], [], [], set(), set(), metadata, format_name, {}, source_file)
     for key, dtype, shape, nbytes, start, payload in entries:
         parsed = parse_lora_key(key)
         if parsed is None:
@@ -309,19 +307,17 @@ def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Pa
         raw.adapters.add(parsed.adapter)
         raw.prefixes.add(key_prefix(key))
         raw.entries.append((key, LoraTensor(parsed.module, parsed.part, dtype, shape, nbytes, start, payload)))
-    raw.format_name = format_name or detect_format(
-        file_name=folder_names[0], folder_name=folder_names[1], prefixes=raw.prefixes, adapters=raw.adapters,
-        metadata_keys=set(metadata), accelerate_state=accelerate_state, peft_config_beside=peft_config_beside,
-    )
     return raw
 
 
 def _read_safetensors(tensor_file: Path) -> RawCheckpoint:
     header = read_header(tensor_file)
     folder = tensor_file.parent
-    raw = _classify(
-        [(e.name, e.dtype, e.shape, e.nbytes, e.start, None) for e in header.tensors], header.metadata, tensor_file,
-        None, folder_names=(tensor_file.name, folder.name),
+    entries = [(e.name, e.dtype, e.shape, e.nbytes, e.start, None) for e in header.tensors]
+    raw = _classify(entries, header.metadata, tensor_file, format_name="")  # named below, from its keys
+    raw.format_name = detect_format(
+        file_name=tensor_file.name, folder_name=folder.name, prefixes=raw.prefixes, adapters=raw.adapters,
+        metadata_keys=set(header.metadata),
         accelerate_state=any(ACCELERATE_STATE.match(p.name) for p in list_folder(folder)),
         peft_config_beside=is_regular_file(folder / "adapter_config.json"),
     )

@@ -61,10 +61,7 @@ def lora_config(report: LoraReport, *, baked: bool = False) -> dict[str, Any]:
     """The LoraConfig of the repaired adapter. target_modules are full module names, so that the adapter goes
     exactly where it was trained and nowhere else; ranks and alpha per module follow PEFT's patterns. Baked:
     lora_alpha = r everywhere (scale 1.0), alpha/r being inside lora_B."""
-    alpha: float | int | None = report.alpha
-    alpha_pattern: dict[str, Any] = dict(report.alpha_pattern)
-    if baked:
-        alpha, alpha_pattern = report.rank, dict(report.rank_pattern)
+    alpha, alpha_pattern = (report.rank, report.rank_pattern) if baked else (report.alpha, report.alpha_pattern)
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -72,7 +69,7 @@ def lora_config(report: LoraReport, *, baked: bool = False) -> dict[str, Any]:
         "r": report.rank,
         "lora_alpha": alpha,
         "rank_pattern": dict(report.rank_pattern),
-        "alpha_pattern": alpha_pattern,
+        "alpha_pattern": dict(alpha_pattern),
         "target_modules": list(report.modules),
         "lora_dropout": 0.0,
         "bias": "none",

@@ -316,33 +316,28 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_work(out: Path) -> list[Path]:
+def remove_stale_work(out: Path) -> None:
     """Remove the `.NAME.partial-PID-*` / `.NAME.old-PID-*` folders of `out` left by processes that died (SIGKILL,
     a power cut); called with the output's lock held, so no live repair of this output owns one."""
-    removed = []
     try:
         entries = list(out.parent.iterdir())
     except OSError:
-        return removed
+        return
     for entry in entries:
         match = _HIDDEN_WORK.match(entry.name)
         if match is None or match["name"] != out.name or _process_alive(int(match["pid"])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
 
 
 def _hidden_folder(out: Path, kind: str) -> Path:
     """A new empty folder `.NAME.KIND-PID-RANDOM` beside `out`, created with the usual permissions (umask)."""
     for _ in range(100):
         candidate = out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
+        with suppress(FileExistsError):
             os.mkdir(candidate, 0o777)
             return candidate
-        except FileExistsError:
-            continue
     raise OutputError(f"cannot create a staging folder beside {out}")
 
 
@@ -384,15 +379,15 @@ def _terminating_signals_raise() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+@dataclass
 class Publication:
     """One repair's way to `out`: `staging` is where its files go; `publish()` moves them into place."""
 
-    def __init__(self, out: Path, staging: Path, expected: EarlierRepair | None, kind: OutputKind = REPAIR) -> None:
-        self.out = out
-        self.staging = staging
-        self.expected = expected  # the earlier output --force replaces, as checked under the lock
-        self.kind = kind
-        self.published = False
+    out: Path
+    staging: Path
+    expected: EarlierRepair | None  # the earlier output --force replaces, as checked under the lock
+    kind: OutputKind = REPAIR
+    published: bool = False
 
     def publish(self, hashes: dict[str, str] | None = None) -> list[str]:
         """Write the manifest (last), then move the staging folder to `out` atomically, re-checking `out`: absent

@@ -8,6 +8,7 @@ never over anything but an unchanged earlier repair).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,23 +115,17 @@ def repair_checkpoint(
     files_to_write = output_files(checkpoint, consumers, bake_scale=bake_scale)
     tracker = Progress(sum(t.nbytes for f in files_to_write for t in f.tensors), progress)
     with publication(out, force=force) as target:
-        staging = target.staging
-        source = checkpoint.source_file.open("rb") if checkpoint.source_file is not None else None
-        try:
+        with (checkpoint.source_file.open("rb") if checkpoint.source_file is not None else nullcontext()) as source:
             for output in files_to_write:
+                path = target.staging / output.name
                 if output.text is not None:
-                    (staging / output.name).write_text(output.text)
-                else:
-                    write_safetensors(staging / output.name, list(output.tensors), output.metadata or {},
-                                      source=source, progress=tracker)
-        finally:
-            if source is not None:
-                source.close()
-        for output in files_to_write:  # what the loaders will read, asked of the safetensors library itself
-            rejection = None if output.text is not None else library_rejection(staging / output.name)
-            if rejection is not None:
-                raise OutputError(f"the repaired {output.name} would not load (safetensors: {rejection}); "
-                                  "nothing was written")
+                    path.write_text(output.text)
+                    continue
+                write_safetensors(path, list(output.tensors), output.metadata or {}, source=source, progress=tracker)
+                rejection = library_rejection(path)  # what the loaders will read, asked of the safetensors library
+                if rejection is not None:
+                    raise OutputError(f"the repaired {output.name} would not load (safetensors: {rejection}); "
+                                      "nothing was written")
         published = target.publish()
     files = tuple(str(out / name) for name in published)
     return RepairResult(str(out), files, report, tracker.done)
