@@ -128,14 +128,14 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         with VerticalScroll(id="lora"):
-            yield Label("1. Checkpoint", classes="lora-label")
-            with Horizontal(classes="lora-row"):
+            yield Label("1. Checkpoint", classes="form-label")
+            with Horizontal(classes="form-row"):
                 yield Input(placeholder="a .safetensors file, a checkpoint-N folder or a SAT iteration folder",
                             id="lora-checkpoint")
                 yield Button("Inspect", id="lora-inspect")
             yield Static(Text("enter a checkpoint path and press Enter", style="dim"), id="lora-findings")
-            yield Label("2. Repair into an adapter folder", classes="lora-label")
-            with Horizontal(classes="lora-row"):
+            yield Label("2. Repair into an adapter folder", classes="form-label")
+            with Horizontal(classes="form-row"):
                 yield Input(placeholder="lora_alpha", id="lora-alpha")
                 yield Input(placeholder="output folder (must not exist)", id="lora-out")
                 yield Button("Repair", id="lora-repair", disabled=True)
@@ -144,8 +144,8 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
             # determinate from the start (an indeterminate bar animates, and says nothing here)
             yield ProgressBar(total=1, id="lora-progress", show_eta=False)
             yield Static(id="lora-repair-result")
-            yield Label("3. Verify against a base model", classes="lora-label")
-            with Horizontal(classes="lora-row"):
+            yield Label("3. Verify against a base model", classes="form-label")
+            with Horizontal(classes="form-row"):
                 yield Input(value=default_base(self.base_spec),
                             placeholder=f"base MODEL with weights: a local folder, a cached hub id or {TINY_SPECS[0]} "
                                         "(published configs load without weights)",

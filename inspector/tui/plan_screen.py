@@ -55,13 +55,13 @@ class PlanScreen(Screen[None]):
         frames, height, width = self.video_size
         yield Header()
         with VerticalScroll(id="plan"):
-            yield Label(f"Plan GPU memory for {self.spec}", classes="plan-label")
-            with Horizontal(classes="plan-row"):
+            yield Label(f"Plan GPU memory for {self.spec}", classes="form-label")
+            with Horizontal(classes="form-row"):
                 yield Input(value=f"{frames}x{height}x{width}", placeholder="FRAMESxHEIGHTxWIDTH", id="plan-size")
                 yield Input(value="2", placeholder="batch", id="plan-batch")
                 yield Input(placeholder="train: lora:RANK or full (empty: inference)", id="plan-train")
                 yield Input(placeholder="GPU memory, e.g. 80GiB", id="plan-gpu")
-            with Horizontal(classes="plan-row"):
+            with Horizontal(classes="form-row"):
                 yield Checkbox("checkpointing", id="plan-checkpointing")
                 yield Checkbox("VAE decode", id="plan-vae")
                 yield Checkbox("tiling", id="plan-tiling")
