@@ -342,9 +342,10 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
     def action_focus_patches(self) -> None:
         self.query_one("#patches-table").focus()
 
-    @on(PatchesPanel.ToggleRequested)
-    def _toggle_patch(self, event: PatchesPanel.ToggleRequested) -> None:
-        self.toggle_patch(event.name)
+    @on(PatchesPanel.Requested)
+    def _patch_requested(self, event: PatchesPanel.Requested) -> None:
+        handlers = {"toggle": self.toggle_patch, "verify": self.verify_patch, "options": self.edit_patch_options}
+        handlers[event.what](event.name)
 
     def toggle_patch(self, name: str, apply: bool | None = None) -> None:
         """Apply `name` (or revert it when it is on); `apply` forces one direction."""
@@ -362,10 +363,10 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         # watcher does not run): the state column is refreshed here in any case
         self.refresh_patches()
 
-    @on(PatchesPanel.OptionsRequested)
-    def _options_requested(self, event: PatchesPanel.OptionsRequested) -> None:
+    def edit_patch_options(self, name: str) -> None:
+        """Open the options dialog of patch `name`; what it sets is applied by `set_patch_options`."""
         model = self.loaded.model if self.loaded is not None else None
-        row = next(row for row in self.patch_bench.rows(model) if row.name == event.name)
+        row = next(row for row in self.patch_bench.rows(model) if row.name == name)
         if not row.parameters:
             self.notify(f"{row.name} takes no parameters", title="patch options")
             return
@@ -388,10 +389,6 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         if model is not None:
             self.loaded = self.loaded.refreshed()
         self.refresh_patches()
-
-    @on(PatchesPanel.VerifyRequested)
-    def _verify_requested(self, event: PatchesPanel.VerifyRequested) -> None:
-        self.verify_patch(event.name)
 
     def verify_patch(self, name: str) -> None:
         scope = self.patch_bench.verify_scope()
