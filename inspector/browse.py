@@ -6,7 +6,7 @@ Pure values and small functions over the core (loading, inventory); the TUI rend
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,7 @@ class LoadedModel:
 
     def refreshed(self) -> LoadedModel:
         """The same model re-inventoried (after a patch swapped processors)."""
-        return LoadedModel(
-            self.spec, self.title, self.model, tuple(module_inventory(self.model)), self.config,
-            self.original_processors,
-        )
+        return replace(self, infos=tuple(module_inventory(self.model)))
 
     def changed_modules(self) -> set[str]:
         """Names of the modules whose processor differs from the one they were loaded with."""

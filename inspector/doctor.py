@@ -15,9 +15,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.loading import build_tiny
 
 Status = Literal["present", "absent", "error"]
 
@@ -33,7 +36,7 @@ the cogsurgeon command that fixes or avoids the pitfall, is given only when it i
     fix: str | None
 
     def to_json(self) -> dict[str, str | None]:
-        return {"id": self.id, "status": self.status, "detail": self.detail, "fix": self.fix}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,6 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(previous)
 
 
-def _tiny_model(name: str = "tiny"):
-    from cogsurgeon.inspector.loading import build_tiny
-
-    return build_tiny(name)
-
-
 def _tiny_inputs(model, batch: int = 1) -> dict[str, Any]:
     """Seeded CPU inputs for a tiny model at its pipelines' default size."""
     from cogsurgeon.inspector.geometry import default_video_size, pipeline_inputs
@@ -85,7 +82,7 @@ def probe_mask_pad_length() -> tuple[bool, str]:
     """Ask the Attention class CogVideoX uses to pad a length-3 mask to target length 5."""
     import torch
 
-    attention = _tiny_model().transformer_blocks[0].attn1
+    attention = build_tiny("tiny").transformer_blocks[0].attn1
     batch, current_length, target_length = 1, 3, 5
     mask = torch.zeros(batch, 1, current_length)
     prepared = attention.prepare_attention_mask(mask, target_length, batch)
@@ -104,7 +101,7 @@ def probe_fused_processor_text_length() -> tuple[bool, str]:
     """Run the fused processor with a mask and see which target length it asks `prepare_attention_mask` for."""
     import torch
 
-    model = _tiny_model()
+    model = build_tiny("tiny")
     model.fuse_qkv_projections()
     attention = model.transformer_blocks[0].attn1
     processor = attention.processor
@@ -142,7 +139,7 @@ def probe_block_drops_attention_kwargs() -> tuple[bool, str]:
     """Run a tiny model with `attention_kwargs` and a processor that records what reaches it."""
     import torch
 
-    model = _tiny_model()
+    model = build_tiny("tiny")
     token = object()
     received: list[Any] = []
 
@@ -181,7 +178,7 @@ def probe_attention_backend_ignored() -> tuple[bool, str]:
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
 
-    model = _tiny_model()
+    model = build_tiny("tiny")
     if not hasattr(model, "set_attention_backend"):
         return False, "this diffusers has no set_attention_backend; there is no backend setting to be ignored"
 
@@ -242,12 +239,12 @@ def probe_lora_alpha_lost() -> tuple[bool, str]:
     from peft.utils import get_peft_model_state_dict
 
     rank, lora_alpha = 4, 2
-    trained = _tiny_model()
+    trained = build_tiny("tiny")
     trained.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with tempfile.TemporaryDirectory(prefix="cogsurgeon-doctor-") as folder:
         # The trainer's save: the PEFT state dict through save_lora_weights, nothing else.
         CogVideoXPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(trained))
-        reloaded = _tiny_model()
+        reloaded = build_tiny("tiny")
         pipeline = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=reloaded, scheduler=None)
         pipeline.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors", adapter_name="probe")
     scaling = reloaded.transformer_blocks[0].attn1.to_q.scaling["probe"]
@@ -372,8 +369,6 @@ def run_probe(probe: Probe) -> Finding:
 def run_doctor(ids: tuple[str, ...] | None = None,
                progress: Callable[[Probe], None] | None = None) -> list[Finding]:
     """Run the probes (all, or those named in `ids`, in PROBES order) and return their findings."""
-    from cogsurgeon.inspector.errors import CogsurgeonError
-
     if ids:
         unknown = sorted(set(ids) - set(PROBE_IDS))
         if unknown:

@@ -106,9 +106,10 @@ def tokens_per_frame(config: Config, latent_height: int, latent_width: int) -> i
     return (latent_height // patch) * (latent_width // patch)
 
 
-def latent_geometry(config: Config, frames: int, height: int, width: int) -> LatentGeometry:
-    """The latent video for a video size, or a `VideoSizeError` saying why the model cannot take that size."""
-    for label, value in (("frames", frames), ("height", height), ("width", width)):
+def latent_geometry(config: Config, frames: int, height: int, width: int, batch: int = 1) -> LatentGeometry:
+    """The latent video for a video size, or a `VideoSizeError` saying why the model cannot take that size (or
+    `batch`, checked here too, is not a positive whole number)."""
+    for label, value in (("batch", batch), ("frames", frames), ("height", height), ("width", width)):
         if not isinstance(value, int) or value < 1:
             raise VideoSizeError(f"{label} must be a positive whole number, got {value!r}")
     patch_size = int(config.get("patch_size", 2))

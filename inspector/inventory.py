@@ -40,14 +40,6 @@ class ModuleInfo:
     processor: str | None
     processor_module: str | None = None
 
-    @property
-    def depth(self) -> int:
-        return 0 if not self.name else self.name.count(".") + 1
-
-    @property
-    def short_name(self) -> str:
-        return self.name.rsplit(".", 1)[-1] if self.name else "(root)"
-
     def to_json(self) -> dict[str, Any]:
         """The JSON row of `cogsurgeon modules --json` (DESIGN's contract: "class", "params", ...)."""
         return {
@@ -113,20 +105,12 @@ def module_inventory(model: nn.Module) -> list[ModuleInfo]:
     own_dtypes: dict[str, set[str]] = {}
     own_devices: dict[str, set[str]] = {}
     for name, module in named:
-        count = 0
-        dtypes: set[str] = set()
-        devices: set[str] = set()
-        for tensor in module.parameters(recurse=False):
-            count += tensor.numel()
-            dtypes.add(str(tensor.dtype).removeprefix("torch."))
-            devices.add(str(tensor.device))
-        if count == 0:  # parameter-free modules report where their buffers live, if they have any
-            for tensor in module.buffers(recurse=False):
-                dtypes.add(str(tensor.dtype).removeprefix("torch."))
-                devices.add(str(tensor.device))
-        own_counts[name] = count
-        own_dtypes[name] = dtypes
-        own_devices[name] = devices
+        tensors = list(module.parameters(recurse=False))
+        own_counts[name] = sum(tensor.numel() for tensor in tensors)
+        if own_counts[name] == 0:  # parameter-free modules report where their buffers live, if they have any
+            tensors += module.buffers(recurse=False)
+        own_dtypes[name] = {str(tensor.dtype).removeprefix("torch.") for tensor in tensors}
+        own_devices[name] = {str(tensor.device) for tensor in tensors}
 
     totals = dict(own_counts)
     subtree_dtypes = {name: set(values) for name, values in own_dtypes.items()}
@@ -192,14 +176,13 @@ def inventory_for_spec(spec: str | None, dtype: str | None = None, use_cache: bo
     from cogsurgeon.inspector.loading import load_transformer
     from cogsurgeon.inspector.model_specs import resolve_spec
 
-    resolved = resolve_spec(spec)
-    if resolved.kind not in ("published", "tiny") or not use_cache:
-        return module_inventory(load_transformer(resolved.spec, dtype=dtype))
     from cogsurgeon.inspector import inventory_cache
 
-    cached = inventory_cache.load_cached_inventory(resolved.spec, dtype)
-    if cached is not None:
-        return cached
-    infos = module_inventory(load_transformer(resolved.spec, dtype=dtype))
-    inventory_cache.store_inventory(resolved.spec, dtype, infos)
+    resolved = resolve_spec(spec)
+    cached = use_cache and resolved.kind in ("published", "tiny")
+    infos = inventory_cache.load_cached_inventory(resolved.spec, dtype) if cached else None
+    if infos is None:
+        infos = module_inventory(load_transformer(resolved.spec, dtype=dtype))
+        if cached:
+            inventory_cache.store_inventory(resolved.spec, dtype, infos)
     return infos

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import suppress
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
@@ -126,7 +127,5 @@ def store_inventory(spec: str, dtype: str | None, infos: list[ModuleInfo]) -> No
         return
     finally:
         if temporary is not None:
-            try:
+            with suppress(OSError):
                 os.unlink(temporary)
-            except OSError:
-                pass

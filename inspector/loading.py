@@ -13,7 +13,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,36 +105,31 @@ def build_on_meta(config: dict[str, Any], dtype: str | torch.dtype | None = None
     import torch
 
     check_config_size(config, "the config")
-    cls = transformer_class()
-    resolved = _torch_dtype(dtype)
-    with torch.device("meta"), _default_dtype(resolved):
-        model = cls.from_config(config)
-    if resolved is not None:
-        _cast_float_buffers(model, resolved)
-    return model.eval()
+    return _build(config, dtype, torch.device("meta"))
 
 
 def build_tiny(name: str, dtype: str | torch.dtype | None = None) -> CogVideoXTransformer3DModel:
     """A tiny model with weights drawn from a fixed seed, leaving the caller's RNG state as it was."""
     import torch
 
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return _build(tiny_config(name), dtype, nullcontext())
+
+
+def _build(config: dict[str, Any], dtype: str | torch.dtype | None, device: Any) -> CogVideoXTransformer3DModel:
+    """`from_config` within `device` (a context), parameters created in `dtype`; floating buffers (the sincos
+    position table is built in float64) then brought to it, as a load of saved weights in that dtype would
+    (`ModelMixin.to` would also do it, but warns about fp32 modules)."""
     cls = transformer_class()
     resolved = _torch_dtype(dtype)
-    with torch.random.fork_rng(devices=[]), _default_dtype(resolved):
-        torch.manual_seed(TINY_SEED)
-        model = cls.from_config(tiny_config(name))
-    if resolved is not None:
-        _cast_float_buffers(model, resolved)
-    return model.eval()
-
-
-def _cast_float_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Bring floating buffers (the sincos position table is built in float64) to the model's dtype, as a load of
-    saved weights in that dtype would; `ModelMixin.to` would also do it, but warns about fp32 modules."""
+    with device, _default_dtype(resolved):
+        model = cls.from_config(config)
     for module in model.modules():
         for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
-                module._buffers[name] = buffer.to(dtype)
+            if resolved is not None and buffer is not None and buffer.is_floating_point() and buffer.dtype != resolved:
+                module._buffers[name] = buffer.to(resolved)
+    return model.eval()
 
 
 def find_transformer_folder(root: Path) -> Path:

@@ -15,10 +15,11 @@ import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.trace import module_stack
 
 if TYPE_CHECKING:
     import torch
@@ -52,15 +53,13 @@ class PlanError(CogsurgeonError):
 # Pure arithmetic
 
 
-def allocator_bytes(nbytes: int) -> int:
-    """Bytes the CUDA caching allocator books for a request: 0 for an empty tensor, else whole 512-byte blocks."""
-    if nbytes <= 0:
-        return 0
-    return -(-nbytes // ALLOCATOR_BLOCK_BYTES) * ALLOCATOR_BLOCK_BYTES
-
-
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def allocator_bytes(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator books for a request: 0 for an empty tensor, else whole 512-byte blocks."""
+    return round_up(max(nbytes, 0), ALLOCATOR_BLOCK_BYTES)
 
 
 def flash_backward_workspace_bytes(batch: int, heads: int, query_length: int, head_dim: int) -> int:
@@ -210,8 +209,7 @@ class PhasePeak:
     resident_bytes: int = 0  # live when the phase starts (weights, inputs, optimizer state): memory_allocated() then
 
     def to_json(self) -> dict[str, Any]:
-        return {"phase": self.phase, "peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown),
-                "peak_at": self.peak_at, "resident_bytes": self.resident_bytes}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -223,7 +221,7 @@ class Suggestion:
     fits: bool | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"switch": self.switch, "peak_bytes": self.peak_bytes, "fits": self.fits}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -243,10 +241,7 @@ class PlanSettings:
     tiling: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "frames": self.frames, "height": self.height, "width": self.width,
-                "batch": self.batch, "dtype": self.dtype, "train": self.train.label() if self.train else None,
-                "checkpointing": self.checkpointing, "patches": list(self.patches), "vae": self.vae,
-                "tiling": self.tiling}
+        return {**asdict(self), "train": self.train.label() if self.train else None, "patches": list(self.patches)}
 
 
 @dataclass(frozen=True)
@@ -351,7 +346,7 @@ class MemoryAccounting:
 
     @contextmanager
     def active(self, *modules: nn.Module) -> Iterator[None]:
-        with _module_names(modules, self.stack), self._function_mode(), self._dispatch_mode():
+        with module_stack(modules, self.stack), self._function_mode(), self._dispatch_mode():
             yield
 
     def _dispatch_mode(self):
@@ -433,33 +428,6 @@ def _sdpa_as_on_gpu(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     return torch.ops.aten._scaled_dot_product_efficient_attention(
         query, key, value, attn_mask, needs_grad and torch.is_grad_enabled(), dropout_p, is_causal, scale=scale
     )[0]
-
-
-@contextmanager
-def _module_names(modules: Sequence[nn.Module], stack: list[str]) -> Iterator[None]:
-    """Forward hooks keeping `stack` as the chain of modules running now; only the hooks added here are removed."""
-    handles = []
-
-    def make(name: str):
-        def before(module, args):
-            stack.append(name)
-
-        def after(module, args, output):
-            if stack and stack[-1] == name:
-                stack.pop()
-
-        return before, after
-
-    try:
-        for root in modules:
-            for name, module in root.named_modules():
-                before, after = make(name)
-                handles.append(module.register_forward_pre_hook(before))
-                handles.append(module.register_forward_hook(after))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -699,23 +667,18 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     `"lora:RANK"` or `"full"`; `vae` adds the decode of the run's latents with the transformer still resident.
     With `gpu_memory`, says whether it fits and, if not, which single switch would make it fit.
     """
-    from cogsurgeon.inspector.loading import _torch_dtype
-    from cogsurgeon.inspector.model_specs import PUBLISHED_DTYPES, published_config, resolve_spec, tiny_config
-    from cogsurgeon.inspector.geometry import VideoSizeError, latent_geometry
+    from pathlib import Path
+
+    from cogsurgeon.inspector.geometry import latent_geometry
+    from cogsurgeon.inspector.loading import _torch_dtype, find_transformer_folder, read_config
+    from cogsurgeon.inspector.model_specs import PUBLISHED_DTYPES, builtin_config, resolve_spec
 
     resolved = resolve_spec(spec)
-    if resolved.kind == "published":
-        config = published_config(resolved.spec)
-    elif resolved.kind == "tiny":
-        config = tiny_config(resolved.spec)
+    if resolved.kind in ("published", "tiny"):
+        config = builtin_config(resolved.spec)
     else:
-        from cogsurgeon.inspector.loading import find_transformer_folder, read_config
-        from pathlib import Path
-
         config = read_config(find_transformer_folder(Path(resolved.spec)) / "config.json")
-    if not isinstance(batch, int) or batch < 1:
-        raise VideoSizeError(f"batch must be a positive whole number, got {batch!r}")
-    latent_geometry(config, frames, height, width)
+    latent_geometry(config, frames, height, width, batch)
     dtype_name = str(_torch_dtype(dtype or PUBLISHED_DTYPES.get(resolved.spec, "bfloat16"))).removeprefix("torch.")
     if tiling and not vae:
         raise PlanError("--tiling is a VAE switch: add --vae")

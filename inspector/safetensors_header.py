@@ -9,7 +9,6 @@ tensors lie back to back from 0 to the end of the file. Foundation layer: used b
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
-from cogsurgeon.inspector.user_files import UserFileError, describe_os_error, open_regular
+from cogsurgeon.inspector.user_files import UserFileError, describe_os_error, loads_json, open_regular
 
 # bytes per element; the names are safetensors' own
 DTYPE_SIZES: dict[str, int] = {
@@ -70,7 +69,7 @@ def read_header(path: Path, *, ask_library: bool = True) -> SafetensorsHeader:
     accept the same file too. Raises `SafetensorsFormatError` naming the file and what is wrong."""
     try:
         with open_regular(path) as handle:
-            file_size = _size(handle)
+            file_size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise SafetensorsFormatError(f"{path} is not a safetensors file: it is only {file_size} bytes long")
@@ -97,10 +96,6 @@ def read_header(path: Path, *, ask_library: bool = True) -> SafetensorsHeader:
         if rejection is not None:
             raise SafetensorsFormatError(f"{path} is refused by the safetensors library: {rejection}")
     return parsed
-
-
-def _size(handle: Any) -> int:
-    return os.fstat(handle.fileno()).st_size
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -131,22 +126,12 @@ def parse_header_json(path: Path, raw_header: bytes) -> dict[str, Any]:
     if text.startswith("\ufeff"):
         raise SafetensorsFormatError(f"{broken}: it starts with a byte-order mark, which safetensors refuses")
     try:
-        header = _loads_unique(text)
+        header = loads_json(text, object_pairs_hook=_unique_keys)
     except ValueError as exc:
         raise SafetensorsFormatError(f"{broken}: not valid JSON ({' '.join(str(exc).split())[:200]})") from None
     if not isinstance(header, dict):
         raise SafetensorsFormatError(f"{broken}: not a JSON object")
     return header
-
-
-def _loads_unique(text: str) -> Any:
-    def refuse(name: str) -> Any:
-        raise ValueError(f"{name} is not a JSON number")
-
-    try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=refuse)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
 
 
 def _size_value(value: Any) -> int | None:

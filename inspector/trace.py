@@ -11,16 +11,15 @@ the model is left as it was: hooks are removed, a model that is not on meta is t
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Union
 
 from cogsurgeon.inspector.geometry import (
     FrameLayout,
     LatentGeometry,
-    VideoSizeError,
     latent_frame_count,
     latent_geometry,
     pipeline_inputs,
@@ -47,15 +46,7 @@ class AttentionCall:
     is_causal: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "module": self.module,
-            "query": list(self.query),
-            "key": list(self.key),
-            "value": list(self.value),
-            "output": list(self.output),
-            "attn_mask": None if self.attn_mask is None else list(self.attn_mask),
-            "is_causal": self.is_causal,
-        }
+        return shape_to_json(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -67,8 +58,7 @@ class ModuleShapes:
     calls: int = 1
 
     def to_json(self, name: str) -> dict[str, Any]:
-        return {"name": name, "inputs": shape_to_json(self.inputs), "outputs": shape_to_json(self.outputs),
-                "calls": self.calls}
+        return {"name": name, **shape_to_json(asdict(self))}
 
 
 @dataclass(frozen=True)
@@ -90,14 +80,7 @@ class MaskMemory:
     patch_bytes: int | None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "patch": self.patch,
-            "explicit_mask_shape": list(self.explicit_mask_shape),
-            "explicit_mask_dtype": self.explicit_mask_dtype,
-            "explicit_mask_bytes": self.explicit_mask_bytes,
-            "broadcast_mask_bytes": self.broadcast_mask_bytes,
-            "patch_bytes": self.patch_bytes,
-        }
+        return shape_to_json(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -251,6 +234,7 @@ def shape_of(value: Any) -> Shape:
 
 
 def shape_to_json(shape: Any) -> Any:
+    """A shape (or a dict of them, e.g. a dataclass as `asdict` gives it) with every tuple as a JSON list."""
     if isinstance(shape, dict):
         return {key: shape_to_json(item) for key, item in shape.items()}
     if isinstance(shape, tuple):
@@ -291,16 +275,9 @@ def _parameter_names(cls: type) -> tuple[str, ...]:
 def named_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Shape]:
     """A call's tensor inputs by parameter name (positional ones named from `forward`'s signature)."""
     names = _parameter_names(type(module))
-    inputs: dict[str, Shape] = {}
-    for index, value in enumerate(args):
-        shape = shape_of(value)
-        if shape is not None:
-            inputs[names[index] if index < len(names) else f"arg{index}"] = shape
-    for name, value in kwargs.items():
-        shape = shape_of(value)
-        if shape is not None:
-            inputs[name] = shape
-    return inputs
+    values = {(names[index] if index < len(names) else f"arg{index}"): value for index, value in enumerate(args)}
+    shapes = {name: shape_of(value) for name, value in {**values, **kwargs}.items()}
+    return {name: shape for name, shape in shapes.items() if shape is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,31 +318,31 @@ def meta_twin(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def _recording_hooks(model: nn.Module, modules: dict[str, ModuleShapes], stack: list[str]) -> Iterator[None]:
-    """Hooks that record each module's shapes and keep `stack` as the chain of modules now running; removed on
-    exit, whatever happened (only the handles added here are removed)."""
+def module_stack(roots: Sequence[nn.Module], stack: list[str],
+                 after: Callable[[str, nn.Module, tuple, dict, Any], None] | None = None) -> Iterator[None]:
+    """Forward hooks on every module of `roots` keeping `stack` as the chain of modules now running, and calling
+    `after(name, module, args, kwargs, output)` as each call returns; removed on exit, whatever happened (only the
+    handles added here are removed)."""
     handles = []
 
     def make_hooks(name: str):
         def before(module, args, kwargs):
             stack.append(name)
 
-        def after(module, args, kwargs, output):
+        def on_return(module, args, kwargs, output):
             if stack and stack[-1] == name:
                 stack.pop()
-            previous = modules.get(name)
-            if previous is None:
-                modules[name] = ModuleShapes(named_inputs(module, args, kwargs), shape_of(output))
-            else:
-                modules[name] = ModuleShapes(previous.inputs, previous.outputs, previous.calls + 1)
+            if after is not None:
+                after(name, module, args, kwargs, output)
 
-        return before, after
+        return before, on_return
 
     try:
-        for name, module in model.named_modules():
-            before, after = make_hooks(name)
-            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-            handles.append(module.register_forward_hook(after, with_kwargs=True))
+        for root in roots:
+            for name, module in root.named_modules():
+                before, on_return = make_hooks(name)
+                handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+                handles.append(module.register_forward_hook(on_return, with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -408,17 +385,21 @@ def trace_shapes(model: nn.Module, *, frames: int, height: int, width: int, batc
     """
     import torch
 
-    if not isinstance(batch, int) or batch < 1:
-        raise VideoSizeError(f"batch must be a positive whole number, got {batch!r}")
     config = model.config
-    geometry = latent_geometry(config, frames, height, width)
+    geometry = latent_geometry(config, frames, height, width, batch)
     traced = model if _on_meta(model) else meta_twin(model)
     dtype = _model_dtype(traced)
     inputs = pipeline_inputs(config, (frames, height, width), batch, dtype=dtype, device=torch.device("meta"))
     modules: dict[str, ModuleShapes] = {}
     attention: list[AttentionCall] = []
     stack: list[str] = []
-    with torch.no_grad(), _recording_hooks(traced, modules, stack), _attention_recorder(attention, stack):
+
+    def record(name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        previous = modules.get(name)
+        modules[name] = (ModuleShapes(named_inputs(module, args, kwargs), shape_of(output)) if previous is None
+                         else replace(previous, calls=previous.calls + 1))
+
+    with torch.no_grad(), module_stack((traced,), stack, record), _attention_recorder(attention, stack):
         output = traced(**inputs, return_dict=False)[0]
     dtype_name = str(dtype).removeprefix("torch.")
     sequence = geometry.layout(int(config.max_text_seq_length))

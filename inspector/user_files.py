@@ -13,6 +13,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from cogsurgeon.inspector.errors import CogsurgeonError
@@ -58,10 +59,11 @@ def expand_user(path: str | Path) -> Path:
 
 def file_kind(path: Path) -> str | None:
     """None for a regular file (symlinks followed); otherwise what it is, for a message. OSError is raised."""
-    mode = os.stat(path).st_mode
-    if stat.S_ISREG(mode):
-        return None
-    return _KIND_NAMES.get(stat.S_IFMT(mode), "not a regular file")
+    return _kind(os.stat(path).st_mode)
+
+
+def _kind(mode: int) -> str | None:
+    return None if stat.S_ISREG(mode) else _KIND_NAMES.get(stat.S_IFMT(mode), "not a regular file")
 
 
 def is_regular_file(path: Path) -> bool:
@@ -93,9 +95,8 @@ def open_regular(path: Path) -> BinaryIO:
     except ValueError as exc:  # an embedded NUL
         raise UserFileError(f"cannot read {path!r}: {exc}") from None
     try:
-        mode = os.fstat(descriptor).st_mode
-        if not stat.S_ISREG(mode):
-            kind = _KIND_NAMES.get(stat.S_IFMT(mode), "not a regular file")
+        kind = _kind(os.fstat(descriptor).st_mode)
+        if kind is not None:
             raise UserFileError(f"{path} is {kind}, not a regular file: cogsurgeon reads only regular files")
         os.set_blocking(descriptor, True)
         return os.fdopen(descriptor, "rb")
@@ -128,13 +129,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def loads_json(text: str | bytes, *, allow_nan: bool = False) -> Any:
+def loads_json(text: str | bytes, *, allow_nan: bool = False,
+               object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
     """`json.loads` whose every failure is a `ValueError`: nesting deeper than Python's stack included, and (unless
     `allow_nan`) the non-standard NaN/Infinity that Python accepts and every other JSON reader refuses."""
     try:
-        if allow_nan:
-            return json.loads(text)
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=None if allow_nan else _refuse_constant,
+                          object_pairs_hook=object_pairs_hook)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError as exc:

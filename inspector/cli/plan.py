@@ -11,9 +11,8 @@ import click
 
 from cogsurgeon.inspector.cli.output import POSITIVE, print_json, stdout_console
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
-          "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
-
+# plan_memory reads the short names too (loading's dtype aliases)
+DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
 
 
 @click.command()
@@ -23,7 +22,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
 @click.option("--width", type=POSITIVE, help="Video width in pixels. Default: the model's.")
 @click.option("--batch", default=2, show_default=True, type=POSITIVE,
               help="The transformer's batch: 2 is one video with classifier-free guidance.")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Weights' dtype. Default: the model's (bf16).")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Weights' dtype. Default: the model's (bf16).")
 @click.option("--train", metavar="lora:RANK|full", help="Plan one training step instead of inference.")
 @click.option("--checkpointing", is_flag=True, help="Gradient checkpointing (diffusers' enable_gradient_checkpointing).")
 @click.option("--patch", "patch_names", multiple=True, metavar="NAME", help="Plan with this patch applied (repeatable).")
@@ -71,7 +70,7 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
         click.echo(f"planning {model or 'the default model'} at {frames}×{height}×{width}, batch {batch} ...",
                    err=True)
     result = plan_memory(model, frames=frames, height=height, width=width, batch=batch,
-                         dtype=DTYPES[dtype] if dtype else None, train=train_mode, checkpointing=checkpointing,
+                         dtype=dtype, train=train_mode, checkpointing=checkpointing,
                          patches=patch_names, vae=vae, tiling=tiling, gpu_memory=card)
     if as_json:
         print_json(result.to_json())

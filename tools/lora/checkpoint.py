@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.safetensors_header import DTYPE_NAMES, read_header
 from cogsurgeon.inspector.user_files import (
     UserFileError,
     describe_os_error,
@@ -36,13 +38,13 @@ from cogsurgeon.tools.lora.keys import (
     is_dora_key,
     key_prefix,
     module_ranks,
+    most_common_and_pattern,
     number,
     parse_lora_key,
     rank_and_pattern,
     resolve_alpha,
     short_target,
 )
-from cogsurgeon.tools.lora.safetensors_io import DTYPE_NAMES, read_header
 
 SAFETENSORS_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 DCP_METADATA = ".metadata"
@@ -294,11 +296,9 @@ def read_checkpoint(
 RawEntry = tuple[str, str, tuple[int, ...], int, int | None, Callable[[], Any] | None]  # key, dtype, shape, bytes, start, payload
 
 
-def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Path | None, format_name: str | None,
-              folder_names: tuple[str, str] = ("", ""), accelerate_state: bool = False,
-              peft_config_beside: bool = False) -> RawCheckpoint:
-    """Sort raw entries into LoRA weights (by the key grammar), DoRA and other tensors, and name the format."""
-    raw = RawCheckpoint([], [], [], set(), set(), metadata, "", {}, source_file)
+def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Path | None, format_name: str) -> RawCheckpoint:
+    """Sort raw entries into LoRA weights (by the key grammar), DoRA and other tensors."""
+    raw = RawCheckpoint([], [], [], set(), set(), metadata, format_name, {}, source_file)
     for key, dtype, shape, nbytes, start, payload in entries:
         parsed = parse_lora_key(key)
         if parsed is None:
@@ -307,39 +307,39 @@ def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Pa
         raw.adapters.add(parsed.adapter)
         raw.prefixes.add(key_prefix(key))
         raw.entries.append((key, LoraTensor(parsed.module, parsed.part, dtype, shape, nbytes, start, payload)))
-    raw.format_name = format_name or detect_format(
-        file_name=folder_names[0], folder_name=folder_names[1], prefixes=raw.prefixes, adapters=raw.adapters,
-        metadata_keys=set(metadata), accelerate_state=accelerate_state, peft_config_beside=peft_config_beside,
-    )
     return raw
 
 
 def _read_safetensors(tensor_file: Path) -> RawCheckpoint:
     header = read_header(tensor_file)
     folder = tensor_file.parent
-    raw = _classify(
-        [(e.name, e.dtype, e.shape, e.nbytes, e.start, None) for e in header.tensors], header.metadata, tensor_file,
-        None, folder_names=(tensor_file.name, folder.name),
+    entries = [(e.name, e.dtype, e.shape, e.nbytes, e.start, None) for e in header.tensors]
+    raw = _classify(entries, header.metadata, tensor_file, format_name="")  # named below, from its keys
+    raw.format_name = detect_format(
+        file_name=tensor_file.name, folder_name=folder.name, prefixes=raw.prefixes, adapters=raw.adapters,
+        metadata_keys=set(header.metadata),
         accelerate_state=any(ACCELERATE_STATE.match(p.name) for p in list_folder(folder)),
         peft_config_beside=is_regular_file(folder / "adapter_config.json"),
     )
-    alphas = [(key, t) for key, t in raw.entries if t.part == "alpha"]
-    if alphas:
-        with tensor_file.open("rb") as handle:
-            for _, tensor in alphas:
-                handle.seek(tensor.source_start or 0)
-                raw.alpha_values[tensor.module] = scalar_value(tensor, handle.read(tensor.nbytes))
+    for _, tensor in raw.entries:
+        if tensor.part == "alpha":
+            raw.alpha_values[tensor.module] = scalar_value(tensor, tensor_bytes(tensor, tensor_file))
     return raw
+
+
+def tensor_bytes(tensor: LoraTensor, source_file: Path | None) -> bytes | memoryview:
+    """A tensor's bytes: its payload (SAT, DCP), or its byte range of the safetensors file it was read from."""
+    if tensor.payload is not None:
+        return tensor.payload()
+    assert source_file is not None and tensor.source_start is not None
+    with source_file.open("rb") as handle:
+        handle.seek(tensor.source_start)
+        return handle.read(tensor.nbytes)
 
 
 def scalar_value(tensor: LoraTensor, data: bytes) -> float:
     """The value of a one-element tensor from its bytes (F32/F16/BF16/F64), without torch."""
-    import struct
-
-    elements = 1
-    for size in tensor.shape:
-        elements *= size
-    if elements != 1:
+    if math.prod(tensor.shape) != 1:
         raise LoraCheckpointError(
             f"{tensor.module}.alpha has shape {list(tensor.shape)}: a kohya alpha is one number (shape [] or [1])"
         )
@@ -354,13 +354,10 @@ def scalar_value(tensor: LoraTensor, data: bytes) -> float:
 def _metadata_config(metadata: dict[str, str], problems: list[str], tensor_file: Path) -> dict[str, Any]:
     """The transformer's LoRA config from diffusers' `lora_adapter_metadata` (keys `transformer.r`, ...); an
     unreadable one is added to `problems`."""
-    raw = metadata.get(METADATA_KEY)
-    if raw is None:
+    if METADATA_KEY not in metadata:
         return {}
     try:
-        config = loads_json(raw, allow_nan=True)  # NaN reaches the checks of _assemble and is refused there
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
+        config = _json_object(metadata[METADATA_KEY])
     except ValueError as exc:
         problems.append(f"{tensor_file.name}: {METADATA_KEY} is unreadable ({exc}), so the LoRA config it holds is "
                         "unknown; fix or strip the metadata")
@@ -411,11 +408,8 @@ def _find_key(tree: Any, wanted: str) -> Any:
     if isinstance(tree, dict):
         if wanted in tree:
             return tree[wanted]
-        for value in tree.values():
-            found = _find_key(value, wanted)
-            if found is not None:
-                return found
-    elif isinstance(tree, list):
+        tree = list(tree.values())
+    if isinstance(tree, list):
         for value in tree:
             found = _find_key(value, wanted)
             if found is not None:
@@ -432,22 +426,26 @@ def _finetrainers_config(tensor_file: Path) -> tuple[float | None, str | None]:
     sibling = tensor_file.parent.parent / "lora_weights" / f"{int(match[1]):06d}" / "pytorch_lora_weights.safetensors"
     if not is_regular_file(sibling):
         return None, None
-    config = _lora_config_metadata(read_header(sibling).metadata, [], sibling)
+    config = _lora_config_metadata(read_header(sibling).metadata, sibling)
     value = config.get("lora_alpha")
     return (float(value), str(sibling)) if positive_number(value) else (None, None)
 
 
-def _lora_config_metadata(metadata: dict[str, str], warnings: list[str], tensor_file: Path) -> dict[str, Any]:
+def _lora_config_metadata(metadata: dict[str, str], tensor_file: Path) -> dict[str, Any]:
     """finetrainers' header `lora_config`: JSON with r, lora_alpha, target_modules."""
-    raw = metadata.get("lora_config")
-    if raw is None:
+    if "lora_config" not in metadata:
         return {}
     try:
-        config = loads_json(raw, allow_nan=True)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
+        return _json_object(metadata["lora_config"])
     except ValueError as exc:
         raise LoraCheckpointError(f"{tensor_file}: header lora_config is unreadable ({exc})") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """A LoRA config stored as JSON in the header; NaN is let through to the checks of _assemble, which refuse it."""
+    config = loads_json(text, allow_nan=True)
+    if not isinstance(config, dict):
+        raise ValueError("not a JSON object")
     return config
 
 
@@ -455,16 +453,13 @@ def _kohya_alpha(raw: RawCheckpoint, ranks: dict[str, int], problems: list[str])
     """kohya stores alpha per module: the most common value is lora_alpha, the others go to alpha_pattern."""
     if not raw.alpha_values:
         return None, {}
-    from collections import Counter
-
     missing = sorted(set(ranks) - set(raw.alpha_values))
     if missing:
         problems.append(f"{len(missing)} modules have no .alpha while others do, e.g. {missing[0]}")
-    counts = Counter(raw.alpha_values.values())
-    common = max(counts, key=lambda value: (counts[value], value))
+    common, pattern = most_common_and_pattern(raw.alpha_values)
     if common <= 0:
         problems.append(f".alpha {common:g} is not positive")
-    return common, {module: value for module, value in sorted(raw.alpha_values.items()) if value != common}
+    return common, pattern
 
 
 def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | None, trainer: str | None) -> LoraCheckpoint:
@@ -512,17 +507,17 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
     stored_where = f"{METADATA_KEY} in the file"
     stored_pattern = metadata_config.get("alpha_pattern")
     if not metadata_config and "lora_config" in raw.metadata:
-        metadata_config = _lora_config_metadata(raw.metadata, warnings, tensor_file)
+        metadata_config = _lora_config_metadata(raw.metadata, tensor_file)
         stored_where = "lora_config in the file (finetrainers)"
     metadata_alpha = metadata_config.get("lora_alpha")
     if metadata_alpha is not None and not positive_number(metadata_alpha):
-        problems.append(f"the file's LoRA config says lora_alpha={_shown(metadata_alpha)}: not a positive finite number")
+        problems.append(f"the file's LoRA config says lora_alpha={shown(metadata_alpha)}: not a positive finite number")
         metadata_alpha = None
     for key, check, what in (("alpha_pattern", positive_number, "positive numbers"),
                              ("rank_pattern", positive_int, "positive integers")):
         pattern = metadata_config.get(key)
         if pattern is not None and not (isinstance(pattern, dict) and all(check(v) for v in pattern.values())):
-            problems.append(f"the file's LoRA config says {key}={_shown(pattern)}: expected module names mapped to {what}")
+            problems.append(f"the file's LoRA config says {key}={shown(pattern)}: expected module names mapped to {what}")
             if key == "alpha_pattern":
                 stored_pattern = None
     kohya_alpha, kohya_pattern = _kohya_alpha(raw, ranks, problems)
@@ -612,7 +607,8 @@ def positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A value as quoted in a message, cut to 40 characters."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 

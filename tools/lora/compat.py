@@ -64,8 +64,9 @@ def describe(config: dict[str, Any]) -> str:
 LoraShapes = list[tuple[str, str, tuple[int, ...]]]  # (module, "A" | "B", shape)
 
 
-def lora_features(tensors: LoraShapes) -> tuple[dict[str, tuple[int, int]], int]:
-    """{module: (in, out)} from (module, part, shape) entries: A is (r, in), B is (out, r); and the block count."""
+def lora_features(tensors: LoraShapes) -> tuple[dict[str, tuple[int, int]], int, int | None]:
+    """{module: (in, out)} from (module, part, shape) entries: A is (r, in), B is (out, r); the block count; and the
+    inner dim (the attention's in-features), when the LoRA has a to_q or to_k."""
     features: dict[str, list[int]] = {}
     for module, part, shape in tensors:
         pair = features.setdefault(module, [0, 0])
@@ -75,7 +76,8 @@ def lora_features(tensors: LoraShapes) -> tuple[dict[str, tuple[int, int]], int]
             elif part == "B":
                 pair[1] = shape[0]
     blocks = {int(m["index"]) for m in (_BLOCK.match(name) for name in features) if m}
-    return {m: (f[0], f[1]) for m, f in features.items()}, (max(blocks) + 1 if blocks else 0)
+    inner = next((f[0] for m, f in features.items() if m.endswith(("attn1.to_q", "attn1.to_k"))), None)
+    return {m: (f[0], f[1]) for m, f in features.items()}, (max(blocks) + 1 if blocks else 0), inner
 
 
 def known_configs() -> dict[str, dict[str, Any]]:
@@ -86,9 +88,8 @@ def known_configs() -> dict[str, dict[str, Any]]:
 
 def lora_fits(tensors: LoraShapes) -> tuple[tuple[str, ...], str]:
     """The known variants (published and tiny) a LoRA fits, and a line saying so."""
-    modules, blocks = lora_features(tensors)
+    modules, blocks, inner = lora_features(tensors)
     fits = tuple(name for name, config in known_configs().items() if mismatch(config, modules) is None)
-    inner = next((f[0] for m, f in modules.items() if m.endswith("attn1.to_q") or m.endswith("attn1.to_k")), None)
     shape = f"LoRA over {blocks} blocks" + (f" of {inner}" if inner else "")
     if not fits:
         return (), f"{shape}: fits none of {', '.join(known_configs())}"
@@ -98,11 +99,10 @@ def lora_fits(tensors: LoraShapes) -> tuple[tuple[str, ...], str]:
 
 def check_fits(config: dict[str, Any], tensors: LoraShapes, base_name: str) -> str | None:
     """None when the LoRA fits `config`, else one line naming the mismatch (for verify and merge)."""
-    modules, blocks = lora_features(tensors)
+    modules, blocks, inner = lora_features(tensors)
     why = mismatch(config, modules, strict=False)
     if why is None:
         return None
-    inner = next((f[0] for m, f in modules.items() if m.endswith(("attn1.to_q", "attn1.to_k"))), None)
     near = [name for name, known in known_configs().items() if mismatch(known, modules) is None and name in PUBLISHED_SPECS]
     lora = f"LoRA: {blocks} blocks" + (f" of {inner}" if inner else "") + (f" ({', '.join(near)})" if near else "")
     return f"the LoRA does not fit {base_name}: {lora}; base: {describe(config)} ({why})"

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from cogsurgeon.tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, LoraReport, LoraTensor
+from cogsurgeon.tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, LoraReport, LoraTensor, tensor_bytes
 from cogsurgeon.tools.lora.keys import kohya_key, module_value
 from cogsurgeon.tools.lora.safetensors_io import OutputTensor
 
@@ -63,10 +61,7 @@ def lora_config(report: LoraReport, *, baked: bool = False) -> dict[str, Any]:
     """The LoraConfig of the repaired adapter. target_modules are full module names, so that the adapter goes
     exactly where it was trained and nowhere else; ranks and alpha per module follow PEFT's patterns. Baked:
     lora_alpha = r everywhere (scale 1.0), alpha/r being inside lora_B."""
-    alpha: float | int | None = report.alpha
-    alpha_pattern: dict[str, Any] = dict(report.alpha_pattern)
-    if baked:
-        alpha, alpha_pattern = report.rank, dict(report.rank_pattern)
+    alpha, alpha_pattern = (report.rank, report.rank_pattern) if baked else (report.alpha, report.alpha_pattern)
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -74,7 +69,7 @@ def lora_config(report: LoraReport, *, baked: bool = False) -> dict[str, Any]:
         "r": report.rank,
         "lora_alpha": alpha,
         "rank_pattern": dict(report.rank_pattern),
-        "alpha_pattern": alpha_pattern,
+        "alpha_pattern": dict(alpha_pattern),
         "target_modules": list(report.modules),
         "lora_dropout": 0.0,
         "bias": "none",
@@ -113,24 +108,12 @@ def scaled_bytes(data: bytes | memoryview, dtype: str, factor: float) -> bytes:
     raise LoraCheckpointError(f"--bake-scale: cannot scale {dtype} weights")
 
 
-def _reader(tensor: LoraTensor, source_file: Path | None) -> Callable[[], bytes | memoryview]:
-    if tensor.payload is not None:
-        return tensor.payload
-
-    def read() -> bytes:
-        assert source_file is not None and tensor.source_start is not None
-        with source_file.open("rb") as handle:
-            handle.seek(tensor.source_start)
-            return handle.read(tensor.nbytes)
-
-    return read
-
-
 def _tensor(checkpoint: LoraCheckpoint, tensor: LoraTensor, name: str, factor: float | None) -> OutputTensor:
+    """`tensor` written under `name`: its bytes copied, or (baking, lora_B) read and scaled by `factor`."""
     if factor is None or tensor.part != "B":
         return OutputTensor(name, tensor.dtype, tensor.shape, tensor.nbytes, tensor.source_start, tensor.payload)
-    read = _reader(tensor, checkpoint.source_file)
-    return OutputTensor(name, tensor.dtype, tensor.shape, tensor.nbytes, payload=lambda: scaled_bytes(read(), tensor.dtype, factor))
+    return OutputTensor(name, tensor.dtype, tensor.shape, tensor.nbytes,
+                        payload=lambda: scaled_bytes(tensor_bytes(tensor, checkpoint.source_file), tensor.dtype, factor))
 
 
 def output_files(checkpoint: LoraCheckpoint, consumers: tuple[str, ...], *, bake_scale: bool = False) -> list[OutputFile]:

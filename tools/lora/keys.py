@@ -110,17 +110,11 @@ def parse_lora_key(key: str) -> ParsedKey | None:
     if match is not None:
         return ParsedKey(canonical_module(match["module"]), match["part"], match["adapter"])  # type: ignore[arg-type]
     kohya = _KOHYA_KEY.match(key)
-    if kohya is None:
-        return None
-    module = kohya_module(kohya["name"])
+    module = kohya_module(kohya["name"]) if kohya else None
     if module is None:
         return None
     part = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}[kohya["part"]]
     return ParsedKey(module, part, None, "kohya")  # type: ignore[arg-type]
-
-
-def is_kohya_key(key: str) -> bool:
-    return key.startswith("lora_unet_") or key.startswith("lora_te_")
 
 
 def kohya_module(name: str) -> str | None:
@@ -153,7 +147,7 @@ def is_dora_key(key: str) -> bool:
 
 def key_prefix(key: str) -> str:
     """The model prefix of a key as written ("transformer.", "base_model.model.", "lora_unet_" or "")."""
-    if is_kohya_key(key):
+    if key.startswith(("lora_unet_", "lora_te_")):
         return "lora_unet_"
     for prefix in _MODEL_PREFIXES:
         if key.startswith(prefix):
@@ -234,11 +228,15 @@ def module_ranks(a_shapes: dict[str, tuple[int, ...]], b_shapes: dict[str, tuple
 
 def rank_and_pattern(ranks: dict[str, int]) -> tuple[int | None, dict[str, int]]:
     """The most common rank (ties: the larger) and the modules whose rank differs from it, as PEFT's rank_pattern."""
-    if not ranks:
-        return None, {}
-    counts = Counter(ranks.values())
-    rank = max(counts, key=lambda value: (counts[value], value))
-    return rank, {module: value for module, value in sorted(ranks.items()) if value != rank}
+    return most_common_and_pattern(ranks) if ranks else (None, {})
+
+
+def most_common_and_pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The most common of per-module `values` (ties: the larger), and the modules whose value differs, sorted: how
+    a per-module rank or kohya alpha becomes PEFT's r and rank_pattern (lora_alpha and alpha_pattern)."""
+    counts = Counter(values.values())
+    common = max(counts, key=lambda value: (counts[value], value))
+    return common, {module: value for module, value in sorted(values.items()) if value != common}
 
 
 @dataclass(frozen=True)

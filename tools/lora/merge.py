@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cogsurgeon.tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, read_checkpoint
+from cogsurgeon.inspector.safetensors_header import DTYPE_NAMES, read_header
+from cogsurgeon.tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, read_checkpoint, tensor_bytes
 from cogsurgeon.tools.lora.compat import check_fits
 from cogsurgeon.tools.lora.export import module_scales
 from cogsurgeon.tools.lora.publish import (
@@ -37,29 +38,10 @@ from cogsurgeon.tools.lora.publish import (
     publication,
     refuse_existing_output,
 )
-from cogsurgeon.tools.lora.safetensors_io import (
-    OutputTensor,
-    ProgressCallback,
-    encode_header,
-    new_progress,
-    read_header,
-    write_safetensors,
-)
+from cogsurgeon.tools.lora.safetensors_io import OutputTensor, Progress, ProgressCallback, encode_header, write_safetensors
 
 CONFIG_NAME = "config.json"
-TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-class _TorchDtypes(dict):
-    def __missing__(self, key: str) -> Any:
-        import torch
-
-        if key not in TORCH_DTYPE_NAMES:
-            raise LoraCheckpointError(f"merge fuses float weights only; the base stores one as {key}")
-        return getattr(torch, TORCH_DTYPE_NAMES[key])
-
-
-TORCH_DTYPES = _TorchDtypes()
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
@@ -107,27 +89,25 @@ def transformer_folder(base: str | Path) -> Path:
     )
 
 
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a safetensors dtype name; merge fuses float weights only."""
+    import torch
+
+    if name not in FLOAT_DTYPES:
+        raise LoraCheckpointError(f"merge fuses float weights only; one is stored as {name}")
+    return getattr(torch, DTYPE_NAMES[name])
+
+
 def _lora_tensors(checkpoint: LoraCheckpoint) -> dict[str, dict[str, Any]]:
     """{module: {"A": tensor, "B": tensor}} as torch tensors in their stored dtype (widened to float32 only while one
     weight is fused), read from the file or the reader's payloads."""
     import torch
 
     by_module: dict[str, dict[str, Any]] = {}
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    source = checkpoint.source_file.open("rb") if checkpoint.source_file is not None else None
-    try:
-        for tensor in checkpoint.tensors:
-            if tensor.payload is not None:
-                data = bytes(tensor.payload())
-            else:
-                assert source is not None and tensor.source_start is not None
-                source.seek(tensor.source_start)
-                data = source.read(tensor.nbytes)
-            value = torch.frombuffer(bytearray(data), dtype=dtypes[tensor.dtype]).reshape(tensor.shape)
-            by_module.setdefault(tensor.module, {})[tensor.part] = value
-    finally:
-        if source is not None:
-            source.close()
+    for tensor in checkpoint.tensors:
+        data = bytearray(tensor_bytes(tensor, checkpoint.source_file))
+        value = torch.frombuffer(data, dtype=torch_dtype(tensor.dtype)).reshape(tensor.shape)
+        by_module.setdefault(tensor.module, {})[tensor.part] = value
     return by_module
 
 
@@ -185,7 +165,7 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
         raise LoraCheckpointError(f"the base {folder} has no weight {absent[0]} that the LoRA targets")
 
     total = sum(header.file_size for header in headers)
-    tracker = new_progress(total, progress)
+    tracker = Progress(total, progress)
     with publication(out, force=force, kind=MERGE) as target, _gemm_threads(GEMM_THREADS):
         staging = target.staging
         hashes: dict[str, str] = {}
@@ -204,7 +184,7 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
                     if count <= 0:
                         raise LoraCheckpointError(f"{shard} ended inside the weight {name}")
                     done += count
-                weight = raw.view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
+                weight = raw.view(torch_dtype(entry.dtype)).reshape(entry.shape)
                 down, up = stacked(deltas[name], weight.dtype)
                 weight.addmm_(up, down)  # one GEMM, accumulated in float32, rounded once (as torch.addmm)
                 return memoryview(view)
@@ -221,9 +201,8 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
             try:
                 with shard.open("rb") as source:
                     # not created here first: ext4 flushes a file truncated and rewritten (auto_da_alloc) on close
-                    hasher = TrailingHash(path, len(encode_header(tensors, header.metadata)))
-                    write_safetensors(path, tensors, header.metadata, source=source,
-                                      progress=_Following(tracker, hasher))
+                    hasher = TrailingHash(path, len(encode_header(tensors, header.metadata)), tracker)
+                    write_safetensors(path, tensors, header.metadata, source=source, progress=hasher)
                 hashes[shard.name] = hasher.finish(path.stat().st_size)
             finally:
                 ahead.close()
@@ -311,14 +290,16 @@ class Prefetcher:
 
 class TrailingHash:
     """The manifest hash (`hash_for(MERGE)`: xxh3-128) of a file while it is written, on a thread that follows the
-    writer: `reached(n)` says that the first n bytes are in the file; `finish(size)` waits for the hash of the whole
-    file. Hashes what the kernel holds for the file (the page cache, just written), so the manifest hashes the bytes
-    written, not the bytes meant."""
+    writer: it is the writer's progress, `advance(n)` saying that n more data bytes are in the file (passed on to the
+    overall `tracker`); `finish(size)` waits for the hash of the whole file. Hashes what the kernel holds for the file
+    (the page cache, just written), so the manifest hashes the bytes written, not the bytes meant."""
 
     CHUNK = 64 * 1024 * 1024
 
-    def __init__(self, path: Path, header_bytes: int) -> None:
+    def __init__(self, path: Path, header_bytes: int, tracker: Progress) -> None:
         self.path = path
+        self.tracker = tracker
+        self.written = 0  # data bytes the writer has put in the file
         self.descriptor = -1  # opened once the writer has written something (the file exists then)
         self.digest = new_hash(hash_for(MERGE))
         self.condition = threading.Condition()
@@ -331,10 +312,12 @@ class TrailingHash:
         self.thread = threading.Thread(target=self._run, name="merge-hash", daemon=True)
         self.thread.start()
 
-    def reached(self, data_bytes: int) -> None:
+    def advance(self, count: int) -> None:
+        self.written += count
         with self.condition:
-            self.target = self.header_bytes + data_bytes
+            self.target = self.header_bytes + self.written
             self.condition.notify()
+        self.tracker.advance(count)
 
     def _run(self) -> None:
         try:
@@ -382,17 +365,3 @@ class TrailingHash:
         if self.descriptor >= 0:
             os.close(self.descriptor)
             self.descriptor = -1
-
-
-class _Following:
-    """The byte progress of one shard's writer, passed on to the overall progress and to the shard's hasher."""
-
-    def __init__(self, tracker: Any, hasher: TrailingHash) -> None:
-        self.tracker = tracker
-        self.hasher = hasher
-        self.written = 0
-
-    def advance(self, count: int) -> None:
-        self.written += count
-        self.hasher.reached(self.written)
-        self.tracker.advance(count)

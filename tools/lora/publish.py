@@ -28,7 +28,7 @@ import shutil
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,8 @@ from typing import Any
 from cogsurgeon.inspector.errors import CogsurgeonError, Interrupted
 from cogsurgeon.inspector.user_files import describe_os_error, expand_user
 
-MANIFEST_NAME = "cogsurgeon-repair.json"
 MANIFEST_FORMAT = 1
-WRITTEN_BY = "cogsurgeon lora repair"
+MANIFEST_HASHES = ("sha256", "xxh3_128")
 LOCK_SUFFIX = ".cogsurgeon-lock"
 _HASH_CHUNK = 8 * 1024 * 1024
 _TERMINATING_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
@@ -55,11 +54,8 @@ class OutputKind:
     hash_name: str = "sha256"
 
 
-REPAIR = OutputKind("repair", WRITTEN_BY, MANIFEST_NAME)
+REPAIR = OutputKind("repair", "cogsurgeon lora repair", "cogsurgeon-repair.json")
 MERGE = OutputKind("merge", "cogsurgeon lora merge", "cogsurgeon-merge.json", "xxh3_128")
-
-
-MANIFEST_HASHES = ("sha256", "xxh3_128")
 
 
 def hash_for(kind: OutputKind) -> str:
@@ -127,7 +123,7 @@ def output_path(out_dir: str | Path, inputs: tuple[Path, ...]) -> Path:
 # ---------------------------------------------------------------- the manifest
 
 
-def file_sha256(path: Path, hash_name: str = "sha256") -> str:
+def file_digest(path: Path, hash_name: str) -> str:
     digest = new_hash(hash_name)
     with path.open("rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):
@@ -144,7 +140,7 @@ def manifest_for(folder: Path, names: list[str], kind: OutputKind = REPAIR,
     return {
         "written_by": kind.written_by,
         "format": MANIFEST_FORMAT,
-        "files": {name: {algorithm: hashes.get(name) or file_sha256(folder / name, algorithm),
+        "files": {name: {algorithm: hashes.get(name) or file_digest(folder / name, algorithm),
                          "bytes": (folder / name).stat().st_size}
                   for name in sorted(names)},
     }
@@ -181,7 +177,7 @@ def earlier_repair_problem(folder: Path, kind: OutputKind = REPAIR) -> tuple[Ear
             path = folder / name
             algorithm = next((name for name in MANIFEST_HASHES if name in entry), "sha256")
             if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.get("bytes") \
-                    or file_sha256(path, algorithm) != entry.get(algorithm):
+                    or file_digest(path, algorithm) != entry.get(algorithm):
                 return None, f"it has changed since the {noun}: {name} differs from what was written"
     except (OSError, ValueError, RecursionError, ImportError) as exc:
         return None, f"it cannot be checked ({type(exc).__name__}: {exc})"
@@ -261,10 +257,8 @@ def rename_if_absent(source: Path, target: Path) -> None:
     try:
         os.rename(source, target)
     except OSError as exc:
-        try:
+        with suppress(OSError):
             os.rmdir(target)
-        except OSError:
-            pass
         if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
             raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
         raise
@@ -295,16 +289,13 @@ def _signals_held() -> Iterator[None]:
 
 
 def _fsync_folder(folder: Path) -> None:
-    try:
+    """Make the rename into `folder` durable, where the file system allows it (best effort: it is already done)."""
+    with suppress(OSError):
         descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 # ---------------------------------------------------------------- staging, locking, publishing
@@ -320,40 +311,33 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    except OSError:
+    except OSError:  # PermissionError: alive, someone else's
         return True
     return True
 
 
-def remove_stale_work(out: Path) -> list[Path]:
+def remove_stale_work(out: Path) -> None:
     """Remove the `.NAME.partial-PID-*` / `.NAME.old-PID-*` folders of `out` left by processes that died (SIGKILL,
     a power cut); called with the output's lock held, so no live repair of this output owns one."""
-    removed = []
     try:
         entries = list(out.parent.iterdir())
     except OSError:
-        return removed
+        return
     for entry in entries:
         match = _HIDDEN_WORK.match(entry.name)
         if match is None or match["name"] != out.name or _process_alive(int(match["pid"])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
 
 
 def _hidden_folder(out: Path, kind: str) -> Path:
     """A new empty folder `.NAME.KIND-PID-RANDOM` beside `out`, created with the usual permissions (umask)."""
     for _ in range(100):
         candidate = out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
+        with suppress(FileExistsError):
             os.mkdir(candidate, 0o777)
             return candidate
-        except FileExistsError:
-            continue
     raise OutputError(f"cannot create a staging folder beside {out}")
 
 
@@ -395,15 +379,15 @@ def _terminating_signals_raise() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+@dataclass
 class Publication:
     """One repair's way to `out`: `staging` is where its files go; `publish()` moves them into place."""
 
-    def __init__(self, out: Path, staging: Path, expected: EarlierRepair | None, kind: OutputKind = REPAIR) -> None:
-        self.out = out
-        self.staging = staging
-        self.expected = expected  # the earlier output --force replaces, as checked under the lock
-        self.kind = kind
-        self.published = False
+    out: Path
+    staging: Path
+    expected: EarlierRepair | None  # the earlier output --force replaces, as checked under the lock
+    kind: OutputKind = REPAIR
+    published: bool = False
 
     def publish(self, hashes: dict[str, str] | None = None) -> list[str]:
         """Write the manifest (last), then move the staging folder to `out` atomically, re-checking `out`: absent
@@ -492,10 +476,9 @@ def publication(out: Path, *, force: bool, kind: OutputKind = REPAIR) -> Iterato
             finally:
                 if staging is not None:
                     shutil.rmtree(staging, ignore_errors=True)
-                try:  # no lock file is left beside the output; filelock re-checks a lock file unlinked under it
+                # no lock file is left beside the output; filelock re-checks a lock file unlinked under it
+                with suppress(OSError):
                     os.unlink(lock_path)
-                except OSError:
-                    pass
                 lock.release()
         except OSError as exc:
             raise OutputError(f"cannot write {describe_os_error(out, exc)}") from None

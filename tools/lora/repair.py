@@ -8,10 +8,12 @@ never over anything but an unchanged earlier repair).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cogsurgeon.inspector.safetensors_header import library_rejection
 from cogsurgeon.inspector.user_files import expand_user
 from cogsurgeon.tools.lora.checkpoint import (
     LoraCheckpointError,
@@ -19,21 +21,11 @@ from cogsurgeon.tools.lora.checkpoint import (
     positive_int,
     positive_number,
     read_checkpoint,
+    shown,
 )
-from cogsurgeon.tools.lora.export import (  # noqa: F401  (names verify and callers import from here)
-    COMFYUI_WEIGHTS_NAME,
-    DIFFUSERS_KEY_PREFIX,
-    DIFFUSERS_WEIGHTS_NAME,
-    PEFT_CONFIG_NAME,
-    PEFT_KEY_PREFIX,
-    PEFT_WEIGHTS_NAME,
-    diffusers_metadata,
-    lora_config,
-    output_files,
-    parse_consumers,
-)
+from cogsurgeon.tools.lora.export import lora_config, output_files, parse_consumers
 from cogsurgeon.tools.lora.publish import OutputError, output_path, publication, refuse_existing_output
-from cogsurgeon.tools.lora.safetensors_io import ProgressCallback, library_rejection, new_progress, write_safetensors
+from cogsurgeon.tools.lora.safetensors_io import Progress, ProgressCallback, write_safetensors
 
 
 @dataclass(frozen=True)
@@ -53,13 +45,8 @@ class RepairResult:
 
 
 def _is_text(value: object) -> bool:
-    if not isinstance(value, str) or not value:
-        return False
-    try:
-        value.encode("utf-8")  # a lone surrogate cannot be written as UTF-8, and loaders refuse its escape
-    except UnicodeEncodeError:
-        return False
-    return True
+    """A non-empty str without lone surrogates: those cannot be written as UTF-8, and loaders refuse their escape."""
+    return isinstance(value, str) and bool(value) and not any("\ud800" <= char <= "\udfff" for char in value)
 
 
 def config_problems(config: dict[str, Any]) -> list[str]:
@@ -70,7 +57,7 @@ def config_problems(config: dict[str, Any]) -> list[str]:
     if not positive_int(config["r"]):
         problems.append(f"rank r={config['r']!r} is not a positive integer")
     if not positive_number(config["lora_alpha"]):
-        problems.append(f"lora_alpha={_shown(config['lora_alpha'])} is not a positive finite number")
+        problems.append(f"lora_alpha={shown(config['lora_alpha'])} is not a positive finite number")
     for key, valid, what in (("rank_pattern", positive_int, "a positive integer"),
                              ("alpha_pattern", positive_number, "a positive finite number")):
         pattern = config[key]
@@ -79,7 +66,7 @@ def config_problems(config: dict[str, Any]) -> list[str]:
             continue
         for module, value in pattern.items():
             if not _is_text(module) or not valid(value):
-                problems.append(f"{key}[{module!r}]={_shown(value)}: expected a module name and {what}")
+                problems.append(f"{key}[{module!r}]={shown(value)}: expected a module name and {what}")
                 break
     modules = config["target_modules"]
     if not modules:
@@ -88,11 +75,6 @@ def config_problems(config: dict[str, Any]) -> list[str]:
     if bad_names:
         problems.append(f"target module name {bad_names[0]!r} is not valid text (a lone surrogate or empty)")
     return problems
-
-
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def repair_checkpoint(
@@ -131,25 +113,19 @@ def repair_checkpoint(
     refuse_existing_output(out, force)
 
     files_to_write = output_files(checkpoint, consumers, bake_scale=bake_scale)
-    tracker = new_progress(sum(t.nbytes for f in files_to_write for t in f.tensors), progress)
+    tracker = Progress(sum(t.nbytes for f in files_to_write for t in f.tensors), progress)
     with publication(out, force=force) as target:
-        staging = target.staging
-        source = checkpoint.source_file.open("rb") if checkpoint.source_file is not None else None
-        try:
+        with (checkpoint.source_file.open("rb") if checkpoint.source_file is not None else nullcontext()) as source:
             for output in files_to_write:
+                path = target.staging / output.name
                 if output.text is not None:
-                    (staging / output.name).write_text(output.text)
-                else:
-                    write_safetensors(staging / output.name, list(output.tensors), output.metadata or {},
-                                      source=source, progress=tracker)
-        finally:
-            if source is not None:
-                source.close()
-        for output in files_to_write:  # what the loaders will read, asked of the safetensors library itself
-            rejection = None if output.text is not None else library_rejection(staging / output.name)
-            if rejection is not None:
-                raise OutputError(f"the repaired {output.name} would not load (safetensors: {rejection}); "
-                                  "nothing was written")
+                    path.write_text(output.text)
+                    continue
+                write_safetensors(path, list(output.tensors), output.metadata or {}, source=source, progress=tracker)
+                rejection = library_rejection(path)  # what the loaders will read, asked of the safetensors library
+                if rejection is not None:
+                    raise OutputError(f"the repaired {output.name} would not load (safetensors: {rejection}); "
+                                      "nothing was written")
         published = target.publish()
     files = tuple(str(out / name) for name in published)
     return RepairResult(str(out), files, report, tracker.done)

@@ -1,6 +1,6 @@
 """Writing safetensors without torch: a new file whose tensors are copied byte for byte out of other files (or
 handed over as bytes), so a checkpoint is never held in memory. Reading and validating headers has one home,
-`cogsurgeon.inspector.safetensors_header`; its names are re-exported here for the LoRA tools.
+`cogsurgeon.inspector.safetensors_header`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cogsurgeon.inspector.safetensors_header import (  # noqa: F401 - re-exported for the LoRA tools
-    DTYPE_NAMES,
-    DTYPE_SIZES,
-    MAX_HEADER_BYTES,
-    SafetensorsFormatError,
-    SafetensorsHeader,
-    TensorEntry,
-    library_rejection,
-    read_header,
-)
+from cogsurgeon.inspector.safetensors_header import SafetensorsFormatError, read_header  # noqa: F401 - read_header re-exported
 
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 WRITE_CHUNK_BYTES = 1024 * 1024
@@ -68,11 +59,13 @@ def byte_runs(tensors: Iterable[OutputTensor]) -> list[tuple[int, int]]:
     return runs
 
 
-class _Progress:
-    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
-        self.done = 0
-        self.total = total
-        self.callback = callback
+@dataclass
+class Progress:
+    """Bytes written so far out of `total`, told to `callback(done, total)` as they grow."""
+
+    total: int
+    callback: ProgressCallback | None = None
+    done: int = 0
 
     def advance(self, count: int) -> None:
         self.done += count
@@ -80,7 +73,7 @@ class _Progress:
             self.callback(self.done, self.total)
 
 
-def _copy_range(source: BinaryIO, target: BinaryIO, start: int, length: int, progress: _Progress) -> None:
+def _copy_range(source: BinaryIO, target: BinaryIO, start: int, length: int, progress: Progress) -> None:
     """Copy `length` bytes from `start` of source to the current end of target, in the kernel where it can."""
     source_fd, target_fd = source.fileno(), target.fileno()
     target.flush()
@@ -111,10 +104,10 @@ def write_safetensors(
     metadata: dict[str, str],
     *,
     source: BinaryIO | None = None,
-    progress: _Progress | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """Write a safetensors file: header, then each tensor's bytes copied from `source` (ranges) or its payload."""
-    progress = progress or _Progress(sum(t.nbytes for t in tensors), None)
+    progress = progress or Progress(sum(t.nbytes for t in tensors))
     with target_path.open("wb") as target:
         target.write(encode_header(tensors, metadata))
         if all(t.source_start is not None for t in tensors):
@@ -135,7 +128,3 @@ def write_safetensors(
                 target.write(view[offset:offset + WRITE_CHUNK_BYTES])
             target.flush()
             progress.advance(tensor.nbytes)
-
-
-def new_progress(total: int, callback: ProgressCallback | None) -> _Progress:
-    return _Progress(total, callback)

@@ -24,10 +24,8 @@ _SAFETENSORS_DTYPE = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfl
 def sat_module_name(key: str) -> tuple[str, str] | None:
     """`…layers.3.attention.query_key_value.matrix_A.1` -> (`transformer_blocks.3.attn1.to_k`, "A")."""
     match = _SAT_LORA_KEY.match(key)
-    if match is None:
-        return None
-    target = _PARTITION_TARGETS.get((match["linear"], match["partition"]))
-    if target is None:
+    target = _PARTITION_TARGETS.get((match["linear"], match["partition"])) if match else None
+    if match is None or target is None:
         return None
     return f"transformer_blocks.{match['layer']}.attn1.{target}", match["part"]
 
@@ -72,17 +70,13 @@ def read_sat_lora(path: Path) -> tuple[list[tuple[str, LoraTensor]], list[str]]:
         if not isinstance(key, str) or ".matrix_" not in key:
             continue
         named = sat_module_name(key)
-        if named is None or not isinstance(value, torch.Tensor):
-            unknown.append(key)
+        if named is None or not isinstance(value, torch.Tensor) or str(value.dtype) not in _SAFETENSORS_DTYPE:
+            unknown.append(key)  # no known target, or not a float tensor
             continue
         module, part = named
-        dtype = _SAFETENSORS_DTYPE.get(str(value.dtype))
-        if dtype is None:
-            unknown.append(key)
-            continue
         tensor = value.detach()
-        found.append((key, LoraTensor(module, part, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(),
-                                      payload=_payload(tensor))))
+        found.append((key, LoraTensor(module, part, _SAFETENSORS_DTYPE[str(tensor.dtype)], tuple(tensor.shape),
+                                      tensor.numel() * tensor.element_size(), payload=_payload(tensor))))
     return found, unknown
 
 

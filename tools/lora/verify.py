@@ -20,15 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.safetensors_header import read_header
 from cogsurgeon.inspector.user_files import expand_user, is_folder, is_regular_file, read_json
-from cogsurgeon.tools.lora.keys import module_value
-from cogsurgeon.tools.lora.repair import (
+from cogsurgeon.tools.lora.export import (
     DIFFUSERS_KEY_PREFIX,
     DIFFUSERS_WEIGHTS_NAME,
     PEFT_CONFIG_NAME,
     PEFT_KEY_PREFIX,
     PEFT_WEIGHTS_NAME,
 )
+from cogsurgeon.tools.lora.keys import module_value, parse_lora_key
 
 if TYPE_CHECKING:
     import torch
@@ -255,9 +256,6 @@ def _median(values: list[float]) -> float | None:
 
 def adapter_shapes(folder: Path) -> list[tuple[str, str, tuple[int, ...]]]:
     """(module, A|B, shape) of the adapter's PEFT weights, from the safetensors header alone."""
-    from cogsurgeon.tools.lora.keys import parse_lora_key
-    from cogsurgeon.tools.lora.safetensors_io import read_header
-
     shapes = []
     for entry in read_header(folder / PEFT_WEIGHTS_NAME).tensors:
         parsed = parse_lora_key(entry.name)
@@ -278,13 +276,6 @@ def diffusers_reads_metadata() -> bool:
     from packaging.version import Version
 
     return Version(__version__).release >= (0, 34)
-
-
-def load_with_peft(base: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
-    """The adapter on `base` through PEFT's own loader (base_model.model. keys, adapter_config.json)."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
 
 
 def load_with_diffusers(base: torch.nn.Module, adapter_dir: str | Path, adapter_name: str = DIFFUSERS_ADAPTER_NAME) -> str:
@@ -356,8 +347,10 @@ def verify_adapter(
     peft_output = None
     peft_measured: dict[str, float] = {}
     diffusers_measured: dict[str, float] = {}
-    try:
-        peft_model = load_with_peft(copy.deepcopy(base), folder)
+    try:  # PEFT's own loader: base_model.model. keys, adapter_config.json
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(folder), is_trainable=False)
         peft_layers = _lora_layers(peft_model, "default", strip="base_model.model.")
         peft_output, peft_measured = measure_scales(peft_model, inputs, peft_layers, peft_weights)
     except Exception as exc:  # the adapter is the input under test: a failed load is a finding, not a crash
@@ -377,7 +370,7 @@ def verify_adapter(
     checks: list[ModuleCheck] = []
     for module in sorted(set(expected) | set(peft_layers) | set(diffusers_layers)):
         peft_layer, diffusers_layer = peft_layers.get(module), diffusers_layers.get(module)
-        check = ModuleCheck(
+        checks.append(ModuleCheck(
             module=module,
             expected_scale=expected.get(module),
             peft_scale=float(peft_layer.scaling["default"]) if peft_layer is not None else None,
@@ -387,8 +380,7 @@ def verify_adapter(
             and _holds_weights(diffusers_layer, DIFFUSERS_ADAPTER_NAME, diffusers_weights.get(module)),
             peft_effective_scale=peft_measured.get(module),
             diffusers_effective_scale=diffusers_measured.get(module),
-        )
-        checks.append(check)
+        ))
     matched, missing, unexpected = [], [], []
     scales_match = True
     for check in checks:
@@ -427,7 +419,6 @@ def verify_adapter(
 
     max_abs_diff = lora_effect = outputs_match = None
     if peft_output is not None and diffusers_output is not None:
-
         max_abs_diff = float((peft_output - diffusers_output).abs().max())
         lora_effect = float((peft_output - base_output).abs().max())
         outputs_match = torch.allclose(peft_output, diffusers_output, atol=OUTPUT_ATOL, rtol=OUTPUT_RTOL)
