@@ -303,11 +303,11 @@ def probe_peft_local_path_hub() -> tuple[bool, str]:
         folder.mkdir()
         save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)},
                   str(folder / "pytorch_lora_weights.safetensors"))
-        environment = {key: value for key, value in os.environ.items() if key not in HUB_OFFLINE_VARIABLES}
-        # A private cache, as a precaution: whatever the Hub client writes lands in the temporary folder.
+        # The Hub's offline switch unset, and a private cache as a precaution: whatever the Hub client writes lands
+        # in the temporary folder.
+        unset = (*HUB_OFFLINE_VARIABLES, "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
+        environment = {key: value for key, value in os.environ.items() if key not in unset}
         environment["HF_HOME"] = str(Path(root) / "hf-home")
-        environment.pop("HF_HUB_CACHE", None)
-        environment.pop("HUGGINGFACE_HUB_CACHE", None)
         completed = subprocess.run(
             [sys.executable, "-c", _PEFT_HUB_PROBE, str(folder), folder.name],
             cwd=root, env=environment, capture_output=True, text=True, timeout=300,

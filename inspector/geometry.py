@@ -217,22 +217,13 @@ def rotary_embedding(
     patch, patch_t = config["patch_size"], config.get("patch_size_t")
     grid = (latent_height // patch, latent_width // patch)
     base_width, base_height = config["sample_width"] // patch, config["sample_height"] // patch
+    shared = {"embed_dim": config["attention_head_dim"], "grid_size": grid, "device": device}
     if patch_t is None:  # CogVideoX 1.0
-        return get_3d_rotary_pos_embed(
-            embed_dim=config["attention_head_dim"],
-            crops_coords=resize_crop_region_for_grid(grid, base_width, base_height),
-            grid_size=grid,
-            temporal_size=latent_frames,
-            device=device,
-        )
+        crop = resize_crop_region_for_grid(grid, base_width, base_height)
+        return get_3d_rotary_pos_embed(crops_coords=crop, temporal_size=latent_frames, **shared)
     return get_3d_rotary_pos_embed(  # CogVideoX 1.5
-        embed_dim=config["attention_head_dim"],
-        crops_coords=None,
-        grid_size=grid,
-        temporal_size=(latent_frames + patch_t - 1) // patch_t,
-        grid_type="slice",
-        max_size=(base_height, base_width),
-        device=device,
+        crops_coords=None, temporal_size=(latent_frames + patch_t - 1) // patch_t, grid_type="slice",
+        max_size=(base_height, base_width), **shared,
     )
 
 

@@ -19,7 +19,7 @@ from contextlib import suppress
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from cogsurgeon.inspector.inventory import ModuleInfo
 from cogsurgeon.inspector.model_specs import builtin_config, builtin_dtype
@@ -27,12 +27,8 @@ from cogsurgeon.inspector.user_files import UserFileError, loads_json, read_byte
 
 CACHE_FORMAT = 1
 ENTRY_BYTES_LIMIT = 32 * 1024 * 1024  # a 5B inventory is ~300 KB; a cache file pointing at /dev/zero is refused
-# the type of every ModuleInfo field in a cache row (a row of any other shape means the entry is rebuilt)
-_ROW_TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,), "class_name": (str,), "class_module": (str,), "file": (str, type(None)),
-    "line": (int, type(None)), "own_params": (int,), "params": (int,), "dtype": (str, type(None)),
-    "device": (str, type(None)), "processor": (str, type(None)), "processor_module": (str, type(None)),
-}
+# the types of every ModuleInfo field, as its annotations say (a row of any other shape means the entry is rebuilt)
+_ROW_TYPES = {name: get_args(hint) or (hint,) for name, hint in get_type_hints(ModuleInfo).items()}
 _REQUIRED_FIELDS = frozenset(f.name for f in dataclasses.fields(ModuleInfo) if f.default is dataclasses.MISSING)
 
 

@@ -16,13 +16,16 @@ from cogsurgeon.inspector.user_files import describe_os_error, expand_user
 
 DEFAULT_SPEC = "cogvideox-5b-i2v"
 
-PUBLISHED_SPECS: tuple[str, ...] = (
-    "cogvideox-2b",
-    "cogvideox-5b",
-    "cogvideox-5b-i2v",
-    "cogvideox1.5-5b",
-    "cogvideox1.5-5b-i2v",
-)
+# The published transformers, and the dtype each one's weights are stored in: the meta model takes it so that
+# sizes match.
+PUBLISHED_DTYPES: dict[str, str] = {
+    "cogvideox-2b": "float16",
+    "cogvideox-5b": "bfloat16",
+    "cogvideox-5b-i2v": "bfloat16",
+    "cogvideox1.5-5b": "bfloat16",
+    "cogvideox1.5-5b-i2v": "bfloat16",
+}
+PUBLISHED_SPECS: tuple[str, ...] = tuple(PUBLISHED_DTYPES)
 
 # Small configs of the same classes: 2 layers, 2 heads, every code path of the published variants
 # (rotary, learned positions, temporal patches). Head dim 16 splits evenly into the 3D rotary bands.
@@ -75,15 +78,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 TINY_SPECS: tuple[str, ...] = tuple(TINY_CONFIGS)
-
-# The dtype each published transformer's weights are stored in; the meta model takes it so that sizes match.
-PUBLISHED_DTYPES: dict[str, str] = {
-    "cogvideox-2b": "float16",
-    "cogvideox-5b": "bfloat16",
-    "cogvideox-5b-i2v": "bfloat16",
-    "cogvideox1.5-5b": "bfloat16",
-    "cogvideox1.5-5b-i2v": "bfloat16",
-}
 TINY_SEED = 0
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")

@@ -622,9 +622,8 @@ def latents_shape(config: Mapping[str, Any], geometry: Any, batch: int) -> tuple
 
 def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSettings) -> tuple[PhasePeak, ...]:
     from cogsurgeon import patches
-    from cogsurgeon.inspector.loading import build_on_meta
     from cogsurgeon.inspector.geometry import latent_geometry
-
+    from cogsurgeon.inspector.loading import build_on_meta
     from cogsurgeon.patches.parameters import parse_patch_spec
 
     model = build_on_meta(dict(config), settings.dtype)

@@ -11,6 +11,7 @@ the model is left as it was: hooks are removed, a model that is not on meta is t
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -104,18 +105,14 @@ class TraceResult:
     notes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
+        geometry = self.geometry
         return {
             "model": self.model_class,
             "video": {"frames": self.frames, "height": self.height, "width": self.width, "batch": self.batch},
             "dtype": self.dtype,
-            "latent": {
-                "frames": self.geometry.latent_frames,
-                "padding_frames": self.geometry.padding_frames,
-                "height": self.geometry.latent_height,
-                "width": self.geometry.latent_width,
-                "grid_height": self.geometry.grid_height,
-                "grid_width": self.geometry.grid_width,
-            },
+            "latent": {"frames": geometry.latent_frames, "padding_frames": geometry.padding_frames,
+                       "height": geometry.latent_height, "width": geometry.latent_width,
+                       "grid_height": geometry.grid_height, "grid_width": geometry.grid_width},
             "inputs": shape_to_json(self.inputs),
             "output": list(self.output),
             "sequence": self.sequence.to_json(),
@@ -158,10 +155,7 @@ DTYPE_BYTES = {"bool": 1, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 
 
 def dense_mask_bytes(shape: tuple[int, ...], dtype: str = "bool") -> int:
     """Bytes of a dense mask tensor of `shape` in `dtype` (bool: one byte per element, as torch stores it)."""
-    elements = 1
-    for size in shape:
-        elements *= size
-    return elements * DTYPE_BYTES[dtype]
+    return math.prod(shape) * DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True)

@@ -50,22 +50,17 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
 
     MODEL: see `cogsurgeon modules --help`.
     """
-    from cogsurgeon.inspector.plan import parse_memory_size, parse_train
     from cogsurgeon.inspector.cli.trace import _known_config, check_traceable
     from cogsurgeon.inspector.geometry import default_video_size
+    from cogsurgeon.inspector.plan import parse_memory_size, parse_train, plan_memory
 
     train_mode = parse_train(train)  # flags refused before paying for torch and the model
     card = parse_memory_size(gpu_memory) if gpu_memory is not None else None
     config = _known_config(model)
+    defaults = default_video_size(config) if config is not None else (49, 480, 720)  # a folder: CogVideoX's size
+    frames, height, width = (given or default for given, default in zip((frames, height, width), defaults))
     if config is not None:
-        default_frames, default_height, default_width = default_video_size(config)
-        frames, height, width = frames or default_frames, height or default_height, width or default_width
         check_traceable(config, frames, height, width, batch, what="plan")
-    else:
-        frames, height, width = frames or 49, height or 480, width or 720
-
-    from cogsurgeon.inspector.plan import plan_memory
-
     if not as_json and sys.stderr.isatty():
         click.echo(f"planning {model or 'the default model'} at {frames}×{height}×{width}, batch {batch} ...",
                    err=True)

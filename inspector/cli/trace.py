@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from cogsurgeon.inspector.trace import AttentionCall
 
 
-
 @click.command()
 @click.argument("model", required=False)
 @click.option("--frames", default=49, show_default=True, type=POSITIVE, help="Video frames (4k+1: 49, 81).")
