@@ -18,9 +18,7 @@ class CogsurgeonCommands(Provider):
     switch per spec, and the LoRA screen."""
 
     def commands(self) -> list[Command]:
-        main = getattr(self.app, "main_screen", None)
-        if main is None:
-            return []
+        main = self.app.main_screen  # type: ignore[attr-defined]  (this provider serves CogsurgeonApp)
         commands: list[Command] = [
             ("lora: repair a checkpoint", "inspect, repair and verify a LoRA checkpoint", main.action_open_lora),
             ("model: open…", "a published spec, a tiny model or a local folder", main.action_switch_model),
@@ -29,12 +27,9 @@ class CogsurgeonCommands(Provider):
         ]
         for spec in known_specs():
             commands.append((f"model: open {spec}", "load it in the background", partial(main.open, spec)))
-        model = main.loaded.model if main.loaded is not None else None
-        for row in main.patch_bench.rows(model):
-            if row.applied:
-                commands.append((f"patch: revert {row.name}", row.summary, partial(main.toggle_patch, row.name, False)))
-            else:
-                commands.append((f"patch: apply {row.name}", row.summary, partial(main.toggle_patch, row.name, True)))
+        for row in main.patch_bench.rows(main.model):
+            toggle = partial(main.toggle_patch, row.name, not row.applied)
+            commands.append((f"patch: {'revert' if row.applied else 'apply'} {row.name}", row.summary, toggle))
             commands.append(
                 (f"patch: verify {row.name}", "check it on the tiny models (plain and fused processors) against reference attention",
                  partial(main.verify_patch, row.name))

@@ -115,7 +115,8 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="lora.back")]
 
-    repair_total: reactive[int] = reactive(0, init=False)
+    # the progress bar is bound to these (`data_bind`)
+    repair_total: reactive[int] = reactive(1, init=False)
     repair_done: reactive[int] = reactive(0, init=False)
 
     def __init__(self, base_spec: str = "tiny") -> None:
@@ -128,24 +129,25 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         with VerticalScroll(id="lora"):
-            yield Label("1. Checkpoint", classes="lora-label")
-            with Horizontal(classes="lora-row"):
+            yield Label("1. Checkpoint", classes="form-label")
+            with Horizontal(classes="form-row"):
                 yield Input(placeholder="a .safetensors file, a checkpoint-N folder or a SAT iteration folder",
                             id="lora-checkpoint")
                 yield Button("Inspect", id="lora-inspect")
             yield Static(Text("enter a checkpoint path and press Enter", style="dim"), id="lora-findings")
-            yield Label("2. Repair into an adapter folder", classes="lora-label")
-            with Horizontal(classes="lora-row"):
+            yield Label("2. Repair into an adapter folder", classes="form-label")
+            with Horizontal(classes="form-row"):
                 yield Input(placeholder="lora_alpha", id="lora-alpha")
                 yield Input(placeholder="output folder (must not exist)", id="lora-out")
                 yield Button("Repair", id="lora-repair", disabled=True)
             yield Checkbox("replace an earlier repair in the output folder (only a folder this tool wrote)",
                            id="lora-force")
             # determinate from the start (an indeterminate bar animates, and says nothing here)
-            yield ProgressBar(total=1, id="lora-progress", show_eta=False)
+            yield ProgressBar(total=1, id="lora-progress", show_eta=False).data_bind(
+                total=LoraScreen.repair_total, progress=LoraScreen.repair_done)
             yield Static(id="lora-repair-result")
-            yield Label("3. Verify against a base model", classes="lora-label")
-            with Horizontal(classes="lora-row"):
+            yield Label("3. Verify against a base model", classes="form-label")
+            with Horizontal(classes="form-row"):
                 yield Input(value=default_base(self.base_spec),
                             placeholder=f"base MODEL with weights: a local folder, a cached hub id or {TINY_SPECS[0]} "
                                         "(published configs load without weights)",
@@ -206,17 +208,15 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
         if self.report is None or self.report.problems:
             self.notify("inspect a checkpoint without problems first", severity="warning")
             return
-        alpha_text = self.query_one("#lora-alpha", Input).value.strip()
-        try:
-            alpha = float(alpha_text) if alpha_text else None
-        except ValueError:
+        alpha_text, alpha = self.query_one("#lora-alpha", Input).value.strip(), self._typed_alpha()
+        if alpha is None and alpha_text:
             self.notify(f"lora_alpha must be a number, got {alpha_text!r}", severity="error")
             return
         out_dir = self.query_one("#lora-out", Input).value.strip()
         if not out_dir:
             self.notify("enter an output folder", severity="warning")
             return
-        self.repair_done, self.repair_total = 0, 0
+        self.repair_done, self.repair_total = 0, 1
         self._last_percent = -1
         self.query_one("#lora-repair", Button).disabled = True
         force = self.query_one("#lora-force", Checkbox).value
@@ -237,10 +237,7 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
             self.app.call_from_thread(self._set_progress, done_bytes, total_bytes)
 
     def _set_progress(self, done_bytes: int, total_bytes: int) -> None:
-        self.repair_total, self.repair_done = total_bytes, done_bytes
-
-    def watch_repair_done(self, done: int) -> None:
-        self.query_one(ProgressBar).update(total=max(self.repair_total, 1), progress=done)
+        self.repair_total, self.repair_done = max(total_bytes, 1), done_bytes
 
     # verify
 

@@ -69,14 +69,20 @@ class AdapterVerified(Message):
     report: Any  # a tools.lora AdapterVerifyReport
 
 
+@dataclass
+class MemoryPlanned(Message):
+    plan: Any  # an inspector.plan MemoryPlan
+
+
 class ReportsWorkerFailures:
     """For a screen: the one handler of its workers' ends. A worker that raised becomes an error notification
     titled by the worker's description ("could not load model"), then `worker_failed` lets the screen undo what it
-    showed while the work ran; successes arrive as the messages above, posted by the workers themselves."""
+    showed while the work ran; successes arrive as the messages above, posted by the workers themselves. A worker
+    cancelled was replaced by a newer one of its group (exclusive), or its screen closed: nothing to show."""
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         worker = event.worker
-        if event.state in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
+        if event.state in (WorkerState.SUCCESS, WorkerState.ERROR):
             self.worker_ended(worker)
         if event.state == WorkerState.ERROR and worker.error is not None:
             self.notify(self.failure_text(worker.error), title=worker.description, severity="error")  # type: ignore[attr-defined]
@@ -87,7 +93,7 @@ class ReportsWorkerFailures:
         return describe_failure(error)
 
     def worker_ended(self, worker: Worker[Any]) -> None:
-        """A worker finished, whichever way."""
+        """A worker finished or failed."""
 
     def worker_failed(self, worker: Worker[Any]) -> None:
         """A worker raised; its failure has been notified."""

@@ -1,6 +1,6 @@
 """The planner screen: the peak GPU memory of the model on the main screen at a size you type (inference, a training
 step, the VAE decode), with its breakdown and whether it fits a card. A view over `inspector.plan`; the plan runs
-in a thread worker."""
+in a thread worker that posts it as `MemoryPlanned`."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Static
-from textual.worker import Worker, WorkerState
+from textual.worker import Worker
 
-from cogsurgeon.inspector.tui.screens import describe_failure
+from cogsurgeon.inspector.tui.messages import MemoryPlanned, ReportsWorkerFailures
 from cogsurgeon.inspector.tui.widgets import facts_table
 
 
@@ -41,7 +41,7 @@ def plan_table(plan: Any) -> Table:
     return facts_table(rows)
 
 
-class PlanScreen(Screen[None]):
+class PlanScreen(ReportsWorkerFailures, Screen[None]):
     """Plan the peak GPU memory of a run of `spec` before running it."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="plan.back")]
@@ -55,13 +55,13 @@ class PlanScreen(Screen[None]):
         frames, height, width = self.video_size
         yield Header()
         with VerticalScroll(id="plan"):
-            yield Label(f"Plan GPU memory for {self.spec}", classes="plan-label")
-            with Horizontal(classes="plan-row"):
+            yield Label(f"Plan GPU memory for {self.spec}", classes="form-label")
+            with Horizontal(classes="form-row"):
                 yield Input(value=f"{frames}x{height}x{width}", placeholder="FRAMESxHEIGHTxWIDTH", id="plan-size")
                 yield Input(value="2", placeholder="batch", id="plan-batch")
                 yield Input(placeholder="train: lora:RANK or full (empty: inference)", id="plan-train")
                 yield Input(placeholder="GPU memory, e.g. 80GiB", id="plan-gpu")
-            with Horizontal(classes="plan-row"):
+            with Horizontal(classes="form-row"):
                 yield Checkbox("checkpointing", id="plan-checkpointing")
                 yield Checkbox("VAE decode", id="plan-vae")
                 yield Checkbox("tiling", id="plan-tiling")
@@ -94,19 +94,14 @@ class PlanScreen(Screen[None]):
         self.query_one("#plan-result", Static).loading = True
         self._plan(request)
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="plan")
-    def _plan(self, request: dict[str, Any]) -> Any:
+    @work(thread=True, exclusive=True, exit_on_error=False, group="plan", description="plan failed")
+    def _plan(self, request: dict[str, Any]) -> None:
         from cogsurgeon.inspector.plan import plan_memory
 
-        return plan_memory(self.spec, **request)
+        self.post_message(MemoryPlanned(plan_memory(self.spec, **request)))
 
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        worker, state = event.worker, event.state
-        if worker.group != "plan" or state not in (WorkerState.SUCCESS, WorkerState.ERROR):
-            return
-        result = self.query_one("#plan-result", Static)
-        result.loading = False
-        if state == WorkerState.SUCCESS:
-            result.update(plan_table(worker.result))
-        else:
-            self.notify(describe_failure(worker.error), title="plan failed", severity="error")
+    def on_memory_planned(self, message: MemoryPlanned) -> None:
+        self.query_one("#plan-result", Static).update(plan_table(message.plan))
+
+    def worker_ended(self, worker: Worker[Any]) -> None:
+        self.query_one("#plan-result", Static).loading = False

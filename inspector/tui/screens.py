@@ -127,6 +127,11 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         self.narrowed: dict[str, tuple[ModuleNode | None, set[str]]] = {}
         self.traced: TracedShapes | None = None
 
+    @property
+    def model(self) -> Any:
+        """The loaded transformer; None while none is, or while a cached preview shows."""
+        return self.loaded.model if self.loaded is not None else None
+
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="main"):
@@ -153,7 +158,7 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         self.query_one(ModuleTree).focus()
         # a watcher runs as the filter's text changes, so the narrowed tree goes out in the same screen update as
         # the typed character (an Input.Changed message arrives after that update, a second one at 60 fps)
-        self.watch(self.query_one("#filter", FilterInput), "value", self._filter_changed, init=False)
+        self.watch(self.query_one("#filter", FilterInput), "value", self.show_tree, init=False)
         self.refresh_patches()
         self.open(self.spec)
 
@@ -197,11 +202,10 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
     def worker_ended(self, worker: Worker[Any]) -> None:
         if worker is self.load_worker:  # not a load that a newer one replaced (and cancelled)
             self.opening = None
-            self.query_one(ModuleTree).loading = False
-            self.query_one(SourceView).loading = False
+            self.query_one(ModuleTree).loading = self.query_one(SourceView).loading = False
 
     def worker_failed(self, worker: Worker[Any]) -> None:
-        if worker is self.load_worker and self.selected is not None:
+        if worker is self.load_worker:
             self.watch_selected(self.selected)  # the model that stays: its details again
         elif worker.group == "verify":
             self.patch_bench.verdicts[worker.name] = "error"
@@ -212,10 +216,9 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         self.loaded = message.loaded
 
     def on_shapes_traced(self, message: ShapesTraced) -> None:
-        if self.loaded is not None and self.loaded.model is message.model:
+        if self.model is message.model:
             self.traced = message.traced
-            if self.selected is not None:
-                self.watch_selected(self.selected)
+            self.watch_selected(self.selected)
 
     def on_verify_progress(self, message: VerifyProgress) -> None:
         if self.patch_bench.verdicts.get(message.name, "").startswith(("starting", "running")):
@@ -238,8 +241,7 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         if previous is not None and previous.model is None and previous.infos == loaded.infos:
             # the real model behind a cached preview: same tree, now with source and patches
             self.refresh_patches()
-            if self.selected is not None:
-                self.watch_selected(self.selected)
+            self.watch_selected(self.selected)
             return
         self.full_tree = build_module_tree(list(loaded.infos))
         self.narrowed = {}
@@ -273,9 +275,6 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
             tree.show_modules(ModuleNode(f"no module matches {filter_text!r}", None), "")
             return
         tree.show_modules(narrowed_tree, loaded.title, open_all=True)
-
-    def _filter_changed(self, value: str) -> None:
-        self.show_tree(value)
 
     @on(Input.Submitted, "#filter")
     def _select_first_match(self, event: Input.Submitted) -> None:
@@ -335,24 +334,23 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
     # patches
 
     def refresh_patches(self) -> None:
-        panel = self.query_one(PatchesPanel)
-        model = self.loaded.model if self.loaded is not None else None
-        panel.show_rows(self.patch_bench.rows(model))
+        self.query_one(PatchesPanel).show_rows(self.patch_bench.rows(self.model))
 
     def action_focus_patches(self) -> None:
         self.query_one("#patches-table").focus()
 
-    @on(PatchesPanel.ToggleRequested)
-    def _toggle_patch(self, event: PatchesPanel.ToggleRequested) -> None:
-        self.toggle_patch(event.name)
+    @on(PatchesPanel.Requested)
+    def _patch_requested(self, event: PatchesPanel.Requested) -> None:
+        handlers = {"toggle": self.toggle_patch, "verify": self.verify_patch, "options": self.edit_patch_options}
+        handlers[event.what](event.name)
 
     def toggle_patch(self, name: str, apply: bool | None = None) -> None:
         """Apply `name` (or revert it when it is on); `apply` forces one direction."""
-        if self.loaded is None or self.loaded.model is None:
+        if self.model is None:
             self.notify("the model is still loading", severity="warning")
             return
         try:
-            message = self.patch_bench.toggle(self.loaded.model, name, apply)
+            message = self.patch_bench.toggle(self.model, name, apply)
         except Exception as error:  # a refusal (patches that do not compose) or a bug: tell, don't crash
             self.notify(describe_failure(error), title=f"patch {name}", severity="error")
             return
@@ -362,36 +360,28 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         # watcher does not run): the state column is refreshed here in any case
         self.refresh_patches()
 
-    @on(PatchesPanel.OptionsRequested)
-    def _options_requested(self, event: PatchesPanel.OptionsRequested) -> None:
-        model = self.loaded.model if self.loaded is not None else None
-        row = next(row for row in self.patch_bench.rows(model) if row.name == event.name)
+    def edit_patch_options(self, name: str) -> None:
+        """Open the options dialog of patch `name`; what it sets is applied by `set_patch_options`."""
+        row = next(row for row in self.patch_bench.rows(self.model) if row.name == name)
         if not row.parameters:
             self.notify(f"{row.name} takes no parameters", title="patch options")
             return
+        self.app.push_screen(PatchOptionsScreen(row), partial(self.set_patch_options, row.name))
 
-        def chosen(texts: dict[str, str] | None) -> None:
-            if texts is not None:
-                self.set_patch_options(row.name, texts)
-
-        self.app.push_screen(PatchOptionsScreen(row), chosen)
-
-    def set_patch_options(self, name: str, texts: dict[str, str]) -> None:
-        """Set patch `name`'s options from the fields' texts; a patch that is on is re-applied with them."""
-        model = self.loaded.model if self.loaded is not None else None
+    def set_patch_options(self, name: str, texts: dict[str, str] | None) -> None:
+        """Set patch `name`'s options from the fields' texts (None: the dialog was cancelled); a patch that is on is
+        re-applied with them."""
+        if texts is None:
+            return
         try:
-            message = self.patch_bench.set_options(model, name, texts)
+            message = self.patch_bench.set_options(self.model, name, texts)
         except CogsurgeonError as error:
             self.notify(describe_failure(error), title=f"patch {name}", severity="error")
             return
         self.notify(message, title="patch options")
-        if model is not None:
+        if self.model is not None:
             self.loaded = self.loaded.refreshed()
         self.refresh_patches()
-
-    @on(PatchesPanel.VerifyRequested)
-    def _verify_requested(self, event: PatchesPanel.VerifyRequested) -> None:
-        self.verify_patch(event.name)
 
     def verify_patch(self, name: str) -> None:
         scope = self.patch_bench.verify_scope()
@@ -460,8 +450,7 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         from cogsurgeon.inspector.geometry import default_video_size
         from cogsurgeon.inspector.tui.plan_screen import PlanScreen
 
-        model = self.loaded.model if self.loaded is not None else None  # None while a cached preview shows
-        size = default_video_size(model.config) if model is not None else (49, 480, 720)
+        size = default_video_size(self.model.config) if self.model is not None else (49, 480, 720)
         self.app.push_screen(PlanScreen(self.spec, size))
 
 

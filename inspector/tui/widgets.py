@@ -22,7 +22,7 @@ from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.geometry import Region, Size
 from textual.message import Message
-from textual.reactive import Reactive, var
+from textual.reactive import Reactive, reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.widgets import DataTable, Input, LoadingIndicator, Static
@@ -64,17 +64,13 @@ class SlowLoadingIndicator(LoadingIndicator):
         return Text(f"● {self.what}  {seconds} s", style="dim")
 
 
-class RepaintOnContentSize:
-    """For a widget whose size the stylesheet fixes: a change of its content's size (`virtual_size`) is a repaint,
-    not a layout of the whole screen. Widget declares `virtual_size` with `layout=True`, and every layout also
-    repaints the scroll views' scrollbars one screen update (a 60 fps tick) later: the filter's text changes size
-    on every filter keystroke, which cost it an extra screen update."""
+class FilterInput(Input):
+    """The tree's filter: fixed width, its text scrolls inside it. A change of its text's size (`virtual_size`) is
+    a repaint, not a layout of the whole screen: Widget declares `virtual_size` with `layout=True`, and every
+    layout also repaints the scroll views' scrollbars one screen update (a 60 fps tick) later; the text changes
+    size on every filter keystroke, which cost it an extra screen update."""
 
     virtual_size: Reactive[Size] = Reactive(Size(0, 0))
-
-
-class FilterInput(RepaintOnContentSize, Input):
-    """The tree's filter: fixed width, its text scrolls inside it."""
 
 
 @dataclass(frozen=True)
@@ -98,15 +94,15 @@ class ModuleTree(ScrollView, can_focus=True):
     size. Folded runs read `transformer_blocks (0-41): 42 × CogVideoXBlock`; it looks like Textual's Tree."""
 
     BINDINGS = [
-        Binding("up", "cursor_up", "Up", show=False, id="tree.up"),
-        Binding("down", "cursor_down", "Down", show=False, id="tree.down"),
-        Binding("pageup", "page_up", "Page up", show=False, id="tree.page-up"),
-        Binding("pagedown", "page_down", "Page down", show=False, id="tree.page-down"),
-        Binding("home", "cursor_home", "First row", show=False, id="tree.home"),
-        Binding("end", "cursor_end", "Last row", show=False, id="tree.end"),
-        Binding("right", "expand_node", "Expand", show=False, id="tree.expand"),
+        Binding("up", "move(-1)", "Up", show=False, id="tree.up"),
+        Binding("down", "move(1)", "Down", show=False, id="tree.down"),
+        Binding("pageup", "page(-1)", "Page up", show=False, id="tree.page-up"),
+        Binding("pagedown", "page(1)", "Page down", show=False, id="tree.page-down"),
+        Binding("home", "move_to(0)", "First row", show=False, id="tree.home"),
+        Binding("end", "move_to(-1)", "Last row", show=False, id="tree.end"),
+        Binding("right", "set_open(True)", "Expand", show=False, id="tree.expand"),
         Binding("left", "collapse_node", "Collapse", show=False, id="tree.collapse"),
-        Binding("enter,space", "toggle_node", "Open/close", show=False, id="tree.toggle"),
+        Binding("enter,space", "set_open", "Open/close", show=False, id="tree.toggle"),
     ]
 
     COMPONENT_CLASSES = {
@@ -125,7 +121,6 @@ class ModuleTree(ScrollView, can_focus=True):
         background: $surface;
         color: $foreground;
         overflow-x: hidden;
-        & > .module-tree--label {}
         & > .module-tree--guides { color: $surface-lighten-2; }
         & > .module-tree--guides-hover { color: $surface-lighten-2; }
         & > .module-tree--guides-selected { color: $block-cursor-blurred-background; }
@@ -133,7 +128,6 @@ class ModuleTree(ScrollView, can_focus=True):
             text-style: $block-cursor-blurred-text-style;
             background: $block-cursor-blurred-background;
         }
-        & > .module-tree--highlight {}
         & > .module-tree--highlight-line { background: $block-hover-background; }
         &:focus {
             background-tint: $foreground 5%;
@@ -163,8 +157,8 @@ class ModuleTree(ScrollView, can_focus=True):
     ICON_OPEN = "▼ "
     GUIDES = ("  ", "│ ", "└ ", "├ ")  # space, vertical, last child, middle child
 
-    cursor_line: var[int] = var(0)
-    hover_line: var[int] = var(-1)
+    cursor_line: reactive[int] = reactive(0)  # a change repaints: the cursor row and the guides below it
+    hover_line: reactive[int] = reactive(-1)
 
     @dataclass
     class ModuleHighlighted(Message):
@@ -256,47 +250,29 @@ class ModuleTree(ScrollView, can_focus=True):
         if (moved or always_post) and module is not None:
             self.post_message(self.ModuleHighlighted(module))
 
-    def watch_cursor_line(self) -> None:
-        self.refresh()  # the cursor row and the guides below it
-
-    def watch_hover_line(self) -> None:
-        self.refresh()
-
-    def set_open(self, line: int, is_open: bool) -> None:
+    def set_open(self, line: int, is_open: bool | None = None) -> None:
+        """Open or close the row at `line`; `is_open` None toggles it."""
         row = self.rows[line] if 0 <= line < len(self.rows) else None
         if row is None or not row.expandable or row.expanded == is_open:
             return
-        if is_open:
-            self.expanded.add(row.key)
-        else:
+        if row.expanded:
             self.expanded.discard(row.key)
+        else:
+            self.expanded.add(row.key)
         self._rebuild(self.cursor_row.key if self.cursor_row is not None else None)
 
-    def action_cursor_up(self) -> None:
-        self.move_cursor(self.cursor_line - 1)
+    def action_move(self, rows: int) -> None:
+        self.move_cursor(self.cursor_line + rows)
 
-    def action_cursor_down(self) -> None:
-        self.move_cursor(self.cursor_line + 1)
+    def action_page(self, pages: int) -> None:
+        self.action_move(pages * max(1, self.scrollable_content_region.height - 1))
 
-    def action_page_up(self) -> None:
-        self.move_cursor(self.cursor_line - max(1, self.scrollable_content_region.height - 1))
+    def action_move_to(self, line: int) -> None:
+        """Put the cursor on `line`; a negative one counts from the last row."""
+        self.move_cursor(line % len(self.rows))
 
-    def action_page_down(self) -> None:
-        self.move_cursor(self.cursor_line + max(1, self.scrollable_content_region.height - 1))
-
-    def action_cursor_home(self) -> None:
-        self.move_cursor(0)
-
-    def action_cursor_end(self) -> None:
-        self.move_cursor(len(self.rows) - 1)
-
-    def action_toggle_node(self) -> None:
-        row = self.cursor_row
-        if row is not None:
-            self.set_open(self.cursor_line, not row.expanded)
-
-    def action_expand_node(self) -> None:
-        self.set_open(self.cursor_line, True)
+    def action_set_open(self, is_open: bool | None = None) -> None:
+        self.set_open(self.cursor_line, is_open)
 
     def action_collapse_node(self) -> None:
         row = self.cursor_row
@@ -313,13 +289,9 @@ class ModuleTree(ScrollView, can_focus=True):
         meta = event.style.meta
         if "line" not in meta:
             return
-        line = meta["line"]
-        if meta.get("toggle"):
-            self.set_open(line, not self.rows[line].expanded)
-            return
-        self.move_cursor(line)
-        if self.rows[line].expandable:
-            self.set_open(line, not self.rows[line].expanded)
+        if not meta.get("toggle"):
+            self.move_cursor(meta["line"])
+        self.set_open(meta["line"])
 
     def on_mouse_move(self, event: events.MouseMove) -> None:
         self.hover_line = event.style.meta.get("line", -1)
@@ -524,22 +496,17 @@ class PatchesPanel(Vertical):
     one under the cursor, `v` verifies it on the tiny models, `o` edits its options."""
 
     BINDINGS = [
-        Binding("space", "toggle_patch", "Apply/revert", id="patches.toggle"),
-        Binding("v", "verify_patch", "Verify", id="patches.verify"),
-        Binding("o", "edit_options", "Options", id="patches.options"),
+        Binding("space", "request('toggle')", "Apply/revert", id="patches.toggle"),
+        Binding("v", "request('verify')", "Verify", id="patches.verify"),
+        Binding("o", "request('options')", "Options", id="patches.options"),
     ]
 
     @dataclass
-    class ToggleRequested(Message):
-        name: str
+    class Requested(Message):
+        """The user asked to `toggle`, `verify` or edit the `options` of patch `name`."""
 
-    @dataclass
-    class VerifyRequested(Message):
         name: str
-
-    @dataclass
-    class OptionsRequested(Message):
-        name: str
+        what: str
 
     def compose(self) -> ComposeResult:
         table: DataTable[Any] = DataTable(id="patches-table", cursor_type="row", zebra_stripes=False)
@@ -558,26 +525,11 @@ class PatchesPanel(Vertical):
         if rows:
             table.move_cursor(row=min(cursor, len(rows) - 1))
 
-    def _current(self) -> str | None:
+    def action_request(self, what: str) -> None:
         table = self.query_one(DataTable)
-        if table.row_count == 0:
-            return None
-        return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
-
-    def action_toggle_patch(self) -> None:
-        name = self._current()
-        if name is not None:
-            self.post_message(self.ToggleRequested(name))
-
-    def action_verify_patch(self) -> None:
-        name = self._current()
-        if name is not None:
-            self.post_message(self.VerifyRequested(name))
-
-    def action_edit_options(self) -> None:
-        name = self._current()
-        if name is not None:
-            self.post_message(self.OptionsRequested(name))
+        if table.row_count:
+            name = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+            self.post_message(self.Requested(str(name), what))
 
 
 def source_for(info: ModuleInfo) -> tuple[SourceText | None, str]:
