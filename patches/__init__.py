@@ -15,7 +15,6 @@ subclass). Importing this package is light: torch and diffusers load when a patc
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.patches.errors import (
@@ -48,26 +47,16 @@ from cogsurgeon.patches.registry import (
     revert,
 )
 
-if TYPE_CHECKING:
-    from cogsurgeon.patches.stream import Stream
+if TYPE_CHECKING:  # what editors see; at run time `streaming` resolves on first use (it imports torch)
+    from cogsurgeon.patches.stream import streaming
 
 
-def streaming(
-    target: Any,
-    *,
-    chunk: int,
-    window: int | None = None,
-    sink: int = 0,
-    text_timestep: float = 0,
-    height: int,
-    width: int,
-    frames: int | None = None,
-) -> AbstractContextManager[Stream]:
-    """Generate chunk by chunk with a KV cache: `cogsurgeon.patches.stream.streaming` (torch is imported when called)."""
-    from cogsurgeon.patches.stream import streaming as open_stream
+def __getattr__(name: str) -> Any:
+    if name == "streaming":  # generate chunk by chunk with a KV cache: `cogsurgeon.patches.stream.streaming`
+        from cogsurgeon.patches.stream import streaming
 
-    return open_stream(target, chunk=chunk, window=window, sink=sink, text_timestep=text_timestep, height=height,
-                       width=width, frames=frames)
+        return streaming
+    raise AttributeError(f"module 'cogsurgeon.patches' has no attribute {name!r}")
 
 
 __all__ = [

@@ -28,14 +28,25 @@ class StructuralAttentionPatch(Patch):
         self.pattern(**options)
 
     def apply(self, transformer: Any, **options: Any) -> Any:
-        from cogsurgeon.patches.processor import enable_attention_rule
+        from cogsurgeon.patches.processor import attention_state
 
-        return enable_attention_rule(transformer, structure=self.pattern(**options))
+        pattern = self.pattern(**options)  # before installing anything: apply leaves the model as it was on error
+        return attention_state(transformer, install=True).set_rules(transformer, structure=pattern)
 
     def revert(self, transformer: Any, record: Any) -> None:
-        from cogsurgeon.patches.processor import disable_attention_rule
+        record.set_rules(transformer, structure=None)
 
-        disable_attention_rule(transformer, record, structure=record.structure)
+    def extra_memory_bytes(
+        self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False, **options
+    ):
+        """Run as one SDPA call per segment (a chunk of frames, or text), each a temporary copied into the output: the
+        largest segment's output, plus the keys `moved_keys` moves next to a window."""
+        chunk_tokens = options.get("chunk", 1) * (video_tokens // max(frames, 1))
+        keys = max(text_tokens, chunk_tokens) + self.moved_keys(text_tokens, chunk_tokens, **options)
+        return batch * heads * keys * head_dim * dtype_bytes
+
+    def moved_keys(self, text_tokens: int, chunk_tokens: int, **options: Any) -> int:
+        return 0
 
     def reference_mask(self, layout: Any, **options: Any) -> Any:
         from cogsurgeon.patches.reference import rule_mask
@@ -72,12 +83,6 @@ class FrameCausalAttention(StructuralAttentionPatch):
     summary = "frame-causal attention: text sees text; frame f sees text and frames <= f"
     structure = "frame-causal"
 
-    def extra_memory_bytes(
-        self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False
-    ):
-        largest_segment = max(text_tokens, video_tokens // max(frames, 1))
-        return batch * heads * largest_segment * head_dim * dtype_bytes
-
 
 class BlockCausalAttention(StructuralAttentionPatch):
     """Block-causal by chunks of `chunk` frames, optionally a sliding `window` of chunks with the first `sink` chunks
@@ -104,16 +109,9 @@ class BlockCausalAttention(StructuralAttentionPatch):
 
         return BlockCausal(**options)
 
-    def extra_memory_bytes(
-        self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False, **options
-    ):
-        """The largest chunk's output (one SDPA call per chunk); with a window past the sinks, the prefix moved in
-        place (a temporary of its size when it overlaps itself)."""
-        chunk = options.get("chunk", 1)
-        frame_tokens = video_tokens // max(frames, 1)
-        largest_segment = max(text_tokens, chunk * frame_tokens)
-        prefix = text_tokens + options.get("sink", 0) * chunk * frame_tokens if options.get("window") else 0
-        return batch * heads * (largest_segment + prefix) * head_dim * dtype_bytes
+    def moved_keys(self, text_tokens: int, chunk_tokens: int, **options: Any) -> int:
+        """With a window past the sinks, the prefix moved in place (a temporary of its size when it overlaps itself)."""
+        return text_tokens + options.get("sink", 0) * chunk_tokens if options.get("window") else 0
 
 
 class WindowAttentionPatch(StructuralAttentionPatch):
@@ -134,12 +132,8 @@ class WindowAttentionPatch(StructuralAttentionPatch):
 
         return WindowAttention(**options)
 
-    def extra_memory_bytes(
-        self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False, **options
-    ):
-        chunk = options.get("chunk", 1)
-        largest_segment = max(text_tokens, chunk * (video_tokens // max(frames, 1)))
-        return batch * heads * (largest_segment + text_tokens) * head_dim * dtype_bytes
+    def moved_keys(self, text_tokens: int, chunk_tokens: int, **options: Any) -> int:
+        return text_tokens  # the text prefix, moved next to each chunk's window
 
 
 class PerFrameTimesteps(Patch):
@@ -157,19 +151,13 @@ class PerFrameTimesteps(Patch):
     )
 
     def check_options(self, options: dict[str, Any]) -> None:
-        import math
-
-        from cogsurgeon.patches.errors import PatchParameterError
         from cogsurgeon.patches.patterns import check_text_timestep
 
-        text_timestep = check_text_timestep(options["text_timestep"])
-        if isinstance(text_timestep, float) and not math.isfinite(text_timestep):  # "nan" and "inf" parse as floats
-            raise PatchParameterError(
-                self.name, "text_timestep", f"{self.name}: text_timestep must be finite, got {options['text_timestep']!r}"
-            )
+        check_text_timestep(options["text_timestep"])
 
     def apply(self, transformer: Any, **options: Any) -> Any:
-        from cogsurgeon.patches.timesteps import PerFrameTimestepState, check_text_timestep
+        from cogsurgeon.patches.patterns import check_text_timestep
+        from cogsurgeon.patches.timesteps import PerFrameTimestepState
 
         return PerFrameTimestepState.install(transformer, check_text_timestep(options["text_timestep"]))
 
@@ -194,14 +182,12 @@ class AttentionMask(Patch):
     summary = "attention_kwargs={'attention_mask': M} reaches attention: (B,T), (B,T+N) or (B|1,1|heads,L,L)"
 
     def apply(self, transformer: Any, **options: Any) -> Any:
-        from cogsurgeon.patches.processor import enable_attention_rule
+        from cogsurgeon.patches.processor import attention_state
 
-        return enable_attention_rule(transformer, masks=True)
+        return attention_state(transformer, install=True).set_rules(transformer, masks_enabled=True)
 
     def revert(self, transformer: Any, record: Any) -> None:
-        from cogsurgeon.patches.processor import disable_attention_rule
-
-        disable_attention_rule(transformer, record, masks=True)
+        record.set_rules(transformer, masks_enabled=False)
 
     def extra_memory_bytes(
         self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False

@@ -6,6 +6,8 @@ checking a patch's options (`patch list`, `cogsurgeon run --patch NAME:k=v` befo
 
 from __future__ import annotations
 
+import math
+from contextlib import suppress
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Literal
@@ -77,21 +79,18 @@ def as_pattern(structure: Structure | None) -> Structure | None:
 TEXT_TIMESTEP_CHOICES = ("max", "min", "first", "last")
 
 
-
 def check_text_timestep(text_timestep: Any) -> str | float:
-    """`max`, `min`, `first`, `last` or a number (a fixed timestep for text); anything else names the parameter."""
+    """`max`, `min`, `first`, `last` or a finite number (a fixed timestep for text); anything else names the parameter."""
+    value = None
     if isinstance(text_timestep, str):
         if text_timestep in TEXT_TIMESTEP_CHOICES:
             return text_timestep
-        try:
-            return float(text_timestep)  # from the command line: text_timestep=0
-        except ValueError:
-            pass
+        with suppress(ValueError):
+            value = float(text_timestep)  # from the command line: text_timestep=0 ("nan" and "inf" parse too)
     elif isinstance(text_timestep, Real) and not isinstance(text_timestep, bool):
-        return float(text_timestep)
-    raise PatchParameterError(
-        "per-frame-timesteps",
-        "text_timestep",
-        f"per-frame-timesteps: text_timestep must be one of {', '.join(TEXT_TIMESTEP_CHOICES)} or a number, "
-        f"got {text_timestep!r}",
-    )
+        value = float(text_timestep)
+    if value is None or not math.isfinite(value):
+        expected = f"one of {', '.join(TEXT_TIMESTEP_CHOICES)} or a number" if value is None else "finite"
+        message = f"per-frame-timesteps: text_timestep must be {expected}, got {text_timestep!r}"
+        raise PatchParameterError("per-frame-timesteps", "text_timestep", message)
+    return value

@@ -70,9 +70,7 @@ def joint_query_key_value(
     else:
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
     head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    query, key, value = (part.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for part in (query, key, value))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
@@ -184,8 +182,7 @@ class AttentionPatchState:
                     "(e.g. model.set_attn_processor(CogVideoXAttnProcessor2_0())) before patching"
                 )
         state = cls(transformer, [module for _, module in modules])
-        for module in state.modules:
-            module.set_processor(PatchedCogVideoXAttnProcessor(module.processor, state))
+        state._rewrap_replaced_processors()  # wraps every processor: none is ours yet
         state.hook_handle = transformer.register_forward_pre_hook(state._read_forward_call, with_kwargs=True)
         return state
 
@@ -213,9 +210,14 @@ class AttentionPatchState:
         self.call_mask = self.frame_tokens = None
         self._plan_key = self._plan = self._plan_mask = None
 
-    @property
-    def in_use(self) -> bool:
-        return self.structure is not None or self.masks_enabled
+    def set_rules(self, transformer: nn.Module, **rules: Any) -> AttentionPatchState:
+        """Set `structure` and/or `masks_enabled` (what an attention patch's apply and revert switch); when no rule is
+        left in force, restore the original processors and remove the hook. Composition is the registry's to decide."""
+        for name, value in rules.items():
+            setattr(self, name, value)
+        if self.structure is None and not self.masks_enabled:
+            self.uninstall(transformer)
+        return self
 
     # -- per forward call ------------------------------------------------------------------------------------------
 
@@ -278,34 +280,11 @@ class AttentionPatchState:
         return layout_of_call(text_tokens, video_tokens, self.frame_tokens)
 
 
-def attention_state(transformer: nn.Module) -> AttentionPatchState | None:
-    """The attention surgery on a transformer: the record its attention patches share (None when none is on)."""
+def attention_state(transformer: nn.Module, *, install: bool = False) -> AttentionPatchState | None:
+    """The attention surgery on a transformer: the record its attention patches share (None when none is on, unless
+    `install`: then the processors are installed on first use)."""
     from cogsurgeon.patches.registry import applied_records
 
     records = applied_records(transformer).values()
-    return next((record for record in records if isinstance(record, AttentionPatchState)), None)
-
-
-def enable_attention_rule(
-    transformer: nn.Module, *, structure: Structure | None = None, masks: bool = False
-) -> AttentionPatchState:
-    """Turn on a structural rule and/or mask handling, installing the processors on first use; returns the shared
-    state (the applying patch's record). Composition is the registry's to decide."""
-    state = attention_state(transformer) or AttentionPatchState.install(transformer)
-    if structure is not None:
-        state.structure = structure
-    if masks:
-        state.masks_enabled = True
-    return state
-
-
-def disable_attention_rule(
-    transformer: nn.Module, state: AttentionPatchState, *, structure: Structure | None = None, masks: bool = False
-) -> None:
-    """Turn a rule off; when none is left, restore the original processors and remove the hook."""
-    if structure is not None and state.structure == structure:
-        state.structure = None
-    if masks:
-        state.masks_enabled = False
-    if not state.in_use:
-        state.uninstall(transformer)
+    state = next((record for record in records if isinstance(record, AttentionPatchState)), None)
+    return state or (AttentionPatchState.install(transformer) if install else None)

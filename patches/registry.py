@@ -12,6 +12,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import combinations
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,14 +197,8 @@ class PatchRecord:
 
 def patch_record(transformer: Any) -> PatchRecord:
     """The record on a transformer, made on first use (once, under the registry's lock) and kept from then on."""
-    record = vars(transformer).get(RECORD_ATTRIBUTE)
-    if record is None:
-        with _registry_lock:
-            record = vars(transformer).get(RECORD_ATTRIBUTE)
-            if record is None:
-                record = PatchRecord()
-                setattr(transformer, RECORD_ATTRIBUTE, record)
-    return record
+    with _registry_lock:  # a plain attribute: nn.Module keeps it in the instance's __dict__
+        return vars(transformer).setdefault(RECORD_ATTRIBUTE, PatchRecord())
 
 
 def _entries(transformer: Any) -> dict[str, AppliedPatch]:
@@ -269,19 +264,16 @@ def resolve_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
 def check_composition(names: list[str]) -> None:
     """The one place that decides composition: raise `PatchConflictError` when two of `names` do not compose (one
     names the other in `conflicts`, or both claim the same non-empty `exclusive` role)."""
-    for index, name in enumerate(names):
-        patch = get_patch(name)
-        for other in names[index + 1 :]:
-            other_patch = get_patch(other)
-            if (
-                other in patch.conflicts
-                or name in other_patch.conflicts
-                or (patch.exclusive and patch.exclusive == other_patch.exclusive)
-            ):
-                raise PatchConflictError(
-                    f"{name} and {other} do not compose (their attention rules contradict each other); "
-                    "apply one of them"
-                )
+    for name, other in combinations(names, 2):
+        patch, other_patch = get_patch(name), get_patch(other)
+        if (
+            other in patch.conflicts
+            or name in other_patch.conflicts
+            or (patch.exclusive and patch.exclusive == other_patch.exclusive)
+        ):
+            raise PatchConflictError(
+                f"{name} and {other} do not compose (their attention rules contradict each other); apply one of them"
+            )
 
 
 def apply(target: Any, name: str, **options: Any) -> PatchHandle:

@@ -130,7 +130,6 @@ class Stream:
         self.committed_frames = 0  # frames (temporal patches) whose K/V are final
         self.finished = False  # a shorter last chunk was committed
         self._layers: dict[nn.Module, _LayerCache] = {}
-        self._order: list[nn.Module] = []
         self._cached: list[tuple[int, int]] = []  # (chunk index, tokens) of the video chunks in the cache, in order
         self._length = 0  # tokens in the cache: text + cached chunks
         self._mode: str | None = None  # "prefill" | "step" | "commit" while a forward of ours runs
@@ -167,7 +166,6 @@ class Stream:
                       encoder_hidden_states=encoder_hidden_states)
         except BaseException:
             self._layers.clear()
-            self._order.clear()
             raise
         self._length = self.shape.text_tokens
 
@@ -339,7 +337,6 @@ class Stream:
         values = value.new_empty(batch, heads, capacity, head_dim)
         keys[:, :, :text], values[:, :, :text] = key[:, :, :text], value[:, :, :text]
         self._layers[attn] = _LayerCache(keys, values)
-        self._order.append(attn)
 
     def _initial_frames(self) -> int:
         if self.window is not None:
@@ -366,24 +363,22 @@ class Stream:
         keep = [(j, n) for j, n in self._cached if j < self.sink or j > next_chunk - self.window]
         if len(keep) == len(self._cached):
             return
-        text = self.shape.text_tokens
-        sources, start = [], text
-        for j, n in self._cached:
-            if (j, n) in keep:
-                sources.append((start, n))
-            start += n
-        for cache in self._layers.values():
+        text = start = self.shape.text_tokens
+        sources = []  # where the kept chunks are now, moved up against the text in order
+        for entry in self._cached:
+            if entry in keep:
+                sources.append(slice(start, start + entry[1]))
+            start += entry[1]
+        for cache in self._layers.values() if sources else ():
             for buffer in (cache.keys, cache.values):
-                kept = torch.cat([buffer[:, :, s : s + n] for s, n in sources], dim=2) if sources else None
-                if kept is not None:
-                    buffer[:, :, text : text + kept.shape[2]] = kept
+                kept = torch.cat([buffer[:, :, source] for source in sources], dim=2)
+                buffer[:, :, text : text + kept.shape[2]] = kept
         self._cached = keep
         self._length = text + sum(n for _, n in keep)
 
     def close(self) -> None:
         """Free the cache and forget the model (the `with` block's end does this)."""
         self._layers.clear()
-        self._order.clear()
         self._text = None
         self.model = None
 

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from cogsurgeon.patches.errors import PatchError, PatchTargetError
-from cogsurgeon.patches.patterns import TEXT_TIMESTEP_CHOICES, check_text_timestep  # noqa: F401
 
 
 class PerFrameTimestepError(PatchError):

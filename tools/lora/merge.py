@@ -5,8 +5,9 @@ tensor by tensor: untouched tensors are byte ranges copied by the kernel, each L
 ahead of the writer, so memory stays at a few tensors; a second thread follows the writer and hashes what it wrote.
 
 The folder is published as `lora repair` publishes (tools/lora/publish.py): staged beside `--out`, a manifest
-(`cogsurgeon-merge.json`, sha256 of every file) written last, renamed into place only while `--out` is absent, under
-a lock; --force replaces only an unchanged earlier merge; SIGTERM/SIGHUP remove the partial folder.
+(`cogsurgeon-merge.json`, the xxh3-128 of every file, sha256 without xxhash) written last, renamed into place only
+while `--out` is absent, under a lock; --force replaces only an unchanged earlier merge; SIGTERM/SIGHUP remove the
+partial folder.
 
 Imports torch (fusing is arithmetic on tensors); tools/lora inspect and repair do not import this module.
 """
@@ -164,8 +165,7 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
     if absent:
         raise LoraCheckpointError(f"the base {folder} has no weight {absent[0]} that the LoRA targets")
 
-    total = sum(header.file_size for header in headers)
-    tracker = Progress(total, progress)
+    tracker = Progress(sum(header.file_size for header in headers), progress)
     with publication(out, force=force, kind=MERGE) as target, _gemm_threads(GEMM_THREADS):
         staging = target.staging
         hashes: dict[str, str] = {}

@@ -350,11 +350,9 @@ def _create_parents(folder: Path) -> list[Path]:
         current = current.parent
     created = []
     for path in reversed(missing):
-        try:
+        with suppress(FileExistsError):
             os.mkdir(path, 0o777)
-        except FileExistsError:
-            continue
-        created.append(path)
+            created.append(path)
     if not folder.is_dir():
         raise OutputError(f"the parent of --out, {folder}, is not a folder")
     return created

@@ -147,11 +147,8 @@ def read_adapter_folder(folder: Path) -> dict[str, Any]:
 def _lora_layers(model: torch.nn.Module, adapter_name: str, strip: str = "") -> dict[str, Any]:
     from peft.tuners.lora import LoraLayer
 
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-            layers[name.removeprefix(strip)] = module
-    return layers
+    return {name.removeprefix(strip): module for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A}
 
 
 def _weights_by_module(path: Path, prefix: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -170,14 +167,9 @@ def _holds_weights(layer: Any, adapter_name: str, weights: dict[str, torch.Tenso
 
     if not weights or set(weights) != {"A", "B"}:
         return False
-    loaded_a = layer.lora_A[adapter_name].weight
-    loaded_b = layer.lora_B[adapter_name].weight
-    return (
-        loaded_a.shape == weights["A"].shape
-        and loaded_b.shape == weights["B"].shape
-        and torch.equal(loaded_a.detach().cpu().to(weights["A"].dtype), weights["A"])
-        and torch.equal(loaded_b.detach().cpu().to(weights["B"].dtype), weights["B"])
-    )
+    loaded = {"A": layer.lora_A[adapter_name].weight, "B": layer.lora_B[adapter_name].weight}
+    return all(loaded[part].shape == weights[part].shape
+               and torch.equal(loaded[part].detach().cpu().to(weights[part].dtype), weights[part]) for part in "AB")
 
 
 def forward_inputs(model: torch.nn.Module) -> dict[str, Any]:
