@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import cogsurgeon.patches  # noqa: F401
+except ImportError:  # a machine without the install (the lent GPU): this checkout's folders under the cogsurgeon name
+    import types
+
+    sys.modules["cogsurgeon"] = types.ModuleType("cogsurgeon")
+    sys.modules["cogsurgeon"].__path__ = [str(ROOT)]
 
 from cogsurgeon.inspector.geometry import FrameLayout, rotary_embedding  # noqa: E402
 from cogsurgeon.patches import attention  # noqa: E402
@@ -114,24 +121,24 @@ def work_fraction(structure, layout: FrameLayout) -> float:
     return float(weights @ mask.double() @ weights) / length**2
 
 
-def attention_cases(layout: FrameLayout, device):
-    """(case name, structure, mask, packed) for each patch configuration the goals name; packed True runs the same
-    plan as the packed varlen flash call(s) that `patches.attention.PACKED_FLASH` switches on, for comparison."""
+def attention_cases(layout: FrameLayout, device, stream_counts: list[int]):
+    """(case name, structure, mask, streams) for each patch configuration the goals name; each pattern runs once per
+    count in `stream_counts` (`patches.attention.SEGMENT_STREAMS`; the first is the default, the others compare)."""
+    default = attention.SEGMENT_STREAMS
     length = layout.sequence_length
     full_mask = torch.ones(BATCH, 1, length, length, dtype=torch.bool, device=device)
     full_mask[:, :, :, REAL_TEXT_TOKENS:TEXT] = False  # the padding mask, written out as a full (B,1,L,L) mask
     return [
-        ("causal-attention", "causal", None, False),
-        *[(case, pattern, None, False) for case, pattern in PATTERN_CASES],
-        *[(f"{case}, packed varlen flash (PACKED_FLASH, off by default)", pattern, None, True)
-          for case, pattern in PATTERN_CASES],
-        ("attention-mask (B,T) text padding, 30/226 real", None, text_padding_mask(device), False),
-        ("frame-causal + attention-mask (B,T) text padding", "frame-causal", text_padding_mask(device), False),
-        ("attention-mask (B,1,L,L) bool", None, full_mask, False),
+        ("causal-attention", "causal", None, default),
+        *[(f"{case}, {streams} stream(s)", pattern, None, streams)
+          for case, pattern in PATTERN_CASES for streams in stream_counts],
+        ("attention-mask (B,T) text padding, 30/226 real", None, text_padding_mask(device), default),
+        ("frame-causal + attention-mask (B,T) text padding", "frame-causal", text_padding_mask(device), default),
+        ("attention-mask (B,1,L,L) bool", None, full_mask, default),
     ]
 
 
-def attention_level(repeats: int) -> list[dict]:
+def attention_level(repeats: int, stream_counts: list[int]) -> list[dict]:
     rows = []
     for shape_name, layout in SHAPES.items():
         length = layout.sequence_length
@@ -142,8 +149,9 @@ def attention_level(repeats: int) -> list[dict]:
             return F.scaled_dot_product_attention(q, k, v)
 
         unpatched_bytes = peak_extra_bytes(lambda: F.scaled_dot_product_attention(q, k, v))
-        for case, structure, mask, packed in attention_cases(layout, "cuda"):
-            attention.PACKED_FLASH = packed
+        default_streams = attention.SEGMENT_STREAMS
+        for case, structure, mask, streams in attention_cases(layout, "cuda", stream_counts):
+            attention.SEGMENT_STREAMS = streams
             plan = plan_attention(
                 structure, layout, mask, batch=BATCH, heads=HEADS, device=q.device, dtype=q.dtype
             )
@@ -177,7 +185,7 @@ def attention_level(repeats: int) -> list[dict]:
                 row["ratio_to_sdpa_given_mask"] = round(patched_ms / sdpa_mask_ms, 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            attention.PACKED_FLASH = False
+            attention.SEGMENT_STREAMS = default_streams
             del plan, mask, k_own, v_own
         del q, k, v
         torch.cuda.empty_cache()
@@ -317,20 +325,17 @@ def accuracy_level() -> list[dict]:
     q, k, v = (t.to(torch.bfloat16) for t in (q32, k32, v32))
     rows = []
     cases = [
-        ("causal-attention", "causal", None, False),
-        *[(case, pattern, None, False) for case, pattern in PATTERN_CASES],
-        *[(f"{case}, packed", pattern, None, True) for case, pattern in PATTERN_CASES],
-        ("attention-mask (B,T) text padding", None, text_padding_mask("cuda"), False),
-        ("attention-mask + frame-causal", "frame-causal", text_padding_mask("cuda"), False),
-        ("attention-mask + block-causal chunk=1 window=4 sink=1", BlockCausal(1, 4, 1), text_padding_mask("cuda"), False),
+        ("causal-attention", "causal", None),
+        *[(case, pattern, None) for case, pattern in PATTERN_CASES],
+        ("attention-mask (B,T) text padding", None, text_padding_mask("cuda")),
+        ("attention-mask + frame-causal", "frame-causal", text_padding_mask("cuda")),
+        ("attention-mask + block-causal chunk=1 window=4 sink=1", BlockCausal(1, 4, 1), text_padding_mask("cuda")),
     ]
-    for case, structure, mask, packed in cases:
-        attention.PACKED_FLASH = packed
+    for case, structure, mask in cases:
         plan = plan_attention(
             structure, layout, mask, batch=BATCH, heads=ACCURACY_HEADS, device=q.device, dtype=q.dtype
         )
         patched = run_plan(plan, q, k.clone(), v.clone(), keys_writable=True).float()
-        attention.PACKED_FLASH = False
         rule = reference_rule(structure, layout)
         user = full_attention_mask(mask.cpu(), layout) if mask is not None else None
         explicit = combine_masks(rule, user).cuda()
@@ -359,6 +364,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--levels", default="accuracy,attention,block")
+    parser.add_argument("--streams", default="2,1",
+                        help="segment stream counts to time the patterns with at the attention level (first: default)")
     args = parser.parse_args()
     environment = {
         "device": torch.cuda.get_device_name(),
@@ -372,14 +379,11 @@ def main() -> None:
     except ImportError:
         pass
     print(json.dumps(environment), flush=True)
-    levels = {"accuracy": accuracy_level, "attention": lambda: attention_level(args.repeats),
+    levels = {"accuracy": accuracy_level, "attention": lambda: attention_level(args.repeats, [int(n) for n in args.streams.split(",")]),
               "block": lambda: block_level(args.repeats)}
     results = {"environment": environment}
     for level in args.levels.split(","):
         results[level] = levels[level]()
-    # whether the packed varlen flash call passed its self-check here (else one SDPA call per segment ran)
-    results["packed_flash_self_check"] = {f"{device} {dtype}": ok for (device, dtype), ok in attention._packed_flash_checked.items()}
-    print(json.dumps({"packed_flash_self_check": results["packed_flash_self_check"]}), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

@@ -9,16 +9,17 @@ forward as a list of `QuerySegment`s (a run of queries and the keys it may see) 
 
 - causal: a single segment, SDPA `is_causal=True` (flash kernel skips the upper triangle: 0.454x of full
   attention at the 5B shape on an H100, bench/RESULTS.md; no mask memory).
-- block-causal / frame-causal / window: one SDPA call per segment (flash kernel, no mask). Frame-causal's work is
-  `sum_f n_f * (T + (f+1) n)`, 0.538 of full attention at 13 frames; it runs at 0.590x of full SDPA at the 5B shape
-  on an H200 (0.572x at the 1.5 shape; bench/RESULTS.md). flex_attention's block mask is 1.11x of full on an H100 by
-  DESIGN's anchors, so it is not used. A packed alternative, one varlen flash call over every (item, head, segment)
-  as a sequence of its own (`PACKED_FLASH`, off), measured slower on the H200 (0.789x for frame-causal) and is kept
-  only for that comparison.
+- block-causal / frame-causal / window: one SDPA call per segment (cuDNN's fused kernel on Hopper, no mask).
+  Frame-causal's work is `sum_f n_f * (T + (f+1) n)`, 0.538 of full attention at 13 frames; it runs at 0.583-0.590x
+  of full SDPA at the 5B shape on an H200 (0.555x at the 1.5 shape; bench/RESULTS.md). flex_attention's block mask
+  is 1.11x of full on an H100 by DESIGN's anchors, and one packed varlen flash call over every (item, head, segment)
+  measured 0.789x on the H200 (FlashAttention-2 is slower than cuDNN there), so neither is used.
 - segments with two key ranges (a window past the sinks): when the keys are ours to overwrite (the processor's own
-  temporaries, no autograd), the prefix is moved in place to just before the window, into keys no later segment
-  needs (windows only move forward), so each segment is still one SDPA call over one slice; otherwise the two
-  ranges are concatenated for that segment.
+  temporaries, no autograd), a copy of the prefix is written in place just before each window in turn, into keys no
+  later segment needs (windows only move forward), so each segment is still one SDPA call over one slice;
+  otherwise the two ranges are concatenated for that segment.
+- on CUDA outside autograd, the segments that need no moved keys share two streams, so that output copies and
+  kernel tails overlap.
 - a key mask (`(B, T)` or `(B, T+N)`; bool, or additive with only 0 and -inf, or 0 and <= -1e4 while every query
   keeps a key): the masked keys are *dropped*, per group of batch items sharing a mask, instead of passed as a mask,
   because SDPA with any `attn_mask` leaves the flash kernel. With text padding the few kept text keys are moved in
@@ -35,9 +36,9 @@ A query that may see no key at all gets a zero output (what SDPA returns for a f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from itertools import accumulate
-from typing import Any, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +54,6 @@ DROP_THRESHOLD = -1.0e4
 MAX_SEGMENTS = 64
 # Largest mask chunk the causal + dense-mask path materialises (elements): 64 Mi, not (L, L).
 CHUNK_MASK_ELEMENTS = 1 << 26
-# One packed varlen flash call (two, merged, for two-range plans) instead of one SDPA call per segment, on CUDA
-# without autograd. Off: on an H200 it was slower (frame-causal 0.789x of full SDPA vs 0.590x per segment, 5B shape,
-# bench/RESULTS.md) and the two-call merge needs a second output buffer. The bench turns it on to compare.
-PACKED_FLASH = False
 
 
 @dataclass(frozen=True)
@@ -337,9 +334,10 @@ def run_plan(
 
     `keys_writable=True` lets the plan reorder `key` and `value` in place (the processor's own temporaries): with
     text padding it then moves the few kept text keys next to the video keys instead of gathering every kept key into
-    new tensors (a copy of K and V, about 3% of attention time at the 5B shape), and a window past the sinks moves the
-    prefix next to the window instead of concatenating both per segment. Ignored while autograd needs the keys."""
-    if keys_writable and torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+    new tensors (a copy of K and V, about 3% of attention time at the 5B shape), and a window past the sinks gets a
+    copy of the prefix written just before it instead of both ranges concatenated per segment. Ignored while
+    autograd needs the keys."""
+    if keys_writable and _autograd_records(key, value):
         keys_writable = False
     if isinstance(plan, SegmentPlan):
         return attend_segments(query, key, value, plan.segments, plan.dense_mask, keys_writable=keys_writable)
@@ -354,12 +352,19 @@ def run_plan(
             )
             continue
         index = torch.tensor(group.items, device=query.device)
-        writable = not (torch.is_grad_enabled() and (key.requires_grad or value.requires_grad))
         group_output = _attend_group(
-            group, query.index_select(0, index), key.index_select(0, index), value.index_select(0, index), writable
+            group,
+            query.index_select(0, index),
+            key.index_select(0, index),
+            value.index_select(0, index),
+            not _autograd_records(key, value),
         )  # index_select made copies: ours to reorder (unless autograd keeps them)
         output.index_copy_(0, index, group_output)
     return output
+
+
+def _autograd_records(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
 
 def _attend_group(
@@ -376,10 +381,13 @@ def _attend_group(
             2, group.prefix_kept_index
         )
         return attend_segments(query, key[:, :, start:], value[:, :, start:], group.segments, keys_writable=True)
-    key = key.index_select(2, group.kept_index)
-    value = value.index_select(2, group.kept_index)
-    writable = not (torch.is_grad_enabled() and (key.requires_grad or value.requires_grad))
-    return attend_segments(query, key, value, group.segments, keys_writable=writable)
+    return attend_segments(  # the gathered keys are new tensors: ours to reorder unless autograd keeps them
+        query,
+        key.index_select(2, group.kept_index),
+        value.index_select(2, group.kept_index),
+        group.segments,
+        keys_writable=not _autograd_records(key, value),
+    )
 
 
 def prefix_can_roll(segments: tuple[QuerySegment, ...]) -> bool:
@@ -406,44 +414,75 @@ def attend_segments(
     *,
     keys_writable: bool = False,
 ) -> torch.Tensor:
-    """SDPA per segment, written into one output tensor (a single segment returns SDPA's own output; one-range
-    segments on a CUDA device without autograd run as one packed flash call)."""
+    """SDPA per segment, written into one output tensor (a single segment returns SDPA's own output). On CUDA without
+    autograd the segments that need no moved keys run largest first on `SEGMENT_STREAMS` streams, so that one
+    segment's output copy and its kernel's last, partly empty wave overlap the next segment's kernel."""
     if len(segments) == 1 and segments[0].query_start == 0 and segments[0].query_end == query.shape[2]:
         if not segments[0].two_ranges:
             return _attend_segment(query, key, value, segments[0], dense_mask)
-    if dense_mask is None:
-        packed = _packed_flash(query, key, value, segments)
-        if packed is not None:
-            return packed
     output = query.new_empty(*query.shape[:-1], value.shape[-1])
     roll = keys_writable and dense_mask is None and prefix_can_roll(segments)
-    prefix_at = 0  # where the keys [0, prefix_end) of the two-range segments live now
-    for segment in segments:
-        rows = slice(segment.query_start, segment.query_end)
-        if roll and segment.two_ranges:
-            prefix = segment.prefix_end
-            destination = segment.key_start - prefix
-            if destination != prefix_at:
-                _move_keys(key, prefix_at, destination, prefix)
-                _move_keys(value, prefix_at, destination, prefix)
-                prefix_at = destination
-            sliced = QuerySegment(segment.query_start, segment.query_end, segment.key_end - destination)
-            output[:, :, rows] = _attend_segment(
-                query, key[:, :, destination:], value[:, :, destination:], sliced, None
+    independent = sorted(
+        (segment for segment in segments if not (roll and segment.two_ranges)),
+        key=lambda segment: -segment.length * segment.key_count,
+    )
+    with _segment_streams(query, key, value, len(independent)) as on_stream:
+        for index, segment in enumerate(independent):
+            with on_stream(index):
+                output[:, :, segment.query_start : segment.query_end] = _attend_segment(
+                    query, key, value, segment, dense_mask
+                )
+    rolled = [segment for segment in segments if roll and segment.two_ranges]
+    if rolled:  # in order: each move overwrites keys that only earlier segments read
+        prefix = rolled[0].prefix_end
+        saved_key, saved_value = key[:, :, :prefix].clone(), value[:, :, :prefix].clone()
+        for segment in rolled:
+            start = segment.key_start - prefix
+            key[:, :, start : segment.key_start] = saved_key
+            value[:, :, start : segment.key_start] = saved_value
+            sliced = QuerySegment(segment.query_start, segment.query_end, segment.key_end - start)
+            output[:, :, segment.query_start : segment.query_end] = _attend_segment(
+                query, key[:, :, start:], value[:, :, start:], sliced, None
             )
-            continue
-        output[:, :, rows] = _attend_segment(query, key, value, segment, dense_mask)
     return output
 
 
-def _move_keys(keys: torch.Tensor, source: int, destination: int, count: int) -> None:
-    """keys[:, :, destination : destination + count] = keys[:, :, source : source + count], overlap allowed."""
-    if count == 0:
+# CUDA streams that independent segments share out (2 measured best on an H200, bench/RESULTS.md); 1 runs every
+# segment on the current stream.
+SEGMENT_STREAMS = 2
+_side_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
+
+
+@contextmanager
+def _segment_streams(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, count: int
+) -> Iterator[Callable[[int], AbstractContextManager]]:
+    """`on_stream(index)`: the context to run the index-th of `count` independent segments in. On CUDA, outside
+    autograd, compilation and graph capture, the segments share `SEGMENT_STREAMS` side streams, forked from the
+    current stream on entry and joined back into it on exit (so every later use of the inputs and the output, and
+    every reuse of their memory, comes after); elsewhere every segment runs on the current stream."""
+    serial = (
+        count < 2
+        or SEGMENT_STREAMS < 2
+        or not query.is_cuda
+        or _autograd_records(query, key, value)
+        or torch.compiler.is_compiling()
+        or torch.cuda.is_current_stream_capturing()
+    )
+    if serial:
+        yield lambda index: nullcontext()
         return
-    moved = keys[:, :, source : source + count]
-    if abs(destination - source) < count:
-        moved = moved.clone()
-    keys[:, :, destination : destination + count] = moved
+    streams = _side_streams.get(query.device)
+    if streams is None or len(streams) != SEGMENT_STREAMS:
+        streams = _side_streams[query.device] = [torch.cuda.Stream(query.device) for _ in range(SEGMENT_STREAMS)]
+    current = torch.cuda.current_stream(query.device)
+    for stream in streams:
+        stream.wait_stream(current)
+    try:
+        yield lambda index: torch.cuda.stream(streams[index % len(streams)])
+    finally:
+        for stream in streams:
+            current.wait_stream(stream)
 
 
 def _attend_segment(
@@ -481,196 +520,6 @@ def _attend_segment(
 
     return F.scaled_dot_product_attention(
         segment_query, segment_key, segment_value, attn_mask=causal_lower_right(segment.length, key_end)
-    )
-
-
-# -- one packed flash-attention call for many segments (CUDA, no autograd) -------------------------------------------
-
-
-@dataclass(frozen=True)
-class PackedSequences:
-    """Varlen flash-attention descriptors over `(B*H*L, 1, D)` views of q/k/v: sequence s has queries
-    `[query_offsets[s], query_offsets[s + 1])` and keys `[key_starts[s], key_starts[s] + key_lengths[s])`."""
-
-    query_offsets: list[int]
-    key_starts: list[int]
-    key_lengths: list[int]
-    max_query: int
-    max_key: int
-
-
-def packed_sequences(
-    segments: tuple[QuerySegment, ...],
-    batch_heads: int,
-    query_length: int,
-    key_length: int,
-    part: Literal["all", "ranges", "prefixes"] = "all",
-) -> PackedSequences | None:
-    """The descriptors of a plan whose segments tile the queries in order (None otherwise). `all`: each segment with
-    its one key range (None if one has two). With two-range segments the plan runs as two calls merged by their
-    log-sum-exp: `ranges` gives each segment its last range (`[key_start, key_end)`, or its one prefix), `prefixes`
-    gives the two-range segments their prefix `[0, prefix_end)` and the others zero keys. A sequence of zero keys is
-    allowed (flash writes zeros and an infinite log-sum-exp for it)."""
-    if any(segment.causal for segment in segments):
-        return None
-    if part == "all" and any(segment.two_ranges for segment in segments):
-        return None
-    if [segment.query_start for segment in segments[1:]] != [segment.query_end for segment in segments[:-1]]:
-        return None
-    if not segments or segments[0].query_start != 0 or segments[-1].query_end != query_length:
-        return None
-    ranges = []
-    for segment in segments:
-        if part == "prefixes":
-            ranges.append((0, segment.prefix_end if segment.two_ranges else 0))
-        else:
-            ranges.append((segment.key_start, segment.key_end))
-    query_offsets, key_starts, key_lengths = [], [], []
-    for item in range(batch_heads):
-        for segment, (start, end) in zip(segments, ranges):
-            query_offsets.append(item * query_length + segment.query_start)
-            key_starts.append(item * key_length + start)
-            key_lengths.append(end - start)
-    query_offsets.append(batch_heads * query_length)
-    return PackedSequences(
-        query_offsets,
-        key_starts,
-        key_lengths,
-        max(segment.length for segment in segments),
-        max(max(end - start for start, end in ranges), 1),
-    )
-
-
-def merge_by_log_sum_exp(
-    output: torch.Tensor, log_sum_exp: torch.Tensor, other: torch.Tensor, other_log_sum_exp: torch.Tensor
-) -> torch.Tensor:
-    """Attention over the union of two disjoint key sets from each one's output `(..., D)` and log-sum-exp `(...)`,
-    written into `output`. An empty key set has output 0 and log-sum-exp +inf (flash's convention) or -inf."""
-
-    def weightless(lse: torch.Tensor) -> torch.Tensor:
-        return lse.masked_fill(torch.isinf(lse), float("-inf"))
-
-    dtype = torch.promote_types(log_sum_exp.dtype, torch.float32)
-    first, second = weightless(log_sum_exp.to(dtype)), weightless(other_log_sum_exp.to(dtype))
-    total = torch.logaddexp(first, second)
-    first_weight = torch.nan_to_num(torch.exp(first - total))  # both empty: -inf - -inf = nan -> 0
-    second_weight = torch.nan_to_num(torch.exp(second - total))
-    output.mul_(first_weight[..., None].to(output.dtype))
-    output.addcmul_(other, second_weight[..., None].to(output.dtype))
-    return output
-
-
-# The packed call is a private aten op: it is checked once per device and dtype against one SDPA call per segment
-# (`_packed_flash_checked`); where this torch refuses it or disagrees, segments run one SDPA call each.
-_packed_flash_checked: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _packed_flash_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Run the packed calls once on small problems against one SDPA call per segment: keys of different lengths,
-    item offsets, and two-range segments beside one-range ones (zero-key sequences, the log-sum-exp merge)."""
-    check = (str(device), dtype)
-    if check not in _packed_flash_checked:
-        _packed_flash_checked[check] = True  # so that the check's own calls go through
-        layout = FrameLayout(text_tokens=5, frames=4, tokens_per_frame=70)
-        generator = torch.Generator().manual_seed(0)
-        query, key, value = (
-            torch.randn(2, 3, layout.sequence_length, 64, generator=generator).to(device, dtype) for _ in range(3)
-        )
-        works = True
-        try:
-            with torch.no_grad():
-                for pattern in ("frame-causal", BlockCausal(chunk=1, window=1, sink=1)):
-                    segments = structure_segments(pattern, layout)
-                    packed = _packed_flash(query, key, value, segments)
-                    expected = torch.cat(
-                        [_attend_segment(query, key, value, segment, None) for segment in segments], dim=2
-                    )
-                    works = works and packed is not None and bool((packed.float() - expected.float()).abs().max() < 0.05)
-        except (RuntimeError, TypeError):  # an older torch without seqused_k, or a build without flash
-            works = False
-        _packed_flash_checked[check] = works
-        if not works:
-            import warnings
-
-            warnings.warn(f"cogsurgeon: packed flash attention unavailable on {device}; using one SDPA call per segment")
-    return _packed_flash_checked[check]
-
-
-def _packed_flash(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: tuple[QuerySegment, ...]
-) -> torch.Tensor | None:
-    """All segments of every item and head in one varlen flash-attention call (two, merged by log-sum-exp, when some
-    segments see a prefix and a window), or None when that does not apply here (CPU, fp32, autograd, flash disabled,
-    non-contiguous q/k/v, causal segments)."""
-    if not (PACKED_FLASH and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
-        return None
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return None
-    if not torch.backends.cuda.flash_sdp_enabled() or torch.cuda.get_device_capability(query.device) < (8, 0):
-        return None
-    head_dim = query.shape[-1]
-    if value.shape[-1] != head_dim or head_dim % 8 or head_dim > 256 or not all(
-        tensor.is_contiguous() for tensor in (query, key, value)
-    ):
-        return None
-    batch, heads, query_length, _ = query.shape
-    two_calls = any(segment.two_ranges for segment in segments)
-    parts = ("ranges", "prefixes") if two_calls else ("all",)
-    calls = [_packed_tensors(segments, batch * heads, query_length, key.shape[2], query.device, part) for part in parts]
-    if any(call is None for call in calls) or not _packed_flash_works(query.device, query.dtype):
-        return None
-    results = [_flash_call(query, key, value, call) for call in calls]
-    output, log_sum_exp = results[0]
-    if two_calls:
-        merge_by_log_sum_exp(output, log_sum_exp.view(-1), results[1][0], results[1][1].view(-1))
-    return output.view(batch, heads, query_length, head_dim)
-
-
-def _flash_call(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: tuple
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One varlen flash-attention forward over `(B*H*L, 1, D)` views: output `(B*H*L, D)` and log-sum-exp."""
-    query_offsets, key_offsets, key_lengths, max_query, max_key = call
-    head_dim = query.shape[-1]
-    output, log_sum_exp = torch.ops.aten._flash_attention_forward(
-        query.view(-1, 1, head_dim),
-        key.view(-1, 1, head_dim),
-        value.view(-1, 1, head_dim),
-        query_offsets,
-        key_offsets,
-        max_query,
-        max_key,
-        0.0,
-        False,
-        False,
-        seqused_k=key_lengths,
-    )[:2]
-    return output.view(-1, head_dim), log_sum_exp
-
-
-@lru_cache(maxsize=16)
-def _packed_tensors(
-    segments: tuple[QuerySegment, ...],
-    batch_heads: int,
-    query_length: int,
-    key_length: int,
-    device: torch.device,
-    part: str = "all",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
-    """The descriptors on the device, made once per plan and size (every layer of a forward reuses them)."""
-    descriptors = packed_sequences(segments, batch_heads, query_length, key_length, part)
-    if descriptors is None or len(descriptors.key_starts) >= 65535:  # sequences are a grid dimension
-        return None
-
-    def int32(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    return (
-        int32(descriptors.query_offsets),
-        int32([*descriptors.key_starts, batch_heads * key_length]),  # starts only: lengths come from seqused_k
-        int32(descriptors.key_lengths),
-        descriptors.max_query,
-        descriptors.max_key,
     )
 
 

@@ -14,8 +14,6 @@ from cogsurgeon.patches.attention import (
     WindowAttention,
     attend_segments,
     chunk_bounds,
-    merge_by_log_sum_exp,
-    packed_sequences,
     plan_attention,
     prefix_can_roll,
     run_plan,
@@ -199,48 +197,3 @@ def test_property_fp32_within_the_issue_tolerance(layout, pattern):
     expected = reference_attention(query, key, value, reference_mask_of(pattern, layout))
     plan = plan_attention(pattern, layout, None, batch=2, heads=HEADS, device=query.device, dtype=query.dtype)
     assert (run_plan(plan, query, key, value, keys_writable=True) - expected).abs().max() <= 1e-4
-
-
-def emulate_packed(query, key, value, packed):
-    """What a varlen flash call computes from the descriptors, in plain torch over the `(B*H*L, D)` views: the output
-    and the log-sum-exp of each row (+inf for a sequence of zero keys, as flash writes it)."""
-    flat_query, flat_key, flat_value = (t.reshape(-1, t.shape[-1]) for t in (query, key, value))
-    output = torch.zeros_like(flat_query)
-    log_sum_exp = torch.full(flat_query.shape[:1], float("inf"), dtype=flat_query.dtype)
-    for s, key_start in enumerate(packed.key_starts):
-        rows = slice(packed.query_offsets[s], packed.query_offsets[s + 1])
-        keys = slice(key_start, key_start + packed.key_lengths[s])
-        if packed.key_lengths[s]:
-            output[rows] = reference_attention(flat_query[rows], flat_key[keys], flat_value[keys], None)
-            scores = flat_query[rows] @ flat_key[keys].T * flat_query.shape[-1] ** -0.5
-            log_sum_exp[rows] = torch.logsumexp(scores, dim=-1)
-    return output, log_sum_exp
-
-
-@settings(max_examples=60, deadline=None)
-@given(layout=layouts, pattern=patterns())
-def test_property_packed_descriptors_compute_the_rule(layout, pattern):
-    """The descriptors of the packed flash calls (one call, or two merged by log-sum-exp when segments see a prefix
-    and a window), run by an emulation of the varlen kernel, give the reference attention."""
-    segments = structure_segments(pattern, layout)
-    query, key, value = random_qkv(2, layout.sequence_length, 2)
-    expected = reference_attention(query, key, value, reference_mask_of(pattern, layout))
-    sizes = (2 * HEADS, layout.sequence_length, layout.sequence_length)
-    if not any(segment.two_ranges for segment in segments):
-        packed = packed_sequences(segments, *sizes)
-        assert packed.max_query >= max(segment.length for segment in segments)
-        actual = emulate_packed(query, key, value, packed)[0]
-    else:
-        assert packed_sequences(segments, *sizes) is None  # one call cannot hold two ranges
-        ranges = emulate_packed(query, key, value, packed_sequences(segments, *sizes, part="ranges"))
-        prefixes = emulate_packed(query, key, value, packed_sequences(segments, *sizes, part="prefixes"))
-        actual = merge_by_log_sum_exp(ranges[0], ranges[1], *prefixes)
-    torch.testing.assert_close(actual.view_as(expected), expected, rtol=0, atol=1e-10)
-
-
-def test_merging_by_log_sum_exp_treats_an_empty_key_set_as_no_weight():
-    output, other = torch.ones(3, 2), torch.full((3, 2), 5.0)
-    merged = merge_by_log_sum_exp(
-        output, torch.tensor([0.0, float("inf"), float("inf")]), other, torch.tensor([float("inf"), 0.0, float("inf")])
-    )
-    assert merged.tolist() == [[1.0, 1.0], [5.0, 5.0], [0.0, 0.0]]

@@ -114,6 +114,7 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
     """Repair a CogVideoX LoRA checkpoint that lacks adapter_config.json (and lost its lora_alpha)."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="lora.back")]
+    AUTO_FOCUS = "#lora-checkpoint"
 
     # the progress bar is bound to these (`data_bind`)
     repair_total: reactive[int] = reactive(1, init=False)
@@ -155,9 +156,6 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
                 yield Button("Verify", id="lora-verify", disabled=True)
             yield Static(id="lora-verify-result")
         yield Footer()
-
-    def on_mount(self) -> None:
-        self.query_one("#lora-checkpoint", Input).focus()
 
     # inspect
 

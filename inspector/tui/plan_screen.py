@@ -45,6 +45,7 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
     """Plan the peak GPU memory of a run of `spec` before running it."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="plan.back")]
+    AUTO_FOCUS = "#plan-size"
 
     def __init__(self, spec: str, size: tuple[int, int, int] = (49, 480, 720)) -> None:
         super().__init__()
@@ -68,9 +69,6 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
                 yield Button("Plan", id="plan-run")
             yield Static(Text("set the run and press Enter or Plan", style="dim"), id="plan-result")
         yield Footer()
-
-    def on_mount(self) -> None:
-        self.query_one("#plan-size", Input).focus()
 
     @on(Input.Submitted)
     @on(Button.Pressed, "#plan-run")

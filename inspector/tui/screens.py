@@ -98,10 +98,10 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
     """Tree on the left with the filter above it; details and source on the right; the patches along the bottom."""
 
     BINDINGS = [
-        Binding("slash", "focus_filter", "Filter", id="main.filter"),
+        Binding("slash", "focus('#filter')", "Filter", id="main.filter"),
         Binding("escape", "clear_filter", "Clear filter", id="main.clear-filter", show=False),
-        Binding("t", "focus_tree", "Tree", id="main.tree"),
-        Binding("p", "focus_patches", "Patches", id="main.patches"),
+        Binding("t", "focus('#tree')", "Tree", id="main.tree"),
+        Binding("p", "focus('#patches-table')", "Patches", id="main.patches"),
         Binding("m", "switch_model", "Model", id="main.switch-model"),
         Binding("l", "open_lora", "LoRA", id="main.lora"),
         Binding("e", "open_in_editor", "Open in $EDITOR", id="main.editor", show=False),  # listed by ?
@@ -155,7 +155,6 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
     def on_mount(self) -> None:
         self.query_one("#patches", PatchesPanel).border_title = "patches"
         self.query_one("#details", ModuleDetails).border_title = "details"
-        self.query_one(ModuleTree).focus()
         # a watcher runs as the filter's text changes, so the narrowed tree goes out in the same screen update as
         # the typed character (an Input.Changed message arrives after that update, a second one at 60 fps)
         self.watch(self.query_one("#filter", FilterInput), "value", self.show_tree, init=False)
@@ -290,9 +289,6 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         tree.go_to(first.name)
         tree.focus()
 
-    def action_focus_filter(self) -> None:
-        self.query_one("#filter", Input).focus()
-
     def action_clear_filter(self) -> None:
         filter_input = self.query_one("#filter", Input)
         tree = self.query_one(ModuleTree)
@@ -301,9 +297,6 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
             if self.selected is not None:
                 tree.go_to(self.selected.name)
         tree.focus()
-
-    def action_focus_tree(self) -> None:
-        self.query_one(ModuleTree).focus()
 
     def go_to_module(self, name: str) -> None:
         """Clear any filter and put the tree's cursor on module `name`."""
@@ -335,9 +328,6 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
 
     def refresh_patches(self) -> None:
         self.query_one(PatchesPanel).show_rows(self.patch_bench.rows(self.model))
-
-    def action_focus_patches(self) -> None:
-        self.query_one("#patches-table").focus()
 
     @on(PatchesPanel.Requested)
     def _patch_requested(self, event: PatchesPanel.Requested) -> None:
