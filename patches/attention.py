@@ -35,8 +35,8 @@ A query that may see no key at all gets a zero output (what SDPA returns for a f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Any, Callable, Iterator, Literal
 
@@ -115,9 +115,7 @@ def _merge_equal_neighbours(segments: list[QuerySegment]) -> tuple[QuerySegment,
             and previous.query_end == segment.query_start
             and previous.key_ranges == segment.key_ranges
         ):
-            merged[-1] = QuerySegment(
-                previous.query_start, segment.query_end, segment.key_end, False, segment.key_start, segment.prefix_end
-            )
+            merged[-1] = replace(previous, query_end=segment.query_end)
         else:
             merged.append(segment)
     return tuple(merged)
@@ -212,11 +210,6 @@ class KeptKeyPlan:
 AttentionPlan = SegmentPlan | KeptKeyPlan
 
 
-def describe_mask_forms(layout: FrameLayout) -> str:
-    t, length = layout.text_tokens, layout.sequence_length
-    return f"(B, {t}) over text keys, (B, {length}) over all keys, or (B|1, 1|heads, {length}, {length})"
-
-
 def normalize_attention_mask(
     mask: torch.Tensor, layout: FrameLayout, batch: int, heads: int, *, read_values: bool = True
 ) -> tuple[Literal["keys", "soft-keys", "dense"], torch.Tensor]:
@@ -255,7 +248,8 @@ def normalize_attention_mask(
         return "dense", mask
     raise AttentionMaskError(
         f"attention_mask of shape {shape} does not fit this call (batch {batch}, {heads} heads, {text} text + "
-        f"{layout.video_tokens} video tokens): expected {describe_mask_forms(layout)}"
+        f"{layout.video_tokens} video tokens): expected (B, {text}) over text keys, (B, {length}) over all keys, or "
+        f"(B|1, 1|heads, {length}, {length})"
     )
 
 
@@ -308,10 +302,7 @@ def _kept_key_plan(
             return None
         if not allow_keyless_queries and any(segment.key_count == 0 for segment in compacted):
             return None
-        if len(unique_rows) == 1:
-            items = None
-        else:
-            items = tuple(i for i in range(keep_rows.shape[0]) if int(inverse[i]) == group_number)
+        items = None if len(unique_rows) == 1 else tuple((inverse == group_number).nonzero().flatten().tolist())
         if all(keep_list):
             groups.append(KeptKeyGroup(items, None, compacted))
             continue
@@ -376,18 +367,12 @@ def _attend_group(
         return attend_segments(query, key, value, group.segments, keys_writable=keys_writable)
     if keys_writable and group.prefix_kept_index is not None and 2 * group.prefix_end <= key.shape[2]:
         start = group.prefix_end - group.prefix_kept_index.numel()
-        key[:, :, start : group.prefix_end] = key[:, :, : group.prefix_end].index_select(2, group.prefix_kept_index)
-        value[:, :, start : group.prefix_end] = value[:, :, : group.prefix_end].index_select(
-            2, group.prefix_kept_index
-        )
+        for keys in (key, value):
+            keys[:, :, start : group.prefix_end] = keys.index_select(2, group.prefix_kept_index)
         return attend_segments(query, key[:, :, start:], value[:, :, start:], group.segments, keys_writable=True)
-    return attend_segments(  # the gathered keys are new tensors: ours to reorder unless autograd keeps them
-        query,
-        key.index_select(2, group.kept_index),
-        value.index_select(2, group.kept_index),
-        group.segments,
-        keys_writable=not _autograd_records(key, value),
-    )
+    key, value = key.index_select(2, group.kept_index), value.index_select(2, group.kept_index)
+    # the gathered keys are new tensors: ours to reorder unless autograd keeps them
+    return attend_segments(query, key, value, group.segments, keys_writable=not _autograd_records(key, value))
 
 
 def prefix_can_roll(segments: tuple[QuerySegment, ...]) -> bool:
@@ -582,13 +567,11 @@ def _attend_segment(
             rows = torch.cat([rows[..., a:b] for a, b in ranges], dim=-1)
         return F.scaled_dot_product_attention(segment_query, segment_key, segment_value, attn_mask=rows)
     segment_key, segment_value = key[:, :, :key_end], value[:, :, :key_end]
-    if rows is not None:
-        rows = rows[..., :key_end]
-        if segment.causal:
-            return _causal_with_dense_mask(segment_query, segment_key, segment_value, rows)
-        return F.scaled_dot_product_attention(segment_query, segment_key, segment_value, attn_mask=rows)
+    rows = None if rows is None else rows[..., :key_end]
     if not segment.causal:
-        return F.scaled_dot_product_attention(segment_query, segment_key, segment_value)
+        return F.scaled_dot_product_attention(segment_query, segment_key, segment_value, attn_mask=rows)
+    if rows is not None:
+        return _causal_with_dense_mask(segment_query, segment_key, segment_value, rows)
     if segment.length == key_end:
         return F.scaled_dot_product_attention(segment_query, segment_key, segment_value, is_causal=True)
     from torch.nn.attention.bias import causal_lower_right
