@@ -156,15 +156,8 @@ def compact_segments(segments: tuple[QuerySegment, ...], keep: list[bool]) -> tu
     compacted: list[QuerySegment] = []
     for segment in segments:
         if not segment.causal:
-            compacted.append(
-                keys_segment(
-                    segment.query_start,
-                    segment.query_end,
-                    kept_before[segment.prefix_end],
-                    kept_before[segment.key_start],
-                    kept_before[segment.key_end],
-                )
-            )
+            kept_bounds = (kept_before[segment.prefix_end], kept_before[segment.key_start], kept_before[segment.key_end])
+            compacted.append(keys_segment(segment.query_start, segment.query_end, *kept_bounds))
             continue
         if segment.key_end != segment.query_end:
             raise ValueError("only causal segments aligned at the diagonal are compacted")
@@ -173,10 +166,8 @@ def compact_segments(segments: tuple[QuerySegment, ...], keep: list[bool]) -> tu
             end = start
             while end < segment.query_end and keep[end] == keep[start]:
                 end += 1
-            if keep[start]:
-                compacted.append(QuerySegment(start, end, kept_before[start] + (end - start), causal=True))
-            else:
-                compacted.append(QuerySegment(start, end, kept_before[start]))
+            # a run of kept queries sees a lower-right causal prefix, a run of dropped ones every kept key before it
+            compacted.append(QuerySegment(start, end, kept_before[end], causal=bool(keep[start])))
             start = end
     return tuple(compacted)
 
@@ -328,8 +319,7 @@ def run_plan(
     new tensors (a copy of K and V, about 3% of attention time at the 5B shape), and a window past the sinks gets a
     copy of the prefix written just before it instead of both ranges concatenated per segment. Ignored while
     autograd needs the keys."""
-    if keys_writable and _autograd_records(key, value):
-        keys_writable = False
+    keys_writable = keys_writable and not _autograd_records(key, value)
     if isinstance(plan, SegmentPlan):
         return attend_segments(query, key, value, plan.segments, plan.dense_mask, keys_writable=keys_writable)
     if len(plan.groups) == 1 and plan.groups[0].items is None:
@@ -343,14 +333,8 @@ def run_plan(
             )
             continue
         index = torch.tensor(group.items, device=query.device)
-        group_output = _attend_group(
-            group,
-            query.index_select(0, index),
-            key.index_select(0, index),
-            value.index_select(0, index),
-            not _autograd_records(key, value),
-        )  # index_select made copies: ours to reorder (unless autograd keeps them)
-        output.index_copy_(0, index, group_output)
+        picked = [tensor.index_select(0, index) for tensor in (query, key, value)]  # copies: ours to reorder
+        output.index_copy_(0, index, _attend_group(group, *picked, not _autograd_records(key, value)))
     return output
 
 
@@ -561,8 +545,7 @@ def _attend_segment(
         rows = dense_mask if dense_mask.shape[-2] == 1 else dense_mask[:, :, start:end]
     if segment.two_ranges:  # keys not ours to move: the two ranges concatenated for this segment
         ranges = segment.key_ranges
-        segment_key = torch.cat([key[:, :, a:b] for a, b in ranges], dim=2)
-        segment_value = torch.cat([value[:, :, a:b] for a, b in ranges], dim=2)
+        segment_key, segment_value = (torch.cat([keys[:, :, a:b] for a, b in ranges], dim=2) for keys in (key, value))
         if rows is not None:
             rows = torch.cat([rows[..., a:b] for a, b in ranges], dim=-1)
         return F.scaled_dot_product_attention(segment_query, segment_key, segment_value, attn_mask=rows)
@@ -596,12 +579,8 @@ def _causal_with_dense_mask(
         key_end = offset + last
         positions = torch.arange(first, last, device=query.device)[:, None] + offset
         allowed = torch.arange(key_end, device=query.device)[None, :] <= positions
-        rows = mask_rows if mask_rows.shape[-2] == 1 else mask_rows[:, :, first:last]
-        rows = rows[..., :key_end]
-        if rows.dtype == torch.bool:
-            combined = rows & allowed
-        else:
-            combined = torch.where(allowed, rows, torch.tensor(float("-inf"), dtype=rows.dtype, device=rows.device))
+        rows = (mask_rows if mask_rows.shape[-2] == 1 else mask_rows[:, :, first:last])[..., :key_end]
+        combined = rows & allowed if rows.dtype == torch.bool else torch.where(allowed, rows, float("-inf"))
         output[:, :, first:last] = F.scaled_dot_product_attention(
             query[:, :, first:last], key[:, :, :key_end], value[:, :, :key_end], attn_mask=combined
         )
