@@ -147,13 +147,10 @@ class Stream:
         """Compute the text K/V of every layer from the prompt embeddings `(B, T, text_dim)`, once per stream."""
         if self._layers:
             raise StreamError("prefill runs once per stream, before the first step")
-        expected = self.shape.text_tokens
-        if encoder_hidden_states.dim() != 3 or tuple(encoder_hidden_states.shape[1:]) != (
-                expected, self.config["text_embed_dim"]):
-            raise StreamError(
-                f"encoder_hidden_states of shape {tuple(encoder_hidden_states.shape)}: expected (B, {expected}, "
-                f"{self.config['text_embed_dim']})"
-            )
+        tokens, dim = self.shape.text_tokens, self.config["text_embed_dim"]
+        if encoder_hidden_states.dim() != 3 or tuple(encoder_hidden_states.shape[1:]) != (tokens, dim):
+            shape = tuple(encoder_hidden_states.shape)
+            raise StreamError(f"encoder_hidden_states of shape {shape}: expected (B, {tokens}, {dim})")
         self.batch = encoder_hidden_states.shape[0]
         self.device, self.dtype = encoder_hidden_states.device, encoder_hidden_states.dtype
         self._text = encoder_hidden_states
