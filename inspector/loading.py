@@ -13,7 +13,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -352,17 +352,13 @@ def _main_revision(ref: Path) -> str | None:
 
 
 def _folders_by_mtime(folder: Path) -> list[tuple[float, Path]]:
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return []
+    """The folders inside `folder` with their modification times; what cannot be read is passed over."""
     found = []
-    for entry in entries:
-        try:
-            if is_folder(entry):
-                found.append((entry.stat().st_mtime, entry))
-        except OSError:
-            continue
+    with suppress(OSError):
+        for entry in folder.iterdir():
+            with suppress(OSError):  # removed, or not ours to read, since it was listed
+                if is_folder(entry):
+                    found.append((entry.stat().st_mtime, entry))
     return found
 
 

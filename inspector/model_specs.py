@@ -36,6 +36,7 @@ _TINY_COMMON: dict[str, Any] = {
     "dropout": 0.0,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
+    "in_channels": 4,
     "max_text_seq_length": 8,
     "norm_elementwise_affine": True,
     "norm_eps": 1e-5,
@@ -52,30 +53,15 @@ _TINY_COMMON: dict[str, Any] = {
     "text_embed_dim": 16,
     "time_embed_dim": 16,
     "timestep_activation_fn": "silu",
+    "use_learned_positional_embeddings": False,
+    "use_rotary_positional_embeddings": True,
 }
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        **_TINY_COMMON,
-        "in_channels": 4,
-        "use_rotary_positional_embeddings": True,
-        "use_learned_positional_embeddings": False,
-    },
-    "tiny-i2v": {
-        **_TINY_COMMON,
-        "in_channels": 8,
-        "use_rotary_positional_embeddings": True,
-        "use_learned_positional_embeddings": True,
-    },
-    "tiny-1.5": {
-        **_TINY_COMMON,
-        "in_channels": 4,
-        "use_rotary_positional_embeddings": True,
-        "use_learned_positional_embeddings": False,
-        "patch_size_t": 2,
-        "patch_bias": False,
-        "num_layers": 3,
-    },
+    "tiny": dict(_TINY_COMMON),
+    # image-to-video: the image latents double the input channels; learned positions beside the rotary ones
+    "tiny-i2v": {**_TINY_COMMON, "in_channels": 8, "use_learned_positional_embeddings": True},
+    "tiny-1.5": {**_TINY_COMMON, "patch_size_t": 2, "patch_bias": False, "num_layers": 3},
 }
 TINY_SPECS: tuple[str, ...] = tuple(TINY_CONFIGS)
 TINY_SEED = 0

@@ -522,18 +522,13 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
     from cogsurgeon.inspector.geometry import pipeline_inputs
 
     accounting = MemoryAccounting()
-    trainable: list[torch.nn.Parameter] = []
-    optimizer = None
-    if train is not None:
-        trainable = prepare_training(model, train, checkpointing)
-        optimizer = make_optimizer(trainable)
+    trainable = prepare_training(model, train, checkpointing) if train is not None else []
+    optimizer = make_optimizer(trainable) if train is not None else None
     accounting.adopt(model, "weights")
     for _thread in range(1 if train is None else 2):  # the forward's thread, and autograd's for backward
         accounting.ledger.reserve(blas_workspace_bytes, "workspace")
-    hooks = []
-    for parameter in trainable:
-        hooks.append(parameter.register_post_accumulate_grad_hook(
-            lambda parameter: accounting.track(parameter.grad, "gradients")))
+    hooks = [parameter.register_post_accumulate_grad_hook(lambda param: accounting.track(param.grad, "gradients"))
+             for parameter in trainable]
     try:
         with accounting.active(model):
             with accounting.within("inputs"):

@@ -218,10 +218,8 @@ def _short(value: Any) -> str:
 def library_rejection(path: Path) -> str | None:
     """What the `safetensors` library says against the file at `path`, or None when it opens it (header and
     layout; no tensor is read)."""
-    try:
-        from safetensors import safe_open
-    except ImportError:  # pragma: no cover - a dependency of cogsurgeon
-        return None
+    from safetensors import safe_open
+
     try:
         with safe_open(str(path), framework="numpy") as handle:
             handle.keys()

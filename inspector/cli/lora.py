@@ -49,7 +49,7 @@ def _format_report(report) -> list[str]:
         alpha_lines.append("              settle it with --alpha A or --trainer NAME")
     else:
         alpha_lines = [f"lora_alpha    {report.alpha} from {report.alpha_source} ({report.alpha_detail}){scale}"]
-    lines = [
+    return [
         f"file          {report.file}",
         f"format        {report.format}: {report.format_description}",
         *([f"steps         {', '.join(str(s) for s in report.steps)}"] if report.steps else []),
@@ -59,13 +59,9 @@ def _format_report(report) -> list[str]:
         f"fits          {report.fit_detail}",
         f"dtype         {report.dtype}",
         f"size          {report.size_bytes:,} bytes",
+        f"problems      {len(report.problems) or 'none'}",
+        *(f"  - {problem}" for problem in report.problems),
     ]
-    if report.problems:
-        lines.append(f"problems      {len(report.problems)}")
-        lines.extend(f"  - {problem}" for problem in report.problems)
-    else:
-        lines.append("problems      none")
-    return lines
 
 
 def _positive_finite_alpha(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -122,10 +118,7 @@ class _ByteProgress:
     """A progress line on stderr for copies big enough to wait for, redrawn at most ten times a second."""
 
     MIN_BYTES = 64 * 1024 * 1024
-
-    def __init__(self) -> None:
-        self.last_draw = 0.0
-        self.shown = False
+    last_draw = 0.0  # monotonic time of the last redraw, per instance once drawn
 
     def __call__(self, done: int, total: int) -> None:
         if total < self.MIN_BYTES:
@@ -134,7 +127,6 @@ class _ByteProgress:
         if done < total and now - self.last_draw < 0.1:
             return
         self.last_draw = now
-        self.shown = True
         sys.stderr.write(f"\rwriting: {done / 2**20:8.1f} / {total / 2**20:.1f} MiB ({100 * done / total:5.1f}%)")
         if done >= total:
             sys.stderr.write("\n")

@@ -163,8 +163,7 @@ def fold_calls(calls: list[AttentionCall]) -> list[tuple[AttentionCall, str, int
     as one row `transformer_blocks.(0-41).attn1` standing for `repeat` calls, as `modules` folds its blocks."""
     runs: list[list[AttentionCall]] = []
     for call in calls:
-        previous = runs[-1][-1] if runs else None
-        if previous is not None and _follows(previous, call):
+        if runs and _follows(runs[-1][-1], call):
             runs[-1].append(call)
         else:
             runs.append([call])
