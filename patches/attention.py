@@ -414,23 +414,50 @@ def attend_segments(
     *,
     keys_writable: bool = False,
 ) -> torch.Tensor:
-    """SDPA per segment, written into one output tensor (a single segment returns SDPA's own output). On CUDA without
-    autograd the segments that need no moved keys run largest first on `SEGMENT_STREAMS` streams, so that one
-    segment's output copy and its kernel's last, partly empty wave overlap the next segment's kernel."""
+    """SDPA per segment, written into one output tensor (a single segment returns SDPA's own output).
+
+    A segment that sees a prefix and a window runs one of three ways: merged (outside autograd, when the prefix is
+    at least as long as the segment's queries): SDPA over its window slice, merged by log-sum-exp with one SDPA
+    call over the prefix shared by the run of such segments; rolled (when the keys are ours to overwrite): a saved
+    copy of the prefix written just before its window; else its two ranges concatenated. On CUDA without autograd
+    the segments that need no moved keys run largest first on `SEGMENT_STREAMS` streams, so that one segment's
+    output copy and its kernel's last, partly empty wave overlap the next segment's kernel."""
     if len(segments) == 1 and segments[0].query_start == 0 and segments[0].query_end == query.shape[2]:
         if not segments[0].two_ranges:
             return _attend_segment(query, key, value, segments[0], dense_mask)
     output = query.new_empty(*query.shape[:-1], value.shape[-1])
-    roll = keys_writable and dense_mask is None and prefix_can_roll(segments)
+    mergeable = dense_mask is None and not _autograd_records(query, key, value) and not torch.compiler.is_compiling()
+    merged = [s for s in segments if mergeable and s.two_ranges and s.prefix_end >= s.length]
+    roll = not merged and keys_writable and dense_mask is None and prefix_can_roll(segments)
+    prefixes = {
+        (run[0].query_start, run[-1].query_end): _attention_and_log_sum_exp(
+            query[:, :, run[0].query_start : run[-1].query_end],
+            key[:, :, : run[0].prefix_end],
+            value[:, :, : run[0].prefix_end],
+        )
+        for run in _prefix_runs(merged)
+    }
     independent = sorted(
         (segment for segment in segments if not (roll and segment.two_ranges)),
         key=lambda segment: -segment.length * segment.key_count,
     )
     with _segment_streams(query, key, value, len(independent)) as on_stream:
         for index, segment in enumerate(independent):
+            rows = slice(segment.query_start, segment.query_end)
             with on_stream(index):
-                output[:, :, segment.query_start : segment.query_end] = _attend_segment(
-                    query, key, value, segment, dense_mask
+                if segment not in merged:
+                    output[:, :, rows] = _attend_segment(query, key, value, segment, dense_mask)
+                    continue
+                (first, last), (prefix_output, prefix_log_sum_exp) = next(
+                    item for item in prefixes.items() if item[0][0] <= rows.start < item[0][1]
+                )
+                window = slice(segment.key_start, segment.key_end)
+                own = slice(rows.start - first, rows.stop - first)
+                merge_by_log_sum_exp(
+                    output[:, :, rows],
+                    *_attention_and_log_sum_exp(query[:, :, rows], key[:, :, window], value[:, :, window]),
+                    prefix_output[:, :, own],
+                    prefix_log_sum_exp[:, :, own],
                 )
     rolled = [segment for segment in segments if roll and segment.two_ranges]
     if rolled:  # in order: each move overwrites keys that only earlier segments read
@@ -445,6 +472,54 @@ def attend_segments(
                 query, key[:, :, start:], value[:, :, start:], sliced, None
             )
     return output
+
+
+def _prefix_runs(segments: list[QuerySegment]) -> list[list[QuerySegment]]:
+    """Segments in runs that follow one another in the queries and share a prefix (one SDPA call over it each)."""
+    runs: list[list[QuerySegment]] = []
+    for segment in segments:
+        previous = runs[-1][-1] if runs else None
+        if previous and previous.query_end == segment.query_start and previous.prefix_end == segment.prefix_end:
+            runs[-1].append(segment)
+        else:
+            runs.append([segment])
+    return runs
+
+
+def _attention_and_log_sum_exp(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's output `(B, H, Lq, D)` and each query's log-sum-exp `(B, H, Lq)` (float32, or float64 for float64
+    inputs), outside autograd, over at least one key: cuDNN's attention on CUDA (memory-efficient attention where
+    this build or card has none), the flash kernel on the CPU."""
+    batch, heads, length = query.shape[:3]
+    if not query.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value)[:2]
+    if _cudnn_attention_works.get(query.device, True):
+        try:
+            output, log_sum_exp = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True)[:2]
+            return output, log_sum_exp.view(batch, heads, length)
+        except RuntimeError:
+            _cudnn_attention_works[query.device] = False
+    output, log_sum_exp = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True)[:2]
+    return output, log_sum_exp[:, :, :length]  # its rows are padded to a multiple of 32
+
+
+_cudnn_attention_works: dict[torch.device, bool] = {}
+
+
+def merge_by_log_sum_exp(
+    output: torch.Tensor,
+    first: torch.Tensor,
+    first_log_sum_exp: torch.Tensor,
+    second: torch.Tensor,
+    second_log_sum_exp: torch.Tensor,
+) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets, each holding at least one key, from each one's output
+    `(..., D)` and log-sum-exp `(...)`, written into `output` in one pass: `second + w * (first - second)` with `w`
+    the first set's share of the softmax's denominator, `sigmoid(first_lse - second_lse)`."""
+    weight = torch.sigmoid(first_log_sum_exp - second_log_sum_exp)[..., None].to(output.dtype)
+    return torch.lerp(second, first, weight, out=output)
 
 
 # CUDA streams that independent segments share out (2 measured best on an H200, bench/RESULTS.md); 1 runs every

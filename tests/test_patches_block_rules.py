@@ -13,7 +13,9 @@ from cogsurgeon.patches.attention import (
     QuerySegment,
     WindowAttention,
     attend_segments,
+    _prefix_runs,
     chunk_bounds,
+    merge_by_log_sum_exp,
     plan_attention,
     prefix_can_roll,
     run_plan,
@@ -45,13 +47,17 @@ def random_qkv(batch: int, length: int, seed: int, dtype=torch.float64):
     return [torch.randn(batch, HEADS, length, HEAD_DIM, generator=generator, dtype=dtype) for _ in range(3)]
 
 
-def check_against_reference(pattern, layout, user_mask=None, batch=2, keys_writable=False, seed=0, atol=1e-10):
+def check_against_reference(
+    pattern, layout, user_mask=None, batch=2, keys_writable=False, seed=0, atol=1e-10, autograd=False
+):
+    """`autograd=True`: q/k/v require grad, so windows past a prefix concatenate both ranges (no merge, no move)."""
     query, key, value = random_qkv(batch, layout.sequence_length, seed)
     user = full_attention_mask(user_mask, layout) if user_mask is not None else None
     expected = reference_attention(query, key, value, combine_masks(reference_mask_of(pattern, layout), user))
     plan = plan_attention(pattern, layout, user_mask, batch=batch, heads=HEADS, device=query.device, dtype=query.dtype)
-    actual = run_plan(plan, query, key.clone(), value.clone(), keys_writable=keys_writable)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
+    given = [tensor.clone().requires_grad_(autograd) for tensor in (query, key, value)]
+    actual = run_plan(plan, *given, keys_writable=keys_writable)
+    torch.testing.assert_close(actual.detach(), expected, rtol=0, atol=atol)
 
 
 # -- the definitions ---------------------------------------------------------------------------------------------
@@ -128,27 +134,56 @@ GRID = [
 ] + [WindowAttention(window, chunk, text_sees) for window in (1, 3) for chunk in (1, 2) for text_sees in (False, True)]
 
 
-@pytest.mark.parametrize("keys_writable", [False, True], ids=["concatenate", "move-in-place"])
+@pytest.mark.parametrize(
+    "keys_writable, autograd",
+    [(False, False), (True, False), (False, True)],
+    ids=["merge-or-concatenate", "merge-or-move-in-place", "concatenate-under-autograd"],
+)
 @pytest.mark.parametrize("pattern", GRID, ids=repr)
-def test_every_pattern_of_the_grid_matches_its_reference_mask(pattern, keys_writable):
+def test_every_pattern_of_the_grid_matches_its_reference_mask(pattern, keys_writable, autograd):
     layout = FrameLayout(text_tokens=3, frames=7, tokens_per_frame=2)
-    check_against_reference(pattern, layout, keys_writable=keys_writable)
+    check_against_reference(pattern, layout, keys_writable=keys_writable, autograd=autograd)
     text_keep = torch.ones(2, 3, dtype=torch.bool)
     text_keep[0, 1:] = False
-    check_against_reference(pattern, layout, text_keep, keys_writable=keys_writable)
+    check_against_reference(pattern, layout, text_keep, keys_writable=keys_writable, autograd=autograd)
 
 
-def test_moving_the_prefix_in_place_writes_into_the_keys_given():
-    layout = FrameLayout(text_tokens=2, frames=6, tokens_per_frame=2)
-    pattern = BlockCausal(chunk=1, window=2, sink=1)
+def concatenated_attention(query, key, value, segments):
+    """Every segment with its ranges concatenated: what runs while autograd records q/k/v."""
+    given = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
+    return attend_segments(*given, segments).detach()
+
+
+def test_a_short_prefix_is_moved_in_place_before_each_window():
+    layout = FrameLayout(text_tokens=1, frames=6, tokens_per_frame=4)  # the prefix (text) is shorter than a frame
+    segments = structure_segments(BlockCausal(chunk=1, window=2, sink=0), layout)
+    assert prefix_can_roll(segments)
     query, key, value = random_qkv(1, layout.sequence_length, 0)
-    segments = structure_segments(pattern, layout)
+    expected = concatenated_attention(query, key, value, segments)
     untouched = key.clone()
-    concatenated = attend_segments(query, key, value, segments, keys_writable=False)
-    assert torch.equal(key, untouched)
     moved = attend_segments(query, key, value, segments, keys_writable=True)
-    assert not torch.equal(key, untouched)  # the prefix now sits before the last window
-    torch.testing.assert_close(moved, concatenated, rtol=0, atol=1e-12)
+    assert not torch.equal(key, untouched)  # the text now sits before the last window
+    torch.testing.assert_close(moved, expected, rtol=0, atol=1e-12)
+
+
+def test_a_long_prefix_is_merged_by_log_sum_exp_with_one_shared_call_and_the_keys_left_alone():
+    layout = FrameLayout(text_tokens=2, frames=6, tokens_per_frame=2)  # [text ; sink frame] is longer than a frame
+    segments = structure_segments(BlockCausal(chunk=1, window=2, sink=1), layout)
+    assert [len(run) for run in _prefix_runs([s for s in segments if s.two_ranges])] == [3]  # frames 3, 4, 5
+    query, key, value = random_qkv(1, layout.sequence_length, 0)
+    untouched = key.clone(), value.clone()
+    merged = attend_segments(query, key, value, segments, keys_writable=True)
+    assert torch.equal(key, untouched[0]) and torch.equal(value, untouched[1])
+    torch.testing.assert_close(merged, concatenated_attention(query, key, value, segments), rtol=0, atol=1e-12)
+
+
+def test_merging_by_log_sum_exp_weighs_each_key_set_by_its_share_of_the_denominator():
+    first, second = torch.ones(3, 2, dtype=torch.float64), torch.full((3, 2), 5.0, dtype=torch.float64)
+    log_sum_exps = torch.log(torch.tensor([1.0, 3.0, 1.0], dtype=torch.float64)), torch.log(
+        torch.tensor([3.0, 1.0, 1e-30], dtype=torch.float64)
+    )
+    merged = merge_by_log_sum_exp(torch.empty(3, 2, dtype=torch.float64), first, log_sum_exps[0], second, log_sum_exps[1])
+    torch.testing.assert_close(merged[:, 0], torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64))
 
 
 # -- properties --------------------------------------------------------------------------------------------------
@@ -184,10 +219,10 @@ def key_masks(draw, layout: FrameLayout, batch: int):
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=st.data(), layout=layouts, pattern=patterns(), keys_writable=st.booleans())
-def test_property_planned_attention_equals_the_reference_mask(data, layout, pattern, keys_writable):
+@given(data=st.data(), layout=layouts, pattern=patterns(), keys_writable=st.booleans(), autograd=st.booleans())
+def test_property_planned_attention_equals_the_reference_mask(data, layout, pattern, keys_writable, autograd):
     user_mask = data.draw(key_masks(layout, 2))
-    check_against_reference(pattern, layout, user_mask, keys_writable=keys_writable)
+    check_against_reference(pattern, layout, user_mask, keys_writable=keys_writable, autograd=autograd)
 
 
 @settings(max_examples=60, deadline=None)
