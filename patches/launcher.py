@@ -46,19 +46,14 @@ def check_patch_names(patch_specs: Sequence[str]) -> list[str]:
     collapse, so the program applies it once; one name with two sets of options is refused."""
     if not patch_specs:
         raise CogsurgeonError("name at least one patch: cogsurgeon run --patch NAME -- COMMAND ...")
-    chosen: dict[str, dict] = {}
-    specs: list[str] = []
+    chosen: dict[str, tuple[str, dict]] = {}  # name -> its first spec, its options
     for spec in patch_specs:
         name, options = parse_patch_spec(spec)
         options = resolve_options(name, options)
-        if name in chosen:
-            if chosen[name] != options:
-                raise PatchSpecError(f"--patch {name} is given twice with different options; give it once")
-            continue
-        chosen[name] = options
-        specs.append(spec)
+        if chosen.setdefault(name, (spec, options))[1] != options:
+            raise PatchSpecError(f"--patch {name} is given twice with different options; give it once")
     check_composition(list(chosen))
-    return specs
+    return [spec for spec, _ in chosen.values()]
 
 
 def child_environment(patch_names: Sequence[str], startup_folder: Path) -> dict[str, str]:

@@ -223,14 +223,11 @@ class AttentionPatchState:
 
     def _read_forward_call(self, transformer: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: the latent's frame size and the mask in `attention_kwargs`, for this call's layers."""
-        arguments = dict(zip(self.forward_parameters, args))
-        arguments.update(kwargs)
-        hidden_states = arguments.get("hidden_states")
-        self.frame_tokens = None
-        if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 5:
-            self.frame_tokens = tokens_per_frame(self.config, hidden_states.shape[-2], hidden_states.shape[-1])
-        attention_kwargs = arguments.get("attention_kwargs") or {}
-        self.call_mask = attention_kwargs.get("attention_mask")
+        arguments = {**dict(zip(self.forward_parameters, args)), **kwargs}
+        latents = arguments.get("hidden_states")
+        is_video = isinstance(latents, torch.Tensor) and latents.dim() == 5
+        self.frame_tokens = tokens_per_frame(self.config, *latents.shape[-2:]) if is_video else None
+        self.call_mask = (arguments.get("attention_kwargs") or {}).get("attention_mask")
         self._plan_key = self._plan = self._plan_mask = None
         self._rewrap_replaced_processors()
 

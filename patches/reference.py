@@ -234,8 +234,7 @@ def per_frame_modulation_error(
     `CogVideoXLayerNormZero` and the final `AdaLayerNorm` got and returned; the largest difference from the token by
     token reference above, with embeddings computed one timestep at a time."""
     captured: list[tuple[nn.Module, tuple, dict, Any]] = []
-    norms = [block.norm1 for block in transformer.transformer_blocks]
-    norms += [block.norm2 for block in transformer.transformer_blocks]
+    norms = [norm for block in transformer.transformer_blocks for norm in (block.norm1, block.norm2)]
     norms.append(transformer.norm_out)
     handles = [
         norm.register_forward_hook(

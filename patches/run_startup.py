@@ -33,11 +33,6 @@ def _say(message):
     print(f"cogsurgeon run: {message}", file=sys.stderr, flush=True)
 
 
-def _process_label():
-    rank = os.environ.get("RANK")
-    return f"pid {os.getpid()}" + (f", rank {rank}" if rank is not None else "")
-
-
 def _cogsurgeon_patches():
     """cogsurgeon's `patches` package: the installed `cogsurgeon` when this interpreter has one, else the one that
     launched this program, from COGSURGEON_RUN_ROOT (the folder holding its `inspector`, `patches` and `tools`).
@@ -61,12 +56,10 @@ def _cogsurgeon_patches():
 
 
 def _describe(model, source):
-    config = model.config
+    config, rank = model.config, os.environ.get("RANK")
     where = f" from {source}" if source else ""
-    return (
-        f"{type(model).__name__}{where} ({config.num_layers} layers, {config.num_attention_heads} heads) "
-        f"[{_process_label()}]"
-    )
+    process = f"pid {os.getpid()}" + (f", rank {rank}" if rank is not None else "")
+    return f"{type(model).__name__}{where} ({config.num_layers} layers, {config.num_attention_heads} heads) [{process}]"
 
 
 def _patch_specs():

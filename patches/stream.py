@@ -321,7 +321,6 @@ class Stream:
         cache = self._layers[attn]
         end = self._length + self._chunk_tokens
         self._reserve(cache, end)
-        cache = self._layers[attn]
         cache.keys[:, :, self._length:end] = key
         cache.values[:, :, self._length:end] = value
         output = F.scaled_dot_product_attention(query, cache.keys[:, :, :end], cache.values[:, :, :end])
@@ -339,10 +338,9 @@ class Stream:
         self._layers[attn] = _LayerCache(keys, values)
 
     def _initial_frames(self) -> int:
-        if self.window is not None:
-            return cached_frames(self.frames or (self.sink + self.window) * self.chunk, self.chunk, self.window,
-                                 self.sink)
-        return self.frames if self.frames is not None else self.chunk
+        if self.frames is not None:
+            return cached_frames(self.frames, self.chunk, self.window, self.sink)
+        return self.chunk if self.window is None else (self.sink + self.window) * self.chunk
 
     def _reserve(self, cache: _LayerCache, tokens: int) -> None:
         """Grow a layer's buffers (doubling) to hold `tokens`; only without a window and an up-front frame count."""
@@ -405,18 +403,13 @@ class _PositionedPatchEmbedding:
 
 def _check_options(chunk: Any, window: Any, sink: Any, text_timestep: Any, height: Any, width: Any,
                    frames: Any) -> None:
-    def positive_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
-        if value is None and allow_none:
-            return
+    integers = (("chunk", chunk, 1), ("window", window, 1), ("sink", sink, 0), ("frames", frames, 1),
+                ("height", height, 8), ("width", width, 8))
+    for name, value, minimum in integers:
+        if value is None and name in ("window", "frames"):  # optional: no window, frame count not known up front
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise StreamError(f"streaming: {name} must be an integer >= {minimum}, got {value!r}")
-
-    positive_int("chunk", chunk)
-    positive_int("window", window, allow_none=True)
-    positive_int("sink", sink, minimum=0)
-    positive_int("frames", frames, allow_none=True)
-    positive_int("height", height, minimum=8)
-    positive_int("width", width, minimum=8)
     if isinstance(text_timestep, bool) or not isinstance(text_timestep, Real):
         raise StreamError(
             f"streaming: text_timestep must be a number (text K/V are computed once, so text needs one fixed "
@@ -443,8 +436,7 @@ def streaming(target: Any, *, chunk: int, window: int | None = None, sink: int =
             try:
                 yield stream
             finally:
-                if own_forward is None:
-                    embed.__dict__.pop("forward", None)
-                else:
+                embed.__dict__.pop("forward", None)
+                if own_forward is not None:
                     embed.forward = own_forward
                 stream.close()

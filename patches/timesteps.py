@@ -205,9 +205,8 @@ class PerFrameTimestepState:
     def uninstall(self) -> None:
         """Put back exactly the forwards we replaced and remove the hook."""
         for module, own in reversed(self.replaced):
-            if own is None:
-                module.__dict__.pop("forward", None)
-            else:
+            module.__dict__.pop("forward", None)
+            if own is not None:
                 module.forward = own
         self.replaced.clear()
         if self.hook_handle is not None:
@@ -217,8 +216,7 @@ class PerFrameTimestepState:
     def _pack_timestep(self, transformer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Forward pre-hook: a `(B, F)` timestep becomes `[text ; frames]` columns; `(B,)` passes unchanged."""
         self.columns = self.batch = None
-        arguments = dict(zip(self.forward_parameters, args))
-        arguments.update(kwargs)
+        arguments = {**dict(zip(self.forward_parameters, args)), **kwargs}
         timestep, latents = arguments.get("timestep"), arguments.get("hidden_states")
         if not isinstance(timestep, torch.Tensor) or timestep.dim() < 2 or not isinstance(latents, torch.Tensor):
             return None

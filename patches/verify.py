@@ -180,14 +180,8 @@ def verify_patch(
                 details.extend(verify_on(name, setting, model, variant, processor))
     max_error = max(case.max_error for case in details)
     revert_bit_exact = all(case.revert_bit_exact for case in details)
-    return VerifyResult(
-        name=name,
-        max_error=max_error,
-        revert_bit_exact=revert_bit_exact,
-        passed=revert_bit_exact and max_error <= tolerance,
-        tolerance=tolerance,
-        details=tuple(details),
-    )
+    passed = revert_bit_exact and max_error <= tolerance
+    return VerifyResult(name, max_error, revert_bit_exact, passed, tolerance, tuple(details))
 
 
 def _verify_on(
