@@ -173,16 +173,15 @@ def filter_inventory(infos: list[ModuleInfo], text: str | None) -> list[ModuleIn
 def inventory_for_spec(spec: str | None, dtype: str | None = None, use_cache: bool = True) -> list[ModuleInfo]:
     """The inventory of what a MODEL spec names. Shipped configs (published on meta, tiny) come from the inventory
     cache when it is fresh (no torch or diffusers import at all), else are built and cached."""
+    from cogsurgeon.inspector import inventory_cache
     from cogsurgeon.inspector.loading import load_transformer
     from cogsurgeon.inspector.model_specs import resolve_spec
 
-    from cogsurgeon.inspector import inventory_cache
-
     resolved = resolve_spec(spec)
-    cached = use_cache and resolved.kind in ("published", "tiny")
-    infos = inventory_cache.load_cached_inventory(resolved.spec, dtype) if cached else None
+    cacheable = use_cache and resolved.kind in ("published", "tiny")
+    infos = inventory_cache.load_cached_inventory(resolved.spec, dtype) if cacheable else None
     if infos is None:
         infos = module_inventory(load_transformer(resolved.spec, dtype=dtype))
-        if cached:
+        if cacheable:
             inventory_cache.store_inventory(resolved.spec, dtype, infos)
     return infos

@@ -14,12 +14,10 @@ forward as a list of `QuerySegment`s (a run of queries and the keys it may see) 
   of full SDPA at the 5B shape on an H200 (0.555x at the 1.5 shape; bench/RESULTS.md). flex_attention's block mask
   is 1.11x of full on an H100 by DESIGN's anchors, and one packed varlen flash call over every (item, head, segment)
   measured 0.789x on the H200 (FlashAttention-2 is slower than cuDNN there), so neither is used.
-- segments with two key ranges (a window past the sinks): when the keys are ours to overwrite (the processor's own
-  temporaries, no autograd), a copy of the prefix is written in place just before each window in turn, into keys no
-  later segment needs (windows only move forward), so each segment is still one SDPA call over one slice;
-  otherwise the two ranges are concatenated for that segment.
-- on CUDA outside autograd, the segments that need no moved keys share two streams, so that output copies and
-  kernel tails overlap.
+- segments with two key ranges (a window past the sinks or the text): outside autograd, SDPA over the window slice
+  merged by log-sum-exp with one SDPA call over the prefix shared by the run of such segments (no key moved or
+  copied); under autograd, the two ranges concatenated for that segment.
+- on CUDA outside autograd, the segments share two streams, so that output copies and kernel tails overlap.
 - a key mask (`(B, T)` or `(B, T+N)`; bool, or additive with only 0 and -inf, or 0 and <= -1e4 while every query
   keeps a key): the masked keys are *dropped*, per group of batch items sharing a mask, instead of passed as a mask,
   because SDPA with any `attn_mask` leaves the flash kernel. With text padding the few kept text keys are moved in
@@ -334,13 +332,12 @@ def run_plan(
 
     `keys_writable=True` lets the plan reorder `key` and `value` in place (the processor's own temporaries): with
     text padding it then moves the few kept text keys next to the video keys instead of gathering every kept key into
-    new tensors (a copy of K and V, about 3% of attention time at the 5B shape), and a window past the sinks gets a
-    copy of the prefix written just before it instead of both ranges concatenated per segment. Ignored while
-    autograd needs the keys."""
+    new tensors (a copy of K and V, about 3% of attention time at the 5B shape). Ignored while autograd needs the
+    keys."""
     if keys_writable and _autograd_records(key, value):
         keys_writable = False
     if isinstance(plan, SegmentPlan):
-        return attend_segments(query, key, value, plan.segments, plan.dense_mask, keys_writable=keys_writable)
+        return attend_segments(query, key, value, plan.segments, plan.dense_mask)
     if len(plan.groups) == 1 and plan.groups[0].items is None:
         return _attend_group(plan.groups[0], query, key, value, keys_writable)
     output = query.new_empty(*query.shape[:-1], value.shape[-1])
@@ -373,36 +370,17 @@ def _attend_group(
     """The kept keys, in order, as one tensor: a slice after moving the prefix's kept keys up (when allowed and the
     prefix is at most half the sequence), else a gather."""
     if group.kept_index is None:
-        return attend_segments(query, key, value, group.segments, keys_writable=keys_writable)
+        return attend_segments(query, key, value, group.segments)
     if keys_writable and group.prefix_kept_index is not None and 2 * group.prefix_end <= key.shape[2]:
         start = group.prefix_end - group.prefix_kept_index.numel()
         key[:, :, start : group.prefix_end] = key[:, :, : group.prefix_end].index_select(2, group.prefix_kept_index)
         value[:, :, start : group.prefix_end] = value[:, :, : group.prefix_end].index_select(
             2, group.prefix_kept_index
         )
-        return attend_segments(query, key[:, :, start:], value[:, :, start:], group.segments, keys_writable=True)
-    return attend_segments(  # the gathered keys are new tensors: ours to reorder unless autograd keeps them
-        query,
-        key.index_select(2, group.kept_index),
-        value.index_select(2, group.kept_index),
-        group.segments,
-        keys_writable=not _autograd_records(key, value),
+        return attend_segments(query, key[:, :, start:], value[:, :, start:], group.segments)
+    return attend_segments(
+        query, key.index_select(2, group.kept_index), value.index_select(2, group.kept_index), group.segments
     )
-
-
-def prefix_can_roll(segments: tuple[QuerySegment, ...]) -> bool:
-    """Whether the two-range segments may move the prefix in place, in order: they come after every one-range
-    segment that needs keys past the prefix, share one prefix, and their windows only move forward (so the keys
-    overwritten just before a window are never needed again)."""
-    two = [index for index, segment in enumerate(segments) if segment.two_ranges]
-    if not two:
-        return False
-    tail = segments[two[0] :]
-    if any(segment.causal or not segment.two_ranges for segment in tail):
-        return False
-    prefix = tail[0].prefix_end
-    starts = [segment.key_start for segment in tail]
-    return all(segment.prefix_end == prefix for segment in tail) and starts == sorted(starts)
 
 
 def attend_segments(
@@ -411,24 +389,20 @@ def attend_segments(
     value: torch.Tensor,
     segments: tuple[QuerySegment, ...],
     dense_mask: torch.Tensor | None = None,
-    *,
-    keys_writable: bool = False,
 ) -> torch.Tensor:
     """SDPA per segment, written into one output tensor (a single segment returns SDPA's own output).
 
-    A segment that sees a prefix and a window runs one of three ways: merged (outside autograd, when the prefix is
-    at least as long as the segment's queries): SDPA over its window slice, merged by log-sum-exp with one SDPA
-    call over the prefix shared by the run of such segments; rolled (when the keys are ours to overwrite): a saved
-    copy of the prefix written just before its window; else its two ranges concatenated. On CUDA without autograd
-    the segments that need no moved keys run largest first on `SEGMENT_STREAMS` streams, so that one segment's
-    output copy and its kernel's last, partly empty wave overlap the next segment's kernel."""
+    A segment that sees a prefix and a window runs, outside autograd and compilation, as SDPA over its window slice
+    merged by log-sum-exp with one SDPA call over the prefix shared by the run of such segments (no key is copied
+    or moved); otherwise its two ranges are concatenated (autograd would not carry the log-sum-exp's gradient). On
+    CUDA without autograd the segments run largest first on `SEGMENT_STREAMS` streams, so that one segment's output
+    copy and its kernel's last, partly empty wave overlap the next segment's kernel."""
     if len(segments) == 1 and segments[0].query_start == 0 and segments[0].query_end == query.shape[2]:
         if not segments[0].two_ranges:
             return _attend_segment(query, key, value, segments[0], dense_mask)
     output = query.new_empty(*query.shape[:-1], value.shape[-1])
     mergeable = dense_mask is None and not _autograd_records(query, key, value) and not torch.compiler.is_compiling()
-    merged = [s for s in segments if mergeable and s.two_ranges and s.prefix_end >= s.length]
-    roll = not merged and keys_writable and dense_mask is None and prefix_can_roll(segments)
+    merged = [segment for segment in segments if mergeable and segment.two_ranges and segment.prefix_end > 0]
     prefixes = {
         (run[0].query_start, run[-1].query_end): _attention_and_log_sum_exp(
             query[:, :, run[0].query_start : run[-1].query_end],
@@ -437,12 +411,9 @@ def attend_segments(
         )
         for run in _prefix_runs(merged)
     }
-    independent = sorted(
-        (segment for segment in segments if not (roll and segment.two_ranges)),
-        key=lambda segment: -segment.length * segment.key_count,
-    )
-    with _segment_streams(query, key, value, len(independent)) as on_stream:
-        for index, segment in enumerate(independent):
+    largest_first = sorted(segments, key=lambda segment: -segment.length * segment.key_count)
+    with _segment_streams(query, key, value, len(segments)) as on_stream:
+        for index, segment in enumerate(largest_first):
             rows = slice(segment.query_start, segment.query_end)
             with on_stream(index):
                 if segment not in merged:
@@ -459,18 +430,6 @@ def attend_segments(
                     prefix_output[:, :, own],
                     prefix_log_sum_exp[:, :, own],
                 )
-    rolled = [segment for segment in segments if roll and segment.two_ranges]
-    if rolled:  # in order: each move overwrites keys that only earlier segments read
-        prefix = rolled[0].prefix_end
-        saved_key, saved_value = key[:, :, :prefix].clone(), value[:, :, :prefix].clone()
-        for segment in rolled:
-            start = segment.key_start - prefix
-            key[:, :, start : segment.key_start] = saved_key
-            value[:, :, start : segment.key_start] = saved_value
-            sliced = QuerySegment(segment.query_start, segment.query_end, segment.key_end - start)
-            output[:, :, segment.query_start : segment.query_end] = _attend_segment(
-                query, key[:, :, start:], value[:, :, start:], sliced, None
-            )
     return output
 
 

@@ -17,7 +17,6 @@ from cogsurgeon.patches.attention import (
     chunk_bounds,
     merge_by_log_sum_exp,
     plan_attention,
-    prefix_can_roll,
     run_plan,
     structure_segments,
 )
@@ -95,7 +94,6 @@ def test_segments_are_a_prefix_and_a_window():
         QuerySegment(8, 14, 14),  # chunk 1: sink 0 and window [1] touch: one prefix
         QuerySegment(14, 20, 20, key_start=14, prefix_end=8),  # chunk 2: [text ; sink 0] + [chunk 2]
     )
-    assert prefix_can_roll(segments)
     local = structure_segments(WindowAttention(window=2), FrameLayout(text_tokens=2, frames=3, tokens_per_frame=1))
     assert local == (
         QuerySegment(0, 2, 2),
@@ -137,7 +135,7 @@ GRID = [
 @pytest.mark.parametrize(
     "keys_writable, autograd",
     [(False, False), (True, False), (False, True)],
-    ids=["merge-or-concatenate", "merge-or-move-in-place", "concatenate-under-autograd"],
+    ids=["merge", "merge-keys-writable", "concatenate-under-autograd"],
 )
 @pytest.mark.parametrize("pattern", GRID, ids=repr)
 def test_every_pattern_of_the_grid_matches_its_reference_mask(pattern, keys_writable, autograd):
@@ -154,25 +152,13 @@ def concatenated_attention(query, key, value, segments):
     return attend_segments(*given, segments).detach()
 
 
-def test_a_short_prefix_is_moved_in_place_before_each_window():
-    layout = FrameLayout(text_tokens=1, frames=6, tokens_per_frame=4)  # the prefix (text) is shorter than a frame
-    segments = structure_segments(BlockCausal(chunk=1, window=2, sink=0), layout)
-    assert prefix_can_roll(segments)
-    query, key, value = random_qkv(1, layout.sequence_length, 0)
-    expected = concatenated_attention(query, key, value, segments)
-    untouched = key.clone()
-    moved = attend_segments(query, key, value, segments, keys_writable=True)
-    assert not torch.equal(key, untouched)  # the text now sits before the last window
-    torch.testing.assert_close(moved, expected, rtol=0, atol=1e-12)
-
-
-def test_a_long_prefix_is_merged_by_log_sum_exp_with_one_shared_call_and_the_keys_left_alone():
-    layout = FrameLayout(text_tokens=2, frames=6, tokens_per_frame=2)  # [text ; sink frame] is longer than a frame
+def test_a_window_past_a_prefix_is_merged_by_log_sum_exp_with_one_shared_call_and_the_keys_left_alone():
+    layout = FrameLayout(text_tokens=2, frames=6, tokens_per_frame=2)
     segments = structure_segments(BlockCausal(chunk=1, window=2, sink=1), layout)
     assert [len(run) for run in _prefix_runs([s for s in segments if s.two_ranges])] == [3]  # frames 3, 4, 5
     query, key, value = random_qkv(1, layout.sequence_length, 0)
     untouched = key.clone(), value.clone()
-    merged = attend_segments(query, key, value, segments, keys_writable=True)
+    merged = attend_segments(query, key, value, segments)
     assert torch.equal(key, untouched[0]) and torch.equal(value, untouched[1])
     torch.testing.assert_close(merged, concatenated_attention(query, key, value, segments), rtol=0, atol=1e-12)
 
