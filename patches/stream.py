@@ -153,7 +153,7 @@ class Stream:
             raise StreamError(f"encoder_hidden_states of shape {shape}: expected (B, {tokens}, {dim})")
         self.batch = encoder_hidden_states.shape[0]
         self.device, self.dtype = encoder_hidden_states.device, encoder_hidden_states.dtype
-        self._text = encoder_hidden_states
+        self._no_text = encoder_hidden_states.new_zeros(self.batch, 0, encoder_hidden_states.shape[-1])
         # The text path does not depend on video under the block-causal rule: run it beside one blank frame. A failure
         # part-way leaves no half-filled cache behind.
         blank = torch.zeros(self.batch, self.shape.patch_frames, self.config["in_channels"], self.latent_height,
@@ -242,9 +242,8 @@ class Stream:
     def _run(self, mode: str, latents: torch.Tensor, timesteps: torch.Tensor, *, first_frame: int,
              encoder_hidden_states: torch.Tensor | None = None, **forward_kwargs: Any) -> torch.Tensor:
         frames = latents.shape[1] // self.shape.patch_frames
-        text = encoder_hidden_states
-        if text is None:  # step / commit: the text's K/V are cached, its tokens are not run again
-            text = self._text.new_zeros(self.batch, 0, self._text.shape[-1])
+        # step / commit: the text's K/V are cached, its tokens are not run again
+        text = self._no_text if encoder_hidden_states is None else encoder_hidden_states
         rotary = self._rotary(first_frame, frames)
         if rotary is not None:
             forward_kwargs["image_rotary_emb"] = rotary
@@ -374,7 +373,7 @@ class Stream:
     def close(self) -> None:
         """Free the cache and forget the model (the `with` block's end does this)."""
         self._layers.clear()
-        self._text = None
+        self._no_text = None
         self.model = None
 
 
