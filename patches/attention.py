@@ -270,9 +270,7 @@ def plan_attention(
             if plan is not None:
                 return plan
         normalized = normalized[:, None, None, :]
-    if normalized.dtype != torch.bool:
-        normalized = normalized.to(dtype)
-    return SegmentPlan(segments, normalized.to(device))
+    return SegmentPlan(segments, normalized.to(device, None if normalized.dtype == torch.bool else dtype))
 
 
 def _kept_key_plan(
