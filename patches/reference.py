@@ -122,8 +122,7 @@ class ExplicitMaskAttnProcessor:
     """CogVideoX attention with a fixed explicit mask, standing in for diffusers' processor in reference runs."""
 
     def __init__(self, mask: torch.Tensor | None, fused: bool):
-        self.mask = mask
-        self.fused = fused
+        self.mask, self.fused = mask, fused
 
     def __call__(
         self,

@@ -169,9 +169,6 @@ class PerFrameTimestepState:
         """Replace the forwards and hook the transformer; checks everything before changing anything."""
         targets = cls._targets(transformer)
         state = cls(transformer, text_timestep)
-        for name in ("time_embedding", "ofs_embedding"):
-            if getattr(transformer, name, None) is not None:
-                targets.append((getattr(transformer, name), EmbeddingForward))
         for module, replacement in targets:
             state.replaced.append((module, module.__dict__.get("forward")))
             module.forward = replacement(module, module.forward, state)
@@ -200,7 +197,8 @@ class PerFrameTimestepState:
         if type(norm_out).__name__ != "AdaLayerNorm" or getattr(norm_out, "chunk_dim", None) != 1:
             raise PatchTargetError(f"norm_out is {type(norm_out).__name__}, not CogVideoX's AdaLayerNorm(chunk_dim=1)")
         targets.append((norm_out, AdaLayerNormForward))
-        return targets
+        embeddings = (getattr(transformer, name, None) for name in ("time_embedding", "ofs_embedding"))
+        return targets + [(embedding, EmbeddingForward) for embedding in embeddings if embedding is not None]
 
     def uninstall(self) -> None:
         """Put back exactly the forwards we replaced and remove the hook."""
