@@ -40,12 +40,12 @@ class StructuralAttentionPatch(Patch):
         self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False, **options
     ):
         """Run as one SDPA call per segment (a chunk of frames, or text), each a temporary copied into the output: the
-        largest segment's output, plus the keys `moved_keys` moves next to a window."""
+        largest segment's output, plus the tokens of the prefix a window is seen beside (`window_prefix_tokens`)."""
         chunk_tokens = options.get("chunk", 1) * (video_tokens // max(frames, 1))
-        keys = max(text_tokens, chunk_tokens) + self.moved_keys(text_tokens, chunk_tokens, **options)
-        return batch * heads * keys * head_dim * dtype_bytes
+        tokens = max(text_tokens, chunk_tokens) + self.window_prefix_tokens(text_tokens, chunk_tokens, **options)
+        return batch * heads * tokens * head_dim * dtype_bytes
 
-    def moved_keys(self, text_tokens: int, chunk_tokens: int, **options: Any) -> int:
+    def window_prefix_tokens(self, text_tokens: int, chunk_tokens: int, **options: Any) -> int:
         return 0
 
     def reference_mask(self, layout: Any, **options: Any) -> Any:
@@ -109,8 +109,8 @@ class BlockCausalAttention(StructuralAttentionPatch):
 
         return BlockCausal(**options)
 
-    def moved_keys(self, text_tokens: int, chunk_tokens: int, **options: Any) -> int:
-        """With a window past the sinks, the prefix moved in place (a temporary of its size when it overlaps itself)."""
+    def window_prefix_tokens(self, text_tokens: int, chunk_tokens: int, **options: Any) -> int:
+        """With a window: the text and the sink chunks."""
         return text_tokens + options.get("sink", 0) * chunk_tokens if options.get("window") else 0
 
 
@@ -132,8 +132,8 @@ class WindowAttentionPatch(StructuralAttentionPatch):
 
         return WindowAttention(**options)
 
-    def moved_keys(self, text_tokens: int, chunk_tokens: int, **options: Any) -> int:
-        return text_tokens  # the text prefix, moved next to each chunk's window
+    def window_prefix_tokens(self, text_tokens: int, chunk_tokens: int, **options: Any) -> int:
+        return text_tokens
 
 
 class PerFrameTimesteps(Patch):

@@ -12,8 +12,8 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from itertools import combinations
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 from cogsurgeon.patches.errors import (
