@@ -92,9 +92,9 @@ class BlockCausalAttention(StructuralAttentionPatch):
 
     Planned as one key range per chunk of queries (`[text ; chunks <= i]`), or a prefix `[text ; sinks]` and a window
     of chunks; run as one SDPA call per chunk (chunk 3 at the 5B shape on an H200: 0.657x of full SDPA for 0.607 of
-    its work; bench/RESULTS.md). A window past the sinks gets the prefix moved next to it in place (inference), or
-    concatenated with it per chunk under autograd (then saved for backward: up to `T + (sink + window)·chunk·n` keys
-    per chunk)."""
+    its work; bench/RESULTS.md). A window past the sinks runs as SDPA over the window merged by log-sum-exp with one
+    SDPA call over the prefix (inference), or concatenated with it per chunk under autograd (then saved for backward:
+    up to `T + (sink + window)·chunk·n` keys per chunk)."""
 
     name = "block-causal-attention"
     summary = "block-causal by chunks of frames, optional sliding window with sink chunks (CausVid, Self-Forcing)"
