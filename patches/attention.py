@@ -372,7 +372,12 @@ def attend_segments(
         if not segments[0].two_ranges:
             return _attend_segment(query, key, value, segments[0], dense_mask)
     output = query.new_empty(*query.shape[:-1], value.shape[-1])
-    mergeable = dense_mask is None and not _autograd_records(query, key, value) and not torch.compiler.is_compiling()
+    mergeable = (
+        dense_mask is None
+        and not _autograd_records(query, key, value)
+        and not torch.compiler.is_compiling()
+        and query.dtype in (MERGE_DTYPES_CUDA if query.is_cuda else MERGE_DTYPES_CPU)
+    )
     merged = [segment for segment in segments if mergeable and segment.two_ranges and segment.prefix_end > 0]
     prefixes = {
         (run[0].query_start, run[-1].query_end): _attention_and_log_sum_exp(
@@ -429,13 +434,17 @@ def _attention_and_log_sum_exp(
         try:
             output, log_sum_exp = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True)[:2]
             return output, log_sum_exp.view(batch, heads, length)
-        except RuntimeError:
+        except (RuntimeError, NotImplementedError):
             _cudnn_attention_works[query.device] = False
     output, log_sum_exp = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True)[:2]
     return output, log_sum_exp[:, :, :length]  # its rows are padded to a multiple of 32
 
 
 _cudnn_attention_works: dict[torch.device, bool] = {}
+# The dtypes whose fused kernels return a log-sum-exp (cuDNN or memory-efficient attention on CUDA, flash on the CPU);
+# others concatenate a segment's two key ranges instead.
+MERGE_DTYPES_CUDA = (torch.float16, torch.bfloat16, torch.float32)
+MERGE_DTYPES_CPU = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def merge_by_log_sum_exp(
