@@ -70,6 +70,24 @@ async def test_at_80_columns_the_details_stack_under_the_tree():
 
 
 @pilot_test
+async def test_at_80_by_24_the_tree_has_room_and_the_patches_stay_reachable():
+    """80×24 is most terminals' default: the tree must show enough rows to browse (it had 2 when the patches panel
+    and the details took their full heights), the patches panel must still be on screen, and `p` still reaches it."""
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        tree, screen = app.query_one(ModuleTree), app.screen
+        assert tree.scrollable_content_region.height >= 8  # the rows inside the border
+        patches = app.query_one("#patches")
+        assert patches.region.height > 0 and screen.region.contains_region(patches.region)
+        assert app.query_one("#patches-table").region.height >= 3  # its header and at least two patches
+        await pilot.press("p", "space")
+        await pilot.pause()
+        assert app.focused is app.query_one("#patches-table")
+        assert patch_rows(app)["causal-attention"][0] == "applied"
+
+
+@pilot_test
 async def test_verify_says_what_it_runs_and_shows_its_progress(monkeypatch):
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:

@@ -145,9 +145,11 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         yield Footer()
 
     NARROW_BELOW = 120  # columns: below this the details and source go under the tree instead of beside it
+    SHORT_BELOW = 36  # rows: below this the header, the patches panel and the stacked details give height to the tree
 
     def on_resize(self) -> None:
         self.query_one("#main").set_class(self.size.width < self.NARROW_BELOW, "narrow")
+        self.set_class(self.size.height < self.SHORT_BELOW, "short")
 
     def get_loading_widget(self) -> SlowLoadingIndicator:
         return SlowLoadingIndicator(f"loading {self.opening}")  # set by open() before any pane is loading
