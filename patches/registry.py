@@ -210,13 +210,20 @@ def _entries(transformer: Any) -> dict[str, AppliedPatch]:
         return dict(record.entries)
 
 
+def uncompiled(module: Any) -> Any:
+    """The module a `torch.compile` wrapper (`OptimizedModule`) runs, or `module` itself."""
+    return module._orig_mod if type(module).__name__ == "OptimizedModule" else module
+
+
 def resolve_transformer(target: Any) -> Any:
-    """The CogVideoX transformer itself, or the `.transformer` of a pipeline holding one."""
+    """The CogVideoX transformer itself, or the `.transformer` of a pipeline holding one; either may be wrapped by
+    `torch.compile` (the patch goes on the module inside, whose changed processors make dynamo recompile)."""
     from cogsurgeon.patches.processor import is_cogvideox_transformer
 
+    target = uncompiled(target)
     if is_cogvideox_transformer(target):
         return target
-    inner = getattr(target, "transformer", None)
+    inner = uncompiled(getattr(target, "transformer", None))
     if is_cogvideox_transformer(inner):
         return inner
     raise PatchTargetError(

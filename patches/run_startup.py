@@ -3,7 +3,8 @@ launched program's PYTHONPATH, so that it runs at the start of that program and 
 (torchrun and accelerate workers, subprocesses) that inherits the environment.
 
 It costs nothing until the program imports diffusers' CogVideoX transformer module: an import hook then wraps
-`CogVideoXTransformer3DModel.__init__` so that every model built (by `from_pretrained`, `from_config` or directly)
+`CogVideoXTransformer3DModel.__init__` (and the `__init__` of every subclass defined later, so that a subclass is
+patched when its own `__init__` is done) so that every model built (by `from_pretrained`, `from_config` or directly)
 gets the patches in COGSURGEON_RUN_PATCHES (a JSON list of `NAME` or `NAME:key=value,...` specs), and says so on stderr. The sitecustomize that this one shadows
 (the program's own, if any) still runs. Each model built leaves a `built-PID-N` file in this folder, so that `run`
 can say when the program built none. Standard library only: cogsurgeon itself is imported when a model is built,
@@ -93,14 +94,41 @@ def _patch_model(model):
         _say(f"{', '.join(specs)} -> {_describe(model, None)}")
 
 
-def _wrap_transformer_class(cls):
-    original_init = cls.__init__
-    inherited_from_pretrained = cls.from_pretrained.__func__
+def _wrap_init(klass):
+    """Make `klass.__init__` (its own, if it has one) patch the model when the outermost `__init__` of the model
+    returns: a subclass's `__init__` runs to its end (setting its own processors, say) before the patch goes on."""
+    original = klass.__dict__.get("__init__")
+    if original is None or getattr(original, "_cogsurgeon_run", False):
+        return
 
-    @functools.wraps(original_init)
+    @functools.wraps(original)
     def __init__(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        _patch_model(self)
+        depths = _loading.__dict__.setdefault("init_depths", {})
+        depths[id(self)] = depths.get(id(self), 0) + 1
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            depths[id(self)] -= 1
+            outermost = not depths[id(self)]
+            if outermost:
+                del depths[id(self)]
+        if outermost:
+            _patch_model(self)
+
+    __init__._cogsurgeon_run = True
+    klass.__init__ = __init__
+
+
+def _wrap_transformer_class(cls):
+    inherited_from_pretrained = cls.from_pretrained.__func__
+    own_init_subclass = cls.__dict__.get("__init_subclass__")
+
+    def __init_subclass__(subclass, **kwargs):
+        if own_init_subclass is not None:
+            own_init_subclass.__func__(subclass, **kwargs)
+        else:
+            super(cls, subclass).__init_subclass__(**kwargs)
+        _wrap_init(subclass)
 
     @functools.wraps(inherited_from_pretrained)
     def from_pretrained(klass, pretrained_model_name_or_path, *args, **kwargs):
@@ -115,7 +143,8 @@ def _wrap_transformer_class(cls):
             _say(f"{names} -> {_describe(patched_model, pretrained_model_name_or_path)}")
         return model
 
-    cls.__init__ = __init__
+    _wrap_init(cls)
+    cls.__init_subclass__ = classmethod(__init_subclass__)
     cls.from_pretrained = classmethod(from_pretrained)
 
 

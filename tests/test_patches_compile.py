@@ -48,3 +48,31 @@ def test_a_masked_forward_compiles_as_one_graph_and_equals_eager(names, form):
         output = compiled(**inputs, attention_kwargs={"attention_mask": mask})[0]
     torch.testing.assert_close(output, eager, rtol=0, atol=1e-5)
     patches.revert(model)
+
+
+def test_a_compiled_model_or_pipeline_transformer_is_patched_inside_and_recompiles():
+    """`torch.compile(model)` (an OptimizedModule), or a pipeline whose `.transformer` is one: the patch goes on the
+    module inside, the compiled model's next call runs it (dynamo's guards see the new processors), revert undoes it."""
+    model = one_block_tiny()
+    inputs = tiny_inputs(model)
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs)[0], plain, rtol=0, atol=0)  # compiled before the patch
+
+    patches.apply(compiled, "causal-attention")
+    assert patches.applied(compiled) == patches.applied(model) == ["causal-attention"]
+    with torch.no_grad():
+        eager_patched = model(**inputs)[0]
+        assert (eager_patched - plain).abs().max() > 1e-3
+        torch.testing.assert_close(compiled(**inputs)[0], eager_patched, rtol=0, atol=0)
+
+    class Pipeline:  # the shape of a diffusers pipeline after `pipe.transformer = torch.compile(pipe.transformer)`
+        transformer = compiled
+
+    patches.revert(Pipeline())
+    assert patches.applied(model) == []
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs)[0], plain, rtol=0, atol=0)

@@ -235,3 +235,37 @@ def test_checking_the_causal_patches_options_before_a_run_loads_no_torch(tmp_pat
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["PatchParameterError", "False"]
+
+
+def test_a_subclass_that_resets_its_processors_in_init_is_patched_after_its_init(tmp_path):
+    """A user's subclass whose `__init__` sets its own attention processors after `super().__init__()`: `run` must
+    patch the model once the subclass's `__init__` is done, else the program's processors silently replace the patch
+    while `applied()` still names it. Also a subclass of that subclass, and a subclass without an `__init__`."""
+    program = (
+        "from diffusers import CogVideoXTransformer3DModel\n"
+        "from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0\n"
+        "from cogsurgeon import patches\n"
+        "from cogsurgeon.inspector.model_specs import tiny_config\n"
+        "class Mine(CogVideoXTransformer3DModel):\n"
+        "    def __init__(self, **config):\n"
+        "        super().__init__(**config)\n"
+        "        self.set_attn_processor(CogVideoXAttnProcessor2_0())\n"
+        "class Deeper(Mine):\n"
+        "    def __init__(self, **config):\n"
+        "        super().__init__(**config)\n"
+        "        self.marker = True\n"
+        "class Plain(Mine):\n"
+        "    pass\n"
+        "for cls in (Mine, Deeper, Plain, CogVideoXTransformer3DModel):\n"
+        "    model = cls(**tiny_config('tiny'))\n"
+        "    kinds = {type(p).__name__ for p in model.attn_processors.values()}\n"
+        "    print(cls.__name__, patches.applied(model), 'CogVideoXAttnProcessor2_0' in kinds)\n"
+    )
+    run = cogsurgeon_run("--patch", "causal-attention", "--", sys.executable, "-c", program, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    assert stdout.splitlines() == [
+        f"{name} ['causal-attention'] False" for name in ("Mine", "Deeper", "Plain", "CogVideoXTransformer3DModel")
+    ]
+    assert stderr.count("causal-attention -> ") == 4  # each model patched (and said so) once
