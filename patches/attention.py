@@ -376,6 +376,8 @@ def attend_segments(
         dense_mask is None
         and not _autograd_records(query, key, value)
         and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(query.device.type)  # the private ops are not autocast: SDPA casts
+        and query.dtype == key.dtype == value.dtype
         and query.dtype in (MERGE_DTYPES_CUDA if query.is_cuda else MERGE_DTYPES_CPU)
     )
     merged = [segment for segment in segments if mergeable and segment.two_ranges and segment.prefix_end > 0]
@@ -425,15 +427,19 @@ def _attention_and_log_sum_exp(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA's output `(B, H, Lq, D)` and each query's log-sum-exp `(B, H, Lq)` (float32, or float64 for float64
-    inputs), outside autograd, over at least one key: cuDNN's attention on CUDA (memory-efficient attention where
-    this build or card has none), the flash kernel on the CPU."""
+    inputs), outside autograd and autocast, over at least one key: cuDNN's attention on CUDA in fp16/bf16 while SDPA
+    may use it (memory-efficient attention for fp32, or where this build or card has no cuDNN attention), the flash
+    kernel on the CPU."""
     batch, heads, length = query.shape[:3]
     if not query.is_cuda:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value)[:2]
-    if _cudnn_attention_works.get(query.device, True):
+    cudnn = query.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.cudnn_sdp_enabled()
+    if cudnn and _cudnn_attention_works.get(query.device, True):  # (cuDNN's op returns NaN for fp32 rather than fail)
         try:
             output, log_sum_exp = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True)[:2]
             return output, log_sum_exp.view(batch, heads, length)
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, NotImplementedError):
             _cudnn_attention_works[query.device] = False
     output, log_sum_exp = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True)[:2]

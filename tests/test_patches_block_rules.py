@@ -218,3 +218,16 @@ def test_property_fp32_within_the_issue_tolerance(layout, pattern):
     expected = reference_attention(query, key, value, reference_mask_of(pattern, layout))
     plan = plan_attention(pattern, layout, None, batch=2, heads=HEADS, device=query.device, dtype=query.dtype)
     assert (run_plan(plan, query, key, value, keys_writable=True) - expected).abs().max() <= 1e-4
+
+
+def test_under_autocast_with_mixed_dtypes_a_window_past_a_prefix_runs_as_sdpa_would():
+    """Autocast runs CogVideoX's norm_q/norm_k in fp32 while V comes out in bf16: SDPA casts the three, the fused
+    kernels that give a log-sum-exp do not, so under autocast the two ranges are concatenated instead of merged."""
+    layout = FrameLayout(text_tokens=4, frames=7, tokens_per_frame=8)
+    segments = structure_segments(BlockCausal(chunk=1, window=2, sink=1), layout)
+    query, key, value = random_qkv(1, layout.sequence_length, 0, dtype=torch.float32)
+    value = value.bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = attend_segments(query, key, value, segments)
+    expected = concatenated_attention(query.bfloat16(), key.bfloat16(), value, segments)
+    torch.testing.assert_close(output.float(), expected.float(), atol=2e-2, rtol=0)
