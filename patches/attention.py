@@ -16,7 +16,9 @@ forward as a list of `QuerySegment`s (a run of queries and the keys it may see) 
   measured 0.789x on the H200 (FlashAttention-2 is slower than cuDNN there), so neither is used.
 - segments with two key ranges (a window past the sinks or the text): outside autograd, SDPA over the window slice
   merged by log-sum-exp with one SDPA call over the prefix shared by the run of such segments (no key moved or
-  copied); under autograd, the two ranges concatenated for that segment.
+  copied); under autograd or autocast, the two ranges concatenated for that segment. In bf16 the merge rounds the
+  two partial outputs before combining them, so its error can exceed one SDPA call's (a review's H200 check: max
+  0.9-1.8e-2 against 7.4e-3; bench/attention_gpu.py's accuracy level at 6 frames: equal, 0.00332).
 - on CUDA outside autograd, the segments share two streams, so that output copies and kernel tails overlap.
 - a key mask (`(B, T)` or `(B, T+N)`; bool, or additive with only 0 and -inf, or 0 and <= -1e4 while every query
   keeps a key): the masked keys are *dropped*, per group of batch items sharing a mask, instead of passed as a mask,
