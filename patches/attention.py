@@ -378,7 +378,7 @@ def attend_segments(
         dense_mask is None
         and not _autograd_records(query, key, value)
         and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(query.device.type)  # the private ops are not autocast: SDPA casts
+        and not _autocast_enabled(query.device)  # the private ops are not autocast: SDPA casts
         and query.dtype == key.dtype == value.dtype
         and query.dtype in (MERGE_DTYPES_CUDA if query.is_cuda else MERGE_DTYPES_CPU)
     )
@@ -411,6 +411,13 @@ def attend_segments(
                     prefix_log_sum_exp[:, :, own],
                 )
     return output
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return False
 
 
 def _prefix_runs(segments: list[QuerySegment]) -> list[list[QuerySegment]]:
