@@ -90,8 +90,8 @@ class FrameCausalAttention(StructuralAttentionPatch):
     """Block-causal by frame, text as frame -1: `frame(k) <= frame(q)`.
 
     Computed as text queries over text keys plus one SDPA call per frame over its key prefix `[text ; frames <= f]`
-    (about 0.54 of full attention's work at 13 frames, all in the flash kernel: 0.610x of full SDPA at the 5B shape
-    on an H100, bench/RESULTS.md; DESIGN's anchor for flex_attention's block mask is 1.11x). Each segment's output
+    (0.538 of full attention's work at 13 frames, all in the fused kernel: 0.585x of full SDPA at the 5B shape on an
+    H200, bench/RESULTS.md; DESIGN's anchor for flex_attention's block mask is 1.11x). Each segment's output
     is a temporary copied into the output, so the extra memory is the largest segment's output."""
 
     name = "frame-causal-attention"
@@ -106,7 +106,7 @@ class BlockCausalAttention(StructuralAttentionPatch):
     `j < sink`); text sees text. `frame-causal-attention` is chunk 1.
 
     Planned as one key range per chunk of queries (`[text ; chunks <= i]`), or a prefix `[text ; sinks]` and a window
-    of chunks; run as one SDPA call per chunk (chunk 3 at the 5B shape on an H200: 0.657x of full SDPA for 0.607 of
+    of chunks; run as one SDPA call per chunk (chunk 3 at the 5B shape on an H200: 0.647x of full SDPA for 0.607 of
     its work; bench/RESULTS.md). A window past the sinks runs as SDPA over the window merged by log-sum-exp with one
     SDPA call over the prefix (inference), or concatenated with it per chunk under autograd (then saved for backward:
     up to `T + (sink + window)·chunk·n` keys per chunk)."""
