@@ -88,6 +88,27 @@ async def test_at_80_by_24_the_tree_has_room_and_the_patches_stay_reachable():
 
 
 @pilot_test
+async def test_at_80_by_24_a_patchs_options_are_typed_from_the_keyboard_with_the_hint_in_view():
+    """`o` on a patch with three parameters at 80×24: the dialog is taller than the screen, so it scrolls; how to set
+    or cancel is in view, the first field has the focus, and tab, typing and Enter set the options."""
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        table = app.query_one("#patches-table")
+        await pilot.press("p")
+        table.move_cursor(row=list(patch_rows(app)).index("block-causal-attention"))
+        await pilot.press("o")
+        await pilot.pause()
+        dialog = app.screen
+        shown = dialog.query_one("#options-dialog").scrollable_content_region  # what the dialog's border encloses
+        assert shown.contains_region(dialog.query_one("#options-hint").region)
+        assert app.focused is dialog.query_one("#option-chunk")
+        await pilot.press("ctrl+u", "3", "tab", "ctrl+u", "4", "tab", "ctrl+u", "1", "enter")
+        await pilot.pause()
+        assert patch_rows(app)["block-causal-attention"][2] == "chunk=3, window=4, sink=1"
+
+
+@pilot_test
 async def test_verify_says_what_it_runs_and_shows_its_progress(monkeypatch):
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:

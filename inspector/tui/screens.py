@@ -495,19 +495,20 @@ class PatchOptionsScreen(ModalScreen[dict[str, str] | None]):
     sets them, escape leaves them as they were."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="options.cancel")]
+    AUTO_FOCUS = ".option-value"  # the first field, not the scrolling dialog around the fields
 
     def __init__(self, row: PatchRow) -> None:
         super().__init__()
         self.row = row
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="options-dialog"):
+        with VerticalScroll(id="options-dialog"):  # taller than a 24-row terminal for three parameters: it scrolls
             yield Label(f"Options of {self.row.name}", id="options-title")
+            yield Static("Enter sets them (a patch that is on is re-applied); escape cancels", id="options-hint")
             for parameter in self.row.parameters:
                 yield Label(Text.assemble((parameter.name, "bold"), f" ({parameter.type_name}): {parameter.doc}"))
                 yield Input(value=format_value(self.row.options.get(parameter.name, parameter.default)),
                             id=f"option-{parameter.name}", classes="option-value")
-            yield Static("Enter sets them (a patch that is on is re-applied); escape cancels", id="options-hint")
 
     @on(Input.Submitted, ".option-value")
     def _submitted(self) -> None:
