@@ -383,25 +383,22 @@ def attend_segments(
         and query.dtype in (MERGE_DTYPES_CUDA if query.is_cuda else MERGE_DTYPES_CPU)
     )
     merged = [segment for segment in segments if mergeable and segment.two_ranges and segment.prefix_end > 0]
-    prefixes = {
-        (run[0].query_start, run[-1].query_end): _attention_and_log_sum_exp(
-            query[:, :, run[0].query_start : run[-1].query_end],
-            key[:, :, : run[0].prefix_end],
-            value[:, :, : run[0].prefix_end],
+    prefix_of = {}  # merged segment -> (first query of its run, the run's prefix output and log-sum-exp)
+    for run in _prefix_runs(merged):
+        first, prefix = run[0].query_start, run[0].prefix_end
+        result = _attention_and_log_sum_exp(
+            query[:, :, first : run[-1].query_end], key[:, :, :prefix], value[:, :, :prefix]
         )
-        for run in _prefix_runs(merged)
-    }
+        prefix_of.update({segment: (first, *result) for segment in run})
     largest_first = sorted(segments, key=lambda segment: -segment.length * segment.key_count)
     with _segment_streams(query, key, value, len(segments)) as on_stream:
         for index, segment in enumerate(largest_first):
             rows = slice(segment.query_start, segment.query_end)
             with on_stream(index):
-                if segment not in merged:
+                if segment not in prefix_of:
                     output[:, :, rows] = _attend_segment(query, key, value, segment, dense_mask)
                     continue
-                (first, last), (prefix_output, prefix_log_sum_exp) = next(
-                    item for item in prefixes.items() if item[0][0] <= rows.start < item[0][1]
-                )
+                first, prefix_output, prefix_log_sum_exp = prefix_of[segment]
                 window = slice(segment.key_start, segment.key_end)
                 own = slice(rows.start - first, rows.stop - first)
                 merge_by_log_sum_exp(
