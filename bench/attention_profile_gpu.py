@@ -1,0 +1,73 @@
+"""Where the patched attention's time goes on the GPU: CUDA kernel time per kernel kind (the fused attention kernel,
+copies), per call, for full SDPA and the causal-video patterns at the 5B shape, with each call's wall time.
+
+    python bench/attention_profile_gpu.py      # on a CUDA machine; one JSON line per case
+
+The same measurement (then a scratch copy of this script, committed afterwards) on the lent H200 (torch 2.11.0+cu130),
+on the tree of d253085 (prefix moved in place before each window), 2026-12-01: full SDPA 18.19 ms of kernel; frame-causal 10.25 ms of attention kernels + 0.31 ms of copies (14 each); chunk 1 window
+4 sink 1 6.37 + 0.73 (32 copies); window-attention window 3 6.79 + 0.40 (36 copies). bench/RESULTS.md reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+try:
+    import cogsurgeon.patches  # noqa: F401
+except ImportError:  # a machine without the install: this checkout's folders under the cogsurgeon name
+    sys.modules["cogsurgeon"] = types.ModuleType("cogsurgeon")
+    sys.modules["cogsurgeon"].__path__ = [str(Path(__file__).resolve().parents[1])]
+
+from cogsurgeon.inspector.geometry import FrameLayout  # noqa: E402
+from cogsurgeon.patches.attention import BlockCausal, WindowAttention, plan_attention, run_plan  # noqa: E402
+
+BATCH, HEADS, HEAD_DIM = 2, 48, 64
+CASES = [("full SDPA", None), ("frame-causal", "frame-causal"), ("chunk 1 window 4 sink 1", BlockCausal(1, 4, 1)),
+         ("window-attention window 3", WindowAttention(3))]
+
+
+def main() -> None:
+    layout = FrameLayout(226, 13, 1350)
+    q, k, v = (torch.randn(BATCH, HEADS, layout.sequence_length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    for name, pattern in CASES:
+        if pattern is None:
+            def call():
+                return F.scaled_dot_product_attention(q, k, v)
+        else:
+            plan = plan_attention(pattern, layout, None, batch=BATCH, heads=HEADS, device=q.device, dtype=q.dtype)
+            own_k, own_v = k.clone(), v.clone()
+
+            def call(plan=plan, own_k=own_k, own_v=own_v):
+                return run_plan(plan, q, own_k, own_v, keys_writable=True)
+        for _ in range(5):
+            call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+            for _ in range(10):
+                call()
+            torch.cuda.synchronize()
+        kernels = {event.key[:60]: [round(event.device_time_total / 10 / 1000, 3), event.count // 10]
+                   for event in profiled.key_averages() if event.device_time_total > 0}
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        print(json.dumps({"case": name, "wall_ms": round(statistics.median(times), 3),
+                          "kernel_ms_per_call_and_count": kernels}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
