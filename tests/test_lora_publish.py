@@ -317,6 +317,41 @@ def test_a_terminating_signal_mid_write_removes_the_partial_output(tmp_path, nam
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no out, no .out.partial-*, no lock
 
 
+SIGNAL_RIGHT_AFTER_CREATING = """
+import os, signal, sys
+from cogsurgeon.tools.lora import publish
+from cogsurgeon.tools.lora.repair import repair_checkpoint
+
+original = getattr(publish, "{step}")
+
+def signalled_right_after(*args):
+    made = original(*args)
+    os.kill(os.getpid(), signal.SIGTERM)  # lands between making it and the caller recording it, unless held
+    return made
+
+setattr(publish, "{step}", signalled_right_after)
+try:
+    repair_checkpoint(sys.argv[1], sys.argv[2], alpha=4)
+except BaseException as exc:
+    if hasattr(exc, "signum"):
+        sys.exit(128 + exc.signum)
+    raise
+print("finished")
+"""
+
+
+@pytest.mark.parametrize("step", ["_create_parents", "_hidden_folder"])
+def test_a_sigterm_right_after_a_folder_is_made_leaves_nothing(tmp_path, step):
+    """The narrowest window: SIGTERM just after the parent folders or the staging folder were created, before the
+    code that made them has recorded them for clean-up (the CLI-level test above hits it now and then)."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", features=64)
+    out = tmp_path / "new" / "out"
+    result = subprocess.run([sys.executable, "-c", SIGNAL_RIGHT_AFTER_CREATING.format(step=step), str(checkpoint),
+                             str(out)], capture_output=True, text=True, env=cli_environment(), timeout=120)
+    assert result.returncode == 143, (result.returncode, result.stdout, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no new/, no .out.partial-*, no lock
+
+
 def test_sigterm_to_the_cli_mid_write_exits_143_and_cleans_up(tmp_path):
     """The real CLI, signalled from outside while it writes: poll for its staging folder, then SIGTERM it. A
     run that finished before the poll saw the folder says nothing; it is retried with a larger checkpoint."""

@@ -455,29 +455,36 @@ def publication(out: Path, *, force: bool, kind: OutputKind = REPAIR) -> Iterato
         succeeded = False
         lock_path = out.parent / f".{out.name}{LOCK_SUFFIX}"
         try:
-            created = _create_parents(out.parent)
+            # Each thing made here is recorded before a signal can land (they are held until the `with` ends), so
+            # the clean-up below knows of everything a SIGTERM right after its creation would otherwise leave.
+            with _signals_held():
+                created = _create_parents(out.parent)
             lock = FileLock(str(lock_path), timeout=0)
+            held = False
             try:
-                lock.acquire()
-            except Timeout:
-                raise OutputError(
-                    f"another {kind.noun} holds {out} (lock {lock_path}): wait for it to finish, or choose another "
-                    "--out"
-                ) from None
-            try:
+                with _signals_held():
+                    try:
+                        lock.acquire()
+                    except Timeout:
+                        raise OutputError(
+                            f"another {kind.noun} holds {out} (lock {lock_path}): wait for it to finish, or choose "
+                            "another --out"
+                        ) from None
+                    held = True
                 expected = check_output(out, force, kind)
                 remove_stale_work(out)
-                staging = _hidden_folder(out, "partial")
+                with _signals_held():
+                    staging = _hidden_folder(out, "partial")
                 current = Publication(out, staging, expected, kind)
                 yield current
                 succeeded = current.published
             finally:
                 if staging is not None:
                     shutil.rmtree(staging, ignore_errors=True)
-                # no lock file is left beside the output; filelock re-checks a lock file unlinked under it
-                with suppress(OSError):
-                    os.unlink(lock_path)
-                lock.release()
+                if held:  # no lock file is left beside the output; filelock re-checks a lock file unlinked under it
+                    with suppress(OSError):
+                        os.unlink(lock_path)
+                    lock.release()
         except OSError as exc:
             raise OutputError(f"cannot write {describe_os_error(out, exc)}") from None
         finally:
