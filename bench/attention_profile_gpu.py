@@ -36,8 +36,9 @@ CASES = [("full SDPA", None), ("frame-causal", "frame-causal"), ("chunk 1 window
 
 def main() -> None:
     layout = FrameLayout(226, 13, 1350)
-    q, k, v = (torch.randn(BATCH, HEADS, layout.sequence_length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))
+    length = layout.sequence_length  # q/k/v laid out as CogVideoX's processor hands them over (bench/attention_gpu.py)
+    q, k = (torch.randn(BATCH, HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(BATCH, length, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     for name, pattern in CASES:
         if pattern is None:
             def call():

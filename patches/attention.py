@@ -14,12 +14,14 @@ forward as a list of `QuerySegment`s (a run of queries and the keys it may see) 
   of full SDPA at the 5B shape on an H200 (0.555x at the 1.5 shape; bench/RESULTS.md). flex_attention's block mask
   is 1.11x of full on an H100 by DESIGN's anchors, and one packed varlen flash call over every (item, head, segment)
   measured 0.789x on the H200 (FlashAttention-2 is slower than cuDNN there), so neither is used.
-- segments with two key ranges (a window past the sinks or the text): outside autograd, SDPA over the window slice
-  merged by log-sum-exp with one SDPA call over the prefix shared by the run of such segments (no key moved or
-  copied); under autograd or autocast, the two ranges concatenated for that segment. In bf16 the merge rounds the
-  two partial outputs before combining them, so its error can exceed one SDPA call's (a review's H200 check: max
-  0.9-1.8e-2 against 7.4e-3; bench/attention_gpu.py's accuracy level at 6 frames: equal, 0.00332).
-- on CUDA outside autograd, the segments share two streams, so that output copies and kernel tails overlap.
+- segments with two key ranges (a window past the sinks or the text): when the keys are the plan's to overwrite
+  (`keys_writable`: the processor's own temporaries) and autograd does not record them, the prefix is saved once
+  and copied in place just before each window, so that the segment's keys are one slice and it runs as one SDPA
+  call; the segments run in order of their window's start, so each copy lands only on keys that no later window
+  needs. Otherwise the two ranges are concatenated for that segment. (At the 5B shape on an H200 this is 0.37x of
+  full SDPA for chunk 1 window 4 sink 1, work fraction 0.330; bench/RESULTS.md.)
+- on CUDA outside autograd, the heads are split across two streams, each running every segment, so that one
+  stream's copies and the last, partly empty wave of each kernel overlap the other stream's kernels.
 - a key mask (`(B, T)` or `(B, T+N)`; bool, or additive with only 0 and -inf, or 0 and <= -1e4 while every query
   keeps a key): the masked keys are *dropped*, per group of batch items sharing a mask, instead of passed as a mask,
   because SDPA with any `attn_mask` leaves the flash kernel. With text padding the few kept text keys are moved in
@@ -312,13 +314,14 @@ def run_plan(
 ) -> torch.Tensor:
     """Attention output `(B, H, L, D)` for query/key/value `(B, H, L, D)` under a plan.
 
-    `keys_writable=True` lets the plan reorder `key` and `value` in place (the processor's own temporaries): with
-    text padding it then moves the few kept text keys next to the video keys instead of gathering every kept key into
-    new tensors (a copy of K and V, about 3% of attention time at the 5B shape). Ignored while autograd needs the
-    keys."""
+    `keys_writable=True` lets the plan overwrite `key` and `value` (the processor's own temporaries; afterwards they
+    hold no meaning): with text padding it then moves the few kept text keys next to the video keys instead of
+    gathering every kept key into new tensors (a copy of K and V, about 3% of attention time at the 5B shape), and a
+    window past a prefix gets the prefix copied just before it instead of concatenated with it. Ignored while
+    autograd needs the keys."""
     keys_writable = keys_writable and not _autograd_records(key, value)
     if isinstance(plan, SegmentPlan):
-        return attend_segments(query, key, value, plan.segments, plan.dense_mask)
+        return attend_segments(query, key, value, plan.segments, plan.dense_mask, keys_writable=keys_writable)
     if len(plan.groups) == 1 and plan.groups[0].items is None:
         return _attend_group(plan.groups[0], query, key, value, keys_writable)
     output = query.new_empty(*query.shape[:-1], value.shape[-1])
@@ -345,14 +348,15 @@ def _attend_group(
     """The kept keys, in order, as one tensor: a slice after moving the prefix's kept keys up (when allowed and the
     prefix is at most half the sequence), else a gather."""
     if group.kept_index is None:
-        return attend_segments(query, key, value, group.segments)
+        return attend_segments(query, key, value, group.segments, keys_writable=keys_writable)
     if keys_writable and group.prefix_kept_index is not None and 2 * group.prefix_end <= key.shape[2]:
         start = group.prefix_end - group.prefix_kept_index.numel()
         for keys in (key, value):
             keys[:, :, start : group.prefix_end] = keys.index_select(2, group.prefix_kept_index)
-        return attend_segments(query, key[:, :, start:], value[:, :, start:], group.segments)
+        return attend_segments(query, key[:, :, start:], value[:, :, start:], group.segments, keys_writable=True)
+    kept_key, kept_value = (keys.index_select(2, group.kept_index) for keys in (key, value))  # copies: ours to write
     return attend_segments(
-        query, key.index_select(2, group.kept_index), value.index_select(2, group.kept_index), group.segments
+        query, kept_key, kept_value, group.segments, keys_writable=not _autograd_records(key, value)
     )
 
 
@@ -362,150 +366,115 @@ def attend_segments(
     value: torch.Tensor,
     segments: tuple[QuerySegment, ...],
     dense_mask: torch.Tensor | None = None,
+    *,
+    keys_writable: bool = False,
 ) -> torch.Tensor:
     """SDPA per segment, written into one output tensor (a single segment returns SDPA's own output).
 
-    A segment that sees a prefix and a window runs, outside autograd and compilation, as SDPA over its window slice
-    merged by log-sum-exp with one SDPA call over the prefix shared by the run of such segments (no key is copied
-    or moved); otherwise its two ranges are concatenated (autograd would not carry the log-sum-exp's gradient). On
-    CUDA without autograd the segments run largest first on `SEGMENT_STREAMS` streams, so that one segment's output
-    copy and its kernel's last, partly empty wave overlap the next segment's kernel."""
+    A segment that sees a prefix and a window, when `keys_writable` and autograd does not record q/k/v, has the
+    prefix copied in place just before its window, so that its keys are one slice (`_slide_prefix`); otherwise its two
+    ranges are concatenated. On CUDA outside autograd the heads are split across `HEAD_STREAMS` streams, each running
+    every segment, so that one stream's copies and kernel tails overlap the other's kernels."""
     if len(segments) == 1 and segments[0].query_start == 0 and segments[0].query_end == query.shape[2]:
         if not segments[0].two_ranges:
             return _attend_segment(query, key, value, segments[0], dense_mask)
-    output = query.new_empty(*query.shape[:-1], value.shape[-1])
-    mergeable = (
-        dense_mask is None
+    output = torch.empty_like(query) if value.shape[-1] == query.shape[-1] else query.new_empty(
+        *query.shape[:-1], value.shape[-1]
+    )
+    slide = (
+        keys_writable
+        and dense_mask is None
         and not _autograd_records(query, key, value)
         and not torch.compiler.is_compiling()
-        and not _autocast_enabled(query.device)  # the private ops are not autocast: SDPA casts
-        and query.dtype == key.dtype == value.dtype
-        and query.dtype in (MERGE_DTYPES_CUDA if query.is_cuda else MERGE_DTYPES_CPU)
     )
-    merged = [segment for segment in segments if mergeable and segment.two_ranges and segment.prefix_end > 0]
-    prefix_of = {}  # merged segment -> (first query of its run, the run's prefix output and log-sum-exp)
-    for run in _prefix_runs(merged):
-        first, prefix = run[0].query_start, run[0].prefix_end
-        result = _attention_and_log_sum_exp(
-            query[:, :, first : run[-1].query_end], key[:, :, :prefix], value[:, :, :prefix]
-        )
-        prefix_of.update({segment: (first, *result) for segment in run})
-    largest_first = sorted(segments, key=lambda segment: -segment.length * segment.key_count)
-    with _segment_streams(query, key, value, len(segments)) as on_stream:
-        for index, segment in enumerate(largest_first):
+    # In order of window start, a prefix copied before one window only overwrites keys that no later window needs.
+    slid = sorted([segment for segment in segments if slide and segment.two_ranges], key=lambda s: s.key_start)
+    # The largest first, so that the GPU starts on long kernels while the rest are issued.
+    direct = sorted(
+        [segment for segment in segments if not (slide and segment.two_ranges)], key=lambda s: -s.length * s.key_count
+    )
+    prefix_end = max([0] + [segment.prefix_end for segment in slid])
+    with _head_streams(query, key, value, dense_mask) as groups:
+        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for segment, slides in [(segment, False) for segment in direct] + [(segment, True) for segment in slid]:
             rows = slice(segment.query_start, segment.query_end)
-            with on_stream(index):
-                if segment not in prefix_of:
-                    output[:, :, rows] = _attend_segment(query, key, value, segment, dense_mask)
-                    continue
-                first, prefix_output, prefix_log_sum_exp = prefix_of[segment]
-                window = slice(segment.key_start, segment.key_end)
-                own = slice(rows.start - first, rows.stop - first)
-                merge_by_log_sum_exp(
-                    output[:, :, rows],
-                    *_attention_and_log_sum_exp(query[:, :, rows], key[:, :, window], value[:, :, window]),
-                    prefix_output[:, :, own],
-                    prefix_log_sum_exp[:, :, own],
-                )
+            for group, (heads, on_stream) in enumerate(groups):
+                with on_stream():
+                    group_key, group_value = key[:, heads], value[:, heads]
+                    if not slides:
+                        result = _attend_segment(query[:, heads], group_key, group_value, segment, dense_mask)
+                    else:
+                        if group not in saved:  # the prefix as it was, before any window's copy lands on it
+                            saved[group] = group_key[:, :, :prefix_end].clone(), group_value[:, :, :prefix_end].clone()
+                        keys = _slide_prefix(segment, group_key, group_value, *saved[group])
+                        result = F.scaled_dot_product_attention(
+                            query[:, heads, rows], group_key[:, :, keys], group_value[:, :, keys]
+                        )
+                    _copy_rows(output[:, heads, rows], result)
     return output
 
 
-def _autocast_enabled(device: torch.device) -> bool:
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
-        return False
+def _slide_prefix(
+    segment: QuerySegment, key: torch.Tensor, value: torch.Tensor, saved_key: torch.Tensor, saved_value: torch.Tensor
+) -> slice:
+    """Copy the saved prefix `[0, prefix_end)` into the keys just before the segment's window; the slice of keys the
+    segment then sees."""
+    start = segment.key_start - segment.prefix_end
+    for keys, saved in ((key, saved_key), (value, saved_value)):
+        _copy_rows(keys[:, :, start : segment.key_start], saved[:, :, : segment.prefix_end])
+    return slice(start, segment.key_end)
 
 
-def _prefix_runs(segments: list[QuerySegment]) -> list[list[QuerySegment]]:
-    """Segments in runs that follow one another in the queries and share a prefix (one SDPA call over it each)."""
-    runs: list[list[QuerySegment]] = []
-    for segment in segments:
-        previous = runs[-1][-1] if runs else None
-        if previous and previous.query_end == segment.query_start and previous.prefix_end == segment.prefix_end:
-            runs[-1].append(segment)
-        else:
-            runs.append([segment])
-    return runs
-
-
-def _attention_and_log_sum_exp(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPA's output `(B, H, Lq, D)` and each query's log-sum-exp `(B, H, Lq)` (float32, or float64 for float64
-    inputs), outside autograd and autocast, over at least one key: cuDNN's attention on CUDA in fp16/bf16 while SDPA
-    may use it (memory-efficient attention for fp32, or where this build or card has no cuDNN attention), the flash
-    kernel on the CPU."""
-    batch, heads, length = query.shape[:3]
-    if not query.is_cuda:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value)[:2]
-    cudnn = query.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.cudnn_sdp_enabled()
-    if cudnn and _cudnn_attention_works.get(query.device, True):  # (cuDNN's op returns NaN for fp32 rather than fail)
+def _copy_rows(destination: torch.Tensor, source: torch.Tensor) -> None:
+    """`destination.copy_(source)`, moved as 8-byte words where the dtypes match and the last dimension allows
+    (outside autograd): the element-wise copy of a strided bf16 slice runs at about half the speed otherwise (an H200
+    profile, bench/RESULTS.md)."""
+    if source.dtype == destination.dtype and not source.requires_grad and not torch.compiler.is_compiling():
         try:
-            output, log_sum_exp = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True)[:2]
-            return output, log_sum_exp.view(batch, heads, length)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, NotImplementedError):
-            _cudnn_attention_works[query.device] = False
-    output, log_sum_exp = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True)[:2]
-    return output, log_sum_exp[:, :, :length]  # its rows are padded to a multiple of 32
+            destination, source = destination.view(torch.int64), source.view(torch.int64)
+        except RuntimeError:  # rows not a whole number of aligned words: copied element by element
+            pass
+    destination.copy_(source)
 
 
-_cudnn_attention_works: dict[torch.device, bool] = {}
-# The dtypes whose fused kernels return a log-sum-exp (cuDNN or memory-efficient attention on CUDA, flash on the CPU);
-# others concatenate a segment's two key ranges instead.
-MERGE_DTYPES_CUDA = (torch.float16, torch.bfloat16, torch.float32)
-MERGE_DTYPES_CPU = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def merge_by_log_sum_exp(
-    output: torch.Tensor,
-    first: torch.Tensor,
-    first_log_sum_exp: torch.Tensor,
-    second: torch.Tensor,
-    second_log_sum_exp: torch.Tensor,
-) -> torch.Tensor:
-    """Attention over the union of two disjoint key sets, each holding at least one key, from each one's output
-    `(..., D)` and log-sum-exp `(...)`, written into `output` in one pass: `second + w * (first - second)` with `w`
-    the first set's share of the softmax's denominator, `sigmoid(first_lse - second_lse)`."""
-    weight = torch.sigmoid(first_log_sum_exp - second_log_sum_exp)[..., None].to(output.dtype)
-    return torch.lerp(second, first, weight, out=output)
-
-
-# CUDA streams that independent segments share out (2 measured best on an H200, bench/RESULTS.md); 1 runs every
-# segment on the current stream.
-SEGMENT_STREAMS = 2
+# CUDA streams the heads are split across (2 measured best on an H200, bench/RESULTS.md); 1 runs on the current stream.
+HEAD_STREAMS = 2
 _side_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
 
 
 @contextmanager
-def _segment_streams(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, count: int
-) -> Iterator[Callable[[int], AbstractContextManager]]:
-    """`on_stream(index)`: the context to run the index-th of `count` independent segments in. On CUDA, outside
-    autograd, compilation and graph capture, the segments share `SEGMENT_STREAMS` side streams, forked from the
-    current stream on entry and joined back into it on exit (so every later use of the inputs and the output, and
-    every reuse of their memory, comes after); elsewhere every segment runs on the current stream."""
+def _head_streams(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dense_mask: torch.Tensor | None
+) -> Iterator[list[tuple[slice, Callable[[], AbstractContextManager]]]]:
+    """`(heads, on_stream)` per group of heads: on CUDA, outside autograd, compilation and graph capture, and without a
+    dense mask, `HEAD_STREAMS` groups on side streams forked from the current stream on entry and joined back into
+    it on exit (so every later use of the inputs and the output, and every reuse of their memory, comes after);
+    elsewhere all heads on the current stream."""
+    heads = query.shape[1]
     serial = (
-        count < 2
-        or SEGMENT_STREAMS < 2
+        min(HEAD_STREAMS, heads) < 2
         or not query.is_cuda
+        or dense_mask is not None
         or _autograd_records(query, key, value)
         or torch.compiler.is_compiling()
         or torch.cuda.is_current_stream_capturing()
     )
     if serial:
-        yield lambda index: nullcontext()
+        yield [(slice(None), nullcontext)]
         return
+    count = min(HEAD_STREAMS, heads)
     streams = _side_streams.get(query.device)
-    if streams is None or len(streams) != SEGMENT_STREAMS:
-        streams = _side_streams[query.device] = [torch.cuda.Stream(query.device) for _ in range(SEGMENT_STREAMS)]
+    if streams is None or len(streams) != count:
+        streams = _side_streams[query.device] = [torch.cuda.Stream(query.device) for _ in range(count)]
     current = torch.cuda.current_stream(query.device)
     for stream in streams:
         stream.wait_stream(current)
     try:
-        yield lambda index: torch.cuda.stream(streams[index % len(streams)])
+        bounds = [heads * group // count for group in range(count + 1)]
+        yield [
+            (slice(bounds[group], bounds[group + 1]), lambda stream=stream: torch.cuda.stream(stream))
+            for group, stream in enumerate(streams)
+        ]
     finally:
         for stream in streams:
             current.wait_stream(stream)

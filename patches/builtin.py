@@ -40,27 +40,20 @@ class StructuralAttentionPatch(Patch):
         self, batch, heads, text_tokens, video_tokens, frames, dtype_bytes, *, head_dim=64, training=False, **options
     ):
         """One SDPA call per segment (a chunk of frames, or text), each output a temporary copied into the output: the
-        largest segment's output. A window past a prefix (`window_prefix_tokens`, seen by `prefixed_chunks` chunks)
-        adds, in inference, the prefix call's output and log-sum-exp over the queries of those chunks (they are merged
-        by log-sum-exp); under autograd, the prefix's keys and values concatenated to one chunk's window. (5B shape,
-        chunk 1, window 4, sink 1: 154 MB estimated, 156 MB measured on an H200, bench/RESULTS.md.)"""
+        largest segment's output. A window past a prefix (`window_prefix_tokens`) adds, in inference, a saved copy of
+        the prefix's keys and values (it is copied just before each window); under autograd, the prefix's keys and
+        values concatenated to one chunk's window. (5B shape, chunk 1, window 4, sink 1: 55 MB estimated, __ MB
+        measured on an H200, bench/RESULTS.md.)"""
         chunk = options.get("chunk", 1)
         chunk_tokens = chunk * (video_tokens // max(frames, 1))
         token_bytes = batch * heads * head_dim * dtype_bytes
         largest_output = max(text_tokens, chunk_tokens) * token_bytes
         prefix = self.window_prefix_tokens(text_tokens, chunk_tokens, **options)
-        if not prefix:
-            return largest_output
-        if training:
+        if training and prefix:
             return largest_output + 2 * (prefix + options["window"] * chunk_tokens) * token_bytes
-        queries = self.prefixed_chunks(-(-frames // chunk), **options) * chunk_tokens
-        return largest_output + queries * (token_bytes + batch * heads * 4)
+        return largest_output + 2 * prefix * token_bytes
 
     def window_prefix_tokens(self, text_tokens: int, chunk_tokens: int, **options: Any) -> int:
-        return 0
-
-    def prefixed_chunks(self, chunks: int, **options: Any) -> int:
-        """How many chunks see a prefix apart from their window (two key ranges)."""
         return 0
 
     def reference_mask(self, layout: Any, **options: Any) -> Any:
@@ -128,9 +121,6 @@ class BlockCausalAttention(StructuralAttentionPatch):
         """With a window: the text and the sink chunks."""
         return text_tokens + options.get("sink", 0) * chunk_tokens if options.get("window") else 0
 
-    def prefixed_chunks(self, chunks: int, **options: Any) -> int:
-        """Chunk i's window starts past the sinks once `i - window + 1 > sink`."""
-        return max(0, chunks - options["window"] - options.get("sink", 0)) if options.get("window") else 0
 
 
 class WindowAttentionPatch(StructuralAttentionPatch):
@@ -154,9 +144,6 @@ class WindowAttentionPatch(StructuralAttentionPatch):
     def window_prefix_tokens(self, text_tokens: int, chunk_tokens: int, **options: Any) -> int:
         return text_tokens
 
-    def prefixed_chunks(self, chunks: int, **options: Any) -> int:
-        """Chunk i's window starts past the text once `i - window + 1 > 0`."""
-        return max(0, chunks - options["window"])
 
 
 class PerFrameTimesteps(Patch):

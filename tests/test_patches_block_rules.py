@@ -13,9 +13,7 @@ from cogsurgeon.patches.attention import (
     QuerySegment,
     WindowAttention,
     attend_segments,
-    _prefix_runs,
     chunk_bounds,
-    merge_by_log_sum_exp,
     plan_attention,
     run_plan,
     structure_segments,
@@ -152,24 +150,47 @@ def concatenated_attention(query, key, value, segments):
     return attend_segments(*given, segments).detach()
 
 
-def test_a_window_past_a_prefix_is_merged_by_log_sum_exp_with_one_shared_call_and_the_keys_left_alone():
+def test_a_window_past_a_prefix_gets_the_prefix_copied_before_it_only_when_the_keys_are_writable():
     layout = FrameLayout(text_tokens=2, frames=6, tokens_per_frame=2)
     segments = structure_segments(BlockCausal(chunk=1, window=2, sink=1), layout)
-    assert [len(run) for run in _prefix_runs([s for s in segments if s.two_ranges])] == [3]  # frames 3, 4, 5
+    assert [segment.two_ranges for segment in segments].count(True) == 3  # frames 3, 4, 5
     query, key, value = random_qkv(1, layout.sequence_length, 0)
     untouched = key.clone(), value.clone()
-    merged = attend_segments(query, key, value, segments)
+    expected = concatenated_attention(query, key, value, segments)
+    left_alone = attend_segments(query, key, value, segments)
     assert torch.equal(key, untouched[0]) and torch.equal(value, untouched[1])
-    torch.testing.assert_close(merged, concatenated_attention(query, key, value, segments), rtol=0, atol=1e-12)
+    slid = attend_segments(query, key, value, segments, keys_writable=True)
+    # the prefix [text ; frame 0] landed before the windows of frames 3, 4 and 5; the first copy overwrote part of the
+    # prefix itself (tokens 2..5), which is why the prefix is saved before any copy
+    assert not torch.equal(key[:, :, 2:4], untouched[0][:, :, 2:4])
+    torch.testing.assert_close(left_alone, expected, rtol=0, atol=0)
+    torch.testing.assert_close(slid, expected, rtol=0, atol=1e-12)
 
 
-def test_merging_by_log_sum_exp_weighs_each_key_set_by_its_share_of_the_denominator():
-    first, second = torch.ones(3, 2, dtype=torch.float64), torch.full((3, 2), 5.0, dtype=torch.float64)
-    log_sum_exps = torch.log(torch.tensor([1.0, 3.0, 1.0], dtype=torch.float64)), torch.log(
-        torch.tensor([3.0, 1.0, 1e-30], dtype=torch.float64)
-    )
-    merged = merge_by_log_sum_exp(torch.empty(3, 2, dtype=torch.float64), first, log_sum_exps[0], second, log_sum_exps[1])
-    torch.testing.assert_close(merged[:, 0], torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64))
+def test_run_plan_leaves_keys_and_values_alone_unless_told_they_are_writable():
+    layout = FrameLayout(text_tokens=3, frames=7, tokens_per_frame=2)
+    for pattern in (BlockCausal(chunk=1, window=3, sink=1), WindowAttention(window=2)):
+        plan = plan_attention(pattern, layout, None, batch=2, heads=HEADS, device="cpu", dtype=torch.float64)
+        query, key, value = random_qkv(2, layout.sequence_length, 3)
+        untouched = key.clone(), value.clone()
+        run_plan(plan, query, key, value)
+        assert torch.equal(key, untouched[0]) and torch.equal(value, untouched[1])
+
+
+def test_wide_row_copies_fall_back_when_the_rows_are_not_whole_words():
+    from cogsurgeon.patches.attention import _copy_rows
+
+    source = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5)  # rows of 20 bytes: not whole 8-byte words
+    destination = torch.zeros(2, 6, 5)
+    _copy_rows(destination[:, 1:4], source)
+    assert torch.equal(destination[:, 1:4], source) and not destination[:, 0].any() and not destination[:, 4:].any()
+    wide = torch.randn(2, 4, 8, dtype=torch.bfloat16)
+    into = torch.zeros(2, 9, 8, dtype=torch.bfloat16)
+    _copy_rows(into[:, 2:6], wide)
+    assert torch.equal(into[:, 2:6], wide) and not into[:, :2].any() and not into[:, 6:].any()
+    converted = torch.zeros(2, 9, 8, dtype=torch.float32)  # another dtype: converted, never reinterpreted as words
+    _copy_rows(converted[:, 2:6], wide)
+    assert torch.equal(converted[:, 2:6], wide.float())
 
 
 # -- properties --------------------------------------------------------------------------------------------------
@@ -221,13 +242,13 @@ def test_property_fp32_within_the_issue_tolerance(layout, pattern):
 
 
 def test_under_autocast_with_mixed_dtypes_a_window_past_a_prefix_runs_as_sdpa_would():
-    """Autocast runs CogVideoX's norm_q/norm_k in fp32 while V comes out in bf16: SDPA casts the three, the fused
-    kernels that give a log-sum-exp do not, so under autocast the two ranges are concatenated instead of merged."""
+    """Autocast runs CogVideoX's norm_q/norm_k in fp32 while V comes out in bf16: SDPA casts the three, and the
+    copied prefix keeps each tensor's own dtype."""
     layout = FrameLayout(text_tokens=4, frames=7, tokens_per_frame=8)
     segments = structure_segments(BlockCausal(chunk=1, window=2, sink=1), layout)
     query, key, value = random_qkv(1, layout.sequence_length, 0, dtype=torch.float32)
     value = value.bfloat16()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        output = attend_segments(query, key, value, segments)
     expected = concatenated_attention(query.bfloat16(), key.bfloat16(), value, segments)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = attend_segments(query, key, value, segments, keys_writable=True)
     torch.testing.assert_close(output.float(), expected.float(), atol=2e-2, rtol=0)

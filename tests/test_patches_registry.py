@@ -105,16 +105,16 @@ def test_memory_estimates_at_the_5b_shape():
     assert patches.explicit_mask_bytes(**shape) == 2 * 48 * length * length * 2 == 60_669_345_792
     assert patches.memory_estimate("causal-attention", frames=13, **shape) == 0
     assert patches.memory_estimate("frame-causal-attention", frames=13, **shape) == 2 * 48 * 1350 * 64 * 2
-    # a window past the sinks: the prefix call's output and log-sum-exp over chunks 5..12 (i - 4 + 1 > 1)
+    # a window past the sinks: a saved copy of the prefix's keys and values (text and the sink frame)
     sink = {"chunk": 1, "window": 4, "sink": 1}
     assert patches.memory_estimate("block-causal-attention", frames=13, **shape, options=sink) == (
-        2 * 48 * 1350 * 64 * 2 + 8 * 1350 * (2 * 48 * 64 * 2 + 2 * 48 * 4)
+        2 * 48 * 1350 * 64 * 2 + 2 * (226 + 1350) * 2 * 48 * 64 * 2
     )
     assert patches.memory_estimate("block-causal-attention", frames=13, training=True, **shape, options=sink) == (
         2 * 48 * 1350 * 64 * 2 + 2 * (226 + 1350 + 4 * 1350) * 2 * 48 * 64 * 2
     )
     local = patches.memory_estimate("window-attention", frames=13, **shape, options={"window": 3})
-    assert local == 2 * 48 * 1350 * 64 * 2 + 10 * 1350 * (2 * 48 * 64 * 2 + 2 * 48 * 4)  # chunks 3..12 see text apart
+    assert local == 2 * 48 * 1350 * 64 * 2 + 2 * 226 * 2 * 48 * 64 * 2  # a saved copy of the text's keys and values
     row = 48 * length * 64 * 2  # one item's K (or V, or output) over the whole sequence
     assert patches.memory_estimate("attention-mask", frames=13, **shape) == row + 2 * 2 * 48 * 226 * 64 * 2 + 2 * length
     assert patches.memory_estimate("attention-mask", frames=13, training=True, **shape) == 4 * row + 2 * length
