@@ -3,9 +3,10 @@ copies), per call, for full SDPA and the causal-video patterns at the 5B shape, 
 
     python bench/attention_profile_gpu.py      # on a CUDA machine; one JSON line per case
 
-The same measurement (then a scratch copy of this script, committed afterwards) on the lent H200 (torch 2.11.0+cu130),
-on the tree of d253085 (prefix moved in place before each window), 2026-12-01: full SDPA 18.19 ms of kernel; frame-causal 10.25 ms of attention kernels + 0.31 ms of copies (14 each); chunk 1 window
-4 sink 1 6.37 + 0.73 (32 copies); window-attention window 3 6.79 + 0.40 (36 copies). bench/RESULTS.md reads them.
+On the lent H200 (torch 2.11.0+cu130), on the tree of be48d44, 2026-12-01 (`bench/results/attention_profile_gpu.jsonl`):
+full SDPA 18.04 ms of kernel; frame-causal 10.36 ms of attention kernels + 0.19 ms of copies; chunk 1 window 4 sink 1
+6.40 + 0.52 (the prefix copied before each window, and outputs); window-attention window 3 6.89 + 0.30.
+bench/RESULTS.md reads them.
 """
 
 from __future__ import annotations
