@@ -400,41 +400,53 @@ def attend_segments(
             rows = slice(segment.query_start, segment.query_end)
             for group, (heads, on_stream) in enumerate(groups):
                 with on_stream():
-                    group_key, group_value = key[:, heads], value[:, heads]
-                    if not slides:
-                        result = _attend_segment(query[:, heads], group_key, group_value, segment, dense_mask)
-                    else:
-                        if group not in saved:  # the prefix as it was, before any window's copy lands on it
-                            saved[group] = group_key[:, :, :prefix_end].clone(), group_value[:, :, :prefix_end].clone()
-                        keys = _slide_prefix(segment, group_key, group_value, *saved[group])
-                        result = F.scaled_dot_product_attention(
-                            query[:, heads, rows], group_key[:, :, keys], group_value[:, :, keys]
-                        )
-                    _copy_rows(output[:, heads, rows], result)
+                    group_query, group_key, group_value = query[:, heads], key[:, heads], value[:, heads]
+                    if slides and group not in saved:  # the prefix as it was, before any window's copy lands on it
+                        saved[group] = group_key[:, :, :prefix_end].clone(), group_value[:, :, :prefix_end].clone()
+                    # The segment's output goes straight into the copy, so it is freed before the next one is made.
+                    _copy_rows(
+                        output[:, heads, rows],
+                        _slid_segment(segment, group_query, group_key, group_value, *saved[group])
+                        if slides
+                        else _attend_segment(group_query, group_key, group_value, segment, dense_mask),
+                    )
     return output
 
 
-def _slide_prefix(
-    segment: QuerySegment, key: torch.Tensor, value: torch.Tensor, saved_key: torch.Tensor, saved_value: torch.Tensor
-) -> slice:
-    """Copy the saved prefix `[0, prefix_end)` into the keys just before the segment's window; the slice of keys the
-    segment then sees."""
+def _slid_segment(
+    segment: QuerySegment,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    saved_key: torch.Tensor,
+    saved_value: torch.Tensor,
+) -> torch.Tensor:
+    """SDPA for a segment that sees a prefix and a window, after copying the saved prefix `[0, prefix_end)` into the
+    keys just before its window, so that its keys are the one slice `[key_start - prefix_end, key_end)`."""
     start = segment.key_start - segment.prefix_end
     for keys, saved in ((key, saved_key), (value, saved_value)):
         _copy_rows(keys[:, :, start : segment.key_start], saved[:, :, : segment.prefix_end])
-    return slice(start, segment.key_end)
+    rows, keys = slice(segment.query_start, segment.query_end), slice(start, segment.key_end)
+    return F.scaled_dot_product_attention(query[:, :, rows], key[:, :, keys], value[:, :, keys])
 
 
 def _copy_rows(destination: torch.Tensor, source: torch.Tensor) -> None:
-    """`destination.copy_(source)`, moved as 8-byte words where the dtypes match and the last dimension allows
-    (outside autograd): the element-wise copy of a strided bf16 slice runs at about half the speed otherwise (an H200
-    profile, bench/RESULTS.md)."""
-    if source.dtype == destination.dtype and not source.requires_grad and not torch.compiler.is_compiling():
+    """`destination.copy_(source)`, moved as 8-byte words where the dtypes and shapes match and the last dimension
+    allows (outside autograd): the element-wise copy of a strided bf16 slice runs at about half the speed otherwise
+    (an H200 profile, bench/RESULTS.md)."""
+    same = source.dtype == destination.dtype and source.shape == destination.shape
+    if same and not source.requires_grad and not destination.requires_grad and not torch.compiler.is_compiling():
         try:
             destination, source = destination.view(torch.int64), source.view(torch.int64)
         except RuntimeError:  # rows not a whole number of aligned words: copied element by element
             pass
     destination.copy_(source)
+
+
+def head_slices(heads: int, count: int) -> list[slice]:
+    """`heads` split into `count` runs as even as they go (each one at least one head when `count <= heads`)."""
+    bounds = [heads * group // count for group in range(count + 1)]
+    return [slice(bounds[group], bounds[group + 1]) for group in range(count)]
 
 
 # CUDA streams the heads are split across (2 measured best on an H200, bench/RESULTS.md); 1 runs on the current stream.
@@ -470,10 +482,9 @@ def _head_streams(
     for stream in streams:
         stream.wait_stream(current)
     try:
-        bounds = [heads * group // count for group in range(count + 1)]
         yield [
-            (slice(bounds[group], bounds[group + 1]), lambda stream=stream: torch.cuda.stream(stream))
-            for group, stream in enumerate(streams)
+            (heads, lambda stream=stream: torch.cuda.stream(stream))
+            for heads, stream in zip(head_slices(query.shape[1], count), streams)
         ]
     finally:
         for stream in streams:

@@ -47,7 +47,7 @@ def random_qkv(batch: int, length: int, seed: int, dtype=torch.float64):
 def check_against_reference(
     pattern, layout, user_mask=None, batch=2, keys_writable=False, seed=0, atol=1e-10, autograd=False
 ):
-    """`autograd=True`: q/k/v require grad, so windows past a prefix concatenate both ranges (no merge, no move)."""
+    """`autograd=True`: q/k/v require grad, so windows past a prefix concatenate both ranges (no prefix copied)."""
     query, key, value = random_qkv(batch, layout.sequence_length, seed)
     user = full_attention_mask(user_mask, layout) if user_mask is not None else None
     expected = reference_attention(query, key, value, combine_masks(reference_mask_of(pattern, layout), user))
@@ -133,7 +133,7 @@ GRID = [
 @pytest.mark.parametrize(
     "keys_writable, autograd",
     [(False, False), (True, False), (False, True)],
-    ids=["merge", "merge-keys-writable", "concatenate-under-autograd"],
+    ids=["concatenate-keys-not-writable", "prefix-copied-keys-writable", "concatenate-under-autograd"],
 )
 @pytest.mark.parametrize("pattern", GRID, ids=repr)
 def test_every_pattern_of_the_grid_matches_its_reference_mask(pattern, keys_writable, autograd):
@@ -177,6 +177,40 @@ def test_run_plan_leaves_keys_and_values_alone_unless_told_they_are_writable():
         assert torch.equal(key, untouched[0]) and torch.equal(value, untouched[1])
 
 
+@pytest.mark.parametrize("heads, groups", [(2, 2), (3, 2), (5, 3)])
+def test_heads_split_into_groups_each_with_its_own_saved_prefix_match_the_reference(monkeypatch, heads, groups):
+    """What the CUDA streams run, on the CPU: the heads in groups, one after the other, each group copying its own
+    saved prefix before each window (a group given another group's prefix gives wrong keys)."""
+    from contextlib import contextmanager, nullcontext
+
+    from cogsurgeon.patches import attention
+
+    @contextmanager
+    def groups_in_turn(query, key, value, dense_mask):
+        yield [(heads_slice, nullcontext) for heads_slice in attention.head_slices(query.shape[1], groups)]
+
+    monkeypatch.setattr(attention, "_head_streams", groups_in_turn)
+    layout = FrameLayout(text_tokens=3, frames=9, tokens_per_frame=2)
+    for pattern in (BlockCausal(chunk=1, window=3, sink=1), WindowAttention(window=2), BlockCausal(chunk=2, window=2)):
+        generator = torch.Generator().manual_seed(heads)
+        query, key, value = (torch.randn(2, heads, layout.sequence_length, HEAD_DIM, generator=generator,
+                                         dtype=torch.float64) for _ in range(3))
+        expected = reference_attention(query, key, value, reference_mask_of(pattern, layout))
+        plan = plan_attention(pattern, layout, None, batch=2, heads=heads, device="cpu", dtype=torch.float64)
+        actual = run_plan(plan, query, key, value, keys_writable=True)
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-10)
+
+
+def test_head_slices_cover_every_head_once():
+    from cogsurgeon.patches.attention import head_slices
+
+    for heads in range(1, 9):
+        for count in range(1, heads + 1):
+            slices = head_slices(heads, count)
+            assert [index for part in slices for index in range(heads)[part]] == list(range(heads))
+            assert all(part.stop > part.start for part in slices)
+
+
 def test_wide_row_copies_fall_back_when_the_rows_are_not_whole_words():
     from cogsurgeon.patches.attention import _copy_rows
 
@@ -191,6 +225,8 @@ def test_wide_row_copies_fall_back_when_the_rows_are_not_whole_words():
     converted = torch.zeros(2, 9, 8, dtype=torch.float32)  # another dtype: converted, never reinterpreted as words
     _copy_rows(converted[:, 2:6], wide)
     assert torch.equal(converted[:, 2:6], wide.float())
+    with pytest.raises(RuntimeError):  # shapes copy_ refuses are refused, not broadcast as words
+        _copy_rows(torch.zeros(3, 8, dtype=torch.bfloat16), torch.ones(3, 4, dtype=torch.bfloat16))
 
 
 # -- properties --------------------------------------------------------------------------------------------------
