@@ -10,8 +10,9 @@ forward as a list of `QuerySegment`s (a run of queries and the keys it may see) 
 - causal: a single segment, SDPA `is_causal=True` (flash kernel skips the upper triangle: 0.454x of full
   attention at the 5B shape on an H100, bench/RESULTS.md; no mask memory).
 - block-causal / frame-causal / window: one SDPA call per segment (cuDNN's fused kernel on Hopper, no mask).
-  Frame-causal's work is `sum_f n_f * (T + (f+1) n)`, 0.538 of full attention at 13 frames; it runs at 0.568x of
-  full SDPA at the 5B shape on an H200 (0.545x at the 1.5 shape; bench/RESULTS.md). flex_attention's block mask
+  Frame-causal's work is `sum_f n_f * (T + (f+1) n)`, 0.538 of full attention at 13 frames; it runs at 0.564x of
+  full SDPA at the 5B shape on an H200 (0.545x at the 1.5 shape), its launches queued as in a forward; from an idle
+  GPU 0.596x (bench/RESULTS.md). flex_attention's block mask
   is 1.11x of full on an H100 by DESIGN's anchors, and one packed varlen flash call over every (item, head, segment)
   measured 0.789x on the H200 (FlashAttention-2 is slower than cuDNN there), so neither is used.
 - segments with two key ranges (a window past the sinks or the text): when the keys are the plan's to overwrite
@@ -19,7 +20,7 @@ forward as a list of `QuerySegment`s (a run of queries and the keys it may see) 
   and copied in place just before each window, so that the segment's keys are one slice and it runs as one SDPA
   call; the segments run in order of their window's start, so each copy lands only on keys that no later window
   needs. Otherwise the two ranges are concatenated for that segment. (At the 5B shape on an H200 this is 0.375x of
-  full SDPA for chunk 1 window 4 sink 1, work fraction 0.330; bench/RESULTS.md.)
+  full SDPA for chunk 1 window 4 sink 1, work fraction 0.330, queued; 0.388x from an idle GPU; bench/RESULTS.md.)
 - on CUDA outside autograd, the heads are split across two streams, each running every segment, so that one
   stream's copies and the last, partly empty wave of each kernel overlap the other stream's kernels.
 - a key mask (`(B, T)` or `(B, T+N)`; bool, or additive with only 0 and -inf, or 0 and <= -1e4 while every query

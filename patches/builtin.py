@@ -42,8 +42,8 @@ class StructuralAttentionPatch(Patch):
         """One SDPA call per segment (a chunk of frames, or text), each output a temporary copied into the output: the
         largest segment's output. A window past a prefix (`window_prefix_tokens`) adds, in inference, a saved copy of
         the prefix's keys and values (it is copied just before each window); under autograd, the prefix's keys and
-        values concatenated to one chunk's window. (5B shape, chunk 1, window 4, sink 1: 55 MB estimated, 56 MB
-        measured on an H200, bench/RESULTS.md.)"""
+        values concatenated to one chunk's window. (5B shape, chunk 1, window 4, sink 1: 55 MB estimated; 46 MB measured
+        on an H200 with the heads on 2 streams, 56 MB on 1; bench/RESULTS.md.)"""
         chunk = options.get("chunk", 1)
         chunk_tokens = chunk * (video_tokens // max(frames, 1))
         token_bytes = batch * heads * head_dim * dtype_bytes
@@ -83,9 +83,10 @@ class FrameCausalAttention(StructuralAttentionPatch):
     """Block-causal by frame, text as frame -1: `frame(k) <= frame(q)`.
 
     Computed as text queries over text keys plus one SDPA call per frame over its key prefix `[text ; frames <= f]`
-    (0.538 of full attention's work at 13 frames, all in the fused kernel: 0.568x of full SDPA at the 5B shape on an
-    H200, bench/RESULTS.md; DESIGN's anchor for flex_attention's block mask is 1.11x). Each segment's output
-    is a temporary copied into the output, so the extra memory is the largest segment's output."""
+    (0.538 of full attention's work at 13 frames, all in the fused kernel: 0.564x of full SDPA at the 5B shape on an
+    H200, queued as in a forward, 0.596x from an idle GPU, bench/RESULTS.md; DESIGN's anchor for flex_attention's
+    block mask is 1.11x). Each segment's output is a temporary copied into the output, so the extra memory is the
+    largest segment's output."""
 
     name = "frame-causal-attention"
     summary = "frame-causal attention: text sees text; frame f sees text and frames <= f"
@@ -99,10 +100,10 @@ class BlockCausalAttention(StructuralAttentionPatch):
     `j < sink`); text sees text. `frame-causal-attention` is chunk 1.
 
     Planned as one key range per chunk of queries (`[text ; chunks <= i]`), or a prefix `[text ; sinks]` and a window
-    of chunks; run as one SDPA call per chunk (chunk 3 at the 5B shape on an H200: 0.617x of full SDPA for 0.607 of
-    its work; bench/RESULTS.md). A window past the sinks gets the prefix's keys copied just before it in inference
-    (the processor's own key and value temporaries), or concatenated with it per chunk under autograd (then saved for
-    backward: up to `T + (sink + window)·chunk·n` keys per chunk)."""
+    of chunks; run as one SDPA call per chunk (chunk 3 at the 5B shape on an H200: 0.612x of full SDPA for 0.607 of
+    its work, queued as in a forward; bench/RESULTS.md). A window past the sinks gets the prefix's keys copied just
+    before it in inference (the processor's own key and value temporaries), or concatenated with it per chunk under
+    autograd (then saved for backward: up to `T + (sink + window)·chunk·n` keys per chunk)."""
 
     name = "block-causal-attention"
     summary = "block-causal by chunks of frames, optional sliding window with sink chunks (CausVid, Self-Forcing)"
