@@ -87,5 +87,4 @@ __all__ = [
     "register",
     "resolve_options",
     "revert",
-    "streaming",
-]
+]  # `streaming` stays out: a star import would import torch through it (reach it as `patches.streaming`)

@@ -127,6 +127,7 @@ def test_importing_patches_loads_neither_torch_nor_diffusers_nor_textual():
         """
         import sys
         from cogsurgeon import patches
+        from cogsurgeon.patches import *
         import cogsurgeon.inspector.cli
         patches.available()
         print(sorted(m for m in ("torch", "diffusers", "textual") if m in sys.modules))
