@@ -60,7 +60,7 @@ async def test_at_80_columns_the_details_stack_under_the_tree():
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for_model(pilot)
-        tree, details = app.query_one(ModuleTree), app.query_one(ModuleDetails)
+        tree, details = app.query_one(ModuleTree), app.query_one("#details")  # the details pane, around ModuleDetails
         assert details.region.width >= 70 and tree.region.width >= 70
         assert tree.region.y < details.region.y
         await pilot.resize_terminal(160, 48)
@@ -85,6 +85,27 @@ async def test_at_80_by_24_the_tree_has_room_and_the_patches_stay_reachable():
         await pilot.pause()
         assert app.focused is app.query_one("#patches-table")
         assert patch_rows(app)["causal-attention"][0] == "applied"
+
+
+@pilot_test
+async def test_at_80_by_24_the_details_that_do_not_fit_scroll_from_the_keyboard():
+    """At 80×24 the stacked details show their first lines only; `d` focuses them and the arrows and End scroll the
+    rest (the root's config, tens of lines) into view; `t` goes back to the tree."""
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        details = app.query_one("#details")
+        assert details.max_scroll_y > 0  # more lines than the pane shows
+        await pilot.press("d")
+        assert app.focused is details
+        await pilot.press("down")
+        await pilot.pause()
+        assert details.scroll_y == 1
+        await pilot.press("end")
+        await pilot.pause()
+        assert details.scroll_y == details.max_scroll_y
+        await pilot.press("t")
+        assert app.focused is app.query_one(ModuleTree)
 
 
 @pilot_test

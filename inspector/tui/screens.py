@@ -102,6 +102,7 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         Binding("escape", "clear_filter", "Clear filter", id="main.clear-filter", show=False),
         Binding("t", "focus('#tree')", "Tree", id="main.tree"),
         Binding("p", "focus('#patches-table')", "Patches", id="main.patches"),
+        Binding("d", "focus('#details')", "Details (arrows scroll)", id="main.details", show=False),  # listed by ?
         Binding("m", "switch_model", "Model", id="main.switch-model"),
         Binding("l", "open_lora", "LoRA", id="main.lora"),
         Binding("e", "open_in_editor", "Open in $EDITOR", id="main.editor", show=False),  # listed by ?
@@ -139,7 +140,8 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
                 yield FilterInput(placeholder="/ filter by name, class or file", id="filter")
                 yield ModuleTree(id="tree")
             with Vertical(id="right"):
-                yield ModuleDetails(id="details")
+                with VerticalScroll(id="details"):  # focusable (d), so a short terminal scrolls what does not fit
+                    yield ModuleDetails()
                 yield SourceView(id="source")
         yield PatchesPanel(id="patches")
         yield Footer()
@@ -156,7 +158,7 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
 
     def on_mount(self) -> None:
         self.query_one("#patches", PatchesPanel).border_title = "patches"
-        self.query_one("#details", ModuleDetails).border_title = "details"
+        self.query_one("#details").border_title = "details"
         # a watcher runs as the filter's text changes, so the narrowed tree goes out in the same screen update as
         # the typed character (an Input.Changed message arrives after that update, a second one at 60 fps)
         self.watch(self.query_one("#filter", FilterInput), "value", self.show_tree, init=False)
