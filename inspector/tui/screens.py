@@ -121,6 +121,7 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         super().__init__()
         self.spec = spec
         self.opening: str | None = None  # the spec being loaded, for the loading indicators
+        self.details_shown_for: str | None = None  # the module whose facts the details pane shows
         self.load_worker: Worker[LoadedModel] | None = None
         self.full_tree: ModuleNode | None = None
         self.patch_bench = PatchBench()
@@ -323,6 +324,9 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         shapes = self.traced.of(info.name) if self.traced is not None else None
         kv_cache = self.traced.kv_cache if self.traced is not None and info.name == "" else None
         self.query_one(ModuleDetails).show(info, patched, config, shapes, kv_cache)
+        if info.name != self.details_shown_for:  # another module: its facts from the top (a trace's redraw stays put)
+            self.query_one("#details").scroll_home(animate=False)
+            self.details_shown_for = info.name
         if self.loaded.model is None:  # a cached preview: the classes are not imported yet
             self.query_one(SourceView).waiting("importing the model's code: the source appears when it is loaded")
         else:
