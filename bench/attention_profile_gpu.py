@@ -12,7 +12,6 @@ bench/RESULTS.md reads them.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import types
 from pathlib import Path
@@ -29,6 +28,7 @@ except ImportError:  # a machine without the install: this checkout's folders un
 
 from cogsurgeon.inspector.geometry import FrameLayout  # noqa: E402
 from cogsurgeon.patches.attention import BlockCausal, WindowAttention, plan_attention, run_plan  # noqa: E402
+from attention_gpu import median_ms  # noqa: E402  (this folder: the bench's own timing)
 
 BATCH, HEADS, HEAD_DIM = 2, 48, 64
 CASES = [("full SDPA", None), ("frame-causal", "frame-causal"), ("chunk 1 window 4 sink 1", BlockCausal(1, 4, 1)),
@@ -59,15 +59,7 @@ def main() -> None:
             torch.cuda.synchronize()
         kernels = {event.key[:60]: [round(event.device_time_total / 10 / 1000, 3), event.count // 10]
                    for event in profiled.key_averages() if event.device_time_total > 0}
-        times = []
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        print(json.dumps({"case": name, "wall_ms": round(statistics.median(times), 3),
+        print(json.dumps({"case": name, "wall_ms": round(median_ms(call, 20, warmup=0), 3),
                           "kernel_ms_per_call_and_count": kernels}), flush=True)
 
 

@@ -159,7 +159,7 @@ def compact_segments(segments: tuple[QuerySegment, ...], keep: list[bool]) -> tu
     compacted: list[QuerySegment] = []
     for segment in segments:
         if not segment.causal:
-            kept_bounds = (kept_before[segment.prefix_end], kept_before[segment.key_start], kept_before[segment.key_end])
+            kept_bounds = (kept_before[bound] for bound in (segment.prefix_end, segment.key_start, segment.key_end))
             compacted.append(keys_segment(segment.query_start, segment.query_end, *kept_bounds))
             continue
         if segment.key_end != segment.query_end:
@@ -373,7 +373,7 @@ def attend_segments(
     """SDPA per segment, written into one output tensor (a single segment returns SDPA's own output).
 
     A segment that sees a prefix and a window, when `keys_writable` and autograd does not record q/k/v, has the
-    prefix copied in place just before its window, so that its keys are one slice (`_slide_prefix`); otherwise its two
+    prefix copied in place just before its window, so that its keys are one slice (`_slid_segment`); otherwise its two
     ranges are concatenated. On CUDA outside autograd the heads are split across `HEAD_STREAMS` streams, each running
     every segment, so that one stream's copies and kernel tails overlap the other's kernels."""
     if len(segments) == 1 and segments[0].query_start == 0 and segments[0].query_end == query.shape[2]:

@@ -123,7 +123,6 @@ class BlockCausalAttention(StructuralAttentionPatch):
         return text_tokens + options.get("sink", 0) * chunk_tokens if options.get("window") else 0
 
 
-
 class WindowAttentionPatch(StructuralAttentionPatch):
     """Bidirectional local attention by chunks of frames (TTT-Video's segments): a video query in chunk i sees all
     text and the chunks j with `|i - j| < window`; text sees text, or everything with `text_sees_video`. Planned as
@@ -144,7 +143,6 @@ class WindowAttentionPatch(StructuralAttentionPatch):
 
     def window_prefix_tokens(self, text_tokens: int, chunk_tokens: int, **options: Any) -> int:
         return text_tokens
-
 
 
 class PerFrameTimesteps(Patch):

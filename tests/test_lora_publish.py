@@ -288,6 +288,17 @@ def test_force_under_stress_leaves_one_complete_repair_and_no_hidden_folders(tmp
 # ---------------------------------------------------------------- item 4: signals and dead runs
 
 
+# The tail of the scripts below: repair, and exit as the signal that stopped it would (128 + its number).
+REPAIR_EXITING_AS_THE_SIGNAL = """
+try:
+    repair_checkpoint(sys.argv[1], sys.argv[2], alpha=4, **options)
+except BaseException as exc:  # cogsurgeon's Interrupted carries the signal's number
+    if hasattr(exc, "signum"):
+        sys.exit(128 + exc.signum)
+    raise
+print("finished")
+"""
+
 SIGNAL_SCRIPT = """
 import os, signal, sys
 from cogsurgeon.tools.lora.repair import repair_checkpoint
@@ -296,14 +307,8 @@ def terminate_once(done, total, sent=[]):
     if not sent:
         sent.append(True)
         os.kill(os.getpid(), signal.{name})  # a real signal, mid-write: the staging folder exists now
-try:
-    repair_checkpoint(sys.argv[1], sys.argv[2], alpha=4, progress=terminate_once)
-except BaseException as exc:  # cogsurgeon's Interrupted carries the signal's number
-    if hasattr(exc, "signum"):
-        sys.exit(128 + exc.signum)
-    raise
-print("finished")
-"""
+options = dict(progress=terminate_once)
+""" + REPAIR_EXITING_AS_THE_SIGNAL
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
@@ -330,14 +335,8 @@ def signalled_right_after(*args):
     return made
 
 setattr(publish, "{step}", signalled_right_after)
-try:
-    repair_checkpoint(sys.argv[1], sys.argv[2], alpha=4)
-except BaseException as exc:
-    if hasattr(exc, "signum"):
-        sys.exit(128 + exc.signum)
-    raise
-print("finished")
-"""
+options = dict()
+""" + REPAIR_EXITING_AS_THE_SIGNAL
 
 
 @pytest.mark.parametrize("step", ["_create_parents", "_hidden_folder"])
