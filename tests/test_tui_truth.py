@@ -63,3 +63,89 @@ async def test_a_verdict_is_cleared_when_another_model_opens():
         await wait_for_model(pilot)
         assert app.main_screen.spec == "tiny-i2v"
         assert patch_rows(app)["causal-attention"][1] == "-"
+
+
+@pilot_test
+async def test_a_new_checkpoint_resets_everything_computed_for_the_last_one(tmp_path, monkeypatch):
+    """Inspect A, repair, verify; inspect B: nothing of A is shown (output folder, progress, results, the replace
+    switch); repairing B writes B's adapter beside B, and A's adapter is untouched."""
+    from lora_helpers import BASE, save_cogvideo_checkpoint, train, tree_digest
+
+    monkeypatch.chdir(tmp_path)
+    save_cogvideo_checkpoint(train(rank=4, lora_alpha=2), tmp_path / "out" / "checkpoint-500")
+    save_cogvideo_checkpoint(train(rank=4, lora_alpha=4, seed=7), tmp_path / "out" / "checkpoint-900")
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("l")
+        await pilot.pause()
+        screen = app.screen
+        field = screen.query_one("#lora-checkpoint")
+        await pilot.press(*"out/checkpoint-500", "enter")
+        await settle(pilot)
+        screen.query_one("#lora-alpha").value = "2"
+        await pilot.click("#lora-repair")
+        await settle(pilot)
+        assert shown_text(screen.query_one("#lora-repair-result")).startswith(
+            "wrote out/checkpoint-500-adapter from out/checkpoint-500: ")
+        screen.query_one("#lora-base").value = BASE
+        await pilot.click("#lora-verify")
+        await settle(pilot)
+        verified = shown_text(screen.query_one("#lora-verify-result"))
+        assert verified.splitlines()[0].split() == ["verify", "passed"]
+        assert ["adapter", "out/checkpoint-500-adapter"] in [line.split() for line in verified.splitlines()]
+        assert any("verify passed: out/checkpoint-500-adapter against" in m for m in notifications(app))
+        first_adapter = tree_digest(tmp_path / "out" / "checkpoint-500-adapter")
+        screen.query_one("#lora-force").value = True
+
+        field.value = "out/checkpoint-900"  # typed, not yet inspected: A's results go at once
+        await pilot.pause()
+        assert not screen.query_one("#lora-repair-result").display
+        assert not screen.query_one("#lora-verify-result").display
+        assert screen.query_one("#lora-repair").disabled and screen.query_one("#lora-verify").disabled
+        assert "press Enter to inspect out/checkpoint-900" in shown_text(screen.query_one("#lora-findings"))
+
+        field.focus()
+        await pilot.press("enter")
+        await settle(pilot)
+        assert screen.query_one("#lora-out").value == "out/checkpoint-900-adapter"
+        assert screen.query_one("#lora-force").value is False
+        assert screen.query_one("#lora-progress").percentage == 0
+        assert not screen.query_one("#lora-repair-result").display
+        assert not screen.query_one("#lora-verify-result").display
+        assert "out/checkpoint-900" in shown_text(screen.query_one("#lora-findings"))
+        assert screen.query_one("#lora-verify").disabled  # nothing to verify for B yet: never A's adapter
+        screen.query_one("#lora-base").focus()
+        await pilot.press("enter")  # the base field's Enter asks for a verify too
+        await settle(pilot)
+        assert "repair a checkpoint first" in notifications(app)[-1]
+        assert not screen.query_one("#lora-verify-result").display
+
+        screen.query_one("#lora-alpha").value = "4"
+        await pilot.click("#lora-repair")
+        await settle(pilot)
+        assert shown_text(screen.query_one("#lora-repair-result")).startswith(
+            "wrote out/checkpoint-900-adapter from out/checkpoint-900: ")
+    assert tree_digest(tmp_path / "out" / "checkpoint-500-adapter") == first_adapter
+    assert '"lora_alpha": 4' in (tmp_path / "out" / "checkpoint-900-adapter" / "adapter_config.json").read_text()
+
+
+@pilot_test
+async def test_the_findings_do_not_say_ready_while_lora_alpha_is_unknown(tmp_path, monkeypatch):
+    from lora_helpers import save_cogvideo_checkpoint, train
+
+    monkeypatch.chdir(tmp_path)
+    save_cogvideo_checkpoint(train(rank=4, lora_alpha=2), tmp_path / "checkpoint-10")
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("l")
+        await pilot.pause()
+        await pilot.press(*"checkpoint-10", "enter")
+        await settle(pilot)
+        findings = shown_text(app.screen.query_one("#lora-findings"))
+        assert "UNKNOWN" in findings and "ready" not in findings
+        assert "needs       the trained lora_alpha" in findings
+        app.screen.query_one("#lora-alpha").value = "2"
+        await pilot.pause()
+        assert "ready       no problems" in shown_text(app.screen.query_one("#lora-findings"))

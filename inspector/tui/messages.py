@@ -59,16 +59,20 @@ class PatchVerified(Message):
 
 @dataclass
 class CheckpointInspected(Message):
+    path: str  # the checkpoint as given
     report: Any  # a tools.lora LoraReport
 
 
 @dataclass
 class CheckpointRepaired(Message):
+    path: str  # the checkpoint repaired, as given
     result: Any  # a tools.lora RepairResult
 
 
 @dataclass
 class AdapterVerified(Message):
+    adapter_dir: str
+    base: str
     report: Any  # a tools.lora AdapterVerifyReport
 
 
