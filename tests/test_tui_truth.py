@@ -149,3 +149,39 @@ async def test_the_findings_do_not_say_ready_while_lora_alpha_is_unknown(tmp_pat
         app.screen.query_one("#lora-alpha").value = "2"
         await pilot.pause()
         assert "ready       no problems" in shown_text(app.screen.query_one("#lora-findings"))
+
+
+def cursor_row_is_visible(table) -> bool:
+    visible = table.scrollable_content_region.height - (table.header_height if table.show_header else 0)
+    return table.scroll_y <= table.cursor_row < table.scroll_y + visible
+
+
+@pilot_test
+async def test_at_80x24_the_patches_cursor_stays_visible_and_actions_apply_to_its_row():
+    """Home/End move the cursor in the patches list as in the tree; setting options keeps the cursor (and the
+    scroll) on the row they were set for, so the next space applies the row the user sees."""
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        table = app.query_one("#patches-table")
+        names = list(patch_rows(app))
+        await pilot.press("p", "end")
+        await pilot.pause()
+        assert table.cursor_row == len(names) - 1 and cursor_row_is_visible(table)
+        await pilot.press("home")
+        await pilot.pause()
+        assert table.cursor_row == 0 and cursor_row_is_visible(table)
+
+        window = names.index("window-attention")
+        for _ in range(window):
+            await pilot.press("down")
+        await pilot.press("o")
+        await pilot.pause()
+        await pilot.press("enter")  # the options as they are: set, the dialog closes
+        await pilot.pause()
+        assert table.cursor_row == window and cursor_row_is_visible(table)
+        await pilot.press("space")
+        await pilot.pause()
+        rows = patch_rows(app)
+        assert rows["window-attention"][0] == "applied" and rows["causal-attention"][0] == "off"
+        assert table.cursor_row == window and cursor_row_is_visible(table)
