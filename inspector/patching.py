@@ -80,6 +80,14 @@ class PatchBench:
             rows.append(PatchRow(info.name, info.summary, info.name in in_force, shown, info.parameters, dict(options)))
         return rows
 
+    @staticmethod
+    def check_options(name: str, texts: dict[str, str]) -> dict[str, Any]:
+        """Patch `name`'s options from the panel's fields, resolved; raises `PatchParameterError` (naming the
+        parameter) for a value the patch refuses. Changes nothing: the options dialog asks before it closes."""
+        from cogsurgeon.patches.registry import resolve_options
+
+        return resolve_options(name, {key: parse_value(text) for key, text in texts.items()})
+
     def set_options(self, model: Any | None, name: str, texts: dict[str, str]) -> str:
         """Choose patch `name`'s options from the panel's fields (`NAME:key=value` spelling: `none`, `true`, numbers);
         a patch that is on is re-applied with them. Raises `PatchParameterError` for a value the patch refuses, and

@@ -339,7 +339,11 @@ async def test_the_patches_panel_shows_and_edits_a_patchs_parameters(monkeypatch
         factor.focus()
         await pilot.press("enter")
         await pilot.pause()
-        assert "factor must be positive" in notifications(app)[-1]
+        # refused in place: the dialog stays open with what was typed, the field marked and the reason shown
+        assert factor.value == "-1" and factor.has_class("-invalid")
+        assert "factor must be positive" in shown_text(app.screen.query_one("#options-hint"))
+        await pilot.press("escape")
+        await pilot.pause()
         assert patch_rows(app)["scaled-output"][2] == "factor=1.0, label=none"  # unchanged
 
         await pilot.press("o")

@@ -185,3 +185,30 @@ async def test_at_80x24_the_patches_cursor_stays_visible_and_actions_apply_to_it
         rows = patch_rows(app)
         assert rows["window-attention"][0] == "applied" and rows["causal-attention"][0] == "off"
         assert table.cursor_row == window and cursor_row_is_visible(table)
+
+
+@pilot_test
+async def test_the_options_dialog_keeps_what_was_typed_and_marks_the_field_the_patch_refuses():
+    from cogsurgeon.inspector.tui.screens import PatchOptionsScreen
+
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        table = app.query_one("#patches-table")
+        await pilot.press("p")
+        table.move_cursor(row=list(patch_rows(app)).index(BLOCK))
+        await pilot.press("o")
+        await pilot.pause()
+        await pilot.press("ctrl+u", "0", "tab", "ctrl+u", "7", "enter")  # chunk 0 is refused
+        await pilot.pause()
+        dialog = app.screen
+        assert isinstance(dialog, PatchOptionsScreen)
+        chunk, window = dialog.query_one("#option-chunk"), dialog.query_one("#option-window")
+        assert chunk.has_class("-invalid") and not window.has_class("-invalid")
+        assert (chunk.value, window.value) == ("0", "7")
+        assert app.focused is chunk
+        assert "chunk" in shown_text(dialog.query_one("#options-hint"))
+        await pilot.press("ctrl+u", "2", "enter")
+        await pilot.pause()
+        assert not isinstance(app.screen, PatchOptionsScreen)
+        assert patch_rows(app)[BLOCK][2] == "chunk=2, window=7, sink=0"

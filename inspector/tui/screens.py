@@ -34,6 +34,7 @@ from cogsurgeon.inspector.inventory import ModuleInfo
 from cogsurgeon.inspector.model_specs import known_specs
 from cogsurgeon.inspector.module_tree import ModuleNode, build_module_tree, narrow_inventory
 from cogsurgeon.inspector.patching import PatchBench, PatchRow
+from cogsurgeon.patches.errors import PatchParameterError
 from cogsurgeon.patches.parameters import format_value
 from cogsurgeon.inspector.tui.messages import (
     ModelLoaded,
@@ -529,5 +530,19 @@ class PatchOptionsScreen(ModalScreen[dict[str, str] | None]):
 
     @on(Input.Submitted, ".option-value")
     def _submitted(self) -> None:
-        self.dismiss({parameter.name: self.query_one(f"#option-{parameter.name}", Input).value
-                      for parameter in self.row.parameters})
+        """Close with the typed values only when the patch accepts them; otherwise stay open, keep every typed
+        value, mark the field the patch refuses and say why."""
+        texts = {parameter.name: self.query_one(f"#option-{parameter.name}", Input).value
+                 for parameter in self.row.parameters}
+        for field in self.query(".option-value"):
+            field.remove_class("-invalid")
+        try:
+            PatchBench.check_options(self.row.name, texts)
+        except PatchParameterError as error:
+            bad = self.query(f"#option-{error.parameter}")
+            if bad:
+                bad.first().add_class("-invalid")
+                bad.first().focus()
+            self.query_one("#options-hint", Static).update(Text(describe_failure(error), style="bold red"))
+            return
+        self.dismiss(texts)
