@@ -212,3 +212,20 @@ async def test_the_options_dialog_keeps_what_was_typed_and_marks_the_field_the_p
         await pilot.pause()
         assert not isinstance(app.screen, PatchOptionsScreen)
         assert patch_rows(app)[BLOCK][2] == "chunk=2, window=7, sink=0"
+
+
+@pilot_test
+async def test_the_model_dialog_highlights_the_open_model():
+    from cogsurgeon.inspector.model_specs import known_specs
+
+    app = CogsurgeonApp("tiny-1.5")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("m")
+        await pilot.pause()
+        options = app.screen.query_one("#model-specs")
+        assert options.highlighted == known_specs().index("tiny-1.5") != 0
+        assert options.get_option_at_index(options.highlighted).id == "tiny-1.5"
+        await pilot.press("enter")  # Enter on the highlight opens what is open: the same model
+        await settle(pilot)
+        assert app.main_screen.spec == "tiny-1.5"

@@ -449,7 +449,7 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
             if spec:
                 self.open(spec)
 
-        self.app.push_screen(ModelScreen(), switch)
+        self.app.push_screen(ModelScreen(self.spec), switch)
 
     def action_open_lora(self) -> None:
         from cogsurgeon.inspector.tui.lora_screen import LoraScreen
@@ -465,15 +465,25 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
 
 
 class ModelScreen(ModalScreen[str | None]):
-    """Pick a published or tiny spec, or type a local folder (or a cached hub id)."""
+    """Pick a published or tiny spec, or type a local folder (or a cached hub id); the open model is highlighted
+    (a folder or hub id that is open is typed in the field instead)."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="model.cancel")]
 
+    def __init__(self, open_spec: str | None = None) -> None:
+        super().__init__()
+        self.open_spec = open_spec
+
     def compose(self) -> ComposeResult:
+        specs = known_specs()
+        options = OptionList(*(Option(spec, id=spec) for spec in specs), id="model-specs")
+        if self.open_spec in specs:
+            options.highlighted = specs.index(self.open_spec)
         with Vertical(id="model-dialog"):
             yield Label("Open a model", id="model-title")
-            yield OptionList(*(Option(spec, id=spec) for spec in known_specs()), id="model-specs")
-            yield Input(placeholder="or a local folder / cached hub id, then Enter", id="model-path")
+            yield options
+            yield Input(value="" if self.open_spec in specs or self.open_spec is None else self.open_spec,
+                        placeholder="or a local folder / cached hub id, then Enter", id="model-path")
             yield Static("published configs load on the meta device; nothing is downloaded", id="model-hint")
 
     @on(OptionList.OptionSelected, "#model-specs")
