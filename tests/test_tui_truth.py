@@ -229,3 +229,53 @@ async def test_the_model_dialog_highlights_the_open_model():
         await pilot.press("enter")  # Enter on the highlight opens what is open: the same model
         await settle(pilot)
         assert app.main_screen.spec == "tiny-1.5"
+
+
+@pilot_test
+async def test_s_shows_the_source_at_80_columns_in_the_details_place_until_s_again():
+    from cogsurgeon.inspector.tui.widgets import ModuleTree, SourceView
+
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        app.query_one(ModuleTree).go_to("transformer_blocks.0.attn1")
+        await pilot.pause()
+        source, details = app.query_one(SourceView), app.query_one("#details")
+        assert not source.display or source.region.height == 0  # no room of its own at 80 columns
+        await pilot.press("s")
+        await pilot.pause()
+        assert source.region.height >= 6 and app.focused is source
+        assert details.region.height == 0
+        assert source.border_title.startswith("CogVideoXAttnProcessor2_0.__call__")
+        await pilot.press("s")
+        await pilot.pause()
+        assert source.region.height == 0 and details.region.height > 0
+        assert app.focused is app.query_one(ModuleTree)
+
+
+@pilot_test
+async def test_s_focuses_the_source_where_it_has_room():
+    from cogsurgeon.inspector.tui.widgets import SourceView
+
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("s")
+        await pilot.pause()
+        assert app.focused is app.query_one(SourceView)
+        assert app.query_one("#details").region.height > 0
+
+
+@pilot_test
+async def test_at_80_columns_every_footer_key_is_shown_whole():
+    from textual.widgets._footer import FooterKey
+
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        keys = list(app.screen.query(FooterKey))
+        shown = {key.description for key in keys}
+        assert {"Filter", "Tree", "Patches", "Source", "Model", "LoRA", "Keys", "Quit"} <= shown, shown
+        regions = sorted((key.region for key in keys), key=lambda region: region.x)
+        assert all(region.right <= 80 and region.width > 0 for region in regions), regions
+        assert all(left.right <= right.x for left, right in zip(regions, regions[1:])), regions  # none overlaps

@@ -104,6 +104,7 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         Binding("t", "focus('#tree')", "Tree", id="main.tree"),
         Binding("p", "focus('#patches-table')", "Patches", id="main.patches"),
         Binding("d", "focus('#details')", "Details (arrows scroll)", id="main.details", show=False),  # listed by ?
+        Binding("s", "toggle_source", "Source", id="main.source"),
         Binding("m", "switch_model", "Model", id="main.switch-model"),
         Binding("l", "open_lora", "LoRA", id="main.lora"),
         Binding("e", "open_in_editor", "Open in $EDITOR", id="main.editor", show=False),  # listed by ?
@@ -154,6 +155,7 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
 
     def on_resize(self) -> None:
         self.query_one("#main").set_class(self.size.width < self.NARROW_BELOW, "narrow")
+        self.query_one(Footer).compact = self.size.width < self.NARROW_BELOW  # every key's label fits in 80 columns
         self.set_class(self.size.height < self.SHORT_BELOW, "short")
 
     def get_loading_widget(self) -> SlowLoadingIndicator:
@@ -302,7 +304,19 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         tree.go_to(first.name)
         tree.focus()
 
+    def action_toggle_source(self) -> None:
+        """`s`: show and focus the selected module's source. Below NARROW_BELOW columns, where the source has no
+        room of its own, it takes the details' place until `s` (or escape) gives it back."""
+        main, source = self.query_one("#main"), self.query_one(SourceView)
+        if main.has_class("narrow") and main.has_class("show-source"):
+            main.remove_class("show-source")
+            self.query_one(ModuleTree).focus()
+            return
+        main.add_class("show-source")
+        source.focus()
+
     def action_clear_filter(self) -> None:
+        self.query_one("#main").remove_class("show-source")
         filter_input = self.query_one("#filter", Input)
         tree = self.query_one(ModuleTree)
         if filter_input.value:
