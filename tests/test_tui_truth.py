@@ -279,3 +279,19 @@ async def test_at_80_columns_every_footer_key_is_shown_whole():
         regions = sorted((key.region for key in keys), key=lambda region: region.x)
         assert all(region.right <= 80 and region.width > 0 for region in regions), regions
         assert all(left.right <= right.x for left, right in zip(regions, regions[1:])), regions  # none overlaps
+
+
+@pilot_test
+async def test_at_80x24_the_details_show_file_and_line_without_scrolling():
+    from cogsurgeon.inspector.tui.widgets import ModuleDetails, ModuleTree
+
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        app.query_one(ModuleTree).go_to("transformer_blocks.0.attn1")
+        await pilot.pause()
+        details = app.query_one("#details")
+        rows = details.scrollable_content_region.height
+        shown = shown_text(app.query_one(ModuleDetails)).splitlines()[:rows]
+        assert rows >= 3 and details.scroll_y == 0
+        assert any(line.startswith("file ") and "attention_processor.py:" in line for line in shown), shown

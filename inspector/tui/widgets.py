@@ -418,8 +418,8 @@ class ModuleDetails(Static):
         facts: list[tuple[str | Text, str | Text]] = [
             ("module", info.name or "(root)"),
             ("class", info.class_name),
+            ("file", location),  # third: shown even where the details get three lines (80x24)
             ("defined in", info.class_module),
-            ("file", location),
             ("params", f"{info.params:,} total, {info.own_params:,} own"),
             ("dtype", info.dtype or "-"),
             ("device", info.device or "-"),
