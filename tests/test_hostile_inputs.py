@@ -292,6 +292,19 @@ def test_hostile_model_folders_are_one_line_and_never_hang(tmp_path, name, make,
         assert tree_digest(folder) == before
 
 
+# issue 21 item 12: a size of 0 where sizes divide; each command that reads a folder's config names file and field
+ZERO_SIZES = [("modules", "attention_head_dim"), ("trace", "attention_head_dim"), ("plan", "attention_head_dim"),
+              ("plan", "patch_size")]
+
+
+@pytest.mark.parametrize("command, field", ZERO_SIZES, ids=[f"{c}-{f}" for c, f in ZERO_SIZES])
+def test_a_config_size_of_zero_is_one_line_naming_the_file_and_field(tmp_path, command, field):
+    folder = model_folder(tmp_path, **{field: 0})
+    before = tree_digest(folder)
+    assert_one_line(cogsurgeon(command, str(folder)), f"{folder / 'config.json'}: {field} is 0; it must be a positive")
+    assert tree_digest(folder) == before
+
+
 def test_a_non_utf8_refs_main_is_not_a_crash(tmp_path):
     repo = tmp_path / "hub" / "models--org--cogvideox"
     (repo / "refs").mkdir(parents=True)
