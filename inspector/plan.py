@@ -89,9 +89,11 @@ def parse_train(text: str | None) -> TrainMode | None:
     value = text.strip().lower()
     if value == "full":
         return TrainMode("full")
-    match = re.fullmatch(r"lora:(\d+)(?::(\d+))?", value)
+    # at most 18 digits: int() of thousands refuses, and a rank past int64 is no tensor torch can make
+    match = re.fullmatch(r"lora:(\d{1,18})(?::(\d{1,18}))?", value)
     if not match or int(match.group(1)) < 1:
-        raise PlanError(f"--train {text!r}: expected lora:RANK (a positive rank, e.g. lora:128) or full")
+        raise PlanError(f"--train {text[:40]!r}: expected lora:RANK (a positive rank of at most 18 digits, e.g. "
+                        "lora:128) or full")
     rank = int(match.group(1))
     return TrainMode("lora", rank, int(match.group(2)) if match.group(2) else rank)
 
@@ -100,12 +102,30 @@ _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
+MAX_MEMORY_BYTES = 2**63 - 1  # what torch.cuda reports memory in (int64)
+
+
 def parse_memory_size(text: str) -> int:
     """`80GiB`, `80GB`, `80G` (binary, as nvidia-smi and torch report), `81920MiB`, `141e9` → bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
     if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
-        raise PlanError(f"--gpu-memory {text!r}: expected a size such as 80GiB, 80GB, 24G or 81920MiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+        raise PlanError(f"--gpu-memory {text[:40]!r}: expected a size such as 80GiB, 80GB, 24G or 81920MiB")
+    size = float(match.group(1)) * _UNITS[match.group(2)]
+    if not 1 <= size <= MAX_MEMORY_BYTES:  # 1e400 is inf; 0.0000001 is 0 bytes
+        raise PlanError(f"--gpu-memory {text[:40]!r} is {size:g} bytes: give a card's memory between 1 byte and "
+                        "2**63 - 1 bytes (8 EiB), e.g. 80GiB")
+    return int(size)
+
+
+def check_lora_rank(rank: int, config: dict[str, Any], rows: int) -> None:
+    """Refuse a LoRA rank whose tensors torch cannot size (int64 bytes, on the meta device too): the adapter weights
+    (rank x the attention width) and what they compute ((batch x tokens) x rank), in float32 at most."""
+    width = int(config.get("num_attention_heads", 30)) * int(config.get("attention_head_dim", 64))
+    if rank * max(width, rows) * 4 > MAX_MEMORY_BYTES:
+        raise PlanError(
+            f"LoRA rank {rank:,} makes tensors of {rank:,} x {max(width, rows):,} elements, more than torch can size; "
+            f"ranks above the attention width ({width:,}) add memory but no capacity: plan a smaller rank or full"
+        )
 
 
 def parse_video_size(text: str) -> tuple[int, int, int]:
@@ -672,7 +692,7 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
         config = builtin_config(resolved.spec)
     else:
         config = read_config(find_transformer_folder(Path(resolved.spec)) / "config.json")
-    latent_geometry(config, frames, height, width, batch)
+    geometry = latent_geometry(config, frames, height, width, batch)
     dtype_name = str(_torch_dtype(dtype or PUBLISHED_DTYPES.get(resolved.spec, "bfloat16"))).removeprefix("torch.")
     if tiling and not vae:
         raise PlanError("--tiling is a VAE switch: add --vae")
@@ -686,6 +706,9 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
         train=parse_train(train) if isinstance(train, str) else train, checkpointing=checkpointing,
         patches=tuple(patches), vae=vae, tiling=tiling,
     )
+    if settings.train is not None and settings.train.kind == "lora":
+        tokens = int(config.get("max_text_seq_length", 226)) + geometry.token_frames * geometry.tokens_per_frame
+        check_lora_rank(settings.train.rank, config, batch * tokens)
     if settings.checkpointing and settings.train is None:
         raise PlanError("--checkpointing saves memory only in training: add --train lora:RANK or --train full")
     card = parse_memory_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
