@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.geometry import TORCH_MAX_BYTES
 from cogsurgeon.inspector.trace import module_stack
 
 if TYPE_CHECKING:
@@ -102,16 +103,13 @@ _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
-MAX_MEMORY_BYTES = 2**63 - 1  # what torch.cuda reports memory in (int64)
-
-
 def parse_memory_size(text: str) -> int:
     """`80GiB`, `80GB`, `80G` (binary, as nvidia-smi and torch report), `81920MiB`, `141e9` → bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
     if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
         raise PlanError(f"--gpu-memory {text[:40]!r}: expected a size such as 80GiB, 80GB, 24G or 81920MiB")
     size = float(match.group(1)) * _UNITS[match.group(2)]
-    if not 1 <= size <= MAX_MEMORY_BYTES:  # 1e400 is inf; 0.0000001 is 0 bytes
+    if not 1 <= size <= TORCH_MAX_BYTES:  # torch.cuda reports memory in int64 bytes  # 1e400 is inf; 0.0000001 is 0 bytes
         raise PlanError(f"--gpu-memory {text[:40]!r} is {size:g} bytes: give a card's memory between 1 byte and "
                         "2**63 - 1 bytes (8 EiB), e.g. 80GiB")
     return int(size)
@@ -121,7 +119,7 @@ def check_lora_rank(rank: int, config: dict[str, Any], rows: int) -> None:
     """Refuse a LoRA rank whose tensors torch cannot size (int64 bytes, on the meta device too): the adapter weights
     (rank x the attention width) and what they compute ((batch x tokens) x rank), in float32 at most."""
     width = int(config.get("num_attention_heads", 30)) * int(config.get("attention_head_dim", 64))
-    if rank * max(width, rows) * 4 > MAX_MEMORY_BYTES:
+    if rank * max(width, rows) * 4 > TORCH_MAX_BYTES:
         raise PlanError(
             f"LoRA rank {rank:,} makes tensors of {rank:,} x {max(width, rows):,} elements, more than torch can size; "
             f"ranks above the attention width ({width:,}) add memory but no capacity: plan a smaller rank or full"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Literal
 
+from cogsurgeon.inspector.errors import shown
 from cogsurgeon.patches.errors import PatchParameterError
 
 
@@ -103,7 +104,6 @@ def check_text_timestep(text_timestep: Any) -> str | float:
             expected = "finite"
         else:
             expected = "within the timestep's range (-2**63 to 2**63, what an int64 timestep holds; 0 to 1000 in use)"
-        shown = repr(text_timestep) if len(repr(text_timestep)) <= 40 else repr(text_timestep)[:37] + "..."
-        message = f"per-frame-timesteps: text_timestep must be {expected}, got {shown}"
+        message = f"per-frame-timesteps: text_timestep must be {expected}, got {shown(text_timestep)}"
         raise PatchParameterError("per-frame-timesteps", "text_timestep", message)
     return value

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.errors import CogsurgeonError, shown
 from cogsurgeon.inspector.safetensors_header import DTYPE_NAMES, read_header
 from cogsurgeon.inspector.user_files import (
     UserFileError,
@@ -614,12 +614,6 @@ def positive_number(value: Any) -> bool:
 
 def positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def shown(value: Any) -> str:
-    """A value as quoted in a message, cut to 40 characters."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def inspect_checkpoint(
