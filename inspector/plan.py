@@ -109,10 +109,15 @@ def parse_memory_size(text: str) -> int:
     if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
         raise PlanError(f"--gpu-memory {text[:40]!r}: expected a size such as 80GiB, 80GB, 24G or 81920MiB")
     size = float(match.group(1)) * _UNITS[match.group(2)]
-    if not 1 <= size <= TORCH_MAX_BYTES:  # torch.cuda reports memory in int64 bytes  # 1e400 is inf; 0.0000001 is 0 bytes
-        raise PlanError(f"--gpu-memory {text[:40]!r} is {size:g} bytes: give a card's memory between 1 byte and "
-                        "2**63 - 1 bytes (8 EiB), e.g. 80GiB")
+    check_card_bytes(size, repr(text[:40]))  # 1e400 is inf; 0.0000001 is 0 bytes
     return int(size)
+
+
+def check_card_bytes(size: float, given: str) -> None:
+    """A card's memory between 1 byte and what torch.cuda reports memory in (int64 bytes)."""
+    if not 1 <= size <= TORCH_MAX_BYTES:
+        raise PlanError(f"a card's memory of {given} is {size:g} bytes: give one between 1 byte and 2**63 - 1 bytes "
+                        "(8 EiB), e.g. 80GiB")
 
 
 def check_lora_rank(rank: int, config: dict[str, Any], rows: int) -> None:
@@ -710,6 +715,8 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     if settings.checkpointing and settings.train is None:
         raise PlanError("--checkpointing saves memory only in training: add --train lora:RANK or --train full")
     card = parse_memory_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
+    if card is not None:
+        check_card_bytes(card, repr(card))
     phases = _plan_phases(resolved.spec, config, settings)
     plan = MemoryPlan(settings, phases, card, notes=_notes(settings))
     suggestions = []

@@ -482,6 +482,14 @@ def test_plan_refuses_sizes_that_overflow_or_vanish(name, args, expected):
     assert_one_line(cogsurgeon("plan", "tiny", "--frames", "9", "--height", "64", "--width", "64", *args), expected)
 
 
+@pytest.mark.parametrize("card", [0, -5, 10**30])
+def test_plan_memory_refuses_a_card_of_no_bytes_or_past_int64(card):
+    from cogsurgeon.inspector.plan import PlanError, plan_memory
+
+    with pytest.raises(PlanError, match="a card's memory of"):
+        plan_memory("tiny", frames=9, height=64, width=64, gpu_memory=card)
+
+
 def test_a_text_timestep_past_the_timestep_dtype_is_refused_before_any_forward():
     result = cogsurgeon("patch", "verify", "per-frame-timesteps:text_timestep=1e39")
     assert_one_line(result, "text_timestep must be within the timestep's range")
