@@ -220,6 +220,14 @@ class Stream:
         """Bytes the cache holds on its device (K and V buffers of every layer, room for a step included)."""
         return sum(c.keys.nbytes + c.values.nbytes for c in self._layers.values())
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (`copy.deepcopy` of the model while the stream is open) gets its own lock, not the held one."""
+        return {name: value for name, value in self.__dict__.items() if name != "_busy"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._busy = threading.Lock()
+
     def runs_here(self) -> bool:
         """True while a forward of this stream's own runs on the calling thread: only then does attention go through
         the cache (a forward of the model on another thread meanwhile is an ordinary forward)."""

@@ -302,6 +302,15 @@ def test_a_second_call_while_a_step_runs_on_another_thread_is_refused():
         assert torch.equal(stream.step(latents[:, :1], 500), alone)  # and the stream goes on
 
 
+def test_a_model_with_an_open_stream_can_still_be_deep_copied():
+    model = tiny_model("tiny")
+    latents, text = video(model, 1)
+    with patches.streaming(model, chunk=1, height=HEIGHT, width=WIDTH) as stream:
+        stream.prefill(text)
+        copy.deepcopy(model)  # the stream's lock is not copied (a lock cannot be)
+        assert stream.step(latents, 500).shape == latents.shape
+
+
 def test_a_forward_on_another_thread_during_a_step_never_touches_the_cache():
     model = tiny_model("tiny")
     twin = copy.deepcopy(model)  # an undisturbed stream, and the plain forward with the stream's patches
