@@ -46,8 +46,8 @@ def _probe(probe_id: str):
 def test_probe_finds_what_this_diffusers_does(probe_id):
     finding = run_probe(_probe(probe_id))
     assert finding.status == expected_statuses()[probe_id], finding.detail
-    if finding.status == "present":
-        assert finding.fix.startswith("cogsurgeon ")
+    if finding.status == "present":  # a cogsurgeon command, or (the backend) torch's own kernel choice around the call
+        assert finding.fix.startswith("cogsurgeon ") or finding.fix.startswith("choose the SDPA kernel"), finding.fix
     else:
         assert finding.fix is None
 
