@@ -7,8 +7,8 @@ model is actually loaded.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # not `typing`'s: the console script imports this package first, and typing costs 5 ms there
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names below resolve on first use
     from cogsurgeon.inspector.doctor import run_doctor
     from cogsurgeon.inspector.errors import CogsurgeonError, ModelLoadError, ModelSpecError
@@ -30,7 +30,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'inspector' has no attribute {name!r}")

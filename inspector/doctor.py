@@ -28,7 +28,8 @@ Status = Literal["present", "absent", "error"]
 @dataclass(frozen=True)
 class Finding:
     """One probed pitfall. `status` is "error" only when the probe itself could not run (a bug to report); `fix`,
-the cogsurgeon command that fixes or avoids the pitfall, is given only when it is present."""
+the cogsurgeon command (or the line of code) that fixes or avoids the pitfall without changing what the model
+computes, is given only when it is present."""
 
     id: str
     status: Status
@@ -52,6 +53,10 @@ class _StopProbe(Exception):
 
 
 MASK_FIX = "cogsurgeon run --patch attention-mask -- python your_script.py"
+# The CogVideoX processor calls F.scaled_dot_product_attention itself, so torch's own kernel choice reaches it and
+# changes nothing but the kernel. (No cogsurgeon patch does this: the attention patches change what attends to what.)
+BACKEND_FIX = ("choose the SDPA kernel around the call instead: with torch.nn.attention.sdpa_kernel("
+               "SDPBackend.FLASH_ATTENTION): pipe(...)  (same outputs; backends outside torch's SDPA are not reachable)")
 
 
 @contextmanager
@@ -342,8 +347,7 @@ PROBES: tuple[Probe, ...] = (
     Probe("block-drops-attention-kwargs", "CogVideoXBlock does not pass attention_kwargs to attention",
           MASK_FIX, probe_block_drops_attention_kwargs),
     Probe("attention-backend-ignored", "set_attention_backend does not reach the CogVideoX processor",
-          "cogsurgeon run --patch causal-attention -- python your_script.py  (patches replace the processor "
-          "itself; see cogsurgeon patch list)", probe_attention_backend_ignored),
+          BACKEND_FIX, probe_attention_backend_ignored),
     Probe("lora-alpha-lost", "a LoRA saved without metadata reloads at alpha = rank",
           "cogsurgeon lora repair CKPT --out DIR --alpha ALPHA  (writes the alpha into the adapter)",
           probe_lora_alpha_lost),

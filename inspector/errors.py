@@ -4,6 +4,12 @@ This module imports nothing heavy, so every part of cogsurgeon (the torch-free L
 """
 
 
+def shown(value: object, limit: int = 40) -> str:
+    """A value as quoted in a message, cut to `limit` characters (a 5000-digit number is not a message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class CogsurgeonError(Exception):
     """Bad input or a request that cannot be met; never a bug. Its message is shown to the user as is."""
 

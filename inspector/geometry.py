@@ -25,6 +25,7 @@ VAE_SPATIAL_FACTOR = 8
 VAE_TEMPORAL_FACTOR = 4
 LARGEST_DEFAULT_SIZE = (768, 1360)  # CogVideoX1.5's pipelines' size; its config's 300x300 latent is a maximum
 OFS_VALUE = 2.0  # the I2V 1.5 pipeline's `ofs`: `latents.new_full((1,), fill_value=2.0)`
+TORCH_MAX_BYTES = 2**63 - 1  # torch sizes a tensor's storage in int64 bytes, on the meta device too
 
 Config = Mapping[str, Any]
 VideoSize = tuple[int, int, int]  # frames, height, width: what a pipeline call is asked for, in video pixels

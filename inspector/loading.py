@@ -142,6 +142,7 @@ def find_transformer_folder(root: Path) -> Path:
             config = read_config(config_path)
             class_name = config.get("_class_name")
             if class_name == TRANSFORMER_CLASS_NAME:
+                config_sizes(config, str(config_path))  # a size of 0 fails deep inside diffusers or the planner
                 return candidate
             if candidate == root and is_regular_file(root / "transformer" / "config.json"):
                 continue
@@ -181,18 +182,24 @@ _SIZE_DEFAULTS = {
     "time_embed_dim": 512, "sample_width": 90, "sample_height": 60, "sample_frames": 49, "patch_size": 2,
     "max_text_seq_length": 226, "temporal_compression_ratio": 4,
 }  # diffusers' CogVideoXTransformer3DModel defaults
+# Sizes that divide or scale something (head_dim ** -0.5, latent // patch_size, ...): 0 is as wrong as negative. The
+# others may be 0 (no blocks, no text tokens, no ofs embedding).
+_POSITIVE_SIZE_FIELDS = frozenset(_SIZE_FIELDS) - {"num_layers", "max_text_seq_length", "out_channels", "ofs_embed_dim"}
 
 
 def config_sizes(config: dict[str, Any], where: str) -> dict[str, int]:
     """The size fields of a CogVideoX config as integers (diffusers' defaults where absent); a float, bool, string
-    or negative number where a size belongs is a `ModelLoadError`."""
+    or negative number where a size belongs, or 0 where a size divides (`_POSITIVE_SIZE_FIELDS`), is a
+    `ModelLoadError`."""
     sizes: dict[str, int] = {}
     for field in _SIZE_FIELDS:
         value = config.get(field, _SIZE_DEFAULTS.get(field))
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ModelLoadError(f"{where}: {field} is {value!r}; it must be a non-negative integer")
+        minimum = 1 if field in _POSITIVE_SIZE_FIELDS else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            expected = "a positive integer" if minimum else "a non-negative integer"
+            raise ModelLoadError(f"{where}: {field} is {value!r}; it must be {expected}: fix it in that file")
         sizes[field] = value
     return sizes
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.geometry import TORCH_MAX_BYTES
 from cogsurgeon.inspector.trace import module_stack
 
 if TYPE_CHECKING:
@@ -89,9 +90,11 @@ def parse_train(text: str | None) -> TrainMode | None:
     value = text.strip().lower()
     if value == "full":
         return TrainMode("full")
-    match = re.fullmatch(r"lora:(\d+)(?::(\d+))?", value)
+    # at most 18 digits: int() of thousands refuses, and a rank past int64 is no tensor torch can make
+    match = re.fullmatch(r"lora:(\d{1,18})(?::(\d{1,18}))?", value)
     if not match or int(match.group(1)) < 1:
-        raise PlanError(f"--train {text!r}: expected lora:RANK (a positive rank, e.g. lora:128) or full")
+        raise PlanError(f"--train {text[:40]!r}: expected lora:RANK (a positive rank of at most 18 digits, e.g. "
+                        "lora:128) or full")
     rank = int(match.group(1))
     return TrainMode("lora", rank, int(match.group(2)) if match.group(2) else rank)
 
@@ -104,8 +107,28 @@ def parse_memory_size(text: str) -> int:
     """`80GiB`, `80GB`, `80G` (binary, as nvidia-smi and torch report), `81920MiB`, `141e9` → bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
     if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
-        raise PlanError(f"--gpu-memory {text!r}: expected a size such as 80GiB, 80GB, 24G or 81920MiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+        raise PlanError(f"--gpu-memory {text[:40]!r}: expected a size such as 80GiB, 80GB, 24G or 81920MiB")
+    size = float(match.group(1)) * _UNITS[match.group(2)]
+    check_card_bytes(size, repr(text[:40]))  # 1e400 is inf; 0.0000001 is 0 bytes
+    return int(size)
+
+
+def check_card_bytes(size: float, given: str) -> None:
+    """A card's memory between 1 byte and what torch.cuda reports memory in (int64 bytes)."""
+    if not 1 <= size <= TORCH_MAX_BYTES:
+        raise PlanError(f"a card's memory of {given} is {size:g} bytes: give one between 1 byte and 2**63 - 1 bytes "
+                        "(8 EiB), e.g. 80GiB")
+
+
+def check_lora_rank(rank: int, config: dict[str, Any], rows: int) -> None:
+    """Refuse a LoRA rank whose tensors torch cannot size (int64 bytes, on the meta device too): the adapter weights
+    (rank x the attention width) and what they compute ((batch x tokens) x rank), in float32 at most."""
+    width = int(config.get("num_attention_heads", 30)) * int(config.get("attention_head_dim", 64))
+    if rank * max(width, rows) * 4 > TORCH_MAX_BYTES:
+        raise PlanError(
+            f"LoRA rank {rank:,} makes tensors of {rank:,} x {max(width, rows):,} elements, more than torch can size; "
+            f"ranks above the attention width ({width:,}) add memory but no capacity: plan a smaller rank or full"
+        )
 
 
 def parse_video_size(text: str) -> tuple[int, int, int]:
@@ -672,7 +695,7 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
         config = builtin_config(resolved.spec)
     else:
         config = read_config(find_transformer_folder(Path(resolved.spec)) / "config.json")
-    latent_geometry(config, frames, height, width, batch)
+    geometry = latent_geometry(config, frames, height, width, batch)
     dtype_name = str(_torch_dtype(dtype or PUBLISHED_DTYPES.get(resolved.spec, "bfloat16"))).removeprefix("torch.")
     if tiling and not vae:
         raise PlanError("--tiling is a VAE switch: add --vae")
@@ -686,9 +709,14 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
         train=parse_train(train) if isinstance(train, str) else train, checkpointing=checkpointing,
         patches=tuple(patches), vae=vae, tiling=tiling,
     )
+    if settings.train is not None and settings.train.kind == "lora":
+        tokens = int(config.get("max_text_seq_length", 226)) + geometry.token_frames * geometry.tokens_per_frame
+        check_lora_rank(settings.train.rank, config, batch * tokens)
     if settings.checkpointing and settings.train is None:
         raise PlanError("--checkpointing saves memory only in training: add --train lora:RANK or --train full")
     card = parse_memory_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
+    if card is not None:
+        check_card_bytes(card, repr(card))
     phases = _plan_phases(resolved.spec, config, settings)
     plan = MemoryPlan(settings, phases, card, notes=_notes(settings))
     suggestions = []

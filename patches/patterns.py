@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Literal
 
+from cogsurgeon.inspector.errors import shown
 from cogsurgeon.patches.errors import PatchParameterError
 
 
@@ -79,8 +80,12 @@ def as_pattern(structure: Structure | None) -> Structure | None:
 TEXT_TIMESTEP_CHOICES = ("max", "min", "first", "last")
 
 
+TIMESTEP_LIMIT = 2**63  # a fixed text timestep fills a tensor of the frames' dtype: int64 (or float32) must hold it
+
+
 def check_text_timestep(text_timestep: Any) -> str | float:
-    """`max`, `min`, `first`, `last` or a finite number (a fixed timestep for text); anything else names the parameter."""
+    """`max`, `min`, `first`, `last` or a finite number that an int64 timestep holds (a fixed timestep for text);
+    anything else names the parameter. (1e39 would overflow the timestep tensor and fail every forward.)"""
     value = None
     if isinstance(text_timestep, str):
         if text_timestep in TEXT_TIMESTEP_CHOICES:
@@ -88,9 +93,17 @@ def check_text_timestep(text_timestep: Any) -> str | float:
         with suppress(ValueError):
             value = float(text_timestep)  # from the command line: text_timestep=0 ("nan" and "inf" parse too)
     elif isinstance(text_timestep, Real) and not isinstance(text_timestep, bool):
-        value = float(text_timestep)
-    if value is None or not math.isfinite(value):
-        expected = f"one of {', '.join(TEXT_TIMESTEP_CHOICES)} or a number" if value is None else "finite"
-        message = f"per-frame-timesteps: text_timestep must be {expected}, got {text_timestep!r}"
+        try:
+            value = float(text_timestep)
+        except OverflowError:  # an integer of hundreds of digits
+            value = math.inf
+    if value is None or not -TIMESTEP_LIMIT < value < TIMESTEP_LIMIT:
+        if value is None:
+            expected = f"one of {', '.join(TEXT_TIMESTEP_CHOICES)} or a number"
+        elif not math.isfinite(value):
+            expected = "finite"
+        else:
+            expected = "within the timestep's range (-2**63 to 2**63, what an int64 timestep holds; 0 to 1000 in use)"
+        message = f"per-frame-timesteps: text_timestep must be {expected}, got {shown(text_timestep)}"
         raise PatchParameterError("per-frame-timesteps", "text_timestep", message)
     return value

@@ -120,8 +120,9 @@ class PatchedCogVideoXAttnProcessor:
         image_rotary_emb: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.state
-        if state.stream is not None:  # a `patches.streaming` stream's own forward: attention over its KV cache
-            return state.stream.attend(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.fused)
+        stream = state.stream
+        if stream is not None and stream.runs_here():  # a `patches.streaming` stream's own forward: over its KV cache
+            return stream.attend(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.fused)
         mask = attention_mask if attention_mask is not None else state.call_mask
         if mask is not None and not state.masks_enabled:
             raise AttentionMaskError(

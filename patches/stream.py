@@ -17,6 +17,12 @@ the cache is unchanged by it. `commit` runs the chunk at its clean timestep and 
 chunks no later query may attend (sinks stay). Positions are absolute: the rotary embedding and the sincos/learned
 positional embedding of the chunk's real frames.
 
+A stream is used from one thread at a time: a call while another of its calls runs (another thread's) raises
+`StreamError`. Only the stream's own forwards use its cache: a forward of the model on another thread meanwhile runs
+with the model's patches (block-causal, per-frame timesteps), never through the cache. Inputs that do not fit (dtype,
+device, channels, batch 0, a timestep that is no number, sizes torch cannot make) are `StreamError`s before anything
+runs, and leave the stream and the model as they were.
+
 Each layer's cache is one buffer `(B, heads, capacity, head_dim)` for K and one for V, laid out `[text ; sink chunks ;
 window chunks ; room for the chunk being stepped]`, so attention is one SDPA call over a contiguous prefix: no copy
 of the cache per step and no mask. Without a window the buffers grow (doubling) unless `frames` says up front how
@@ -28,6 +34,7 @@ frames), so `chunk=1` steps 2 latent frames there.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cogsurgeon.inspector.errors import shown
 from cogsurgeon.inspector.geometry import (
+    TORCH_MAX_BYTES,
     VAE_SPATIAL_FACTOR,
     VideoSizeError,
     latent_geometry,
@@ -46,12 +55,16 @@ from cogsurgeon.inspector.geometry import (
     video_frame_count,
 )
 from cogsurgeon.patches.errors import PatchError
+from cogsurgeon.patches.parameters import INT64_MAX
+from cogsurgeon.patches.patterns import TIMESTEP_LIMIT, check_text_timestep
 from cogsurgeon.patches.processor import attention_state, joint_query_key_value, project_attention_output
 from cogsurgeon.patches.registry import patched, resolve_transformer
 
 
 class StreamError(PatchError):
-    """A streaming call that does not fit the stream: wrong shapes, out of order, past the model's positions."""
+    """A streaming call that does not fit the stream: wrong shapes, dtypes or timesteps, out of order, past the
+    model's positions, too large for torch, or made while another call of the same stream runs."""
+
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,8 @@ class Stream:
         self._mode: str | None = None  # "prefill" | "step" | "commit" while a forward of ours runs
         self._chunk_tokens = 0
         self._positions: torch.Tensor | None = None
+        self._busy = threading.Lock()  # held by the call (prefill, step, commit) under way
+        self._owner: int | None = None  # the thread whose forward of ours is under way
         self._check_positions_possible()
         try:  # the sizes the pipelines allow (whole patches, 1.5's rotary grid): else diffusers drops rows silently
             latent_geometry(self.config, 1, height, width)
@@ -145,22 +160,30 @@ class Stream:
 
     def prefill(self, encoder_hidden_states: torch.Tensor) -> None:
         """Compute the text K/V of every layer from the prompt embeddings `(B, T, text_dim)`, once per stream."""
+        with self._exclusive("prefill"):
+            self._prefill(encoder_hidden_states)
+
+    def _prefill(self, encoder_hidden_states: torch.Tensor) -> None:
         if self._layers:
             raise StreamError("prefill runs once per stream, before the first step")
         tokens, dim = self.shape.text_tokens, self.config["text_embed_dim"]
-        if encoder_hidden_states.dim() != 3 or tuple(encoder_hidden_states.shape[1:]) != (tokens, dim):
+        self._check_tensor("encoder_hidden_states", encoder_hidden_states)
+        if encoder_hidden_states.dim() != 3 or tuple(encoder_hidden_states.shape[1:]) != (tokens, dim) or \
+                encoder_hidden_states.shape[0] < 1:
             shape = tuple(encoder_hidden_states.shape)
-            raise StreamError(f"encoder_hidden_states of shape {shape}: expected (B, {tokens}, {dim})")
+            raise StreamError(f"encoder_hidden_states of shape {shape}: expected (B, {tokens}, {dim}) with B >= 1")
+        self._check_sizes(encoder_hidden_states.shape[0], encoder_hidden_states.element_size())
         self.batch = encoder_hidden_states.shape[0]
         self.device, self.dtype = encoder_hidden_states.device, encoder_hidden_states.dtype
         self._no_text = encoder_hidden_states.new_zeros(self.batch, 0, encoder_hidden_states.shape[-1])
         # The text path does not depend on video under the block-causal rule: run it beside one blank frame. A failure
         # part-way leaves no half-filled cache behind.
-        blank = torch.zeros(self.batch, self.shape.patch_frames, self.config["in_channels"], self.latent_height,
-                            self.latent_width, dtype=self.dtype, device=self.device)
         try:
-            self._run("prefill", blank, self._frame_timesteps(0.0, self.shape.patch_frames), first_frame=0,
-                      encoder_hidden_states=encoder_hidden_states)
+            with _memory_errors():
+                blank = torch.zeros(self.batch, self.shape.patch_frames, self.config["in_channels"],
+                                    self.latent_height, self.latent_width, dtype=self.dtype, device=self.device)
+                self._run("prefill", blank, self._frame_timesteps(0.0, self.shape.patch_frames), first_frame=0,
+                          encoder_hidden_states=encoder_hidden_states)
         except BaseException:
             self._layers.clear()
             raise
@@ -169,17 +192,24 @@ class Stream:
     def step(self, latents: torch.Tensor, timestep: Any, **forward_kwargs: Any) -> torch.Tensor:
         """The transformer's output for the next chunk's frames at `timestep` ((B,) or one per latent frame); the cache
         is unchanged. `forward_kwargs` (e.g. `ofs`) go to the model's forward."""
-        self._check_chunk(latents)
-        return self._run("step", latents, self._frame_timesteps(timestep, latents.shape[1]),
-                         first_frame=self.committed_frames, **forward_kwargs)
+        with self._exclusive("step"):
+            self._check_chunk(latents)
+            timesteps = self._frame_timesteps(timestep, latents.shape[1])
+            with _memory_errors():
+                return self._run("step", latents, timesteps, first_frame=self.committed_frames, **forward_kwargs)
 
     def commit(self, clean_latents: torch.Tensor, timestep: Any = 0, **forward_kwargs: Any) -> None:
         """Append the chunk's K/V, computed from its clean latents at `timestep`, to the cache; the next step is the
         next chunk. A window evicts what no later query may attend."""
+        with self._exclusive("commit"):
+            self._commit(clean_latents, timestep, **forward_kwargs)
+
+    def _commit(self, clean_latents: torch.Tensor, timestep: Any, **forward_kwargs: Any) -> None:
         frames = self._check_chunk(clean_latents)
         chunk_index = self.committed_frames // self.chunk
-        self._run("commit", clean_latents, self._frame_timesteps(timestep, clean_latents.shape[1]),
-                  first_frame=self.committed_frames, **forward_kwargs)
+        timesteps = self._frame_timesteps(timestep, clean_latents.shape[1])
+        with _memory_errors():
+            self._run("commit", clean_latents, timesteps, first_frame=self.committed_frames, **forward_kwargs)
         self._cached.append((chunk_index, frames * self.shape.tokens_per_frame))
         self._length += frames * self.shape.tokens_per_frame
         self.committed_frames += frames
@@ -189,6 +219,32 @@ class Stream:
     def cache_bytes(self) -> int:
         """Bytes the cache holds on its device (K and V buffers of every layer, room for a step included)."""
         return sum(c.keys.nbytes + c.values.nbytes for c in self._layers.values())
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (`copy.deepcopy` of the model while the stream is open) gets its own lock, not the held one."""
+        return {name: value for name, value in self.__dict__.items() if name != "_busy"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._busy = threading.Lock()
+
+    def runs_here(self) -> bool:
+        """True while a forward of this stream's own runs on the calling thread: only then does attention go through
+        the cache (a forward of the model on another thread meanwhile is an ordinary forward)."""
+        return self._owner == threading.get_ident()
+
+    @contextmanager
+    def _exclusive(self, call: str) -> Iterator[None]:
+        if not self._busy.acquire(blocking=False):
+            raise StreamError(
+                f"stream.{call}() while another call of this stream runs (on another thread, or from inside its own "
+                "forward): a stream is used from one thread at a time; give each thread its own model and stream, or "
+                "wait for the call under way"
+            )
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     # -- checks --------------------------------------------------------------------------------------------------------
 
@@ -203,16 +259,45 @@ class Stream:
                 f"{self.latent_height * VAE_SPATIAL_FACTOR}x{self.latent_width * VAE_SPATIAL_FACTOR}"
             )
 
+    def _check_tensor(self, name: str, value: Any) -> None:
+        """A tensor in the model's dtype (any float under autocast) on its device: anything else fails deep inside
+        torch (or, for a dtype the model's layers happen to accept, runs at another precision than the model)."""
+        parameter = next(self.model.parameters())
+        if not isinstance(value, torch.Tensor):
+            raise StreamError(f"{name} is a {type(value).__name__}: expected a torch.Tensor")
+        autocast = value.is_floating_point() and torch.is_autocast_enabled(value.device.type)  # casts for the layers
+        if (value.dtype != parameter.dtype and not autocast) or value.device != parameter.device:
+            raise StreamError(
+                f"{name} is {value.dtype} on {value.device}, the model {parameter.dtype} on {parameter.device}: "
+                f"pass it as {name}.to(model.device, model.dtype)"
+            )
+
+    def _check_sizes(self, batch: int, element_bytes: int) -> None:
+        """Refuse a stream whose blank frame or K/V buffers torch cannot size (a huge height, width or frame count)."""
+        shape = self.shape
+        frame = batch * shape.patch_frames * self.config["in_channels"] * self.latent_height * self.latent_width
+        buffer = batch * shape.heads * shape.head_dim * (
+            shape.text_tokens + self._initial_frames() * shape.tokens_per_frame)
+        largest = max(frame, buffer) * element_bytes
+        if largest > TORCH_MAX_BYTES:
+            raise StreamError(
+                f"streaming at {self.latent_height * VAE_SPATIAL_FACTOR}x{self.latent_width * VAE_SPATIAL_FACTOR} with "
+                f"chunk={self.chunk}, window={self.window}, frames={self.frames} needs a tensor of {largest:.3g} bytes, "
+                "more than torch can make: choose a smaller video size, chunk, window or frame count"
+            )
+
     def _check_chunk(self, latents: torch.Tensor) -> int:
         """The chunk's frame count (temporal patches) after checking the latent's shape and the stream's order."""
         if not self._layers:
             raise StreamError("call stream.prefill(encoder_hidden_states) before the first step")
         if self.finished:
             raise StreamError("the last chunk (shorter than chunk) was committed: the video has ended")
+        self._check_tensor("latents", latents)
         spatial = (self.latent_height, self.latent_width)
         patch_frames = self.shape.patch_frames
         if latents.dim() != 5 or latents.shape[0] != self.batch or tuple(latents.shape[-2:]) != spatial or \
-                latents.shape[1] % patch_frames or not 0 < latents.shape[1] <= self.chunk * patch_frames:
+                latents.shape[2] != self.config["in_channels"] or latents.shape[1] % patch_frames or \
+                not 0 < latents.shape[1] <= self.chunk * patch_frames:
             raise StreamError(
                 f"latents of shape {tuple(latents.shape)}: expected (B={self.batch}, up to {self.chunk * patch_frames}"
                 f" latent frames{' in whole temporal patches' if patch_frames > 1 else ''}, "
@@ -225,7 +310,7 @@ class Stream:
 
     def _frame_timesteps(self, timestep: Any, latent_frames: int) -> torch.Tensor:
         """`(B, latent_frames)` timesteps from a number, `(B,)` or `(B, latent_frames)`."""
-        value = torch.as_tensor(timestep, device=self.device)
+        value = timestep_tensor(timestep, self.device)
         if value.dim() == 0:
             value = value.expand(self.batch)
         if value.dim() == 1 and value.shape[0] == self.batch:
@@ -251,13 +336,14 @@ class Stream:
         self._positions = self._positional_embedding(first_frame, frames)
         state = attention_state(self.model)
         state.stream = self
+        self._owner = threading.get_ident()
         try:
             with torch.no_grad():
                 return self.model(hidden_states=latents, encoder_hidden_states=text, timestep=timesteps,
                                   return_dict=False, **forward_kwargs)[0]
         finally:
             state.stream = None
-            self._mode, self._positions = None, None
+            self._mode, self._positions, self._owner = None, None, None
 
     def _rotary(self, first_frame: int, frames: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The rotary embedding of frames `[first_frame, first_frame + frames)` (their absolute positions)."""
@@ -386,7 +472,7 @@ class _PositionedPatchEmbedding:
 
     def __call__(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         embed = self.embed
-        if self.stream._mode is None:
+        if not self.stream.runs_here():  # not a forward of the stream's (none, or another thread's forward)
             return self.original(text_embeds, image_embeds)
         flags = embed.use_positional_embeddings, embed.use_learned_positional_embeddings
         embed.use_positional_embeddings = embed.use_learned_positional_embeddings = False
@@ -404,13 +490,49 @@ def _check_options(chunk: Any, window: Any, sink: Any, text_timestep: Any, heigh
     for name, value, minimum in integers:
         if value is None and name in ("window", "frames"):  # optional: no window, frame count not known up front
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise StreamError(f"streaming: {name} must be an integer >= {minimum}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT64_MAX:
+            raise StreamError(f"streaming: {name} must be an integer >= {minimum} (and below 2**63), got {shown(value)}")
     if isinstance(text_timestep, bool) or not isinstance(text_timestep, Real):
         raise StreamError(
             f"streaming: text_timestep must be a number (text K/V are computed once, so text needs one fixed "
             f"timestep), got {text_timestep!r}"
         )
+    try:
+        check_text_timestep(text_timestep)
+    except PatchError as exc:
+        raise StreamError(f"streaming: {exc}") from None
+
+
+def timestep_tensor(timestep: Any, device: torch.device) -> torch.Tensor:
+    """A timestep (a number, or a tensor or sequence of them) as a tensor of real numbers that the timestep embedding
+    can take: finite, within int64's range; anything else (None, text, bools, complex, nan) a `StreamError`."""
+    expected = "expected a number, or a (B,) or (B, frames) tensor of them"
+    if timestep is None or isinstance(timestep, (str, bytes, bool)):
+        raise StreamError(f"timestep {timestep!r}: {expected}")
+    try:
+        value = torch.as_tensor(timestep, device=device)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise StreamError(f"timestep {shown(timestep)}: {expected}") from None
+    if value.dtype == torch.bool or value.is_complex():
+        raise StreamError(f"timestep of dtype {value.dtype}: {expected}")
+    if value.is_floating_point() and value.numel() and not bool(
+            (value.isfinite() & (value.abs() < TIMESTEP_LIMIT)).all()):
+        raise StreamError(f"timestep holds values that are not finite or beyond 2**63 ({value.tolist()!r:.60}): "
+                          "give finite timesteps (0 to 1000 in use)")
+    return value
+
+
+@contextmanager
+def _memory_errors() -> Iterator[None]:
+    """The allocator's refusal (CPU or GPU) as a `StreamError`: a size the machine cannot hold is the input's fault."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.OutOfMemoryError (a GPU) is one; the CPU allocator raises a plain one
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        detail = " ".join(str(exc).split())[:200]
+        raise StreamError(f"out of memory while streaming: {detail}; choose a smaller video size, chunk, window or "
+                          "batch") from None
 
 
 @contextmanager

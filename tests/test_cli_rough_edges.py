@@ -141,7 +141,7 @@ def test_doctor_prints_a_fix_only_for_present_findings(cli):
         assert (finding["fix"] is not None) == (finding["status"] == "present"), finding
     table = cli("doctor", *checks).stdout
     fix_marker = {"block-drops-attention-kwargs": "--patch attention-mask",
-                  "attention-backend-ignored": "--patch causal-attention"}
+                  "attention-backend-ignored": "sdpa_kernel("}
     for finding in findings:
         assert (fix_marker[finding["id"]] in table) == (finding["status"] == "present"), table
 

@@ -29,11 +29,11 @@ def cogsurgeon(*args: str, env: dict[str, str] | None = None, stdout=subprocess.
                           stderr=subprocess.PIPE, env=cli_environment(env), timeout=timeout)
 
 
-def assert_one_line(result: subprocess.CompletedProcess, expected: str = "") -> None:
+def assert_one_line(result: subprocess.CompletedProcess, expected: str = "", prefix: str = "cogsurgeon: error:") -> None:
     stderr = result.stderr.decode("utf-8", "replace")
     assert result.returncode == 2, (result.returncode, result.stdout, stderr)
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in stderr and lines[0].startswith("cogsurgeon: error:"), stderr
+    assert len(lines) == 1 and "Traceback" not in stderr and lines[0].startswith(prefix), stderr
     assert expected in lines[0], lines[0]
 
 
@@ -292,6 +292,19 @@ def test_hostile_model_folders_are_one_line_and_never_hang(tmp_path, name, make,
         assert tree_digest(folder) == before
 
 
+# issue 21 item 12: a size of 0 where sizes divide; each command that reads a folder's config names file and field
+ZERO_SIZES = [("modules", "attention_head_dim"), ("trace", "attention_head_dim"), ("plan", "attention_head_dim"),
+              ("plan", "patch_size")]
+
+
+@pytest.mark.parametrize("command, field", ZERO_SIZES, ids=[f"{c}-{f}" for c, f in ZERO_SIZES])
+def test_a_config_size_of_zero_is_one_line_naming_the_file_and_field(tmp_path, command, field):
+    folder = model_folder(tmp_path, **{field: 0})
+    before = tree_digest(folder)
+    assert_one_line(cogsurgeon(command, str(folder)), f"{folder / 'config.json'}: {field} is 0; it must be a positive")
+    assert tree_digest(folder) == before
+
+
 def test_a_non_utf8_refs_main_is_not_a_crash(tmp_path):
     repo = tmp_path / "hub" / "models--org--cogvideox"
     (repo / "refs").mkdir(parents=True)
@@ -359,3 +372,125 @@ def test_verify_of_a_folder_with_a_nested_adapter_config_is_one_line(tmp_path):
     for name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
         (folder / name).write_bytes(b"")
     assert_one_line(cogsurgeon("lora", "verify", str(folder), "--base", "tiny"), "nested too deeply")
+
+
+# ---------------------------------------------------------------- numbers whose result overflows or rounds to nothing
+# (issue 21 items 6, 8-11): refused in one line, exit 2, nothing written, instead of inf/zero weights or a traceback
+
+
+def lora_file(path: Path, b_value: float = 0.5, dtype=np.float32, alpha: float | None = None,
+              alpha_dtype=np.float32) -> Path:
+    """A one-module LoRA (rank 4 on the tiny model's 32-wide to_q): diffusers keys, or kohya keys with `.alpha`."""
+    down = np.linspace(-1, 1, 4 * 32, dtype=np.float32).reshape(4, 32).astype(dtype)
+    up = np.full((32, 4), b_value, dtype=dtype)
+    if alpha is None:
+        save_file({A_KEY: down, B_KEY: up}, str(path))
+    else:
+        module = "lora_unet__transformer_blocks_0_attn1_to_q"
+        save_file({f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up,
+                   f"{module}.alpha": np.array(alpha, dtype=alpha_dtype)}, str(path))
+    return path
+
+
+def assert_nothing_written(result: subprocess.CompletedProcess, folder: Path, before: set[str], expected: str) -> None:
+    assert_one_line(result, expected, prefix="cogsurgeon")  # an option's usage error names the command
+    assert result.stdout == b""
+    assert {p.name for p in folder.iterdir()} == before  # no output, no staging folder left behind
+
+
+REPAIRS = [
+    ("bake-alpha-1e300", {}, ["--alpha", "1e300", "--bake-scale"], "float32 can hold"),
+    ("bake-alpha-1e-300", {}, ["--alpha", "1e-300", "--bake-scale"], "float32 can hold"),
+    ("bake-overflows-f32", {"b_value": 10.0}, ["--alpha", "3e38", "--bake-scale"], "overflows F32"),
+    ("bake-rounds-to-zero-f16", {"dtype": np.float16, "b_value": 1.0}, ["--alpha", "1e-30", "--bake-scale"],
+     "rounds to all zeros in F16"),
+    ("comfyui-alpha-1e39", {}, ["--alpha", "1e39", "--to", "comfyui"], "float32 can hold"),
+    ("kohya-alpha-1e300", {"alpha": 1e300, "alpha_dtype": np.float64}, [], ".alpha 1e+300 is not a positive finite"),
+    ("kohya-alpha-1e300-comfyui", {"alpha": 1e300, "alpha_dtype": np.float64}, ["--to", "comfyui"], ".alpha 1e+300"),
+]
+
+
+@pytest.mark.parametrize("name, file_options, args, expected", REPAIRS, ids=[case[0] for case in REPAIRS])
+def test_repair_refuses_values_that_overflow_or_vanish(tmp_path, name, file_options, args, expected):
+    checkpoint = lora_file(tmp_path / "lora.safetensors", **file_options)
+    before = {p.name for p in tmp_path.iterdir()}
+    result = cogsurgeon("lora", "repair", str(checkpoint), "--out", str(tmp_path / "adapter"), *args)
+    assert_nothing_written(result, tmp_path, before, expected)
+
+
+def test_repair_at_float32s_largest_alpha_is_finite(tmp_path):
+    checkpoint = lora_file(tmp_path / "lora.safetensors", b_value=0.5)
+    result = cogsurgeon("lora", "repair", str(checkpoint), "--out", str(tmp_path / "adapter"), "--alpha", "3e38",
+                        "--to", "peft,comfyui", "--bake-scale")
+    assert result.returncode == 0, result.stderr
+    from safetensors.numpy import load_file
+
+    for name in ("adapter_model.safetensors", "comfyui_lora.safetensors"):
+        assert all(np.isfinite(value).all() for value in load_file(str(tmp_path / "adapter" / name)).values())
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    from cogsurgeon.inspector import load_transformer
+
+    folder = tmp_path_factory.mktemp("base") / "transformer"
+    load_transformer("tiny").save_pretrained(str(folder))
+    return folder
+
+
+MERGES = [("weight-1e39", "1e39", 0.5, "outside float32's range"),
+          ("weight-1e-300", "1e-300", 0.5, "outside float32's range"),
+          ("fused-weights-overflow", "3e38", 2.0, "not finite in torch.float32")]
+
+
+@pytest.mark.parametrize("name, weight, b_value, expected", MERGES, ids=[case[0] for case in MERGES])
+def test_merge_refuses_weights_that_overflow_or_vanish(tmp_path, tiny_base, name, weight, b_value, expected):
+    adapter = lora_file(tmp_path / "lora.safetensors", b_value=b_value, alpha=4.0)
+    before = {p.name for p in tmp_path.iterdir()}
+    result = cogsurgeon("lora", "merge", str(tiny_base), f"{adapter}:{weight}", "--out", str(tmp_path / "merged"))
+    assert_nothing_written(result, tmp_path, before, expected)
+
+
+BAD_CONFIGS = [("invalid-json", b'{"num_layers": ', "is not valid JSON"), ("json-array", b"[1, 2]", "not a JSON object"),
+               ("not-utf8", b'{"\xff": 1}', "is not UTF-8")]
+
+
+@pytest.mark.parametrize("name, content, expected", BAD_CONFIGS, ids=[case[0] for case in BAD_CONFIGS])
+def test_merge_of_a_base_with_a_broken_config_is_one_line(tmp_path, tiny_base, name, content, expected):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    (base / "config.json").write_bytes(content)
+    adapter = lora_file(tmp_path / "lora.safetensors", alpha=4.0)
+    before = {p.name for p in tmp_path.iterdir()}
+    result = cogsurgeon("lora", "merge", str(base), str(adapter), "--out", str(tmp_path / "merged"))
+    assert_nothing_written(result, tmp_path, before, expected)
+
+
+PLANS = [
+    ("gpu-memory-rounds-to-0", ["--gpu-memory", "0.0000001"], "is 1e-07 bytes"),
+    ("gpu-memory-1e400", ["--gpu-memory", "1e400"], "is inf bytes"),
+    ("rank-2**62", ["--train", f"lora:{2**62}"], "at most 18 digits"),
+    ("rank-5000-digits", ["--train", "lora:" + "9" * 5000], "at most 18 digits"),
+    ("rank-past-int64-tensors", ["--train", "lora:999999999999999999"], "more than torch can size"),
+]
+
+
+@pytest.mark.parametrize("name, args, expected", PLANS, ids=[case[0] for case in PLANS])
+def test_plan_refuses_sizes_that_overflow_or_vanish(name, args, expected):
+    assert_one_line(cogsurgeon("plan", "tiny", "--frames", "9", "--height", "64", "--width", "64", *args), expected)
+
+
+@pytest.mark.parametrize("card", [0, -5, 10**30])
+def test_plan_memory_refuses_a_card_of_no_bytes_or_past_int64(card):
+    from cogsurgeon.inspector.plan import PlanError, plan_memory
+
+    with pytest.raises(PlanError, match="a card's memory of"):
+        plan_memory("tiny", frames=9, height=64, width=64, gpu_memory=card)
+
+
+def test_a_text_timestep_past_the_timestep_dtype_is_refused_before_any_forward():
+    result = cogsurgeon("patch", "verify", "per-frame-timesteps:text_timestep=1e39")
+    assert_one_line(result, "text_timestep must be within the timestep's range")
+    assert result.stdout == b""

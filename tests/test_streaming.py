@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import re
+import threading
 import weakref
 
 import pytest
@@ -245,3 +247,161 @@ def test_a_prefill_that_fails_part_way_leaves_no_half_filled_cache():
         assert stream.cache_bytes() == 0
         stream.prefill(text)  # a second prefill is possible and complete
         assert stream.step(latents[:, :1], 500).shape == latents[:, :1].shape
+
+
+# ---------------------------------------------------------------- threads and hostile inputs (issue 21 items 5, 14)
+
+
+def pause_in_layer_1(model, thread_name: str) -> tuple[threading.Event, threading.Event]:
+    """A forward of the thread named `thread_name` stops at layer 1 until released (other threads pass): a forced,
+    deterministic overlap. Returns (paused, release)."""
+    paused, release = threading.Event(), threading.Event()
+
+    def hook(module, args):
+        if threading.current_thread().name == thread_name:
+            paused.set()
+            assert release.wait(timeout=120), "the test never released the paused forward"
+
+    model.transformer_blocks[1].register_forward_pre_hook(hook)
+    return paused, release
+
+
+def run_in_thread(name: str, function) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = function()
+        except BaseException as exc:  # handed to the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, name=name)
+    thread.start()
+    return thread, result
+
+
+def test_a_second_call_while_a_step_runs_on_another_thread_is_refused():
+    model = tiny_model("tiny")
+    latents, text = video(model, 2)
+    with patches.streaming(model, chunk=1, height=HEIGHT, width=WIDTH) as stream:
+        stream.prefill(text)
+        alone = stream.step(latents[:, :1], 500)
+        paused, release = pause_in_layer_1(model, "stepper")
+        thread, result = run_in_thread("stepper", lambda: stream.step(latents[:, :1], 500))
+        try:
+            assert paused.wait(timeout=120)
+            for call in (lambda: stream.step(latents[:, :1], 500), lambda: stream.commit(latents[:, :1]),
+                         lambda: stream.prefill(text)):
+                with pytest.raises(StreamError, match="another call of this stream runs"):
+                    call()
+        finally:
+            release.set()
+            thread.join(timeout=120)
+        assert "error" not in result, result.get("error")
+        assert torch.equal(result["value"], alone)  # the step under way was not disturbed
+        assert torch.equal(stream.step(latents[:, :1], 500), alone)  # and the stream goes on
+
+
+def test_a_model_with_an_open_stream_can_still_be_deep_copied():
+    model = tiny_model("tiny")
+    latents, text = video(model, 1)
+    with patches.streaming(model, chunk=1, height=HEIGHT, width=WIDTH) as stream:
+        stream.prefill(text)
+        copy.deepcopy(model)  # the stream's lock is not copied (a lock cannot be)
+        assert stream.step(latents, 500).shape == latents.shape
+
+
+def test_a_forward_on_another_thread_during_a_step_never_touches_the_cache():
+    model = tiny_model("tiny")
+    twin = copy.deepcopy(model)  # an undisturbed stream, and the plain forward with the stream's patches
+    latents, text = video(model, 3)
+    timestep = torch.full((BATCH,), 300)
+    rotary = rotary_embedding(model.config, 3, 8, 8)
+    plain = one_shot(twin, latents, text, timestep, chunk=1, window=None, sink=0, text_timestep=0)
+    with patches.streaming(twin, chunk=1, height=HEIGHT, width=WIDTH) as undisturbed:
+        undisturbed.prefill(text)
+        expected_first = undisturbed.step(latents[:, :1], 500)
+        undisturbed.commit(latents[:, :1])
+        expected_second = undisturbed.step(latents[:, 1:2], 500)
+
+    with patches.streaming(model, chunk=1, height=HEIGHT, width=WIDTH) as stream:
+        stream.prefill(text)
+        paused, release = pause_in_layer_1(model, "stepper")
+        thread, result = run_in_thread("stepper", lambda: stream.step(latents[:, :1], 500))
+        try:
+            assert paused.wait(timeout=120)
+            with torch.no_grad():  # the whole video, on this thread, while the stream's step is half-way
+                other = model(hidden_states=latents, encoder_hidden_states=text, timestep=timestep,
+                              image_rotary_emb=rotary, return_dict=False)[0]
+        finally:
+            release.set()
+            thread.join(timeout=120)
+        assert "error" not in result, result.get("error")
+        assert torch.equal(other, plain)  # an ordinary forward with the model's patches, not the cache's
+        assert torch.equal(result["value"], expected_first)
+        stream.commit(latents[:, :1])
+        assert torch.equal(stream.step(latents[:, 1:2], 500), expected_second)  # the cache is as it should be
+
+
+def plain_output(model, latents, text) -> torch.Tensor:
+    rotary = rotary_embedding(model.config, latents.shape[1], 8, 8)
+    with torch.no_grad():
+        return model(hidden_states=latents, encoder_hidden_states=text, timestep=torch.full((BATCH,), 300),
+                     image_rotary_emb=rotary, return_dict=False)[0]
+
+
+BAD_CALLS = [
+    # (name, streaming options, the call on an open, prefilled stream (None: the opening itself fails), message)
+    ("float64-latents", {}, lambda s, x, t: s.step(x.double(), 500), "torch.float64 on cpu, the model torch.float32"),
+    ("int-latents", {}, lambda s, x, t: s.step(x.long(), 500), "torch.int64"),
+    ("latents-not-a-tensor", {}, lambda s, x, t: s.step(x.tolist(), 500), "latents is a list"),
+    ("three-channels", {}, lambda s, x, t: s.step(x[:, :, :3], 500), "latents of shape (2, 1, 3, 8, 8)"),
+    ("timestep-none", {}, lambda s, x, t: s.step(x, None), "timestep None"),
+    ("timestep-text", {}, lambda s, x, t: s.step(x, "500"), "timestep '500'"),
+    ("timestep-bool", {}, lambda s, x, t: s.commit(x, True), "timestep True"),
+    ("timestep-nan", {}, lambda s, x, t: s.step(x, float("nan")), "not finite"),
+    ("timestep-1e39", {}, lambda s, x, t: s.step(x, torch.full((BATCH,), 1e39, dtype=torch.float64)), "beyond 2**63"),
+    ("timestep-complex", {}, lambda s, x, t: s.step(x, torch.full((BATCH,), 1j)), "complex"),
+    ("huge-frames", {"frames": 2**62}, None, "more than torch can make"),
+    ("huge-height", {"height": 16 * 10**12}, None, "out of memory while streaming"),
+    ("chunk-past-int64", {"chunk": 10**30}, None, "chunk must be an integer >= 1 (and below 2**63)"),
+    ("window-past-int64", {"window": 10**30}, None, "window must be an integer"),
+    ("text-timestep-1e39", {"text_timestep": 1e39}, None, "text_timestep must be within the timestep's range"),
+]
+BAD_PREFILLS = [
+    ("prefill-float64", lambda t: t.double(), "encoder_hidden_states is torch.float64"),
+    ("prefill-none", lambda t: None, "encoder_hidden_states is a NoneType"),
+    ("prefill-batch-0", lambda t: t[:0], "with B >= 1"),
+]
+
+
+@pytest.mark.parametrize("name, options, call, message", BAD_CALLS, ids=[case[0] for case in BAD_CALLS])
+def test_bad_stream_inputs_are_stream_errors_and_leave_the_model_clean(name, options, call, message):
+    model = tiny_model("tiny")
+    latents, text = video(model, 2)
+    before = plain_output(model, latents, text)
+    with pytest.raises(StreamError, match=re.escape(message)):
+        with patches.streaming(model, **{"chunk": 1, "height": HEIGHT, "width": WIDTH, **options}) as stream:
+            stream.prefill(text)
+            assert call is not None, "the stream opened"
+            good = stream.step(latents[:, :1], 500)
+            try:
+                call(stream, latents[:, :1], text)
+            finally:  # refused before anything ran: the stream is as it was and goes on
+                assert patches.applied(model) == ["block-causal-attention", "per-frame-timesteps"]
+                assert torch.equal(stream.step(latents[:, :1], 500), good)
+    assert patches.applied(model) == [] and "forward" not in model.patch_embed.__dict__
+    assert torch.equal(plain_output(model, latents, text), before)
+
+
+@pytest.mark.parametrize("name, change, message", BAD_PREFILLS, ids=[case[0] for case in BAD_PREFILLS])
+def test_bad_prompt_embeddings_are_stream_errors_and_the_stream_goes_on(name, change, message):
+    model = tiny_model("tiny")
+    latents, text = video(model, 2)
+    with patches.streaming(model, chunk=1, height=HEIGHT, width=WIDTH) as stream:
+        with pytest.raises(StreamError, match=re.escape(message)):
+            stream.prefill(change(text))
+        assert stream.cache_bytes() == 0
+        stream.prefill(text)
+        assert stream.step(latents[:, :1], 500).shape == latents[:, :1].shape
+    assert patches.applied(model) == []

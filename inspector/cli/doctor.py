@@ -33,7 +33,7 @@ def doctor(checks: tuple[str, ...], as_json: bool) -> None:
       peft-local-path-hub           PEFT goes to the Hub for a local folder without adapter_config.json
 
     Each finding is "present" or "absent", with what the experiment saw and, when present, the cogsurgeon command
-    that fixes or avoids the pitfall. Takes under a minute (the PEFT check starts one Python process).
+    (or line of code) that fixes or avoids the pitfall. Takes under a minute (the PEFT check starts one Python process).
 
     Exit status: 0 when every check ran (present pitfalls are information about your installation, not a
     failure of the run); 1 when a check could not run (status "error"; please report it); 2 for bad usage.

@@ -4,7 +4,6 @@ top); verify pulls in torch, peft and diffusers inside its function.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
@@ -65,8 +64,10 @@ def _format_report(report) -> list[str]:
 
 
 def _positive_finite_alpha(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise click.BadParameter(f"must be a positive finite number, got {value}")
+    from cogsurgeon.tools.lora.checkpoint import ALPHA_RANGE, positive_number
+
+    if value is not None and not positive_number(value):
+        raise click.BadParameter(f"must be {ALPHA_RANGE}, got {value}")
     return value
 
 

@@ -68,13 +68,10 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
     _print_tables(result, show_all)
 
 
-TORCH_MAX_BYTES = 2**63 - 1  # torch sizes a tensor's storage in int64 bytes, on the meta device too
-
-
 def check_traceable(config, frames: int, height: int, width: int, batch: int, what: str = "trace") -> None:
     """Refuse a size the model cannot take (`latent_geometry`'s reasons) or whose meta forward would make a tensor
     torch cannot size: its largest is one attention call's `(B, heads, L, L)` weights (SDPA's math path on meta)."""
-    from cogsurgeon.inspector.geometry import VideoSizeError, latent_geometry
+    from cogsurgeon.inspector.geometry import TORCH_MAX_BYTES, VideoSizeError, latent_geometry
 
     geometry = latent_geometry(config, frames, height, width)
     tokens = int(config.get("max_text_seq_length", 226)) + geometry.token_frames * geometry.tokens_per_frame

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.errors import CogsurgeonError, shown
 from cogsurgeon.inspector.safetensors_header import DTYPE_NAMES, read_header
 from cogsurgeon.inspector.user_files import (
     UserFileError,
@@ -457,8 +457,9 @@ def _kohya_alpha(raw: RawCheckpoint, ranks: dict[str, int], problems: list[str])
     if missing:
         problems.append(f"{len(missing)} modules have no .alpha while others do, e.g. {missing[0]}")
     common, pattern = most_common_and_pattern(raw.alpha_values)
-    if common <= 0:
-        problems.append(f".alpha {common:g} is not positive")
+    wrong = next((value for value in (common, *pattern.values()) if not positive_number(value)), None)
+    if wrong is not None:
+        problems.append(f".alpha {wrong:g} is not {ALPHA_RANGE}")
     return common, pattern
 
 
@@ -511,7 +512,7 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
         stored_where = "lora_config in the file (finetrainers)"
     metadata_alpha = metadata_config.get("lora_alpha")
     if metadata_alpha is not None and not positive_number(metadata_alpha):
-        problems.append(f"the file's LoRA config says lora_alpha={shown(metadata_alpha)}: not a positive finite number")
+        problems.append(f"the file's LoRA config says lora_alpha={shown(metadata_alpha)}: not {ALPHA_RANGE}")
         metadata_alpha = None
     for key, check, what in (("alpha_pattern", positive_number, "positive numbers"),
                              ("rank_pattern", positive_int, "positive integers")):
@@ -593,24 +594,26 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
     return LoraCheckpoint(report, tuple(tensors), raw.source_file, metadata_config)
 
 
+# float32's largest value and smallest normal one: PEFT multiplies float32/bf16 outputs by alpha / r, kohya files
+# store `.alpha` as F32, so an alpha beyond these becomes inf or loses its digits on the way.
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
+ALPHA_RANGE = "a positive finite number float32 can hold (1.2e-38 to 3.4e38)"
+
+
 def positive_number(value: Any) -> bool:
-    """A lora_alpha PEFT and diffusers can use: an int or float (not a bool), finite, above zero."""
+    """A lora_alpha PEFT, diffusers and kohya files can use: an int or float (not a bool), above zero, within
+    float32's normal range (`ALPHA_RANGE`)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:
-        return math.isfinite(float(value)) and value > 0
+        return FLOAT32_MIN_NORMAL <= float(value) <= FLOAT32_MAX
     except OverflowError:  # a 401-digit integer
         return False
 
 
 def positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def shown(value: Any) -> str:
-    """A value as quoted in a message, cut to 40 characters."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def inspect_checkpoint(

@@ -89,23 +89,53 @@ def diffusers_metadata(config: dict[str, Any]) -> dict[str, str]:
     return {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True)}
 
 
-def scaled_bytes(data: bytes | memoryview, dtype: str, factor: float) -> bytes:
+def scaled_bytes(data: bytes | memoryview, dtype: str, factor: float, what: str = "the weight") -> bytes:
     """`data` (a tensor's bytes) times `factor`, in its own dtype; float16/bfloat16 computed in float32 and rounded to
-    nearest-even, as torch does."""
+    nearest-even, as torch does. A product that overflows the dtype, or that rounds to all zeros from values that
+    were not, is a `LoraCheckpointError` naming `what`: the file would load and silently be wrong."""
     import numpy
 
     if dtype == "F32":
-        return (numpy.frombuffer(data, "<f4") * numpy.float32(factor)).astype("<f4").tobytes()
+        source = numpy.frombuffer(data, "<f4")
+        with numpy.errstate(over="ignore"):
+            scaled = (source * numpy.float32(factor)).astype("<f4")
+        return _checked(source, scaled, dtype, factor, what).tobytes()
     if dtype == "F64":
-        return (numpy.frombuffer(data, "<f8") * factor).astype("<f8").tobytes()
+        source = numpy.frombuffer(data, "<f8")
+        with numpy.errstate(over="ignore"):
+            scaled = (source * factor).astype("<f8")
+        return _checked(source, scaled, dtype, factor, what).tobytes()
     if dtype == "F16":
-        return (numpy.frombuffer(data, "<f2").astype(numpy.float32) * numpy.float32(factor)).astype("<f2").tobytes()
+        source = numpy.frombuffer(data, "<f2")
+        with numpy.errstate(over="ignore"):
+            scaled = (source.astype(numpy.float32) * numpy.float32(factor)).astype("<f2")
+        return _checked(source, scaled, dtype, factor, what).tobytes()
     if dtype == "BF16":
-        widened = (numpy.frombuffer(data, "<u2").astype(numpy.uint32) << 16).view(numpy.float32)
-        bits = (widened * numpy.float32(factor)).astype(numpy.float32).view(numpy.uint32)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return rounded.astype("<u2").tobytes()
-    raise LoraCheckpointError(f"--bake-scale: cannot scale {dtype} weights")
+        source = (numpy.frombuffer(data, "<u2").astype(numpy.uint32) << 16).view(numpy.float32)
+        with numpy.errstate(over="ignore"):
+            bits = (source * numpy.float32(factor)).astype(numpy.float32).view(numpy.uint32)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+        _checked(source, (rounded.astype(numpy.uint32) << 16).view(numpy.float32), dtype, factor, what)
+        return rounded.tobytes()
+    raise LoraCheckpointError(f"cannot bake the scale into {dtype} weights")
+
+
+def _checked(source: Any, scaled: Any, dtype: str, factor: float, what: str) -> Any:
+    """`scaled` (numpy), unless scaling the finite `source` by `factor` overflowed or rounded every value to zero."""
+    import numpy
+
+    finite = numpy.isfinite(source)
+    if not numpy.isfinite(scaled[finite]).all():
+        raise LoraCheckpointError(
+            f"{what} times alpha / r = {factor:g} overflows {dtype}: the baked weights would be inf; check lora_alpha, "
+            "or repair without baking the scale"
+        )
+    if scaled.size and not scaled.any() and source.any():
+        raise LoraCheckpointError(
+            f"{what} times alpha / r = {factor:g} rounds to all zeros in {dtype}: the baked adapter would do nothing; "
+            "check lora_alpha, or repair without baking the scale"
+        )
+    return scaled
 
 
 def _tensor(checkpoint: LoraCheckpoint, tensor: LoraTensor, name: str, factor: float | None) -> OutputTensor:
@@ -113,7 +143,8 @@ def _tensor(checkpoint: LoraCheckpoint, tensor: LoraTensor, name: str, factor: f
     if factor is None or tensor.part != "B":
         return OutputTensor(name, tensor.dtype, tensor.shape, tensor.nbytes, tensor.source_start, tensor.payload)
     return OutputTensor(name, tensor.dtype, tensor.shape, tensor.nbytes,
-                        payload=lambda: scaled_bytes(tensor_bytes(tensor, checkpoint.source_file), tensor.dtype, factor))
+                        payload=lambda: scaled_bytes(tensor_bytes(tensor, checkpoint.source_file), tensor.dtype, factor,
+                                                     f"lora_B of {tensor.module}"))
 
 
 def output_files(checkpoint: LoraCheckpoint, consumers: tuple[str, ...], *, bake_scale: bool = False) -> list[OutputFile]:

@@ -14,7 +14,6 @@ Imports torch (fusing is arithmetic on tensors); tools/lora inspect and repair d
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -26,8 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cogsurgeon.inspector.loading import read_config
 from cogsurgeon.inspector.safetensors_header import DTYPE_NAMES, read_header
-from cogsurgeon.tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, read_checkpoint, tensor_bytes
+from cogsurgeon.tools.lora.checkpoint import (
+    FLOAT32_MAX,
+    FLOAT32_MIN_NORMAL,
+    LoraCheckpoint,
+    LoraCheckpointError,
+    read_checkpoint,
+    tensor_bytes,
+)
 from cogsurgeon.tools.lora.compat import check_fits
 from cogsurgeon.tools.lora.export import module_scales
 from cogsurgeon.tools.lora.publish import (
@@ -127,7 +134,7 @@ def merge_loras(
     if not loras:
         raise LoraCheckpointError("merge needs at least one LORA")
     folder = transformer_folder(base)
-    config = json.loads((folder / CONFIG_NAME).read_text())
+    config = read_config(folder / CONFIG_NAME)
     out = output_path(out_dir, tuple(Path(spec.path).expanduser() for spec in loras))
     resolved_base = folder.resolve()
     if out == resolved_base or resolved_base in out.parents or out in resolved_base.parents:
@@ -154,7 +161,8 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
         scales = module_scales(report)
         for module, pair in _lora_tensors(checkpoint).items():
             rank, alpha = scales[module]
-            deltas.setdefault(f"{module}.weight", []).append((spec.weight * alpha / rank, pair))
+            factor = fused_factor(spec, alpha, rank)
+            deltas.setdefault(f"{module}.weight", []).append((factor, pair))
         summaries.append({"path": spec.path, "weight": spec.weight, "alpha": report.alpha, "rank": report.rank,
                           "modules": report.num_modules})
 
@@ -187,6 +195,11 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
                 weight = raw.view(torch_dtype(entry.dtype)).reshape(entry.shape)
                 down, up = stacked(deltas[name], weight.dtype)
                 weight.addmm_(up, down)  # one GEMM, accumulated in float32, rounded once (as torch.addmm)
+                if not bool(weight.isfinite().all()):  # a fused weight of inf loads and silently ruins every output
+                    raise LoraCheckpointError(
+                        f"fusing into {name} gives values that are not finite in {weight.dtype}: lower the LoRA weights "
+                        "(or check the LoRAs' lora_alpha and the base's weights)"
+                    )
                 return memoryview(view)
 
             ahead = Prefetcher(list(fused), fuse, max((e.nbytes for e in fused.values()), default=0))
@@ -215,6 +228,18 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
         published = target.publish(hashes)
     files = tuple(str(out / name) for name in sorted(published))
     return MergeResult(str(out), files, len(deltas), tuple(summaries))
+
+
+def fused_factor(spec: LoraSpec, alpha: float, rank: int) -> float:
+    """weight * alpha / r of one module of one LoRA, refused when float32 (where B is scaled) cannot hold it: inf, or
+    a weight that is not 0 rounding to nothing."""
+    factor = spec.weight * alpha / rank
+    if abs(factor) > FLOAT32_MAX or (factor != 0 and abs(factor) < FLOAT32_MIN_NORMAL) or (spec.weight and not factor):
+        raise LoraCheckpointError(
+            f"{spec.path} at weight {spec.weight:g}: weight x alpha / r = {factor:g} is outside float32's range "
+            "(1.2e-38 to 3.4e38), so the fused weights would be inf or unchanged: choose a weight within it"
+        )
+    return factor
 
 
 def stacked(pairs: list[tuple[float, dict[str, Any]]], dtype: Any) -> tuple[Any, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 from cogsurgeon.inspector.safetensors_header import library_rejection
 from cogsurgeon.inspector.user_files import expand_user
 from cogsurgeon.tools.lora.checkpoint import (
+    ALPHA_RANGE,
     LoraCheckpointError,
     LoraReport,
     positive_int,
@@ -51,15 +52,15 @@ def _is_text(value: object) -> bool:
 
 def config_problems(config: dict[str, Any]) -> list[str]:
     """Every value of the LoraConfig a repair would write that PEFT or diffusers would refuse or misread: ranks
-    that are not positive integers, lora_alpha that is not a positive finite number (NaN, Infinity, 0, negative,
-    a bool, too large for a float), patterns of the wrong type, module names that are not valid text."""
+    that are not positive integers, lora_alpha that is not a positive number float32 holds (NaN, Infinity, 0,
+    negative, a bool, 1e300: PEFT's alpha / r would make float32 outputs inf), patterns of the wrong type, module names that are not valid text."""
     problems = []
     if not positive_int(config["r"]):
         problems.append(f"rank r={config['r']!r} is not a positive integer")
     if not positive_number(config["lora_alpha"]):
-        problems.append(f"lora_alpha={shown(config['lora_alpha'])} is not a positive finite number")
+        problems.append(f"lora_alpha={shown(config['lora_alpha'])} is not {ALPHA_RANGE}")
     for key, valid, what in (("rank_pattern", positive_int, "a positive integer"),
-                             ("alpha_pattern", positive_number, "a positive finite number")):
+                             ("alpha_pattern", positive_number, ALPHA_RANGE)):
         pattern = config[key]
         if not isinstance(pattern, dict):
             problems.append(f"{key} is a {type(pattern).__name__}, not a mapping of module names to values")
@@ -96,7 +97,7 @@ def repair_checkpoint(
     but an unchanged earlier repair), appears or changes while the repair runs, or another repair holds it.
     SIGTERM/SIGHUP raise `RepairInterrupted` (SIGINT: KeyboardInterrupt) after the partial output is removed."""
     if alpha is not None and not positive_number(alpha):
-        raise LoraCheckpointError(f"--alpha must be a positive finite number, got {alpha}")
+        raise LoraCheckpointError(f"alpha must be {ALPHA_RANGE}, got {alpha}")
     consumers = parse_consumers(to)
     given = expand_user(path)
     checkpoint = read_checkpoint(given, alpha=alpha, trainer=trainer, step=step, latest=latest)
