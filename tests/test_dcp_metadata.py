@@ -92,7 +92,7 @@ def test_a_metadata_payload_never_runs_from_the_cli(command, poisoned, tmp_path,
 
 
 def test_a_metadata_payload_never_runs_from_the_tui(poisoned, monkeypatch):
-    from test_tui import SIZE, notifications, settle, wait_for_model
+    from test_tui import SIZE, inspect_in_the_lora_screen, notifications
 
     from cogsurgeon.inspector.tui.app import CogsurgeonApp
 
@@ -102,11 +102,7 @@ def test_a_metadata_payload_never_runs_from_the_tui(poisoned, monkeypatch):
     async def scenario():
         app = CogsurgeonApp("tiny")
         async with app.run_test(size=SIZE) as pilot:
-            await wait_for_model(pilot)
-            await pilot.press("l")
-            await pilot.pause()
-            await pilot.press(*"out/checkpoint-5", "enter")
-            await settle(pilot)
+            await inspect_in_the_lora_screen(pilot, "out/checkpoint-5")
             shown = notifications(app)
             assert any("builtins.exec" in message and "was not loaded" in message for message in shown), shown
             assert app.screen.query_one("#lora-repair").disabled

@@ -108,6 +108,15 @@ async def settle(pilot) -> None:
     await pilot.pause()
 
 
+async def inspect_in_the_lora_screen(pilot, checkpoint: str) -> None:
+    """Once the model is loaded: open the LoRA screen (l), type `checkpoint`, Enter, and wait for the findings."""
+    await wait_for_model(pilot)
+    await pilot.press("l")
+    await pilot.pause()
+    await pilot.press(*checkpoint, "enter")
+    await settle(pilot)
+
+
 def notifications(app) -> list[str]:
     return [notification.message for notification in app._notifications]
 

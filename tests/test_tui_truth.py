@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from test_tui import SIZE, notifications, patch_rows, pilot_test, settle, shown_text, wait_for_model
+from test_tui import (
+    SIZE,
+    inspect_in_the_lora_screen,
+    notifications,
+    patch_rows,
+    pilot_test,
+    settle,
+    shown_text,
+    wait_for_model,
+)
 
 from cogsurgeon.inspector.tui.app import CogsurgeonApp
 
@@ -76,13 +85,9 @@ async def test_a_new_checkpoint_resets_everything_computed_for_the_last_one(tmp_
     save_cogvideo_checkpoint(train(rank=4, lora_alpha=4, seed=7), tmp_path / "out" / "checkpoint-900")
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for_model(pilot)
-        await pilot.press("l")
-        await pilot.pause()
+        await inspect_in_the_lora_screen(pilot, "out/checkpoint-500")
         screen = app.screen
         field = screen.query_one("#lora-checkpoint")
-        await pilot.press(*"out/checkpoint-500", "enter")
-        await settle(pilot)
         screen.query_one("#lora-alpha").value = "2"
         await pilot.click("#lora-repair")
         await settle(pilot)
@@ -138,11 +143,7 @@ async def test_the_findings_do_not_say_ready_while_lora_alpha_is_unknown(tmp_pat
     save_cogvideo_checkpoint(train(rank=4, lora_alpha=2), tmp_path / "checkpoint-10")
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for_model(pilot)
-        await pilot.press("l")
-        await pilot.pause()
-        await pilot.press(*"checkpoint-10", "enter")
-        await settle(pilot)
+        await inspect_in_the_lora_screen(pilot, "checkpoint-10")
         findings = shown_text(app.screen.query_one("#lora-findings"))
         assert "UNKNOWN" in findings and "ready" not in findings
         assert "needs       the trained lora_alpha" in findings
