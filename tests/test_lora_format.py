@@ -105,7 +105,17 @@ def test_alpha_resolution_order():
     common = dict(metadata_alpha_pattern=None, config_alpha_pattern=None, config_file="adapter_config.json",
                   format_name="cogkit", rank=128)
     everything = dict(common, flag=32.0, metadata_alpha=16.0, config_alpha=8.0)
-    assert resolve_alpha(**everything).source == "flag" and resolve_alpha(**everything).lora_alpha == 32
+    # --alpha sets only what is not stored: a contradiction is handed back to be refused, an override replaces
+    # lora_alpha and keeps the stored per-module alphas, an equal flag changes nothing
+    refused = resolve_alpha(**dict(everything, metadata_alpha_pattern={"to_v": 2.0}))
+    assert (refused.lora_alpha, refused.source, refused.refused_flag, refused.alpha_pattern) == (16, "metadata", 32, {"to_v": 2.0})
+    overridden = resolve_alpha(**dict(everything, metadata_alpha_pattern={"to_v": 2.0}), override_stored=True)
+    assert (overridden.lora_alpha, overridden.source, overridden.alpha_pattern) == (32, "flag", {"to_v": 2.0})
+    assert overridden.stored_alpha == 16 and overridden.refused_flag is None
+    agreed = resolve_alpha(**dict(everything, flag=16, metadata_alpha_pattern={"to_v": 2.0}))
+    assert (agreed.source, agreed.alpha_pattern, agreed.refused_flag) == ("metadata", {"to_v": 2.0}, None)
+    flag_only = resolve_alpha(**dict(everything, metadata_alpha=None, config_alpha=None))
+    assert (flag_only.lora_alpha, flag_only.source) == (32, "flag")
     assert resolve_alpha(**dict(everything, flag=None)).source == "metadata"
     assert resolve_alpha(**dict(everything, flag=None, metadata_alpha=None)).lora_alpha == 8
     default = resolve_alpha(**dict(common, flag=None, metadata_alpha=None, config_alpha=None))

@@ -8,6 +8,7 @@ imported only when such a checkpoint is given.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import struct
@@ -272,9 +273,11 @@ def read_checkpoint(
     trainer: str | None = None,
     step: int | None = None,
     latest: bool = False,
+    override_stored_alpha: bool = False,
 ) -> LoraCheckpoint:
     """Read the checkpoint at `path` (folder or file). Raises `LoraCheckpointError` for what is not a LoRA
-    checkpoint at all; fixable-or-not defects of one that is are listed in `report.problems`."""
+    checkpoint at all, and for an `alpha` that contradicts a stored lora_alpha without `override_stored_alpha`;
+    fixable-or-not defects of one that is are listed in `report.problems`."""
     if trainer is not None and trainer not in TRAINERS:
         raise LoraCheckpointError(f"--trainer {trainer}: unknown trainer; known: {', '.join(TRAINERS)}")
     given = expand_user(path)
@@ -290,7 +293,7 @@ def read_checkpoint(
         raw = _classify(read_dcp_lora(located.path), {}, None, "cogkit-dcp")
     else:
         raw = _read_safetensors(located.path)
-    return _assemble(given, located, raw, alpha, trainer)
+    return _assemble(given, located, raw, AlphaRequest(alpha, trainer, override_stored_alpha))
 
 
 RawEntry = tuple[str, str, tuple[int, ...], int, int | None, Callable[[], Any] | None]  # key, dtype, shape, bytes, start, payload
@@ -335,6 +338,17 @@ def tensor_bytes(tensor: LoraTensor, source_file: Path | None) -> bytes | memory
     with source_file.open("rb") as handle:
         handle.seek(tensor.source_start)
         return handle.read(tensor.nbytes)
+
+
+def lora_digest(checkpoint: LoraCheckpoint) -> str:
+    """sha256 over the LoRA tensors a repair reads (module, part, dtype, shape and bytes, in file order): what a repair
+    manifest records of its source, so that `verify` knows the checkpoint it finds there is the one repaired. The
+    tensors only, not the whole file: finetrainers' full state holds the base model beside them."""
+    digest = hashlib.sha256()
+    for tensor in checkpoint.tensors:
+        digest.update(f"{tensor.module}\0{tensor.part}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor_bytes(tensor, checkpoint.source_file))
+    return digest.hexdigest()
 
 
 def scalar_value(tensor: LoraTensor, data: bytes) -> float:
@@ -462,7 +476,42 @@ def _kohya_alpha(raw: RawCheckpoint, ranks: dict[str, int], problems: list[str])
     return common, pattern
 
 
-def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | None, trainer: str | None) -> LoraCheckpoint:
+@dataclass(frozen=True)
+class AlphaRequest:
+    """What the person asked for: --alpha, --trainer, --override-stored-alpha."""
+
+    alpha: float | None = None
+    trainer: str | None = None
+    override_stored: bool = False
+
+
+def _alpha_notes(resolution: AlphaResolution, request: AlphaRequest, rank: int | None, tensor_file: Path) -> list[str]:
+    """What a person must hear about the alpha they asked for: a refused contradiction (raised), an override (what
+    changes), a flag that agreed with the stored value, and the stored per-module alphas that are kept."""
+    stored, flag = resolution.stored_alpha, request.alpha
+    kept = (f"; the stored alpha_pattern of {len(resolution.alpha_pattern)} modules is kept "
+            f"({_listed(resolution.alpha_pattern)})") if resolution.alpha_pattern else ""
+    if resolution.refused_flag is not None:
+        raise LoraCheckpointError(
+            f"--alpha {number(flag)} contradicts the lora_alpha {number(stored)} stored in {resolution.detail} "
+            f"({tensor_file.name}): the stored value is what the LoRA was trained with; drop --alpha, or pass "
+            f"--override-stored-alpha to write {number(flag)} instead{kept}"
+        )
+    if flag is None or stored is None:
+        return []
+    if resolution.source == "flag":
+        before, after = (f"{stored / rank:g}", f"{flag / rank:g}") if rank else ("?", "?")
+        return [f"STORED ALPHA OVERRIDDEN: lora_alpha {number(stored)} -> {number(flag)} (scale {before} -> {after} at "
+                f"rank {rank}), as --override-stored-alpha asks{kept}"]
+    return [f"--alpha {number(flag)} is the stored lora_alpha ({resolution.detail}): nothing changes{kept}"]
+
+
+def _listed(pattern: dict[str, Any], shown_count: int = 3) -> str:
+    items = [f"{module}={number(value)}" for module, value in list(pattern.items())[:shown_count]]
+    return ", ".join(items) + (", ..." if len(pattern) > shown_count else "")
+
+
+def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaRequest) -> LoraCheckpoint:
     tensor_file = located.path
     problems: list[str] = []
     warnings: list[str] = list(located.notes)
@@ -532,6 +581,7 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
     config_alpha, config_pattern, config_file = _config_beside(tensor_file, warnings, problems)
     if config_alpha is None and raw.format_name == "finetrainers-state":
         config_alpha, config_file = _finetrainers_config(tensor_file)
+    alpha, trainer = request.alpha, request.trainer
     resolution: AlphaResolution = resolve_alpha(
         flag=alpha,
         metadata_alpha=float(metadata_alpha) if metadata_alpha is not None else None,
@@ -543,8 +593,10 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
         rank=rank,
         trainer=trainer,
         stored_where=stored_where,
+        override_stored=request.override_stored,
     )
-    if trainer is not None and resolution.source in ("metadata", "config"):
+    warnings.extend(_alpha_notes(resolution, request, rank, tensor_file))
+    if trainer is not None and resolution.stored_alpha is not None:
         warnings.append(f"--trainer {trainer} ignored: lora_alpha is stored ({resolution.detail})")
     if resolution.source in ("default", "trainer") and resolution.lora_alpha is not None:
         scale = resolution.lora_alpha / rank if rank else float("nan")
@@ -620,7 +672,10 @@ def inspect_checkpoint(
     trainer: str | None = None,
     step: int | None = None,
     latest: bool = False,
+    override_stored_alpha: bool = False,
 ) -> LoraReport:
     """Inspect a LoRA checkpoint (folder or file) without changing anything. `alpha` plays the role of `--alpha`,
-    `trainer` of `--trainer`, `step`/`latest` choose among the checkpoints of an output folder."""
-    return read_checkpoint(path, alpha=alpha, trainer=trainer, step=step, latest=latest).report
+    `trainer` of `--trainer`, `override_stored_alpha` of `--override-stored-alpha`, `step`/`latest` choose among
+    the checkpoints of an output folder."""
+    return read_checkpoint(path, alpha=alpha, trainer=trainer, step=step, latest=latest,
+                           override_stored_alpha=override_stored_alpha).report

@@ -5,6 +5,7 @@ rank_pattern; and where lora_alpha comes from, or which trainers' values it coul
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -258,6 +259,8 @@ class AlphaResolution:
     detail: str  # where it came from, for people
     alpha_pattern: dict[str, float]
     candidates: tuple[AlphaCandidate, ...] = ()
+    stored_alpha: float | None = None  # what the file or a config beside it stores, when it stores lora_alpha
+    refused_flag: float | None = None  # an --alpha that contradicts the stored value without --override-stored-alpha
 
 
 def trainer_candidates(trainers: tuple[str, ...], rank: int | None) -> tuple[AlphaCandidate, ...]:
@@ -268,6 +271,11 @@ def trainer_candidates(trainers: tuple[str, ...], rank: int | None) -> tuple[Alp
         value = trainer.lora_alpha if trainer.lora_alpha is not None else (float(rank) if rank else None)
         found.append(AlphaCandidate(value, name, trainer.reference))
     return tuple(found)
+
+
+def same_alpha(first: float, second: float) -> bool:
+    """Two lora_alpha values that give the same scale (a flag typed as 64 against a stored 64.0)."""
+    return math.isclose(first, second, rel_tol=1e-9, abs_tol=0.0)
 
 
 def resolve_alpha(
@@ -282,16 +290,30 @@ def resolve_alpha(
     rank: int | None,
     trainer: str | None = None,
     stored_where: str = "lora_adapter_metadata in the file",
+    override_stored: bool = False,
 ) -> AlphaResolution:
-    """lora_alpha in the issue's order: --alpha; stored in the file; a trainer config beside it; a trainer's default
+    """lora_alpha in the issue's order: stored in the file; a trainer config beside it; --alpha; a trainer's default
     (--trainer NAME, or the one trainer the format identifies). When several trainers fit and disagree, nothing is
-    guessed: lora_alpha is None and `candidates` lists them."""
+    guessed: lora_alpha is None and `candidates` lists them.
+
+    --alpha sets only what is not stored: equal to the stored value it changes nothing (the stored alpha_pattern
+    stays), different from it the resolution carries `refused_flag` (the caller refuses) unless `override_stored`,
+    which replaces lora_alpha and still keeps the stored per-module alpha_pattern."""
+    stored: tuple[float, AlphaSource, str, dict[str, float]] | None = None
+    if metadata_alpha is not None:
+        stored = (metadata_alpha, "metadata", stored_where, metadata_alpha_pattern or {})
+    elif config_alpha is not None:
+        stored = (config_alpha, "config", config_file or "a config beside the checkpoint", config_alpha_pattern or {})
+    if stored is not None:
+        value, source, where, pattern = stored
+        if flag is None or same_alpha(flag, value):
+            return AlphaResolution(value, source, where, pattern, stored_alpha=value)
+        if override_stored:
+            return AlphaResolution(flag, "flag", f"--alpha with --override-stored-alpha, replacing lora_alpha "
+                                   f"{number(value)} stored in {where}", pattern, stored_alpha=value)
+        return AlphaResolution(value, source, where, pattern, stored_alpha=value, refused_flag=flag)
     if flag is not None:
         return AlphaResolution(flag, "flag", "--alpha", {})
-    if metadata_alpha is not None:
-        return AlphaResolution(metadata_alpha, "metadata", stored_where, metadata_alpha_pattern or {})
-    if config_alpha is not None:
-        return AlphaResolution(config_alpha, "config", config_file or "a config beside the checkpoint", config_alpha_pattern or {})
     if trainer is not None:
         (chosen,) = trainer_candidates((trainer,), rank)
         return AlphaResolution(chosen.alpha, "trainer", f"--trainer {trainer}: {chosen.source}", {})
