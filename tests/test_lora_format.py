@@ -33,6 +33,12 @@ from cogsurgeon.tools.lora.safetensors_io import (
         ("transformer_blocks.3.attn1.to_out.0.lora_B.weight", "transformer_blocks.3.attn1.to_out.0", "B", None),
         ("base_model.model.transformer_blocks.0.attn1.to_k.lora_B.weight", "transformer_blocks.0.attn1.to_k", "B", None),
         ("transformer_blocks.0.attn1.to_v.lora_A.default.weight", "transformer_blocks.0.attn1.to_v", "A", "default"),
+        # diffusers' old spelling (convert_state_dict_to_diffusers) and LyCORIS LoCon
+        ("transformer.transformer_blocks.1.attn1.to_k.lora.down.weight", "transformer_blocks.1.attn1.to_k", "A", None),
+        ("transformer_blocks.1.attn1.to_out.0.lora.up.weight", "transformer_blocks.1.attn1.to_out.0", "B", None),
+        ("lycoris_transformer_blocks_2_ff_net_0_proj.lora_down.weight", "transformer_blocks.2.ff.net.0.proj", "A", None),
+        ("lycoris_transformer_blocks_2_attn1_to_out_0.lora_up.weight", "transformer_blocks.2.attn1.to_out.0", "B", None),
+        ("lycoris_norm_out_linear.alpha", "norm_out.linear", "alpha", None),
     ],
 )
 def test_parse_lora_key(key, module, part, adapter):
@@ -44,6 +50,16 @@ def test_parse_lora_key(key, module, part, adapter):
                                  "transformer_blocks.0.attn1.to_q.lora_B.bias"])
 def test_non_lora_keys_are_not_parsed(key):
     assert parse_lora_key(key) is None
+
+
+def test_lycoris_lokr_and_loha_keys_are_named_not_lora():
+    from cogsurgeon.tools.lora.keys import not_lora_algorithm
+
+    assert not_lora_algorithm("lycoris_transformer_blocks_0_attn1_to_q.lokr_w1").startswith("LoKr")
+    assert not_lora_algorithm("lycoris_transformer_blocks_0_attn1_to_q.lokr_w2_b").startswith("LoKr")
+    assert not_lora_algorithm("lycoris_transformer_blocks_0_attn1_to_q.hada_w1_a").startswith("LoHa")
+    assert not_lora_algorithm("lycoris_transformer_blocks_0_attn1_to_q.lora_down.weight") is None
+    assert parse_lora_key("lycoris_transformer_blocks_0_attn1_to_q.lokr_w1") is None
 
 
 def test_detect_format_names_the_trainer_table_rows():

@@ -38,6 +38,7 @@ from cogsurgeon.tools.lora.keys import (
     detect_format,
     is_dora_key,
     key_prefix,
+    not_lora_algorithm,
     module_ranks,
     most_common_and_pattern,
     number,
@@ -264,6 +265,8 @@ class RawCheckpoint:
     format_name: str
     alpha_values: dict[str, float]  # kohya per-module `.alpha` values
     source_file: Path | None
+    old_spelling: int = 0  # keys in diffusers' old `.lora.down/.lora.up` spelling
+    not_lora: dict[str, str] = field(default_factory=dict)  # LyCORIS LoKr/LoHa: algorithm -> an example key
 
 
 def read_checkpoint(
@@ -305,8 +308,12 @@ def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Pa
     for key, dtype, shape, nbytes, start, payload in entries:
         parsed = parse_lora_key(key)
         if parsed is None:
+            algorithm = not_lora_algorithm(key)
+            if algorithm is not None:
+                raw.not_lora.setdefault(algorithm, key)
             (raw.dora if is_dora_key(key) else raw.non_lora).append(key)
             continue
+        raw.old_spelling += parsed.style == "diffusers-old"
         raw.adapters.add(parsed.adapter)
         raw.prefixes.add(key_prefix(key))
         raw.entries.append((key, LoraTensor(parsed.module, parsed.part, dtype, shape, nbytes, start, payload)))
@@ -515,7 +522,17 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
     tensor_file = located.path
     problems: list[str] = []
     warnings: list[str] = list(located.notes)
+    if raw.not_lora:
+        algorithm, example = next(iter(raw.not_lora.items()))
+        raise LoraCheckpointError(
+            f"{tensor_file} is a LyCORIS {algorithm} adapter, not LoRA (e.g. {example!r}): it has no lora_A/lora_B "
+            "pair for PEFT's or diffusers' LoRA loaders, so repair cannot rebuild it; LyCORIS itself loads it "
+            "(lycoris.create_lycoris_from_weights(1.0, FILE, transformer), then .apply_to())"
+        )
     lora = [(key, t) for key, t in raw.entries if t.part in ("A", "B")]
+    if raw.old_spelling:
+        warnings.append(f"{raw.old_spelling} keys use diffusers' old .lora.down/.lora.up spelling "
+                        "(convert_state_dict_to_diffusers), read as lora_A/lora_B")
     if not lora and not raw.dora:
         detail = f" (it holds {len(raw.non_lora)} other tensors, e.g. {raw.non_lora[0]})" if raw.non_lora else ""
         raise LoraCheckpointError(f"{tensor_file} holds no LoRA weights (no lora_A/lora_B keys){detail}")

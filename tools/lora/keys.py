@@ -15,6 +15,14 @@ LoraPart = Literal["A", "B"]
 
 # `<module>.lora_A.weight`, `<module>.lora_A.<adapter>.weight` (a PEFT model's raw state_dict)
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# diffusers' old spelling, `<module>.lora.down.weight` / `.lora.up.weight`: what `convert_state_dict_to_diffusers`
+# writes for the attention projections (PEFT_TO_DIFFUSERS, diffusers src/diffusers/utils/state_dict_utils.py), and
+# what diffusers' loader still reads (convert_unet_state_dict_to_peft, UNET_TO_DIFFUSERS there)
+_OLD_DIFFUSERS_KEY = re.compile(r"^(?P<module>.+)\.lora\.(?P<part>down|up)\.weight$")
+# LyCORIS algorithms whose weights are not a B·A pair: LoKr (Kronecker factors) and LoHa (Hadamard product)
+_LYCORIS_NOT_LORA = {"lokr": "LoKr (ΔW = w1 ⊗ w2, a Kronecker product)",
+                     "hada": "LoHa (ΔW = (w1a·w1b) ⊙ (w2a·w2b), a Hadamard product)"}
+_LYCORIS_NOT_LORA_KEY = re.compile(r"\.(?P<algo>lokr|hada)_(?:w|t)\d")
 _DORA_KEY = re.compile(r"(\.lora_magnitude_vector(\.|$))|(\.dora_scale$)")
 # key prefixes that name the model the module lives in, not the module: diffusers' component name, PEFT's wrapper
 _MODEL_PREFIXES = ("base_model.model.", "transformer.")
@@ -31,6 +39,7 @@ FORMAT_DESCRIPTIONS: dict[str, str] = {
     "cogkit-dcp": "CogKit torch distributed checkpoint (.metadata + __0_0.distcp)",
     "videox-fun": "VideoX-Fun PEFT checkpoint-N.safetensors (unprefixed keys)",
     "kohya": "kohya / ComfyUI LoRA (lora_unet_ keys, lora_down/lora_up, .alpha)",
+    "lycoris": "LyCORIS LoCon (lycoris_ keys, lora_down/lora_up, .alpha): plain LoRA under LyCORIS's prefix",
     "peft": "PEFT adapter (base_model.model. keys)",
     "peft-unprefixed": "unprefixed PEFT state dict (get_peft_model_state_dict saved as is)",
     "peft-adapter-name": "PEFT model state_dict with an adapter name in the keys",
@@ -61,6 +70,8 @@ TRAINERS: dict[str, Trainer] = {trainer.name: trainer for trainer in (
     Trainer("videox-fun-cli", 64, "VideoX-Fun scripts/cogvideox_fun/train_lora.py:551: --network_alpha default 64 "
             "(run without train_lora.sh)"),
     Trainer("peft", 8, "PEFT LoraConfig default lora_alpha 8"),
+    Trainer("lycoris", 1, "LyCORIS create_lycoris: linear_alpha default 1 (lycoris/wrapper.py:53-58); it saves a "
+            "per-module .alpha"),
     Trainer("alpha-equals-rank", None, "alpha = rank: what diffusers and ComfyUI apply to a file without alpha"),
 )}
 
@@ -75,6 +86,7 @@ FORMAT_TRAINERS: dict[str, tuple[str, ...]] = {
     "cogkit-dcp": ("cogkit",),
     "videox-fun": ("videox-fun", "videox-fun-cli"),
     "kohya": ("videox-fun", "videox-fun-cli", "alpha-equals-rank"),
+    "lycoris": ("lycoris",),
     "peft": ("peft", "alpha-equals-rank"),
     "peft-unprefixed": ("cogkit", "videox-fun", "videox-fun-cli", "peft"),
     "peft-adapter-name": ("peft", "alpha-equals-rank"),
@@ -93,7 +105,8 @@ _KOHYA_MODULES = tuple(
     (re.compile("^" + re.escape(name.replace(".", "_")).replace(re.escape("{i}"), r"(\d+)") + "$"), name)
     for name in COGVIDEOX_LINEARS
 )
-_KOHYA_KEY = re.compile(r"^lora_unet_+(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+# kohya (`lora_unet_`) and LyCORIS LoCon (`lycoris_`, lycoris/wrapper.py:166) name a module the same way
+_KOHYA_KEY = re.compile(r"^(?:lora_unet|lycoris)_+(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 KOHYA_PREFIX = "lora_unet__"
 
 
@@ -102,7 +115,7 @@ class ParsedKey:
     module: str  # canonical module name inside the transformer: transformer_blocks.0.attn1.to_q
     part: LoraPart | Literal["alpha"]
     adapter: str | None
-    style: Literal["peft", "kohya"] = "peft"
+    style: Literal["peft", "kohya", "diffusers-old"] = "peft"
 
 
 def parse_lora_key(key: str) -> ParsedKey | None:
@@ -110,6 +123,9 @@ def parse_lora_key(key: str) -> ParsedKey | None:
     match = _PEFT_KEY.match(key)
     if match is not None:
         return ParsedKey(canonical_module(match["module"]), match["part"], match["adapter"])  # type: ignore[arg-type]
+    old = _OLD_DIFFUSERS_KEY.match(key)
+    if old is not None:
+        return ParsedKey(canonical_module(old["module"]), "A" if old["part"] == "down" else "B", None, "diffusers-old")
     kohya = _KOHYA_KEY.match(key)
     module = kohya_module(kohya["name"]) if kohya else None
     if module is None:
@@ -146,10 +162,18 @@ def is_dora_key(key: str) -> bool:
     return _DORA_KEY.search(key) is not None
 
 
+def not_lora_algorithm(key: str) -> str | None:
+    """The LyCORIS algorithm a key belongs to when it is not LoRA (LoKr, LoHa), else None."""
+    found = _LYCORIS_NOT_LORA_KEY.search(key)
+    return _LYCORIS_NOT_LORA[found["algo"]] if found else None
+
+
 def key_prefix(key: str) -> str:
     """The model prefix of a key as written ("transformer.", "base_model.model.", "lora_unet_" or "")."""
     if key.startswith(("lora_unet_", "lora_te_")):
         return "lora_unet_"
+    if key.startswith("lycoris_"):
+        return "lycoris_"
     for prefix in _MODEL_PREFIXES:
         if key.startswith(prefix):
             return prefix
@@ -187,6 +211,8 @@ def detect_format(
         return "finetrainers"
     if "lora_unet_" in prefixes:
         return "kohya"
+    if "lycoris_" in prefixes:
+        return "lycoris"
     if adapters - {None}:
         if _FINETRAINERS_STATE_FOLDER.match(folder_name) and file_name == "model.safetensors":
             return "finetrainers-state"
