@@ -100,6 +100,12 @@ def a_pickle(tmp: Path) -> Path:
     return path
 
 
+def a_plain_pickle(tmp: Path) -> Path:
+    path = tmp / "lora.pkl"
+    path.write_bytes(pickle.dumps({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": [1.0, 2.0]}))
+    return path
+
+
 def a_pickle_named_safetensors(tmp: Path) -> Path:
     path = tmp / "pytorch_lora_weights.safetensors"
     path.write_bytes(pickle.dumps({"lora": [1, 2, 3]}))
@@ -133,7 +139,8 @@ BAD_INPUTS = {
     "non-lora-keys": (lora_mixed_with_model_weights, "not LoRA weights"),
     "empty-folder": (empty_folder, "holds no LoRA checkpoint"),
     "no-lora": (no_lora, "holds no LoRA weights"),
-    "pickle": (a_pickle, "never unpickles"),
+    "pickle": (a_pickle, "lora_A without lora_B"),  # read with weights_only=True, then refused for what it holds
+    "plain-pickle": (a_plain_pickle, "never unpickles"),
     "pickle-named-safetensors": (a_pickle_named_safetensors, "safetensors"),
     "sat-with-objects": (sat_with_objects, "weights_only"),
     "nonexistent": (nonexistent, "does not exist"),
@@ -163,7 +170,7 @@ def test_repair_refuses_bad_input(name, tmp_path, cli):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input"]  # no output, no staging folder
 
 
-@pytest.mark.parametrize("name", ["truncated", "broken-header", "empty-folder", "no-lora", "pickle", "nonexistent"])
+@pytest.mark.parametrize("name", ["truncated", "broken-header", "empty-folder", "no-lora", "plain-pickle", "nonexistent"])
 def test_inspect_refuses_what_is_not_a_lora_checkpoint(name, tmp_path, cli):
     make, expected = BAD_INPUTS[name]
     checkpoint = make(tmp_path)

@@ -2,8 +2,8 @@
 checkpoints — in every format of the LoRA-in-the-wild table (diffusers/CogVideo, finetrainers, CogKit file or DCP,
 VideoX-Fun, kohya/ComfyUI, PEFT, SAT) into one view: tensors by module, format, ranks, lora_alpha and where it came
 from (or the candidates when the file does not settle it), problems; and the `LoraReport` of `cogsurgeon lora inspect`.
-Torch-free: the SAT pickle and torch DCP readers (tools/lora/sat.py, tools/lora/dcp.py) import torch, and are
-imported only when such a checkpoint is given.
+Torch-free: the torch pickle, SAT and torch DCP readers (tools/lora/torch_pickle.py, tools/lora/sat.py,
+tools/lora/dcp.py) import torch, and are imported only when such a checkpoint is given.
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ from cogsurgeon.tools.lora.keys import (
 )
 
 SAFETENSORS_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+# the same files pickled (diffusers' save_lora_weights / PEFT's save_pretrained with safe_serialization=False)
+PICKLED_NAMES = ("pytorch_lora_weights.bin", "adapter_model.bin")
+TORCH_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # torch.save files, read with weights_only=True
 DCP_METADATA = ".metadata"
 STEP_FOLDER = re.compile(r"^(?:checkpoint-|finetrainers_step_)?(?P<step>\d+)$")
 STEP_FILE = re.compile(r"^checkpoint-(?P<step>\d+)\.safetensors$")
@@ -143,7 +146,7 @@ class LoraCheckpoint:
 class Located:
     """Which checkpoint a CKPT argument names: the tensor file (or DCP folder), and the steps of the folder."""
 
-    kind: str  # "safetensors" | "sat" | "dcp"
+    kind: str  # "safetensors" | "pickle" | "sat" | "dcp"
     path: Path
     steps: tuple[int, ...] = ()
     notes: tuple[str, ...] = ()
@@ -178,7 +181,8 @@ def checkpoint_steps(folder: Path) -> dict[int, Path]:
 
 
 def _holds_checkpoint(folder: Path) -> bool:
-    return any(is_regular_file(folder / name) for name in (*SAFETENSORS_NAMES, SAT_FILE_NAME, DCP_METADATA))
+    return any(is_regular_file(folder / name) for name in (*SAFETENSORS_NAMES, *PICKLED_NAMES, SAT_FILE_NAME,
+                                                           DCP_METADATA))
 
 
 def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = False) -> Located:
@@ -195,10 +199,17 @@ def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = Fal
             raise LoraCheckpointError(f"{path} is one file: --step and --latest choose among the checkpoints of a folder")
         if path.suffix == ".distcp" or path.name == DCP_METADATA:
             return Located("dcp", path.parent)
-        if path.name != SAT_FILE_NAME and path.suffix.lower() in PICKLE_SUFFIXES:
+        if ACCELERATE_STATE.match(path.name):
             raise LoraCheckpointError(
-                f"{path} is a pickle, and cogsurgeon never unpickles files (they can run code): pass the "
-                "checkpoint's .safetensors file or its folder (SAT: mp_rank_00_model_states.pt)"
+                f"{path} is accelerate's training state (optimizer, scheduler or random states), not LoRA weights: "
+                "pass the checkpoint folder or its LoRA weights file"
+            )
+        if path.name != SAT_FILE_NAME and path.suffix.lower() in TORCH_PICKLE_SUFFIXES:
+            return Located("pickle", path)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise LoraCheckpointError(
+                f"{path} is a plain pickle, and cogsurgeon never unpickles those (they can run code): pass the "
+                "checkpoint's .safetensors file, a torch .bin/.pt (read with weights_only=True) or its folder"
             )
         return Located("sat" if path.name == SAT_FILE_NAME else "safetensors", path)
     if kind != "a folder":
@@ -226,8 +237,8 @@ def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = Fal
         )
     else:
         raise LoraCheckpointError(
-            f"{path} holds no LoRA checkpoint: looked for {', '.join(SAFETENSORS_NAMES)}, {SAT_FILE_NAME}, a torch "
-            "DCP (.metadata), a single .safetensors file, or checkpoint-N folders/files"
+            f"{path} holds no LoRA checkpoint: looked for {', '.join(SAFETENSORS_NAMES + PICKLED_NAMES)}, "
+            f"{SAT_FILE_NAME}, a torch DCP (.metadata), a single .safetensors file, or checkpoint-N folders/files"
         )
     located = locate_checkpoint(chosen)
     return Located(located.kind, located.path, tuple(steps), located.notes)
@@ -238,6 +249,9 @@ def _checkpoint_in(folder: Path) -> Located | None:
     for name in SAFETENSORS_NAMES:
         if is_regular_file(folder / name):
             return Located("safetensors", folder / name)
+    for name in PICKLED_NAMES:
+        if is_regular_file(folder / name):
+            return Located("pickle", folder / name)
     if is_regular_file(folder / SAT_FILE_NAME):
         return Located("sat", folder / SAT_FILE_NAME)
     if is_regular_file(folder / DCP_METADATA):
@@ -294,6 +308,13 @@ def read_checkpoint(
         from cogsurgeon.tools.lora.dcp import read_dcp_lora  # imports torch
 
         raw = _classify(read_dcp_lora(located.path), {}, None, "cogkit-dcp")
+    elif located.kind == "pickle":
+        from cogsurgeon.tools.lora.torch_pickle import read_pickled_lora  # imports torch
+
+        raw = _with_format(_classify(read_pickled_lora(located.path), {}, None, ""), located.path)
+        located = Located(located.kind, located.path, located.steps, (*located.notes, (
+            f"{located.path.name} is a torch pickle, read with torch.load(weights_only=True): tensors only, no code "
+            "from the file runs; safetensors is the safer format to keep")))
     else:
         raw = _read_safetensors(located.path)
     return _assemble(given, located, raw, AlphaRequest(alpha, trainer, override_stored_alpha))
@@ -322,18 +343,23 @@ def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Pa
 
 def _read_safetensors(tensor_file: Path) -> RawCheckpoint:
     header = read_header(tensor_file)
-    folder = tensor_file.parent
     entries = [(e.name, e.dtype, e.shape, e.nbytes, e.start, None) for e in header.tensors]
-    raw = _classify(entries, header.metadata, tensor_file, format_name="")  # named below, from its keys
+    return _with_format(_classify(entries, header.metadata, tensor_file, format_name=""), tensor_file)
+
+
+def _with_format(raw: RawCheckpoint, tensor_file: Path) -> RawCheckpoint:
+    """A tensor file's entries named by format (from its keys, header, file and folder names and neighbours), with
+    the kohya per-module alphas read."""
+    folder = tensor_file.parent
     raw.format_name = detect_format(
         file_name=tensor_file.name, folder_name=folder.name, prefixes=raw.prefixes, adapters=raw.adapters,
-        metadata_keys=set(header.metadata),
+        metadata_keys=set(raw.metadata),
         accelerate_state=any(ACCELERATE_STATE.match(p.name) for p in list_folder(folder)),
         peft_config_beside=is_regular_file(folder / "adapter_config.json"),
     )
     for _, tensor in raw.entries:
         if tensor.part == "alpha":
-            raw.alpha_values[tensor.module] = scalar_value(tensor, tensor_bytes(tensor, tensor_file))
+            raw.alpha_values[tensor.module] = scalar_value(tensor, tensor_bytes(tensor, raw.source_file))
     return raw
 
 
