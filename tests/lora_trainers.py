@@ -309,12 +309,15 @@ def save_videox_fun_peft(trained: Trained, output_dir: Path, step: int) -> Path:
     return output_dir
 
 
-def save_videox_fun_network(trained: Trained, output_dir: Path, step: int) -> Path:
+def save_videox_fun_network(trained: Trained, output_dir: Path, step: int, text_encoder=None) -> Path:
     """VideoX-Fun without --use_peft_lora: LoRANetwork (utils/lora_utils.py:170-270) over every Linear of the
     transformer, names `lora_unet` + "." + "" + "." + child name with "." -> "_", each LoRAModule holding
     lora_down, lora_up and an `alpha` buffer (lora_utils.py:60-70); save_weights (lora_utils.py:335-358) casts to the
     weight dtype and writes sshs_* hashes as metadata; train_lora.py:1784-1785 names it checkpoint-{step}.safetensors.
-    The trained model here is PEFT over the same Linear layers, which computes the same x + up(down(x)) * alpha/r."""
+    The trained model here is PEFT over the same Linear layers, which computes the same x + up(down(x)) * alpha/r.
+    With `text_encoder` (a T5EncoderModel; train_lora.py:873 applies the network to it with --train_text_encoder),
+    its LoRA is saved beside: `lora_te` + "." + module + "." + child for every Linear inside the
+    TEXT_ENCODER_TARGET_REPLACE_MODULE classes (lora_utils.py:170-172, 229, 261), seeded random values."""
     import torch
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -325,6 +328,20 @@ def save_videox_fun_network(trained: Trained, output_dir: Path, step: int) -> Pa
         lora_name = f"lora_unet..{name}".replace(".", "_")
         state_dict[f"{lora_name}.{ {'A.weight': 'lora_down', 'B.weight': 'lora_up'}[part] }.weight"] = value
         state_dict[f"{lora_name}.alpha"] = torch.tensor(float(trained.lora_alpha))
+    if text_encoder is not None:
+        generator = torch.Generator().manual_seed(3)
+        targets = ["T5LayerSelfAttention", "T5LayerFF", "BertEncoder", "T5SelfAttention", "T5CrossAttention"]
+        for name, module in text_encoder.named_modules():
+            if module.__class__.__name__ not in targets:
+                continue
+            for child_name, child in module.named_modules():
+                if child.__class__.__name__ == "Linear":
+                    lora_name = f"lora_te.{name}.{child_name}".replace(".", "_")
+                    state_dict[f"{lora_name}.lora_down.weight"] = torch.randn(trained.rank, child.in_features,
+                                                                              generator=generator)
+                    state_dict[f"{lora_name}.lora_up.weight"] = torch.randn(child.out_features, trained.rank,
+                                                                            generator=generator)
+                    state_dict[f"{lora_name}.alpha"] = torch.tensor(float(trained.lora_alpha))
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in state_dict.values())).hexdigest()
     output_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.float32).contiguous() for k, v in state_dict.items()},

@@ -37,6 +37,7 @@ from cogsurgeon.tools.lora.keys import (
     AlphaResolution,
     detect_format,
     is_dora_key,
+    is_text_encoder_key,
     key_prefix,
     not_lora_algorithm,
     module_ranks,
@@ -102,6 +103,7 @@ class LoraReport:
     warnings: tuple[str, ...]
     steps: tuple[int, ...] = ()  # the checkpoints of the output folder given, when it holds several
     ignored: tuple[str, ...] = ()  # non-LoRA tensors read past (finetrainers' full state)
+    text_encoder: tuple[str, ...] = ()  # a text encoder's LoRA (lora_te_ keys), left out of the adapter
     fits: tuple[str, ...] = ()  # CogVideoX variants whose shapes the LoRA fits
     fit_detail: str = ""
 
@@ -116,7 +118,7 @@ class LoraReport:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("target_modules", "modules", "problems", "warnings", "steps", "ignored", "fits"):
+        for key in ("target_modules", "modules", "problems", "warnings", "steps", "ignored", "text_encoder", "fits"):
             data[key] = list(data[key])
         data["alpha_candidates"] = [dict(candidate) for candidate in self.alpha_candidates]
         data["format_description"] = self.format_description
@@ -281,6 +283,7 @@ class RawCheckpoint:
     source_file: Path | None
     old_spelling: int = 0  # keys in diffusers' old `.lora.down/.lora.up` spelling
     not_lora: dict[str, str] = field(default_factory=dict)  # LyCORIS LoKr/LoHa: algorithm -> an example key
+    text_encoder: list[str] = field(default_factory=list)  # a text encoder's LoRA (lora_te_), left out of the repair
 
 
 def read_checkpoint(
@@ -332,6 +335,9 @@ def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Pa
             algorithm = not_lora_algorithm(key)
             if algorithm is not None:
                 raw.not_lora.setdefault(algorithm, key)
+            if is_text_encoder_key(key):
+                raw.text_encoder.append(key)
+                continue
             (raw.dora if is_dora_key(key) else raw.non_lora).append(key)
             continue
         raw.old_spelling += parsed.style == "diffusers-old"
@@ -556,11 +562,20 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
             "(lycoris.create_lycoris_from_weights(1.0, FILE, transformer), then .apply_to())"
         )
     lora = [(key, t) for key, t in raw.entries if t.part in ("A", "B")]
+    if raw.text_encoder:
+        modules = {key.split(".")[0] for key in raw.text_encoder}
+        warnings.append(
+            f"TEXT ENCODER LEFT OUT: {len(raw.text_encoder)} tensors of a text-encoder LoRA ({len(modules)} lora_te_ "
+            f"modules, e.g. {raw.text_encoder[0]!r}) are not written: the adapter holds the transformer's LoRA "
+            "only; the text encoder runs as it was before training unless its LoRA is applied another way"
+        )
     if raw.old_spelling:
         warnings.append(f"{raw.old_spelling} keys use diffusers' old .lora.down/.lora.up spelling "
                         "(convert_state_dict_to_diffusers), read as lora_A/lora_B")
     if not lora and not raw.dora:
         detail = f" (it holds {len(raw.non_lora)} other tensors, e.g. {raw.non_lora[0]})" if raw.non_lora else ""
+        if raw.text_encoder:
+            detail = f" for the transformer: only a text encoder's LoRA ({len(raw.text_encoder)} lora_te_ tensors)"
         raise LoraCheckpointError(f"{tensor_file} holds no LoRA weights (no lora_A/lora_B keys){detail}")
     named_adapters = sorted(a for a in raw.adapters if a is not None)
     if len(named_adapters) > 1 or (named_adapters and None in raw.adapters):
@@ -682,6 +697,7 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
         warnings=tuple(warnings),
         steps=located.steps,
         ignored=ignored,
+        text_encoder=tuple(raw.text_encoder),
         fits=fits,
         fit_detail=fit_detail,
     )

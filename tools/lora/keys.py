@@ -162,6 +162,11 @@ def is_dora_key(key: str) -> bool:
     return _DORA_KEY.search(key) is not None
 
 
+def is_text_encoder_key(key: str) -> bool:
+    """A kohya-style key of a text encoder's LoRA (`lora_te_`, `lora_te1_`, ...: VideoX-Fun's LoRANetwork over T5)."""
+    return re.match(r"^lora_te\d*_", key) is not None
+
+
 def not_lora_algorithm(key: str) -> str | None:
     """The LyCORIS algorithm a key belongs to when it is not LoRA (LoKr, LoHa), else None."""
     found = _LYCORIS_NOT_LORA_KEY.search(key)
