@@ -48,16 +48,18 @@ def base_model(base: str):
 
 
 def train(base: str, rank: int, lora_alpha: float, targets: list[str] | None = None, *, inject: bool = False,
-          seed: int = 1, rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> Trained:
+          seed: int = 1, rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
+          **config: Any) -> Trained:
     """A "trained" adapter: the trainer's LoraConfig on the base (add_adapter, or peft's inject_adapter_in_model where
-    the trainer uses that), every LoRA weight set to seeded random values so that B is non-zero."""
+    the trainer uses that), every LoRA weight set to seeded random values so that B is non-zero. `config`: more
+    LoraConfig settings (use_dora=True, lora_bias=True)."""
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = targets or ATTENTION
     model = base_model(base)
     config = LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights=True, target_modules=targets,
-                        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
+                        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, **config)
     if inject:
         model = inject_adapter_in_model(config, model)
     else:

@@ -66,10 +66,11 @@ def rank_clash(tmp: Path) -> Path:
 
 
 def dora(tmp: Path) -> Path:
+    """kohya/ComfyUI-style DoRA (`dora_scale`); PEFT's lora_magnitude_vector is repaired (test_lora_dora_bias.py)."""
     (tmp / "ckpt").mkdir()
     a, b = lora_pair()
-    save_file({"transformer_blocks.0.attn1.to_q.lora_A.weight": a, "transformer_blocks.0.attn1.to_q.lora_B.weight": b,
-               "transformer_blocks.0.attn1.to_q.lora_magnitude_vector": torch.ones(32)},
+    name = "lora_unet__transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b, f"{name}.dora_scale": torch.ones(1, 32)},
               str(tmp / "ckpt" / "adapter_model.safetensors"))
     return tmp / "ckpt"
 
@@ -135,7 +136,7 @@ BAD_INPUTS = {
     "header-length-beyond-file": (header_length_beyond_file, "header"),
     "a-without-b": (a_without_b, "lora_A without lora_B"),
     "rank-clash": (rank_clash, "rank clash"),
-    "dora": (dora, "DoRA magnitude vectors"),
+    "dora": (dora, "kohya-style DoRA scales"),
     "non-lora-keys": (lora_mixed_with_model_weights, "not LoRA weights"),
     "empty-folder": (empty_folder, "holds no LoRA checkpoint"),
     "no-lora": (no_lora, "holds no LoRA weights"),

@@ -39,6 +39,11 @@ from cogsurgeon.tools.lora.safetensors_io import (
         ("lycoris_transformer_blocks_2_ff_net_0_proj.lora_down.weight", "transformer_blocks.2.ff.net.0.proj", "A", None),
         ("lycoris_transformer_blocks_2_attn1_to_out_0.lora_up.weight", "transformer_blocks.2.attn1.to_out.0", "B", None),
         ("lycoris_norm_out_linear.alpha", "norm_out.linear", "alpha", None),
+        # PEFT lora_bias=True and DoRA, as saved and in a model's raw state_dict
+        ("transformer_blocks.0.attn1.to_q.lora_B.bias", "transformer_blocks.0.attn1.to_q", "bias", None),
+        ("transformer_blocks.0.attn1.to_q.lora_B.default.bias", "transformer_blocks.0.attn1.to_q", "bias", "default"),
+        ("transformer_blocks.0.attn1.to_q.lora_magnitude_vector", "transformer_blocks.0.attn1.to_q", "magnitude", None),
+        ("x.to_q.lora_magnitude_vector.default.weight", "x.to_q", "magnitude", "default"),
     ],
 )
 def test_parse_lora_key(key, module, part, adapter):
@@ -46,8 +51,8 @@ def test_parse_lora_key(key, module, part, adapter):
     assert (parsed.module, parsed.part, parsed.adapter) == (module, part, adapter)
 
 
-@pytest.mark.parametrize("key", ["transformer_blocks.0.attn1.to_q.weight", "x.lora_magnitude_vector.default.weight",
-                                 "transformer_blocks.0.attn1.to_q.lora_B.bias"])
+@pytest.mark.parametrize("key", ["transformer_blocks.0.attn1.to_q.weight", "x.dora_scale",
+                                 "transformer_blocks.0.attn1.to_q.lora_A.bias"])
 def test_non_lora_keys_are_not_parsed(key):
     assert parse_lora_key(key) is None
 
@@ -225,3 +230,4 @@ def test_kohya_alpha_reads_in_every_float_dtype(dtype, name):
     value = torch.tensor(32.0, dtype=getattr(torch, dtype))
     data = value.reshape(1).view(torch.uint8).numpy().tobytes()
     assert scalar_value(LoraTensor("m", "alpha", name, (), len(data)), data) == 32.0
+

@@ -39,9 +39,9 @@ from cogsurgeon.tools.lora.keys import (
     is_dora_key,
     is_text_encoder_key,
     key_prefix,
-    not_lora_algorithm,
     module_ranks,
     most_common_and_pattern,
+    not_lora_algorithm,
     number,
     parse_lora_key,
     rank_and_pattern,
@@ -103,6 +103,8 @@ class LoraReport:
     warnings: tuple[str, ...]
     steps: tuple[int, ...] = ()  # the checkpoints of the output folder given, when it holds several
     ignored: tuple[str, ...] = ()  # non-LoRA tensors read past (finetrainers' full state)
+    lora_bias: bool = False  # lora_B has a bias (PEFT lora_bias=True)
+    use_dora: bool = False  # DoRA magnitude vectors (PEFT use_dora=True)
     text_encoder: tuple[str, ...] = ()  # a text encoder's LoRA (lora_te_ keys), left out of the adapter
     fits: tuple[str, ...] = ()  # CogVideoX variants whose shapes the LoRA fits
     fit_detail: str = ""
@@ -450,10 +452,10 @@ def _config_beside(
 
 
 def _unsupported_variants(config: Any, where: str, problems: list[str]) -> None:
-    """LoRA variants whose scale or weights the plain adapter written by repair would get wrong."""
-    for flag, what in (("use_rslora", "rsLoRA (scale alpha/sqrt(r))"), ("use_dora", "DoRA")):
-        if _find_key(config, flag) is True:
-            problems.append(f"{where} says {flag}: {what} is not plain LoRA and repair does not rebuild it")
+    """LoRA variants whose scale the adapter written by repair would get wrong (DoRA and lora_bias are written)."""
+    if _find_key(config, "use_rslora") is True:
+        problems.append(f"{where} says use_rslora: rsLoRA (scale alpha/sqrt(r)) is not plain LoRA and repair does not "
+                        "rebuild it")
 
 
 def _find_key(tree: Any, wanted: str) -> Any:
@@ -550,6 +552,34 @@ def _listed(pattern: dict[str, Any], shown_count: int = 3) -> str:
     return ", ".join(items) + (", ..." if len(pattern) > shown_count else "")
 
 
+EXTRA_PARTS = {"bias": "lora_B bias (PEFT lora_bias=True)", "magnitude": "DoRA magnitude (PEFT use_dora=True)"}
+
+
+def _bias_and_magnitude(raw: RawCheckpoint, b_shapes: dict[str, tuple[int, ...]], problems: list[str]) -> list[LoraTensor]:
+    """PEFT's lora_B biases and DoRA magnitude vectors: one per module, of lora_B's output size, on every module of
+    the LoRA (PEFT sets lora_bias and use_dora for the whole adapter)."""
+    found: dict[str, dict[str, LoraTensor]] = {part: {} for part in EXTRA_PARTS}
+    for key, tensor in raw.entries:
+        if tensor.part not in EXTRA_PARTS:
+            continue
+        modules = found[tensor.part]
+        expected = (b_shapes[tensor.module][0],) if tensor.module in b_shapes else None
+        if tensor.module in modules:
+            problems.append(f"{tensor.module}: the {EXTRA_PARTS[tensor.part]} appears twice (again as {key!r})")
+        elif expected is None:
+            problems.append(f"{tensor.module}: a {EXTRA_PARTS[tensor.part]} without lora_B ({key!r})")
+        elif tensor.shape != expected:
+            problems.append(f"{tensor.module}: the {EXTRA_PARTS[tensor.part]} has shape {list(tensor.shape)}, "
+                            f"expected {list(expected)} (lora_B's output size)")
+        else:
+            modules[tensor.module] = tensor
+    for part, modules in found.items():
+        missing = sorted(set(b_shapes) - set(modules))
+        if modules and missing:
+            problems.append(f"{len(missing)} modules have no {EXTRA_PARTS[part]} while others do, e.g. {missing[0]}")
+    return [tensor for modules in found.values() for tensor in modules.values()]
+
+
 def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaRequest) -> LoraCheckpoint:
     tensor_file = located.path
     problems: list[str] = []
@@ -592,8 +622,8 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
         )
     if raw.dora:
         problems.append(
-            f"{len(raw.dora)} DoRA magnitude vectors (e.g. {raw.dora[0]!r}): a DoRA adapter, not plain LoRA; repair "
-            "does not rebuild DoRA"
+            f"{len(raw.dora)} kohya-style DoRA scales (e.g. {raw.dora[0]!r}): not PEFT's lora_magnitude_vector; repair "
+            "does not rebuild this DoRA"
         )
     a_shapes: dict[str, tuple[int, ...]] = {}
     b_shapes: dict[str, tuple[int, ...]] = {}
@@ -608,6 +638,8 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
     ranks, rank_problems = module_ranks(a_shapes, b_shapes)
     problems.extend(rank_problems)
     rank, rank_pattern = rank_and_pattern(ranks)
+    extras = _bias_and_magnitude(raw, b_shapes, problems)
+    tensors.extend(extras)
 
     # unreadable metadata that claims to hold the LoRA config is a problem (repair refuses), not a silent default
     metadata_config = _metadata_config(raw.metadata, problems, tensor_file)
@@ -636,6 +668,9 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
             problems.append(f"rank clash: the file's LoRA config says r={stored_r} but the tensors have rank {rank}")
     if metadata_config:
         _unsupported_variants(metadata_config, METADATA_KEY, problems)
+    if metadata_config.get("use_dora") is True and not any(t.part == "magnitude" for t in extras):
+        problems.append("the file's LoRA config says use_dora but it holds no lora_magnitude_vector: the DoRA "
+                        "magnitudes are missing")
     config_alpha, config_pattern, config_file = _config_beside(tensor_file, warnings, problems)
     if config_alpha is None and raw.format_name == "finetrainers-state":
         config_alpha, config_file = _finetrainers_config(tensor_file)
@@ -698,6 +733,8 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
         steps=located.steps,
         ignored=ignored,
         text_encoder=tuple(raw.text_encoder),
+        lora_bias=any(t.part == "bias" for t in extras),
+        use_dora=any(t.part == "magnitude" for t in extras),
         fits=fits,
         fit_detail=fit_detail,
     )

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 LoraPart = Literal["A", "B"]
+# the suffix of each part of a module's LoRA in PEFT's spelling (what get_peft_model_state_dict writes)
+PEFT_SUFFIXES = {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias", "magnitude": "lora_magnitude_vector"}
 
 # `<module>.lora_A.weight`, `<module>.lora_A.<adapter>.weight` (a PEFT model's raw state_dict)
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -23,7 +25,11 @@ _OLD_DIFFUSERS_KEY = re.compile(r"^(?P<module>.+)\.lora\.(?P<part>down|up)\.weig
 _LYCORIS_NOT_LORA = {"lokr": "LoKr (ΔW = w1 ⊗ w2, a Kronecker product)",
                      "hada": "LoHa (ΔW = (w1a·w1b) ⊙ (w2a·w2b), a Hadamard product)"}
 _LYCORIS_NOT_LORA_KEY = re.compile(r"\.(?P<algo>lokr|hada)_(?:w|t)\d")
-_DORA_KEY = re.compile(r"(\.lora_magnitude_vector(\.|$))|(\.dora_scale$)")
+# PEFT's lora_bias=True (`<module>.lora_B.bias`) and DoRA magnitude (`<module>.lora_magnitude_vector`, in a model's
+# raw state_dict `.lora_magnitude_vector.<adapter>.weight`): written as they are, with lora_bias / use_dora set
+_PEFT_EXTRA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_B(?:\.(?P<bias_adapter>[^.]+))?\.bias"
+                             r"|lora_magnitude_vector(?:\.(?P<adapter>[^.]+)\.weight)?)$")
+_DORA_KEY = re.compile(r"\.dora_scale$")  # kohya/ComfyUI-style DoRA: another parametrisation, not rebuilt
 # key prefixes that name the model the module lives in, not the module: diffusers' component name, PEFT's wrapper
 _MODEL_PREFIXES = ("base_model.model.", "transformer.")
 
@@ -113,16 +119,21 @@ KOHYA_PREFIX = "lora_unet__"
 @dataclass(frozen=True)
 class ParsedKey:
     module: str  # canonical module name inside the transformer: transformer_blocks.0.attn1.to_q
-    part: LoraPart | Literal["alpha"]
+    part: LoraPart | Literal["alpha", "bias", "magnitude"]
     adapter: str | None
     style: Literal["peft", "kohya", "diffusers-old"] = "peft"
 
 
 def parse_lora_key(key: str) -> ParsedKey | None:
-    """The module, A/B (or a kohya `.alpha`) and adapter name a LoRA weight key names, or None for anything else."""
+    """The module, part (A, B, a kohya `.alpha`, PEFT's lora_B bias or DoRA magnitude) and adapter name a LoRA key
+    names, or None for anything else."""
     match = _PEFT_KEY.match(key)
     if match is not None:
         return ParsedKey(canonical_module(match["module"]), match["part"], match["adapter"])  # type: ignore[arg-type]
+    extra = _PEFT_EXTRA_KEY.match(key)
+    if extra is not None:
+        part = "magnitude" if "lora_magnitude_vector" in key[len(extra["module"]):] else "bias"
+        return ParsedKey(canonical_module(extra["module"]), part, extra["adapter"] or extra["bias_adapter"])
     old = _OLD_DIFFUSERS_KEY.match(key)
     if old is not None:
         return ParsedKey(canonical_module(old["module"]), "A" if old["part"] == "down" else "B", None, "diffusers-old")
@@ -143,6 +154,11 @@ def kohya_module(name: str) -> str | None:
         if found:
             return module.replace("{i}", found.group(1)) if found.groups() else module
     return None
+
+
+def peft_key(prefix: str, module: str, part: str) -> str:
+    """The key of a module's LoRA part in PEFT's spelling under `prefix` ("base_model.model.", "transformer.")."""
+    return f"{prefix}{module}.{PEFT_SUFFIXES[part]}"
 
 
 def kohya_key(module: str, part: str) -> str:
