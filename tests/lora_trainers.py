@@ -130,13 +130,11 @@ def save_diffusers_final(trained: Trained, output_dir: Path) -> Path:
     return output_dir
 
 
-def save_finetrainers(trained: Trained, output_dir: Path, step: int) -> Path:
-    """finetrainers: sft_trainer/trainer.py:279-298 (save_model_hook: get_peft_model_state_dict, lora_config metadata,
-    _save_lora_weights into output_dir/lora_weights/{step:06d}), models/cogvideox/base_specification.py:366-383
+def _finetrainers_lora_weights_hook(trained: Trained, output_dir: Path, step: int):
+    """finetrainers' save_model_hook, sft_trainer/trainer.py:279-298: get_peft_model_state_dict, lora_config metadata,
+    _save_lora_weights into output_dir/lora_weights/{step:06d}, models/cogvideox/base_specification.py:366-383
     (CogVideoXPipeline.save_lora_weights with safetensors_torch_save_function, utils/serialization.py:6-10, and
-    scheduler.save_pretrained), run from parallel/accelerate.py:278-288, whose hook does not pop the weights, so
-    accelerate also writes finetrainers_step_{step}/model.safetensors with the whole model, and states.pt."""
-    import torch
+    scheduler.save_pretrained)."""
     from diffusers import CogVideoXDDIMScheduler
     from peft import get_peft_model_state_dict
     import safetensors.torch
@@ -158,12 +156,90 @@ def save_finetrainers(trained: Trained, output_dir: Path, step: int) -> Path:
             safe_serialization=True)
         CogVideoXDDIMScheduler().save_pretrained(str(directory / "scheduler"))
 
+    return callback
+
+
+def save_finetrainers(trained: Trained, output_dir: Path, step: int) -> Path:
+    """finetrainers with its accelerate backend: the lora_weights hook above, run from parallel/accelerate.py:278-288,
+    whose hook does not pop the weights, so accelerate also writes finetrainers_step_{step}/model.safetensors with the
+    whole model, and states.pt."""
+    import torch
+
+    callback = _finetrainers_lora_weights_hook(trained, output_dir, step)
+
     def save_model_hook(models, weights, output_dir_):
         assert len(models) == 1
         callback(weights[0])
         torch.save({"step": step}, Path(output_dir_) / "states.pt")
 
     _accelerate_save_state(trained, output_dir / f"finetrainers_step_{step}", save_model_hook, safe_serialization=True)
+    return output_dir
+
+
+def save_finetrainers_ptd(trained: Trained, output_dir: Path, step: int, *, lora_weights: bool = True) -> Path:
+    """finetrainers with its PTD backend: PTDCheckpointer.save (parallel/ptd.py:332-352) runs
+    torch.distributed.checkpoint.save(states, checkpoint_id=output_dir/finetrainers_step_{step}) over
+    {"train_state": TrainState (state.py:16-38), "model": ModelWrapper (ptd.py:282-287: get_model_state_dict, the
+    whole PEFT-injected model), "optimizer": OptimizerWrapper (optimizer.py:47-52: get_optimizer_state_dict,
+    flattened), "dataloader", "lr_scheduler" (optimizer.py:80-84)} (sft_trainer/trainer.py:309-319), then calls the
+    lora_weights hook with the gathered model state. The dataloader (a torchdata StatefulDataLoader there) is a small
+    Stateful here. Without `lora_weights`, the lora_weights/ folder is left out (a run whose copy lost it)."""
+    import functools as _functools
+    import io
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    class TrainState(Stateful):
+        def state_dict(self):
+            losses = io.BytesIO()
+            torch.save([0.5], losses)
+            return {"step": torch.tensor(step, dtype=torch.int32), "observed_data_samples": torch.tensor(step),
+                    "global_avg_losses": losses}
+
+        def load_state_dict(self, state_dict):
+            raise NotImplementedError
+
+    class ModelWrapper(Stateful):
+        def __init__(self, model):
+            self.model = [model]
+
+        def state_dict(self):
+            return {k: v for sd in map(get_model_state_dict, self.model) for k, v in sd.items()}
+
+        def load_state_dict(self, state_dict):
+            raise NotImplementedError
+
+    class OptimizerWrapper(Stateful):
+        def __init__(self, model):
+            self.model_parts = [model]
+            self.optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-4)]
+
+        def state_dict(self):
+            func = _functools.partial(get_optimizer_state_dict,
+                                      options=StateDictOptions(flatten_optimizer_state_dict=True))
+            return {k: v for sd in map(func, self.model_parts, self.optimizers) for k, v in sd.items()}
+
+        def load_state_dict(self, state_dict):
+            raise NotImplementedError
+
+    class DataLoaderState(Stateful):
+        def state_dict(self):
+            return {"samples_yielded": torch.tensor(step)}
+
+        def load_state_dict(self, state_dict):
+            raise NotImplementedError
+
+    optimizers = OptimizerWrapper(trained.model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizers.optimizers[0], lambda _: 1.0)
+    states = {"train_state": TrainState(), "model": ModelWrapper(trained.model), "optimizer": optimizers,
+              "dataloader": DataLoaderState(), "lr_scheduler": scheduler}
+    dcp.save(states, checkpoint_id=str(output_dir / f"finetrainers_step_{step}"), no_dist=True)
+    if lora_weights:
+        _finetrainers_lora_weights_hook(trained, output_dir, step)(
+            {k: v.detach().cpu() for k, v in trained.model.state_dict().items()})
     return output_dir
 
 

@@ -231,3 +231,13 @@ def test_kohya_alpha_reads_in_every_float_dtype(dtype, name):
     data = value.reshape(1).view(torch.uint8).numpy().tobytes()
     assert scalar_value(LoraTensor("m", "alpha", name, (), len(data)), data) == 32.0
 
+
+def test_whose_torch_dcp_a_folder_is():
+    from cogsurgeon.tools.lora.keys import dcp_format
+
+    lora = ["transformer_blocks.0.attn1.to_q.lora_A.default.weight",
+            "transformer_blocks.0.attn1.to_q.lora_B.default.weight"]
+    whole = [*lora, "transformer_blocks.0.attn1.to_q.base_layer.weight", "proj_out.weight"]
+    assert dcp_format("finetrainers_step_30", lora) == "finetrainers-ptd"  # finetrainers' own checkpoint prefix
+    assert dcp_format("checkpoint-30", whole) == "finetrainers-ptd"  # a whole PEFT-injected model, renamed
+    assert dcp_format("checkpoint-30", [key.replace(".default", "") for key in lora]) == "cogkit-dcp"

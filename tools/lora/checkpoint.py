@@ -32,9 +32,11 @@ from cogsurgeon.inspector.user_files import (
     read_yaml,
 )
 from cogsurgeon.tools.lora.keys import (
+    FINETRAINERS_FORMATS,
     FORMAT_DESCRIPTIONS,
     TRAINERS,
     AlphaResolution,
+    dcp_format,
     detect_format,
     is_dora_key,
     is_text_encoder_key,
@@ -312,7 +314,8 @@ def read_checkpoint(
     elif located.kind == "dcp":
         from cogsurgeon.tools.lora.dcp import read_dcp_lora  # imports torch
 
-        raw = _classify(read_dcp_lora(located.path), {}, None, "cogkit-dcp")
+        entries = read_dcp_lora(located.path)
+        raw = _classify(entries, {}, None, dcp_format(located.path.name, [entry[0] for entry in entries]))
     elif located.kind == "pickle":
         from cogsurgeon.tools.lora.torch_pickle import read_pickled_lora  # imports torch
 
@@ -473,12 +476,14 @@ def _find_key(tree: Any, wanted: str) -> Any:
 
 
 def _finetrainers_config(tensor_file: Path) -> tuple[float | None, str | None]:
-    """finetrainers' full state `finetrainers_step_N/model.safetensors` stores no alpha; the LoRA file it saved at the
-    same step, `lora_weights/{N:06d}/pytorch_lora_weights.safetensors`, holds it in `lora_config`."""
-    match = re.match(r"^finetrainers_step_(\d+)$", tensor_file.parent.name)
+    """finetrainers' full state (`finetrainers_step_N/model.safetensors`, or the PTD backend's torch DCP folder
+    `finetrainers_step_N/`) stores no alpha; the LoRA file its save hook wrote at the same step,
+    `lora_weights/{N:06d}/pytorch_lora_weights.safetensors`, holds it in `lora_config`."""
+    step_folder = tensor_file if tensor_file.is_dir() else tensor_file.parent
+    match = re.match(r"^finetrainers_step_(\d+)$", step_folder.name)
     if match is None:
         return None, None
-    sibling = tensor_file.parent.parent / "lora_weights" / f"{int(match[1]):06d}" / "pytorch_lora_weights.safetensors"
+    sibling = step_folder.parent / "lora_weights" / f"{int(match[1]):06d}" / "pytorch_lora_weights.safetensors"
     if not is_regular_file(sibling):
         return None, None
     config = _lora_config_metadata(read_header(sibling).metadata, sibling)
@@ -613,7 +618,7 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
     if len(raw.prefixes) > 1:
         problems.append(f"keys mix prefixes {sorted(raw.prefixes)}: one model prefix per file expected")
     ignored: tuple[str, ...] = ()
-    if raw.non_lora and raw.format_name == "finetrainers-state":
+    if raw.non_lora and raw.format_name in FINETRAINERS_FORMATS:
         ignored = tuple(raw.non_lora)
         warnings.append(f"{len(ignored)} non-LoRA tensors of finetrainers' full state ignored, e.g. {ignored[0]!r}")
     elif raw.non_lora:
@@ -672,7 +677,7 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
         problems.append("the file's LoRA config says use_dora but it holds no lora_magnitude_vector: the DoRA "
                         "magnitudes are missing")
     config_alpha, config_pattern, config_file = _config_beside(tensor_file, warnings, problems)
-    if config_alpha is None and raw.format_name == "finetrainers-state":
+    if config_alpha is None and raw.format_name in FINETRAINERS_FORMATS:
         config_alpha, config_file = _finetrainers_config(tensor_file)
     alpha, trainer = request.alpha, request.trainer
     resolution: AlphaResolution = resolve_alpha(

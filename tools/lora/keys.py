@@ -41,6 +41,7 @@ FORMAT_DESCRIPTIONS: dict[str, str] = {
     "diffusers-metadata": "diffusers >= 0.34 LoRA with lora_adapter_metadata",
     "finetrainers": "finetrainers lora_weights/{step}/ (lora_config in the header)",
     "finetrainers-state": "finetrainers full state finetrainers_step_N/model.safetensors (LoRA + base tensors)",
+    "finetrainers-ptd": "finetrainers PTD state finetrainers_step_N/ (torch DCP: LoRA + base tensors + optimizer)",
     "cogkit": "CogKit low_vram checkpoint (unprefixed adapter_model.safetensors, no adapter_config.json)",
     "cogkit-dcp": "CogKit torch distributed checkpoint (.metadata + __0_0.distcp)",
     "videox-fun": "VideoX-Fun PEFT checkpoint-N.safetensors (unprefixed keys)",
@@ -88,6 +89,7 @@ FORMAT_TRAINERS: dict[str, tuple[str, ...]] = {
     "diffusers-metadata": ("alpha-equals-rank",),
     "finetrainers": ("finetrainers",),
     "finetrainers-state": ("finetrainers",),
+    "finetrainers-ptd": ("finetrainers",),
     "cogkit": ("cogkit",),
     "cogkit-dcp": ("cogkit",),
     "videox-fun": ("videox-fun", "videox-fun-cli"),
@@ -247,6 +249,20 @@ def detect_format(
     if _VIDEOX_FUN_FILE.match(file_name):
         return "videox-fun"
     return "peft-unprefixed"
+
+
+FINETRAINERS_FORMATS = ("finetrainers-state", "finetrainers-ptd")  # a whole-model state: LoRA beside base weights
+
+
+def dcp_format(folder_name: str, keys: list[str]) -> str:
+    """Whose torch distributed checkpoint a folder is: finetrainers' PTD state (`finetrainers_step_N/`, its own
+    checkpoint prefix, parallel/ptd.py:311; or a whole PEFT-injected model: `.base_layer.` weights beside adapter-named
+    LoRA keys) or CogKit's (`checkpoint-N/`, LoRA tensors only)."""
+    if _FINETRAINERS_STATE_FOLDER.match(folder_name):
+        return "finetrainers-ptd"
+    whole_model = any(".base_layer." in key for key in keys)
+    adapter_named = any((parsed := parse_lora_key(key)) is not None and parsed.adapter for key in keys)
+    return "finetrainers-ptd" if whole_model and adapter_named else "cogkit-dcp"
 
 
 def module_ranks(a_shapes: dict[str, tuple[int, ...]], b_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], list[str]]:
