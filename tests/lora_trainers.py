@@ -451,6 +451,29 @@ def kijai_merge(transformer, lora_path: Path, multiplier: float = 1.0):
     return transformer
 
 
+REPRODUCE_ATOL = 1e-5
+
+
+def assert_reproduces(base: str, out: Path, expected: Any) -> None:
+    """The repaired folder `out` through PEFT (`PeftModel.from_pretrained`), diffusers (`load_lora_adapter`, as verify
+    loads it) and, where it holds comfyui_lora.safetensors, kijai's ComfyUI merge gives `expected` (the trained
+    model's output) within 1e-5 in fp32; and the LoRA changes the output, so that a wrong scale would show."""
+    import torch
+    from peft import PeftModel
+
+    from cogsurgeon.tools.lora.verify import load_with_diffusers
+
+    assert (expected - run(base_model(base))).abs().max() > 1e-3
+    torch.testing.assert_close(run(PeftModel.from_pretrained(base_model(base), str(out))), expected,
+                               atol=REPRODUCE_ATOL, rtol=0)
+    model = base_model(base)
+    load_with_diffusers(model, out)
+    torch.testing.assert_close(run(model), expected, atol=REPRODUCE_ATOL, rtol=0)
+    if (out / "comfyui_lora.safetensors").exists():
+        torch.testing.assert_close(run(kijai_merge(base_model(base), out / "comfyui_lora.safetensors")), expected,
+                                   atol=REPRODUCE_ATOL, rtol=0)
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}

@@ -14,27 +14,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from lora_trainers import base_model, peft_folder, run, save_cogvideo_finetune, train, tree_digest
+from lora_trainers import assert_reproduces, peft_folder, save_cogvideo_finetune, train, tree_digest
 
 pytestmark = pytest.mark.diffusers_versions
 
-ATOL = 1e-5
 BASE = "tiny"
-
-
-def reproduces(out: Path, trained) -> None:
-    from peft import PeftModel
-
-    from cogsurgeon.tools.lora.verify import load_with_diffusers
-
-    assert (trained.output - run(base_model(BASE))).abs().max() > 1e-3
-    torch.testing.assert_close(run(PeftModel.from_pretrained(base_model(BASE), str(out))), trained.output,
-                               atol=ATOL, rtol=0)
-    model = base_model(BASE)
-    load_with_diffusers(model, out)
-    torch.testing.assert_close(run(model), trained.output, atol=ATOL, rtol=0)
 
 
 def save_diffusers_adapter(trained, folder: Path) -> Path:
@@ -68,7 +53,7 @@ def test_dora_and_lora_bias_are_kept(tmp_path, name):
     assert tree_digest(checkpoint) == before
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["use_dora"], config["lora_bias"]) == ("use_dora" in variant, "lora_bias" in variant)
-    reproduces(out, trained)
+    assert_reproduces(BASE, out, trained.output)
 
 
 def test_comfyui_file_is_refused_for_dora_and_verify_passes(tmp_path, cli):

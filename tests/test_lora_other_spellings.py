@@ -17,26 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_trainers import ATTENTION, base_model, kijai_merge, pipeline_class, run, train, tree_digest
+from lora_trainers import ATTENTION, assert_reproduces, base_model, pipeline_class, run, train, tree_digest
 
 pytestmark = pytest.mark.diffusers_versions
 
 ATOL = 1e-5
-
-
-def reproduces(base: str, out: Path, expected: torch.Tensor) -> None:
-    """The repaired folder through PEFT, diffusers and kijai's ComfyUI merge equals `expected` (fp32, 1e-5)."""
-    from peft import PeftModel
-
-    from cogsurgeon.tools.lora.verify import load_with_diffusers
-
-    assert (expected - run(base_model(base))).abs().max() > 1e-3  # the LoRA matters, so a wrong scale would show
-    torch.testing.assert_close(run(PeftModel.from_pretrained(base_model(base), str(out))), expected, atol=ATOL, rtol=0)
-    model = base_model(base)
-    load_with_diffusers(model, out)
-    torch.testing.assert_close(run(model), expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(run(kijai_merge(base_model(base), out / "comfyui_lora.safetensors")), expected,
-                               atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("targets, old_keys", [(ATTENTION, 16), (ATTENTION + ["ff.net.0.proj"], 16)],
@@ -73,7 +58,7 @@ def test_diffusers_old_key_spelling_is_repaired(tmp_path, targets, old_keys):
     out = tmp_path / "adapter"
     repair_checkpoint(folder, out, alpha=6, to="peft,diffusers,comfyui")
     assert tree_digest(folder) == before
-    reproduces("tiny", out, trained.output)
+    assert_reproduces("tiny", out, trained.output)
 
 
 LYCORIS_PRESET = 'enable_conv = false\ntarget_module = ["CogVideoXBlock"]\ntarget_name = []\n'
@@ -109,7 +94,7 @@ def test_lycoris_locon_is_repaired(tmp_path):
     out = tmp_path / "adapter"
     repair_checkpoint(path, out, to="peft,diffusers,comfyui")
     assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 2
-    reproduces("tiny-1.5", out, trained_output)
+    assert_reproduces("tiny-1.5", out, trained_output)
 
 
 @pytest.mark.parametrize("algo, name", [("lokr", "LoKr"), ("loha", "LoHa")])

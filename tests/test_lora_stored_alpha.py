@@ -15,15 +15,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_trainers import base_model, kijai_merge, peft_folder, run, train, tree_digest
+from lora_trainers import assert_reproduces, peft_folder, train, tree_digest
 
 pytestmark = pytest.mark.diffusers_versions
 
-ATOL = 1e-5
 BASE = "tiny-i2v"
 # lora_alpha 6 at rank 4 (scale 1.5); to_out.0 trained at alpha 3 (0.75), to_v at rank 2 (scale 3)
 ALPHA_PATTERN = {"to_out.0": 3}
@@ -40,23 +38,6 @@ def save_with_diffusers(trained, folder: Path) -> Path:
     return folder
 
 
-def reproduces(out: Path, trained) -> None:
-    """The repaired folder through PEFT, diffusers and kijai's ComfyUI merge gives the trained model (fp32, 1e-5)."""
-    from peft import PeftModel
-
-    from cogsurgeon.tools.lora.verify import load_with_diffusers
-
-    assert (trained.output - run(base_model(BASE))).abs().max() > 1e-3  # the LoRA matters
-    torch.testing.assert_close(run(PeftModel.from_pretrained(base_model(BASE), str(out))), trained.output,
-                               atol=ATOL, rtol=0)
-    model = base_model(BASE)
-    load_with_diffusers(model, out)
-    torch.testing.assert_close(run(model), trained.output, atol=ATOL, rtol=0)
-    if (out / "comfyui_lora.safetensors").exists():
-        torch.testing.assert_close(run(kijai_merge(base_model(BASE), out / "comfyui_lora.safetensors")),
-                                   trained.output, atol=ATOL, rtol=0)
-
-
 WRITERS = {"diffusers-save_lora_adapter": (save_with_diffusers, "metadata"), "peft-folder": (peft_folder, "config")}
 
 
@@ -70,7 +51,7 @@ def test_alpha_equal_to_the_stored_one_keeps_the_stored_alpha_pattern(trained, t
     checkpoint = save(trained, tmp_path / "ckpt")
     out = tmp_path / "adapter"
     result = repair_checkpoint(checkpoint, out, alpha=6, to="peft,diffusers,comfyui")
-    reproduces(out, trained)
+    assert_reproduces(BASE, out, trained.output)
     assert (result.report.alpha, result.report.alpha_source) == (6, source)
     assert result.report.alpha_pattern == ALPHA_PATTERN
     assert any("is the stored lora_alpha" in w and "alpha_pattern of 1 modules is kept" in w
