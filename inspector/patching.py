@@ -38,11 +38,32 @@ def describe_verdict(result: Any) -> str:
     return f"{'passed' if result.passed else 'FAILED'}, max error {result.max_error:.2g}, {revert}"
 
 
+def options_key(options: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Options as a comparable value: what a verdict was computed for, against what a row shows now."""
+    return tuple(sorted((key, format_value(value)) for key, value in options.items()))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A verification's state for one patch: `text` (running …, passed …, error) and the options it is for."""
+
+    options: tuple[tuple[str, str], ...]
+    text: str
+
+    def shown(self) -> str:
+        """The text with the options it was computed for: `passed for chunk=2, sink=1: max error …`."""
+        if not self.options or not self.text.startswith(("passed", "FAILED")):
+            return self.text
+        verdict, _, rest = self.text.partition(", ")
+        return f"{verdict} for {', '.join(f'{key}={value}' for key, value in self.options)}: {rest}"
+
+
 @dataclass
 class PatchBench:
-    """The registered patches and the verdicts of the verifications run this session."""
+    """The registered patches and the verdicts of the verifications run this session. A verdict belongs to the
+    options it verified: a row whose options differ shows none."""
 
-    verdicts: dict[str, str] = field(default_factory=dict)
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
     chosen: dict[str, dict[str, Any]] = field(default_factory=dict)  # options set in the panel, per patch
 
     def rows(self, model: Any | None) -> list[PatchRow]:
@@ -54,8 +75,9 @@ class PatchBench:
             options = in_force.get(info.name) or {
                 parameter.name: chosen.get(parameter.name, parameter.default) for parameter in info.parameters
             }
-            rows.append(PatchRow(info.name, info.summary, info.name in in_force, self.verdicts.get(info.name, ""),
-                                 info.parameters, dict(options)))
+            verdict = self.verdicts.get(info.name)
+            shown = verdict.shown() if verdict is not None and verdict.options == options_key(options) else ""
+            rows.append(PatchRow(info.name, info.summary, info.name in in_force, shown, info.parameters, dict(options)))
         return rows
 
     def set_options(self, model: Any | None, name: str, texts: dict[str, str]) -> str:
@@ -93,9 +115,10 @@ class PatchBench:
 
         return f"{', '.join(TINY_SPECS)} with {' and '.join(PROCESSORS)} processors"
 
-    def verify(self, name: str, progress: Callable[[str], None] | None = None) -> Any:
-        """Run the patch's tiny-model reference check (slow: call it from a worker). `progress` is told each step
-        as `running 2/6: tiny, fused processor`."""
+    def verify(self, name: str, options: dict[str, Any], progress: Callable[[str], None] | None = None) -> Any:
+        """Run the patch's tiny-model reference check with exactly `options` (the row's: what the panel shows), as
+        `patch verify NAME:k=v` does; slow: call it from a worker. `progress` is told each step as
+        `running 2/6: tiny, fused processor`."""
         from cogsurgeon.patches.verify import PROCESSORS, TINY_SPECS, verify_patch
 
         total = len(TINY_SPECS) * len(PROCESSORS)
@@ -107,7 +130,11 @@ class PatchBench:
             if progress is not None:
                 progress(f"running {done}/{total}: {message.removeprefix(f'{name}: ')}")
 
-        return verify_patch(name, progress=step)
+        return verify_patch(name, options=options, progress=step)
 
-    def record_verdict(self, name: str, result: Any) -> None:
-        self.verdicts[name] = describe_verdict(result)
+    def set_verdict(self, name: str, options: dict[str, Any], text: str) -> None:
+        self.verdicts[name] = Verdict(options_key(options), text)
+
+    def record_verdict(self, name: str, options: dict[str, Any], result: Any) -> Verdict:
+        verdict = self.verdicts[name] = Verdict(options_key(options), describe_verdict(result))
+        return verdict

@@ -142,3 +142,26 @@ def tree_digest(path: Path) -> dict[str, str]:
     """Every file under `path` (or the file) with its sha256: to show an input is byte-identical afterwards."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+STAGING_OF_A_DEAD_RUN = """
+import os, sys
+from pathlib import Path
+from cogsurgeon.tools.lora.publish import _hidden_folder
+folder = _hidden_folder(Path(sys.argv[1]), "partial")  # as a repair makes it, owner marker and all
+(folder / "adapter_model.safetensors").write_bytes(bytes(4096))
+print(folder)
+os._exit(0)  # dies without cleaning up, as a SIGKILLed run would
+"""
+
+
+def staging_of_a_dead_run(out: Path) -> Path:
+    """A staging folder of `out` made by cogsurgeon's own code in a process that then died without cleaning up."""
+    import subprocess
+    import sys
+
+    from conftest import cli_environment
+
+    made = subprocess.run([sys.executable, "-c", STAGING_OF_A_DEAD_RUN, str(out)], capture_output=True, text=True,
+                          env=cli_environment(), timeout=120, check=True)
+    return Path(made.stdout.strip())

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_helpers import staging_of_a_dead_run
 from lora_trainers import peft_folder, run, train
 
 pytestmark = pytest.mark.diffusers_versions
@@ -221,8 +222,7 @@ def test_merge_output_gets_umask_permissions_and_stale_partials_are_removed(adap
 
     base = saved_base(tmp_path / "base", torch.float32)
     out = tmp_path / "merged"
-    stale = tmp_path / ".merged.partial-999999999-0a1b2c3d"  # a dead process's leftover
-    stale.mkdir()
+    stale = staging_of_a_dead_run(out)  # a dead process's leftover
     (stale / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 1000)
     process = _start_merge(base, adapters[0], out, umask=0o027)
     _, stderr = process.communicate(timeout=300)

@@ -21,7 +21,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import cli_environment
-from lora_helpers import tree_digest
+from lora_helpers import staging_of_a_dead_run, tree_digest
 
 KEYS = ("transformer.transformer_blocks.0.attn1.to_q.lora_A.weight",
         "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight")
@@ -294,6 +294,7 @@ try:
     repair_checkpoint(sys.argv[1], sys.argv[2], alpha=4, **options)
 except BaseException as exc:  # cogsurgeon's Interrupted carries the signal's number
     if hasattr(exc, "signum"):
+        print(exc, file=sys.stderr)
         sys.exit(128 + exc.signum)
     raise
 print("finished")
@@ -323,9 +324,13 @@ def test_a_terminating_signal_mid_write_removes_the_partial_output(tmp_path, nam
 
 
 SIGNAL_RIGHT_AFTER_CREATING = """
-import os, signal, sys
+import os, signal, sys, threading
 from cogsurgeon.tools.lora import publish
 from cogsurgeon.tools.lora.repair import repair_checkpoint
+
+# A second thread that does not block signals, as numpy's BLAS threads are: a process-directed SIGTERM may go to it
+# (and does, whenever the main thread blocks it), so holding signals on the main thread alone holds nothing.
+threading.Thread(target=threading.Event().wait, daemon=True).start()
 
 original = getattr(publish, "{step}")
 
@@ -349,6 +354,53 @@ def test_a_sigterm_right_after_a_folder_is_made_leaves_nothing(tmp_path, step):
                              str(out)], capture_output=True, text=True, env=cli_environment(), timeout=120)
     assert result.returncode == 143, (result.returncode, result.stdout, result.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no new/, no .out.partial-*, no lock
+
+
+SECOND_SIGNAL_DURING_CLEAN_UP = """
+import os, shutil, signal, sys
+from cogsurgeon.tools.lora.repair import repair_checkpoint
+
+def terminate_once(done, total, sent=[]):
+    if not sent:
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)  # the first SIGTERM, mid-write
+
+original_rmtree = shutil.rmtree
+
+def rmtree_{behaviour}(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM, as the clean-up starts (an impatient user, systemd)
+    if "{behaviour}" == "works":
+        return original_rmtree(*args, **kwargs)
+
+shutil.rmtree = rmtree_{behaviour}
+options = dict(progress=terminate_once)
+""" + REPAIR_EXITING_AS_THE_SIGNAL
+
+
+def test_a_second_sigterm_during_clean_up_cannot_leave_the_partial_output(tmp_path):
+    """Issue 21 item 4: the clean-up runs with signals held, so it finishes, and the message is true."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", features=4096)
+    result = subprocess.run([sys.executable, "-c", SECOND_SIGNAL_DURING_CLEAN_UP.format(behaviour="works"),
+                             str(checkpoint), str(tmp_path / "out")], capture_output=True, text=True,
+                            env=cli_environment(), timeout=120)
+    assert result.returncode == 143, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr.strip().splitlines()[-1] == "interrupted by SIGTERM; the partial output was removed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_partial_output_that_could_not_be_removed_is_named_and_the_next_run_removes_it(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "ckpt", features=4096)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", SECOND_SIGNAL_DURING_CLEAN_UP.format(behaviour="fails"),
+                             str(checkpoint), str(out)], capture_output=True, text=True, env=cli_environment(),
+                            timeout=120)
+    assert result.returncode == 143, (result.returncode, result.stdout, result.stderr)
+    [left] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message == (f"interrupted by SIGTERM; the partial output {left} could not be removed: the next run on this "
+                       "output removes it, or remove it yourself"), message
+    assert run_repair(str(checkpoint), "--out", str(out), "--alpha", "4").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
 
 
 def test_sigterm_to_the_cli_mid_write_exits_143_and_cleans_up(tmp_path):
@@ -390,17 +442,43 @@ def dead_pid() -> int:
 def test_stale_partials_of_dead_runs_are_removed_by_the_next_run(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "out"
-    stale = tmp_path / f".out.partial-{dead_pid()}-0badc0de"
-    stale.mkdir()
-    (stale / "adapter_model.safetensors").write_bytes(b"\0" * 4096)  # what a SIGKILLed run leaves
+    stale = staging_of_a_dead_run(out)
+    assert stale.is_dir() and stale.name.startswith(".out.partial-")
     alive = tmp_path / f".out.partial-{os.getpid()}-00c0ffee"  # this test's process is alive: not touched
     alive.mkdir()
-    other_output = tmp_path / f".elsewhere.partial-{dead_pid()}-0badc0de"  # another output's: not ours to clean
-    other_output.mkdir()
+    other_output = staging_of_a_dead_run(tmp_path / "elsewhere")  # another output's: not ours to clean
     result = run_repair(str(checkpoint), "--out", str(out), "--alpha", "4")
     assert result.returncode == 0, result.stderr
     assert not stale.exists()
     assert alive.is_dir() and other_output.is_dir()
+
+
+def users_backup(tmp_path: Path, out: Path) -> Path:
+    return tmp_path / ".out.old-20241204-1"  # 20241204 is no live process id
+
+
+def named_like_a_dead_runs_staging(tmp_path: Path, out: Path) -> Path:
+    return tmp_path / f".out.partial-{dead_pid()}-0badc0de"
+
+
+def a_dead_runs_staging_renamed(tmp_path: Path, out: Path) -> Path:
+    """A real staging folder, marker and all, under another name: its marker names the folder it was made as."""
+    return staging_of_a_dead_run(out).rename(tmp_path / f".out.old-{dead_pid()}-00ff")
+
+
+@pytest.mark.parametrize("make", [users_backup, named_like_a_dead_runs_staging, a_dead_runs_staging_renamed])
+def test_a_folder_only_named_like_a_stale_partial_is_kept(tmp_path, make):
+    """Issue 21 item 2: a name alone proves nothing. A user's backup `.out.old-20241204-1`, a folder named exactly
+    like a dead run's staging folder, or one whose owner marker names another folder, is never removed."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    kept = make(tmp_path, out)
+    kept.mkdir(exist_ok=True)
+    (kept / "my-only-copy.safetensors").write_bytes(b"my only copy")
+    before = tree_digest(kept)
+    result = run_repair(str(checkpoint), "--out", str(out), "--alpha", "4")
+    assert result.returncode == 0, result.stderr
+    assert tree_digest(kept) == before
 
 
 def test_a_killed_run_leaves_a_partial_that_the_next_run_removes(tmp_path):
@@ -448,6 +526,74 @@ def test_a_dangling_symlink_out_is_refused(tmp_path):
     result = run_repair(str(checkpoint), "--out", str(out), "--alpha", "4")
     assert_refused(result, "dangling symlink")
     assert out.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_symlink_loop_at_out_is_called_a_loop(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    out.symlink_to(out)
+    result = run_repair(str(checkpoint), "--out", str(out), "--alpha", "4")
+    assert_refused(result, "a symlink loop")
+    assert "dangling" not in result.stderr
+
+
+SWAP_DURING_THE_REPAIR = """
+import os, sys
+from pathlib import Path
+from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.tools.lora.repair import repair_checkpoint
+
+checkpoint, out, what = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+
+def swap_once(done, total, swapped=[]):
+    if swapped or done < total:  # once every file is written: the next step publishes
+        return
+    swapped.append(True)
+    if what == "parent":  # the folder of --out moved away, a symlink to an empty folder in its place
+        os.rename(out.parent, out.parent.with_name("moved"))
+        out.parent.with_name("elsewhere").mkdir()
+        out.parent.symlink_to(out.parent.with_name("elsewhere"))
+    else:  # the earlier repair at --out moved away, a symlink to it in its place
+        os.rename(out, out.with_name("real"))
+        out.symlink_to(out.with_name("real"))
+
+try:
+    repair_checkpoint(checkpoint, out, alpha=4, force=what == "out", progress=swap_once)
+except CogsurgeonError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def test_the_parent_of_out_swapped_for_a_symlink_mid_repair_leaves_nothing_anywhere(tmp_path):
+    """Issue 21 item 15: the staging folder and the lock live in the folder that was moved; the repair refuses to
+    publish through the symlink now in its place, and removes both from where they really are."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", features=4096)
+    out = tmp_path / "parent" / "out"
+    out.parent.mkdir()
+    result = subprocess.run([sys.executable, "-c", SWAP_DURING_THE_REPAIR, str(checkpoint), str(out), "parent"],
+                            capture_output=True, text=True, env=cli_environment(), timeout=120)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "nothing was written" in result.stdout  # the check of the last file written, or the publish, notices
+    assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_out_swapped_for_a_symlink_during_force_is_put_back_and_nothing_is_left(tmp_path):
+    """Issue 21 item 15: the swap would have put the symlink at the staging path, and clean-up (which does not
+    follow symlinks) would have left it there as `.out.partial-*`."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", features=4096)
+    out = tmp_path / "out"
+    assert run_repair(str(checkpoint), "--out", str(out), "--alpha", "4").returncode == 0
+    earlier = tree_digest(out)
+    result = subprocess.run([sys.executable, "-c", SWAP_DURING_THE_REPAIR, str(checkpoint), str(out), "out"],
+                            capture_output=True, text=True, env=cli_environment(), timeout=120)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "changed while the repair ran" in result.stdout
+    assert out.is_symlink() and os.readlink(out) == str(tmp_path / "real")
+    assert tree_digest(tmp_path / "real") == {path.replace(str(out), str(tmp_path / "real")): digest
+                                              for path, digest in earlier.items()}
+    assert hidden_leftovers(tmp_path) == []
 
 
 def test_out_creates_missing_parent_folders(tmp_path):

@@ -23,6 +23,14 @@ def clean_environment() -> dict[str, str]:
     return environment
 
 
+def as_a_terminals_foreground_job() -> None:
+    """What a shell gives the command a user types: SIGINT at its default, no signal blocked. The tests of Ctrl-C
+    start `run` so, whatever pytest itself inherited (run in the background of a script, pytest has SIGINT ignored,
+    and `run` rightly passes that on: then no Ctrl-C could stop the program, and such a test would time out)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 def cogsurgeon_run(*args: str, cwd: Path, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cogsurgeon.inspector", "run", *args], cwd=cwd,
                             env=clean_environment(), text=True, **popen)
@@ -121,7 +129,8 @@ def _start_sleeper(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
     script = tmp_path / "sleeper.py"
     script.write_text(SLEEPER)
     run = cogsurgeon_run("--patch", "causal-attention", "--", sys.executable, str(script), str(tmp_path / "got"),
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=as_a_terminals_foreground_job)
     pid, folder = run.stdout.readline().split()
     return run, int(pid), Path(folder)
 
@@ -180,7 +189,8 @@ def test_ctrl_c_stops_a_program_that_keeps_the_default_handler(tmp_path):
     KeyboardInterrupt handler)."""
     program = "import os, sys, time; print(os.getpid(), flush=True); time.sleep(120); print('slept through')"
     run = cogsurgeon_run("--patch", "causal-attention", "--", sys.executable, "-c", program, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=as_a_terminals_foreground_job)
     child_pid = int(run.stdout.readline())
     try:
         os.killpg(run.pid, signal.SIGINT)

@@ -1,9 +1,13 @@
 """The LoRA screen: inspect a checkpoint, choose lora_alpha and an output folder, repair with a progress bar, then
 verify the adapter against a base model. A view over `tools.lora`; each slow step runs in a thread worker that posts
-its result as a message (`CheckpointInspected`, `CheckpointRepaired`, `AdapterVerified`)."""
+its result as a message (`CheckpointInspected`, `CheckpointRepaired`, `AdapterVerified`), naming what it was computed
+for. The screen keeps one `LoraState`: a new checkpoint resets everything computed for the last one, and a result
+that arrives for anything but the current state is dropped, so nothing is ever shown beside inputs it did not come
+from."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,21 +97,36 @@ def findings_table(report: Any, alpha: float | None = None) -> Table:
     rows.append(("targets", f"{', '.join(report.target_modules)}  ({report.num_modules} modules)"))
     rows += [(Text("problem", style="bold red"), in_screen_terms(problem)) for problem in report.problems]
     rows += [(Text("warning", style="bold yellow"), in_screen_terms(warning)) for warning in report.warnings]
-    if not report.problems:
+    if not report.problems and chosen is None:
+        rows.append((Text("needs", style="bold yellow"), "the trained lora_alpha: the repair waits for it"))
+    elif not report.problems:
         rows.append((Text("ready", style="bold green"), "no problems: this checkpoint can be repaired"))
     return facts_table(rows)
 
 
-def verify_table(report: Any) -> Table:
-    """An `AdapterVerifyReport` as a verdict and its figures."""
+def verify_table(report: Any, adapter_dir: str, base: str) -> Table:
+    """An `AdapterVerifyReport` as a verdict, what it verified (adapter and base) and its figures."""
     verdict = Text("passed", style="bold green") if report.passed else Text("FAILED", style="bold red")
-    rows: list[tuple[str | Text, str | Text]] = [("verify", verdict)]
+    rows: list[tuple[str | Text, str | Text]] = [("verify", verdict), ("adapter", shown_path(adapter_dir)),
+                                                 ("base", base)]
     for label, value in (("outputs match", report.outputs_match), ("scales match", report.scales_match),
                          ("max |PEFT - diffusers|", report.max_abs_diff), ("LoRA effect", report.lora_effect)):
         if value is not None:
             rows.append((label, f"{value:.3g}" if isinstance(value, float) else str(value)))
     rows += [(Text("failure", style="bold red"), failure) for failure in report.failures]
     return facts_table(rows)
+
+
+@dataclass(frozen=True)
+class LoraState:
+    """What the screen shows was computed from: the checkpoint inspected, its report, the repair made from it (a
+    `RepairResult`) and the verification of that repair (adapter, base, report). Each later part belongs to the
+    earlier ones: a new checkpoint starts a new state."""
+
+    checkpoint: str = ""
+    report: Any = None
+    repaired: Any = None
+    verified: tuple[str, str, Any] | None = None
 
 
 class LoraScreen(ReportsWorkerFailures, Screen[None]):
@@ -123,9 +142,38 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
     def __init__(self, base_spec: str = "tiny") -> None:
         super().__init__()
         self.base_spec = base_spec
-        self.report: Any = None
-        self.repaired_dir: str | None = None
+        self.state = LoraState()
         self._last_percent = -1
+
+    @property
+    def report(self) -> Any:
+        return self.state.report
+
+    def show_state(self, state: LoraState) -> None:
+        """Make `state` the screen's and render every widget that shows a result from it."""
+        self.state = state
+        findings = self.query_one("#lora-findings", Static)
+        if state.report is not None:
+            findings.update(findings_table(state.report, self._typed_alpha()))
+        elif state.checkpoint:
+            findings.update(Text(f"inspecting {state.checkpoint}…", style="dim"))
+        else:
+            findings.update(Text("enter a checkpoint path and press Enter", style="dim"))
+        self.query_one("#lora-repair", Button).disabled = state.report is None or bool(state.report.problems)
+        repair_box = self.query_one("#lora-repair-result", Static)
+        if state.repaired is None:
+            repair_box.update("")
+            self.repair_done, self.repair_total = 0, 1
+        else:
+            result = state.repaired
+            files = ", ".join(Path(file).name for file in result.files)
+            repair_box.update(Text(f"wrote {shown_path(result.out_dir)} from {shown_path(state.checkpoint)}: {files} "
+                                   f"(lora_alpha {result.report.alpha:g})"))
+        repair_box.display = state.repaired is not None
+        self.query_one("#lora-verify", Button).disabled = state.repaired is None
+        verify_box = self.query_one("#lora-verify-result", Static)
+        verify_box.update("" if state.verified is None else verify_table(state.verified[2], *state.verified[:2]))
+        verify_box.display = state.verified is not None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -166,6 +214,11 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
         if not path:
             self.notify("enter the path of a LoRA checkpoint", severity="warning")
             return
+        # a new checkpoint: nothing computed for the last one stays, nor the output folder derived from it
+        self.show_state(LoraState(checkpoint=path))
+        self.query_one("#lora-out", Input).value = f"{Path(path).as_posix().rstrip('/')}-adapter"
+        self.query_one("#lora-alpha", Input).value = ""
+        self.query_one("#lora-force", Checkbox).value = False
         self.query_one("#lora-findings", Static).loading = True
         self._inspect(path)
 
@@ -173,17 +226,22 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
     def _inspect(self, path: str) -> None:
         from cogsurgeon.tools.lora import inspect_checkpoint
 
-        self.post_message(CheckpointInspected(inspect_checkpoint(path)))
+        self.post_message(CheckpointInspected(path, inspect_checkpoint(path)))
 
     def on_checkpoint_inspected(self, message: CheckpointInspected) -> None:
-        report = self.report = message.report
-        self.query_one("#lora-findings", Static).update(findings_table(report))
+        if message.path != self.state.checkpoint or self.state.report is not None:
+            return  # the report of a checkpoint this screen no longer shows
+        report = message.report
         self.query_one("#lora-alpha", Input).value = f"{report.alpha:g}" if report.alpha is not None else ""
-        out = self.query_one("#lora-out", Input)
-        if not out.value:
-            given = Path(self.query_one("#lora-checkpoint", Input).value.strip())
-            out.value = f"{given.as_posix().rstrip('/')}-adapter"
-        self.query_one("#lora-repair", Button).disabled = bool(report.problems)
+        self.show_state(LoraState(checkpoint=message.path, report=report))
+
+    @on(Input.Changed, "#lora-checkpoint")
+    def _checkpoint_edited(self, event: Input.Changed) -> None:
+        """Another path typed: what was shown for the inspected one goes, until Enter inspects the new one."""
+        if self.state.checkpoint and event.value.strip() != self.state.checkpoint:
+            self.show_state(LoraState())
+            self.query_one("#lora-findings", Static).update(
+                Text(f"press Enter to inspect {event.value.strip() or 'a checkpoint'}", style="dim"))
 
     def _typed_alpha(self) -> float | None:
         text = self.query_one("#lora-alpha", Input).value.strip()
@@ -195,15 +253,15 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
     @on(Input.Changed, "#lora-alpha")
     def _alpha_edited(self) -> None:
         """The findings say which lora_alpha the repair will write, and its scale, as the field is edited."""
-        if self.report is not None:
-            self.query_one("#lora-findings", Static).update(findings_table(self.report, self._typed_alpha()))
+        if self.state.report is not None:
+            self.query_one("#lora-findings", Static).update(findings_table(self.state.report, self._typed_alpha()))
 
     # repair
 
     @on(Button.Pressed, "#lora-repair")
     @on(Input.Submitted, "#lora-out")
     def repair(self) -> None:
-        if self.report is None or self.report.problems:
+        if self.state.report is None or self.state.report.problems:
             self.notify("inspect a checkpoint without problems first", severity="warning")
             return
         alpha_text, alpha = self.query_one("#lora-alpha", Input).value.strip(), self._typed_alpha()
@@ -214,18 +272,18 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
         if not out_dir:
             self.notify("enter an output folder", severity="warning")
             return
-        self.repair_done, self.repair_total = 0, 1
+        self.show_state(replace(self.state, repaired=None, verified=None))
         self._last_percent = -1
         self.query_one("#lora-repair", Button).disabled = True
         force = self.query_one("#lora-force", Checkbox).value
-        self._repair(self.query_one("#lora-checkpoint", Input).value.strip(), out_dir, alpha, force)
+        self._repair(self.state.checkpoint, out_dir, alpha, force)  # the checkpoint inspected, whatever is typed
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="lora-repair", description="repair failed")
     def _repair(self, path: str, out_dir: str, alpha: float | None, force: bool) -> None:
         from cogsurgeon.tools.lora import repair_checkpoint
 
         result = repair_checkpoint(path, out_dir, alpha=alpha, force=force, progress=self._progress_from_thread)
-        self.post_message(CheckpointRepaired(result))
+        self.post_message(CheckpointRepaired(path, result))
 
     def _progress_from_thread(self, done_bytes: int, total_bytes: int) -> None:
         """Called by the repair as bytes stream; hands the UI one update per percent, not one per tensor."""
@@ -242,7 +300,7 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
     @on(Button.Pressed, "#lora-verify")
     @on(Input.Submitted, "#lora-base")
     def verify(self) -> None:
-        if self.repaired_dir is None:
+        if self.state.repaired is None:
             self.notify("repair a checkpoint first", severity="warning")
             return
         base = self.query_one("#lora-base", Input).value.strip()
@@ -250,44 +308,45 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
             self.notify("enter a base model with weights (a local folder, a cached hub id or a tiny spec)",
                         severity="warning")
             return
+        self.show_state(replace(self.state, verified=None))
         result_box = self.query_one("#lora-verify-result", Static)
-        result_box.display = True
-        result_box.loading = True
-        self._verify(self.repaired_dir, base)
+        result_box.display = result_box.loading = True
+        self._verify(self.state.repaired.out_dir, base)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="lora-verify", description="verify failed")
     def _verify(self, adapter_dir: str, base: str) -> None:
         from cogsurgeon.tools.lora import verify_adapter
 
-        self.post_message(AdapterVerified(verify_adapter(adapter_dir, base)))
+        self.post_message(AdapterVerified(adapter_dir, base, verify_adapter(adapter_dir, base)))
 
     # results and failures of the three workers
 
-    def _show_result(self, selector: str, content: Any) -> None:
-        box = self.query_one(selector, Static)
-        box.update(content)
-        box.display = True
-
     def on_checkpoint_repaired(self, message: CheckpointRepaired) -> None:
         result = message.result
-        self.repaired_dir = result.out_dir
-        self.repair_total = max(self.repair_total, result.bytes_written, 1)
+        if message.path != self.state.checkpoint:
+            self.notify(f"repaired {shown_path(message.path)} into {shown_path(result.out_dir)}; this screen now shows "
+                        f"{shown_path(self.state.checkpoint) or 'no checkpoint'}", title="LoRA")
+            return
+        self.show_state(replace(self.state, repaired=result, verified=None))
+        self.repair_total = max(result.bytes_written, 1)
         self.repair_done = self.repair_total
-        files = ", ".join(Path(file).name for file in result.files)
-        self._show_result("#lora-repair-result", Text(
-            f"wrote {shown_path(result.out_dir)}: {files} (lora_alpha {result.report.alpha:g})"
-        ))
-        self.query_one("#lora-verify", Button).disabled = False
-        self.notify(f"repaired into {shown_path(result.out_dir)}", title="LoRA")
+        self.notify(f"repaired {shown_path(message.path)} into {shown_path(result.out_dir)}", title="LoRA")
 
     def on_adapter_verified(self, message: AdapterVerified) -> None:
-        self._show_result("#lora-verify-result", verify_table(message.report))
+        repaired = self.state.repaired
+        if repaired is None or message.adapter_dir != repaired.out_dir:
+            return  # the verification of an adapter this screen no longer shows
+        self.show_state(replace(self.state, verified=(message.adapter_dir, message.base, message.report)))
+        verdict = "passed" if message.report.passed else "FAILED"
+        self.notify(f"verify {verdict}: {shown_path(message.adapter_dir)} against {message.base}", title="LoRA",
+                    severity="information" if message.report.passed else "error")
 
     def worker_ended(self, worker: Worker[Any]) -> None:
         if worker.group == "lora-inspect":
             self.query_one("#lora-findings", Static).loading = False
         elif worker.group == "lora-repair":
-            self.query_one("#lora-repair", Button).disabled = False
+            report = self.state.report
+            self.query_one("#lora-repair", Button).disabled = report is None or bool(report.problems)
         elif worker.group == "lora-verify":
             self.query_one("#lora-verify-result", Static).loading = False
 

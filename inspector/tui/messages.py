@@ -37,9 +37,11 @@ class ShapesTraced(Message):
 
 @dataclass
 class VerifyProgress(Message):
-    """A verification of patch `name` moved to its next step; a newer one replaces one not yet handled."""
+    """A verification of patch `name` (with `options`) moved to its next step; a newer one replaces one not yet
+    handled."""
 
     name: str
+    options: dict[str, Any]
     step: str
 
     def can_replace(self, message: Message) -> bool:
@@ -48,24 +50,29 @@ class VerifyProgress(Message):
 
 @dataclass
 class PatchVerified(Message):
-    """Patch `name` was verified on the tiny models; `result` is its `VerifyResult`."""
+    """Patch `name` was verified on the tiny models with `options`; `result` is its `VerifyResult`."""
 
     name: str
+    options: dict[str, Any]
     result: Any
 
 
 @dataclass
 class CheckpointInspected(Message):
+    path: str  # the checkpoint as given
     report: Any  # a tools.lora LoraReport
 
 
 @dataclass
 class CheckpointRepaired(Message):
+    path: str  # the checkpoint repaired, as given
     result: Any  # a tools.lora RepairResult
 
 
 @dataclass
 class AdapterVerified(Message):
+    adapter_dir: str
+    base: str
     report: Any  # a tools.lora AdapterVerifyReport
 
 

@@ -125,6 +125,7 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         self.load_worker: Worker[LoadedModel] | None = None
         self.full_tree: ModuleNode | None = None
         self.patch_bench = PatchBench()
+        self.verifying: dict[str, dict[str, Any]] = {}  # patch -> the options its running verification checks
         self.matched: set[str] = set()
         self.narrowed: dict[str, tuple[ModuleNode | None, set[str]]] = {}
         self.traced: TracedShapes | None = None
@@ -199,9 +200,10 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
     def _trace(self, loaded: LoadedModel) -> None:
         self.post_message(ShapesTraced(loaded.model, trace_for_details(loaded.model)))
 
-    def _verify(self, name: str) -> None:
-        result = self.patch_bench.verify(name, progress=lambda step: self.post_message(VerifyProgress(name, step)))
-        self.post_message(PatchVerified(name, result))
+    def _verify(self, name: str, options: dict[str, Any]) -> None:
+        result = self.patch_bench.verify(name, options,
+                                         progress=lambda step: self.post_message(VerifyProgress(name, options, step)))
+        self.post_message(PatchVerified(name, options, result))
 
     def worker_ended(self, worker: Worker[Any]) -> None:
         if worker is self.load_worker:  # not a load that a newer one replaced (and cancelled)
@@ -212,10 +214,13 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         if worker is self.load_worker:
             self.watch_selected(self.selected)  # the model that stays: its details again
         elif worker.group == "verify":
-            self.patch_bench.verdicts[worker.name] = "error"
+            name, options = worker.name, self.verifying.pop(worker.name, {})
+            self.patch_bench.set_verdict(name, options, "error")
             self.refresh_patches()
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
+        if message.loaded.spec != self.spec:
+            self.patch_bench.verdicts.clear()  # verdicts belong to what was open when they were asked for
         self.spec = message.loaded.spec
         self.loaded = message.loaded
 
@@ -225,13 +230,15 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
             self.watch_selected(self.selected)
 
     def on_verify_progress(self, message: VerifyProgress) -> None:
-        if self.patch_bench.verdicts.get(message.name, "").startswith(("starting", "running")):
-            self.patch_bench.verdicts[message.name] = message.step
+        if self.verifying.get(message.name) == message.options:
+            self.patch_bench.set_verdict(message.name, message.options, message.step)
             self.refresh_patches()
 
     def on_patch_verified(self, message: PatchVerified) -> None:
-        self.patch_bench.record_verdict(message.name, message.result)
-        self.notify(f"{message.name}: {self.patch_bench.verdicts[message.name]}", title="verify")
+        if self.verifying.get(message.name) == message.options:
+            del self.verifying[message.name]
+        verdict = self.patch_bench.record_verdict(message.name, message.options, message.result)
+        self.notify(f"{message.name}: {verdict.shown()}", title="verify")
         self.refresh_patches()
 
     def watch_loaded(self, previous: LoadedModel | None, loaded: LoadedModel | None) -> None:
@@ -382,13 +389,17 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         self.refresh_patches()
 
     def verify_patch(self, name: str) -> None:
+        """Verify patch `name` with exactly the options its row shows; the verdict names them."""
+        row = next(row for row in self.patch_bench.rows(self.model) if row.name == name)
         scope = self.patch_bench.verify_scope()
-        self.notify(f"verifying {name} on the tiny models {scope}, against explicit-mask reference attention",
-                    title="verify")
-        self.patch_bench.verdicts[name] = "starting…"
+        with_options = f" with {row.options_text}" if row.parameters else ""
+        self.notify(f"verifying {name}{with_options} on the tiny models {scope}, against explicit-mask reference "
+                    "attention", title="verify")
+        self.verifying[name] = dict(row.options)
+        self.patch_bench.set_verdict(name, row.options, "starting…")
         self.refresh_patches()
-        self.run_worker(partial(self._verify, name), name=name, group="verify", description=f"could not verify {name}",
-                        thread=True, exit_on_error=False)
+        self.run_worker(partial(self._verify, name, dict(row.options)), name=name, group="verify",
+                        description=f"could not verify {name}", thread=True, exit_on_error=False)
 
     # the selected module's file
 

@@ -491,6 +491,16 @@ class SourceView(VerticalScroll):
         self.scroll_home(animate=False)
 
 
+class PatchTable(DataTable[Any]):
+    """The patches' rows: Home and End move the cursor to the first and last patch, as in the tree (DataTable's own
+    Home/End scroll sideways and leave the cursor where it was)."""
+
+    BINDINGS = [
+        Binding("home", "scroll_top", "First", show=False),
+        Binding("end", "scroll_bottom", "Last", show=False),
+    ]
+
+
 class PatchesPanel(Vertical):
     """Every registered patch with its state, verify verdict, options and summary; `space` applies or reverts the
     one under the cursor, `v` verifies it on the tiny models, `o` edits its options."""
@@ -509,21 +519,32 @@ class PatchesPanel(Vertical):
         what: str
 
     def compose(self) -> ComposeResult:
-        table: DataTable[Any] = DataTable(id="patches-table", cursor_type="row", zebra_stripes=False)
-        table.add_columns("patch", "state", "verify", "options", "summary")
+        table = PatchTable(id="patches-table", cursor_type="row", zebra_stripes=False)
+        self.columns = table.add_columns("patch", "state", "verify", "options", "summary")
         yield table
 
     def show_rows(self, rows: list[PatchRow]) -> None:
+        """Show `rows`. The same patches as before are updated cell by cell, so the cursor and the scroll position
+        stay where the user left them: an action always applies to the row that was under the cursor."""
         table = self.query_one(DataTable)
+        cells = [self._cells(row) for row in rows]
+        if [str(key.value) for key in table.rows] == [row.name for row in rows]:
+            for row, values in zip(rows, cells):
+                for column, value in zip(self.columns, values):
+                    table.update_cell(row.name, column, value, update_width=True)
+            return
         cursor = table.cursor_row
         table.clear()
-        for row in rows:
-            state = Text("applied", style="bold magenta") if row.applied else Text("off", style="dim")
-            # Text, not str: a summary such as "[text ; video]" is not markup
-            table.add_row(Text(row.name), state, Text(row.verdict or "-"), Text(row.options_text), Text(row.summary),
-                          key=row.name)
+        for row, values in zip(rows, cells):
+            table.add_row(*values, key=row.name)
         if rows:
             table.move_cursor(row=min(cursor, len(rows) - 1))
+
+    @staticmethod
+    def _cells(row: PatchRow) -> tuple[Text, ...]:
+        state = Text("applied", style="bold magenta") if row.applied else Text("off", style="dim")
+        # Text, not str: a summary such as "[text ; video]" is not markup
+        return Text(row.name), state, Text(row.verdict or "-"), Text(row.options_text), Text(row.summary)
 
     def action_request(self, what: str) -> None:
         table = self.query_one(DataTable)

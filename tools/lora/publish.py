@@ -1,7 +1,8 @@
 """How a repaired adapter folder reaches `--out` without ever losing a user's data: the files are written into a
 hidden staging folder beside it (`.NAME.partial-PID-XXXX`, removed on any failure, SIGINT, SIGTERM or SIGHUP, and
-by the next run on that output when its process died), a manifest with the sha256 of every file is written last,
-and the folder is renamed into place atomically, under a lock that one repair per output holds:
+by the next run on that output when its process died — only if it still holds the owner marker written into it at
+creation, so a user's folder of a similar name is never touched), a manifest with the sha256 of every file is written
+last, and the folder is renamed into place atomically, under a lock that one repair per output holds:
 
 - without --force, only if `--out` is still absent at the moment of the rename (renameat2 RENAME_NOREPLACE);
 - with --force, only over an earlier repair that is unchanged (its manifest and every hash match), swapped in one
@@ -12,6 +13,12 @@ What files a repair writes is decided elsewhere (tools/lora/repair.py); this mod
 (`cogsurgeon-merge.json`, hashed with xxh3-128 where the `xxhash` package is installed, else sha256: a merge writes
 gigabytes and sha256 would cost more CPU than the merge itself; the hash detects changes, not a forger): --force
 there replaces only an unchanged earlier merge, never a repair or anything else.
+
+Signals: while a folder is made, recorded, moved or removed, SIGINT/SIGTERM/SIGHUP are deferred (`_signals_held`): the
+handler, which Python always runs on the main thread whichever thread the kernel picked, only records the signal, and
+leaving the held section acts on it. (A thread's signal mask would not do: a process-directed signal goes to any
+thread that does not block it, a BLAS thread for instance.) Clean-up runs held too, so a second SIGTERM cannot cut it
+short; what it could not remove is named in the message.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import re
 import secrets
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -40,8 +48,7 @@ MANIFEST_FORMAT = 1
 MANIFEST_HASHES = ("sha256", "xxh3_128")
 LOCK_SUFFIX = ".cogsurgeon-lock"
 _HASH_CHUNK = 8 * 1024 * 1024
-_TERMINATING_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
-_BLOCKED_WHILE_RENAMING = {signal.SIGINT, *_TERMINATING_SIGNALS}
+_HELD_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
 
 
 @dataclass(frozen=True)
@@ -79,10 +86,19 @@ class OutputError(CogsurgeonError):
 
 
 class RepairInterrupted(Interrupted):
-    """SIGTERM or SIGHUP arrived during a repair; the staging folder is removed before this propagates."""
+    """SIGTERM or SIGHUP arrived during a repair; the staging folder is removed before this propagates (if it could
+    not be, `left_behind` names it and the message says so)."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signum, f"interrupted by {signal.Signals(signum).name}; the partial output was removed")
+        super().__init__(signum, f"interrupted by {signal.Signals(signum).name}")
+        self.left_behind: Path | None = None
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name
+        if self.left_behind is None:
+            return f"interrupted by {name}; the partial output was removed"
+        return (f"interrupted by {name}; the partial output {self.left_behind} could not be removed: the next run on "
+                "this output removes it, or remove it yourself")
 
 
 # ---------------------------------------------------------------- the output path
@@ -103,7 +119,7 @@ def output_path(out_dir: str | Path, inputs: tuple[Path, ...]) -> Path:
         raise OutputError(f"cannot use --out {reason}") from None
     if is_link:
         target = os.readlink(out)
-        state = "which exists" if out.exists() else "which does not exist (a dangling symlink)"
+        state = _symlink_state(out)
         raise OutputError(
             f"--out {out} is a symlink to {target}, {state}: cogsurgeon does not write through symlinks; "
             "give the real folder"
@@ -118,6 +134,14 @@ def output_path(out_dir: str | Path, inputs: tuple[Path, ...]) -> Path:
                 "choose a folder outside it"
             )
     return out
+
+
+def _symlink_state(link: Path) -> str:
+    try:
+        os.stat(link)
+    except OSError as exc:
+        return "a symlink loop" if exc.errno == errno.ELOOP else "which does not exist (a dangling symlink)"
+    return "which exists"
 
 
 # ---------------------------------------------------------------- the manifest
@@ -277,17 +301,40 @@ def exchange(first: Path, second: Path) -> bool:
         raise
 
 
+class _DeferredSignals:
+    """The state shared by the signal handler and the held sections of the main thread's publication."""
+
+    depth = 0  # held sections open
+    pending: int | None = None  # the first signal that arrived while one was open
+    installed = False  # our handler is in place (publication on the main thread)
+
+
+def _exception_for(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else RepairInterrupted(signum)
+
+
+def _deferring_handler(signum: int, frame: Any) -> None:
+    if _DeferredSignals.depth:
+        if _DeferredSignals.pending is None:
+            _DeferredSignals.pending = signum
+        return
+    _DeferredSignals.pending = None
+    raise _exception_for(signum)
+
+
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP for the few system calls that move folders: they are delivered right after."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_WHILE_RENAMING)
+    """Defer SIGINT/SIGTERM/SIGHUP for the few steps that make, record, move or remove folders: a signal that
+    arrives meanwhile is acted on when the outermost held section is left. Effective where `publication` installed
+    the handler (on the main thread); elsewhere (a TUI worker) the steps run as they are."""
+    _DeferredSignals.depth += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _DeferredSignals.depth -= 1
+        if _DeferredSignals.depth == 0 and _DeferredSignals.pending is not None:
+            signum, _DeferredSignals.pending = _DeferredSignals.pending, None
+            raise _exception_for(signum)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -318,27 +365,65 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+OWNER_MARKER = ".cogsurgeon-owner"
+
+
+def _owner_text(folder_name: str) -> str:
+    return f"made by cogsurgeon as {folder_name}; removed by it when the run that made it has ended\n"
+
+
+def _write_owner_marker(folder: Path) -> None:
+    """Mark `folder` as this tool's own work: a marker naming the folder itself, so that a copy under another name
+    (or a user's folder named alike) proves nothing."""
+    descriptor = os.open(folder / OWNER_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(_owner_text(folder.name))
+
+
+def made_by_us(folder: Path) -> bool:
+    """`folder` is a real folder (no symlink) holding the owner marker this tool wrote into it under this name."""
+    marker = folder / OWNER_MARKER
+    try:
+        if folder.is_symlink() or not folder.is_dir() or marker.is_symlink() or not marker.is_file():
+            return False
+        with marker.open("rb") as handle:
+            return handle.read(4096) == _owner_text(folder.name).encode("utf-8", "surrogateescape")
+    except OSError:
+        return False
+
+
 def remove_stale_work(out: Path) -> None:
     """Remove the `.NAME.partial-PID-*` / `.NAME.old-PID-*` folders of `out` left by processes that died (SIGKILL,
-    a power cut); called with the output's lock held, so no live repair of this output owns one."""
+    a power cut) — only those that hold this tool's owner marker: a name alone proves nothing (a user's backup
+    `.NAME.old-20241204-1` stays). Called with the output's lock held, so no live repair of this output owns one."""
     try:
         entries = list(out.parent.iterdir())
     except OSError:
         return
     for entry in entries:
         match = _HIDDEN_WORK.match(entry.name)
-        if match is None or match["name"] != out.name or _process_alive(int(match["pid"])):
+        if match is None or match["name"] != out.name or _process_alive(int(match["pid"])) or not made_by_us(entry):
             continue
-        if entry.is_dir() and not entry.is_symlink():
+        with _signals_held():
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _hidden_name(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def _hidden_folder(out: Path, kind: str) -> Path:
-    """A new empty folder `.NAME.KIND-PID-RANDOM` beside `out`, created with the usual permissions (umask)."""
+    """A new folder `.NAME.KIND-PID-RANDOM` beside `out`, created with the usual permissions (umask), holding only
+    the owner marker (`Publication.publish` removes it just before the folder is published)."""
     for _ in range(100):
-        candidate = out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        candidate = _hidden_name(out, kind)
         with suppress(FileExistsError):
             os.mkdir(candidate, 0o777)
+            try:
+                _write_owner_marker(candidate)
+            except BaseException:
+                shutil.rmtree(candidate, ignore_errors=True)
+                raise
             return candidate
     raise OutputError(f"cannot create a staging folder beside {out}")
 
@@ -362,30 +447,55 @@ def _create_parents(folder: Path) -> list[Path]:
 
 @contextmanager
 def _terminating_signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise `RepairInterrupted` (as SIGINT raises KeyboardInterrupt) so that the `finally`
-    clauses clean up; the previous handlers come back afterwards. Only the main thread can install handlers."""
-    if threading.current_thread() is not threading.main_thread():
+    """SIGINT, SIGTERM and SIGHUP raise (KeyboardInterrupt, `RepairInterrupted`) so that the `finally` clauses clean
+    up, and are deferred inside `_signals_held`; the previous handlers come back afterwards. Only the main thread can
+    install handlers; elsewhere the process's own handlers stay."""
+    if threading.current_thread() is not threading.main_thread() or _DeferredSignals.installed:
         yield
         return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise RepairInterrupted(signum)
-
-    previous = {signum: signal.signal(signum, interrupt) for signum in _TERMINATING_SIGNALS}
+    previous = {}
+    _DeferredSignals.depth, _DeferredSignals.pending = 0, None
     try:
+        for signum in _HELD_SIGNALS:
+            previous[signum] = signal.signal(signum, _deferring_handler)
+        _DeferredSignals.installed = True
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _DeferredSignals.installed = False
+        _DeferredSignals.pending = None
+
+
+def _folder_identity(stat_result: os.stat_result) -> tuple[int, int]:
+    return stat_result.st_dev, stat_result.st_ino
+
+
+def _remove_tree_at(parent: int, name: str) -> bool:
+    """Remove the folder `name` of the open folder `parent` (a file descriptor, so a parent moved or swapped for a
+    symlink meanwhile is still the right one); True when nothing is left of it."""
+    if sys.version_info >= (3, 11):
+        shutil.rmtree(name, ignore_errors=True, dir_fd=parent)
+    else:  # 3.10's rmtree takes no dir_fd; Linux's /proc path of the descriptor names the same folder
+        shutil.rmtree(os.path.join(f"/proc/self/fd/{parent}", name), ignore_errors=True)
+    try:
+        os.lstat(name, dir_fd=parent)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 @dataclass
 class Publication:
-    """One repair's way to `out`: `staging` is where its files go; `publish()` moves them into place."""
+    """One repair's way to `out`: `staging` is where its files go; `publish()` moves them into place. `parent` is
+    `out`'s folder, held open so that a parent moved or replaced while the repair runs is noticed, and cleaned."""
 
     out: Path
     staging: Path
     expected: EarlierRepair | None  # the earlier output --force replaces, as checked under the lock
+    parent: int
     kind: OutputKind = REPAIR
     published: bool = False
 
@@ -393,7 +503,7 @@ class Publication:
         """Write the manifest (last), then move the staging folder to `out` atomically, re-checking `out`: absent
         (or, with --force, still the same earlier output). `hashes`: digests the writer already computed; `record`:
         what the output was made from (see `manifest_for`). Returns the names of the files published."""
-        names = sorted(entry.name for entry in self.staging.iterdir())
+        names = sorted(entry.name for entry in self.staging.iterdir() if entry.name != OWNER_MARKER)
         manifest = manifest_for(self.staging, names, self.kind, hashes, record)
         manifest_path = self.staging / self.kind.manifest_name
         with manifest_path.open("w") as handle:
@@ -405,6 +515,8 @@ class Publication:
             with (self.staging / name).open("rb") as handle:
                 os.fsync(handle.fileno())
         with _signals_held():
+            self._check_parent()
+            os.unlink(self.staging / OWNER_MARKER)  # what is published holds only what the writer wrote
             if self.expected is None or not os.path.lexists(self.out):
                 try:
                     rename_if_absent(self.staging, self.out)
@@ -419,10 +531,23 @@ class Publication:
         _fsync_folder(self.out.parent)
         return [*names, self.kind.manifest_name]
 
+    def _check_parent(self) -> None:
+        try:
+            same = _folder_identity(os.stat(self.out.parent)) == _folder_identity(os.fstat(self.parent))
+        except OSError:
+            same = False
+        if not same or self.out.parent.is_symlink():
+            raise OutputError(
+                f"the folder of --out, {self.out.parent}, was moved or replaced while the {self.kind.noun} ran: "
+                "nothing was written there; run it again"
+            )
+
     def _replace_earlier_repair(self, expected: EarlierRepair) -> None:
         noun = self.kind.noun
         if exchange(self.staging, self.out):
-            if _is_the_same_repair(self.staging, expected, self.kind):  # the staging path now holds what was at out
+            # the staging path now holds what was at out: a real folder that is still the earlier output
+            if not self.staging.is_symlink() and _is_the_same_repair(self.staging, expected, self.kind):
+                _write_owner_marker(self.staging)  # it is ours to remove now, also by the next run
                 return
             exchange(self.staging, self.out)  # put it back as it was
             raise OutputError(
@@ -430,10 +555,9 @@ class Publication:
                 f"run the {noun} again"
             )
         # No atomic exchange here: move the earlier repair aside, check it, then rename if absent.
-        retired = _hidden_folder(self.out, "old")
-        os.rmdir(retired)
+        retired = _hidden_name(self.out, "old")
         os.rename(self.out, retired)
-        if not _is_the_same_repair(retired, expected, self.kind):
+        if retired.is_symlink() or not _is_the_same_repair(retired, expected, self.kind):
             rename_if_absent(retired, self.out)
             raise OutputError(f"{self.out} changed while the {noun} ran: it was left as it is and nothing was written")
         try:
@@ -442,18 +566,26 @@ class Publication:
             rename_if_absent(retired, self.out)
             raise
         os.rename(retired, self.staging)  # so that the cleanup below removes the earlier repair
+        _write_owner_marker(self.staging)
+
+
+def _note_left_behind(failure: BaseException | None, left_behind: Path | None) -> None:
+    if isinstance(failure, RepairInterrupted) and left_behind is not None:
+        failure.left_behind = left_behind
 
 
 @contextmanager
 def publication(out: Path, *, force: bool, kind: OutputKind = REPAIR) -> Iterator[Publication]:
     """Hold the lock of `out`, clean what dead runs left, and give a staging folder to write into. On leaving, the
-    staging folder (after `publish()`: the earlier repair it replaced) is removed, whatever happened; on failure
-    the parent folders this run created are removed too."""
+    staging folder (after `publish()`: the earlier repair it replaced) is removed, whatever happened, with signals
+    held so that a second one cannot cut the clean-up short; on failure the parent folders this run created are
+    removed too."""
     from filelock import FileLock, Timeout
 
     with _terminating_signals_raise():
         created: list[Path] = []
         staging: Path | None = None
+        parent: int | None = None
         succeeded = False
         lock_path = out.parent / f".{out.name}{LOCK_SUFFIX}"
         try:
@@ -461,8 +593,10 @@ def publication(out: Path, *, force: bool, kind: OutputKind = REPAIR) -> Iterato
             # the clean-up below knows of everything a SIGTERM right after its creation would otherwise leave.
             with _signals_held():
                 created = _create_parents(out.parent)
+                parent = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
             lock = FileLock(str(lock_path), timeout=0)
             held = False
+            failure: BaseException | None = None
             try:
                 with _signals_held():
                     try:
@@ -477,19 +611,31 @@ def publication(out: Path, *, force: bool, kind: OutputKind = REPAIR) -> Iterato
                 remove_stale_work(out)
                 with _signals_held():
                     staging = _hidden_folder(out, "partial")
-                current = Publication(out, staging, expected, kind)
+                current = Publication(out, staging, expected, parent, kind)
                 yield current
                 succeeded = current.published
+            except BaseException as exc:
+                failure = exc
+                raise
             finally:
-                if staging is not None:
-                    shutil.rmtree(staging, ignore_errors=True)
-                if held:  # no lock file is left beside the output; filelock re-checks a lock file unlinked under it
-                    with suppress(OSError):
-                        os.unlink(lock_path)
-                    lock.release()
+                left_behind: Path | None = None
+                try:
+                    with _signals_held():
+                        if staging is not None and not _remove_tree_at(parent, staging.name):
+                            left_behind = staging
+                        if held:  # no lock file is left beside the output; filelock re-checks one unlinked under it
+                            with suppress(OSError):
+                                os.unlink(lock_path.name, dir_fd=parent)
+                            lock.release()
+                except RepairInterrupted as late:  # a signal that arrived during the clean-up, acted on now
+                    _note_left_behind(late, left_behind)
+                    raise
+                _note_left_behind(failure, left_behind)
         except OSError as exc:
             raise OutputError(f"cannot write {describe_os_error(out, exc)}") from None
         finally:
+            if parent is not None:
+                os.close(parent)
             if not succeeded:
                 for folder in reversed(created):
                     try:
