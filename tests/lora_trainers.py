@@ -48,16 +48,18 @@ def base_model(base: str):
 
 
 def train(base: str, rank: int, lora_alpha: float, targets: list[str] | None = None, *, inject: bool = False,
-          seed: int = 1, rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> Trained:
+          seed: int = 1, rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
+          **config: Any) -> Trained:
     """A "trained" adapter: the trainer's LoraConfig on the base (add_adapter, or peft's inject_adapter_in_model where
-    the trainer uses that), every LoRA weight set to seeded random values so that B is non-zero."""
+    the trainer uses that), every LoRA weight set to seeded random values so that B is non-zero. `config`: more
+    LoraConfig settings (use_dora=True, lora_bias=True)."""
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = targets or ATTENTION
     model = base_model(base)
     config = LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights=True, target_modules=targets,
-                        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
+                        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, **config)
     if inject:
         model = inject_adapter_in_model(config, model)
     else:
@@ -128,13 +130,11 @@ def save_diffusers_final(trained: Trained, output_dir: Path) -> Path:
     return output_dir
 
 
-def save_finetrainers(trained: Trained, output_dir: Path, step: int) -> Path:
-    """finetrainers: sft_trainer/trainer.py:279-298 (save_model_hook: get_peft_model_state_dict, lora_config metadata,
-    _save_lora_weights into output_dir/lora_weights/{step:06d}), models/cogvideox/base_specification.py:366-383
+def _finetrainers_lora_weights_hook(trained: Trained, output_dir: Path, step: int):
+    """finetrainers' save_model_hook, sft_trainer/trainer.py:279-298: get_peft_model_state_dict, lora_config metadata,
+    _save_lora_weights into output_dir/lora_weights/{step:06d}, models/cogvideox/base_specification.py:366-383
     (CogVideoXPipeline.save_lora_weights with safetensors_torch_save_function, utils/serialization.py:6-10, and
-    scheduler.save_pretrained), run from parallel/accelerate.py:278-288, whose hook does not pop the weights, so
-    accelerate also writes finetrainers_step_{step}/model.safetensors with the whole model, and states.pt."""
-    import torch
+    scheduler.save_pretrained)."""
     from diffusers import CogVideoXDDIMScheduler
     from peft import get_peft_model_state_dict
     import safetensors.torch
@@ -156,12 +156,90 @@ def save_finetrainers(trained: Trained, output_dir: Path, step: int) -> Path:
             safe_serialization=True)
         CogVideoXDDIMScheduler().save_pretrained(str(directory / "scheduler"))
 
+    return callback
+
+
+def save_finetrainers(trained: Trained, output_dir: Path, step: int) -> Path:
+    """finetrainers with its accelerate backend: the lora_weights hook above, run from parallel/accelerate.py:278-288,
+    whose hook does not pop the weights, so accelerate also writes finetrainers_step_{step}/model.safetensors with the
+    whole model, and states.pt."""
+    import torch
+
+    callback = _finetrainers_lora_weights_hook(trained, output_dir, step)
+
     def save_model_hook(models, weights, output_dir_):
         assert len(models) == 1
         callback(weights[0])
         torch.save({"step": step}, Path(output_dir_) / "states.pt")
 
     _accelerate_save_state(trained, output_dir / f"finetrainers_step_{step}", save_model_hook, safe_serialization=True)
+    return output_dir
+
+
+def save_finetrainers_ptd(trained: Trained, output_dir: Path, step: int, *, lora_weights: bool = True) -> Path:
+    """finetrainers with its PTD backend: PTDCheckpointer.save (parallel/ptd.py:332-352) runs
+    torch.distributed.checkpoint.save(states, checkpoint_id=output_dir/finetrainers_step_{step}) over
+    {"train_state": TrainState (state.py:16-38), "model": ModelWrapper (ptd.py:282-287: get_model_state_dict, the
+    whole PEFT-injected model), "optimizer": OptimizerWrapper (optimizer.py:47-52: get_optimizer_state_dict,
+    flattened), "dataloader", "lr_scheduler" (optimizer.py:80-84)} (sft_trainer/trainer.py:309-319), then calls the
+    lora_weights hook with the gathered model state. The dataloader (a torchdata StatefulDataLoader there) is a small
+    Stateful here. Without `lora_weights`, the lora_weights/ folder is left out (a run whose copy lost it)."""
+    import functools as _functools
+    import io
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    class TrainState(Stateful):
+        def state_dict(self):
+            losses = io.BytesIO()
+            torch.save([0.5], losses)
+            return {"step": torch.tensor(step, dtype=torch.int32), "observed_data_samples": torch.tensor(step),
+                    "global_avg_losses": losses}
+
+        def load_state_dict(self, state_dict):
+            raise NotImplementedError
+
+    class ModelWrapper(Stateful):
+        def __init__(self, model):
+            self.model = [model]
+
+        def state_dict(self):
+            return {k: v for sd in map(get_model_state_dict, self.model) for k, v in sd.items()}
+
+        def load_state_dict(self, state_dict):
+            raise NotImplementedError
+
+    class OptimizerWrapper(Stateful):
+        def __init__(self, model):
+            self.model_parts = [model]
+            self.optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-4)]
+
+        def state_dict(self):
+            func = _functools.partial(get_optimizer_state_dict,
+                                      options=StateDictOptions(flatten_optimizer_state_dict=True))
+            return {k: v for sd in map(func, self.model_parts, self.optimizers) for k, v in sd.items()}
+
+        def load_state_dict(self, state_dict):
+            raise NotImplementedError
+
+    class DataLoaderState(Stateful):
+        def state_dict(self):
+            return {"samples_yielded": torch.tensor(step)}
+
+        def load_state_dict(self, state_dict):
+            raise NotImplementedError
+
+    optimizers = OptimizerWrapper(trained.model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizers.optimizers[0], lambda _: 1.0)
+    states = {"train_state": TrainState(), "model": ModelWrapper(trained.model), "optimizer": optimizers,
+              "dataloader": DataLoaderState(), "lr_scheduler": scheduler}
+    dcp.save(states, checkpoint_id=str(output_dir / f"finetrainers_step_{step}"), no_dist=True)
+    if lora_weights:
+        _finetrainers_lora_weights_hook(trained, output_dir, step)(
+            {k: v.detach().cpu() for k, v in trained.model.state_dict().items()})
     return output_dir
 
 
@@ -309,12 +387,15 @@ def save_videox_fun_peft(trained: Trained, output_dir: Path, step: int) -> Path:
     return output_dir
 
 
-def save_videox_fun_network(trained: Trained, output_dir: Path, step: int) -> Path:
+def save_videox_fun_network(trained: Trained, output_dir: Path, step: int, text_encoder=None) -> Path:
     """VideoX-Fun without --use_peft_lora: LoRANetwork (utils/lora_utils.py:170-270) over every Linear of the
     transformer, names `lora_unet` + "." + "" + "." + child name with "." -> "_", each LoRAModule holding
     lora_down, lora_up and an `alpha` buffer (lora_utils.py:60-70); save_weights (lora_utils.py:335-358) casts to the
     weight dtype and writes sshs_* hashes as metadata; train_lora.py:1784-1785 names it checkpoint-{step}.safetensors.
-    The trained model here is PEFT over the same Linear layers, which computes the same x + up(down(x)) * alpha/r."""
+    The trained model here is PEFT over the same Linear layers, which computes the same x + up(down(x)) * alpha/r.
+    With `text_encoder` (a T5EncoderModel; train_lora.py:873 applies the network to it with --train_text_encoder),
+    its LoRA is saved beside: `lora_te` + "." + module + "." + child for every Linear inside the
+    TEXT_ENCODER_TARGET_REPLACE_MODULE classes (lora_utils.py:170-172, 229, 261), seeded random values."""
     import torch
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -325,6 +406,20 @@ def save_videox_fun_network(trained: Trained, output_dir: Path, step: int) -> Pa
         lora_name = f"lora_unet..{name}".replace(".", "_")
         state_dict[f"{lora_name}.{ {'A.weight': 'lora_down', 'B.weight': 'lora_up'}[part] }.weight"] = value
         state_dict[f"{lora_name}.alpha"] = torch.tensor(float(trained.lora_alpha))
+    if text_encoder is not None:
+        generator = torch.Generator().manual_seed(3)
+        targets = ["T5LayerSelfAttention", "T5LayerFF", "BertEncoder", "T5SelfAttention", "T5CrossAttention"]
+        for name, module in text_encoder.named_modules():
+            if module.__class__.__name__ not in targets:
+                continue
+            for child_name, child in module.named_modules():
+                if child.__class__.__name__ == "Linear":
+                    lora_name = f"lora_te.{name}.{child_name}".replace(".", "_")
+                    state_dict[f"{lora_name}.lora_down.weight"] = torch.randn(trained.rank, child.in_features,
+                                                                              generator=generator)
+                    state_dict[f"{lora_name}.lora_up.weight"] = torch.randn(child.out_features, trained.rank,
+                                                                            generator=generator)
+                    state_dict[f"{lora_name}.alpha"] = torch.tensor(float(trained.lora_alpha))
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in state_dict.values())).hexdigest()
     output_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.float32).contiguous() for k, v in state_dict.items()},
@@ -354,6 +449,29 @@ def kijai_merge(transformer, lora_path: Path, multiplier: float = 1.0):
         alpha = elems["alpha"].item() / weight_up.shape[1] if "alpha" in elems else 1.0
         current.weight.data += multiplier * alpha * torch.mm(weight_up, weight_down)
     return transformer
+
+
+REPRODUCE_ATOL = 1e-5
+
+
+def assert_reproduces(base: str, out: Path, expected: Any) -> None:
+    """The repaired folder `out` through PEFT (`PeftModel.from_pretrained`), diffusers (`load_lora_adapter`, as verify
+    loads it) and, where it holds comfyui_lora.safetensors, kijai's ComfyUI merge gives `expected` (the trained
+    model's output) within 1e-5 in fp32; and the LoRA changes the output, so that a wrong scale would show."""
+    import torch
+    from peft import PeftModel
+
+    from cogsurgeon.tools.lora.verify import load_with_diffusers
+
+    assert (expected - run(base_model(base))).abs().max() > 1e-3
+    torch.testing.assert_close(run(PeftModel.from_pretrained(base_model(base), str(out))), expected,
+                               atol=REPRODUCE_ATOL, rtol=0)
+    model = base_model(base)
+    load_with_diffusers(model, out)
+    torch.testing.assert_close(run(model), expected, atol=REPRODUCE_ATOL, rtol=0)
+    if (out / "comfyui_lora.safetensors").exists():
+        torch.testing.assert_close(run(kijai_merge(base_model(base), out / "comfyui_lora.safetensors")), expected,
+                                   atol=REPRODUCE_ATOL, rtol=0)
 
 
 def tree_digest(path: Path) -> dict[str, str]:

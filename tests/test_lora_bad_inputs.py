@@ -66,10 +66,11 @@ def rank_clash(tmp: Path) -> Path:
 
 
 def dora(tmp: Path) -> Path:
+    """kohya/ComfyUI-style DoRA (`dora_scale`); PEFT's lora_magnitude_vector is repaired (test_lora_dora_bias.py)."""
     (tmp / "ckpt").mkdir()
     a, b = lora_pair()
-    save_file({"transformer_blocks.0.attn1.to_q.lora_A.weight": a, "transformer_blocks.0.attn1.to_q.lora_B.weight": b,
-               "transformer_blocks.0.attn1.to_q.lora_magnitude_vector": torch.ones(32)},
+    name = "lora_unet__transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b, f"{name}.dora_scale": torch.ones(1, 32)},
               str(tmp / "ckpt" / "adapter_model.safetensors"))
     return tmp / "ckpt"
 
@@ -97,6 +98,12 @@ def no_lora(tmp: Path) -> Path:
 def a_pickle(tmp: Path) -> Path:
     path = tmp / "pytorch_lora_weights.bin"
     torch.save({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 32)}, path)
+    return path
+
+
+def a_plain_pickle(tmp: Path) -> Path:
+    path = tmp / "lora.pkl"
+    path.write_bytes(pickle.dumps({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": [1.0, 2.0]}))
     return path
 
 
@@ -129,11 +136,12 @@ BAD_INPUTS = {
     "header-length-beyond-file": (header_length_beyond_file, "header"),
     "a-without-b": (a_without_b, "lora_A without lora_B"),
     "rank-clash": (rank_clash, "rank clash"),
-    "dora": (dora, "DoRA magnitude vectors"),
+    "dora": (dora, "kohya-style DoRA scales"),
     "non-lora-keys": (lora_mixed_with_model_weights, "not LoRA weights"),
     "empty-folder": (empty_folder, "holds no LoRA checkpoint"),
     "no-lora": (no_lora, "holds no LoRA weights"),
-    "pickle": (a_pickle, "never unpickles"),
+    "pickle": (a_pickle, "lora_A without lora_B"),  # read with weights_only=True, then refused for what it holds
+    "plain-pickle": (a_plain_pickle, "never unpickles"),
     "pickle-named-safetensors": (a_pickle_named_safetensors, "safetensors"),
     "sat-with-objects": (sat_with_objects, "weights_only"),
     "nonexistent": (nonexistent, "does not exist"),
@@ -163,7 +171,7 @@ def test_repair_refuses_bad_input(name, tmp_path, cli):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input"]  # no output, no staging folder
 
 
-@pytest.mark.parametrize("name", ["truncated", "broken-header", "empty-folder", "no-lora", "pickle", "nonexistent"])
+@pytest.mark.parametrize("name", ["truncated", "broken-header", "empty-folder", "no-lora", "plain-pickle", "nonexistent"])
 def test_inspect_refuses_what_is_not_a_lora_checkpoint(name, tmp_path, cli):
     make, expected = BAD_INPUTS[name]
     checkpoint = make(tmp_path)

@@ -33,6 +33,17 @@ from cogsurgeon.tools.lora.safetensors_io import (
         ("transformer_blocks.3.attn1.to_out.0.lora_B.weight", "transformer_blocks.3.attn1.to_out.0", "B", None),
         ("base_model.model.transformer_blocks.0.attn1.to_k.lora_B.weight", "transformer_blocks.0.attn1.to_k", "B", None),
         ("transformer_blocks.0.attn1.to_v.lora_A.default.weight", "transformer_blocks.0.attn1.to_v", "A", "default"),
+        # diffusers' old spelling (convert_state_dict_to_diffusers) and LyCORIS LoCon
+        ("transformer.transformer_blocks.1.attn1.to_k.lora.down.weight", "transformer_blocks.1.attn1.to_k", "A", None),
+        ("transformer_blocks.1.attn1.to_out.0.lora.up.weight", "transformer_blocks.1.attn1.to_out.0", "B", None),
+        ("lycoris_transformer_blocks_2_ff_net_0_proj.lora_down.weight", "transformer_blocks.2.ff.net.0.proj", "A", None),
+        ("lycoris_transformer_blocks_2_attn1_to_out_0.lora_up.weight", "transformer_blocks.2.attn1.to_out.0", "B", None),
+        ("lycoris_norm_out_linear.alpha", "norm_out.linear", "alpha", None),
+        # PEFT lora_bias=True and DoRA, as saved and in a model's raw state_dict
+        ("transformer_blocks.0.attn1.to_q.lora_B.bias", "transformer_blocks.0.attn1.to_q", "bias", None),
+        ("transformer_blocks.0.attn1.to_q.lora_B.default.bias", "transformer_blocks.0.attn1.to_q", "bias", "default"),
+        ("transformer_blocks.0.attn1.to_q.lora_magnitude_vector", "transformer_blocks.0.attn1.to_q", "magnitude", None),
+        ("x.to_q.lora_magnitude_vector.default.weight", "x.to_q", "magnitude", "default"),
     ],
 )
 def test_parse_lora_key(key, module, part, adapter):
@@ -40,10 +51,20 @@ def test_parse_lora_key(key, module, part, adapter):
     assert (parsed.module, parsed.part, parsed.adapter) == (module, part, adapter)
 
 
-@pytest.mark.parametrize("key", ["transformer_blocks.0.attn1.to_q.weight", "x.lora_magnitude_vector.default.weight",
-                                 "transformer_blocks.0.attn1.to_q.lora_B.bias"])
+@pytest.mark.parametrize("key", ["transformer_blocks.0.attn1.to_q.weight", "x.dora_scale",
+                                 "transformer_blocks.0.attn1.to_q.lora_A.bias"])
 def test_non_lora_keys_are_not_parsed(key):
     assert parse_lora_key(key) is None
+
+
+def test_lycoris_lokr_and_loha_keys_are_named_not_lora():
+    from cogsurgeon.tools.lora.keys import not_lora_algorithm
+
+    assert not_lora_algorithm("lycoris_transformer_blocks_0_attn1_to_q.lokr_w1").startswith("LoKr")
+    assert not_lora_algorithm("lycoris_transformer_blocks_0_attn1_to_q.lokr_w2_b").startswith("LoKr")
+    assert not_lora_algorithm("lycoris_transformer_blocks_0_attn1_to_q.hada_w1_a").startswith("LoHa")
+    assert not_lora_algorithm("lycoris_transformer_blocks_0_attn1_to_q.lora_down.weight") is None
+    assert parse_lora_key("lycoris_transformer_blocks_0_attn1_to_q.lokr_w1") is None
 
 
 def test_detect_format_names_the_trainer_table_rows():
@@ -105,7 +126,17 @@ def test_alpha_resolution_order():
     common = dict(metadata_alpha_pattern=None, config_alpha_pattern=None, config_file="adapter_config.json",
                   format_name="cogkit", rank=128)
     everything = dict(common, flag=32.0, metadata_alpha=16.0, config_alpha=8.0)
-    assert resolve_alpha(**everything).source == "flag" and resolve_alpha(**everything).lora_alpha == 32
+    # --alpha sets only what is not stored: a contradiction is handed back to be refused, an override replaces
+    # lora_alpha and keeps the stored per-module alphas, an equal flag changes nothing
+    refused = resolve_alpha(**dict(everything, metadata_alpha_pattern={"to_v": 2.0}))
+    assert (refused.lora_alpha, refused.source, refused.refused_flag, refused.alpha_pattern) == (16, "metadata", 32, {"to_v": 2.0})
+    overridden = resolve_alpha(**dict(everything, metadata_alpha_pattern={"to_v": 2.0}), override_stored=True)
+    assert (overridden.lora_alpha, overridden.source, overridden.alpha_pattern) == (32, "flag", {"to_v": 2.0})
+    assert overridden.stored_alpha == 16 and overridden.refused_flag is None
+    agreed = resolve_alpha(**dict(everything, flag=16, metadata_alpha_pattern={"to_v": 2.0}))
+    assert (agreed.source, agreed.alpha_pattern, agreed.refused_flag) == ("metadata", {"to_v": 2.0}, None)
+    flag_only = resolve_alpha(**dict(everything, metadata_alpha=None, config_alpha=None))
+    assert (flag_only.lora_alpha, flag_only.source) == (32, "flag")
     assert resolve_alpha(**dict(everything, flag=None)).source == "metadata"
     assert resolve_alpha(**dict(everything, flag=None, metadata_alpha=None)).lora_alpha == 8
     default = resolve_alpha(**dict(common, flag=None, metadata_alpha=None, config_alpha=None))
@@ -199,3 +230,14 @@ def test_kohya_alpha_reads_in_every_float_dtype(dtype, name):
     value = torch.tensor(32.0, dtype=getattr(torch, dtype))
     data = value.reshape(1).view(torch.uint8).numpy().tobytes()
     assert scalar_value(LoraTensor("m", "alpha", name, (), len(data)), data) == 32.0
+
+
+def test_whose_torch_dcp_a_folder_is():
+    from cogsurgeon.tools.lora.keys import dcp_format
+
+    lora = ["transformer_blocks.0.attn1.to_q.lora_A.default.weight",
+            "transformer_blocks.0.attn1.to_q.lora_B.default.weight"]
+    whole = [*lora, "transformer_blocks.0.attn1.to_q.base_layer.weight", "proj_out.weight"]
+    assert dcp_format("finetrainers_step_30", lora) == "finetrainers-ptd"  # finetrainers' own checkpoint prefix
+    assert dcp_format("checkpoint-30", whole) == "finetrainers-ptd"  # a whole PEFT-injected model, renamed
+    assert dcp_format("checkpoint-30", [key.replace(".default", "") for key in lora]) == "cogkit-dcp"

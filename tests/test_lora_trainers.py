@@ -24,6 +24,7 @@ from lora_trainers import (
     save_cogvideo_finetune,
     save_diffusers_final,
     save_finetrainers,
+    save_finetrainers_ptd,
     save_sat,
     save_sat_export,
     save_videox_fun_network,
@@ -62,6 +63,12 @@ ROWS = {
                                   "finetrainers", (32, "metadata"), {}),
     "finetrainers-full-state": ("tiny", (16, 32), lambda t, d: save_finetrainers(t, d / "out", 30) / "finetrainers_step_30",
                                 {}, "finetrainers-state", (32, "config"), {}),
+    # finetrainers' PTD backend: a torch DCP of the whole state (issue 23, item 2: it was read as CogKit, alpha 64)
+    "finetrainers-ptd-state": ("tiny", (16, 4), lambda t, d: save_finetrainers_ptd(t, d / "out", 30)
+                               / "finetrainers_step_30", {}, "finetrainers-ptd", (4, "config"), {}),
+    "finetrainers-ptd-state-alone": ("tiny-i2v", (16, 64), lambda t, d: save_finetrainers_ptd(
+                                     t, d / "out", 40, lora_weights=False) / "finetrainers_step_40", {},
+                                     "finetrainers-ptd", (64, "default"), {}),
     "cogkit-low-vram": ("tiny-i2v", "cogkit", lambda t, d: save_cogkit_low_vram(t, d / "out", 5), {},
                         "cogkit", (COGKIT_ALPHA, "default"), {}),
     "cogkit-dcp": ("tiny-1.5", "cogkit", lambda t, d: save_cogkit_dcp(t, d / "out", 5), {},

@@ -11,17 +11,22 @@ import click
 
 from cogsurgeon.inspector.cli.output import print_json
 
-ALPHA_HELP = "lora_alpha the LoRA was trained with; overrides metadata, configs and trainer defaults."
+ALPHA_HELP = ("lora_alpha the LoRA was trained with, where the checkpoint stores none (it settles trainer defaults); "
+              "one that contradicts a stored lora_alpha is refused, see --override-stored-alpha.")
+OVERRIDE_HELP = ("Let --alpha replace the lora_alpha the checkpoint stores (metadata, a config beside it); what changes "
+                 "is printed. Stored per-module alphas (alpha_pattern) are kept.")
 TRAINER_HELP = ("The trainer that wrote CKPT, when the file does not store lora_alpha and several trainers fit: its "
                 "default lora_alpha is used (inspect lists the candidates).")
 
 
 def checkpoint_options(function):
-    """--alpha, --trainer, --step, --latest: what settles lora_alpha and which checkpoint of a folder is read."""
+    """--alpha, --override-stored-alpha, --trainer, --step, --latest: what settles lora_alpha and which checkpoint
+    of a folder is read."""
     from cogsurgeon.tools.lora.keys import TRAINERS
 
     for option in reversed((
         click.option("--alpha", type=float, callback=_positive_finite_alpha, metavar="A", help=ALPHA_HELP),
+        click.option("--override-stored-alpha", "override_stored_alpha", is_flag=True, help=OVERRIDE_HELP),
         click.option("--trainer", type=click.Choice(sorted(TRAINERS)), metavar="NAME", help=TRAINER_HELP),
         click.option("--step", type=int, metavar="N", help="Read the checkpoint of step N of an output folder."),
         click.option("--latest", is_flag=True, help="Read the newest checkpoint of an output folder."),
@@ -35,12 +40,16 @@ def _print_warnings(warnings: tuple[str, ...]) -> None:
         click.secho(f"warning: {warning}", fg="yellow", bold=warning.isupper() or "NOT STORED" in warning, err=True)
 
 
+def _pattern_text(pattern: dict) -> str:
+    """`N modules differ: a=2, b=3, ...` for a rank_pattern or alpha_pattern."""
+    return f"{len(pattern)} modules differ: " + ", ".join(
+        f"{module}={value:g}" for module, value in list(pattern.items())[:4]) + (", ..." if len(pattern) > 4 else "")
+
+
 def _format_report(report) -> list[str]:
     rank_line = f"{report.rank}"
     if report.rank_pattern:
-        rank_line += f" ({len(report.rank_pattern)} modules differ: " + ", ".join(
-            f"{module}={rank}" for module, rank in list(report.rank_pattern.items())[:4]
-        ) + (", ..." if len(report.rank_pattern) > 4 else "") + ")"
+        rank_line += f" ({_pattern_text(report.rank_pattern)})"
     scale = f", scale {report.scale:g}" if report.scale is not None else ""
     if report.alpha is None:
         alpha_lines = ["lora_alpha    UNKNOWN: not stored, and several trainers write this format; candidates:"]
@@ -48,6 +57,8 @@ def _format_report(report) -> list[str]:
         alpha_lines.append("              settle it with --alpha A or --trainer NAME")
     else:
         alpha_lines = [f"lora_alpha    {report.alpha} from {report.alpha_source} ({report.alpha_detail}){scale}"]
+        if report.alpha_pattern:
+            alpha_lines.append(f"alpha_pattern {_pattern_text(report.alpha_pattern)}")
     return [
         f"file          {report.file}",
         f"format        {report.format}: {report.format_description}",
@@ -91,7 +102,8 @@ def lora() -> None:
 @click.argument("ckpt", type=click.Path(path_type=str))
 @checkpoint_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(ckpt: str, alpha: float | None, trainer: str | None, step: int | None, latest: bool, as_json: bool) -> None:
+def inspect(ckpt: str, alpha: float | None, override_stored_alpha: bool, trainer: str | None, step: int | None,
+            latest: bool, as_json: bool) -> None:
     """Say what a LoRA checkpoint holds: format (the trainer-table row), rank and per-module ranks, targets, which
     CogVideoX variants it fits, dtype, size, lora_alpha and where it came from (flag, metadata, config, trainer,
     default) — or, when several trainers write this layout with different defaults, alpha null and the candidates
@@ -107,7 +119,8 @@ def inspect(ckpt: str, alpha: float | None, trainer: str | None, step: int | Non
     """
     from cogsurgeon.tools.lora.checkpoint import inspect_checkpoint
 
-    report = inspect_checkpoint(ckpt, alpha=alpha, trainer=trainer, step=step, latest=latest)
+    report = inspect_checkpoint(ckpt, alpha=alpha, trainer=trainer, step=step, latest=latest,
+                                override_stored_alpha=override_stored_alpha)
     _print_warnings(report.warnings)
     if as_json:
         print_json(report.to_json())
@@ -149,8 +162,8 @@ class _ByteProgress:
               help="Fold lora_alpha / r into lora_B (written alpha = r), for consumers that ignore alpha: strength 1.0 "
                    "is then the trained strength.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def repair(ckpt: str, out_dir: str, alpha: float | None, trainer: str | None, step: int | None, latest: bool,
-           force: bool, to: str, bake_scale: bool, as_json: bool) -> None:
+def repair(ckpt: str, out_dir: str, alpha: float | None, override_stored_alpha: bool, trainer: str | None,
+           step: int | None, latest: bool, force: bool, to: str, bake_scale: bool, as_json: bool) -> None:
     """Rebuild CKPT into an adapter folder that PEFT and diffusers load offline at the trained scale.
 
     DIR gets adapter_config.json + adapter_model.safetensors (PEFT: PeftModel.from_pretrained(transformer, DIR))
@@ -172,7 +185,8 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, trainer: str | None, st
 
     progress = _ByteProgress()
     result = repair_checkpoint(ckpt, out_dir, alpha=alpha, trainer=trainer, step=step, latest=latest, force=force,
-                               to=to, bake_scale=bake_scale, progress=progress)
+                               to=to, bake_scale=bake_scale, progress=progress,
+                               override_stored_alpha=override_stored_alpha)
     _print_warnings(result.report.warnings)
     if as_json:
         print_json(result.to_json())
@@ -182,6 +196,8 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, trainer: str | None, st
         f"wrote {result.out_dir}: {report.num_modules} modules, rank {report.rank}, lora_alpha {report.alpha} "
         f"({report.alpha_source}), {result.bytes_written:,} tensor bytes"
     )
+    if report.alpha_pattern:
+        click.echo(f"  alpha_pattern kept: {_pattern_text(report.alpha_pattern)}")
     for path in result.files:
         click.echo(f"  {path}")
 

@@ -2,12 +2,13 @@
 checkpoints — in every format of the LoRA-in-the-wild table (diffusers/CogVideo, finetrainers, CogKit file or DCP,
 VideoX-Fun, kohya/ComfyUI, PEFT, SAT) into one view: tensors by module, format, ranks, lora_alpha and where it came
 from (or the candidates when the file does not settle it), problems; and the `LoraReport` of `cogsurgeon lora inspect`.
-Torch-free: the SAT pickle and torch DCP readers (tools/lora/sat.py, tools/lora/dcp.py) import torch, and are
-imported only when such a checkpoint is given.
+Torch-free: the torch pickle, SAT and torch DCP readers (tools/lora/torch_pickle.py, tools/lora/sat.py,
+tools/lora/dcp.py) import torch, and are imported only when such a checkpoint is given.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import struct
@@ -31,14 +32,18 @@ from cogsurgeon.inspector.user_files import (
     read_yaml,
 )
 from cogsurgeon.tools.lora.keys import (
+    FINETRAINERS_FORMATS,
     FORMAT_DESCRIPTIONS,
     TRAINERS,
     AlphaResolution,
+    dcp_format,
     detect_format,
     is_dora_key,
+    is_text_encoder_key,
     key_prefix,
     module_ranks,
     most_common_and_pattern,
+    not_lora_algorithm,
     number,
     parse_lora_key,
     rank_and_pattern,
@@ -47,6 +52,9 @@ from cogsurgeon.tools.lora.keys import (
 )
 
 SAFETENSORS_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+# the same files pickled (diffusers' save_lora_weights / PEFT's save_pretrained with safe_serialization=False)
+PICKLED_NAMES = ("pytorch_lora_weights.bin", "adapter_model.bin")
+TORCH_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # torch.save files, read with weights_only=True
 DCP_METADATA = ".metadata"
 STEP_FOLDER = re.compile(r"^(?:checkpoint-|finetrainers_step_)?(?P<step>\d+)$")
 STEP_FILE = re.compile(r"^checkpoint-(?P<step>\d+)\.safetensors$")
@@ -97,6 +105,9 @@ class LoraReport:
     warnings: tuple[str, ...]
     steps: tuple[int, ...] = ()  # the checkpoints of the output folder given, when it holds several
     ignored: tuple[str, ...] = ()  # non-LoRA tensors read past (finetrainers' full state)
+    lora_bias: bool = False  # lora_B has a bias (PEFT lora_bias=True)
+    use_dora: bool = False  # DoRA magnitude vectors (PEFT use_dora=True)
+    text_encoder: tuple[str, ...] = ()  # a text encoder's LoRA (lora_te_ keys), left out of the adapter
     fits: tuple[str, ...] = ()  # CogVideoX variants whose shapes the LoRA fits
     fit_detail: str = ""
 
@@ -111,7 +122,7 @@ class LoraReport:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("target_modules", "modules", "problems", "warnings", "steps", "ignored", "fits"):
+        for key in ("target_modules", "modules", "problems", "warnings", "steps", "ignored", "text_encoder", "fits"):
             data[key] = list(data[key])
         data["alpha_candidates"] = [dict(candidate) for candidate in self.alpha_candidates]
         data["format_description"] = self.format_description
@@ -141,7 +152,7 @@ class LoraCheckpoint:
 class Located:
     """Which checkpoint a CKPT argument names: the tensor file (or DCP folder), and the steps of the folder."""
 
-    kind: str  # "safetensors" | "sat" | "dcp"
+    kind: str  # "safetensors" | "pickle" | "sat" | "dcp"
     path: Path
     steps: tuple[int, ...] = ()
     notes: tuple[str, ...] = ()
@@ -176,7 +187,8 @@ def checkpoint_steps(folder: Path) -> dict[int, Path]:
 
 
 def _holds_checkpoint(folder: Path) -> bool:
-    return any(is_regular_file(folder / name) for name in (*SAFETENSORS_NAMES, SAT_FILE_NAME, DCP_METADATA))
+    return any(is_regular_file(folder / name) for name in (*SAFETENSORS_NAMES, *PICKLED_NAMES, SAT_FILE_NAME,
+                                                           DCP_METADATA))
 
 
 def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = False) -> Located:
@@ -193,10 +205,17 @@ def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = Fal
             raise LoraCheckpointError(f"{path} is one file: --step and --latest choose among the checkpoints of a folder")
         if path.suffix == ".distcp" or path.name == DCP_METADATA:
             return Located("dcp", path.parent)
-        if path.name != SAT_FILE_NAME and path.suffix.lower() in PICKLE_SUFFIXES:
+        if ACCELERATE_STATE.match(path.name):
             raise LoraCheckpointError(
-                f"{path} is a pickle, and cogsurgeon never unpickles files (they can run code): pass the "
-                "checkpoint's .safetensors file or its folder (SAT: mp_rank_00_model_states.pt)"
+                f"{path} is accelerate's training state (optimizer, scheduler or random states), not LoRA weights: "
+                "pass the checkpoint folder or its LoRA weights file"
+            )
+        if path.name != SAT_FILE_NAME and path.suffix.lower() in TORCH_PICKLE_SUFFIXES:
+            return Located("pickle", path)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise LoraCheckpointError(
+                f"{path} is a plain pickle, and cogsurgeon never unpickles those (they can run code): pass the "
+                "checkpoint's .safetensors file, a torch .bin/.pt (read with weights_only=True) or its folder"
             )
         return Located("sat" if path.name == SAT_FILE_NAME else "safetensors", path)
     if kind != "a folder":
@@ -224,8 +243,8 @@ def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = Fal
         )
     else:
         raise LoraCheckpointError(
-            f"{path} holds no LoRA checkpoint: looked for {', '.join(SAFETENSORS_NAMES)}, {SAT_FILE_NAME}, a torch "
-            "DCP (.metadata), a single .safetensors file, or checkpoint-N folders/files"
+            f"{path} holds no LoRA checkpoint: looked for {', '.join(SAFETENSORS_NAMES + PICKLED_NAMES)}, "
+            f"{SAT_FILE_NAME}, a torch DCP (.metadata), a single .safetensors file, or checkpoint-N folders/files"
         )
     located = locate_checkpoint(chosen)
     return Located(located.kind, located.path, tuple(steps), located.notes)
@@ -236,6 +255,9 @@ def _checkpoint_in(folder: Path) -> Located | None:
     for name in SAFETENSORS_NAMES:
         if is_regular_file(folder / name):
             return Located("safetensors", folder / name)
+    for name in PICKLED_NAMES:
+        if is_regular_file(folder / name):
+            return Located("pickle", folder / name)
     if is_regular_file(folder / SAT_FILE_NAME):
         return Located("sat", folder / SAT_FILE_NAME)
     if is_regular_file(folder / DCP_METADATA):
@@ -263,6 +285,9 @@ class RawCheckpoint:
     format_name: str
     alpha_values: dict[str, float]  # kohya per-module `.alpha` values
     source_file: Path | None
+    old_spelling: int = 0  # keys in diffusers' old `.lora.down/.lora.up` spelling
+    not_lora: dict[str, str] = field(default_factory=dict)  # LyCORIS LoKr/LoHa: algorithm -> an example key
+    text_encoder: list[str] = field(default_factory=list)  # a text encoder's LoRA (lora_te_), left out of the repair
 
 
 def read_checkpoint(
@@ -272,9 +297,11 @@ def read_checkpoint(
     trainer: str | None = None,
     step: int | None = None,
     latest: bool = False,
+    override_stored_alpha: bool = False,
 ) -> LoraCheckpoint:
     """Read the checkpoint at `path` (folder or file). Raises `LoraCheckpointError` for what is not a LoRA
-    checkpoint at all; fixable-or-not defects of one that is are listed in `report.problems`."""
+    checkpoint at all, and for an `alpha` that contradicts a stored lora_alpha without `override_stored_alpha`;
+    fixable-or-not defects of one that is are listed in `report.problems`."""
     if trainer is not None and trainer not in TRAINERS:
         raise LoraCheckpointError(f"--trainer {trainer}: unknown trainer; known: {', '.join(TRAINERS)}")
     given = expand_user(path)
@@ -287,10 +314,18 @@ def read_checkpoint(
     elif located.kind == "dcp":
         from cogsurgeon.tools.lora.dcp import read_dcp_lora  # imports torch
 
-        raw = _classify(read_dcp_lora(located.path), {}, None, "cogkit-dcp")
+        entries = read_dcp_lora(located.path)
+        raw = _classify(entries, {}, None, dcp_format(located.path.name, [entry[0] for entry in entries]))
+    elif located.kind == "pickle":
+        from cogsurgeon.tools.lora.torch_pickle import read_pickled_lora  # imports torch
+
+        raw = _with_format(_classify(read_pickled_lora(located.path), {}, None, ""), located.path)
+        located = Located(located.kind, located.path, located.steps, (*located.notes, (
+            f"{located.path.name} is a torch pickle, read with torch.load(weights_only=True): tensors only, no code "
+            "from the file runs; safetensors is the safer format to keep")))
     else:
         raw = _read_safetensors(located.path)
-    return _assemble(given, located, raw, alpha, trainer)
+    return _assemble(given, located, raw, AlphaRequest(alpha, trainer, override_stored_alpha))
 
 
 RawEntry = tuple[str, str, tuple[int, ...], int, int | None, Callable[[], Any] | None]  # key, dtype, shape, bytes, start, payload
@@ -302,8 +337,15 @@ def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Pa
     for key, dtype, shape, nbytes, start, payload in entries:
         parsed = parse_lora_key(key)
         if parsed is None:
+            algorithm = not_lora_algorithm(key)
+            if algorithm is not None:
+                raw.not_lora.setdefault(algorithm, key)
+            if is_text_encoder_key(key):
+                raw.text_encoder.append(key)
+                continue
             (raw.dora if is_dora_key(key) else raw.non_lora).append(key)
             continue
+        raw.old_spelling += parsed.style == "diffusers-old"
         raw.adapters.add(parsed.adapter)
         raw.prefixes.add(key_prefix(key))
         raw.entries.append((key, LoraTensor(parsed.module, parsed.part, dtype, shape, nbytes, start, payload)))
@@ -312,18 +354,23 @@ def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Pa
 
 def _read_safetensors(tensor_file: Path) -> RawCheckpoint:
     header = read_header(tensor_file)
-    folder = tensor_file.parent
     entries = [(e.name, e.dtype, e.shape, e.nbytes, e.start, None) for e in header.tensors]
-    raw = _classify(entries, header.metadata, tensor_file, format_name="")  # named below, from its keys
+    return _with_format(_classify(entries, header.metadata, tensor_file, format_name=""), tensor_file)
+
+
+def _with_format(raw: RawCheckpoint, tensor_file: Path) -> RawCheckpoint:
+    """A tensor file's entries named by format (from its keys, header, file and folder names and neighbours), with
+    the kohya per-module alphas read."""
+    folder = tensor_file.parent
     raw.format_name = detect_format(
         file_name=tensor_file.name, folder_name=folder.name, prefixes=raw.prefixes, adapters=raw.adapters,
-        metadata_keys=set(header.metadata),
+        metadata_keys=set(raw.metadata),
         accelerate_state=any(ACCELERATE_STATE.match(p.name) for p in list_folder(folder)),
         peft_config_beside=is_regular_file(folder / "adapter_config.json"),
     )
     for _, tensor in raw.entries:
         if tensor.part == "alpha":
-            raw.alpha_values[tensor.module] = scalar_value(tensor, tensor_bytes(tensor, tensor_file))
+            raw.alpha_values[tensor.module] = scalar_value(tensor, tensor_bytes(tensor, raw.source_file))
     return raw
 
 
@@ -335,6 +382,17 @@ def tensor_bytes(tensor: LoraTensor, source_file: Path | None) -> bytes | memory
     with source_file.open("rb") as handle:
         handle.seek(tensor.source_start)
         return handle.read(tensor.nbytes)
+
+
+def lora_digest(checkpoint: LoraCheckpoint) -> str:
+    """sha256 over the LoRA tensors a repair reads (module, part, dtype, shape and bytes, in file order): what a repair
+    manifest records of its source, so that `verify` knows the checkpoint it finds there is the one repaired. The
+    tensors only, not the whole file: finetrainers' full state holds the base model beside them."""
+    digest = hashlib.sha256()
+    for tensor in checkpoint.tensors:
+        digest.update(f"{tensor.module}\0{tensor.part}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor_bytes(tensor, checkpoint.source_file))
+    return digest.hexdigest()
 
 
 def scalar_value(tensor: LoraTensor, data: bytes) -> float:
@@ -397,10 +455,10 @@ def _config_beside(
 
 
 def _unsupported_variants(config: Any, where: str, problems: list[str]) -> None:
-    """LoRA variants whose scale or weights the plain adapter written by repair would get wrong."""
-    for flag, what in (("use_rslora", "rsLoRA (scale alpha/sqrt(r))"), ("use_dora", "DoRA")):
-        if _find_key(config, flag) is True:
-            problems.append(f"{where} says {flag}: {what} is not plain LoRA and repair does not rebuild it")
+    """LoRA variants whose scale the adapter written by repair would get wrong (DoRA and lora_bias are written)."""
+    if _find_key(config, "use_rslora") is True:
+        problems.append(f"{where} says use_rslora: rsLoRA (scale alpha/sqrt(r)) is not plain LoRA and repair does not "
+                        "rebuild it")
 
 
 def _find_key(tree: Any, wanted: str) -> Any:
@@ -418,12 +476,14 @@ def _find_key(tree: Any, wanted: str) -> Any:
 
 
 def _finetrainers_config(tensor_file: Path) -> tuple[float | None, str | None]:
-    """finetrainers' full state `finetrainers_step_N/model.safetensors` stores no alpha; the LoRA file it saved at the
-    same step, `lora_weights/{N:06d}/pytorch_lora_weights.safetensors`, holds it in `lora_config`."""
-    match = re.match(r"^finetrainers_step_(\d+)$", tensor_file.parent.name)
+    """finetrainers' full state (`finetrainers_step_N/model.safetensors`, or the PTD backend's torch DCP folder
+    `finetrainers_step_N/`) stores no alpha; the LoRA file its save hook wrote at the same step,
+    `lora_weights/{N:06d}/pytorch_lora_weights.safetensors`, holds it in `lora_config`."""
+    step_folder = tensor_file if tensor_file.is_dir() else tensor_file.parent
+    match = re.match(r"^finetrainers_step_(\d+)$", step_folder.name)
     if match is None:
         return None, None
-    sibling = tensor_file.parent.parent / "lora_weights" / f"{int(match[1]):06d}" / "pytorch_lora_weights.safetensors"
+    sibling = step_folder.parent / "lora_weights" / f"{int(match[1]):06d}" / "pytorch_lora_weights.safetensors"
     if not is_regular_file(sibling):
         return None, None
     config = _lora_config_metadata(read_header(sibling).metadata, sibling)
@@ -463,13 +523,95 @@ def _kohya_alpha(raw: RawCheckpoint, ranks: dict[str, int], problems: list[str])
     return common, pattern
 
 
-def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | None, trainer: str | None) -> LoraCheckpoint:
+@dataclass(frozen=True)
+class AlphaRequest:
+    """What the person asked for: --alpha, --trainer, --override-stored-alpha."""
+
+    alpha: float | None = None
+    trainer: str | None = None
+    override_stored: bool = False
+
+
+def _alpha_notes(resolution: AlphaResolution, request: AlphaRequest, rank: int | None, tensor_file: Path) -> list[str]:
+    """What a person must hear about the alpha they asked for: a refused contradiction (raised), an override (what
+    changes), a flag that agreed with the stored value, and the stored per-module alphas that are kept."""
+    stored, flag = resolution.stored_alpha, request.alpha
+    kept = (f"; the stored alpha_pattern of {len(resolution.alpha_pattern)} modules is kept "
+            f"({_listed(resolution.alpha_pattern)})") if resolution.alpha_pattern else ""
+    if resolution.refused_flag is not None:
+        raise LoraCheckpointError(
+            f"--alpha {number(flag)} contradicts the lora_alpha {number(stored)} stored in {resolution.detail} "
+            f"({tensor_file.name}): the stored value is what the LoRA was trained with; drop --alpha, or pass "
+            f"--override-stored-alpha to write {number(flag)} instead{kept}"
+        )
+    if flag is None or stored is None:
+        return []
+    if resolution.source == "flag":
+        before, after = (f"{stored / rank:g}", f"{flag / rank:g}") if rank else ("?", "?")
+        return [f"STORED ALPHA OVERRIDDEN: lora_alpha {number(stored)} -> {number(flag)} (scale {before} -> {after} at "
+                f"rank {rank}), as --override-stored-alpha asks{kept}"]
+    return [f"--alpha {number(flag)} is the stored lora_alpha ({resolution.detail}): nothing changes{kept}"]
+
+
+def _listed(pattern: dict[str, Any], shown_count: int = 3) -> str:
+    items = [f"{module}={number(value)}" for module, value in list(pattern.items())[:shown_count]]
+    return ", ".join(items) + (", ..." if len(pattern) > shown_count else "")
+
+
+EXTRA_PARTS = {"bias": "lora_B bias (PEFT lora_bias=True)", "magnitude": "DoRA magnitude (PEFT use_dora=True)"}
+
+
+def _bias_and_magnitude(raw: RawCheckpoint, b_shapes: dict[str, tuple[int, ...]], problems: list[str]) -> list[LoraTensor]:
+    """PEFT's lora_B biases and DoRA magnitude vectors: one per module, of lora_B's output size, on every module of
+    the LoRA (PEFT sets lora_bias and use_dora for the whole adapter)."""
+    found: dict[str, dict[str, LoraTensor]] = {part: {} for part in EXTRA_PARTS}
+    for key, tensor in raw.entries:
+        if tensor.part not in EXTRA_PARTS:
+            continue
+        modules = found[tensor.part]
+        expected = (b_shapes[tensor.module][0],) if tensor.module in b_shapes else None
+        if tensor.module in modules:
+            problems.append(f"{tensor.module}: the {EXTRA_PARTS[tensor.part]} appears twice (again as {key!r})")
+        elif expected is None:
+            problems.append(f"{tensor.module}: a {EXTRA_PARTS[tensor.part]} without lora_B ({key!r})")
+        elif tensor.shape != expected:
+            problems.append(f"{tensor.module}: the {EXTRA_PARTS[tensor.part]} has shape {list(tensor.shape)}, "
+                            f"expected {list(expected)} (lora_B's output size)")
+        else:
+            modules[tensor.module] = tensor
+    for part, modules in found.items():
+        missing = sorted(set(b_shapes) - set(modules))
+        if modules and missing:
+            problems.append(f"{len(missing)} modules have no {EXTRA_PARTS[part]} while others do, e.g. {missing[0]}")
+    return [tensor for modules in found.values() for tensor in modules.values()]
+
+
+def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaRequest) -> LoraCheckpoint:
     tensor_file = located.path
     problems: list[str] = []
     warnings: list[str] = list(located.notes)
+    if raw.not_lora:
+        algorithm, example = next(iter(raw.not_lora.items()))
+        raise LoraCheckpointError(
+            f"{tensor_file} is a LyCORIS {algorithm} adapter, not LoRA (e.g. {example!r}): it has no lora_A/lora_B "
+            "pair for PEFT's or diffusers' LoRA loaders, so repair cannot rebuild it; LyCORIS itself loads it "
+            "(lycoris.create_lycoris_from_weights(1.0, FILE, transformer), then .apply_to())"
+        )
     lora = [(key, t) for key, t in raw.entries if t.part in ("A", "B")]
+    if raw.text_encoder:
+        modules = {key.split(".")[0] for key in raw.text_encoder}
+        warnings.append(
+            f"TEXT ENCODER LEFT OUT: {len(raw.text_encoder)} tensors of a text-encoder LoRA ({len(modules)} lora_te_ "
+            f"modules, e.g. {raw.text_encoder[0]!r}) are not written: the adapter holds the transformer's LoRA "
+            "only; the text encoder runs as it was before training unless its LoRA is applied another way"
+        )
+    if raw.old_spelling:
+        warnings.append(f"{raw.old_spelling} keys use diffusers' old .lora.down/.lora.up spelling "
+                        "(convert_state_dict_to_diffusers), read as lora_A/lora_B")
     if not lora and not raw.dora:
         detail = f" (it holds {len(raw.non_lora)} other tensors, e.g. {raw.non_lora[0]})" if raw.non_lora else ""
+        if raw.text_encoder:
+            detail = f" for the transformer: only a text encoder's LoRA ({len(raw.text_encoder)} lora_te_ tensors)"
         raise LoraCheckpointError(f"{tensor_file} holds no LoRA weights (no lora_A/lora_B keys){detail}")
     named_adapters = sorted(a for a in raw.adapters if a is not None)
     if len(named_adapters) > 1 or (named_adapters and None in raw.adapters):
@@ -477,7 +619,7 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
     if len(raw.prefixes) > 1:
         problems.append(f"keys mix prefixes {sorted(raw.prefixes)}: one model prefix per file expected")
     ignored: tuple[str, ...] = ()
-    if raw.non_lora and raw.format_name == "finetrainers-state":
+    if raw.non_lora and raw.format_name in FINETRAINERS_FORMATS:
         ignored = tuple(raw.non_lora)
         warnings.append(f"{len(ignored)} non-LoRA tensors of finetrainers' full state ignored, e.g. {ignored[0]!r}")
     elif raw.non_lora:
@@ -486,8 +628,8 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
         )
     if raw.dora:
         problems.append(
-            f"{len(raw.dora)} DoRA magnitude vectors (e.g. {raw.dora[0]!r}): a DoRA adapter, not plain LoRA; repair "
-            "does not rebuild DoRA"
+            f"{len(raw.dora)} kohya-style DoRA scales (e.g. {raw.dora[0]!r}): not PEFT's lora_magnitude_vector; repair "
+            "does not rebuild this DoRA"
         )
     a_shapes: dict[str, tuple[int, ...]] = {}
     b_shapes: dict[str, tuple[int, ...]] = {}
@@ -502,6 +644,8 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
     ranks, rank_problems = module_ranks(a_shapes, b_shapes)
     problems.extend(rank_problems)
     rank, rank_pattern = rank_and_pattern(ranks)
+    extras = _bias_and_magnitude(raw, b_shapes, problems)
+    tensors.extend(extras)
 
     # unreadable metadata that claims to hold the LoRA config is a problem (repair refuses), not a silent default
     metadata_config = _metadata_config(raw.metadata, problems, tensor_file)
@@ -530,9 +674,13 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
             problems.append(f"rank clash: the file's LoRA config says r={stored_r} but the tensors have rank {rank}")
     if metadata_config:
         _unsupported_variants(metadata_config, METADATA_KEY, problems)
+    if metadata_config.get("use_dora") is True and not any(t.part == "magnitude" for t in extras):
+        problems.append("the file's LoRA config says use_dora but it holds no lora_magnitude_vector: the DoRA "
+                        "magnitudes are missing")
     config_alpha, config_pattern, config_file = _config_beside(tensor_file, warnings, problems)
-    if config_alpha is None and raw.format_name == "finetrainers-state":
+    if config_alpha is None and raw.format_name in FINETRAINERS_FORMATS:
         config_alpha, config_file = _finetrainers_config(tensor_file)
+    alpha, trainer = request.alpha, request.trainer
     resolution: AlphaResolution = resolve_alpha(
         flag=alpha,
         metadata_alpha=float(metadata_alpha) if metadata_alpha is not None else None,
@@ -544,8 +692,10 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
         rank=rank,
         trainer=trainer,
         stored_where=stored_where,
+        override_stored=request.override_stored,
     )
-    if trainer is not None and resolution.source in ("metadata", "config"):
+    warnings.extend(_alpha_notes(resolution, request, rank, tensor_file))
+    if trainer is not None and resolution.stored_alpha is not None:
         warnings.append(f"--trainer {trainer} ignored: lora_alpha is stored ({resolution.detail})")
     if resolution.source in ("default", "trainer") and resolution.lora_alpha is not None:
         scale = resolution.lora_alpha / rank if rank else float("nan")
@@ -588,6 +738,9 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, alpha: float | 
         warnings=tuple(warnings),
         steps=located.steps,
         ignored=ignored,
+        text_encoder=tuple(raw.text_encoder),
+        lora_bias=any(t.part == "bias" for t in extras),
+        use_dora=any(t.part == "magnitude" for t in extras),
         fits=fits,
         fit_detail=fit_detail,
     )
@@ -623,7 +776,10 @@ def inspect_checkpoint(
     trainer: str | None = None,
     step: int | None = None,
     latest: bool = False,
+    override_stored_alpha: bool = False,
 ) -> LoraReport:
     """Inspect a LoRA checkpoint (folder or file) without changing anything. `alpha` plays the role of `--alpha`,
-    `trainer` of `--trainer`, `step`/`latest` choose among the checkpoints of an output folder."""
-    return read_checkpoint(path, alpha=alpha, trainer=trainer, step=step, latest=latest).report
+    `trainer` of `--trainer`, `override_stored_alpha` of `--override-stored-alpha`, `step`/`latest` choose among
+    the checkpoints of an output folder."""
+    return read_checkpoint(path, alpha=alpha, trainer=trainer, step=step, latest=latest,
+                           override_stored_alpha=override_stored_alpha).report

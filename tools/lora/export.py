@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cogsurgeon.tools.lora.checkpoint import LoraCheckpoint, LoraCheckpointError, LoraReport, LoraTensor, tensor_bytes
-from cogsurgeon.tools.lora.keys import kohya_key, module_value
+from cogsurgeon.tools.lora.keys import kohya_key, module_value, peft_key
 from cogsurgeon.tools.lora.safetensors_io import OutputTensor
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -74,7 +74,8 @@ def lora_config(report: LoraReport, *, baked: bool = False) -> dict[str, Any]:
         "lora_dropout": 0.0,
         "bias": "none",
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": report.use_dora,
+        "lora_bias": report.lora_bias,
         "init_lora_weights": True,
         "fan_in_fan_out": False,
         "modules_to_save": None,
@@ -139,8 +140,8 @@ def _checked(source: Any, scaled: Any, dtype: str, factor: float, what: str) -> 
 
 
 def _tensor(checkpoint: LoraCheckpoint, tensor: LoraTensor, name: str, factor: float | None) -> OutputTensor:
-    """`tensor` written under `name`: its bytes copied, or (baking, lora_B) read and scaled by `factor`."""
-    if factor is None or tensor.part != "B":
+    """`tensor` written under `name`: its bytes copied, or (baking, lora_B and its bias) read and scaled by `factor`."""
+    if factor is None or tensor.part not in ("B", "bias"):
         return OutputTensor(name, tensor.dtype, tensor.shape, tensor.nbytes, tensor.source_start, tensor.payload)
     return OutputTensor(name, tensor.dtype, tensor.shape, tensor.nbytes,
                         payload=lambda: scaled_bytes(tensor_bytes(tensor, checkpoint.source_file), tensor.dtype, factor,
@@ -155,7 +156,7 @@ def output_files(checkpoint: LoraCheckpoint, consumers: tuple[str, ...], *, bake
     config = lora_config(report, baked=bake_scale)
 
     def renamed(prefix: str) -> tuple[OutputTensor, ...]:
-        return tuple(_tensor(checkpoint, t, f"{prefix}{t.module}.lora_{t.part}.weight", factors.get(t.module))
+        return tuple(_tensor(checkpoint, t, peft_key(prefix, t.module, t.part), factors.get(t.module))
                      for t in checkpoint.tensors)
 
     files: list[OutputFile] = []
@@ -165,6 +166,12 @@ def output_files(checkpoint: LoraCheckpoint, consumers: tuple[str, ...], *, bake
     if "diffusers" in consumers:
         files.append(OutputFile(DIFFUSERS_WEIGHTS_NAME, renamed(DIFFUSERS_KEY_PREFIX), diffusers_metadata(config)))
     if "comfyui" in consumers:
+        if report.use_dora or report.lora_bias:
+            raise LoraCheckpointError(
+                f"--to comfyui: {report.file} is a {'DoRA' if report.use_dora else 'lora_bias'} LoRA, which the "
+                "kohya-style file (lora_down/lora_up/.alpha, merged as W + α/r·up·down) cannot hold: leave comfyui "
+                "out of --to"
+            )
         tensors: list[OutputTensor] = []
         for module in report.modules:
             for tensor in (t for t in checkpoint.tensors if t.module == module):

@@ -5,16 +5,31 @@ rank_pattern; and where lora_alpha comes from, or which trainers' values it coul
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
 LoraPart = Literal["A", "B"]
+# the suffix of each part of a module's LoRA in PEFT's spelling (what get_peft_model_state_dict writes)
+PEFT_SUFFIXES = {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias", "magnitude": "lora_magnitude_vector"}
 
 # `<module>.lora_A.weight`, `<module>.lora_A.<adapter>.weight` (a PEFT model's raw state_dict)
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-_DORA_KEY = re.compile(r"(\.lora_magnitude_vector(\.|$))|(\.dora_scale$)")
+# diffusers' old spelling, `<module>.lora.down.weight` / `.lora.up.weight`: what `convert_state_dict_to_diffusers`
+# writes for the attention projections (PEFT_TO_DIFFUSERS, diffusers src/diffusers/utils/state_dict_utils.py), and
+# what diffusers' loader still reads (convert_unet_state_dict_to_peft, UNET_TO_DIFFUSERS there)
+_OLD_DIFFUSERS_KEY = re.compile(r"^(?P<module>.+)\.lora\.(?P<part>down|up)\.weight$")
+# LyCORIS algorithms whose weights are not a B·A pair: LoKr (Kronecker factors) and LoHa (Hadamard product)
+_LYCORIS_NOT_LORA = {"lokr": "LoKr (ΔW = w1 ⊗ w2, a Kronecker product)",
+                     "hada": "LoHa (ΔW = (w1a·w1b) ⊙ (w2a·w2b), a Hadamard product)"}
+_LYCORIS_NOT_LORA_KEY = re.compile(r"\.(?P<algo>lokr|hada)_(?:w|t)\d")
+# PEFT's lora_bias=True (`<module>.lora_B.bias`) and DoRA magnitude (`<module>.lora_magnitude_vector`, in a model's
+# raw state_dict `.lora_magnitude_vector.<adapter>.weight`): written as they are, with lora_bias / use_dora set
+_PEFT_EXTRA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_B(?:\.(?P<bias_adapter>[^.]+))?\.bias"
+                             r"|lora_magnitude_vector(?:\.(?P<adapter>[^.]+)\.weight)?)$")
+_DORA_KEY = re.compile(r"\.dora_scale$")  # kohya/ComfyUI-style DoRA: another parametrisation, not rebuilt
 # key prefixes that name the model the module lives in, not the module: diffusers' component name, PEFT's wrapper
 _MODEL_PREFIXES = ("base_model.model.", "transformer.")
 
@@ -26,10 +41,12 @@ FORMAT_DESCRIPTIONS: dict[str, str] = {
     "diffusers-metadata": "diffusers >= 0.34 LoRA with lora_adapter_metadata",
     "finetrainers": "finetrainers lora_weights/{step}/ (lora_config in the header)",
     "finetrainers-state": "finetrainers full state finetrainers_step_N/model.safetensors (LoRA + base tensors)",
+    "finetrainers-ptd": "finetrainers PTD state finetrainers_step_N/ (torch DCP: LoRA + base tensors + optimizer)",
     "cogkit": "CogKit low_vram checkpoint (unprefixed adapter_model.safetensors, no adapter_config.json)",
     "cogkit-dcp": "CogKit torch distributed checkpoint (.metadata + __0_0.distcp)",
     "videox-fun": "VideoX-Fun PEFT checkpoint-N.safetensors (unprefixed keys)",
     "kohya": "kohya / ComfyUI LoRA (lora_unet_ keys, lora_down/lora_up, .alpha)",
+    "lycoris": "LyCORIS LoCon (lycoris_ keys, lora_down/lora_up, .alpha): plain LoRA under LyCORIS's prefix",
     "peft": "PEFT adapter (base_model.model. keys)",
     "peft-unprefixed": "unprefixed PEFT state dict (get_peft_model_state_dict saved as is)",
     "peft-adapter-name": "PEFT model state_dict with an adapter name in the keys",
@@ -60,6 +77,8 @@ TRAINERS: dict[str, Trainer] = {trainer.name: trainer for trainer in (
     Trainer("videox-fun-cli", 64, "VideoX-Fun scripts/cogvideox_fun/train_lora.py:551: --network_alpha default 64 "
             "(run without train_lora.sh)"),
     Trainer("peft", 8, "PEFT LoraConfig default lora_alpha 8"),
+    Trainer("lycoris", 1, "LyCORIS create_lycoris: linear_alpha default 1 (lycoris/wrapper.py:53-58); it saves a "
+            "per-module .alpha"),
     Trainer("alpha-equals-rank", None, "alpha = rank: what diffusers and ComfyUI apply to a file without alpha"),
 )}
 
@@ -70,10 +89,12 @@ FORMAT_TRAINERS: dict[str, tuple[str, ...]] = {
     "diffusers-metadata": ("alpha-equals-rank",),
     "finetrainers": ("finetrainers",),
     "finetrainers-state": ("finetrainers",),
+    "finetrainers-ptd": ("finetrainers",),
     "cogkit": ("cogkit",),
     "cogkit-dcp": ("cogkit",),
     "videox-fun": ("videox-fun", "videox-fun-cli"),
     "kohya": ("videox-fun", "videox-fun-cli", "alpha-equals-rank"),
+    "lycoris": ("lycoris",),
     "peft": ("peft", "alpha-equals-rank"),
     "peft-unprefixed": ("cogkit", "videox-fun", "videox-fun-cli", "peft"),
     "peft-adapter-name": ("peft", "alpha-equals-rank"),
@@ -92,23 +113,32 @@ _KOHYA_MODULES = tuple(
     (re.compile("^" + re.escape(name.replace(".", "_")).replace(re.escape("{i}"), r"(\d+)") + "$"), name)
     for name in COGVIDEOX_LINEARS
 )
-_KOHYA_KEY = re.compile(r"^lora_unet_+(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+# kohya (`lora_unet_`) and LyCORIS LoCon (`lycoris_`, lycoris/wrapper.py:166) name a module the same way
+_KOHYA_KEY = re.compile(r"^(?:lora_unet|lycoris)_+(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 KOHYA_PREFIX = "lora_unet__"
 
 
 @dataclass(frozen=True)
 class ParsedKey:
     module: str  # canonical module name inside the transformer: transformer_blocks.0.attn1.to_q
-    part: LoraPart | Literal["alpha"]
+    part: LoraPart | Literal["alpha", "bias", "magnitude"]
     adapter: str | None
-    style: Literal["peft", "kohya"] = "peft"
+    style: Literal["peft", "kohya", "diffusers-old"] = "peft"
 
 
 def parse_lora_key(key: str) -> ParsedKey | None:
-    """The module, A/B (or a kohya `.alpha`) and adapter name a LoRA weight key names, or None for anything else."""
+    """The module, part (A, B, a kohya `.alpha`, PEFT's lora_B bias or DoRA magnitude) and adapter name a LoRA key
+    names, or None for anything else."""
     match = _PEFT_KEY.match(key)
     if match is not None:
         return ParsedKey(canonical_module(match["module"]), match["part"], match["adapter"])  # type: ignore[arg-type]
+    extra = _PEFT_EXTRA_KEY.match(key)
+    if extra is not None:
+        part = "magnitude" if "lora_magnitude_vector" in key[len(extra["module"]):] else "bias"
+        return ParsedKey(canonical_module(extra["module"]), part, extra["adapter"] or extra["bias_adapter"])
+    old = _OLD_DIFFUSERS_KEY.match(key)
+    if old is not None:
+        return ParsedKey(canonical_module(old["module"]), "A" if old["part"] == "down" else "B", None, "diffusers-old")
     kohya = _KOHYA_KEY.match(key)
     module = kohya_module(kohya["name"]) if kohya else None
     if module is None:
@@ -128,6 +158,11 @@ def kohya_module(name: str) -> str | None:
     return None
 
 
+def peft_key(prefix: str, module: str, part: str) -> str:
+    """The key of a module's LoRA part in PEFT's spelling under `prefix` ("base_model.model.", "transformer.")."""
+    return f"{prefix}{module}.{PEFT_SUFFIXES[part]}"
+
+
 def kohya_key(module: str, part: str) -> str:
     """The kohya/ComfyUI key of a module's weight: part "A" -> lora_down, "B" -> lora_up, "alpha"."""
     suffix = {"A": "lora_down.weight", "B": "lora_up.weight", "alpha": "alpha"}[part]
@@ -145,10 +180,23 @@ def is_dora_key(key: str) -> bool:
     return _DORA_KEY.search(key) is not None
 
 
+def is_text_encoder_key(key: str) -> bool:
+    """A kohya-style key of a text encoder's LoRA (`lora_te_`, `lora_te1_`, ...: VideoX-Fun's LoRANetwork over T5)."""
+    return re.match(r"^lora_te\d*_", key) is not None
+
+
+def not_lora_algorithm(key: str) -> str | None:
+    """The LyCORIS algorithm a key belongs to when it is not LoRA (LoKr, LoHa), else None."""
+    found = _LYCORIS_NOT_LORA_KEY.search(key)
+    return _LYCORIS_NOT_LORA[found["algo"]] if found else None
+
+
 def key_prefix(key: str) -> str:
     """The model prefix of a key as written ("transformer.", "base_model.model.", "lora_unet_" or "")."""
     if key.startswith(("lora_unet_", "lora_te_")):
         return "lora_unet_"
+    if key.startswith("lycoris_"):
+        return "lycoris_"
     for prefix in _MODEL_PREFIXES:
         if key.startswith(prefix):
             return prefix
@@ -186,6 +234,8 @@ def detect_format(
         return "finetrainers"
     if "lora_unet_" in prefixes:
         return "kohya"
+    if "lycoris_" in prefixes:
+        return "lycoris"
     if adapters - {None}:
         if _FINETRAINERS_STATE_FOLDER.match(folder_name) and file_name == "model.safetensors":
             return "finetrainers-state"
@@ -199,6 +249,20 @@ def detect_format(
     if _VIDEOX_FUN_FILE.match(file_name):
         return "videox-fun"
     return "peft-unprefixed"
+
+
+FINETRAINERS_FORMATS = ("finetrainers-state", "finetrainers-ptd")  # a whole-model state: LoRA beside base weights
+
+
+def dcp_format(folder_name: str, keys: list[str]) -> str:
+    """Whose torch distributed checkpoint a folder is: finetrainers' PTD state (`finetrainers_step_N/`, its own
+    checkpoint prefix, parallel/ptd.py:311; or a whole PEFT-injected model: `.base_layer.` weights beside adapter-named
+    LoRA keys) or CogKit's (`checkpoint-N/`, LoRA tensors only)."""
+    if _FINETRAINERS_STATE_FOLDER.match(folder_name):
+        return "finetrainers-ptd"
+    whole_model = any(".base_layer." in key for key in keys)
+    adapter_named = any((parsed := parse_lora_key(key)) is not None and parsed.adapter for key in keys)
+    return "finetrainers-ptd" if whole_model and adapter_named else "cogkit-dcp"
 
 
 def module_ranks(a_shapes: dict[str, tuple[int, ...]], b_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], list[str]]:
@@ -258,6 +322,8 @@ class AlphaResolution:
     detail: str  # where it came from, for people
     alpha_pattern: dict[str, float]
     candidates: tuple[AlphaCandidate, ...] = ()
+    stored_alpha: float | None = None  # what the file or a config beside it stores, when it stores lora_alpha
+    refused_flag: float | None = None  # an --alpha that contradicts the stored value without --override-stored-alpha
 
 
 def trainer_candidates(trainers: tuple[str, ...], rank: int | None) -> tuple[AlphaCandidate, ...]:
@@ -268,6 +334,11 @@ def trainer_candidates(trainers: tuple[str, ...], rank: int | None) -> tuple[Alp
         value = trainer.lora_alpha if trainer.lora_alpha is not None else (float(rank) if rank else None)
         found.append(AlphaCandidate(value, name, trainer.reference))
     return tuple(found)
+
+
+def same_alpha(first: float, second: float) -> bool:
+    """Two lora_alpha values that give the same scale (a flag typed as 64 against a stored 64.0)."""
+    return math.isclose(first, second, rel_tol=1e-9, abs_tol=0.0)
 
 
 def resolve_alpha(
@@ -282,16 +353,30 @@ def resolve_alpha(
     rank: int | None,
     trainer: str | None = None,
     stored_where: str = "lora_adapter_metadata in the file",
+    override_stored: bool = False,
 ) -> AlphaResolution:
-    """lora_alpha in the issue's order: --alpha; stored in the file; a trainer config beside it; a trainer's default
+    """lora_alpha in the issue's order: stored in the file; a trainer config beside it; --alpha; a trainer's default
     (--trainer NAME, or the one trainer the format identifies). When several trainers fit and disagree, nothing is
-    guessed: lora_alpha is None and `candidates` lists them."""
+    guessed: lora_alpha is None and `candidates` lists them.
+
+    --alpha sets only what is not stored: equal to the stored value it changes nothing (the stored alpha_pattern
+    stays), different from it the resolution carries `refused_flag` (the caller refuses) unless `override_stored`,
+    which replaces lora_alpha and still keeps the stored per-module alpha_pattern."""
+    stored: tuple[float, AlphaSource, str, dict[str, float]] | None = None
+    if metadata_alpha is not None:
+        stored = (metadata_alpha, "metadata", stored_where, metadata_alpha_pattern or {})
+    elif config_alpha is not None:
+        stored = (config_alpha, "config", config_file or "a config beside the checkpoint", config_alpha_pattern or {})
+    if stored is not None:
+        value, source, where, pattern = stored
+        if flag is None or same_alpha(flag, value):
+            return AlphaResolution(value, source, where, pattern, stored_alpha=value)
+        if override_stored:
+            return AlphaResolution(flag, "flag", f"--alpha with --override-stored-alpha, replacing lora_alpha "
+                                   f"{number(value)} stored in {where}", pattern, stored_alpha=value)
+        return AlphaResolution(value, source, where, pattern, stored_alpha=value, refused_flag=flag)
     if flag is not None:
         return AlphaResolution(flag, "flag", "--alpha", {})
-    if metadata_alpha is not None:
-        return AlphaResolution(metadata_alpha, "metadata", stored_where, metadata_alpha_pattern or {})
-    if config_alpha is not None:
-        return AlphaResolution(config_alpha, "config", config_file or "a config beside the checkpoint", config_alpha_pattern or {})
     if trainer is not None:
         (chosen,) = trainer_candidates((trainer,), rank)
         return AlphaResolution(chosen.alpha, "trainer", f"--trainer {trainer}: {chosen.source}", {})

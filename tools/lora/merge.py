@@ -152,6 +152,9 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
         report = checkpoint.report
         if report.problems:
             raise LoraCheckpointError(f"cannot merge {report.file}: {report.problems[0]}")
+        if report.use_dora or report.lora_bias:
+            raise LoraCheckpointError(f"cannot merge {report.file}: a {'DoRA' if report.use_dora else 'lora_bias'} "
+                                      "LoRA is not W + α/r·B·A, which is what merge fuses")
         if report.alpha is None:
             raise LoraCheckpointError(report.unsettled_alpha_message().replace(
                 "Settle it with", "Repair it first (`cogsurgeon lora repair` with") + ") and merge the repaired folder")

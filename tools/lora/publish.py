@@ -156,14 +156,16 @@ def file_digest(path: Path, hash_name: str) -> str:
 
 
 def manifest_for(folder: Path, names: list[str], kind: OutputKind = REPAIR,
-                 hashes: dict[str, str] | None = None) -> dict[str, Any]:
+                 hashes: dict[str, str] | None = None, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of `names` in `folder`; `hashes` gives digests (of `kind.hash_name`) already computed from the
-    written bytes (a merge hashes each shard as it writes it), the others are read back here."""
+    written bytes (a merge hashes each shard as it writes it), the others are read back here. `record`: what the
+    command made the output from (a repair: its source checkpoint and the alpha it used), kept beside the files."""
     hashes = hashes or {}
     algorithm = hash_for(kind)
     return {
         "written_by": kind.written_by,
         "format": MANIFEST_FORMAT,
+        **(record or {}),
         "files": {name: {algorithm: hashes.get(name) or file_digest(folder / name, algorithm),
                          "bytes": (folder / name).stat().st_size}
                   for name in sorted(names)},
@@ -497,12 +499,12 @@ class Publication:
     kind: OutputKind = REPAIR
     published: bool = False
 
-    def publish(self, hashes: dict[str, str] | None = None) -> list[str]:
+    def publish(self, hashes: dict[str, str] | None = None, record: dict[str, Any] | None = None) -> list[str]:
         """Write the manifest (last), then move the staging folder to `out` atomically, re-checking `out`: absent
-        (or, with --force, still the same earlier output). `hashes`: digests the writer already computed.
-        Returns the names of the files published."""
+        (or, with --force, still the same earlier output). `hashes`: digests the writer already computed; `record`:
+        what the output was made from (see `manifest_for`). Returns the names of the files published."""
         names = sorted(entry.name for entry in self.staging.iterdir() if entry.name != OWNER_MARKER)
-        manifest = manifest_for(self.staging, names, self.kind, hashes)
+        manifest = manifest_for(self.staging, names, self.kind, hashes, record)
         manifest_path = self.staging / self.kind.manifest_name
         with manifest_path.open("w") as handle:
             json.dump(manifest, handle, indent=2)

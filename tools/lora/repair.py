@@ -17,8 +17,10 @@ from cogsurgeon.inspector.safetensors_header import library_rejection
 from cogsurgeon.inspector.user_files import expand_user
 from cogsurgeon.tools.lora.checkpoint import (
     ALPHA_RANGE,
+    LoraCheckpoint,
     LoraCheckpointError,
     LoraReport,
+    lora_digest,
     positive_int,
     positive_number,
     read_checkpoint,
@@ -78,6 +80,27 @@ def config_problems(config: dict[str, Any]) -> list[str]:
     return problems
 
 
+def source_record(checkpoint: LoraCheckpoint, request: dict[str, Any], *, bake_scale: bool) -> dict[str, Any]:
+    """What the repair manifest keeps of the source: where it is, a digest of its LoRA tensors, how alpha was settled
+    (the request that settles it again for the same file) and the alpha and patterns written. `lora verify` reads the source back from
+    here and checks the adapter's α/r·B·A against the source's, module by module."""
+    report = checkpoint.report
+    return {"source": {
+        "path": str(Path(report.path).absolute()),
+        "file": str(Path(report.file).absolute()),
+        "format": report.format,
+        "lora_sha256": lora_digest(checkpoint),
+        "request": request,
+        "rank": report.rank,
+        "rank_pattern": dict(report.rank_pattern),
+        "lora_alpha": report.alpha,
+        "alpha_source": report.alpha_source,
+        "alpha_detail": report.alpha_detail,
+        "alpha_pattern": dict(report.alpha_pattern),
+        "bake_scale": bake_scale,
+    }}
+
+
 def repair_checkpoint(
     path: str | Path,
     out_dir: str | Path,
@@ -90,17 +113,21 @@ def repair_checkpoint(
     to: str | tuple[str, ...] | None = None,
     bake_scale: bool = False,
     progress: ProgressCallback | None = None,
+    override_stored_alpha: bool = False,
 ) -> RepairResult:
     """Write the adapter folder for the checkpoint at `path` into `out_dir`; `progress(done_bytes, total_bytes)`
     is called as tensor bytes stream. Raises `LoraCheckpointError` (input untouched, nothing written) when the
     checkpoint has problems, or `OutputError` when `out_dir` exists (without `force`: at all; with it: as anything
     but an unchanged earlier repair), appears or changes while the repair runs, or another repair holds it.
-    SIGTERM/SIGHUP raise `RepairInterrupted` (SIGINT: KeyboardInterrupt) after the partial output is removed."""
+    SIGTERM/SIGHUP raise `RepairInterrupted` (SIGINT: KeyboardInterrupt) after the partial output is removed.
+    `alpha` sets lora_alpha only where the checkpoint stores none; one that contradicts a stored value is refused
+    unless `override_stored_alpha`. Stored per-module alphas (alpha_pattern) are always kept."""
     if alpha is not None and not positive_number(alpha):
         raise LoraCheckpointError(f"alpha must be {ALPHA_RANGE}, got {alpha}")
     consumers = parse_consumers(to)
     given = expand_user(path)
-    checkpoint = read_checkpoint(given, alpha=alpha, trainer=trainer, step=step, latest=latest)
+    request = {"alpha": alpha, "trainer": trainer, "override_stored_alpha": override_stored_alpha}  # settles alpha
+    checkpoint = read_checkpoint(given, step=step, latest=latest, **request)
     report = checkpoint.report
     if report.problems:
         more = f" (and {len(report.problems) - 1} more; see `cogsurgeon lora inspect`)" if len(report.problems) > 1 else ""
@@ -114,6 +141,7 @@ def repair_checkpoint(
     refuse_existing_output(out, force)
 
     files_to_write = output_files(checkpoint, consumers, bake_scale=bake_scale)
+    record = source_record(checkpoint, request, bake_scale=bake_scale)
     tracker = Progress(sum(t.nbytes for f in files_to_write for t in f.tensors), progress)
     with publication(out, force=force) as target:
         with (checkpoint.source_file.open("rb") if checkpoint.source_file is not None else nullcontext()) as source:
@@ -127,6 +155,6 @@ def repair_checkpoint(
                 if rejection is not None:
                     raise OutputError(f"the repaired {output.name} would not load (safetensors: {rejection}); "
                                       "nothing was written")
-        published = target.publish()
+        published = target.publish(record=record)
     files = tuple(str(out / name) for name in published)
     return RepairResult(str(out), files, report, tracker.done)

@@ -1,7 +1,9 @@
 """The SAT reader: LoRA weights out of `mp_rank_00_model_states.pt`, loaded only with `torch.load(weights_only=True)`
-plus an explicit allow-list of the numpy globals that rebuild SAT's saved numpy rng state (`np_rng_state`, saved unless
-`--no-save-rng`); any other global refuses the file. Imports torch: imported only when a SAT checkpoint is given. The fused `query_key_value` LoRA is split into to_q/to_k/to_v
-as CogVideo's `tools/export_sat_lora_weight.py` does: SAT keeps one A/B pair per partition (.0 .1 .2).
+(tools/lora/torch_pickle.py, which also refuses the torch releases where that is unsafe) plus an explicit allow-list
+of the numpy globals that rebuild SAT's saved numpy rng state (`np_rng_state`, saved unless `--no-save-rng`); any
+other global refuses the file. Imports torch: imported only when a SAT checkpoint is given. The fused
+`query_key_value` LoRA is split into to_q/to_k/to_v as CogVideo's `tools/export_sat_lora_weight.py` does: SAT keeps
+one A/B pair per partition (.0 .1 .2).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from cogsurgeon.tools.lora.checkpoint import LoraCheckpointError, LoraTensor
+from cogsurgeon.tools.lora.torch_pickle import SAFETENSORS_DTYPE as _SAFETENSORS_DTYPE  # noqa: F401 - dcp.py's import
+from cogsurgeon.tools.lora.torch_pickle import load_weights_only
+from cogsurgeon.tools.lora.torch_pickle import tensor_payload as _payload
 
 _SAT_LORA_KEY = re.compile(
     r"^(?:model\.diffusion_model\.)?(?:transformer\.)?layers\.(?P<layer>\d+)\.attention\."
@@ -18,7 +23,6 @@ _SAT_LORA_KEY = re.compile(
 )
 _PARTITION_TARGETS = {("query_key_value", "0"): "to_q", ("query_key_value", "1"): "to_k",
                       ("query_key_value", "2"): "to_v", ("dense", "0"): "to_out.0"}
-_SAFETENSORS_DTYPE = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64"}
 
 
 def sat_module_name(key: str) -> tuple[str, str] | None:
@@ -44,26 +48,9 @@ def _state_dict(saved: Any) -> dict[str, Any]:
 def read_sat_lora(path: Path) -> tuple[list[tuple[str, LoraTensor]], list[str]]:
     """The LoRA tensors of a SAT checkpoint as (original key, tensor) pairs, and the LoRA-looking keys that match no
     known target. The rest of the model (SAT saves it all) is ignored."""
-    import pickle
-
     import torch
 
-    try:
-        with torch.serialization.safe_globals(numpy_rng_globals()):
-            try:
-                saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                saved = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoraCheckpointError(
-            f"{path} holds more than tensors and cogsurgeon loads SAT checkpoints only with weights_only=True "
-            f"({first_line})"
-        ) from None
-    except Exception as exc:
-        raise LoraCheckpointError(f"{path} is not a readable torch checkpoint: {type(exc).__name__}: {exc}") from None
+    saved = load_weights_only(path, numpy_rng_globals())
     found: list[tuple[str, LoraTensor]] = []
     unknown: list[str] = []
     for key, value in _state_dict(saved).items():
@@ -95,12 +82,3 @@ def numpy_rng_globals() -> list[Any]:
         if dtypes is not None and hasattr(dtypes, name):
             allowed.append(getattr(dtypes, name))
     return allowed
-
-
-def _payload(tensor: Any):
-    import torch
-
-    def tensor_bytes() -> memoryview:
-        return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-    return tensor_bytes

@@ -12,9 +12,9 @@ at alpha = rank, so there the alpha is passed as `network_alphas` (the kohya-sty
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,14 +22,17 @@ from typing import TYPE_CHECKING, Any
 from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.safetensors_header import read_header
 from cogsurgeon.inspector.user_files import expand_user, is_folder, is_regular_file, read_json
+from cogsurgeon.tools.lora.checkpoint import LoraCheckpointError, LoraTensor, lora_digest, read_checkpoint, tensor_bytes
 from cogsurgeon.tools.lora.export import (
     DIFFUSERS_KEY_PREFIX,
     DIFFUSERS_WEIGHTS_NAME,
     PEFT_CONFIG_NAME,
     PEFT_KEY_PREFIX,
     PEFT_WEIGHTS_NAME,
+    module_scales,
 )
 from cogsurgeon.tools.lora.keys import module_value, parse_lora_key
+from cogsurgeon.tools.lora.publish import REPAIR
 
 if TYPE_CHECKING:
     import torch
@@ -72,6 +75,7 @@ class AdapterVerifyReport:
     failures: tuple[str, ...]
     reference_diff: dict[str, float] | None = None  # each loader's output vs the raw-tensor reference, max |diff|
     effective_scale: dict[str, float | None] | None = None  # per loader: the scale it applied (median over modules)
+    source_check: dict[str, Any] | None = None  # the adapter against the checkpoint its repair manifest records
 
     @property
     def passed(self) -> bool:
@@ -98,6 +102,12 @@ class AdapterVerifyReport:
         applied = ", ".join(f"{loader} {value:g}" if value is not None else f"{loader} -"
                             for loader, value in (self.effective_scale or {}).items())
         reference = ", ".join(f"{loader} {value:.3g}" for loader, value in (self.reference_diff or {}).items())
+        source = self.source_check or {}
+        if source.get("compared"):
+            source_line = (f"α/r·B·A of every module vs {source['file']} (the repair's source): max relative diff "
+                           f"{source['max_rel_diff']:.3g}")
+        else:
+            source_line = source.get("status", "not checked")
         lines = [
             f"adapter       {self.adapter_dir}",
             f"base          {self.base} (diffusers {self.diffusers_version}, alpha via {self.diffusers_alpha_via})",
@@ -105,6 +115,7 @@ class AdapterVerifyReport:
             f"scales        {scale_line}",
             f"applied       {applied or '-'} (measured from each loader's LoRA layers)",
             f"reference     max |diff| vs x·Aᵀ·Bᵀ·α/r from the raw tensors: {reference or 'not compared'}",
+            f"source        {source_line}",
             f"outputs       {output_line}",
         ]
         if self.failures:
@@ -297,6 +308,76 @@ def load_with_diffusers(base: torch.nn.Module, adapter_dir: str | Path, adapter_
     return f"network_alphas, set_scale on {corrected} mixed-rank modules" if corrected else "network_alphas"
 
 
+SOURCE_RTOL = {"exact": 1e-6, "half": 1e-2}  # bf16/fp16 weights baked with --bake-scale are rounded once
+
+
+def _float_tensor(tensor: LoraTensor, source_file: Path | None) -> torch.Tensor:
+    import torch
+
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    data = bytearray(tensor_bytes(tensor, source_file))
+    return torch.frombuffer(data, dtype=dtypes[tensor.dtype]).reshape(tensor.shape).double()
+
+
+def source_check(folder: Path, config: dict[str, Any],
+                 adapter_weights: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, Any], list[str]]:
+    """The adapter against the checkpoint it was repaired from, as its `cogsurgeon-repair.json` records it: the
+    source is read again (alpha settled by the same request), and each module's α/r·B·A is compared with the
+    adapter's, through a seeded random probe (B·(A·X), never the full product). This catches what checking the
+    adapter against its own config cannot: a per-module alpha the repair dropped or a lora_alpha it replaced."""
+    import torch
+
+    manifest_path = folder / REPAIR.manifest_name
+    try:
+        manifest = read_json(manifest_path) if is_regular_file(manifest_path) else None
+    except CogsurgeonError as exc:
+        return {"compared": False, "status": f"not checked: {exc}"}, []
+    source = manifest.get("source") if isinstance(manifest, dict) else None
+    if not isinstance(source, dict) or not isinstance(source.get("file"), str):
+        return {"compared": False, "status": f"not checked: no {REPAIR.manifest_name} naming the source checkpoint "
+                "(the adapter is checked against its own config only)"}, []
+    file = Path(source["file"])
+    request = source.get("request") if isinstance(source.get("request"), dict) else {}
+    try:
+        checkpoint = read_checkpoint(file, alpha=request.get("alpha"), trainer=request.get("trainer"),
+                                     override_stored_alpha=bool(request.get("override_stored_alpha")))
+        unchanged = lora_digest(checkpoint) == source.get("lora_sha256")
+    except (LoraCheckpointError, OSError) as exc:
+        return {"compared": False, "file": str(file), "status": f"not checked: the source {file} cannot be read "
+                f"now ({' '.join(str(exc).split())[:200]})"}, []
+    if not unchanged:
+        return {"compared": False, "file": str(file), "status": f"not checked: the LoRA tensors of {file} changed "
+                "since the repair"}, []
+    source_scales = module_scales(checkpoint.report)
+    adapter_scales = expected_scales(config, sorted(adapter_weights))
+    pairs: dict[str, dict[str, LoraTensor]] = {}
+    for tensor in checkpoint.tensors:
+        pairs.setdefault(tensor.module, {})[tensor.part] = tensor
+    failures = [f"{module}: the adapter holds it, the source checkpoint {file} does not"
+                for module in sorted(set(adapter_weights) - set(pairs))]
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for module, pair in sorted(pairs.items()):
+        adapter = adapter_weights.get(module)
+        if adapter is None or set(adapter) != {"A", "B"}:
+            failures.append(f"{module}: in the source checkpoint {file}, missing from the adapter")
+            continue
+        rank, alpha = source_scales[module]
+        a, b = _float_tensor(pair["A"], checkpoint.source_file), _float_tensor(pair["B"], checkpoint.source_file)
+        probe = torch.randn(a.shape[1], 8, generator=generator, dtype=torch.float64)
+        wanted = b @ (a @ probe) * (alpha / rank)
+        written = adapter["B"].double() @ (adapter["A"].double() @ probe) * adapter_scales[module]
+        size = float(wanted.norm())
+        off = float((written - wanted).norm()) / size if size > 0 else float((written - wanted).norm())
+        worst = max(worst, off)
+        half = {pair["B"].dtype, str(adapter["B"].dtype)} & {"F16", "BF16", "torch.float16", "torch.bfloat16"}
+        if not off <= SOURCE_RTOL["half" if half else "exact"]:
+            failures.append(f"{module}: the adapter's α/r·B·A is {off:.3g} (relative) off the source checkpoint's: "
+                            f"scale {adapter_scales[module]:g} written, {alpha / rank:g} in {file.name} "
+                            f"(lora_alpha {alpha:g} at rank {rank}, {checkpoint.report.alpha_detail})")
+    return {"compared": True, "file": str(file), "status": "compared", "max_rel_diff": worst}, failures
+
+
 def verify_adapter(
     adapter_dir: str | Path, base_spec: str, *, progress: Callable[[str], None] | None = None
 ) -> AdapterVerifyReport:
@@ -359,6 +440,10 @@ def verify_adapter(
     except Exception as exc:
         failures.append(f"diffusers could not load the adapter: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
+    plain = not (config.get("use_dora") or config.get("lora_bias"))
+    if not plain:  # DoRA or a lora_B bias: the delta is not x·Aᵀ·Bᵀ·α/r, so neither a measured scale nor the reference
+        peft_measured.clear()  # applies; the loaders are still compared with each other and with the source
+        diffusers_measured.clear()
     checks: list[ModuleCheck] = []
     for module in sorted(set(expected) | set(peft_layers) | set(diffusers_layers)):
         peft_layer, diffusers_layer = peft_layers.get(module), diffusers_layers.get(module)
@@ -397,15 +482,17 @@ def verify_adapter(
 
     import torch
 
-    reference = reference_output(base, inputs, peft_weights, expected)
+    reference = reference_output(base, inputs, peft_weights, expected) if plain else None
     reference_diff: dict[str, float] = {}
     for loader, output in (("PEFT", peft_output), ("diffusers", diffusers_output)):
-        if output is None:
+        if output is None or reference is None:
             continue
         reference_diff[loader] = float((output - reference).abs().max())
         if not torch.allclose(output, reference, atol=OUTPUT_ATOL, rtol=OUTPUT_RTOL):
             failures.append(f"{loader}'s output differs from the reference (x·Aᵀ·Bᵀ·α/r from the raw tensors) by "
                             f"{reference_diff[loader]:.3g}: it runs the LoRA at another strength")
+    source, source_failures = source_check(folder, config, peft_weights)
+    failures.extend(source_failures)
     effective = {"PEFT": _median([c.peft_effective_scale for c in checks if c.peft_effective_scale is not None]),
                  "diffusers": _median([c.diffusers_effective_scale for c in checks if c.diffusers_effective_scale is not None])}
 
@@ -435,4 +522,5 @@ def verify_adapter(
         failures=tuple(failures),
         reference_diff=reference_diff,
         effective_scale=effective,
+        source_check=source,
     )
