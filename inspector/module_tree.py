@@ -9,7 +9,7 @@ an `nn.Module` and is tested without Textual. Folding follows nnsight: 42 identi
 from __future__ import annotations
 
 from collections.abc import Iterator, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cogsurgeon.inspector.inventory import ModuleInfo, filter_inventory, matches
 
@@ -218,6 +218,16 @@ def keys_to(root: ModuleNode, name: str) -> list[str]:
     for node in path_to(root, name):
         keys.append("" if not keys else child_key(keys[-1], node))
     return keys
+
+
+def fold_for_filter(root: ModuleNode) -> ModuleNode:
+    """A narrowed tree as `modules --filter` lists it: a folded run keeps only its first member (the others are
+    identical, so they match alike), and its row still names the whole run: `transformer_blocks (0-41): 42 ×
+    CogVideoXBlock`, then block 0's matches once, instead of 42 rows of blocks."""
+    children = tuple(fold_for_filter(child) for child in root.children)
+    if root.fold is not None and children:
+        children = children[:1]
+    return replace(root, children=children) if children != root.children else root
 
 
 def opened_for_filter(root: ModuleNode) -> set[str]:

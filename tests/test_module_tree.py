@@ -206,3 +206,21 @@ def test_preview_comes_from_the_inventory_cache_without_a_model():
     assert preview.model is None and preview.infos == opened.infos
     assert preview.title == "cogvideox-2b (meta)" and preview.config["num_layers"] == 30
     assert preview_model("tiny") is None
+
+
+def test_a_filtered_tree_folds_runs_as_modules_filter_does(five_b_infos):
+    """`attn1` on the 5B model: the TUI showed 42 block rows (block 0 opened), `modules --filter` one folded run.
+    Now both read `transformer_blocks (0-41): 42 × CogVideoXBlock` with block 0's matches once."""
+    from cogsurgeon.inspector.module_tree import fold_for_filter, listed_rows, opened_for_filter
+
+    infos = five_b_infos
+    narrowed, matched = narrow_inventory(infos, "attn1")
+    unfolded = build_module_tree(narrowed)
+    root = fold_for_filter(unfolded)
+    rows = visible_rows(root, opened_for_filter(root))
+    assert len(visible_rows(unfolded, opened_for_filter(unfolded))) == 53  # what the TUI listed before
+    assert [row.node.label for row in rows] == ["(root)", "transformer_blocks", "0", "attn1", "norm_q", "norm_k",
+                                                 "to_q", "to_k", "to_v", "to_out", "0", "1"]
+    assert rows[1].node.fold.describe() == "(0-41): 42 × CogVideoXBlock"
+    assert len(listed_rows(infos, "attn1")) == len(rows) - 3  # the CLI lists the 9 matching modules; the tree adds root, run and block
+    assert len(matched) == 378

@@ -296,3 +296,21 @@ async def test_at_80x24_the_details_show_file_and_line_without_scrolling():
         shown = shown_text(app.query_one(ModuleDetails)).splitlines()[:rows]
         assert rows >= 3 and details.scroll_y == 0
         assert any(line.startswith("file ") and "attention_processor.py:" in line for line in shown), shown
+
+
+@pilot_test
+async def test_the_filter_folds_a_run_of_blocks_as_modules_filter_does():
+    from test_tui import tree_rows
+
+    from cogsurgeon.inspector.tui.widgets import ModuleTree
+
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("slash", *"attn1")
+        await pilot.pause()
+        rows = [row.strip() for row in tree_rows(app.query_one(ModuleTree))]
+        assert rows[:4] == ["tiny  CogVideoXTransformer3DModel  42.2K",
+                            "transformer_blocks (0-1): 2 × CogVideoXBlock  38.6K", "0  CogVideoXBlock  19.3K",
+                            "attn1  Attention  4.29K"], rows
+        assert "1  CogVideoXBlock  19.3K" not in rows and rows.count("attn1  Attention  4.29K") == 1

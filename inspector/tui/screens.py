@@ -32,7 +32,7 @@ from cogsurgeon.inspector.browse import LoadedModel, TracedShapes, open_model, p
 from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.inventory import ModuleInfo
 from cogsurgeon.inspector.model_specs import known_specs
-from cogsurgeon.inspector.module_tree import ModuleNode, build_module_tree, narrow_inventory
+from cogsurgeon.inspector.module_tree import ModuleNode, build_module_tree, fold_for_filter, narrow_inventory
 from cogsurgeon.inspector.patching import PatchBench, PatchRow
 from cogsurgeon.patches.errors import PatchParameterError
 from cogsurgeon.patches.parameters import format_value
@@ -282,7 +282,7 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         key = filter_text.strip().lower()
         if key not in self.narrowed:  # backspacing returns to trees already built
             infos, matched = narrow_inventory(list(loaded.infos), key)
-            self.narrowed[key] = (build_module_tree(infos) if matched else None, matched)
+            self.narrowed[key] = (fold_for_filter(build_module_tree(infos)) if matched else None, matched)
         narrowed_tree, self.matched = self.narrowed[key]
         filter_input.border_subtitle = f"{len(self.matched):,} of {len(loaded.infos):,} match"
         if narrowed_tree is None:
