@@ -489,3 +489,12 @@ def peft_folder(trained, folder: Path) -> Path:
               str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     trained.model.peft_config["default"].save_pretrained(str(folder))
     return folder
+
+
+def stores_lora_metadata(folder: Path) -> bool:
+    """Whether diffusers' `save_lora_adapter` wrote the LoraConfig as `lora_adapter_metadata` (diffusers 0.34 on;
+    0.32 writes the tensors alone, so its files store no lora_alpha and no patterns)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
+        return "lora_adapter_metadata" in (handle.metadata() or {})

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from lora_trainers import assert_reproduces, peft_folder, save_cogvideo_finetune, train, tree_digest
+from lora_trainers import (
+    assert_reproduces,
+    peft_folder,
+    save_cogvideo_finetune,
+    stores_lora_metadata,
+    train,
+    tree_digest,
+)
 
 pytestmark = pytest.mark.diffusers_versions
 
@@ -45,6 +52,12 @@ def test_dora_and_lora_bias_are_kept(tmp_path, name):
     trained = train(BASE, 4, 6, seed=61, **variant)
     checkpoint = save(trained, tmp_path)
     before = tree_digest(checkpoint)
+    if name.endswith("save_lora_adapter") and not stores_lora_metadata(checkpoint):
+        # diffusers 0.32's writer stores no config: DoRA's magnitudes are there, its alpha is not, and the tool
+        # must say the strength is unknown rather than guess
+        report = inspect_checkpoint(checkpoint)
+        assert report.alpha is None and report.alpha_candidates and report.use_dora
+        return
     report = inspect_checkpoint(checkpoint, alpha=options.get("alpha"))
     assert report.problems == () and report.alpha == 6
     assert (report.use_dora, report.lora_bias) == ("use_dora" in variant, "lora_bias" in variant)
