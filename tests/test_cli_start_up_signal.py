@@ -25,6 +25,10 @@ from conftest import cli_environment
 DELAYS = (0, 0.02, 0.05, 0.08, 0.12, 0.17, 0.25, 0.35)  # seconds after the process started
 REPEATS = 3
 CPYTHON_START_UP = "Fatal Python error: init_"  # init_sys_streams, init_import_site, ...
+# `site` runs each `.pth` file's lines (the editable install's finder among them) inside its own try/except: a
+# KeyboardInterrupt there is printed as "Error processing line N of ….pth" and the rest of the file is skipped, and
+# the interpreter goes on without it (seen once in a fresh-clone suite under load: exit 0). CPython's start-up too.
+SITE_PTH_ERROR = "Error processing line "
 # A SIGINT whose KeyboardInterrupt is raised inside a callback CPython calls from C (the module lock's weakref callback,
 # run on every import) cannot propagate: CPython reports it as "Exception ignored" and the command goes on. Not fixed
 # here (see the report of issue 21 item 13); allowed, so that the test is not flaky.
@@ -44,7 +48,8 @@ def interrupted_run(delay: float) -> tuple[int, str]:
 def outcome(returncode: int, stderr: str) -> str:
     if returncode == -signal.SIGINT and stderr == "":
         return "killed before CPython's handler"
-    if stderr.startswith(CPYTHON_START_UP):
+    if stderr.startswith(CPYTHON_START_UP) or (stderr.startswith(SITE_PTH_ERROR) and ".pth" in stderr.splitlines()[0]
+                                               and "KeyboardInterrupt" in stderr):
         return "CPython's start-up"
     if returncode == -signal.SIGINT and in_console_script_imports(stderr):
         return "the console script's own imports"
