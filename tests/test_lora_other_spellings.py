@@ -45,7 +45,8 @@ def test_diffusers_old_key_spelling_is_repaired(tmp_path, targets, old_keys):
 
     # diffusers itself loads the raw file (at alpha = rank: scale 1; the adapter weight 1.5 makes it 6/4)
     raw = base_model("tiny")
-    state_dict = pipeline.lora_state_dict(str(folder))
+    # the file named: diffusers 0.32 refuses to guess it under HF_HUB_OFFLINE=1
+    state_dict = pipeline.lora_state_dict(str(folder), weight_name="pytorch_lora_weights.safetensors")
     pipeline.load_lora_into_transformer(state_dict, transformer=raw, adapter_name="raw")
     raw.set_adapters(["raw"], weights=[1.5])
     torch.testing.assert_close(run(raw), trained.output, atol=ATOL, rtol=0)
