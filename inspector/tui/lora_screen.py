@@ -145,10 +145,6 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
         self.state = LoraState()
         self._last_percent = -1
 
-    @property
-    def report(self) -> Any:
-        return self.state.report
-
     def show_state(self, state: LoraState) -> None:
         """Make `state` the screen's and render every widget that shows a result from it."""
         self.state = state
