@@ -26,6 +26,30 @@ CASES = {
     "5b-lora128-checkpointing": dict(spec="cogvideox-5b", frames=49, height=480, width=720, batch=1,
                                      train="lora:128:64", checkpointing=True),
     "5b-lora128": dict(spec="cogvideox-5b", frames=49, height=480, width=720, batch=1, train="lora:128:64"),
+    # Training as the trainers run it: accelerate's `prepare()` (autocast around the forward, outputs cast to fp32),
+    # LoRA parameters in `lora_dtype` (the fp16 scripts' `cast_training_params(..., torch.float32)`), the loss in
+    # fp32, `accelerator.backward`, gradient clipping, AdamW. Measured with the real accelerate.
+    "5b-i2v-lora128-bf16-autocast-checkpointing": dict(
+        spec="cogvideox-5b-i2v", frames=49, height=480, width=720, batch=1, train="lora:128:64", checkpointing=True,
+        dtype="bfloat16", mixed_precision="bf16", lora_dtype="bf16", accelerate=True),
+    "5b-i2v-lora128-bf16-autocast": dict(
+        spec="cogvideox-5b-i2v", frames=49, height=480, width=720, batch=1, train="lora:128:64",
+        dtype="bfloat16", mixed_precision="bf16", lora_dtype="bf16", accelerate=True),
+    "1.5-5b-lora128-bf16-autocast-checkpointing": dict(
+        spec="cogvideox1.5-5b", frames=81, height=768, width=1360, batch=1, train="lora:128:64", checkpointing=True,
+        dtype="bfloat16", mixed_precision="bf16", lora_dtype="bf16", accelerate=True),
+    "2b-lora128-fp16-fp32lora-autocast-checkpointing": dict(
+        spec="cogvideox-2b", frames=49, height=480, width=720, batch=1, train="lora:128:64", checkpointing=True,
+        dtype="float16", mixed_precision="fp16", lora_dtype="fp32", accelerate=True),
+    "2b-lora128-fp16-fp32lora-autocast": dict(
+        spec="cogvideox-2b", frames=49, height=480, width=720, batch=1, train="lora:128:64",
+        dtype="float16", mixed_precision="fp16", lora_dtype="fp32", accelerate=True),
+    "5b-lora64-bf16-fp32lora-autocast-checkpointing-b2": dict(
+        spec="cogvideox-5b", frames=49, height=480, width=720, batch=2, train="lora:64:32", checkpointing=True,
+        dtype="bfloat16", mixed_precision="bf16", lora_dtype="fp32", accelerate=True),
+    "2b-full-fp32-bf16-autocast-checkpointing": dict(
+        spec="cogvideox-2b", frames=49, height=480, width=720, batch=1, train="full", checkpointing=True,
+        dtype="float32", mixed_precision="bf16", accelerate=True),
     "vae": dict(vae="cogvideox-5b", latents=(1, 16, 13, 60, 90), tiling=False),
     "vae-tiled": dict(vae="cogvideox-5b", latents=(1, 16, 13, 60, 90), tiling=True),
 }
@@ -158,11 +182,91 @@ def run_vae_case(case: dict) -> dict:
                 plan_seconds=round(plan_seconds, 1), breakdown=predicted.breakdown)
 
 
+LORA_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def accelerate_step(model, inputs: dict, target, optimizer, accelerator, trainable) -> None:
+    """One step as the diffusers/CogVideo trainers take it under accelerate: the prepared (autocast) forward, the
+    loss in fp32, `accelerator.backward`, gradient clipping at 1.0, the optimizer step, gradients set to None."""
+    import torch
+
+    prediction = model(**inputs, return_dict=False)[0]
+    loss = torch.mean(((prediction.float() - target.float()) ** 2).reshape(prediction.shape[0], -1), dim=1).mean()
+    del prediction
+    accelerator.backward(loss)
+    del loss
+    accelerator.clip_grad_norm_(trainable, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_accelerate_case(case: dict) -> dict:
+    """A training step under the real accelerate, beside the plan for the same settings. The plan is asked with
+    `mixed_precision` and `lora_dtype` where `plan_transformer` takes them (and without where it does not yet:
+    then the ratio is what `plan` said before it knew autocast)."""
+    import inspect
+
+    import torch
+    from accelerate import Accelerator
+
+    from cogsurgeon.inspector.geometry import latent_geometry, pipeline_inputs
+    from cogsurgeon.inspector.loading import build_on_meta
+    from cogsurgeon.inspector.model_specs import published_config
+    from cogsurgeon.inspector.plan import make_optimizer, parse_train, plan_transformer, prepare_training, training_target
+
+    config = published_config(case["spec"])
+    size = dict(frames=case["frames"], height=case["height"], width=case["width"])
+    train = parse_train(case["train"])
+    checkpointing = case.get("checkpointing", False)
+    dtype = case["dtype"]
+    wanted = dict(mixed_precision=case["mixed_precision"], lora_dtype=case.get("lora_dtype"))
+    accepted = inspect.signature(plan_transformer).parameters
+    plan_options = {key: value for key, value in wanted.items() if key in accepted and value is not None}
+
+    started = time.perf_counter()
+    predicted = plan_transformer(build_on_meta(config, dtype), batch=case["batch"], train=train,
+                                 checkpointing=checkpointing, **plan_options, **size)
+    plan_seconds = time.perf_counter() - started
+
+    model = build_on_meta(config, dtype)
+    prepare_training(model, train, checkpointing)
+    model.to_empty(device="cuda")
+    _fill_random(model)
+    if train.kind == "lora" and case.get("lora_dtype"):
+        lora_dtype = getattr(torch, LORA_DTYPES[case["lora_dtype"]])
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:  # diffusers' cast_training_params
+                parameter.data = parameter.data.to(lora_dtype)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = make_optimizer(trainable)
+    accelerator = Accelerator(mixed_precision=case["mixed_precision"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    torch.cuda.synchronize()
+    input_dtype = torch.float16 if case["mixed_precision"] == "fp16" and dtype == "float16" else getattr(torch, dtype)
+    if dtype == "float32":  # full finetunes keep fp32 master weights; the latents arrive in the VAE's dtype
+        input_dtype = torch.bfloat16 if case["mixed_precision"] == "bf16" else torch.float16
+    inputs = pipeline_inputs(config, (size["frames"], size["height"], size["width"]), case["batch"],
+                             dtype=input_dtype, device="cuda", seed=0)
+    target = torch.randn_like(training_target(inputs, config), device="cuda")
+    accelerate_step(model, inputs, target, optimizer, accelerator, trainable)  # step 1: AdamW's state appears
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()
+    accelerate_step(model, inputs, target, optimizer, accelerator, trainable)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated()
+    return dict(predicted=predicted.peak_bytes, measured=measured, predicted_resident=predicted.resident_bytes,
+                measured_resident=resident, plan_options=plan_options, predicted_peak_at=predicted.peak_at,
+                trainable_dtypes=sorted({str(p.dtype) for p in trainable}), input_dtype=str(input_dtype),
+                plan_seconds=round(plan_seconds, 1), breakdown=predicted.breakdown)
+
+
 def run_case(name: str) -> dict:
     case = CASES[name]
     started = time.perf_counter()
     try:
-        result = run_vae_case(case) if "vae" in case else run_transformer_case(case)
+        runner = run_vae_case if "vae" in case else run_accelerate_case if case.get("accelerate") else run_transformer_case
+        result = runner(case)
     except Exception as exc:  # an OOM or a failure is a result here: report it and go on with the other cases
         result = dict(error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
     result.update(case=name, seconds=round(time.perf_counter() - started, 1))
