@@ -454,31 +454,279 @@ def _sdpa_as_on_gpu(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Mixed precision as accelerate runs it: torch's CUDA autocast, emulated at the torch-function level on meta
+
+# accelerate's `mixed_precision` names → the autocast dtype; `--lora-dtype` names → the adapters' dtype.
+MIXED_PRECISION = {"no": None, "fp16": "float16", "bf16": "bfloat16"}
+LORA_DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+# torch's CUDA autocast policy, op by op: the AT_FORALL_* lists of aten/src/ATen/autocast_mode.h (torch 2.4-2.13
+# agree on every op CogVideoX runs; tests/test_plan_mixed_precision.py compares these with the installed header).
+AUTOCAST_LOWER_PRECISION_OPS = frozenset((
+    "_convolution", "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "convolution", "prelu", "addmm", "addmv", "addr", "matmul", "einsum", "mm", "mv",
+    "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm", "chain_matmul", "linalg_multi_dot",
+    "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
+    "_scaled_dot_product_flash_attention", "scaled_dot_product_attention", "cudnn_convolution",
+    "cudnn_convolution_transpose",
+))
+AUTOCAST_FP32_OPS = frozenset((
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt", "sinh",
+    "tan", "pow", "softplus", "layer_norm", "native_layer_norm", "rms_norm", "group_norm", "frobenius_norm",
+    "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
+    "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss",
+    "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
+    "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp", "upsample_nearest1d",
+    "_upsample_nearest_exact1d", "upsample_nearest2d", "_upsample_nearest_exact2d", "upsample_nearest3d",
+    "_upsample_nearest_exact3d", "upsample_linear1d", "upsample_bilinear2d", "_upsample_bilinear2d_aa",
+    "upsample_trilinear3d", "upsample_bicubic2d", "_upsample_bicubic2d_aa",
+))
+AUTOCAST_FP32_SET_OPT_DTYPE_OPS = frozenset((
+    "prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm", "linalg_matrix_norm", "sum",
+))
+AUTOCAST_PROMOTE_OPS = frozenset((
+    "addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put", "tensordot",
+    "scatter_add",
+))
+# Python spellings of those ops (operators, reflected operators)
+_OPERATOR_OPS = {"__matmul__": "matmul", "__rmatmul__": "matmul", "__pow__": "pow", "__rpow__": "pow"}
+
+
+def autocast_policy(name: str) -> str | None:
+    """The CUDA autocast policy of a torch function by name: `lower`, `fp32`, `fp32_set_opt_dtype`, `promote`, or
+    None (runs in its inputs' dtypes). In-place variants are not autocast (torch registers out-of-place ops only)."""
+    name = _OPERATOR_OPS.get(name, name)
+    if name in AUTOCAST_LOWER_PRECISION_OPS:
+        return "lower"
+    if name in AUTOCAST_FP32_OPS:
+        return "fp32"
+    if name in AUTOCAST_FP32_SET_OPT_DTYPE_OPS:
+        return "fp32_set_opt_dtype"
+    if name in AUTOCAST_PROMOTE_OPS:
+        return "promote"
+    return None
+
+
+def _autocast_eligible(value: Any) -> bool:
+    """`is_autocast_eligible` for CUDA: a floating tensor on the GPU (meta stands for it here), not float64."""
+    import torch
+
+    return (isinstance(value, torch.Tensor) and value.device.type == "meta" and value.is_floating_point()
+            and value.dtype != torch.float64)
+
+
+class CudaAutocast:
+    """torch's CUDA autocast on meta tensors, which carry no autocast dispatch key (and fake CUDA tensors cannot run
+    autograd on a CPU-only torch): a TorchFunctionMode that casts each op's arguments by `autocast_policy`, above
+    autograd as the C++ autocast is, so that autograd records the casts and saves the cast tensors as on the GPU.
+
+    The autocast state is carried by torch's own CPU autocast flags (`torch.autocast("cpu", dtype=...)`): then
+    torch.utils.checkpoint captures it at the forward and re-enters it for the recomputation, and the outermost
+    exit clears the cast cache, as on CUDA. No CPU tensor of a plan is counted, so CPU autocast itself changes
+    nothing that is booked. The cast cache is torch's (`cached_cast`): fp32 → lower-precision casts of leaf tensors
+    that require grad (fp32 adapters, fp32 weights being trained), kept until the outermost autocast exits.
+    """
+
+    def __init__(self) -> None:
+        self.cache: dict[int, Any] = {}
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        import torch
+
+        real_clear = torch.clear_autocast_cache
+
+        def clear_autocast_cache() -> None:  # torch.autocast.__exit__ calls it when the outermost autocast exits
+            self.cache.clear()
+            real_clear()
+
+        torch.clear_autocast_cache = clear_autocast_cache
+        try:
+            with self._mode():
+                yield
+        finally:
+            torch.clear_autocast_cache = real_clear
+            self.cache.clear()
+
+    def cast(self, value: Any, dtype: torch.dtype) -> Any:
+        import torch
+
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.cast(item, dtype) for item in value)
+        if not _autocast_eligible(value) or value.dtype == dtype:
+            return value
+        cacheable = (dtype != torch.float32 and value.dtype == torch.float32 and value.requires_grad
+                     and value.is_leaf and not value._is_view() and torch.is_autocast_cache_enabled())
+        if not cacheable:
+            return value.to(dtype)
+        if id(value) not in self.cache:
+            self.cache[id(value)] = (value, value.to(dtype))
+        return self.cache[id(value)][1]
+
+    def _mode(self):
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        autocast = self
+
+        class Autocast(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if not torch.is_autocast_enabled("cpu"):
+                    return func(*args, **kwargs)
+                policy = autocast_policy(getattr(func, "__name__", ""))
+                if policy is None:
+                    return func(*args, **kwargs)
+                if policy == "fp32_set_opt_dtype":
+                    first = args[0] if args else None
+                    if _autocast_eligible(first) and kwargs.get("dtype") is None:
+                        kwargs = {**kwargs, "dtype": torch.float32}
+                    return func(*args, **kwargs)
+                if policy == "lower":
+                    dtype = torch.get_autocast_dtype("cpu")
+                elif policy == "fp32":
+                    dtype = torch.float32
+                else:  # promote: the widest floating dtype among the eligible arguments
+                    floats = [value.dtype for value in (*args, *kwargs.values()) if _autocast_eligible(value)]
+                    dtype = torch.float32 if torch.float32 in floats else floats[0] if floats else None
+                    if dtype is None:
+                        return func(*args, **kwargs)
+                args = tuple(autocast.cast(value, dtype) for value in args)
+                kwargs = {key: autocast.cast(value, dtype) for key, value in kwargs.items()}
+                return func(*args, **kwargs)
+
+        return Autocast()
+
+
+@contextmanager
+def cuda_autocast_state(dtype: torch.dtype | None) -> Iterator[None]:
+    """Enter (or, with None, leave off) the planned run's CUDA autocast, as `torch.autocast("cuda", dtype)` would:
+    the state that `CudaAutocast` reads (see there why the CPU flags carry it)."""
+    import torch
+
+    if dtype is None:
+        yield
+        return
+    with torch.autocast("cpu", dtype=dtype):
+        yield
+
+
+def prepare_forward_as_accelerate(model: nn.Module, mixed_precision: str) -> None:
+    """What `Accelerator.prepare(model)` does to the forward under fp16/bf16 on one GPU: autocast around it, the
+    outputs converted to fp32 after it (accelerate's own `convert_outputs_to_fp32`)."""
+    import functools
+
+    import torch
+    from accelerate.utils import convert_outputs_to_fp32
+
+    if MIXED_PRECISION[mixed_precision] is None:
+        return
+    dtype = getattr(torch, MIXED_PRECISION[mixed_precision])
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def autocast_forward(*args, **kwargs):
+        with cuda_autocast_state(dtype):
+            return forward(*args, **kwargs)
+
+    model.forward = convert_outputs_to_fp32(autocast_forward)
+
+
+class PlannedAccelerator:
+    """The parts of accelerate's `Accelerator` a training step calls, for a meta run: `backward` (the loss scaled by
+    the GradScaler under fp16: a fp32 scalar) and `clip_grad_norm_` (gradients unscaled in place first, then
+    torch's clip_grad_norm_). On the GPU the bench passes the real Accelerator to the same step."""
+
+    def __init__(self, mixed_precision: str) -> None:
+        self.scaled = mixed_precision == "fp16"
+
+    def backward(self, loss: torch.Tensor) -> None:
+        import torch
+
+        if self.scaled:
+            loss = loss * torch.full((), 65536.0, device=loss.device)
+        _backward_keeping_modes(loss)
+
+    def clip_grad_norm_(self, parameters: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        import torch
+
+        parameters = list(parameters)
+        if self.scaled:  # GradScaler.unscale_: in place, by a fp32 scalar
+            inverse = torch.full((), 1 / 65536.0, device="meta")
+            with torch.no_grad():
+                for parameter in parameters:
+                    if parameter.grad is not None:
+                        parameter.grad.mul_(inverse)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+def accelerate_training_step(model: nn.Module, inputs: Mapping[str, Any], target: torch.Tensor,
+                             optimizer: torch.optim.Optimizer, accelerator: Any,
+                             trainable: Sequence[torch.nn.Parameter], *,
+                             phase: Callable[..., Any] | None = None, max_grad_norm: float = 1.0) -> None:
+    """One step as the diffusers/CogVideo trainers take it under accelerate: the prepared (autocast) forward, the
+    loss in fp32 (their `torch.mean((pred - target) ** 2 ...)`), `accelerator.backward`, gradient clipping, the
+    optimizer step, gradients set to None. The planner runs it with a `PlannedAccelerator`, the GPU bench with the
+    real Accelerator."""
+    import torch
+
+    phase = phase or (lambda category=None, name=None: nullcontext())
+    prediction = model(**inputs, return_dict=False)[0]
+    loss = torch.mean(((prediction.float() - target.float()) ** 2).reshape(prediction.shape[0], -1), dim=1).mean()
+    del prediction
+    with phase(None, "backward"):
+        accelerator.backward(loss)
+    del loss
+    with phase("optimizer", "optimizer step"):
+        if max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def training_input_dtype(dtype: torch.dtype, mixed_precision: str | None) -> torch.dtype:
+    """The latents' dtype in a training step: the weights' dtype, except that fp32 weights under mixed precision
+    take latents in the VAE's (autocast) dtype, as the trainers encode them."""
+    import torch
+
+    lower = MIXED_PRECISION.get(mixed_precision or "no")
+    if dtype == torch.float32 and lower is not None:
+        return getattr(torch, lower)
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The transformer: inference, a training step
 
 
-def add_lora(model: nn.Module, mode: TrainMode) -> None:
-    """LoRA adapters as CogVideo's and diffusers' trainers add them (PEFT, attention projections), created on the
-    model's device (meta: no memory); only the adapters train."""
+def add_lora(model: nn.Module, mode: TrainMode, lora_dtype: str = "auto",
+             target_modules: Sequence[str] | str = LORA_TARGET_MODULES) -> None:
+    """LoRA adapters as CogVideo's and diffusers' trainers add them (PEFT, attention projections by default),
+    created on the model's device (meta: no memory); only the adapters train. `lora_dtype` `auto` leaves them in
+    the base layers' dtype (what PEFT creates); `fp32` is diffusers' `cast_training_params(..., torch.float32)`."""
     import torch
     from peft import LoraConfig
 
     device = next(model.parameters()).device
     model.requires_grad_(False)
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     with torch.device(device):
         model.add_adapter(LoraConfig(r=mode.rank, lora_alpha=mode.alpha or mode.rank, init_lora_weights=True,
-                                     target_modules=list(LORA_TARGET_MODULES)))
+                                     target_modules=targets))
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if LORA_DTYPES[lora_dtype] is not None:
+        dtype = getattr(torch, LORA_DTYPES[lora_dtype])
     for name, parameter in model.named_parameters():
         if "lora_" in name:
             parameter.data = parameter.data.to(dtype)
             parameter.requires_grad_(True)
 
 
-def prepare_training(model: nn.Module, mode: TrainMode, checkpointing: bool) -> list[torch.nn.Parameter]:
+def prepare_training(model: nn.Module, mode: TrainMode, checkpointing: bool, lora_dtype: str = "auto",
+                     target_modules: Sequence[str] | str = LORA_TARGET_MODULES) -> list[torch.nn.Parameter]:
     """Set a model up for training as the trainers do; returns the parameters the optimizer steps."""
     if mode.kind == "lora":
-        add_lora(model, mode)
+        add_lora(model, mode, lora_dtype, target_modules)
     else:
         model.requires_grad_(True)
     if checkpointing:
@@ -536,26 +784,37 @@ def training_target(inputs: Mapping[str, Any], config: Mapping[str, Any]) -> tor
 
 def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, batch: int = 2,
                      train: TrainMode | None = None, checkpointing: bool = False,
+                     mixed_precision: str | None = None, lora_dtype: str = "auto",
+                     lora_targets: Sequence[str] | str = LORA_TARGET_MODULES, max_grad_norm: float = 1.0,
                      blas_workspace_bytes: int = CUBLAS_WORKSPACE_BYTES["sm90"]) -> PhasePeak:
     """The peak of one transformer forward (inference, no grad) or one steady-state training step on `model`,
     which must be on the meta device and may be changed (adapters, checkpointing): pass a fresh one.
-    `blas_workspace_bytes`: cuBLAS' workspace per thread that runs matmuls (see CUBLAS_WORKSPACE_BYTES)."""
+
+    `mixed_precision` (accelerate's `no`, `fp16`, `bf16`) plans the step as the trainers take it under accelerate
+    (`accelerate_training_step`: autocast around the forward, fp32 outputs and loss, clipping at `max_grad_norm`);
+    None plans the bare `training_step` (no autocast, the loss in the model's dtype, no clipping). `lora_dtype`:
+    see `add_lora`. `blas_workspace_bytes`: cuBLAS' workspace per thread that runs matmuls (CUBLAS_WORKSPACE_BYTES)."""
     import torch
 
     from cogsurgeon.inspector.geometry import pipeline_inputs
 
     accounting = MemoryAccounting()
-    trainable = prepare_training(model, train, checkpointing) if train is not None else []
+    autocast = CudaAutocast()
+    trainable = (prepare_training(model, train, checkpointing, lora_dtype, lora_targets)
+                 if train is not None else [])
     optimizer = make_optimizer(trainable) if train is not None else None
     accounting.adopt(model, "weights")
     for _thread in range(1 if train is None else 2):  # the forward's thread, and autograd's for backward
         accounting.ledger.reserve(blas_workspace_bytes, "workspace")
     hooks = [parameter.register_post_accumulate_grad_hook(lambda param: accounting.track(param.grad, "gradients"))
              for parameter in trainable]
+    if mixed_precision is not None:
+        prepare_forward_as_accelerate(model, mixed_precision)
     try:
-        with accounting.active(model):
+        with accounting.active(model), autocast.active():
             with accounting.within("inputs"):
-                inputs = pipeline_inputs(model.config, (frames, height, width), batch, dtype=model.dtype,
+                input_dtype = training_input_dtype(model.dtype, mixed_precision) if train else model.dtype
+                inputs = pipeline_inputs(model.config, (frames, height, width), batch, dtype=input_dtype,
                                          device=torch.device("meta"))
             if optimizer is None:
                 accounting.ledger.reset_peak()
@@ -571,7 +830,11 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
             with accounting.within("inputs"):
                 target = training_target(inputs, model.config)
             accounting.ledger.reset_peak()
-            training_step(model, inputs, target, optimizer, phase=accounting.within)
+            if mixed_precision is None:
+                training_step(model, inputs, target, optimizer, phase=accounting.within)
+            else:
+                accelerate_training_step(model, inputs, target, optimizer, PlannedAccelerator(mixed_precision),
+                                         trainable, phase=accounting.within, max_grad_norm=max_grad_norm)
             return accounting.result(f"transformer training step ({train.label()})")
     finally:
         for hook in hooks:
