@@ -262,9 +262,16 @@ class PlanSettings:
     patches: tuple[str, ...] = ()
     vae: bool = False
     tiling: bool = False
+    mixed_precision: str | None = None  # accelerate's no|fp16|bf16 (training); None: the bare step, no autocast
+    lora_dtype: str = "auto"
+    trainer: str | None = None
+    lora_targets: tuple[str, ...] | str = LORA_TARGET_MODULES
+    optimizer: str = "adamw"
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "train": self.train.label() if self.train else None, "patches": list(self.patches)}
+        targets = self.lora_targets if isinstance(self.lora_targets, str) else list(self.lora_targets)
+        return {**asdict(self), "train": self.train.label() if self.train else None, "patches": list(self.patches),
+                "lora_targets": targets}
 
 
 @dataclass(frozen=True)
@@ -696,6 +703,94 @@ def training_input_dtype(dtype: torch.dtype, mixed_precision: str | None) -> tor
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Trainer presets: each trainer's LoRA set-up as its code runs it (file:line in the trainer's repository)
+
+
+@dataclass(frozen=True)
+class TrainerPreset:
+    """How one trainer sets a LoRA run up: weights' dtype, accelerate's mixed precision (`no`: no autocast), the
+    adapters' dtype, targets, default rank/alpha, optimizer, gradient checkpointing, and where its code says so."""
+
+    name: str
+    dtype: str
+    mixed_precision: str
+    lora_dtype: str
+    rank: int
+    alpha: int
+    targets: tuple[str, ...] | str
+    optimizer: str  # "adamw" | "adam" (torch, foreach: the same two moments per trained parameter)
+    checkpointing: bool
+    source: str
+
+    def train_mode(self) -> TrainMode:
+        return TrainMode("lora", self.rank, self.alpha)
+
+
+FFN_AND_ATTENTION = r"(transformer_blocks|single_transformer_blocks).*(to_q|to_k|to_v|to_out.0|ff.net.0.proj|ff.net.2)"
+
+TRAINER_PRESETS: dict[str, TrainerPreset] = {preset.name: preset for preset in (
+    TrainerPreset(
+        "cogvideo-finetune", "float32", "bf16", "fp32", 128, 64, LORA_TARGET_MODULES, "adamw", True,
+        "THUDM/CogVideo finetune/ (e519ece): transformer from_pretrained without torch_dtype, so fp32 "
+        "(models/cogvideox_t2v/lora_trainer.py:38-40; bf16 only after a validation, trainer.py:654); "
+        "--mixed_precision bf16 (train_ddp_t2v.sh:36); LoRA cast to fp32 (trainer.py:266); rank 128, alpha 64, "
+        "to_q/to_k/to_v/to_out.0, adamw, gradient_checkpointing True, max_grad_norm 1.0 (schemas/args.py:53-77)"),
+    TrainerPreset(
+        "diffusers-scripts", "bfloat16", "bf16", "auto", 128, 128, LORA_TARGET_MODULES, "adamw", True,
+        "diffusers examples/cogvideo/train_cogvideox_lora.py, the script cogvideox-factory grew from: weights in "
+        "accelerate's mixed-precision dtype, LoRA cast to fp32 only under fp16; rank 128, alpha 128, "
+        "to_k/to_q/to_v/to_out.0; run as cogvideox-factory's train_text_to_video_lora.sh runs it (bf16, "
+        "--gradient_checkpointing, adamw)"),
+    TrainerPreset(
+        "cogvideox-factory", "bfloat16", "bf16", "auto", 128, 128, LORA_TARGET_MODULES, "adamw", True,
+        "a-r-r-o-w/cogvideox-factory training/: weight_dtype from --mixed_precision "
+        "(cogvideox/cogvideox_text_to_video_lora.py:336-353), LoRA upcast to fp32 only under fp16 (:453-455), "
+        "targets to_k/to_q/to_v/to_out.0 (:373); train_text_to_video_lora.sh:53-62: --rank 128 --lora_alpha 128 "
+        "--mixed_precision bf16 --gradient_checkpointing, OPTIMIZERS adamw first (:13)"),
+    TrainerPreset(
+        "finetrainers", "bfloat16", "no", "fp32", 64, 64, FFN_AND_ATTENTION, "adam", False,
+        "a-r-r-o-w/finetrainers (f476c37): --transformer_dtype bf16 (finetrainers/args.py:741), no autocast "
+        "anywhere in finetrainers/trainer, LoRA cast to fp32 without data sharding "
+        "(trainer/sft_trainer/trainer.py:130-136), rank 64, alpha 64 (trainer/sft_trainer/config.py:24-30), "
+        "targets attention and feed-forward (docs/args.md:330), --optimizer adam (args.py:815-818), "
+        "--gradient_checkpointing off unless given (args.py:800)"),
+    TrainerPreset(
+        "cogkit", "bfloat16", "no", "bf16", 128, 64, LORA_TARGET_MODULES, "adamw", True,
+        "THUDM/CogKit: weights loaded in the mixed_precision dtype, bf16 in quickstart/scripts/t2v/config.yaml "
+        "(diffusion/models/cogvideo/cogvideox_t2v/lora_trainer.py:57), DDP without autocast, LoRA cast to that "
+        "dtype (finetune/base/base_trainer.py:178), r=128, lora_alpha=64 on to_q/to_k/to_v/to_out.0 "
+        "(utils/lora.py:33-38), torch.optim.AdamW (base_trainer.py:244), gradient_checkpointing True "
+        "(base/base_args.py:72)"),
+    TrainerPreset(
+        "videox-fun", "bfloat16", "bf16", "auto", 64, 32, "all-linear", "adamw", True,
+        "aigc-apps/VideoX-Fun scripts/cogvideox_fun: accelerate --mixed_precision bf16, --gradient_checkpointing, "
+        "--rank 64 --network_alpha 32 (train_lora.sh:9-37), weights and LoRA network in bf16 "
+        "(train_lora.py:800-805, 837, 872), AdamW unless --use_8bit_adam (:984); its own LoRANetwork on every "
+        "Linear of the transformer (videox_fun/utils/lora_utils.py:161-215), planned as PEFT on all-linear"),
+)}
+
+# `plan --train` without --trainer: bf16 weights, bf16 autocast, adapters left in bf16 — what the diffusers
+# script, cogvideox-factory and VideoX-Fun run (three of the six trainers; CogVideo finetune and finetrainers
+# train fp32 adapters, CogKit trains without autocast).
+DEFAULT_MIXED_PRECISION = "bf16"
+
+
+def check_precision_choice(mixed_precision: str | None, lora_dtype: str | None) -> None:
+    """`--mixed-precision` and `--lora-dtype` among accelerate's and PEFT's names (PlanError otherwise)."""
+    if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
+        raise PlanError(f"--mixed-precision {mixed_precision[:20]!r}: expected one of {', '.join(MIXED_PRECISION)}")
+    if lora_dtype is not None and lora_dtype not in LORA_DTYPES:
+        raise PlanError(f"--lora-dtype {lora_dtype[:20]!r}: expected one of {', '.join(LORA_DTYPES)}")
+
+
+def trainer_preset(name: str) -> TrainerPreset:
+    preset = TRAINER_PRESETS.get(name)
+    if preset is None:
+        raise PlanError(f"--trainer {name[:40]!r}: unknown trainer; known: {', '.join(TRAINER_PRESETS)}")
+    return preset
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The transformer: inference, a training step
 
 
@@ -735,10 +830,13 @@ def prepare_training(model: nn.Module, mode: TrainMode, checkpointing: bool, lor
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
-def make_optimizer(parameters: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW as on CUDA: `foreach` (PyTorch's default there), moments in the parameters' dtype."""
+def make_optimizer(parameters: Sequence[torch.nn.Parameter], name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (or Adam, with the trainers' weight decay of 1e-4, which Adam adds to a copy of the gradients) as on
+    CUDA: `foreach` (PyTorch's default there), moments in the parameters' dtype."""
     import torch
 
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=1e-4, weight_decay=1e-4, foreach=True)
     return torch.optim.AdamW(parameters, lr=1e-4, foreach=True)
 
 
@@ -786,6 +884,7 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
                      train: TrainMode | None = None, checkpointing: bool = False,
                      mixed_precision: str | None = None, lora_dtype: str = "auto",
                      lora_targets: Sequence[str] | str = LORA_TARGET_MODULES, max_grad_norm: float = 1.0,
+                     optimizer: str = "adamw",
                      blas_workspace_bytes: int = CUBLAS_WORKSPACE_BYTES["sm90"]) -> PhasePeak:
     """The peak of one transformer forward (inference, no grad) or one steady-state training step on `model`,
     which must be on the meta device and may be changed (adapters, checkpointing): pass a fresh one.
@@ -802,7 +901,7 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
     autocast = CudaAutocast()
     trainable = (prepare_training(model, train, checkpointing, lora_dtype, lora_targets)
                  if train is not None else [])
-    optimizer = make_optimizer(trainable) if train is not None else None
+    optimizer = make_optimizer(trainable, optimizer) if train is not None else None
     accounting.adopt(model, "weights")
     for _thread in range(1 if train is None else 2):  # the forward's thread, and autograd's for backward
         accounting.ledger.reserve(blas_workspace_bytes, "workspace")
@@ -912,7 +1011,9 @@ def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSett
         name, options = parse_patch_spec(spec)
         patches.apply(model, name, **options)
     phases = [plan_transformer(model, frames=settings.frames, height=settings.height, width=settings.width,
-                               batch=settings.batch, train=settings.train, checkpointing=settings.checkpointing)]
+                               batch=settings.batch, train=settings.train, checkpointing=settings.checkpointing,
+                               mixed_precision=settings.mixed_precision, lora_dtype=settings.lora_dtype,
+                               lora_targets=settings.lora_targets, optimizer=settings.optimizer)]
     if settings.vae:
         geometry = latent_geometry(config, settings.frames, settings.height, settings.width)
         vae = build_vae_on_meta(vae_config(spec or ""), settings.dtype)
@@ -940,12 +1041,18 @@ def candidate_switches(settings: PlanSettings) -> list[tuple[str, PlanSettings]]
 def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480, width: int = 720, batch: int = 2,
                 dtype: str | None = None, train: TrainMode | str | None = None, checkpointing: bool = False,
                 patches: Sequence[str] = (), vae: bool = False, tiling: bool = False,
-                gpu_memory: int | str | None = None) -> MemoryPlan:
+                gpu_memory: int | str | None = None, mixed_precision: str | None = None,
+                lora_dtype: str | None = None, trainer: str | None = None) -> MemoryPlan:
     """Plan the peak GPU memory of a run of MODEL `spec` at a video size.
 
     `batch` is the transformer's batch (2: one video with classifier-free guidance); `train` is None (inference),
     `"lora:RANK"` or `"full"`; `vae` adds the decode of the run's latents with the transformer still resident.
     With `gpu_memory`, says whether it fits and, if not, which single switch would make it fit.
+
+    Training is planned as the trainers run it under accelerate: `mixed_precision` (`no`, `fp16`, `bf16`; default
+    bf16, DEFAULT_MIXED_PRECISION), `lora_dtype` (`auto`: the base layers' dtype, `fp32`, `bf16`, `fp16`), or a
+    `trainer` preset (TRAINER_PRESETS: its dtype, mixed precision, adapters, rank/alpha, optimizer and
+    checkpointing; `train`, `dtype`, `mixed_precision`, `lora_dtype` given beside it override it).
     """
     from pathlib import Path
 
@@ -953,6 +1060,20 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     from cogsurgeon.inspector.loading import _torch_dtype, find_transformer_folder, read_config
     from cogsurgeon.inspector.model_specs import PUBLISHED_DTYPES, builtin_config, resolve_spec
 
+    check_precision_choice(mixed_precision, lora_dtype)
+    preset = trainer_preset(trainer) if trainer is not None else None
+    train = parse_train(train) if isinstance(train, str) else train
+    if preset is not None:
+        train = train or preset.train_mode()
+        dtype = dtype or preset.dtype
+        checkpointing = checkpointing or preset.checkpointing
+        mixed_precision = mixed_precision or preset.mixed_precision
+        lora_dtype = lora_dtype or preset.lora_dtype
+    if train is None and (mixed_precision is not None or lora_dtype is not None):
+        raise PlanError("--mixed-precision and --lora-dtype are training settings: add --train lora:RANK or --train "
+                        "full")
+    if train is not None and train.kind == "full" and lora_dtype not in (None, "auto"):
+        raise PlanError("--lora-dtype sets the LoRA adapters' dtype; --train full has none: drop one")
     resolved = resolve_spec(spec)
     if resolved.kind in ("published", "tiny"):
         config = builtin_config(resolved.spec)
@@ -969,8 +1090,11 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
         raise PlanError(f"--vae needs a published model (its VAE config ships with cogsurgeon), not {resolved.spec!r}")
     settings = PlanSettings(
         model=resolved.spec, frames=frames, height=height, width=width, batch=batch, dtype=dtype_name,
-        train=parse_train(train) if isinstance(train, str) else train, checkpointing=checkpointing,
-        patches=tuple(patches), vae=vae, tiling=tiling,
+        train=train, checkpointing=checkpointing, patches=tuple(patches), vae=vae, tiling=tiling,
+        mixed_precision=(mixed_precision or DEFAULT_MIXED_PRECISION) if train is not None else None,
+        lora_dtype=lora_dtype or "auto", trainer=trainer,
+        lora_targets=preset.targets if preset is not None else LORA_TARGET_MODULES,
+        optimizer=preset.optimizer if preset is not None else "adamw",
     )
     if settings.train is not None and settings.train.kind == "lora":
         tokens = int(config.get("max_text_seq_length", 226)) + geometry.token_frames * geometry.tokens_per_frame
@@ -995,4 +1119,10 @@ def _notes(settings: PlanSettings) -> tuple[str, ...]:
              "the allocator's cached-but-free blocks come on top (nvidia-smi shows more)"]
     if settings.vae:
         notes.append("the text encoder is not counted: pipelines that keep it on the GPU need its weights too")
+    if settings.train is not None:
+        assumed = (f"training planned as one GPU runs it under accelerate: mixed precision {settings.mixed_precision}, "
+                   f"LoRA dtype {settings.lora_dtype}, {settings.optimizer}, the loss in fp32, clipping at 1.0")
+        notes.append(assumed + (f" ({settings.trainer}'s set-up)" if settings.trainer else ""))
+        notes.append("not counted: DDP's gradient buckets and DeepSpeed/FSDP sharding (one GPU's full copy is "
+                     "planned), the VAE and text encoder a trainer keeps loaded")
     return tuple(notes)
