@@ -56,6 +56,20 @@ CASES = {
 DTYPE = "bfloat16"
 
 
+def _trainer_cases() -> dict:
+    """One case per `plan --trainer` preset: the 5B at 49×480×720, B=1, as that trainer sets LoRA up."""
+    from cogsurgeon.inspector.plan import TRAINER_PRESETS
+
+    return {f"trainer-{preset.name}-5b": dict(
+        spec="cogvideox-5b", frames=49, height=480, width=720, batch=1, train=f"lora:{preset.rank}:{preset.alpha}",
+        checkpointing=preset.checkpointing, dtype=preset.dtype, mixed_precision=preset.mixed_precision,
+        lora_dtype=preset.lora_dtype, lora_targets=preset.targets, optimizer=preset.optimizer, accelerate=True,
+    ) for preset in TRAINER_PRESETS.values()}
+
+
+CASES.update(_trainer_cases())
+
+
 def _fill_random(module) -> None:
     import torch
 
@@ -273,7 +287,7 @@ def make_bench_optimizer(name: str, parameters: list):
     from cogsurgeon.inspector.plan import make_optimizer
 
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=1e-4, foreach=True), "torch.optim.Adam (foreach)"
+        return make_optimizer(parameters, "adam"), "torch.optim.Adam (foreach, weight decay 1e-4)"
     if name == "adamw-8bit":
         try:
             import bitsandbytes
@@ -303,9 +317,12 @@ def predict_only(measured_file: str, names: list[str] | None) -> None:
         measured = {row["case"]: row for row in map(json.loads, filter(str.strip, handle)) if "measured" in row}
     print(f"{'case':52} {'predicted':>15} {'measured':>15} {'ratio':>7}  resident ratio")
     for name, case in CASES.items():
-        if not case.get("accelerate") or name not in measured or (names and name not in names):
+        if not case.get("accelerate") or (names and name not in names):
             continue
         predicted, _ = predict_accelerate_case(case)
+        if name not in measured:
+            print(f"{name:52} {predicted.peak_bytes:15,} {'(not measured)':>15}  ({predicted.peak_at})", flush=True)
+            continue
         row = measured[name]
         print(f"{name:52} {predicted.peak_bytes:15,} {row['measured']:15,} {predicted.peak_bytes / row['measured']:7.4f}"
               f"  {predicted.resident_bytes / row['measured_resident']:.4f}  ({predicted.peak_at})", flush=True)
