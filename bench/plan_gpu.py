@@ -57,11 +57,15 @@ DTYPE = "bfloat16"
 
 
 def _trainer_cases() -> dict:
-    """One case per `plan --trainer` preset: the 5B at 49×480×720, B=1, as that trainer sets LoRA up."""
+    """One case per `plan --trainer` preset at 49×480×720, B=1, as that trainer sets LoRA up: the 5B, or the 2B for
+    a fp16 preset (the diffusers README's command; CogVideoX-5B is not trained in fp16)."""
     from cogsurgeon.inspector.plan import TRAINER_PRESETS
 
-    return {f"trainer-{preset.name}-5b": dict(
-        spec="cogvideox-5b", frames=49, height=480, width=720, batch=1, train=f"lora:{preset.rank}:{preset.alpha}",
+    def spec(preset) -> str:
+        return "cogvideox-2b" if preset.dtype == "float16" else "cogvideox-5b"
+
+    return {f"trainer-{preset.name}-{spec(preset).removeprefix('cogvideox-')}": dict(
+        spec=spec(preset), frames=49, height=480, width=720, batch=1, train=f"lora:{preset.rank}:{preset.alpha}",
         checkpointing=preset.checkpointing, dtype=preset.dtype, mixed_precision=preset.mixed_precision,
         lora_dtype=preset.lora_dtype, lora_targets=preset.targets, optimizer=preset.optimizer, accelerate=True,
     ) for preset in TRAINER_PRESETS.values()}

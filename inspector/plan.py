@@ -736,11 +736,12 @@ TRAINER_PRESETS: dict[str, TrainerPreset] = {preset.name: preset for preset in (
         "--mixed_precision bf16 (train_ddp_t2v.sh:36); LoRA cast to fp32 (trainer.py:266); rank 128, alpha 64, "
         "to_q/to_k/to_v/to_out.0, adamw, gradient_checkpointing True, max_grad_norm 1.0 (schemas/args.py:53-77)"),
     TrainerPreset(
-        "diffusers-scripts", "bfloat16", "bf16", "auto", 128, 128, LORA_TARGET_MODULES, "adamw", True,
-        "diffusers examples/cogvideo/train_cogvideox_lora.py, the script cogvideox-factory grew from: weights in "
-        "accelerate's mixed-precision dtype, LoRA cast to fp32 only under fp16; rank 128, alpha 128, "
-        "to_k/to_q/to_v/to_out.0; run as cogvideox-factory's train_text_to_video_lora.sh runs it (bf16, "
-        "--gradient_checkpointing, adamw)"),
+        "diffusers-scripts", "float16", "fp16", "fp32", 64, 64, LORA_TARGET_MODULES, "adam", False,
+        "huggingface/diffusers examples/cogvideo (58eb52c): README.md:147-176 runs train_cogvideox_lora.py on "
+        "CogVideoX-2b with --rank 64 --lora_alpha 64 --mixed_precision fp16 --optimizer Adam, batch 1, without "
+        "--gradient_checkpointing (train_cogvideox_lora.py:290, off unless given); the 2B loads in fp16 "
+        "(:1056-1060) and moves in the mixed-precision dtype (:1083-1109), LoRA upcast to fp32 under fp16 "
+        "(:1196-1198), targets to_k/to_q/to_v/to_out.0 (:1120), max_grad_norm 1.0 (:371)"),
     TrainerPreset(
         "cogvideox-factory", "bfloat16", "bf16", "auto", 128, 128, LORA_TARGET_MODULES, "adamw", True,
         "a-r-r-o-w/cogvideox-factory training/: weight_dtype from --mixed_precision "
@@ -769,9 +770,10 @@ TRAINER_PRESETS: dict[str, TrainerPreset] = {preset.name: preset for preset in (
         "Linear of the transformer (videox_fun/utils/lora_utils.py:161-215), planned as PEFT on all-linear"),
 )}
 
-# `plan --train` without --trainer: bf16 weights, bf16 autocast, adapters left in bf16 — what the diffusers
-# script, cogvideox-factory and VideoX-Fun run (three of the six trainers; CogVideo finetune and finetrainers
-# train fp32 adapters, CogKit trains without autocast).
+# `plan --train` without --trainer: bf16 autocast (accelerate's --mixed_precision bf16) over the weights' dtype
+# (bf16 for the published 5B models), adapters left in that dtype: what cogvideox-factory and VideoX-Fun run, and
+# the autocast CogVideo finetune runs (its scripts' bf16); the diffusers README runs fp16 on the 2B, finetrainers
+# and CogKit train without autocast — their presets say so.
 DEFAULT_MIXED_PRECISION = "bf16"
 
 
