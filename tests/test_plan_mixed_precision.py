@@ -141,3 +141,29 @@ def test_cli_bad_flags_exit_2_with_one_line(args):
     result = run_cli("plan", "tiny", *args)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_checkpoint_recomputation_runs_under_the_forwards_autocast():
+    # torch.utils.checkpoint captures the autocast state at the forward and re-enters it to recompute; the plan's
+    # autocast must be that state, or a checkpointed step would recompute in fp32 and book the wrong copies. Each
+    # cast cache lives until its outermost autocast exits: the forward's, then each recomputation's.
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+    from cogsurgeon.inspector.plan import _backward_keeping_modes
+
+    rows, dim = 8, 32
+    with torch.device(META):
+        linear = nn.Linear(dim, dim)
+    linear.requires_grad_(False)
+    seen = []
+    linear.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    accounting, autocast = MemoryAccounting(), CudaAutocast()
+    with accounting.active(linear), autocast.active():
+        x = torch.empty(rows, dim, device=META, requires_grad=True)
+        # early stop would end the recomputation inside the linear, before its forward hook reports
+        with cuda_autocast_state(torch.bfloat16), set_checkpoint_early_stop(False):
+            y = checkpoint(linear, x, use_reentrant=False)
+        loss = y.float().sum()
+        _backward_keeping_modes(loss)
+    assert seen == [torch.bfloat16, torch.bfloat16]  # forward, then the recomputation in backward
+    assert x.grad is not None and x.grad.dtype == torch.float32
