@@ -5,6 +5,7 @@ with the ratio. Random weights at the published sizes: each model is built on me
 
     python bench/plan_gpu.py                     # every case, each in its own process (a fresh allocator)
     python bench/plan_gpu.py --cases vae,vae-tiled --out results.jsonl
+    python bench/plan_gpu.py --predict-only results.jsonl   # no GPU: today's plans against those measurements
 
 What is measured is what the plan predicts: the peak from the moment the model (and, for training, AdamW's
 state after a first step) and the inputs are on the GPU, through one forward, one training step or one decode.
@@ -335,7 +336,8 @@ def predict_only(measured_file: str, names: list[str] | None) -> None:
             print(f"{name:52} {predicted.peak_bytes:15,} {'(not measured)':>15}  ({predicted.peak_at})", flush=True)
             continue
         row = measured[name]
-        print(f"{name:52} {predicted.peak_bytes:15,} {row['measured']:15,} {predicted.peak_bytes / row['measured']:7.4f}"
+        ratio = predicted.peak_bytes / row["measured"]
+        print(f"{name:52} {predicted.peak_bytes:15,} {row['measured']:15,} {ratio:7.4f}"
               f"  {predicted.resident_bytes / row['measured_resident']:.4f}  ({predicted.peak_at})", flush=True)
 
 
