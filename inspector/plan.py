@@ -615,6 +615,10 @@ def cuda_autocast_state(dtype: torch.dtype | None) -> Iterator[None]:
         yield
         return
     with torch.autocast("cpu", dtype=dtype):
+        if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != dtype:
+            # older torch releases refuse fp16 on the CPU's autocast (a warning, then autocast off)
+            raise PlanError(f"this torch {torch.__version__} cannot carry a {dtype} autocast state for the plan: "
+                            "plan --mixed-precision with torch 2.4 or newer")
         yield
 
 

@@ -103,9 +103,6 @@ def _print_summary(result) -> None:
     console = stdout_console()
     settings, peak = result.settings, result.peak
     mode = f"training step ({settings.train.label()})" if settings.train else "inference"
-    if settings.train:
-        mode += (f", mixed precision {settings.mixed_precision}, LoRA dtype {settings.lora_dtype}, "
-                 f"{settings.optimizer}" + (f", as {settings.trainer} sets it up" if settings.trainer else ""))
     switches = [name for name, on in (("checkpointing", settings.checkpointing), ("vae decode", settings.vae),
                                       ("tiling", settings.tiling)) if on]
     switches += [f"patch {name}" for name in settings.patches]
@@ -113,6 +110,9 @@ def _print_summary(result) -> None:
         f"[bold]{settings.model}[/bold] {mode} at {settings.frames}×{settings.height}×{settings.width}, batch "
         f"{settings.batch}, {settings.dtype}" + (f" ({', '.join(switches)})" if switches else "")
     )
+    if settings.train:
+        console.print(f"mixed precision {settings.mixed_precision}, LoRA dtype {settings.lora_dtype}, "
+                      f"{settings.optimizer}" + (f": {settings.trainer}'s set-up" if settings.trainer else ""))
     console.print(f"peak: [bold]{format_bytes(peak.peak_bytes)}[/bold] ({peak.peak_bytes:,} bytes) in "
                   f"{peak.phase}, at {peak.peak_at}")
     table = Table(title="live at the peak", header_style="bold")
