@@ -1069,17 +1069,17 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     check_precision_choice(mixed_precision, lora_dtype)
     preset = trainer_preset(trainer) if trainer is not None else None
     train = parse_train(train) if isinstance(train, str) else train
+    if train is None and preset is None and (mixed_precision is not None or lora_dtype is not None):
+        raise PlanError("--mixed-precision and --lora-dtype are training settings: add --train lora:RANK or --train "
+                        "full")
+    if train is not None and train.kind == "full" and lora_dtype not in (None, "auto"):
+        raise PlanError("--lora-dtype sets the LoRA adapters' dtype; --train full has none: drop one")
     if preset is not None:
         train = train or preset.train_mode()
         dtype = dtype or preset.dtype
         checkpointing = checkpointing or preset.checkpointing
         mixed_precision = mixed_precision or preset.mixed_precision
-        lora_dtype = lora_dtype or preset.lora_dtype
-    if train is None and (mixed_precision is not None or lora_dtype is not None):
-        raise PlanError("--mixed-precision and --lora-dtype are training settings: add --train lora:RANK or --train "
-                        "full")
-    if train is not None and train.kind == "full" and lora_dtype not in (None, "auto"):
-        raise PlanError("--lora-dtype sets the LoRA adapters' dtype; --train full has none: drop one")
+        lora_dtype = lora_dtype or (preset.lora_dtype if train.kind == "lora" else None)
     resolved = resolve_spec(spec)
     if resolved.kind in ("published", "tiny"):
         config = builtin_config(resolved.spec)

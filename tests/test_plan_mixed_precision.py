@@ -118,6 +118,13 @@ def test_plan_json_says_what_was_assumed():
     assert default["mixed_precision"] == "bf16" and default["lora_dtype"] == "auto"
 
 
+def test_a_preset_with_full_finetuning_keeps_its_precision_and_drops_its_adapters():
+    settings = plan_memory("tiny", frames=9, height=64, width=64, batch=1, trainer="cogvideo-finetune",
+                           train="full").settings
+    assert (settings.train.kind, settings.dtype, settings.mixed_precision, settings.lora_dtype) == (
+        "full", "float32", "bf16", "auto")
+
+
 def test_fp32_adapters_cost_more_than_bf16():
     common = dict(frames=9, height=64, width=64, batch=1, train="lora:64", dtype="bfloat16", mixed_precision="bf16")
     bf16 = plan_memory("tiny", lora_dtype="bf16", **common)
