@@ -5,6 +5,7 @@ with the ratio. Random weights at the published sizes: each model is built on me
 
     python bench/plan_gpu.py                     # every case, each in its own process (a fresh allocator)
     python bench/plan_gpu.py --cases vae,vae-tiled --out results.jsonl
+    python bench/plan_gpu.py --predict-only results.jsonl   # no GPU: today's plans against those measurements
 
 What is measured is what the plan predicts: the peak from the moment the model (and, for training, AdamW's
 state after a first step) and the inputs are on the GPU, through one forward, one training step or one decode.
@@ -54,6 +55,29 @@ CASES = {
     "vae-tiled": dict(vae="cogvideox-5b", latents=(1, 16, 13, 60, 90), tiling=True),
 }
 DTYPE = "bfloat16"
+
+
+def _trainer_cases() -> dict:
+    """One case per `plan --trainer` preset at 49×480×720, B=1, as that trainer sets LoRA up: the 5B, or the 2B for
+    a fp16 preset (the diffusers README's command; CogVideoX-5B is not trained in fp16)."""
+    from cogsurgeon.inspector.plan import TRAINER_PRESETS
+
+    def spec(preset) -> str:
+        return "cogvideox-2b" if preset.dtype == "float16" else "cogvideox-5b"
+
+    # finetrainers does not checkpoint and its fp32 adapters make PEFT run them on fp32 copies of the inputs, which
+    # autograd keeps: 143.0 GiB planned at 49 frames, more than the H200 holds; 25 frames plan 83.4 GiB.
+    frames = {"finetrainers": 25}
+
+    return {f"trainer-{preset.name}-{spec(preset).removeprefix('cogvideox-')}": dict(
+        spec=spec(preset), frames=frames.get(preset.name, 49), height=480, width=720, batch=1,
+        train=f"lora:{preset.rank}:{preset.alpha}",
+        checkpointing=preset.checkpointing, dtype=preset.dtype, mixed_precision=preset.mixed_precision,
+        lora_dtype=preset.lora_dtype, lora_targets=preset.targets, optimizer=preset.optimizer, accelerate=True,
+    ) for preset in TRAINER_PRESETS.values()}
+
+
+CASES.update(_trainer_cases())
 
 
 def _fill_random(module) -> None:
@@ -182,83 +206,107 @@ def run_vae_case(case: dict) -> dict:
                 plan_seconds=round(plan_seconds, 1), breakdown=predicted.breakdown)
 
 
-LORA_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+def predict_accelerate_case(case: dict):
+    """The plan of an accelerate case (on meta, on the CPU): what `run_accelerate_case` sets beside its measurement,
+    and what `--predict-only` compares with measurements made before. The plan is asked with `mixed_precision`,
+    `lora_dtype` and the other settings where `plan_transformer` takes them (where it does not yet: the ratio is
+    what `plan` said before it knew them)."""
+    import inspect
 
+    from cogsurgeon.inspector.loading import build_on_meta
+    from cogsurgeon.inspector.model_specs import published_config
+    from cogsurgeon.inspector.plan import parse_train, plan_transformer
 
-def accelerate_step(model, inputs: dict, target, optimizer, accelerator, trainable) -> None:
-    """One step as the diffusers/CogVideo trainers take it under accelerate: the prepared (autocast) forward, the
-    loss in fp32, `accelerator.backward`, gradient clipping at 1.0, the optimizer step, gradients set to None."""
-    import torch
-
-    prediction = model(**inputs, return_dict=False)[0]
-    loss = torch.mean(((prediction.float() - target.float()) ** 2).reshape(prediction.shape[0], -1), dim=1).mean()
-    del prediction
-    accelerator.backward(loss)
-    del loss
-    accelerator.clip_grad_norm_(trainable, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    wanted = dict(mixed_precision=case["mixed_precision"], lora_dtype=case.get("lora_dtype"),
+                  lora_targets=case.get("lora_targets"), optimizer=case.get("optimizer"))
+    accepted = inspect.signature(plan_transformer).parameters
+    plan_options = {key: value for key, value in wanted.items() if key in accepted and value is not None}
+    predicted = plan_transformer(build_on_meta(published_config(case["spec"]), case["dtype"]), batch=case["batch"],
+                                 train=parse_train(case["train"]), checkpointing=case.get("checkpointing", False),
+                                 frames=case["frames"], height=case["height"], width=case["width"], **plan_options)
+    return predicted, plan_options
 
 
 def run_accelerate_case(case: dict) -> dict:
-    """A training step under the real accelerate, beside the plan for the same settings. The plan is asked with
-    `mixed_precision` and `lora_dtype` where `plan_transformer` takes them (and without where it does not yet:
-    then the ratio is what `plan` said before it knew autocast)."""
-    import inspect
-
+    """A training step under the real accelerate, beside the plan for the same settings: the very
+    `accelerate_training_step` the planner runs, here with the real Accelerator."""
     import torch
     from accelerate import Accelerator
 
-    from cogsurgeon.inspector.geometry import latent_geometry, pipeline_inputs
+    from cogsurgeon.inspector.geometry import pipeline_inputs
     from cogsurgeon.inspector.loading import build_on_meta
     from cogsurgeon.inspector.model_specs import published_config
-    from cogsurgeon.inspector.plan import make_optimizer, parse_train, plan_transformer, prepare_training, training_target
+    from cogsurgeon.inspector.plan import (
+        LORA_DTYPES,
+        LORA_TARGET_MODULES,
+        accelerate_training_step,
+        make_optimizer,
+        parse_train,
+        prepare_training,
+        training_input_dtype,
+        training_target,
+    )
 
     config = published_config(case["spec"])
     size = dict(frames=case["frames"], height=case["height"], width=case["width"])
     train = parse_train(case["train"])
     checkpointing = case.get("checkpointing", False)
     dtype = case["dtype"]
-    wanted = dict(mixed_precision=case["mixed_precision"], lora_dtype=case.get("lora_dtype"))
-    accepted = inspect.signature(plan_transformer).parameters
-    plan_options = {key: value for key, value in wanted.items() if key in accepted and value is not None}
 
     started = time.perf_counter()
-    predicted = plan_transformer(build_on_meta(config, dtype), batch=case["batch"], train=train,
-                                 checkpointing=checkpointing, **plan_options, **size)
+    predicted, plan_options = predict_accelerate_case(case)
     plan_seconds = time.perf_counter() - started
 
     model = build_on_meta(config, dtype)
-    prepare_training(model, train, checkpointing)
+    prepare_training(model, train, checkpointing, target_modules=case.get("lora_targets") or LORA_TARGET_MODULES)
     model.to_empty(device="cuda")
     _fill_random(model)
-    if train.kind == "lora" and case.get("lora_dtype"):
+    if train.kind == "lora" and LORA_DTYPES.get(case.get("lora_dtype") or "auto"):
         lora_dtype = getattr(torch, LORA_DTYPES[case["lora_dtype"]])
         for name, parameter in model.named_parameters():
             if parameter.requires_grad:  # diffusers' cast_training_params
                 parameter.data = parameter.data.to(lora_dtype)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = make_optimizer(trainable)
+    optimizer, optimizer_note = make_bench_optimizer(case.get("optimizer") or "adamw", trainable)
     accelerator = Accelerator(mixed_precision=case["mixed_precision"])
     model, optimizer = accelerator.prepare(model, optimizer)
     torch.cuda.synchronize()
-    input_dtype = torch.float16 if case["mixed_precision"] == "fp16" and dtype == "float16" else getattr(torch, dtype)
-    if dtype == "float32":  # full finetunes keep fp32 master weights; the latents arrive in the VAE's dtype
-        input_dtype = torch.bfloat16 if case["mixed_precision"] == "bf16" else torch.float16
+    input_dtype = training_input_dtype(getattr(torch, dtype), case["mixed_precision"])
     inputs = pipeline_inputs(config, (size["frames"], size["height"], size["width"]), case["batch"],
                              dtype=input_dtype, device="cuda", seed=0)
     target = torch.randn_like(training_target(inputs, config), device="cuda")
-    accelerate_step(model, inputs, target, optimizer, accelerator, trainable)  # step 1: AdamW's state appears
+    step = dict(max_grad_norm=case.get("max_grad_norm", 1.0))
+    accelerate_training_step(model, inputs, target, optimizer, accelerator, trainable, **step)  # step 1: state
     torch.cuda.synchronize()
+    # Under fp16 the GradScaler skips a step whose gradients overflow: then the state would appear in the measured
+    # step, which the plan does not assume. Reported, so that such a row is read as what it is.
+    stepped = sum(1 for parameter in trainable if parameter in optimizer.state)
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
-    accelerate_step(model, inputs, target, optimizer, accelerator, trainable)
+    accelerate_training_step(model, inputs, target, optimizer, accelerator, trainable, **step)
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated()
     return dict(predicted=predicted.peak_bytes, measured=measured, predicted_resident=predicted.resident_bytes,
                 measured_resident=resident, plan_options=plan_options, predicted_peak_at=predicted.peak_at,
                 trainable_dtypes=sorted({str(p.dtype) for p in trainable}), input_dtype=str(input_dtype),
+                optimizer=optimizer_note, state_after_step_1=f"{stepped} of {len(trainable)} trained parameters",
                 plan_seconds=round(plan_seconds, 1), breakdown=predicted.breakdown)
+
+
+def make_bench_optimizer(name: str, parameters: list):
+    """The preset's optimizer on the GPU: torch's AdamW/Adam (foreach), or bitsandbytes' 8-bit AdamW when it is
+    importable there (else AdamW, said in the result: the case then measures AdamW, not the preset's optimizer)."""
+    from cogsurgeon.inspector.plan import make_optimizer
+
+    if name == "adam":
+        return make_optimizer(parameters, "adam"), "torch.optim.Adam (foreach, weight decay 1e-4)"
+    if name == "adamw-8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            return make_optimizer(parameters), "bitsandbytes not importable: torch.optim.AdamW instead"
+        return bitsandbytes.optim.AdamW8bit(parameters, lr=1e-4), f"bitsandbytes {bitsandbytes.__version__} AdamW8bit"
+    return make_optimizer(parameters), "torch.optim.AdamW (foreach)"
 
 
 def run_case(name: str) -> dict:
@@ -275,12 +323,36 @@ def run_case(name: str) -> dict:
     return result
 
 
+def predict_only(measured_file: str, names: list[str] | None) -> None:
+    """Plan each accelerate case measured in `measured_file` on this machine (CPU) and compare."""
+    with open(measured_file) as handle:
+        measured = {row["case"]: row for row in map(json.loads, filter(str.strip, handle)) if "measured" in row}
+    print(f"{'case':52} {'predicted':>15} {'measured':>15} {'ratio':>7}  resident ratio")
+    for name, case in CASES.items():
+        if not case.get("accelerate") or (names and name not in names):
+            continue
+        predicted, _ = predict_accelerate_case(case)
+        if name not in measured:
+            print(f"{name:52} {predicted.peak_bytes:15,} {'(not measured)':>15}  ({predicted.peak_at})", flush=True)
+            continue
+        row = measured[name]
+        ratio = predicted.peak_bytes / row["measured"]
+        print(f"{name:52} {predicted.peak_bytes:15,} {row['measured']:15,} {ratio:7.4f}"
+              f"  {predicted.resident_bytes / row['measured_resident']:.4f}  ({predicted.peak_at})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process (the parent's child)
     parser.add_argument("--out", help="also write one JSON line per case here")
+    parser.add_argument("--predict-only", metavar="MEASURED_JSONL",
+                        help="no GPU: plan the accelerate cases measured in this file (a --out of an earlier run) "
+                             "and print predicted / measured for each")
     args = parser.parse_args()
+    if args.predict_only:
+        predict_only(args.predict_only, args.cases.split(",") if args.cases != ",".join(CASES) else None)
+        return
     if args.case:
         print(json.dumps(run_case(args.case)), flush=True)
         return

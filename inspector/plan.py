@@ -262,9 +262,16 @@ class PlanSettings:
     patches: tuple[str, ...] = ()
     vae: bool = False
     tiling: bool = False
+    mixed_precision: str | None = None  # accelerate's no|fp16|bf16 (training); None: the bare step, no autocast
+    lora_dtype: str = "auto"
+    trainer: str | None = None
+    lora_targets: tuple[str, ...] | str = LORA_TARGET_MODULES
+    optimizer: str = "adamw"
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "train": self.train.label() if self.train else None, "patches": list(self.patches)}
+        targets = self.lora_targets if isinstance(self.lora_targets, str) else list(self.lora_targets)
+        return {**asdict(self), "train": self.train.label() if self.train else None, "patches": list(self.patches),
+                "lora_targets": targets}
 
 
 @dataclass(frozen=True)
@@ -454,31 +461,373 @@ def _sdpa_as_on_gpu(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Mixed precision as accelerate runs it: torch's CUDA autocast, emulated at the torch-function level on meta
+
+# accelerate's `mixed_precision` names → the autocast dtype; `--lora-dtype` names → the adapters' dtype.
+MIXED_PRECISION = {"no": None, "fp16": "float16", "bf16": "bfloat16"}
+LORA_DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+# torch's CUDA autocast policy, op by op: the AT_FORALL_* lists of aten/src/ATen/autocast_mode.h (torch 2.4-2.13
+# agree on every op CogVideoX runs; tests/test_plan_mixed_precision.py compares these with the installed header).
+AUTOCAST_LOWER_PRECISION_OPS = frozenset((
+    "_convolution", "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "convolution", "prelu", "addmm", "addmv", "addr", "matmul", "einsum", "mm", "mv",
+    "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm", "chain_matmul", "linalg_multi_dot",
+    "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
+    "_scaled_dot_product_flash_attention", "scaled_dot_product_attention", "cudnn_convolution",
+    "cudnn_convolution_transpose",
+))
+AUTOCAST_FP32_OPS = frozenset((
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt", "sinh",
+    "tan", "pow", "softplus", "layer_norm", "native_layer_norm", "rms_norm", "group_norm", "frobenius_norm",
+    "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
+    "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss",
+    "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
+    "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp", "upsample_nearest1d",
+    "_upsample_nearest_exact1d", "upsample_nearest2d", "_upsample_nearest_exact2d", "upsample_nearest3d",
+    "_upsample_nearest_exact3d", "upsample_linear1d", "upsample_bilinear2d", "_upsample_bilinear2d_aa",
+    "upsample_trilinear3d", "upsample_bicubic2d", "_upsample_bicubic2d_aa",
+))
+AUTOCAST_FP32_SET_OPT_DTYPE_OPS = frozenset((
+    "prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm", "linalg_matrix_norm", "sum",
+))
+AUTOCAST_PROMOTE_OPS = frozenset((
+    "addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put", "tensordot",
+    "scatter_add",
+))
+# Python spellings of those ops (operators, reflected operators)
+_OPERATOR_OPS = {"__matmul__": "matmul", "__rmatmul__": "matmul", "__pow__": "pow", "__rpow__": "pow"}
+
+
+def autocast_policy(name: str) -> str | None:
+    """The CUDA autocast policy of a torch function by name: `lower`, `fp32`, `fp32_set_opt_dtype`, `promote`, or
+    None (runs in its inputs' dtypes). In-place variants are not autocast (torch registers out-of-place ops only)."""
+    name = _OPERATOR_OPS.get(name, name)
+    if name in AUTOCAST_LOWER_PRECISION_OPS:
+        return "lower"
+    if name in AUTOCAST_FP32_OPS:
+        return "fp32"
+    if name in AUTOCAST_FP32_SET_OPT_DTYPE_OPS:
+        return "fp32_set_opt_dtype"
+    if name in AUTOCAST_PROMOTE_OPS:
+        return "promote"
+    return None
+
+
+def _autocast_eligible(value: Any) -> bool:
+    """`is_autocast_eligible` for CUDA: a floating tensor on the GPU (meta stands for it here), not float64."""
+    import torch
+
+    return (isinstance(value, torch.Tensor) and value.device.type == "meta" and value.is_floating_point()
+            and value.dtype != torch.float64)
+
+
+class CudaAutocast:
+    """torch's CUDA autocast on meta tensors, which carry no autocast dispatch key (and fake CUDA tensors cannot run
+    autograd on a CPU-only torch): a TorchFunctionMode that casts each op's arguments by `autocast_policy`, above
+    autograd as the C++ autocast is, so that autograd records the casts and saves the cast tensors as on the GPU.
+
+    The autocast state is carried by torch's own CPU autocast flags (`torch.autocast("cpu", dtype=...)`): then
+    torch.utils.checkpoint captures it at the forward and re-enters it for the recomputation, and the outermost
+    exit clears the cast cache, as on CUDA. No CPU tensor of a plan is counted, so CPU autocast itself changes
+    nothing that is booked. The cast cache is torch's (`cached_cast`): fp32 → lower-precision casts of leaf tensors
+    that require grad (fp32 adapters, fp32 weights being trained), kept until the outermost autocast exits.
+    """
+
+    def __init__(self) -> None:
+        self.cache: dict[int, Any] = {}
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        import torch
+
+        real_clear = torch.clear_autocast_cache
+
+        def clear_autocast_cache() -> None:  # torch.autocast.__exit__ calls it when the outermost autocast exits
+            self.cache.clear()
+            real_clear()
+
+        torch.clear_autocast_cache = clear_autocast_cache
+        try:
+            with self._mode():
+                yield
+        finally:
+            torch.clear_autocast_cache = real_clear
+            self.cache.clear()
+
+    def cast(self, value: Any, dtype: torch.dtype) -> Any:
+        import torch
+
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.cast(item, dtype) for item in value)
+        if not _autocast_eligible(value) or value.dtype == dtype:
+            return value
+        cacheable = (dtype != torch.float32 and value.dtype == torch.float32 and value.requires_grad
+                     and value.is_leaf and not value._is_view() and torch.is_autocast_cache_enabled())
+        if not cacheable:
+            return value.to(dtype)
+        if id(value) not in self.cache:
+            self.cache[id(value)] = (value, value.to(dtype))
+        return self.cache[id(value)][1]
+
+    def _mode(self):
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        autocast = self
+
+        class Autocast(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if not torch.is_autocast_enabled("cpu"):
+                    return func(*args, **kwargs)
+                policy = autocast_policy(getattr(func, "__name__", ""))
+                if policy is None:
+                    return func(*args, **kwargs)
+                if policy == "fp32_set_opt_dtype":
+                    first = args[0] if args else None
+                    if _autocast_eligible(first) and kwargs.get("dtype") is None:
+                        kwargs = {**kwargs, "dtype": torch.float32}
+                    return func(*args, **kwargs)
+                if policy == "lower":
+                    dtype = torch.get_autocast_dtype("cpu")
+                elif policy == "fp32":
+                    dtype = torch.float32
+                else:  # promote: the widest floating dtype among the eligible arguments
+                    floats = [value.dtype for value in (*args, *kwargs.values()) if _autocast_eligible(value)]
+                    dtype = torch.float32 if torch.float32 in floats else floats[0] if floats else None
+                    if dtype is None:
+                        return func(*args, **kwargs)
+                args = tuple(autocast.cast(value, dtype) for value in args)
+                kwargs = {key: autocast.cast(value, dtype) for key, value in kwargs.items()}
+                return func(*args, **kwargs)
+
+        return Autocast()
+
+
+@contextmanager
+def cuda_autocast_state(dtype: torch.dtype | None) -> Iterator[None]:
+    """Enter (or, with None, leave off) the planned run's CUDA autocast, as `torch.autocast("cuda", dtype)` would:
+    the state that `CudaAutocast` reads (see there why the CPU flags carry it)."""
+    import torch
+
+    if dtype is None:
+        yield
+        return
+    with torch.autocast("cpu", dtype=dtype):
+        if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != dtype:
+            # older torch releases refuse fp16 on the CPU's autocast (a warning, then autocast off)
+            raise PlanError(f"this torch {torch.__version__} cannot carry a {dtype} autocast state for the plan: "
+                            "plan --mixed-precision with torch 2.4 or newer")
+        yield
+
+
+def prepare_forward_as_accelerate(model: nn.Module, mixed_precision: str) -> None:
+    """What `Accelerator.prepare(model)` does to the forward under fp16/bf16 on one GPU: autocast around it, the
+    outputs converted to fp32 after it (accelerate's own `convert_outputs_to_fp32`)."""
+    import functools
+
+    import torch
+    from accelerate.utils import convert_outputs_to_fp32
+
+    if MIXED_PRECISION[mixed_precision] is None:
+        return
+    dtype = getattr(torch, MIXED_PRECISION[mixed_precision])
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def autocast_forward(*args, **kwargs):
+        with cuda_autocast_state(dtype):
+            return forward(*args, **kwargs)
+
+    model.forward = convert_outputs_to_fp32(autocast_forward)
+
+
+class PlannedAccelerator:
+    """The parts of accelerate's `Accelerator` a training step calls, for a meta run: `backward` (the loss scaled by
+    the GradScaler under fp16: a fp32 scalar) and `clip_grad_norm_` (gradients unscaled in place first, then
+    torch's clip_grad_norm_). On the GPU the bench passes the real Accelerator to the same step."""
+
+    def __init__(self, mixed_precision: str) -> None:
+        self.scaled = mixed_precision == "fp16"
+
+    def backward(self, loss: torch.Tensor) -> None:
+        import torch
+
+        if self.scaled:
+            loss = loss * torch.full((), 65536.0, device=loss.device)
+        _backward_keeping_modes(loss)
+
+    def clip_grad_norm_(self, parameters: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        import torch
+
+        parameters = list(parameters)
+        if self.scaled:  # GradScaler.unscale_: in place, by a fp32 scalar
+            inverse = torch.full((), 1 / 65536.0, device="meta")
+            with torch.no_grad():
+                for parameter in parameters:
+                    if parameter.grad is not None:
+                        parameter.grad.mul_(inverse)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+def accelerate_training_step(model: nn.Module, inputs: Mapping[str, Any], target: torch.Tensor,
+                             optimizer: torch.optim.Optimizer, accelerator: Any,
+                             trainable: Sequence[torch.nn.Parameter], *,
+                             phase: Callable[..., Any] | None = None, max_grad_norm: float = 1.0) -> None:
+    """One step as the diffusers/CogVideo trainers take it under accelerate: the prepared (autocast) forward, the
+    loss in fp32 (their `torch.mean((pred - target) ** 2 ...)`), `accelerator.backward`, gradient clipping, the
+    optimizer step, gradients set to None. The planner runs it with a `PlannedAccelerator`, the GPU bench with the
+    real Accelerator."""
+    import torch
+
+    phase = phase or (lambda category=None, name=None: nullcontext())
+    prediction = model(**inputs, return_dict=False)[0]
+    loss = torch.mean(((prediction.float() - target.float()) ** 2).reshape(prediction.shape[0], -1), dim=1).mean()
+    del prediction
+    with phase(None, "backward"):
+        accelerator.backward(loss)
+    del loss
+    with phase("optimizer", "optimizer step"):
+        if max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def training_input_dtype(dtype: torch.dtype, mixed_precision: str | None) -> torch.dtype:
+    """The latents' dtype in a training step: the weights' dtype, except that fp32 weights under mixed precision
+    take latents in the VAE's (autocast) dtype, as the trainers encode them."""
+    import torch
+
+    lower = MIXED_PRECISION.get(mixed_precision or "no")
+    if dtype == torch.float32 and lower is not None:
+        return getattr(torch, lower)
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainer presets: each trainer's LoRA set-up as its code runs it (file:line in the trainer's repository)
+
+
+@dataclass(frozen=True)
+class TrainerPreset:
+    """How one trainer sets a LoRA run up: weights' dtype, accelerate's mixed precision (`no`: no autocast), the
+    adapters' dtype, targets, default rank/alpha, optimizer, gradient checkpointing, and where its code says so."""
+
+    name: str
+    dtype: str
+    mixed_precision: str
+    lora_dtype: str
+    rank: int
+    alpha: int
+    targets: tuple[str, ...] | str
+    optimizer: str  # "adamw" | "adam" (torch, foreach: the same two moments per trained parameter)
+    checkpointing: bool
+    source: str
+
+    def train_mode(self) -> TrainMode:
+        return TrainMode("lora", self.rank, self.alpha)
+
+
+FFN_AND_ATTENTION = r"(transformer_blocks|single_transformer_blocks).*(to_q|to_k|to_v|to_out.0|ff.net.0.proj|ff.net.2)"
+
+TRAINER_PRESETS: dict[str, TrainerPreset] = {preset.name: preset for preset in (
+    TrainerPreset(
+        "cogvideo-finetune", "float32", "bf16", "fp32", 128, 64, LORA_TARGET_MODULES, "adamw", True,
+        "THUDM/CogVideo finetune/ (e519ece): transformer from_pretrained without torch_dtype, so fp32 "
+        "(models/cogvideox_t2v/lora_trainer.py:38-40; bf16 only after a validation, trainer.py:654); "
+        "--mixed_precision bf16 (train_ddp_t2v.sh:36); LoRA cast to fp32 (trainer.py:266); rank 128, alpha 64, "
+        "to_q/to_k/to_v/to_out.0, adamw, gradient_checkpointing True, max_grad_norm 1.0 (schemas/args.py:53-77)"),
+    TrainerPreset(
+        "diffusers-scripts", "float16", "fp16", "fp32", 64, 64, LORA_TARGET_MODULES, "adam", False,
+        "huggingface/diffusers examples/cogvideo (58eb52c): README.md:147-176 runs train_cogvideox_lora.py on "
+        "CogVideoX-2b with --rank 64 --lora_alpha 64 --mixed_precision fp16 --optimizer Adam, batch 1, without "
+        "--gradient_checkpointing (train_cogvideox_lora.py:290, off unless given); the 2B loads in fp16 "
+        "(:1056-1060) and moves in the mixed-precision dtype (:1083-1109), LoRA upcast to fp32 under fp16 "
+        "(:1196-1198), targets to_k/to_q/to_v/to_out.0 (:1120), max_grad_norm 1.0 (:371)"),
+    TrainerPreset(
+        "cogvideox-factory", "bfloat16", "bf16", "auto", 128, 128, LORA_TARGET_MODULES, "adamw", True,
+        "a-r-r-o-w/cogvideox-factory training/: weight_dtype from --mixed_precision "
+        "(cogvideox/cogvideox_text_to_video_lora.py:336-353), LoRA upcast to fp32 only under fp16 (:453-455), "
+        "targets to_k/to_q/to_v/to_out.0 (:373); train_text_to_video_lora.sh:53-62: --rank 128 --lora_alpha 128 "
+        "--mixed_precision bf16 --gradient_checkpointing, OPTIMIZERS adamw first (:13)"),
+    TrainerPreset(
+        "finetrainers", "bfloat16", "no", "fp32", 64, 64, FFN_AND_ATTENTION, "adam", False,
+        "a-r-r-o-w/finetrainers (f476c37): --transformer_dtype bf16 (finetrainers/args.py:741), no autocast "
+        "anywhere in finetrainers/trainer, LoRA cast to fp32 without data sharding "
+        "(trainer/sft_trainer/trainer.py:130-136), rank 64, alpha 64 (trainer/sft_trainer/config.py:24-30), "
+        "targets attention and feed-forward (docs/args.md:330), --optimizer adam (args.py:815-818), "
+        "--gradient_checkpointing off unless given (args.py:800)"),
+    TrainerPreset(
+        "cogkit", "bfloat16", "no", "bf16", 128, 64, LORA_TARGET_MODULES, "adamw", True,
+        "THUDM/CogKit: weights loaded in the mixed_precision dtype, bf16 in quickstart/scripts/t2v/config.yaml "
+        "(diffusion/models/cogvideo/cogvideox_t2v/lora_trainer.py:57), DDP without autocast, LoRA cast to that "
+        "dtype (finetune/base/base_trainer.py:178), r=128, lora_alpha=64 on to_q/to_k/to_v/to_out.0 "
+        "(utils/lora.py:33-38), torch.optim.AdamW (base_trainer.py:244), gradient_checkpointing True "
+        "(base/base_args.py:72)"),
+    TrainerPreset(
+        "videox-fun", "bfloat16", "bf16", "auto", 64, 32, "all-linear", "adamw", True,
+        "aigc-apps/VideoX-Fun scripts/cogvideox_fun: accelerate --mixed_precision bf16, --gradient_checkpointing, "
+        "--rank 64 --network_alpha 32 (train_lora.sh:9-37), weights and LoRA network in bf16 "
+        "(train_lora.py:800-805, 837, 872), AdamW unless --use_8bit_adam (:984); its own LoRANetwork on every "
+        "Linear of the transformer (videox_fun/utils/lora_utils.py:161-215), planned as PEFT on all-linear"),
+)}
+
+# `plan --train` without --trainer: bf16 autocast (accelerate's --mixed_precision bf16) over the weights' dtype
+# (bf16 for the published 5B models), adapters left in that dtype: what cogvideox-factory and VideoX-Fun run, and
+# the autocast CogVideo finetune runs (its scripts' bf16); the diffusers README runs fp16 on the 2B, finetrainers
+# and CogKit train without autocast — their presets say so.
+DEFAULT_MIXED_PRECISION = "bf16"
+
+
+def check_precision_choice(mixed_precision: str | None, lora_dtype: str | None) -> None:
+    """`--mixed-precision` and `--lora-dtype` among accelerate's and PEFT's names (PlanError otherwise)."""
+    if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
+        raise PlanError(f"--mixed-precision {mixed_precision[:20]!r}: expected one of {', '.join(MIXED_PRECISION)}")
+    if lora_dtype is not None and lora_dtype not in LORA_DTYPES:
+        raise PlanError(f"--lora-dtype {lora_dtype[:20]!r}: expected one of {', '.join(LORA_DTYPES)}")
+
+
+def trainer_preset(name: str) -> TrainerPreset:
+    preset = TRAINER_PRESETS.get(name)
+    if preset is None:
+        raise PlanError(f"--trainer {name[:40]!r}: unknown trainer; known: {', '.join(TRAINER_PRESETS)}")
+    return preset
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The transformer: inference, a training step
 
 
-def add_lora(model: nn.Module, mode: TrainMode) -> None:
-    """LoRA adapters as CogVideo's and diffusers' trainers add them (PEFT, attention projections), created on the
-    model's device (meta: no memory); only the adapters train."""
+def add_lora(model: nn.Module, mode: TrainMode, lora_dtype: str = "auto",
+             target_modules: Sequence[str] | str = LORA_TARGET_MODULES) -> None:
+    """LoRA adapters as CogVideo's and diffusers' trainers add them (PEFT, attention projections by default),
+    created on the model's device (meta: no memory); only the adapters train. `lora_dtype` `auto` leaves them in
+    the base layers' dtype (what PEFT creates); `fp32` is diffusers' `cast_training_params(..., torch.float32)`."""
     import torch
     from peft import LoraConfig
 
     device = next(model.parameters()).device
     model.requires_grad_(False)
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     with torch.device(device):
         model.add_adapter(LoraConfig(r=mode.rank, lora_alpha=mode.alpha or mode.rank, init_lora_weights=True,
-                                     target_modules=list(LORA_TARGET_MODULES)))
+                                     target_modules=targets))
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if LORA_DTYPES[lora_dtype] is not None:
+        dtype = getattr(torch, LORA_DTYPES[lora_dtype])
     for name, parameter in model.named_parameters():
         if "lora_" in name:
             parameter.data = parameter.data.to(dtype)
             parameter.requires_grad_(True)
 
 
-def prepare_training(model: nn.Module, mode: TrainMode, checkpointing: bool) -> list[torch.nn.Parameter]:
+def prepare_training(model: nn.Module, mode: TrainMode, checkpointing: bool, lora_dtype: str = "auto",
+                     target_modules: Sequence[str] | str = LORA_TARGET_MODULES) -> list[torch.nn.Parameter]:
     """Set a model up for training as the trainers do; returns the parameters the optimizer steps."""
     if mode.kind == "lora":
-        add_lora(model, mode)
+        add_lora(model, mode, lora_dtype, target_modules)
     else:
         model.requires_grad_(True)
     if checkpointing:
@@ -487,10 +836,13 @@ def prepare_training(model: nn.Module, mode: TrainMode, checkpointing: bool) -> 
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
-def make_optimizer(parameters: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW as on CUDA: `foreach` (PyTorch's default there), moments in the parameters' dtype."""
+def make_optimizer(parameters: Sequence[torch.nn.Parameter], name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (or Adam, with the trainers' weight decay of 1e-4, which Adam adds to a copy of the gradients) as on
+    CUDA: `foreach` (PyTorch's default there), moments in the parameters' dtype."""
     import torch
 
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=1e-4, weight_decay=1e-4, foreach=True)
     return torch.optim.AdamW(parameters, lr=1e-4, foreach=True)
 
 
@@ -536,26 +888,38 @@ def training_target(inputs: Mapping[str, Any], config: Mapping[str, Any]) -> tor
 
 def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, batch: int = 2,
                      train: TrainMode | None = None, checkpointing: bool = False,
+                     mixed_precision: str | None = None, lora_dtype: str = "auto",
+                     lora_targets: Sequence[str] | str = LORA_TARGET_MODULES, max_grad_norm: float = 1.0,
+                     optimizer: str = "adamw",
                      blas_workspace_bytes: int = CUBLAS_WORKSPACE_BYTES["sm90"]) -> PhasePeak:
     """The peak of one transformer forward (inference, no grad) or one steady-state training step on `model`,
     which must be on the meta device and may be changed (adapters, checkpointing): pass a fresh one.
-    `blas_workspace_bytes`: cuBLAS' workspace per thread that runs matmuls (see CUBLAS_WORKSPACE_BYTES)."""
+
+    `mixed_precision` (accelerate's `no`, `fp16`, `bf16`) plans the step as the trainers take it under accelerate
+    (`accelerate_training_step`: autocast around the forward, fp32 outputs and loss, clipping at `max_grad_norm`);
+    None plans the bare `training_step` (no autocast, the loss in the model's dtype, no clipping). `lora_dtype`:
+    see `add_lora`. `blas_workspace_bytes`: cuBLAS' workspace per thread that runs matmuls (CUBLAS_WORKSPACE_BYTES)."""
     import torch
 
     from cogsurgeon.inspector.geometry import pipeline_inputs
 
     accounting = MemoryAccounting()
-    trainable = prepare_training(model, train, checkpointing) if train is not None else []
-    optimizer = make_optimizer(trainable) if train is not None else None
+    autocast = CudaAutocast()
+    trainable = (prepare_training(model, train, checkpointing, lora_dtype, lora_targets)
+                 if train is not None else [])
+    optimizer = make_optimizer(trainable, optimizer) if train is not None else None
     accounting.adopt(model, "weights")
     for _thread in range(1 if train is None else 2):  # the forward's thread, and autograd's for backward
         accounting.ledger.reserve(blas_workspace_bytes, "workspace")
     hooks = [parameter.register_post_accumulate_grad_hook(lambda param: accounting.track(param.grad, "gradients"))
              for parameter in trainable]
+    if mixed_precision is not None:
+        prepare_forward_as_accelerate(model, mixed_precision)
     try:
-        with accounting.active(model):
+        with accounting.active(model), autocast.active():
             with accounting.within("inputs"):
-                inputs = pipeline_inputs(model.config, (frames, height, width), batch, dtype=model.dtype,
+                input_dtype = training_input_dtype(model.dtype, mixed_precision) if train else model.dtype
+                inputs = pipeline_inputs(model.config, (frames, height, width), batch, dtype=input_dtype,
                                          device=torch.device("meta"))
             if optimizer is None:
                 accounting.ledger.reset_peak()
@@ -571,7 +935,11 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
             with accounting.within("inputs"):
                 target = training_target(inputs, model.config)
             accounting.ledger.reset_peak()
-            training_step(model, inputs, target, optimizer, phase=accounting.within)
+            if mixed_precision is None:
+                training_step(model, inputs, target, optimizer, phase=accounting.within)
+            else:
+                accelerate_training_step(model, inputs, target, optimizer, PlannedAccelerator(mixed_precision),
+                                         trainable, phase=accounting.within, max_grad_norm=max_grad_norm)
             return accounting.result(f"transformer training step ({train.label()})")
     finally:
         for hook in hooks:
@@ -649,7 +1017,9 @@ def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSett
         name, options = parse_patch_spec(spec)
         patches.apply(model, name, **options)
     phases = [plan_transformer(model, frames=settings.frames, height=settings.height, width=settings.width,
-                               batch=settings.batch, train=settings.train, checkpointing=settings.checkpointing)]
+                               batch=settings.batch, train=settings.train, checkpointing=settings.checkpointing,
+                               mixed_precision=settings.mixed_precision, lora_dtype=settings.lora_dtype,
+                               lora_targets=settings.lora_targets, optimizer=settings.optimizer)]
     if settings.vae:
         geometry = latent_geometry(config, settings.frames, settings.height, settings.width)
         vae = build_vae_on_meta(vae_config(spec or ""), settings.dtype)
@@ -677,12 +1047,18 @@ def candidate_switches(settings: PlanSettings) -> list[tuple[str, PlanSettings]]
 def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480, width: int = 720, batch: int = 2,
                 dtype: str | None = None, train: TrainMode | str | None = None, checkpointing: bool = False,
                 patches: Sequence[str] = (), vae: bool = False, tiling: bool = False,
-                gpu_memory: int | str | None = None) -> MemoryPlan:
+                gpu_memory: int | str | None = None, mixed_precision: str | None = None,
+                lora_dtype: str | None = None, trainer: str | None = None) -> MemoryPlan:
     """Plan the peak GPU memory of a run of MODEL `spec` at a video size.
 
     `batch` is the transformer's batch (2: one video with classifier-free guidance); `train` is None (inference),
     `"lora:RANK"` or `"full"`; `vae` adds the decode of the run's latents with the transformer still resident.
     With `gpu_memory`, says whether it fits and, if not, which single switch would make it fit.
+
+    Training is planned as the trainers run it under accelerate: `mixed_precision` (`no`, `fp16`, `bf16`; default
+    bf16, DEFAULT_MIXED_PRECISION), `lora_dtype` (`auto`: the base layers' dtype, `fp32`, `bf16`, `fp16`), or a
+    `trainer` preset (TRAINER_PRESETS: its dtype, mixed precision, adapters, rank/alpha, optimizer and
+    checkpointing; `train`, `dtype`, `mixed_precision`, `lora_dtype` given beside it override it).
     """
     from pathlib import Path
 
@@ -690,6 +1066,20 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     from cogsurgeon.inspector.loading import _torch_dtype, find_transformer_folder, read_config
     from cogsurgeon.inspector.model_specs import PUBLISHED_DTYPES, builtin_config, resolve_spec
 
+    check_precision_choice(mixed_precision, lora_dtype)
+    preset = trainer_preset(trainer) if trainer is not None else None
+    train = parse_train(train) if isinstance(train, str) else train
+    if train is None and preset is None and (mixed_precision is not None or lora_dtype is not None):
+        raise PlanError("--mixed-precision and --lora-dtype are training settings: add --train lora:RANK or --train "
+                        "full")
+    if train is not None and train.kind == "full" and lora_dtype not in (None, "auto"):
+        raise PlanError("--lora-dtype sets the LoRA adapters' dtype; --train full has none: drop one")
+    if preset is not None:
+        train = train or preset.train_mode()
+        dtype = dtype or preset.dtype
+        checkpointing = checkpointing or preset.checkpointing
+        mixed_precision = mixed_precision or preset.mixed_precision
+        lora_dtype = lora_dtype or (preset.lora_dtype if train.kind == "lora" else None)
     resolved = resolve_spec(spec)
     if resolved.kind in ("published", "tiny"):
         config = builtin_config(resolved.spec)
@@ -706,8 +1096,11 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
         raise PlanError(f"--vae needs a published model (its VAE config ships with cogsurgeon), not {resolved.spec!r}")
     settings = PlanSettings(
         model=resolved.spec, frames=frames, height=height, width=width, batch=batch, dtype=dtype_name,
-        train=parse_train(train) if isinstance(train, str) else train, checkpointing=checkpointing,
-        patches=tuple(patches), vae=vae, tiling=tiling,
+        train=train, checkpointing=checkpointing, patches=tuple(patches), vae=vae, tiling=tiling,
+        mixed_precision=(mixed_precision or DEFAULT_MIXED_PRECISION) if train is not None else None,
+        lora_dtype=lora_dtype or "auto", trainer=trainer,
+        lora_targets=preset.targets if preset is not None else LORA_TARGET_MODULES,
+        optimizer=preset.optimizer if preset is not None else "adamw",
     )
     if settings.train is not None and settings.train.kind == "lora":
         tokens = int(config.get("max_text_seq_length", 226)) + geometry.token_frames * geometry.tokens_per_frame
@@ -732,4 +1125,10 @@ def _notes(settings: PlanSettings) -> tuple[str, ...]:
              "the allocator's cached-but-free blocks come on top (nvidia-smi shows more)"]
     if settings.vae:
         notes.append("the text encoder is not counted: pipelines that keep it on the GPU need its weights too")
+    if settings.train is not None:
+        assumed = (f"training planned as one GPU runs it under accelerate: mixed precision {settings.mixed_precision}, "
+                   f"LoRA dtype {settings.lora_dtype}, {settings.optimizer}, the loss in fp32, clipping at 1.0")
+        notes.append(assumed + (f" ({settings.trainer}'s set-up)" if settings.trainer else ""))
+        notes.append("not counted: DDP's gradient buckets and DeepSpeed/FSDP sharding (one GPU's full copy is "
+                     "planned), the VAE and text encoder a trainer keeps loaded")
     return tuple(notes)

@@ -24,6 +24,15 @@ DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
               help="The transformer's batch: 2 is one video with classifier-free guidance.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Weights' dtype. Default: the model's (bf16).")
 @click.option("--train", metavar="lora:RANK|full", help="Plan one training step instead of inference.")
+@click.option("--mixed-precision", metavar="no|fp16|bf16",
+              help="Training under accelerate's mixed precision (autocast around the forward). Default with --train: "
+                   "bf16, what the diffusers script, cogvideox-factory and VideoX-Fun run.")
+@click.option("--lora-dtype", metavar="auto|fp32|bf16|fp16",
+              help="The LoRA adapters' dtype: auto leaves PEFT's (the base layers'); fp32 as cast_training_params.")
+@click.option("--trainer", metavar="NAME",
+              help="Plan training as this trainer sets it up (dtype, mixed precision, adapters, rank, optimizer, "
+                   "checkpointing): cogvideo-finetune, diffusers-scripts, cogvideox-factory, finetrainers, cogkit, "
+                   "videox-fun. Flags given beside it override it.")
 @click.option("--checkpointing", is_flag=True, help="Gradient checkpointing (diffusers' enable_gradient_checkpointing).")
 @click.option("--patch", "patch_names", multiple=True, metavar="NAME", help="Plan with this patch applied (repeatable).")
 @click.option("--vae", is_flag=True, help="Add the VAE decode of the latents (transformer still on the GPU).")
@@ -32,7 +41,8 @@ DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"peak_bytes", "breakdown", "peak_at", "fits", "suggestions", ...} as JSON.')
 def plan(model: str | None, frames: int | None, height: int | None, width: int | None, batch: int,
-         dtype: str | None, train: str | None, checkpointing: bool, patch_names: tuple[str, ...], vae: bool,
+         dtype: str | None, train: str | None, mixed_precision: str | None, lora_dtype: str | None,
+         trainer: str | None, checkpointing: bool, patch_names: tuple[str, ...], vae: bool,
          tiling: bool, gpu_memory: str | None, as_json: bool) -> None:
     """Plan the peak GPU memory of a run of MODEL at a video size, before running it.
 
@@ -47,14 +57,25 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
       cogsurgeon plan cogvideox1.5-5b --frames 81 --height 768 --width 1360
       cogsurgeon plan cogvideox-5b --train lora:128 --batch 1 --checkpointing --gpu-memory 24GiB
       cogsurgeon plan cogvideox-5b --vae --tiling --json | jq .breakdown
+      cogsurgeon plan cogvideox-2b --train lora:128 --dtype fp16 --mixed-precision fp16 --lora-dtype fp32 --batch 1
+      cogsurgeon plan cogvideox1.5-5b --trainer cogvideo-finetune --frames 81 --height 768 --width 1360 --batch 1
 
     MODEL: see `cogsurgeon modules --help`.
     """
     from cogsurgeon.inspector.cli.trace import _known_config, check_traceable
     from cogsurgeon.inspector.geometry import default_video_size
-    from cogsurgeon.inspector.plan import parse_memory_size, parse_train, plan_memory
+    from cogsurgeon.inspector.plan import (
+        check_precision_choice,
+        parse_memory_size,
+        parse_train,
+        plan_memory,
+        trainer_preset,
+    )
 
     train_mode = parse_train(train)  # flags refused before paying for torch and the model
+    check_precision_choice(mixed_precision, lora_dtype)
+    if trainer is not None:
+        trainer_preset(trainer)
     card = parse_memory_size(gpu_memory) if gpu_memory is not None else None
     config = _known_config(model)
     defaults = default_video_size(config) if config is not None else (49, 480, 720)  # a folder: CogVideoX's size
@@ -66,7 +87,8 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
                    err=True)
     result = plan_memory(model, frames=frames, height=height, width=width, batch=batch,
                          dtype=dtype, train=train_mode, checkpointing=checkpointing,
-                         patches=patch_names, vae=vae, tiling=tiling, gpu_memory=card)
+                         patches=patch_names, vae=vae, tiling=tiling, gpu_memory=card,
+                         mixed_precision=mixed_precision, lora_dtype=lora_dtype, trainer=trainer)
     if as_json:
         print_json(result.to_json())
         return
@@ -88,6 +110,9 @@ def _print_summary(result) -> None:
         f"[bold]{settings.model}[/bold] {mode} at {settings.frames}×{settings.height}×{settings.width}, batch "
         f"{settings.batch}, {settings.dtype}" + (f" ({', '.join(switches)})" if switches else "")
     )
+    if settings.train:
+        console.print(f"mixed precision {settings.mixed_precision}, LoRA dtype {settings.lora_dtype}, "
+                      f"{settings.optimizer}" + (f": {settings.trainer}'s set-up" if settings.trainer else ""))
     console.print(f"peak: [bold]{format_bytes(peak.peak_bytes)}[/bold] ({peak.peak_bytes:,} bytes) in "
                   f"{peak.phase}, at {peak.peak_at}")
     table = Table(title="live at the peak", header_style="bold")
