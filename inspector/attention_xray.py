@@ -358,6 +358,8 @@ class AttentionRecorder:
 
     def _end_forward(self, transformer: nn.Module, args: tuple, output: Any) -> None:
         recording = self.recording
+        if not recording.steps:  # the patches in force when the first step ran (`run` applies them after building)
+            recording.model["patches"] = _applied_patches(transformer)
         missing = [name for index, (name, _) in enumerate(self.modules) if index not in self._step_mass]
         if missing:
             raise RecordingError(f"the forward ran without attention in {', '.join(missing[:3])}: nothing recorded")
@@ -512,3 +514,30 @@ def record_attention(
             raise RecordingError("a prompt was given without a tokenizer to split it into tokens")
         token_labels = prompt_token_labels(tokenizer, prompt, int(transformer.config.max_text_seq_length))
     return AttentionRecorder(transformer, spec, words=words, token_labels=token_labels, chunk_bytes=chunk_bytes)
+
+
+def record_seeded_forward(
+    transformer: nn.Module,
+    size: tuple[int, int, int],
+    *,
+    batch: int = 2,
+    groups: str = "frames",
+    words: Sequence[int | str] = (),
+    seed: int = 0,
+) -> AttentionRecording:
+    """Record one forward of `transformer` (patches as they are on it, on the device and in the dtype of its weights)
+    on seeded random inputs at video `size` (frames, height, width), shaped as the pipelines shape them; `batch` 2 is
+    one video with guidance."""
+    from cogsurgeon.inspector.geometry import pipeline_inputs
+
+    if any(parameter.is_meta for parameter in transformer.parameters()):
+        raise RecordingError("this model is on the meta device (a published config, no weights): there are no "
+                             "values to record; record a tiny model or a local folder with weights")
+    spec = parse_groups(groups)  # refused before the inputs are built
+    weight = next(transformer.parameters())
+    inputs = pipeline_inputs(transformer.config, size, batch, dtype=weight.dtype, device=weight.device, seed=seed)
+    with torch.no_grad(), record_attention(transformer, str(spec), words=words) as recording:
+        transformer(**inputs)
+    recording.model["size"] = list(size)
+    recording.model["seed"] = seed
+    return recording
