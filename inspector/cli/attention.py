@@ -174,23 +174,33 @@ def print_summary(recording: Any, step: int = 0, batch: int | None = None) -> No
 @attention.command("show")
 @click.argument("file", metavar="FILE.json")
 @click.option("--print", "print_only", is_flag=True, help="Print the per-layer summary instead of opening the viewer.")
-def show(file: str, print_only: bool) -> None:
+@click.option("--png", "png_path", metavar="OUT.png",
+              help="Write the viewer's first view (layer 0, head 0, step 0, batch 0) as a PNG instead of opening it.")
+def show(file: str, print_only: bool, png_path: str | None) -> None:
     """Open a recording (from `attention --save`, `run --record-attention` or `rec.save`) in the viewer: a layer ×
     head overview coloured by head kind, the selected head's group×group heat map, per-word maps per frame.
 
     \b
     cogsurgeon attention show run.json
     cogsurgeon attention show run.json --print
+    cogsurgeon attention show run.json --png view.png
     """
-    from cogsurgeon.inspector.attention_recording import load_recording
+    from cogsurgeon.inspector.attention_recording import RecordingError, load_recording
 
     recording = load_recording(file)  # a bad file: one line, exit 2, before the screen opens
     if recording.steps == 0:
-        from cogsurgeon.inspector.attention_recording import RecordingError
-
         raise RecordingError(f"{file} holds no recorded step")
     if print_only:
         print_summary(recording)
+        return
+    if png_path is not None:
+        from pathlib import Path
+
+        from cogsurgeon.inspector.tui.attention_screen import ViewState, view_png
+
+        if not png_path.endswith(".png"):
+            raise RecordingError(f"--png {png_path}: give a FILE.png")
+        click.echo(f"wrote {view_png(recording, ViewState(), Path(png_path))}", err=True)
         return
     from cogsurgeon.inspector.tui.attention_screen import run_viewer
 
