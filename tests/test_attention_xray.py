@@ -315,3 +315,23 @@ def test_word_labels_come_from_the_prompt_tokens():
     assert rec.groups == [*labels, "video"]
     assert rec.words == [(1, "▁cat"), (4, "▁mat")]
     assert torch.equal(rec.word_map("cat", 0), rec.word_map(1, 0))
+
+
+def test_a_pipeline_run_records_every_denoising_step_with_guidance_apart():
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    model = build_tiny("tiny")
+    pipeline = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                                 scheduler=CogVideoXDDIMScheduler())
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    text, negative = torch.randn(2, 1, 8, model.config.text_embed_dim, generator=generator)
+    arguments = dict(prompt_embeds=text, negative_prompt_embeds=negative, num_frames=9, height=64, width=64,
+                     num_inference_steps=3, guidance_scale=6.0, output_type="latent", use_dynamic_cfg=False)
+    plain = pipeline(**arguments, generator=torch.Generator().manual_seed(1)).frames
+    with record_attention(pipeline, groups="frames") as rec:
+        recorded = pipeline(**arguments, generator=torch.Generator().manual_seed(1)).frames
+    assert torch.equal(plain, recorded)
+    assert rec.steps == 3 and rec.batch == 2  # one forward per step; item 0 unconditioned, item 1 conditioned
+    assert not torch.equal(rec.mass(0, step=0, batch=0), rec.mass(0, step=0, batch=1))
+    assert not torch.equal(rec.mass(0, step=0, batch=1), rec.mass(0, step=2, batch=1))
