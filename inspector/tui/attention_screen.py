@@ -71,7 +71,7 @@ def overview_text(recording: Any, state: ViewState) -> Text:
         for head, stats in enumerate(recording.head_stats(layer, state.step, state.batch)):
             style = f"black on {KIND_COLOURS[stats.kind]}"
             if (layer, head) == (state.layer, state.head):
-                style = f"bold reverse {KIND_COLOURS[stats.kind]}"
+                style = f"bold {KIND_COLOURS[stats.kind]} on white"  # the selected head stands out
             text.append(KIND_LETTERS[stats.kind], style=style)
         text.append("\n")
     text.append("S spatial  ", style=KIND_COLOURS["spatial"])
