@@ -20,7 +20,7 @@ class CogsurgeonApp(App[None]):
     COMMANDS = App.COMMANDS | {CogsurgeonCommands}
     BINDINGS = [
         Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
-        Binding("a", "open_attention", "Attention x-ray", id="app.attention", show=False),
+        Binding("a", "open_attention", "Attention x-ray (main screen)", id="app.attention", show=False),
     ]
 
     def __init__(self, spec: str = DEFAULT_SPEC) -> None:
