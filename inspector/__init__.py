@@ -10,6 +10,8 @@ from importlib import import_module
 
 TYPE_CHECKING = False  # not `typing`'s: the console script imports this package first, and typing costs 5 ms there
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names below resolve on first use
+    from cogsurgeon.inspector.attention_recording import AttentionRecording, load_recording
+    from cogsurgeon.inspector.attention_xray import record_attention
     from cogsurgeon.inspector.doctor import run_doctor
     from cogsurgeon.inspector.errors import CogsurgeonError, ModelLoadError, ModelSpecError
     from cogsurgeon.inspector.inventory import ModuleInfo, module_inventory
@@ -22,6 +24,9 @@ _EXPORTS = {
     "ModuleInfo": "cogsurgeon.inspector.inventory",
     "trace_shapes": "cogsurgeon.inspector.trace",
     "run_doctor": "cogsurgeon.inspector.doctor",
+    "record_attention": "cogsurgeon.inspector.attention_xray",
+    "load_recording": "cogsurgeon.inspector.attention_recording",
+    "AttentionRecording": "cogsurgeon.inspector.attention_recording",
     "CogsurgeonError": "cogsurgeon.inspector.errors",
     "ModelSpecError": "cogsurgeon.inspector.errors",
     "ModelLoadError": "cogsurgeon.inspector.errors",

@@ -30,6 +30,8 @@ from cogsurgeon.patches.parameters import parse_patch_spec
 from cogsurgeon.patches.registry import check_composition, resolve_options
 
 PATCHES_VARIABLE = "COGSURGEON_RUN_PATCHES"
+RECORD_VARIABLE = "COGSURGEON_RUN_RECORD"  # {"path", "groups"}: record the attention of every model built
+RECORDED_MARKER = "recorded-"  # the startup code leaves `recorded-PID-N` (holding the file's path) per recording
 ROOT_VARIABLE = "COGSURGEON_RUN_ROOT"
 STARTUP_SOURCE = Path(__file__).with_name("run_startup.py")
 BUILT_MARKER = "built-"  # the startup code leaves `built-PID-N` in its own folder for each model it patches
@@ -40,11 +42,11 @@ class LaunchError(CogsurgeonError):
     """The program could not be started."""
 
 
-def check_patch_names(patch_specs: Sequence[str]) -> list[str]:
+def check_patch_names(patch_specs: Sequence[str], *, required: bool = True) -> list[str]:
     """Every spec (`NAME` or `NAME:key=value,...`) parsed, its name known, its options valid, and the set
     composable: one spec per patch, the first given. Repeats of one patch with the same options (defaults filled in)
     collapse, so the program applies it once; one name with two sets of options is refused."""
-    if not patch_specs:
+    if not patch_specs and required:
         raise CogsurgeonError("name at least one patch: cogsurgeon run --patch NAME -- COMMAND ...")
     chosen: dict[str, tuple[str, dict]] = {}  # name -> its first spec, its options
     for spec in patch_specs:
@@ -56,9 +58,21 @@ def check_patch_names(patch_specs: Sequence[str]) -> list[str]:
     return [spec for spec, _ in chosen.values()]
 
 
-def child_environment(patch_names: Sequence[str], startup_folder: Path) -> dict[str, str]:
-    """The user's environment plus the startup folder first on PYTHONPATH and the patches to apply."""
+@dataclass(frozen=True)
+class RecordRequest:
+    """`run --record-attention FILE --record-groups SPEC`: record the attention of every model the program builds."""
+
+    path: Path
+    groups: str = "frames"
+
+
+def child_environment(
+    patch_names: Sequence[str], startup_folder: Path, record: RecordRequest | None = None
+) -> dict[str, str]:
+    """The user's environment plus the startup folder first on PYTHONPATH, the patches to apply and what to record."""
     environment = user_environment()
+    if record is not None:
+        environment[RECORD_VARIABLE] = json.dumps({"path": str(record.path), "groups": record.groups})
     existing = environment.get("PYTHONPATH")
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(startup_folder), existing]))
     environment[PATCHES_VARIABLE] = json.dumps(list(patch_names))
@@ -80,26 +94,28 @@ class RunOutcome:
 
     exit_status: int
     models_built: int
+    recordings: tuple[str, ...] = ()  # the attention recordings written (run --record-attention)
 
 
-def run_patched(command: Sequence[str], patch_names: Sequence[str]) -> RunOutcome:
-    """Run `command` with the patches on and wait for it, forwarding terminating signals; the startup folder is
-    removed however the wait ends."""
+def run_patched(command: Sequence[str], patch_names: Sequence[str], record: RecordRequest | None = None) -> RunOutcome:
+    """Run `command` with the patches on (and its attention recorded) and wait for it, forwarding terminating
+    signals; the startup folder is removed however the wait ends."""
     if not command:
         raise CogsurgeonError("no command to run: cogsurgeon run --patch NAME -- COMMAND [ARGS...]")
-    names = check_patch_names(patch_names)
+    names = check_patch_names(patch_names, required=record is None)
     with _forwarded_signals() as forward_to:
         startup_folder = Path(tempfile.mkdtemp(prefix="cogsurgeon-run-"))
         try:
             shutil.copyfile(STARTUP_SOURCE, startup_folder / "sitecustomize.py")
-            environment = child_environment(names, startup_folder)
+            environment = child_environment(names, startup_folder, record)
             try:
                 process = subprocess.Popen(list(command), env=environment)
             except OSError as exc:
                 raise LaunchError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None
             forward_to(process)
             status = _exit_status(process.wait())
-            return RunOutcome(status, len(list(startup_folder.glob(f"{BUILT_MARKER}*"))))
+            recordings = tuple(sorted(marker.read_text() for marker in startup_folder.glob(f"{RECORDED_MARKER}*")))
+            return RunOutcome(status, len(list(startup_folder.glob(f"{BUILT_MARKER}*"))), recordings)
         finally:
             shutil.rmtree(startup_folder, ignore_errors=True)
 

@@ -5,12 +5,15 @@ launched program's PYTHONPATH, so that it runs at the start of that program and 
 It costs nothing until the program imports diffusers' CogVideoX transformer module: an import hook then wraps
 `CogVideoXTransformer3DModel.__init__` (and the `__init__` of every subclass defined later, so that a subclass is
 patched when its own `__init__` is done) so that every model built (by `from_pretrained`, `from_config` or directly)
-gets the patches in COGSURGEON_RUN_PATCHES (a JSON list of `NAME` or `NAME:key=value,...` specs), and says so on stderr. The sitecustomize that this one shadows
+gets the patches in COGSURGEON_RUN_PATCHES (a JSON list of `NAME` or `NAME:key=value,...` specs), and says so on stderr.
+With COGSURGEON_RUN_RECORD (`{"path", "groups"}`) every model built also has its attention recorded
+(`cogsurgeon.inspector.record_attention`), saved when the program exits: the first model to `path`, others beside it. The sitecustomize that this one shadows
 (the program's own, if any) still runs. Each model built leaves a `built-PID-N` file in this folder, so that `run`
 can say when the program built none. Standard library only: cogsurgeon itself is imported when a model is built,
 from the installed `cogsurgeon` or else from COGSURGEON_RUN_ROOT.
 """
 
+import atexit
 import functools
 import importlib.abc
 import importlib.machinery
@@ -22,12 +25,15 @@ import sys
 import threading
 
 PATCHES_VARIABLE = "COGSURGEON_RUN_PATCHES"
+RECORD_VARIABLE = "COGSURGEON_RUN_RECORD"
+RECORDED_MARKER = "recorded-"  # `cogsurgeon run` lists the recordings written from these files
 ROOT_VARIABLE = "COGSURGEON_RUN_ROOT"
 TARGET_MODULE = "diffusers.models.transformers.cogvideox_transformer_3d"
 BUILT_MARKER = "built-"  # `cogsurgeon run` counts these files in this folder to say whether any model was built
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _loading = threading.local()
 _built = itertools.count()
+_recorded = itertools.count()
 
 
 def _say(message):
@@ -74,11 +80,56 @@ def _record_built():
         pass
 
 
+def _record_request():
+    return json.loads(os.environ.get(RECORD_VARIABLE) or "null")
+
+
+def _recording_path(path):
+    """The first model (of any process of the run) records to `path`, every other one to `path` with `.PID-N`."""
+    try:
+        os.close(os.open(os.path.join(_HERE, "record-claimed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return path
+    except OSError:
+        stem, suffix = os.path.splitext(path)
+        return f"{stem}.{os.getpid()}-{next(_recorded)}{suffix}"
+
+
+def _start_recording(model, request):
+    _cogsurgeon_patches()  # makes `cogsurgeon` importable
+    from cogsurgeon.inspector.attention_xray import record_attention
+
+    path = _recording_path(request["path"])
+    recording = record_attention(model, request["groups"]).__enter__()  # on for the life of the process
+    atexit.register(_save_recording, recording, path)
+    _say(f"recording attention ({request['groups']}) of {_describe(model, None)} -> {path}")
+
+
+def _save_recording(recording, path):
+    if not recording.steps:
+        _say(f"no forward of the model ran: no attention recorded for {path}")
+        return
+    try:
+        recording.save(path)
+    except Exception as exc:
+        _say(f"could not write the attention recording {path}: {exc}")
+        return
+    try:
+        with open(os.path.join(_HERE, f"{RECORDED_MARKER}{os.getpid()}-{next(_recorded)}"), "x") as marker:
+            marker.write(path)
+    except OSError:  # the launcher is gone: it cannot list the file, which is written all the same
+        _say(f"attention recorded in {path}")
+
+
 def _patch_model(model):
     specs = _patch_specs()
-    if not specs:
+    request = _record_request()
+    if not specs and not request:
         return
     _record_built()
+    if request:
+        _start_recording(model, request)
+    if not specs:
+        return
     try:
         patches = _cogsurgeon_patches()
         for spec in specs:
@@ -184,7 +235,7 @@ def _run_shadowed_sitecustomize():
     spec.loader.exec_module(module)
 
 
-if os.environ.get(PATCHES_VARIABLE) and not any(isinstance(f, _CogVideoXFinder) for f in sys.meta_path):
+if (os.environ.get(PATCHES_VARIABLE) or os.environ.get(RECORD_VARIABLE)) and not any(isinstance(f, _CogVideoXFinder) for f in sys.meta_path):
     if TARGET_MODULE in sys.modules:
         _wrap_transformer_class(sys.modules[TARGET_MODULE].CogVideoXTransformer3DModel)
     else:

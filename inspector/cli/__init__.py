@@ -13,6 +13,7 @@ from typing import Any, NoReturn, TextIO
 
 import click
 
+from cogsurgeon.inspector.cli.attention import attention
 from cogsurgeon.inspector.cli.doctor import doctor
 from cogsurgeon.inspector.cli.lora import lora
 from cogsurgeon.inspector.cli.modules import modules
@@ -60,7 +61,7 @@ def tui(model: str | None) -> None:
     run_app(model or DEFAULT_SPEC)
 
 
-for _command in (modules, trace, patch, run, lora, plan, doctor):
+for _command in (modules, trace, patch, run, lora, plan, doctor, attention):
     cli.add_command(_command)
 
 

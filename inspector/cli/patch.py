@@ -95,21 +95,51 @@ def verify(spec: str, as_json: bool) -> None:
     "--patch", "patch_names", multiple=True, metavar="NAME[:key=value,...]",
     help="A patch to apply, with its parameters if any (repeatable).",
 )
+@click.option(
+    "--record-attention", "record_path", metavar="FILE.json",
+    help="Record the attention statistics of every forward of the model into FILE.json (see `cogsurgeon attention`).",
+)
+@click.option("--record-groups", default="frames", show_default=True, metavar="frames|grid:RxC|words",
+              help="How --record-attention groups keys and queries.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(patch_names: tuple[str, ...], command: tuple[str, ...]) -> int:
+def run(patch_names: tuple[str, ...], record_path: str | None, record_groups: str, command: tuple[str, ...]) -> int:
     """Run COMMAND, an unchanged program, so that every CogVideoXTransformer3DModel it or any of its Python child
-    processes builds gets the patches. Which patches went onto which model is said on stderr; the program's exit
-    status is passed through.
+    processes builds gets the patches (and, with --record-attention, has its attention recorded: the first model to
+    FILE.json, any other to FILE.PID-N.json; written when the program exits). Which patches went onto which model is
+    said on stderr; the program's exit status is passed through.
 
     \b
     cogsurgeon run --patch causal-attention -- python test.py
     cogsurgeon run --patch frame-causal-attention --patch attention-mask -- accelerate launch train.py
     cogsurgeon run --patch causal-attention -- torchrun --nproc_per_node 2 sample.py
+    cogsurgeon run --record-attention run.json -- python sample.py   then: cogsurgeon attention show run.json
     """
     from cogsurgeon.patches.launcher import run_patched
 
-    outcome = run_patched(command, patch_names)
+    record = None if record_path is None and record_groups == "frames" else _record_request(record_path, record_groups)
+    outcome = run_patched(command, patch_names, record)
+    for path in outcome.recordings:
+        click.echo(f"cogsurgeon run: attention recorded in {path}", err=True)
     if not outcome.models_built:
         click.echo("cogsurgeon run: the program ended without building a CogVideoXTransformer3DModel: nothing was "
                    "patched", err=True)
     return outcome.exit_status
+
+
+def _record_request(path: str | None, groups: str):
+    """`--record-attention FILE.json` (in a folder that exists) and `--record-groups`, checked before the program
+    starts."""
+    from pathlib import Path
+
+    from cogsurgeon.inspector.attention_recording import RecordingError
+    from cogsurgeon.inspector.attention_xray import parse_groups
+    from cogsurgeon.patches.launcher import RecordRequest
+
+    if path is None:
+        raise RecordingError("--record-groups needs --record-attention FILE.json")
+    target = Path(path).expanduser().absolute()
+    if target.suffix != ".json":
+        raise RecordingError(f"--record-attention {path}: a recording is saved as FILE.json")
+    if not target.parent.is_dir():
+        raise RecordingError(f"--record-attention {path}: folder {target.parent} does not exist")
+    return RecordRequest(target, str(parse_groups(groups)))

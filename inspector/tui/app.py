@@ -20,6 +20,7 @@ class CogsurgeonApp(App[None]):
     COMMANDS = App.COMMANDS | {CogsurgeonCommands}
     BINDINGS = [
         Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
+        Binding("a", "open_attention", "Attention x-ray (main screen)", id="app.attention", show=False),
     ]
 
     def __init__(self, spec: str = DEFAULT_SPEC) -> None:
@@ -29,6 +30,19 @@ class CogsurgeonApp(App[None]):
 
     def get_default_screen(self) -> MainScreen:
         return self.main_screen
+
+    def action_open_attention(self) -> None:
+        """`a` on the main screen: record one seeded forward of the open model and show its attention x-ray."""
+        from cogsurgeon.inspector.tui.attention_screen import AttentionScreen
+
+        model = self.main_screen.model
+        if self.screen is not self.main_screen or model is None:
+            return
+        if any(parameter.is_meta for parameter in model.parameters()):
+            self.notify("this model is on the meta device (no weights): the x-ray needs a model that runs (tiny, a "
+                        "local folder), or open a recording with `cogsurgeon attention show FILE`", severity="warning")
+            return
+        self.push_screen(AttentionScreen(model=model, source=self.main_screen.spec))
 
 
 def run_app(spec: str | None = None) -> None:
