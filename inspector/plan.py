@@ -262,6 +262,7 @@ class PlanSettings:
     patches: tuple[str, ...] = ()
     vae: bool = False
     tiling: bool = False
+    ulysses: int = 1  # Ulysses context parallelism: the peak is per GPU, of `ulysses` (cogsurgeon.parallel)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "train": self.train.label() if self.train else None, "patches": list(self.patches)}
@@ -648,8 +649,9 @@ def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSett
     for spec in settings.patches:  # `NAME` or `NAME:key=value,...`, as `cogsurgeon run --patch` takes them
         name, options = parse_patch_spec(spec)
         patches.apply(model, name, **options)
-    phases = [plan_transformer(model, frames=settings.frames, height=settings.height, width=settings.width,
-                               batch=settings.batch, train=settings.train, checkpointing=settings.checkpointing)]
+    with _one_rank_of(model, settings.ulysses):
+        phases = [plan_transformer(model, frames=settings.frames, height=settings.height, width=settings.width,
+                                   batch=settings.batch, train=settings.train, checkpointing=settings.checkpointing)]
     if settings.vae:
         geometry = latent_geometry(config, settings.frames, settings.height, settings.width)
         vae = build_vae_on_meta(vae_config(spec or ""), settings.dtype)
@@ -658,6 +660,15 @@ def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSett
         phases.append(plan_vae_decode(vae, latents_shape(config, geometry, videos), tiling=settings.tiling,
                                       resident=(model,)))
     return tuple(phases)
+
+
+def _one_rank_of(model: nn.Module, ulysses: int) -> Any:
+    """Under Ulysses context parallelism, the model as one of its GPUs runs it (`cogsurgeon.parallel.rank_view`)."""
+    if ulysses <= 1:
+        return nullcontext()
+    from cogsurgeon.parallel.rank_view import one_rank
+
+    return one_rank(model, ulysses)
 
 
 def candidate_switches(settings: PlanSettings) -> list[tuple[str, PlanSettings]]:
@@ -677,12 +688,13 @@ def candidate_switches(settings: PlanSettings) -> list[tuple[str, PlanSettings]]
 def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480, width: int = 720, batch: int = 2,
                 dtype: str | None = None, train: TrainMode | str | None = None, checkpointing: bool = False,
                 patches: Sequence[str] = (), vae: bool = False, tiling: bool = False,
-                gpu_memory: int | str | None = None) -> MemoryPlan:
+                gpu_memory: int | str | None = None, ulysses: int = 1) -> MemoryPlan:
     """Plan the peak GPU memory of a run of MODEL `spec` at a video size.
 
     `batch` is the transformer's batch (2: one video with classifier-free guidance); `train` is None (inference),
     `"lora:RANK"` or `"full"`; `vae` adds the decode of the run's latents with the transformer still resident.
-    With `gpu_memory`, says whether it fits and, if not, which single switch would make it fit.
+    With `gpu_memory`, says whether it fits and, if not, which single switch would make it fit. With `ulysses` N > 1
+    the run is context-parallel over N GPUs and the peak is one GPU's (each holds the weights).
     """
     from pathlib import Path
 
@@ -707,8 +719,15 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     settings = PlanSettings(
         model=resolved.spec, frames=frames, height=height, width=width, batch=batch, dtype=dtype_name,
         train=parse_train(train) if isinstance(train, str) else train, checkpointing=checkpointing,
-        patches=tuple(patches), vae=vae, tiling=tiling,
+        patches=tuple(patches), vae=vae, tiling=tiling, ulysses=ulysses,
     )
+    if ulysses > 1:
+        from cogsurgeon.parallel import check_degree_for_heads
+
+        try:
+            check_degree_for_heads(int(config["num_attention_heads"]), ulysses)
+        except CogsurgeonError as exc:
+            raise PlanError(str(exc)) from None
     if settings.train is not None and settings.train.kind == "lora":
         tokens = int(config.get("max_text_seq_length", 226)) + geometry.token_frames * geometry.tokens_per_frame
         check_lora_rank(settings.train.rank, config, batch * tokens)

@@ -5,7 +5,9 @@ The mechanism is a generated `sitecustomize` (a copy of `patches/run_startup.py`
 PYTHONPATH, with COGSURGEON_RUN_PATCHES listing the patch specs (`NAME` or `NAME:key=value,...`, a JSON list). The
 program gets the user's own environment (`cogsurgeon.inspector.offline.user_environment()`: cogsurgeon's process is
 offline, theirs keeps their settings). Processes started with `python -E`/`-I`, or with an environment that drops
-PYTHONPATH, are not reached. Terminating signals are passed on to the program and the temporary folder is removed
+PYTHONPATH, are not reached. With `--ulysses N` (COGSURGEON_RUN_ULYSSES) the program runs under torchrun on N ranks
+and each model built also runs context-parallel (`cogsurgeon.parallel`, the process group initialised for it).
+Terminating signals are passed on to the program and the temporary folder is removed
 however the program ends.
 """
 
@@ -16,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +33,7 @@ from cogsurgeon.patches.parameters import parse_patch_spec
 from cogsurgeon.patches.registry import check_composition, resolve_options
 
 PATCHES_VARIABLE = "COGSURGEON_RUN_PATCHES"
+ULYSSES_VARIABLE = "COGSURGEON_RUN_ULYSSES"  # the Ulysses degree every model built runs context-parallel at
 ROOT_VARIABLE = "COGSURGEON_RUN_ROOT"
 STARTUP_SOURCE = Path(__file__).with_name("run_startup.py")
 BUILT_MARKER = "built-"  # the startup code leaves `built-PID-N` in its own folder for each model it patches
@@ -56,14 +60,31 @@ def check_patch_names(patch_specs: Sequence[str]) -> list[str]:
     return [spec for spec, _ in chosen.values()]
 
 
-def child_environment(patch_names: Sequence[str], startup_folder: Path) -> dict[str, str]:
-    """The user's environment plus the startup folder first on PYTHONPATH and the patches to apply."""
+def child_environment(patch_names: Sequence[str], startup_folder: Path, ulysses: int | None = None) -> dict[str, str]:
+    """The user's environment plus the startup folder first on PYTHONPATH, the patches to apply and the Ulysses
+    degree (if any)."""
     environment = user_environment()
     existing = environment.get("PYTHONPATH")
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(startup_folder), existing]))
     environment[PATCHES_VARIABLE] = json.dumps(list(patch_names))
     environment[ROOT_VARIABLE] = str(COGSURGEON_ROOT)
+    if ulysses:
+        environment[ULYSSES_VARIABLE] = str(ulysses)
     return environment
+
+
+def launched_by_torchrun(command: Sequence[str]) -> bool:
+    """The command is already torchrun (`torchrun ...` or `python -m torch.distributed.run ...`)."""
+    return Path(command[0]).name == "torchrun" or "torch.distributed.run" in command[:3]
+
+
+def ulysses_command(command: Sequence[str], ulysses: int) -> list[str]:
+    """`command` as each of `ulysses` ranks on this machine runs it: under torchrun (`--standalone --nproc-per-node
+    N --no-python`), unless it is torchrun already (then its own --nproc-per-node must match)."""
+    if launched_by_torchrun(command):
+        return list(command)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ulysses),
+            "--no-python", *command]
 
 
 # Terminating signals `run` passes on to the program, as a shell does to its foreground job. SIGINT is not among
@@ -82,17 +103,21 @@ class RunOutcome:
     models_built: int
 
 
-def run_patched(command: Sequence[str], patch_names: Sequence[str]) -> RunOutcome:
-    """Run `command` with the patches on and wait for it, forwarding terminating signals; the startup folder is
-    removed however the wait ends."""
+def run_patched(command: Sequence[str], patch_names: Sequence[str], ulysses: int | None = None) -> RunOutcome:
+    """Run `command` with the patches on (and, with `ulysses`, context-parallel over that many ranks under torchrun)
+    and wait for it, forwarding terminating signals; the startup folder is removed however the wait ends."""
     if not command:
         raise CogsurgeonError("no command to run: cogsurgeon run --patch NAME -- COMMAND [ARGS...]")
-    names = check_patch_names(patch_names)
+    if ulysses is not None and ulysses < 2:
+        raise CogsurgeonError(f"--ulysses must be 2 or more (the ranks to split the sequence over), got {ulysses}")
+    names = check_patch_names(patch_names) if patch_names or not ulysses else []
+    if ulysses:
+        command = ulysses_command(command, ulysses)
     with _forwarded_signals() as forward_to:
         startup_folder = Path(tempfile.mkdtemp(prefix="cogsurgeon-run-"))
         try:
             shutil.copyfile(STARTUP_SOURCE, startup_folder / "sitecustomize.py")
-            environment = child_environment(names, startup_folder)
+            environment = child_environment(names, startup_folder, ulysses)
             try:
                 process = subprocess.Popen(list(command), env=environment)
             except OSError as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogsurgeon import parallel
+from cogsurgeon import parallel, patches
 from cogsurgeon.inspector import load_transformer
 from cogsurgeon.patches.ulysses import (
     gathered_runs,
@@ -158,3 +158,43 @@ def test_refused_without_the_engine():
         pytest.skip("this diffusers has the engine (the multi-process tests cover it)")
     with pytest.raises(parallel.ContextParallelError, match=r"install diffusers>=0\.36"):
         parallel.enable(load_transformer("tiny"), ulysses=2)
+
+
+# -- `cogsurgeon run --ulysses N`: an unchanged script, context-parallel under torchrun -----------------------------
+
+UNCHANGED_SCRIPT = """
+import os, sys, torch
+from diffusers import CogVideoXTransformer3DModel
+from cogsurgeon.inspector.geometry import pipeline_inputs
+from cogsurgeon.inspector.model_specs import tiny_config
+
+torch.manual_seed(0)
+model = CogVideoXTransformer3DModel.from_config(tiny_config("tiny")).eval()   # the program knows nothing of ranks
+inputs = pipeline_inputs(model.config, (13, 64, 64), batch=2, seed=3)
+with torch.no_grad():
+    output = model(**inputs, return_dict=False)[0]
+state = (type(model.transformer_blocks[0].attn1.processor).__name__, getattr(model, "_cogsurgeon_parallel", None))
+torch.save({"output": output, "processor": state[0], "degree": state[1] and state[1].degree},
+           os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', 'alone')}.pt"))
+"""
+
+
+@needs_engine
+def test_run_ulysses_runs_an_unchanged_script_context_parallel_with_its_patches(cli, tmp_path):
+    script = tmp_path / "sample.py"
+    script.write_text(UNCHANGED_SCRIPT)
+    environment = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = cli("run", "--ulysses", "2", "--patch", "frame-causal-attention", "--", sys.executable, str(script),
+                 str(tmp_path), env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count("frame-causal-attention, ulysses 2 -> CogVideoXTransformer3DModel") == 2
+    model = load_transformer("tiny")
+    from cogsurgeon.inspector.geometry import pipeline_inputs
+
+    inputs = pipeline_inputs(model.config, (13, 64, 64), batch=2, seed=3)
+    with torch.no_grad(), patches.patched(model, "frame-causal-attention"):
+        reference = model(**inputs, return_dict=False)[0]
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert saved["degree"] == 2 and saved["processor"] == "PatchedCogVideoXAttnProcessor"
+        assert (saved["output"] - reference).abs().max() <= TOLERANCE

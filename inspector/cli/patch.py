@@ -95,8 +95,12 @@ def verify(spec: str, as_json: bool) -> None:
     "--patch", "patch_names", multiple=True, metavar="NAME[:key=value,...]",
     help="A patch to apply, with its parameters if any (repeatable).",
 )
+@click.option(
+    "--ulysses", type=click.IntRange(min=2), default=None, metavar="N",
+    help="Run context-parallel on N ranks (Ulysses, diffusers' engine): under torchrun unless COMMAND is torchrun.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(patch_names: tuple[str, ...], command: tuple[str, ...]) -> int:
+def run(patch_names: tuple[str, ...], ulysses: int | None, command: tuple[str, ...]) -> int:
     """Run COMMAND, an unchanged program, so that every CogVideoXTransformer3DModel it or any of its Python child
     processes builds gets the patches. Which patches went onto which model is said on stderr; the program's exit
     status is passed through.
@@ -105,10 +109,15 @@ def run(patch_names: tuple[str, ...], command: tuple[str, ...]) -> int:
     cogsurgeon run --patch causal-attention -- python test.py
     cogsurgeon run --patch frame-causal-attention --patch attention-mask -- accelerate launch train.py
     cogsurgeon run --patch causal-attention -- torchrun --nproc_per_node 2 sample.py
+    cogsurgeon run --ulysses 4 --patch frame-causal-attention -- python sample.py   # 4 GPUs, one video
+
+    With --ulysses N every model built runs context-parallel over N ranks (the process group is set up for it, each
+    rank on its own GPU); every rank computes the whole output, so the script must draw the same noise on each
+    (a seeded generator).
     """
     from cogsurgeon.patches.launcher import run_patched
 
-    outcome = run_patched(command, patch_names)
+    outcome = run_patched(command, patch_names, ulysses)
     if not outcome.models_built:
         click.echo("cogsurgeon run: the program ended without building a CogVideoXTransformer3DModel: nothing was "
                    "patched", err=True)
