@@ -8,6 +8,7 @@ specs have 2, and each rank attends H/N heads).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -198,3 +199,25 @@ def test_run_ulysses_runs_an_unchanged_script_context_parallel_with_its_patches(
         saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert saved["degree"] == 2 and saved["processor"] == "PatchedCogVideoXAttnProcessor"
         assert (saved["output"] - reference).abs().max() <= TOLERANCE
+
+
+# -- `plan --ulysses N`: one GPU's peak ----------------------------------------------------------------------------
+
+
+@needs_engine
+def test_plan_ulysses_books_one_rank_the_weights_whole_and_a_share_of_the_activations(cli):
+    one, two = (json.loads(cli("plan", "tiny", "--frames", "13", "--height", "64", "--width", "64", "--ulysses",
+                               str(n), "--patch", "frame-causal-attention", "--json").stdout) for n in (1, 2))
+    assert two["settings"]["ulysses"] == 2
+    assert two["breakdown"]["weights"] == one["breakdown"]["weights"] > 0  # every rank holds the whole model
+    assert 0 < two["breakdown"]["activations"] < one["breakdown"]["activations"]
+    assert two["peak_bytes"] < one["peak_bytes"]
+
+
+def test_plan_ulysses_that_does_not_divide_the_heads_is_one_line_naming_the_valid_degrees(cli):
+    result = cli("plan", "cogvideox-5b", "--ulysses", "5")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "cogsurgeon: error: ulysses=5 does not divide this model's 48 attention heads (each rank attends H/N heads): "
+        "use one of 2, 3, 4, 6, 8, 12, 16, 24, 48"
+    ]

@@ -29,11 +29,13 @@ DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
 @click.option("--vae", is_flag=True, help="Add the VAE decode of the latents (transformer still on the GPU).")
 @click.option("--tiling", is_flag=True, help="Decode tiled, as diffusers' vae.enable_tiling().")
 @click.option("--gpu-memory", metavar="SIZE", help="A card's memory (80GiB, 24G): say whether it fits and what would.")
+@click.option("--ulysses", default=1, type=click.IntRange(min=1), metavar="N",
+              help="Context-parallel over N GPUs (cogsurgeon.parallel, Ulysses): the peak of one of them.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"peak_bytes", "breakdown", "peak_at", "fits", "suggestions", ...} as JSON.')
 def plan(model: str | None, frames: int | None, height: int | None, width: int | None, batch: int,
          dtype: str | None, train: str | None, checkpointing: bool, patch_names: tuple[str, ...], vae: bool,
-         tiling: bool, gpu_memory: str | None, as_json: bool) -> None:
+         tiling: bool, gpu_memory: str | None, ulysses: int, as_json: bool) -> None:
     """Plan the peak GPU memory of a run of MODEL at a video size, before running it.
 
     The run is diffusers' own code on the meta device (no weights, no compute), with every allocation booked as
@@ -47,6 +49,7 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
       cogsurgeon plan cogvideox1.5-5b --frames 81 --height 768 --width 1360
       cogsurgeon plan cogvideox-5b --train lora:128 --batch 1 --checkpointing --gpu-memory 24GiB
       cogsurgeon plan cogvideox-5b --vae --tiling --json | jq .breakdown
+      cogsurgeon plan cogvideox1.5-5b --frames 81 --height 768 --width 1360 --ulysses 4   # per GPU of 4
 
     MODEL: see `cogsurgeon modules --help`.
     """
@@ -66,7 +69,7 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
                    err=True)
     result = plan_memory(model, frames=frames, height=height, width=width, batch=batch,
                          dtype=dtype, train=train_mode, checkpointing=checkpointing,
-                         patches=patch_names, vae=vae, tiling=tiling, gpu_memory=card)
+                         patches=patch_names, vae=vae, tiling=tiling, gpu_memory=card, ulysses=ulysses)
     if as_json:
         print_json(result.to_json())
         return
@@ -84,6 +87,7 @@ def _print_summary(result) -> None:
     switches = [name for name, on in (("checkpointing", settings.checkpointing), ("vae decode", settings.vae),
                                       ("tiling", settings.tiling)) if on]
     switches += [f"patch {name}" for name in settings.patches]
+    switches += [f"per GPU of {settings.ulysses}, Ulysses"] if settings.ulysses > 1 else []
     console.print(
         f"[bold]{settings.model}[/bold] {mode} at {settings.frames}×{settings.height}×{settings.width}, batch "
         f"{settings.batch}, {settings.dtype}" + (f" ({', '.join(switches)})" if switches else "")
