@@ -649,7 +649,9 @@ def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSett
     for spec in settings.patches:  # `NAME` or `NAME:key=value,...`, as `cogsurgeon run --patch` takes them
         name, options = parse_patch_spec(spec)
         patches.apply(model, name, **options)
-    with _one_rank_of(model, settings.ulysses):
+    from cogsurgeon.parallel.rank_view import one_rank_of  # torch and diffusers: imported when planning
+
+    with one_rank_of(model, settings.ulysses):
         phases = [plan_transformer(model, frames=settings.frames, height=settings.height, width=settings.width,
                                    batch=settings.batch, train=settings.train, checkpointing=settings.checkpointing)]
     if settings.vae:
@@ -660,15 +662,6 @@ def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSett
         phases.append(plan_vae_decode(vae, latents_shape(config, geometry, videos), tiling=settings.tiling,
                                       resident=(model,)))
     return tuple(phases)
-
-
-def _one_rank_of(model: nn.Module, ulysses: int) -> Any:
-    """Under Ulysses context parallelism, the model as one of its GPUs runs it (`cogsurgeon.parallel.rank_view`)."""
-    if ulysses <= 1:
-        return nullcontext()
-    from cogsurgeon.parallel.rank_view import one_rank
-
-    return one_rank(model, ulysses)
 
 
 def candidate_switches(settings: PlanSettings) -> list[tuple[str, PlanSettings]]:

@@ -10,7 +10,7 @@ the planner's allocator books every tensor one GPU of N holds, and the trace sho
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -117,3 +117,8 @@ def one_rank(model: Any, degree: int) -> Iterator[SequenceParallel]:
             _remove_ulysses(module, parallel)
         for hook in hooks:
             hook.remove()
+
+
+def one_rank_of(model: Any, ulysses: int) -> Any:
+    """`one_rank(model, ulysses)` for a degree above 1; nothing for 1 (no context parallelism)."""
+    return one_rank(model, ulysses) if ulysses > 1 else nullcontext()

@@ -221,3 +221,16 @@ def test_plan_ulysses_that_does_not_divide_the_heads_is_one_line_naming_the_vali
         "cogsurgeon: error: ulysses=5 does not divide this model's 48 attention heads (each rank attends H/N heads): "
         "use one of 2, 3, 4, 6, 8, 12, 16, 24, 48"
     ]
+
+
+@needs_engine
+def test_trace_ulysses_shows_one_ranks_shapes(cli):
+    """5B at 49x480x720 over 4 ranks: 226 text and 17,550 video tokens padded to 228 and 17,552, a quarter each per
+    rank in the blocks; attention on all 17,776 real tokens for 12 of the 48 heads; the video whole after the gather."""
+    result = json.loads(cli("trace", "cogvideox-5b", "--ulysses", "4", "--json").stdout)
+    assert result["attention"][0]["query"] == [2, 12, 17776, 64]
+    modules = {module["name"]: module for module in result["modules"]}
+    assert modules["transformer_blocks.1"]["inputs"]["hidden_states"] == [2, 4388, 3072]
+    assert modules["transformer_blocks.1"]["inputs"]["encoder_hidden_states"] == [2, 57, 3072]
+    assert modules["proj_out"]["inputs"]["input"] == [2, 17550, 3072]
+    assert result["output"] == [2, 13, 16, 60, 90]
