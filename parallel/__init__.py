@@ -8,7 +8,7 @@
     video = pipe(...)                                   # every rank gets the whole output
     parallel.disable(pipe)                              # the model as it was, bit for bit
 
-What it hands diffusers: a context-parallel plan for CogVideoX (`COGVIDEOX_CP_PLAN`: split the text and the video
+What it hands diffusers: a context-parallel plan for CogVideoX (`cogvideox_cp_plan()`: split the text and the video
 tokens at the first block and the rotary embedding at the transformer, gather the video after the last block's
 `norm_final`) given to `enable_parallelism(config=ContextParallelConfig(ulysses_degree=N), cp_plan=...)`, and a
 processor per attention module that routes attention through diffusers' dispatcher (`dispatch_attention_fn` with
@@ -22,8 +22,10 @@ split (torch hooks run outside diffusers' `forward` wrappers) and the padding is
 the last block: diffusers' own answer, `ulysses_anything`, has no backward and gathers unequal shards with an
 `all_gather` that gloo cannot run.
 
-Versions: diffusers' context-parallel engine came with 0.36 (0.32 to 0.35: `enable` refuses, naming the version).
-diffusers >= 0.42 picks the device in `enable_parallelism` as `rank %
+Versions: diffusers' context-parallel engine came with 0.36 (0.32 to 0.35: `enable` refuses, naming the version);
+the pieces used here (`ContextParallelConfig`, `ParallelConfig.setup`, `apply_context_parallel`,
+`remove_context_parallel`, `_templated_context_parallel_attention`, `dispatch_attention_fn(parallel_config=)`) have
+the same signatures from 0.36 to 0.42.1, which CI runs. diffusers >= 0.42 picks the device in `enable_parallelism` as `rank %
 torch.accelerator.device_count()`, which divides by zero on a machine without an accelerator; there (CPU and gloo,
 as in CI) the same steps run through the engine's own pieces: `ParallelConfig.setup` on a CPU device mesh, then
 `hooks.context_parallel.apply_context_parallel` with the same plan (`SequenceParallel.route` says which ran).
