@@ -106,6 +106,7 @@ def enable(target: Any, ulysses: int) -> SequenceParallel:
         ),
         first_block.register_forward_pre_hook(partial(_pad_tokens, parallel, _parameters(first_block)), with_kwargs=True),
         transformer.norm_final.register_forward_hook(partial(_drop_video_padding, parallel)),
+        transformer.register_forward_pre_hook(partial(_keep_ulysses_processors, parallel, modules)),
     ]
     setattr(transformer, _HOOK_HANDLE_ATTRIBUTE, hooks)
     return parallel
@@ -238,6 +239,30 @@ def _insert_ulysses(module: Any, parallel: SequenceParallel) -> None:
         processor.original = UlyssesCogVideoXAttnProcessor(processor.original, parallel)
     else:
         module.set_processor(UlyssesCogVideoXAttnProcessor(processor, parallel))
+
+
+def _routes_through(processor: Any, parallel: SequenceParallel) -> bool:
+    while processor is not None:
+        if isinstance(processor, UlyssesCogVideoXAttnProcessor) and processor.sequence_parallel is parallel:
+            return True
+        processor = getattr(processor, "original", None)
+    return False
+
+
+def _keep_ulysses_processors(parallel: SequenceParallel, modules: list[Any], transformer: Any, args: tuple) -> None:
+    """Transformer pre-hook: after something swapped processors under us (`fuse_qkv_projections()` installs fused
+    ones everywhere), put the Ulysses processor back around the new one, so no attention runs on a shard alone."""
+    from cogsurgeon.patches.processor import _cogvideox_processor_classes
+
+    for module in modules:
+        if _routes_through(module.processor, parallel):
+            continue
+        if not isinstance(_innermost(module.processor, transformer), _cogvideox_processor_classes()):
+            raise ContextParallelError(
+                f"an attention processor was replaced by {type(module.processor).__name__} under context "
+                "parallelism; disable it before changing processors"
+            )
+        _insert_ulysses(module, parallel)
 
 
 def _remove_ulysses(module: Any, parallel: SequenceParallel) -> None:

@@ -88,6 +88,17 @@ def _patched(model, patch_list):
     return stack
 
 
+def fused_output(model) -> torch.Tensor:
+    """frame-causal attention with fused QKV projections (diffusers' fuse_qkv_projections), then unfused again."""
+    inputs = case_inputs(model, SIZES["tiny"][0], "frame-causal", seed=11)
+    model.fuse_qkv_projections()
+    try:
+        with torch.no_grad(), patches.patched(model, "frame-causal-attention"):
+            return model(**inputs, return_dict=False)[0]
+    finally:
+        model.unfuse_qkv_projections()
+
+
 def stream_outputs(model, size) -> tuple[list[torch.Tensor], int]:
     """Every step's and the cache's size of a short stream (3 chunks of 1 frame, window 2, sink 1)."""
     frames, height, width = size
@@ -120,6 +131,8 @@ def main(out: Path) -> None:
         run_cases(model, name, saved["one_process"])
         first = (name, SIZES[name][0], "none")
         saved["stream"][(name, "one_process")] = stream_outputs(model, (9, 64, 64))
+        if name == "tiny":
+            saved["one_process"][(name, "fused")] = fused_output(model)
         if name == "tiny":  # a patch on before context parallelism is enabled: it must keep its meaning too
             patches.apply(model, "frame-causal-attention")
             handle = parallel.enable(model, ulysses=degree)
@@ -140,6 +153,8 @@ def main(out: Path) -> None:
             lambda module, args, kwargs: seen.append(kwargs["hidden_states"].shape[1]), with_kwargs=True)
         run_cases(model, name, saved["parallel"])
         hook.remove()
+        if name == "tiny":  # fuse_qkv_projections() swaps every processor: the Ulysses route must stay
+            saved["parallel"][(name, "fused")] = fused_output(model)
         saved["stream"][(name, "parallel")] = stream_outputs(model, (9, 64, 64))
         parallel.disable(model)
         with torch.no_grad():
