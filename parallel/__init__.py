@@ -25,8 +25,8 @@ the last block: diffusers' own answer, `ulysses_anything`, has no backward and g
 Versions: diffusers' context-parallel engine came with 0.36 (0.32 to 0.35: `enable` refuses, naming the version);
 the pieces used here (`ContextParallelConfig`, `ParallelConfig.setup`, `apply_context_parallel`,
 `remove_context_parallel`, `_templated_context_parallel_attention`, `dispatch_attention_fn(parallel_config=)`) have
-the same signatures from 0.36 to 0.42.1, which CI runs. diffusers >= 0.42 picks the device in `enable_parallelism` as `rank %
-torch.accelerator.device_count()`, which divides by zero on a machine without an accelerator; there (CPU and gloo,
+the same signatures from 0.36 to 0.42.1, which CI runs. diffusers >= 0.42 picks the device in `enable_parallelism`
+as `rank % torch.accelerator.device_count()`, which divides by zero on a machine without an accelerator; there (CPU and gloo,
 as in CI) the same steps run through the engine's own pieces: `ParallelConfig.setup` on a CPU device mesh, then
 `hooks.context_parallel.apply_context_parallel` with the same plan (`SequenceParallel.route` says which ran).
 """
@@ -104,7 +104,9 @@ def enable(target: Any, ulysses: int) -> SequenceParallel:
         transformer.register_forward_pre_hook(
             partial(_read_lengths_and_pad_rotary, parallel, _parameters(transformer)), with_kwargs=True
         ),
-        first_block.register_forward_pre_hook(partial(_pad_tokens, parallel, _parameters(first_block)), with_kwargs=True),
+        first_block.register_forward_pre_hook(
+            partial(_pad_tokens, parallel, _parameters(first_block)), with_kwargs=True
+        ),
         transformer.norm_final.register_forward_hook(partial(_drop_video_padding, parallel)),
         transformer.register_forward_pre_hook(partial(_keep_ulysses_processors, parallel, modules)),
     ]

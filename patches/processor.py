@@ -157,7 +157,8 @@ class UlyssesCogVideoXAttnProcessor:
         return project_attention_output(attn, output, text_seq_length)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(original={type(self.original).__name__}, ulysses={self.sequence_parallel.degree})"
+        original, degree = type(self.original).__name__, self.sequence_parallel.degree
+        return f"{type(self).__name__}(original={original}, ulysses={degree})"
 
 
 class PatchedCogVideoXAttnProcessor:

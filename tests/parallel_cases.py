@@ -137,7 +137,8 @@ def main(out: Path) -> None:
             patches.apply(model, "frame-causal-attention")
             handle = parallel.enable(model, ulysses=degree)
             with torch.no_grad():
-                inputs = case_inputs(model, SIZES[name][0], "frame-causal", seed=list(PATCH_CASES).index("frame-causal"))
+                frame_causal = list(PATCH_CASES).index("frame-causal")
+                inputs = case_inputs(model, SIZES[name][0], "frame-causal", seed=frame_causal)
                 saved["parallel"][(name, "patched-before-enable")] = model(**inputs, return_dict=False)[0]
             patches.revert(model)
         else:
