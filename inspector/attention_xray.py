@@ -506,6 +506,10 @@ def record_attention(
                              "would be traced away): record the uncompiled module (compiled._orig_mod); its attention "
                              "and statistics are the same")
     transformer = resolve_transformer(model_or_pipeline)
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise RecordingError("record_attention cannot record a context-parallel model: each rank's q and k are one "
+                             "shard of the sequence where the recorder reads them; record it in one process "
+                             "(cogsurgeon.parallel.disable first)")
     if chunk_bytes < 1:
         raise RecordingError(f"chunk_bytes must be positive, got {chunk_bytes}")
     if prompt is not None and token_labels is None:

@@ -221,6 +221,41 @@ def probe_attention_backend_ignored() -> tuple[bool, str]:
     )
 
 
+def probe_not_context_parallel() -> tuple[bool, str]:
+    """Whether diffusers can run CogVideoX context-parallel by itself: its engine (`hooks.context_parallel`), a
+    `_cp_plan` on the transformer, and a processor `enable_parallelism` can hand its parallel config to (one with a
+    `_parallel_config`, i.e. one that calls the dispatcher). Says which route `cogsurgeon.parallel` takes here."""
+    import torch
+
+    model = build_tiny("tiny")
+    processor = model.transformer_blocks[0].attn1.processor
+    try:
+        import diffusers.hooks.context_parallel  # noqa: F401
+    except ImportError:
+        import diffusers
+
+        return True, (f"diffusers {diffusers.__version__} has no context-parallel engine (0.36 brought it): "
+                      "cogsurgeon.parallel needs diffusers>=0.36")
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    missing = [what for what, absent in (
+        ("a _cp_plan", getattr(model, "_cp_plan", None) is None),
+        (f"a processor that calls the dispatcher ({type(processor).__name__} calls SDPA itself)",
+         not hasattr(processor, "_parallel_config")),
+    ) if absent]
+    accelerators = torch.accelerator.device_count() if hasattr(torch, "accelerator") else 0
+    degree = os.environ.get("COGSURGEON_RUN_ULYSSES")
+    route = (f"{accelerators} accelerator(s): enable_parallelism with cogsurgeon's plan" if accelerators else
+             "no accelerator: enable_parallelism's device lookup divides by the accelerator count on diffusers "
+             ">= 0.42, so the engine's own apply_context_parallel with cogsurgeon's plan")
+    backend = _AttentionBackendRegistry.get_active_backend()[0].value
+    return bool(missing), (
+        f"CogVideoXTransformer3DModel lacks {' and '.join(missing) or 'nothing'}; cogsurgeon.parallel routes "
+        f"attention through dispatch_attention_fn (active backend {backend}) and enters the engine here with "
+        f"{route}; degree {degree or 'not set in this process (cogsurgeon run --ulysses N sets it)'}"
+    )
+
+
 @contextmanager
 def _restored_attention_backend() -> Iterator[None]:
     """`set_attention_backend` also changes diffusers' process-wide active backend; put it back."""
@@ -348,6 +383,9 @@ PROBES: tuple[Probe, ...] = (
           MASK_FIX, probe_block_drops_attention_kwargs),
     Probe("attention-backend-ignored", "set_attention_backend does not reach the CogVideoX processor",
           BACKEND_FIX, probe_attention_backend_ignored),
+    Probe("cogvideox-not-context-parallel", "diffusers cannot run CogVideoX context-parallel (no plan, no dispatcher)",
+          "cogsurgeon run --ulysses N --patch NAME -- python your_script.py  (or cogsurgeon.parallel.enable(pipe, "
+          "ulysses=N))", probe_not_context_parallel),
     Probe("lora-alpha-lost", "a LoRA saved without metadata reloads at alpha = rank",
           "cogsurgeon lora repair CKPT --out DIR --alpha ALPHA  (writes the alpha into the adapter)",
           probe_lora_alpha_lost),

@@ -267,6 +267,7 @@ class PlanSettings:
     trainer: str | None = None
     lora_targets: tuple[str, ...] | str = LORA_TARGET_MODULES
     optimizer: str = "adamw"
+    ulysses: int = 1  # Ulysses context parallelism: the peak is per GPU, of `ulysses` (cogsurgeon.parallel)
 
     def to_json(self) -> dict[str, Any]:
         targets = self.lora_targets if isinstance(self.lora_targets, str) else list(self.lora_targets)
@@ -1016,10 +1017,13 @@ def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSett
     for spec in settings.patches:  # `NAME` or `NAME:key=value,...`, as `cogsurgeon run --patch` takes them
         name, options = parse_patch_spec(spec)
         patches.apply(model, name, **options)
-    phases = [plan_transformer(model, frames=settings.frames, height=settings.height, width=settings.width,
-                               batch=settings.batch, train=settings.train, checkpointing=settings.checkpointing,
-                               mixed_precision=settings.mixed_precision, lora_dtype=settings.lora_dtype,
-                               lora_targets=settings.lora_targets, optimizer=settings.optimizer)]
+    from cogsurgeon.parallel.rank_view import one_rank_of  # torch and diffusers: imported when planning
+
+    with one_rank_of(model, settings.ulysses):
+        phases = [plan_transformer(model, frames=settings.frames, height=settings.height, width=settings.width,
+                                   batch=settings.batch, train=settings.train, checkpointing=settings.checkpointing,
+                                   mixed_precision=settings.mixed_precision, lora_dtype=settings.lora_dtype,
+                                   lora_targets=settings.lora_targets, optimizer=settings.optimizer)]
     if settings.vae:
         geometry = latent_geometry(config, settings.frames, settings.height, settings.width)
         vae = build_vae_on_meta(vae_config(spec or ""), settings.dtype)
@@ -1048,7 +1052,7 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
                 dtype: str | None = None, train: TrainMode | str | None = None, checkpointing: bool = False,
                 patches: Sequence[str] = (), vae: bool = False, tiling: bool = False,
                 gpu_memory: int | str | None = None, mixed_precision: str | None = None,
-                lora_dtype: str | None = None, trainer: str | None = None) -> MemoryPlan:
+                lora_dtype: str | None = None, trainer: str | None = None, ulysses: int = 1) -> MemoryPlan:
     """Plan the peak GPU memory of a run of MODEL `spec` at a video size.
 
     `batch` is the transformer's batch (2: one video with classifier-free guidance); `train` is None (inference),
@@ -1059,6 +1063,7 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     bf16, DEFAULT_MIXED_PRECISION), `lora_dtype` (`auto`: the base layers' dtype, `fp32`, `bf16`, `fp16`), or a
     `trainer` preset (TRAINER_PRESETS: its dtype, mixed precision, adapters, rank/alpha, optimizer and
     checkpointing; `train`, `dtype`, `mixed_precision`, `lora_dtype` given beside it override it).
+    With `ulysses` N > 1 the run is context-parallel over N GPUs and the peak is one GPU's (each holds the weights).
     """
     from pathlib import Path
 
@@ -1101,7 +1106,15 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
         lora_dtype=lora_dtype or "auto", trainer=trainer,
         lora_targets=preset.targets if preset is not None else LORA_TARGET_MODULES,
         optimizer=preset.optimizer if preset is not None else "adamw",
+        ulysses=ulysses,
     )
+    if ulysses > 1:
+        from cogsurgeon.parallel import check_degree_for_heads
+
+        try:
+            check_degree_for_heads(int(config["num_attention_heads"]), ulysses)
+        except CogsurgeonError as exc:
+            raise PlanError(str(exc)) from None
     if settings.train is not None and settings.train.kind == "lora":
         tokens = int(config.get("max_text_seq_length", 226)) + geometry.token_frames * geometry.tokens_per_frame
         check_lora_rank(settings.train.rank, config, batch * tokens)

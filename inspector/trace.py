@@ -371,13 +371,18 @@ def _attention_recorder(calls: list[AttentionCall], stack: list[str]):
     return AttentionRecorder()
 
 
-def trace_shapes(model: nn.Module, *, frames: int, height: int, width: int, batch: int = 2) -> TraceResult:
+def trace_shapes(model: nn.Module, *, frames: int, height: int, width: int, batch: int = 2,
+                 ulysses: int = 1) -> TraceResult:
     """Run `model` once on the meta device at this video size and report the shapes it saw.
 
     `batch` is the transformer's batch: 2 is one video with classifier-free guidance. A model with real weights is
-    traced through a meta twin built from its config (same processors), so nothing is computed or changed.
+    traced through a meta twin built from its config (same processors), so nothing is computed or changed. With
+    `ulysses` N > 1 the shapes are one rank's under Ulysses context parallelism (`cogsurgeon.parallel`): the modules
+    see its shard of the tokens, attention the whole sequence for H/N heads.
     """
     import torch
+
+    from cogsurgeon.parallel.rank_view import one_rank_of
 
     config = model.config
     geometry = latent_geometry(config, frames, height, width, batch)
@@ -393,7 +398,8 @@ def trace_shapes(model: nn.Module, *, frames: int, height: int, width: int, batc
         modules[name] = (ModuleShapes(named_inputs(module, args, kwargs), shape_of(output)) if previous is None
                          else replace(previous, calls=previous.calls + 1))
 
-    with torch.no_grad(), module_stack((traced,), stack, record), _attention_recorder(attention, stack):
+    with torch.no_grad(), one_rank_of(traced, ulysses), module_stack((traced,), stack, record), \
+            _attention_recorder(attention, stack):
         output = traced(**inputs, return_dict=False)[0]
     dtype_name = str(dtype).removeprefix("torch.")
     sequence = geometry.layout(int(config.max_text_seq_length))

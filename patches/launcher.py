@@ -5,7 +5,9 @@ The mechanism is a generated `sitecustomize` (a copy of `patches/run_startup.py`
 PYTHONPATH, with COGSURGEON_RUN_PATCHES listing the patch specs (`NAME` or `NAME:key=value,...`, a JSON list). The
 program gets the user's own environment (`cogsurgeon.inspector.offline.user_environment()`: cogsurgeon's process is
 offline, theirs keeps their settings). Processes started with `python -E`/`-I`, or with an environment that drops
-PYTHONPATH, are not reached. Terminating signals are passed on to the program and the temporary folder is removed
+PYTHONPATH, are not reached. With `--ulysses N` (COGSURGEON_RUN_ULYSSES) the program runs under torchrun on N ranks
+and each model built also runs context-parallel (`cogsurgeon.parallel`, the process group initialised for it).
+Terminating signals are passed on to the program and the temporary folder is removed
 however the program ends.
 """
 
@@ -16,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +35,7 @@ from cogsurgeon.patches.registry import check_composition, resolve_options
 PATCHES_VARIABLE = "COGSURGEON_RUN_PATCHES"
 RECORD_VARIABLE = "COGSURGEON_RUN_RECORD"  # {"path", "groups"}: record the attention of every model built
 RECORDED_MARKER = "recorded-"  # the startup code leaves `recorded-PID-N` (holding the file's path) per recording
+ULYSSES_VARIABLE = "COGSURGEON_RUN_ULYSSES"  # the Ulysses degree every model built runs context-parallel at
 ROOT_VARIABLE = "COGSURGEON_RUN_ROOT"
 STARTUP_SOURCE = Path(__file__).with_name("run_startup.py")
 BUILT_MARKER = "built-"  # the startup code leaves `built-PID-N` in its own folder for each model it patches
@@ -67,9 +71,10 @@ class RecordRequest:
 
 
 def child_environment(
-    patch_names: Sequence[str], startup_folder: Path, record: RecordRequest | None = None
+    patch_names: Sequence[str], startup_folder: Path, record: RecordRequest | None = None, ulysses: int | None = None
 ) -> dict[str, str]:
-    """The user's environment plus the startup folder first on PYTHONPATH, the patches to apply and what to record."""
+    """The user's environment plus the startup folder first on PYTHONPATH, the patches to apply, what to record and
+    the Ulysses degree (if any)."""
     environment = user_environment()
     if record is not None:
         environment[RECORD_VARIABLE] = json.dumps({"path": str(record.path), "groups": record.groups})
@@ -77,7 +82,23 @@ def child_environment(
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(startup_folder), existing]))
     environment[PATCHES_VARIABLE] = json.dumps(list(patch_names))
     environment[ROOT_VARIABLE] = str(COGSURGEON_ROOT)
+    if ulysses:
+        environment[ULYSSES_VARIABLE] = str(ulysses)
     return environment
+
+
+def launched_by_torchrun(command: Sequence[str]) -> bool:
+    """The command is already torchrun (`torchrun ...` or `python -m torch.distributed.run ...`)."""
+    return Path(command[0]).name == "torchrun" or "torch.distributed.run" in command[:3]
+
+
+def ulysses_command(command: Sequence[str], ulysses: int) -> list[str]:
+    """`command` as each of `ulysses` ranks on this machine runs it: under torchrun (`--standalone --nproc-per-node
+    N --no-python`), unless it is torchrun already (then its own --nproc-per-node must match)."""
+    if launched_by_torchrun(command):
+        return list(command)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ulysses),
+            "--no-python", *command]
 
 
 # Terminating signals `run` passes on to the program, as a shell does to its foreground job. SIGINT is not among
@@ -97,17 +118,26 @@ class RunOutcome:
     recordings: tuple[str, ...] = ()  # the attention recordings written (run --record-attention)
 
 
-def run_patched(command: Sequence[str], patch_names: Sequence[str], record: RecordRequest | None = None) -> RunOutcome:
-    """Run `command` with the patches on (and its attention recorded) and wait for it, forwarding terminating
-    signals; the startup folder is removed however the wait ends."""
+def run_patched(command: Sequence[str], patch_names: Sequence[str], record: RecordRequest | None = None,
+                ulysses: int | None = None) -> RunOutcome:
+    """Run `command` with the patches on (its attention recorded with `record`; with `ulysses`, context-parallel over
+    that many ranks under torchrun) and wait for it, forwarding terminating signals; the startup folder is removed
+    however the wait ends."""
     if not command:
         raise CogsurgeonError("no command to run: cogsurgeon run --patch NAME -- COMMAND [ARGS...]")
-    names = check_patch_names(patch_names, required=record is None)
+    if ulysses is not None and ulysses < 2:
+        raise CogsurgeonError(f"--ulysses must be 2 or more (the ranks to split the sequence over), got {ulysses}")
+    if record is not None and ulysses:
+        raise CogsurgeonError("--record-attention and --ulysses cannot be combined: each rank sees one shard of the "
+                              "sequence where the recorder reads q and k; record the run on one process")
+    names = check_patch_names(patch_names, required=record is None and not ulysses)
+    if ulysses:
+        command = ulysses_command(command, ulysses)
     with _forwarded_signals() as forward_to:
         startup_folder = Path(tempfile.mkdtemp(prefix="cogsurgeon-run-"))
         try:
             shutil.copyfile(STARTUP_SOURCE, startup_folder / "sitecustomize.py")
-            environment = child_environment(names, startup_folder, record)
+            environment = child_environment(names, startup_folder, record, ulysses)
             try:
                 process = subprocess.Popen(list(command), env=environment)
             except OSError as exc:

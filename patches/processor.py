@@ -22,6 +22,7 @@ from torch import nn
 from cogsurgeon.inspector.geometry import TRANSFORMER_CLASS_NAME, FrameLayout, layout_of_call, tokens_per_frame
 from cogsurgeon.patches.attention import AttentionPlan, Structure, plan_attention, run_plan
 from cogsurgeon.patches.errors import AttentionMaskError, PatchError, PatchTargetError
+from cogsurgeon.patches.ulysses import SequenceParallel
 
 
 def is_cogvideox_transformer(obj: Any) -> bool:
@@ -36,7 +37,14 @@ def _cogvideox_processor_classes() -> tuple[type, type]:
 
 
 def is_fused_processor(processor: Any) -> bool:
+    if isinstance(processor, UlyssesCogVideoXAttnProcessor):
+        return processor.fused
     return isinstance(processor, _cogvideox_processor_classes()[1])
+
+
+def _known_processor_classes() -> tuple[type, ...]:
+    """The processors the patches wrap: diffusers' CogVideoX ones, and ours that runs one under context parallelism."""
+    return (*_cogvideox_processor_classes(), UlyssesCogVideoXAttnProcessor)
 
 
 def attention_modules(transformer: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -100,6 +108,59 @@ def project_attention_output(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *lengths: int) -> torch.Tensor:
+    """CogVideoX's own attention: SDPA over every key."""
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value)
+
+
+class UlyssesCogVideoXAttnProcessor:
+    """Stands in for one module's CogVideoX processor while Ulysses context parallelism is on (`cogsurgeon.parallel`):
+    the same projections on this rank's shard, attention through diffusers' dispatcher (`dispatch_attention_fn` with
+    the parallel config: its all-to-all, then the active backend on H/N heads); in a forward with padding (a length
+    that does not divide by the degree), SDPA inside the same all-to-all without the padded keys. diffusers' own
+    CogVideoX processor calls SDPA directly and so cannot run context-parallel (diffusers#13622)."""
+
+    _attention_backend = None  # the dispatcher's active backend (what `enable_parallelism` checks)
+
+    def __init__(self, original: Any, parallel: SequenceParallel):
+        self.original = original
+        self.fused = is_fused_processor(original)
+        self.sequence_parallel = parallel
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        if attention_mask is not None:
+            raise AttentionMaskError(
+                "an attention_mask reached CogVideoX attention under context parallelism without the attention-mask "
+                "patch: apply it (patches.apply(model, 'attention-mask'), or --patch attention-mask)"
+            )
+        text_seq_length = encoder_hidden_states.size(1)
+        query, key, value = joint_query_key_value(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.fused
+        )
+        parallel = self.sequence_parallel
+        if parallel.padded:  # padded keys must not be attended: SDPA inside the all-to-all, over the real tokens
+            output = parallel.attend(query, key, value, _full_attention)
+        else:
+            output = dispatch_attention_fn(
+                *(tensor.transpose(1, 2) for tensor in (query, key, value)),  # the dispatcher's layout: (B, S, H, D)
+                parallel_config=parallel.parallel_config,
+            ).transpose(1, 2)
+        return project_attention_output(attn, output, text_seq_length)
+
+    def __repr__(self) -> str:
+        original, degree = type(self.original).__name__, self.sequence_parallel.degree
+        return f"{type(self).__name__}(original={original}, ulysses={degree})"
+
+
 class PatchedCogVideoXAttnProcessor:
     """Stands in for one module's CogVideoX processor while attention patches are on.
 
@@ -121,8 +182,9 @@ class PatchedCogVideoXAttnProcessor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.state
         stream = state.stream
+        parallel = getattr(self.original, "sequence_parallel", None)  # Ulysses context parallelism (or None)
         if stream is not None and stream.runs_here():  # a `patches.streaming` stream's own forward: over its KV cache
-            return stream.attend(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.fused)
+            return stream.attend(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.fused, parallel)
         mask = attention_mask if attention_mask is not None else state.call_mask
         if mask is not None and not state.masks_enabled:
             raise AttentionMaskError(
@@ -136,8 +198,10 @@ class PatchedCogVideoXAttnProcessor:
         query, key, value = joint_query_key_value(
             attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.fused
         )
-        plan = state.plan(mask, text_seq_length, hidden_states.size(1), query)
-        output = run_plan(plan, query, key, value, keys_writable=True)  # q/k/v are this call's own temporaries
+        if parallel is None:
+            output = state.attend(mask, query, key, value, text_seq_length, hidden_states.size(1))
+        else:  # on the whole sequence for this rank's heads, with the global geometry
+            output = parallel.attend(query, key, value, lambda *qkv_and_lengths: state.attend(mask, *qkv_and_lengths))
         return project_attention_output(attn, output, text_seq_length)
 
     def __repr__(self) -> str:
@@ -174,7 +238,7 @@ class AttentionPatchState:
         modules = attention_modules(transformer)
         if not modules:
             raise PatchTargetError(f"{type(transformer).__name__} has no attention modules to patch")
-        known = _cogvideox_processor_classes()
+        known = _known_processor_classes()
         for name, module in modules:
             if not isinstance(module.processor, known):
                 raise PatchTargetError(
@@ -235,7 +299,7 @@ class AttentionPatchState:
     def _rewrap_replaced_processors(self) -> None:
         """Keep the patches on after something swapped processors under us: `fuse_qkv_projections()` installs
         fused processors on every module. The new processor becomes what a revert restores."""
-        known = _cogvideox_processor_classes()
+        known = _known_processor_classes()
         for module in self.modules:
             current = module.processor
             if self.owns(current):
@@ -246,6 +310,14 @@ class AttentionPatchState:
                     "revert the patches before changing processors"
                 )
             module.set_processor(PatchedCogVideoXAttnProcessor(current, self))
+
+    def attend(
+        self, mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        text_tokens: int, video_tokens: int,
+    ) -> torch.Tensor:
+        """Attention under this forward's plan; q/k/v `(B, H, L, D)` are the caller's own temporaries."""
+        plan = self.plan(mask, text_tokens, video_tokens, query)
+        return run_plan(plan, query, key, value, keys_writable=True)
 
     def plan(
         self, mask: torch.Tensor | None, text_tokens: int, video_tokens: int, query: torch.Tensor

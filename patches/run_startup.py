@@ -27,6 +27,7 @@ import threading
 PATCHES_VARIABLE = "COGSURGEON_RUN_PATCHES"
 RECORD_VARIABLE = "COGSURGEON_RUN_RECORD"
 RECORDED_MARKER = "recorded-"  # `cogsurgeon run` lists the recordings written from these files
+ULYSSES_VARIABLE = "COGSURGEON_RUN_ULYSSES"
 ROOT_VARIABLE = "COGSURGEON_RUN_ROOT"
 TARGET_MODULE = "diffusers.models.transformers.cogvideox_transformer_3d"
 BUILT_MARKER = "built-"  # `cogsurgeon run` counts these files in this folder to say whether any model was built
@@ -120,23 +121,45 @@ def _save_recording(recording, path):
         _say(f"attention recorded in {path}")
 
 
+def _ulysses_degree():
+    return int(os.environ.get(ULYSSES_VARIABLE) or 0)
+
+
+def _enable_context_parallel(model, degree):
+    """The process group (NCCL on this rank's GPU, gloo without one) and `cogsurgeon.parallel.enable`. With a GPU,
+    `torch.cuda.set_device(LOCAL_RANK)`, so that the program's `.to("cuda")` puts each rank on its own GPU."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    from cogsurgeon import parallel
+
+    parallel.enable(model, ulysses=degree)
+
+
 def _patch_model(model):
-    specs = _patch_specs()
+    specs, degree = _patch_specs(), _ulysses_degree()
     request = _record_request()
-    if not specs and not request:
+    if not specs and not request and not degree:
         return
     _record_built()
     if request:
         _start_recording(model, request)
-    if not specs:
+    if not specs and not degree:
         return
     try:
         patches = _cogsurgeon_patches()
         for spec in specs:
             name, options = patches.parse_patch_spec(spec)
             patches.apply(model, name, **options)
+        if degree:
+            _enable_context_parallel(model, degree)
+            specs = [*specs, f"ulysses {degree}"]
     except Exception as exc:
-        _say(f"could not patch {type(model).__name__} with {', '.join(specs)}: {exc}")
+        _say(f"could not patch {type(model).__name__} with {', '.join(specs) or f'ulysses {degree}'}: {exc}")
         raise
     stack = getattr(_loading, "stack", None)
     if stack:  # inside from_pretrained: report once the source is known
@@ -189,7 +212,7 @@ def _wrap_transformer_class(cls):
             model = inherited_from_pretrained(klass, pretrained_model_name_or_path, *args, **kwargs)
         finally:
             built = stack.pop()
-        names = ", ".join(_patch_specs())
+        names = ", ".join([*_patch_specs(), *([f"ulysses {_ulysses_degree()}"] if _ulysses_degree() else [])])
         for patched_model in built:
             _say(f"{names} -> {_describe(patched_model, pretrained_model_name_or_path)}")
         return model
@@ -235,7 +258,8 @@ def _run_shadowed_sitecustomize():
     spec.loader.exec_module(module)
 
 
-if (os.environ.get(PATCHES_VARIABLE) or os.environ.get(RECORD_VARIABLE)) and not any(isinstance(f, _CogVideoXFinder) for f in sys.meta_path):
+_wanted = os.environ.get(PATCHES_VARIABLE) or os.environ.get(RECORD_VARIABLE) or os.environ.get(ULYSSES_VARIABLE)
+if _wanted and not any(isinstance(f, _CogVideoXFinder) for f in sys.meta_path):
     if TARGET_MODULE in sys.modules:
         _wrap_transformer_class(sys.modules[TARGET_MODULE].CogVideoXTransformer3DModel)
     else:

@@ -390,23 +390,36 @@ class Stream:
         return torch.cat([embeds[:, :text_tokens], video], dim=1)
 
     def attend(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-               image_rotary_emb: Any, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One attention call of one layer, by the mode of the forward under way."""
+               image_rotary_emb: Any, fused: bool, parallel: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One attention call of one layer, by the mode of the forward under way. Under Ulysses context parallelism
+        (`parallel`, a `SequenceParallel`) it runs inside diffusers' all-to-all, so this rank caches K/V of its H/N
+        heads for the whole sequence."""
         text_tokens = encoder_hidden_states.shape[1]
         query, key, value = joint_query_key_value(attn, hidden_states, encoder_hidden_states, image_rotary_emb, fused)
+        if parallel is None:
+            output = self._attend_cached(attn, query, key, value, text_tokens)
+        else:
+            output = parallel.attend(
+                query, key, value, lambda q, k, v, text, video: self._attend_cached(attn, q, k, v, text)
+            )
+        return project_attention_output(attn, output, text_tokens)
+
+    def _attend_cached(self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       text_tokens: int) -> torch.Tensor:
+        """The attention output `(B, heads, L, D)` of the call's tokens; prefill stores the text K/V, a step or a
+        commit writes its chunk's K/V after the cached ones and attends the whole prefix."""
         if self._mode == "prefill":
             self._store_text(attn, key, value)
             text = F.scaled_dot_product_attention(query[:, :, :text_tokens], key[:, :, :text_tokens],
                                                   value[:, :, :text_tokens])
             video = F.scaled_dot_product_attention(query[:, :, text_tokens:], key, value)  # discarded: a blank frame
-            return project_attention_output(attn, torch.cat([text, video], dim=2), text_tokens)
+            return torch.cat([text, video], dim=2)
         cache = self._layers[attn]
         end = self._length + self._chunk_tokens
         self._reserve(cache, end)
         cache.keys[:, :, self._length:end] = key
         cache.values[:, :, self._length:end] = value
-        output = F.scaled_dot_product_attention(query, cache.keys[:, :, :end], cache.values[:, :, :end])
-        return project_attention_output(attn, output, 0)
+        return F.scaled_dot_product_attention(query, cache.keys[:, :, :end], cache.values[:, :, :end])
 
     # -- the cache -----------------------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from cogsurgeon.patches.errors import PatchError, PatchTargetError
+from cogsurgeon.patches.ulysses import PARALLEL_ATTRIBUTE
 
 
 class PerFrameTimestepError(PatchError):
@@ -96,6 +97,31 @@ def per_token(values: torch.Tensor, tokens: int) -> torch.Tensor:
     return values[:, :, None, :].expand(batch, frames, tokens // frames, dim).reshape(batch, tokens, dim)
 
 
+def frame_runs(first_token: int, tokens: int, frame_tokens: int) -> list[tuple[int, int, int]]:
+    """`(frame, start, end)` for the runs of `tokens` consecutive video tokens from `first_token` on (a context-parallel
+    shard) that fall in one frame of `frame_tokens` tokens; start and end count from the shard's first token."""
+    runs, position, end = [], first_token, first_token + tokens
+    while position < end:
+        frame = position // frame_tokens
+        run_end = min(end, (frame + 1) * frame_tokens)
+        runs.append((frame, position - first_token, run_end - first_token))
+        position = run_end
+    return runs
+
+
+def modulate_shard(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                   runs: list[tuple[int, int, int]]) -> torch.Tensor:
+    """`modulate_frames` for a shard of the video tokens: each run by its frame's scale and shift (the same
+    element-wise arithmetic)."""
+    return torch.cat([normed[:, start:end] * (1 + scale[:, frame, None, :]) + shift[:, frame, None, :]
+                      for frame, start, end in runs], dim=1)
+
+
+def per_token_shard(values: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
+    """`per_token` for a shard of the video tokens."""
+    return torch.cat([values[:, frame, None, :].expand(-1, end - start, -1) for frame, start, end in runs], dim=1)
+
+
 def _columns_of(temb: torch.Tensor, batch: int) -> int | None:
     """How many columns a packed embedding holds (None: an ordinary `(B, D)` embedding)."""
     if temb.dim() != 2 or temb.shape[0] == batch or temb.shape[0] % batch:
@@ -122,10 +148,14 @@ class LayerNormZeroForward(ReplacedForward):
         chunks = per_column(lambda column: module.linear(module.silu(column)).chunk(6, dim=1), temb, columns)
         _, _, _, enc_shift, enc_scale, enc_gate = chunks[0]
         shift, scale, gate = (torch.stack([chunk[i] for chunk in chunks[1:]], dim=1) for i in range(3))
-        hidden_states = modulate_frames(module.norm(hidden_states), scale, shift)
         encoder_hidden_states = (
             module.norm(encoder_hidden_states) * (1 + enc_scale)[:, None, :] + enc_shift[:, None, :]
         )
+        runs = self.state.shard_runs(hidden_states.shape[1], frames=scale.shape[1])
+        if runs is not None:  # this rank's shard of the video tokens under context parallelism
+            hidden_states = modulate_shard(module.norm(hidden_states), scale, shift, runs)
+            return hidden_states, encoder_hidden_states, per_token_shard(gate, runs), enc_gate[:, None, :]
+        hidden_states = modulate_frames(module.norm(hidden_states), scale, shift)
         return hidden_states, encoder_hidden_states, per_token(gate, hidden_states.shape[1]), enc_gate[:, None, :]
 
 
@@ -163,6 +193,7 @@ class PerFrameTimestepState:
         self.hook_handle: Any = None
         self.columns: int | None = None
         self.batch: int | None = None
+        self.parallel: Any = None  # the transformer's `SequenceParallel` during a context-parallel forward
 
     @classmethod
     def install(cls, transformer: nn.Module, text_timestep: str | float) -> PerFrameTimestepState:
@@ -211,9 +242,23 @@ class PerFrameTimestepState:
             self.hook_handle.remove()
             self.hook_handle = None
 
+    def shard_runs(self, tokens: int, frames: int) -> list[tuple[int, int, int]] | None:
+        """Under context parallelism, the frame runs of this rank's `tokens` video tokens (of the forward's `frames`
+        frames; padding as the last frame's); None when the block sees the whole video."""
+        parallel = self.parallel
+        if parallel is None or parallel.video_tokens is None or tokens == parallel.video_tokens:
+            return None
+        start, end = parallel.video_shard()
+        real = max(0, min(end, parallel.video_tokens) - start)
+        runs = frame_runs(start, real, parallel.video_tokens // frames)
+        if real < tokens:  # padding (dropped by attention and after the blocks): modulated as the last frame
+            runs.append((frames - 1, real, tokens))
+        return runs
+
     def _pack_timestep(self, transformer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Forward pre-hook: a `(B, F)` timestep becomes `[text ; frames]` columns; `(B,)` passes unchanged."""
         self.columns = self.batch = None
+        self.parallel = getattr(transformer, PARALLEL_ATTRIBUTE, None)
         arguments = {**dict(zip(self.forward_parameters, args)), **kwargs}
         timestep, latents = arguments.get("timestep"), arguments.get("hidden_states")
         if not isinstance(timestep, torch.Tensor) or timestep.dim() < 2 or not isinstance(latents, torch.Tensor):

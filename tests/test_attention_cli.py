@@ -82,6 +82,7 @@ def test_run_records_an_unchanged_script_with_its_patches(cli, tmp_path):
         (["run", "--record-attention", "out.txt", "--", "true"], "FILE.json"),
         (["run", "--record-attention", "no-folder/out.json", "--", "true"], "does not exist"),
         (["run", "--record-attention", "out.json", "--record-groups", "cells", "--", "true"], "unknown attention groups"),
+        (["run", "--ulysses", "2", "--record-attention", "out.json", "--", "true"], "cannot be combined"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(cli, tmp_path, args, message):

@@ -22,6 +22,7 @@ def expected_statuses() -> dict[str, str]:
             "fused-processor-text-length": "present",
             "block-drops-attention-kwargs": "present",
             "attention-backend-ignored": "absent",  # no set_attention_backend at all
+            "cogvideox-not-context-parallel": "present",  # no engine at all
             "lora-alpha-lost": "present",
             "peft-local-path-hub": "present",
         }
@@ -31,6 +32,7 @@ def expected_statuses() -> dict[str, str]:
             "fused-processor-text-length": "present",
             "block-drops-attention-kwargs": "absent",
             "attention-backend-ignored": "present",
+            "cogvideox-not-context-parallel": "present",  # no _cp_plan; the processor calls SDPA itself
             "lora-alpha-lost": "present",
             "peft-local-path-hub": "present",
         }

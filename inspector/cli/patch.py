@@ -101,8 +101,13 @@ def verify(spec: str, as_json: bool) -> None:
 )
 @click.option("--record-groups", default="frames", show_default=True, metavar="frames|grid:RxC|words",
               help="How --record-attention groups keys and queries.")
+@click.option(
+    "--ulysses", type=click.IntRange(min=2), default=None, metavar="N",
+    help="Run context-parallel on N ranks (Ulysses, diffusers' engine): under torchrun unless COMMAND is torchrun.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(patch_names: tuple[str, ...], record_path: str | None, record_groups: str, command: tuple[str, ...]) -> int:
+def run(patch_names: tuple[str, ...], record_path: str | None, record_groups: str, ulysses: int | None,
+        command: tuple[str, ...]) -> int:
     """Run COMMAND, an unchanged program, so that every CogVideoXTransformer3DModel it or any of its Python child
     processes builds gets the patches (and, with --record-attention, has its attention recorded: the first model to
     FILE.json, any other to FILE.PID-N.json; written when the program exits). Which patches went onto which model is
@@ -113,11 +118,16 @@ def run(patch_names: tuple[str, ...], record_path: str | None, record_groups: st
     cogsurgeon run --patch frame-causal-attention --patch attention-mask -- accelerate launch train.py
     cogsurgeon run --patch causal-attention -- torchrun --nproc_per_node 2 sample.py
     cogsurgeon run --record-attention run.json -- python sample.py   then: cogsurgeon attention show run.json
+    cogsurgeon run --ulysses 4 --patch frame-causal-attention -- python sample.py   # 4 GPUs, one video
+
+    With --ulysses N every model built runs context-parallel over N ranks (the process group is set up for it, each
+    rank on its own GPU); every rank computes the whole output, so the script must draw the same noise on each
+    (a seeded generator).
     """
     from cogsurgeon.patches.launcher import run_patched
 
     record = None if record_path is None and record_groups == "frames" else _record_request(record_path, record_groups)
-    outcome = run_patched(command, patch_names, record)
+    outcome = run_patched(command, patch_names, record, ulysses)
     for path in outcome.recordings:
         click.echo(f"cogsurgeon run: attention recorded in {path}", err=True)
     if not outcome.models_built:

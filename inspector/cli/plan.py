@@ -38,12 +38,14 @@ DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
 @click.option("--vae", is_flag=True, help="Add the VAE decode of the latents (transformer still on the GPU).")
 @click.option("--tiling", is_flag=True, help="Decode tiled, as diffusers' vae.enable_tiling().")
 @click.option("--gpu-memory", metavar="SIZE", help="A card's memory (80GiB, 24G): say whether it fits and what would.")
+@click.option("--ulysses", default=1, type=click.IntRange(min=1), metavar="N",
+              help="Context-parallel over N GPUs (cogsurgeon.parallel, Ulysses): the peak of one of them.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"peak_bytes", "breakdown", "peak_at", "fits", "suggestions", ...} as JSON.')
 def plan(model: str | None, frames: int | None, height: int | None, width: int | None, batch: int,
          dtype: str | None, train: str | None, mixed_precision: str | None, lora_dtype: str | None,
          trainer: str | None, checkpointing: bool, patch_names: tuple[str, ...], vae: bool,
-         tiling: bool, gpu_memory: str | None, as_json: bool) -> None:
+         tiling: bool, gpu_memory: str | None, ulysses: int, as_json: bool) -> None:
     """Plan the peak GPU memory of a run of MODEL at a video size, before running it.
 
     The run is diffusers' own code on the meta device (no weights, no compute), with every allocation booked as
@@ -59,6 +61,7 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
       cogsurgeon plan cogvideox-5b --vae --tiling --json | jq .breakdown
       cogsurgeon plan cogvideox-2b --train lora:128 --dtype fp16 --mixed-precision fp16 --lora-dtype fp32 --batch 1
       cogsurgeon plan cogvideox1.5-5b --trainer cogvideo-finetune --frames 81 --height 768 --width 1360 --batch 1
+      cogsurgeon plan cogvideox1.5-5b --frames 81 --height 768 --width 1360 --ulysses 4   # per GPU of 4
 
     MODEL: see `cogsurgeon modules --help`.
     """
@@ -88,7 +91,8 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
     result = plan_memory(model, frames=frames, height=height, width=width, batch=batch,
                          dtype=dtype, train=train_mode, checkpointing=checkpointing,
                          patches=patch_names, vae=vae, tiling=tiling, gpu_memory=card,
-                         mixed_precision=mixed_precision, lora_dtype=lora_dtype, trainer=trainer)
+                         mixed_precision=mixed_precision, lora_dtype=lora_dtype, trainer=trainer,
+                         ulysses=ulysses)
     if as_json:
         print_json(result.to_json())
         return
@@ -106,6 +110,7 @@ def _print_summary(result) -> None:
     switches = [name for name, on in (("checkpointing", settings.checkpointing), ("vae decode", settings.vae),
                                       ("tiling", settings.tiling)) if on]
     switches += [f"patch {name}" for name in settings.patches]
+    switches += [f"per GPU of {settings.ulysses}, Ulysses"] if settings.ulysses > 1 else []
     console.print(
         f"[bold]{settings.model}[/bold] {mode} at {settings.frames}×{settings.height}×{settings.width}, batch "
         f"{settings.batch}, {settings.dtype}" + (f" ({', '.join(switches)})" if switches else "")

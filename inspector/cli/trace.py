@@ -27,9 +27,11 @@ if TYPE_CHECKING:
               help="The transformer's batch: 2 is one video with classifier-free guidance.")
 @click.option("--all", "show_all", is_flag=True,
               help="Show every attention call and every module's shapes; without it identical blocks are folded.")
+@click.option("--ulysses", default=1, type=click.IntRange(min=1), metavar="N",
+              help="The shapes of one rank of N under Ulysses context parallelism (cogsurgeon.parallel).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"sequence", "attention", "modules", "mask_memory", ...} as JSON.')
-def trace(model: str | None, frames: int, height: int, width: int, batch: int, show_all: bool,
+def trace(model: str | None, frames: int, height: int, width: int, batch: int, show_all: bool, ulysses: int,
           as_json: bool) -> None:
     """Trace MODEL's shapes at a video size with one forward on the meta device (no weights, no compute).
 
@@ -45,6 +47,7 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
       cogsurgeon trace cogvideox1.5-5b --frames 81 --height 768 --width 1360
       cogsurgeon trace cogvideox-5b --json | jq '.attention[0]'
       cogsurgeon trace tiny --frames 9 --height 64 --width 64 --all
+      cogsurgeon trace cogvideox-5b --ulysses 4 --json | jq '.attention[0]'   # one rank of 4: 12 heads, all tokens
 
     MODEL: see `cogsurgeon modules --help`; a model with real weights is traced through a meta copy.
     """
@@ -61,7 +64,7 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
     transformer = load_transformer(model)
     if config is None:
         check_traceable(transformer.config, frames, height, width, batch)
-    result = trace_shapes(transformer, frames=frames, height=height, width=width, batch=batch)
+    result = trace_shapes(transformer, frames=frames, height=height, width=width, batch=batch, ulysses=ulysses)
     if as_json:
         print_json(result.to_json())
         return
