@@ -120,10 +120,11 @@ async def test_a_new_checkpoint_resets_everything_computed_for_the_last_one(tmp_
         assert not screen.query_one("#lora-verify-result").display
         assert "out/checkpoint-900" in shown_text(screen.query_one("#lora-findings"))
         assert screen.query_one("#lora-verify").disabled  # nothing to verify for B yet: never A's adapter
+        assert screen.query_one("#lora-adapter").value == ""
         screen.query_one("#lora-base").focus()
         await pilot.press("enter")  # the base field's Enter asks for a verify too
         await settle(pilot)
-        assert "repair a checkpoint first" in notifications(app)[-1]
+        assert "enter an adapter folder to verify" in notifications(app)[-1]
         assert not screen.query_one("#lora-verify-result").display
 
         screen.query_one("#lora-alpha").value = "4"
