@@ -50,6 +50,7 @@ CONSUMERS = ("peft", "diffusers", "comfyui")
 # The core's messages name the CLI's flags; on this screen each is a field, a list or a switch. Most specific first;
 # `in_screen_terms` then names any flag left as the control it is.
 SCREEN_CONTROLS = (
+    ("run `cogsurgeon lora repair CKPT --out DIR` first", "repair its checkpoint first (step 2)"),
     ("Settle it with --alpha A or --trainer NAME", "Enter it in the lora_alpha field or choose the trainer"),
     ("pass --alpha A or --trainer NAME", "enter it in the lora_alpha field or choose the trainer"),
     ("pass --alpha A", "enter it in the lora_alpha field"),
@@ -79,7 +80,8 @@ SCREEN_CONTROLS = (
     ("see `cogsurgeon lora inspect`", "see the findings"),
     ("Repair it first (`cogsurgeon lora repair` with", "Repair it first (step 2, with"),
 )
-FLAG = re.compile(r"--([a-z][a-z-]*)")
+# the flags of `cogsurgeon lora` (a trainer's own flags, such as `--lora_alpha` in a default's source, stay as cited)
+FLAG = re.compile(r"--(alpha|trainer|step|latest|override-stored-alpha|force|out|to|bake-scale|base|json)(?![\w-])")
 
 
 def in_screen_terms(text: str) -> str:
@@ -128,6 +130,13 @@ class InspectRequest:
                   "stored lora_alpha overridden" if self.override_stored_alpha else ""]
         extra = ", ".join(choice for choice in chosen if choice)
         return shown_path(self.checkpoint) + (f" ({extra})" if extra else "")
+
+
+def default_output(request: InspectRequest) -> str:
+    """The adapter folder offered for a request: beside the checkpoint, named after it and the step chosen, so two
+    steps of one output folder are never offered the same folder."""
+    chosen = f"-step-{request.step}" if request.step is not None else "-latest" if request.latest else ""
+    return f"{Path(request.checkpoint).as_posix().rstrip('/')}{chosen}-adapter"
 
 
 @dataclass(frozen=True)
@@ -424,9 +433,8 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
     def _start_inspect(self, request: InspectRequest, new_checkpoint: bool) -> None:
         # a new request: nothing computed for the last one stays, nor the folders derived from it
         self.show_state(self.state.for_request(request, self.state.steps if not new_checkpoint else ()))
-        if new_checkpoint:
-            self.query_one("#lora-out", Input).value = f"{Path(request.checkpoint).as_posix().rstrip('/')}-adapter"
-            self.query_one("#lora-force", Checkbox).value = False
+        self.query_one("#lora-out", Input).value = default_output(request)
+        self.query_one("#lora-force", Checkbox).value = False
         self.query_one("#lora-alpha", Input).value = ""
         self.query_one("#lora-adapter", Input).value = ""
         self.query_one("#lora-findings", Static).loading = True
