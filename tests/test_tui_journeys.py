@@ -269,3 +269,32 @@ async def test_verify_an_existing_adapter_then_merge_it_into_a_base(size, lora_f
         await type_into(pilot, "#merge-out", "merged", enter=True)  # again: refused in the screen's words
         assert "already exists" in notifications(app)[-1] and "replace an earlier merge" in notifications(app)[-1]
         no_cli_flags(app)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pilot_test
+async def test_plan_with_a_patch_and_training(size):
+    """The patch applied on the main screen is planned by default; the result restates what was planned; a bad
+    input clears the old result; the suggestions name the screen's controls."""
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=size, notifications=True) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("p", "space")  # causal-attention, the first patch
+        await settle(pilot)
+        await pilot.press("g")
+        await pilot.pause()
+        screen = app.screen
+        assert list(screen.query_one("#plan-patches").selected) == ["causal-attention"]
+        on_screen(app, "video size", "batch", "mode", "GPU memory")  # every control labelled at this width
+        screen.query_one("#plan-mode").value = "lora"
+        await type_into(pilot, "#plan-rank", "4")
+        await type_into(pilot, "#plan-gpu", "40MiB", enter=True)
+        await scroll_to(pilot, "#plan-result")
+        on_screen(app, "planned tiny, 9x64x64, batch 2, bfloat16,", "training lora:4, causal-attention",
+                  "transformer training step (lora:4)", "40.0 MiB card does not fit", "with checkpointing + batch 1")
+        no_cli_flags(app)
+
+        await type_into(pilot, "#plan-size", "9x65x64", enter=True)  # refused: the old result goes
+        await scroll_to(pilot, "#plan-result")
+        on_screen(app, "could not plan:", "not a multiple of 16")
+        assert "peak" not in screen_text(app)

@@ -315,3 +315,39 @@ async def test_the_filter_folds_a_run_of_blocks_as_modules_filter_does():
                             "transformer_blocks (0-1): 2 × CogVideoXBlock  38.6K", "0  CogVideoXBlock  19.3K",
                             "attn1  Attention  4.29K"], rows
         assert "1  CogVideoXBlock  19.3K" not in rows and rows.count("attn1  Attention  4.29K") == 1
+
+
+@pilot_test
+async def test_scrollbars_stand_out_from_their_track_in_every_theme():
+    """The details' scrollbar was dark teal on black in the default theme: the thumb must differ from the track (each
+    blended over the screen's background) by a quarter of the brightness scale, in every theme the app offers."""
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        faint = []
+        for theme in sorted(app.available_themes):
+            app.theme = theme
+            await pilot.pause()
+            for selector in ("#details", "#tree", "#source"):
+                styles = app.query_one(selector).styles
+                track = app.screen.styles.background + styles.scrollbar_background
+                thumb = track + styles.scrollbar_color
+                if abs(thumb.brightness - track.brightness) < 0.25:
+                    faint.append((theme, selector, thumb.hex, track.hex))
+        assert not faint, faint
+
+
+@pilot_test
+async def test_at_80_columns_a_long_folder_name_leaves_the_roots_class_and_size_in_view(tmp_path, tiny_model):
+    from test_tui import drawn_rows
+
+    from cogsurgeon.inspector.tui.widgets import ModuleTree
+
+    folder = tmp_path / ("a-folder-name-long-enough-to-fill-a-row-" * 2) / "transformer"
+    tiny_model.save_pretrained(str(folder))
+    app = CogsurgeonApp(str(folder))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        root = drawn_rows(app.query_one(ModuleTree))[0]
+        assert root.endswith("transformer  CogVideoXTransformer3DModel  42.2K"), root
+        assert "…" in root and len(root) <= app.query_one(ModuleTree).scrollable_content_region.width

@@ -86,6 +86,7 @@ class LorasMerged(Message):
 
 @dataclass
 class MemoryPlanned(Message):
+    request: dict[str, Any]  # plan_memory's keyword arguments, as the plan screen's controls made them
     plan: Any  # an inspector.plan MemoryPlan
 
 

@@ -35,7 +35,7 @@ from cogsurgeon.inspector.model_specs import known_specs
 from cogsurgeon.inspector.module_tree import ModuleNode, build_module_tree, fold_for_filter, narrow_inventory
 from cogsurgeon.inspector.patching import PatchBench, PatchRow
 from cogsurgeon.patches.errors import PatchParameterError
-from cogsurgeon.patches.parameters import format_value
+from cogsurgeon.patches.parameters import format_patch_spec, format_value
 from cogsurgeon.inspector.tui.messages import (
     ModelLoaded,
     PatchVerified,
@@ -482,7 +482,9 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         from cogsurgeon.inspector.tui.plan_screen import PlanScreen
 
         size = default_video_size(self.model.config) if self.model is not None else (49, 480, 720)
-        self.app.push_screen(PlanScreen(self.spec, size))
+        rows = self.patch_bench.rows(self.model)
+        applied = tuple(format_patch_spec(row.name, row.options) for row in rows if row.applied)
+        self.app.push_screen(PlanScreen(self.spec, size, applied, tuple(row.name for row in rows)))
 
 
 class ModelScreen(ModalScreen[str | None]):

@@ -379,7 +379,7 @@ class ModuleTree(ScrollView, can_focus=True):
             if any(child.info.name in self.patched_within for child in node.children if child.info is not None):
                 text.append("  [patched inside]", style="magenta")
             return text
-        text.append(title or node.label, style="bold")
+        text.append(self._fitted_title(title, node, info) if title else node.label, style="bold")
         if node.fold is not None:
             text.append(f" {node.fold.describe()}", style="bold")
         else:
@@ -390,6 +390,21 @@ class ModuleTree(ScrollView, can_focus=True):
         elif info.name in self.patched_within:
             text.append("  [patched inside]", style="magenta")
         return text
+
+
+    def _fitted_title(self, title: str, node: ModuleNode, info: ModuleInfo) -> str:
+        """The root's title (a model name, or a folder's path) with its middle elided so that the root's label fits
+        the tree's width: the class and size after it stay in view (a long path cut them off at 80 columns)."""
+        width = self.scrollable_content_region.width if self.is_mounted else 0
+        rest = len(f" {info.class_name}  {format_count(info.params)}") + 4 + len(self.ICON_OPEN)
+        room = width - rest
+        if not width or len(title) <= room or room < 12:
+            return title
+        keep = room - 1
+        return f"{title[:keep // 2]}…{title[len(title) - (keep - keep // 2):]}"
+
+    def on_resize(self) -> None:
+        self._labels.pop("", None)  # the root's title is fitted to the width
 
 
 def _within(key: str, ancestor_key: str) -> bool:
