@@ -320,12 +320,13 @@ async def test_the_filter_folds_a_run_of_blocks_as_modules_filter_does():
 @pilot_test
 async def test_scrollbars_stand_out_from_their_track_in_every_theme():
     """The details' scrollbar was dark teal on black in the default theme: the thumb must differ from the track (each
-    blended over the screen's background) by a quarter of the brightness scale, in every theme the app offers."""
+    blended over the screen's background) by a quarter of the brightness scale, in every theme the app offers. (The
+    ANSI themes draw with the terminal's own palette, whose colours are not known here: they are left out.)"""
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for_model(pilot)
         faint = []
-        for theme in sorted(app.available_themes):
+        for theme in sorted(name for name in app.available_themes if not name.startswith("ansi-")):
             app.theme = theme
             await pilot.pause()
             for selector in ("#details", "#tree", "#source"):
@@ -349,5 +350,5 @@ async def test_at_80_columns_a_long_folder_name_leaves_the_roots_class_and_size_
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for_model(pilot)
         root = drawn_rows(app.query_one(ModuleTree))[0]
-        assert root.endswith("transformer  CogVideoXTransformer3DModel  42.2K"), root
+        assert root.startswith("▼ a-folder-name-") and root.endswith("(folder)  CogVideoXTransformer3DModel  42.2K"), root
         assert "…" in root and len(root) <= app.query_one(ModuleTree).scrollable_content_region.width

@@ -578,7 +578,7 @@ class PatchesPanel(Vertical):
     def _room(self, rows: list[PatchRow]) -> int:
         """The columns that verdict, options and summary share: the table's width less the whole columns before them,
         DataTable's padding of one cell each side of every column, and the scrollbar."""
-        width = self.query_one(DataTable).size.width or self.size.width or 160
+        width = self.scrollable_content_region.width or self.app.size.width - 2  # the panel's, inside its border
         fixed = sum(max((self._cells(row)[index].cell_len for row in rows), default=len(self.HEADINGS[index]))
                     for index in range(self.FIXED_COLUMNS))
         return max(width - fixed - 2 * self.FIXED_COLUMNS - 2 - 2, 40)
