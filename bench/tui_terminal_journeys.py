@@ -41,7 +41,9 @@ class Terminal:
         """Press keys by tmux's names (Enter, Tab, BTab, Down, C-u, Space, BSpace) or single characters."""
         for key in keys:
             subprocess.run(["tmux", "send-keys", "-t", self.name, key], check=True)
-            time.sleep(0.15)
+            # Textual hands a key to the widget focused when it is read; a Tab's focus change lands a moment later,
+            # so on a busy machine the next key could reach the field just left: give it time
+            time.sleep(1.0 if key in ("Tab", "BTab", "Escape", "Enter") else 0.3)
 
     def type(self, text: str) -> None:
         subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", text], check=True)

@@ -352,3 +352,38 @@ async def test_at_80_columns_a_long_folder_name_leaves_the_roots_class_and_size_
         root = drawn_rows(app.query_one(ModuleTree))[0]
         assert root.startswith("▼ a-folder-name-") and root.endswith("(folder)  CogVideoXTransformer3DModel  42.2K"), root
         assert "…" in root and len(root) <= app.query_one(ModuleTree).scrollable_content_region.width
+
+
+def test_the_lora_screen_says_the_cores_flags_as_its_controls(tmp_path):
+    """The refusals the LoRA screen surfaces from the core (several steps, an output that exists, an alpha that
+    contradicts a stored one, a file given a step) name the screen's controls and no `cogsurgeon lora` flag."""
+    import re
+
+    from lora_helpers import save_cogvideo_checkpoint, train
+
+    from cogsurgeon.inspector.tui.lora_screen import in_screen_terms
+    from cogsurgeon.tools.lora import LoraCheckpointError, inspect_checkpoint
+    from cogsurgeon.tools.lora.publish import OutputError, refuse_existing_output
+
+    trained = train(rank=4, lora_alpha=2)
+    save_cogvideo_checkpoint(trained, tmp_path / "out" / "checkpoint-1")
+    save_cogvideo_checkpoint(trained, tmp_path / "out" / "checkpoint-2")
+    stored = save_cogvideo_checkpoint(trained, tmp_path / "stored", metadata=True)
+    messages = []
+    for call in (lambda: inspect_checkpoint(tmp_path / "out"),
+                 lambda: inspect_checkpoint(tmp_path / "out" / "checkpoint-1" / "pytorch_lora_weights.safetensors",
+                                            step=1),
+                 lambda: inspect_checkpoint(stored, alpha=3),
+                 lambda: refuse_existing_output(tmp_path / "out", False)):
+        with pytest.raises((LoraCheckpointError, OutputError)) as caught:
+            call()
+        messages.append(str(caught.value))
+    messages.append(inspect_checkpoint(tmp_path / "out" / "checkpoint-1").unsettled_alpha_message())
+    assert all("--" in message for message in messages), messages  # the core speaks of flags...
+    shown = [in_screen_terms(message) for message in messages]
+    flags = re.compile(r"--(alpha|trainer|step|latest|override-stored-alpha|force|out|to|bake-scale|base)(?![\w-])")
+    assert not [text for text in shown if flags.search(text)], shown  # ...the screen of its controls
+    assert "choose one in the step list" in shown[0]
+    assert "“override the stored lora_alpha”" in shown[2]
+    assert "“replace an earlier repair”" in shown[3]
+    assert "choose the trainer" in shown[4]

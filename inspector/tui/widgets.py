@@ -586,13 +586,15 @@ class PatchesPanel(Vertical):
     @staticmethod
     def shared_widths(needed: list[int], room: int) -> list[int]:
         """Widths for the columns after the fixed ones (verdict, options, summary), which share `room` columns: each
-        gets what its longest cell needs while leaving 12 to every column after it; the last gets what is left."""
+        gets what its longest cell needs while leaving 12 (and its padding) to every column after it; the last gets
+        what is left."""
         widths = []
         for index, need in enumerate(needed):
             later = len(needed) - index - 1
-            width = max(min(need, room - 12 * later), 1) if later else max(room, 1)
+            room -= 2  # DataTable pads each column by one cell on each side
+            width = max(min(need, room - 14 * later), 1) if later else max(room, 1)
             widths.append(width)
-            room -= width + 2  # DataTable pads each column by one cell on each side
+            room -= width
         return widths
 
     @classmethod
