@@ -466,6 +466,7 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
             return
         self.query_one("#lora-alpha", Input).value = f"{report.alpha:g}" if report.alpha is not None else ""
         self.show_state(replace(self.state, steps=message.steps, report=report))
+        self.query_one("#lora-findings").scroll_visible(animate=False)  # a result below the fold comes into view
         self.notify(f"inspected {message.request.describe()}: {report.format}, rank {report.rank}, "
                     f"{'lora_alpha ' + format(report.alpha, 'g') if report.alpha is not None else 'lora_alpha unknown'}",
                     title="LoRA inspect")
@@ -584,6 +585,7 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
             return
         self.show_state(replace(self.state, repaired=(message.repair, result), verified=None))
         self.query_one("#lora-adapter", Input).value = shown_path(result.out_dir)
+        self.query_one("#lora-repair-result").scroll_visible(animate=False)  # a result below the fold comes into view
         self.repair_total = max(result.bytes_written, 1)
         self.repair_done = self.repair_total
         self.notify(f"repaired {message.request.describe()} into {shown_path(result.out_dir)}", title="LoRA")
@@ -637,6 +639,7 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
         if message.adapter_dir != self.query_one("#lora-adapter", Input).value.strip():
             return  # the verification of an adapter this screen no longer shows
         self.show_state(replace(self.state, verified=(message.adapter_dir, message.base, message.report)))
+        self.query_one("#lora-verify-result").scroll_visible(animate=False)  # a result below the fold comes into view
 
     # 4. merge
 
@@ -680,6 +683,7 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
         self.notify(f"merged {message.request.describe()} into {shown_path(message.result.out_dir)}",
                     title="LoRA merge")
         self.show_state(replace(self.state, merged=(message.request, message.result)))
+        self.query_one("#merge-result").scroll_visible(animate=False)  # a result below the fold comes into view
         self.merge_total = self.merge_done = 1
 
     # the workers' ends and failures
