@@ -167,19 +167,22 @@ def plan(term: Terminal) -> None:
     term.keys("Tab", "Tab")  # past dtype, to GPU memory
     term.type("40MiB")
     term.keys("Enter")
-    term.save("plan", "training lora:4, causal-attention", "does not fit", timeout=300)
+    term.save("plan", "training lora:4, causal-attention", "peak", timeout=300)  # the rest of it below the fold
     term.keys("Escape")
 
 
-def run(size: tuple[int, int], python: str) -> dict[str, float]:
+JOURNEYS = {"browse_and_patch": (browse_and_patch, "tiny"), "lora": (lora, "tiny-i2v"), "plan": (plan, "tiny")}
+
+
+def run(size: tuple[int, int], python: str, journeys: list[str]) -> dict[str, float]:
     label = f"{size[0]}x{size[1]}"
     saved = RESULTS / label
-    shutil.rmtree(saved, ignore_errors=True)
     quit_seconds = {}
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
         make_checkpoints(work_dir)
-        for journey, spec in ((browse_and_patch, "tiny"), (lora, "tiny-i2v"), (plan, "tiny")):
+        for journey, spec in (JOURNEYS[name] for name in journeys):
+            shutil.rmtree(saved / journey.__name__, ignore_errors=True)
             print(f"{label} {journey.__name__}")
             term = Terminal(f"cogsurgeon-{journey.__name__}", size,
                             f"{python} -m cogsurgeon.inspector {spec}", work_dir, saved / journey.__name__)
@@ -192,12 +195,13 @@ def run(size: tuple[int, int], python: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", action="append", help="COLSxROWS (default: 80x24 and 160x48)")
+    parser.add_argument("--journey", action="append", choices=sorted(JOURNEYS), help="default: all three")
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sizes = [tuple(int(n) for n in text.split("x")) for text in (args.size or ["80x24", "160x48"])]
     for size in sizes:
-        run(size, args.python)
+        run(size, args.python, args.journey or list(JOURNEYS))
 
 
 if __name__ == "__main__":
