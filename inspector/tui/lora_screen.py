@@ -297,6 +297,7 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
         self.base_spec = base_spec
         self.state = LoraState()
         self._last_percent: dict[str, int] = {}
+        self._steps_offered: list[tuple[str, str]] | None = None  # what the step list offers now
 
     # the one state, rendered
 
@@ -339,8 +340,8 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
         steps = state.report.steps if state.report is not None and state.report.steps else state.steps
         options = [(f"latest (step {max(steps)})", "latest"), *((f"step {step}", str(step)) for step in steps)] \
             if steps else []
-        if getattr(select, "_offered", None) != options:
-            select._offered = options  # type: ignore[attr-defined]
+        if self._steps_offered != options:
+            self._steps_offered = options
             with select.prevent(Select.Changed):
                 select.set_options(options)
                 request = state.request
@@ -425,9 +426,8 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
             self.notify("enter the path of a LoRA checkpoint", severity="warning")
             return
         if path != self.state.checkpoint:  # another checkpoint: its own step, from none
-            select = self.query_one("#lora-step", Select)
-            select._offered = None  # type: ignore[attr-defined]
-            select.set_options([])
+            self._steps_offered = None
+            self.query_one("#lora-step", Select).set_options([])
         self._start_inspect(self._inspect_request(path), new_checkpoint=path != self.state.checkpoint)
 
     def _start_inspect(self, request: InspectRequest, new_checkpoint: bool) -> None:
@@ -442,17 +442,19 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="lora-inspect", description="inspect failed")
     def _inspect(self, request: InspectRequest) -> None:
-        from cogsurgeon.tools.lora.checkpoint import checkpoint_steps, inspect_checkpoint
+        from cogsurgeon.tools.lora.checkpoint import LoraCheckpointError, checkpoint_steps, inspect_checkpoint
 
         folder = Path(request.checkpoint).expanduser()
         steps = tuple(checkpoint_steps(folder)) if folder.is_dir() else ()
-        has_own = folder.is_dir() and any((folder / name).is_file() for name in (
-            "pytorch_lora_weights.safetensors", "adapter_model.safetensors"))
-        if len(steps) > 1 and request.step is None and not request.latest and not has_own:
-            self.post_message(CheckpointInspected(request, None, steps))  # the step list asks which one
-            return
-        self.post_message(CheckpointInspected(request, inspect_checkpoint(request.checkpoint, **request.options()),
-                                              steps))
+        try:
+            report = inspect_checkpoint(request.checkpoint, **request.options())
+        except LoraCheckpointError:
+            if len(steps) > 1 and request.step is None and not request.latest:
+                # an output folder of several checkpoints, none chosen: the step list asks which one
+                self.post_message(CheckpointInspected(request, None, steps))
+                return
+            raise
+        self.post_message(CheckpointInspected(request, report, steps))
 
     def on_checkpoint_inspected(self, message: CheckpointInspected) -> None:
         if message.request != self.state.request or self.state.report is not None:
