@@ -184,7 +184,7 @@ def run(size: tuple[int, int], python: str, journeys: list[str]) -> dict[str, fl
         for journey, spec in (JOURNEYS[name] for name in journeys):
             shutil.rmtree(saved / journey.__name__, ignore_errors=True)
             print(f"{label} {journey.__name__}")
-            term = Terminal(f"cogsurgeon-{journey.__name__}", size,
+            term = Terminal(f"cogsurgeon-{journey.__name__}-{label}", size,
                             f"{python} -m cogsurgeon.inspector {spec}", work_dir, saved / journey.__name__)
             journey(term)
             quit_seconds[journey.__name__] = term.quit()
