@@ -138,7 +138,8 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
             result.update(Text(f"could not plan: {state.error}", style="bold red"))
         elif state.request is not None:
             result.update(Text("planning…", style="dim"))
-        result.scroll_visible(animate=False, top=True)  # below the controls at 80x24: the answer comes into view
+        # below the controls at 80x24: the answer comes into view, once laid out at its new height
+        self.call_after_refresh(result.scroll_visible, animate=False, top=True)
 
     def request(self) -> dict[str, Any]:
         """plan_memory's keyword arguments from the controls; a PlanError names the control that is wrong."""
