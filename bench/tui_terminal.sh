@@ -6,10 +6,17 @@
 #   bench/tui_terminal.sh [MODEL]                                   # warm inventory cache (the usual start)
 #   COGSURGEON_CACHE_DIR=$(mktemp -d) bench/tui_terminal.sh [MODEL] # cold cache: the tree waits for the model
 #
+#   bench/tui_terminal.sh journeys [--size 80x24]                  # the workflows, by keys, at 80x24 and 160x48:
+#                                                                    screens kept in bench/results/tui_terminal/
+#
 # PYTHON defaults to the interpreter on PATH; the screen after Enter is left in /tmp/cogsurgeon_tui_screen.txt.
 set -u
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
+if [ "${1:-}" = journeys ]; then
+  shift
+  exec "$PYTHON" bench/tui_terminal_journeys.py --python "$PYTHON" "$@"
+fi
 SESSION=cogsurgeon-bench
 EXIT_FILE=$(mktemp)
 rm -f "$EXIT_FILE"

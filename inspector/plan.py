@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import re
 import weakref
+from itertools import combinations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
@@ -1048,6 +1049,20 @@ def candidate_switches(settings: PlanSettings) -> list[tuple[str, PlanSettings]]
     return candidates
 
 
+def switch_combinations(settings: PlanSettings, switches: list[tuple[str, PlanSettings]],
+                        size: int) -> list[tuple[str, PlanSettings]]:
+    """Every `size` of the single `switches` together (pure): their names joined ("--checkpointing --batch 1") and
+    the settings each leads to, the changes of each from `settings` applied in turn."""
+    combined = []
+    for group in combinations(switches, size):
+        alternative = settings
+        for _, single in group:
+            alternative = replace(alternative, **{field.name: getattr(single, field.name) for field in fields(single)
+                                                  if getattr(single, field.name) != getattr(settings, field.name)})
+        combined.append((" ".join(name for name, _ in group), alternative))
+    return combined
+
+
 def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480, width: int = 720, batch: int = 2,
                 dtype: str | None = None, train: TrainMode | str | None = None, checkpointing: bool = False,
                 patches: Sequence[str] = (), vae: bool = False, tiling: bool = False,
@@ -1127,9 +1142,17 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     plan = MemoryPlan(settings, phases, card, notes=_notes(settings))
     suggestions = []
     if card is not None and not plan.fits:
-        for switch, alternative in candidate_switches(settings):
-            peak = max(phase.peak_bytes for phase in _plan_phases(resolved.spec, config, alternative))
-            suggestions.append(Suggestion(switch, peak, peak <= card))
+        # each switch alone; while none fits, every two together, then three...: the fewest switches that fit (and,
+        # when even all of them do not, that too)
+        singles = candidate_switches(settings)
+        for size in range(1, len(singles) + 1):
+            tried = []
+            for switch, alternative in switch_combinations(settings, singles, size):
+                peak = max(phase.peak_bytes for phase in _plan_phases(resolved.spec, config, alternative))
+                tried.append(Suggestion(switch, peak, peak <= card))
+            suggestions += [s for s in tried if size == 1 or s.fits or size == len(singles)]
+            if any(s.fits for s in tried):
+                break
     return replace(plan, suggestions=tuple(suggestions))
 
 

@@ -101,6 +101,20 @@ def test_candidate_switches():
     assert candidate_switches(inference) == []
 
 
+def test_switch_combinations_apply_every_switch_of_a_group():
+    from cogsurgeon.inspector.plan import PlanSettings, switch_combinations
+
+    full = PlanSettings("cogvideox-5b", 49, 480, 720, 4, "bfloat16", train=TrainMode("full"))
+    singles = candidate_switches(full)
+    pairs = dict(switch_combinations(full, singles, 2))
+    assert list(pairs) == ["--checkpointing --train lora:128", "--checkpointing --batch 2", "--train lora:128 --batch 2"]
+    both = pairs["--checkpointing --batch 2"]
+    assert (both.checkpointing, both.batch, both.train) == (True, 2, TrainMode("full"))
+    (name, everything), = switch_combinations(full, singles, 3)
+    assert name == "--checkpointing --train lora:128 --batch 2"
+    assert (everything.checkpointing, everything.batch, everything.train.kind) == (True, 2, "lora")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Closed-form accounting on meta
 
@@ -220,9 +234,25 @@ def test_fits_and_suggestions():
     plan = plan_memory("tiny", frames=9, height=64, width=64, batch=2, train="lora:4", gpu_memory=10_000)
     document = plan.to_json()
     assert document["fits"] is False
-    assert [s["switch"] for s in document["suggestions"]] == ["--checkpointing", "--batch 1"]
+    # neither alone nor both together fit 10 kB: both are tried, and said to be too large
+    assert [s["switch"] for s in document["suggestions"]] == ["--checkpointing", "--batch 1", "--checkpointing --batch 1"]
+    assert not any(s["fits"] for s in document["suggestions"])
     roomy = plan_memory("tiny", frames=9, height=64, width=64, batch=2, gpu_memory="1GiB")
     assert roomy.fits is True and roomy.suggestions == ()
+
+
+def test_a_combination_that_fits_is_suggested_when_no_single_switch_does():
+    """Checkpointing alone and batch 1 alone are too large for this card; the two together fit (issue 22)."""
+    singles = {switch: plan_memory("tiny", frames=9, height=64, width=64, train="lora:4", **options).peak_bytes
+               for switch, options in (("--checkpointing", {"checkpointing": True, "batch": 2}),
+                                       ("--batch 1", {"batch": 1}))}
+    both = plan_memory("tiny", frames=9, height=64, width=64, batch=1, train="lora:4", checkpointing=True).peak_bytes
+    card = (both + min(singles.values())) // 2
+    assert both <= card < min(singles.values())
+    plan = plan_memory("tiny", frames=9, height=64, width=64, batch=2, train="lora:4", gpu_memory=card)
+    assert [(s.switch, s.peak_bytes, s.fits) for s in plan.suggestions] == [
+        ("--checkpointing", singles["--checkpointing"], False), ("--batch 1", singles["--batch 1"], False),
+        ("--checkpointing --batch 1", both, True)]
 
 
 def test_vae_decode_tiling_lowers_the_peak():

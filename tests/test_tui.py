@@ -491,7 +491,7 @@ async def test_lora_screen_inspects_repairs_and_verifies_a_cogvideo_checkpoint(t
         progress = app.screen.query_one("#lora-progress")
         assert progress.percentage == 1.0
         result = shown_text(app.screen.query_one("#lora-repair-result"))
-        assert result.startswith("wrote checkpoint-10-adapter from checkpoint-10: ") and "(lora_alpha 2)" in result
+        assert result.startswith("wrote checkpoint-10-adapter from checkpoint-10: ") and "(lora_alpha 2, for peft, diffusers)" in result
         config = (tmp_path / "checkpoint-10-adapter" / "adapter_config.json").read_text()
         assert '"lora_alpha": 2' in config
 

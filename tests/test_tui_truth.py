@@ -120,10 +120,11 @@ async def test_a_new_checkpoint_resets_everything_computed_for_the_last_one(tmp_
         assert not screen.query_one("#lora-verify-result").display
         assert "out/checkpoint-900" in shown_text(screen.query_one("#lora-findings"))
         assert screen.query_one("#lora-verify").disabled  # nothing to verify for B yet: never A's adapter
+        assert screen.query_one("#lora-adapter").value == ""
         screen.query_one("#lora-base").focus()
         await pilot.press("enter")  # the base field's Enter asks for a verify too
         await settle(pilot)
-        assert "repair a checkpoint first" in notifications(app)[-1]
+        assert "enter an adapter folder to verify" in notifications(app)[-1]
         assert not screen.query_one("#lora-verify-result").display
 
         screen.query_one("#lora-alpha").value = "4"
@@ -314,3 +315,75 @@ async def test_the_filter_folds_a_run_of_blocks_as_modules_filter_does():
                             "transformer_blocks (0-1): 2 × CogVideoXBlock  38.6K", "0  CogVideoXBlock  19.3K",
                             "attn1  Attention  4.29K"], rows
         assert "1  CogVideoXBlock  19.3K" not in rows and rows.count("attn1  Attention  4.29K") == 1
+
+
+@pilot_test
+async def test_scrollbars_stand_out_from_their_track_in_every_theme():
+    """The details' scrollbar was dark teal on black in the default theme: the thumb must differ from the track (each
+    blended over the screen's background) by a quarter of the brightness scale, in every theme the app offers. (The
+    ANSI themes draw with the terminal's own palette, whose colours are not known here: they are left out.)"""
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        faint = []
+        for theme in sorted(name for name in app.available_themes if not name.startswith("ansi-")):
+            app.theme = theme
+            await pilot.pause()
+            for selector in ("#details", "#tree", "#source"):
+                styles = app.query_one(selector).styles
+                track = app.screen.styles.background + styles.scrollbar_background
+                thumb = track + styles.scrollbar_color
+                if abs(thumb.brightness - track.brightness) < 0.25:
+                    faint.append((theme, selector, thumb.hex, track.hex))
+        assert not faint, faint
+
+
+@pilot_test
+async def test_at_80_columns_a_long_folder_name_leaves_the_roots_class_and_size_in_view(tmp_path, tiny_model):
+    from test_tui import drawn_rows
+
+    from cogsurgeon.inspector.tui.widgets import ModuleTree
+
+    folder = tmp_path / ("a-folder-name-long-enough-to-fill-a-row-" * 2) / "transformer"
+    tiny_model.save_pretrained(str(folder))
+    app = CogsurgeonApp(str(folder))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for_model(pilot)
+        root = drawn_rows(app.query_one(ModuleTree))[0]
+        assert root.startswith("▼ a-folder-name-") and root.endswith("(folder)  CogVideoXTransformer3DModel  42.2K"), root
+        assert "…" in root and len(root) <= app.query_one(ModuleTree).scrollable_content_region.width
+
+
+def test_the_lora_screen_says_the_cores_flags_as_its_controls(tmp_path):
+    """The refusals the LoRA screen surfaces from the core (several steps, an output that exists, an alpha that
+    contradicts a stored one, a file given a step) name the screen's controls and no `cogsurgeon lora` flag."""
+    import re
+
+    from lora_helpers import save_cogvideo_checkpoint, train
+
+    from cogsurgeon.inspector.tui.lora_screen import in_screen_terms
+    from cogsurgeon.tools.lora import LoraCheckpointError, inspect_checkpoint
+    from cogsurgeon.tools.lora.publish import OutputError, refuse_existing_output
+
+    trained = train(rank=4, lora_alpha=2)
+    save_cogvideo_checkpoint(trained, tmp_path / "out" / "checkpoint-1")
+    save_cogvideo_checkpoint(trained, tmp_path / "out" / "checkpoint-2")
+    stored = save_cogvideo_checkpoint(trained, tmp_path / "stored", metadata=True)
+    messages = []
+    for call in (lambda: inspect_checkpoint(tmp_path / "out"),
+                 lambda: inspect_checkpoint(tmp_path / "out" / "checkpoint-1" / "pytorch_lora_weights.safetensors",
+                                            step=1),
+                 lambda: inspect_checkpoint(stored, alpha=3),
+                 lambda: refuse_existing_output(tmp_path / "out", False)):
+        with pytest.raises((LoraCheckpointError, OutputError)) as caught:
+            call()
+        messages.append(str(caught.value))
+    messages.append(inspect_checkpoint(tmp_path / "out" / "checkpoint-1").unsettled_alpha_message())
+    assert all("--" in message for message in messages), messages  # the core speaks of flags...
+    shown = [in_screen_terms(message) for message in messages]
+    flags = re.compile(r"--(alpha|trainer|step|latest|override-stored-alpha|force|out|to|bake-scale|base)(?![\w-])")
+    assert not [text for text in shown if flags.search(text)], shown  # ...the screen of its controls
+    assert "choose one in the step list" in shown[0]
+    assert "“override the stored lora_alpha”" in shown[2]
+    assert "“replace an earlier repair”" in shown[3]
+    assert "choose the trainer" in shown[4]

@@ -59,13 +59,15 @@ class PatchVerified(Message):
 
 @dataclass
 class CheckpointInspected(Message):
-    path: str  # the checkpoint as given
-    report: Any  # a tools.lora LoraReport
+    request: Any  # the LoRA screen's InspectRequest: the checkpoint as given, trainer, step, override
+    report: Any  # a tools.lora LoraReport; None when the folder holds several checkpoints and none was chosen
+    steps: tuple[int, ...] = ()  # the checkpoints of the folder given, by step
 
 
 @dataclass
 class CheckpointRepaired(Message):
-    path: str  # the checkpoint repaired, as given
+    request: Any  # the InspectRequest of the checkpoint repaired
+    repair: Any  # the RepairRequest: output folder, alpha, consumers, bake-scale, force
     result: Any  # a tools.lora RepairResult
 
 
@@ -77,7 +79,14 @@ class AdapterVerified(Message):
 
 
 @dataclass
+class LorasMerged(Message):
+    request: Any  # the LoRA screen's MergeRequest: base, LoRAs with weights, output folder
+    result: Any  # a tools.lora.merge MergeResult
+
+
+@dataclass
 class MemoryPlanned(Message):
+    request: dict[str, Any]  # plan_memory's keyword arguments, as the plan screen's controls made them
     plan: Any  # an inspector.plan MemoryPlan
 
 

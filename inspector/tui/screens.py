@@ -35,7 +35,7 @@ from cogsurgeon.inspector.model_specs import known_specs
 from cogsurgeon.inspector.module_tree import ModuleNode, build_module_tree, fold_for_filter, narrow_inventory
 from cogsurgeon.inspector.patching import PatchBench, PatchRow
 from cogsurgeon.patches.errors import PatchParameterError
-from cogsurgeon.patches.parameters import format_value
+from cogsurgeon.patches.parameters import format_patch_spec, format_value
 from cogsurgeon.inspector.tui.messages import (
     ModelLoaded,
     PatchVerified,
@@ -162,7 +162,8 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         return SlowLoadingIndicator(f"loading {self.opening}")  # set by open() before any pane is loading
 
     def on_mount(self) -> None:
-        self.query_one("#patches", PatchesPanel).border_title = "patches"
+        patches = self.query_one("#patches", PatchesPanel)
+        patches.border_title, patches.border_subtitle = "patches", PatchesPanel.KEYS_HINT
         self.query_one("#details").border_title = "details"
         # a watcher runs as the filter's text changes, so the narrowed tree goes out in the same screen update as
         # the typed character (an Input.Changed message arrives after that update, a second one at 60 fps)
@@ -361,7 +362,8 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
 
     @on(PatchesPanel.Requested)
     def _patch_requested(self, event: PatchesPanel.Requested) -> None:
-        handlers = {"toggle": self.toggle_patch, "verify": self.verify_patch, "options": self.edit_patch_options}
+        handlers = {"toggle": self.toggle_patch, "verify": self.verify_patch, "options": self.edit_patch_options,
+                    "show": self.show_patch_row}
         handlers[event.what](event.name)
 
     def toggle_patch(self, name: str, apply: bool | None = None) -> None:
@@ -379,6 +381,11 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         # a second patch may leave every processor as it was (the inventory, so `loaded`, compares equal and its
         # watcher does not run): the state column is refreshed here in any case
         self.refresh_patches()
+
+    def show_patch_row(self, name: str) -> None:
+        """Enter on a patch: its whole row (state, verdict, options, summary) in a popup, wrapped to the terminal."""
+        row = next(row for row in self.patch_bench.rows(self.model) if row.name == name)
+        self.app.push_screen(PatchRowScreen(row))
 
     def edit_patch_options(self, name: str) -> None:
         """Open the options dialog of patch `name`; what it sets is applied by `set_patch_options`."""
@@ -475,7 +482,9 @@ class MainScreen(ReportsWorkerFailures, Screen[None]):
         from cogsurgeon.inspector.tui.plan_screen import PlanScreen
 
         size = default_video_size(self.model.config) if self.model is not None else (49, 480, 720)
-        self.app.push_screen(PlanScreen(self.spec, size))
+        rows = self.patch_bench.rows(self.model)
+        applied = tuple(format_patch_spec(row.name, row.options) for row in rows if row.applied)
+        self.app.push_screen(PlanScreen(self.spec, size, applied, tuple(row.name for row in rows)))
 
 
 class ModelScreen(ModalScreen[str | None]):
@@ -530,6 +539,28 @@ class HelpScreen(ModalScreen[None]):
             yield Label("Keys", id="help-title")
             yield Static(Text("\n").join(lines), id="help-keys")
             yield Static("escape closes", id="help-hint")
+
+
+class PatchRowScreen(ModalScreen[None]):
+    """A patch's whole row, wrapped: what the panel cuts to fit (a long verdict, options, summary) at 80 columns."""
+
+    BINDINGS = [Binding("escape,enter,q", "dismiss(None)", "Close", id="patch-row.close")]
+
+    def __init__(self, row: PatchRow) -> None:
+        super().__init__()
+        self.row = row
+
+    def compose(self) -> ComposeResult:
+        from cogsurgeon.inspector.tui.widgets import facts_table
+
+        row = self.row
+        with VerticalScroll(id="patch-row-dialog"):
+            yield Label(row.name, id="patch-row-title")
+            yield Static(facts_table([("state", "applied" if row.applied else "off"),
+                                      ("verify", row.verdict or "not verified"),
+                                      ("options", row.options_text or "none"),
+                                      ("summary", row.summary)]), id="patch-row-facts")
+            yield Static("escape closes; space, v and o act on this row in the panel", id="patch-row-hint")
 
 
 class PatchOptionsScreen(ModalScreen[dict[str, str] | None]):

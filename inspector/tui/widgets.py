@@ -379,7 +379,7 @@ class ModuleTree(ScrollView, can_focus=True):
             if any(child.info.name in self.patched_within for child in node.children if child.info is not None):
                 text.append("  [patched inside]", style="magenta")
             return text
-        text.append(title or node.label, style="bold")
+        text.append(self._fitted_title(title, node, info) if title else node.label, style="bold")
         if node.fold is not None:
             text.append(f" {node.fold.describe()}", style="bold")
         else:
@@ -390,6 +390,21 @@ class ModuleTree(ScrollView, can_focus=True):
         elif info.name in self.patched_within:
             text.append("  [patched inside]", style="magenta")
         return text
+
+
+    def _fitted_title(self, title: str, node: ModuleNode, info: ModuleInfo) -> str:
+        """The root's title (a model name, or a folder's path) with its middle elided so that the root's label fits
+        the tree's width: the class and size after it stay in view (a long path cut them off at 80 columns)."""
+        width = self.scrollable_content_region.width if self.is_mounted else 0
+        rest = len(f" {info.class_name}  {format_count(info.params)}") + 4 + len(self.ICON_OPEN)
+        room = width - rest
+        if not width or len(title) <= room or room < 12:
+            return title
+        keep = room - 1
+        return f"{title[:keep // 2]}…{title[len(title) - (keep - keep // 2):]}"
+
+    def on_resize(self) -> None:
+        self._labels.pop("", None)  # the root's title is fitted to the width
 
 
 def _within(key: str, ancestor_key: str) -> bool:
@@ -492,13 +507,14 @@ class SourceView(VerticalScroll):
 
 
 class PatchTable(DataTable[Any]):
-    """The patches' rows: Home and End move the cursor to the first and last patch, as in the tree (DataTable's own
-    Home/End scroll sideways and leave the cursor where it was)."""
+    """The patches' rows: Home/End and PageUp/PageDown move the cursor, as in the tree (DataTable's own Home/End scroll
+    sideways and leave the cursor where it was). Long cells are cut to the width the table has, never scrolled to:
+    Enter shows the whole row in a popup."""
 
     BINDINGS = [
         Binding("home", "scroll_top", "First", show=False),
         Binding("end", "scroll_bottom", "Last", show=False),
-    ]
+    ]  # PageUp/PageDown: DataTable's own move the cursor
 
 
 class PatchesPanel(Vertical):
@@ -506,10 +522,16 @@ class PatchesPanel(Vertical):
     one under the cursor, `v` verifies it on the tiny models, `o` edits its options."""
 
     BINDINGS = [
-        Binding("space", "request('toggle')", "Apply/revert", id="patches.toggle"),
-        Binding("v", "request('verify')", "Verify", id="patches.verify"),
-        Binding("o", "request('options')", "Options", id="patches.options"),
+        # not in the footer, which they would push past 80 columns: the panel's border lists them (KEYS_HINT)
+        Binding("space", "request('toggle')", "Apply/revert", id="patches.toggle", show=False),
+        Binding("v", "request('verify')", "Verify", id="patches.verify", show=False),
+        Binding("o", "request('options')", "Options", id="patches.options", show=False),
+        # listed by ?: the table's own Enter selects the row, which asks for it (`_row_selected`)
+        Binding("enter", "request('show')", "Whole row (options, summary)", id="patches.show", show=False),
     ]
+    KEYS_HINT = "space apply/revert · v verify · o options · enter whole row"
+    HEADINGS = ("patch", "state", "verify", "options", "summary")
+    FIXED_COLUMNS = 2  # patch and state: shown whole; verify, options and summary share what is left
 
     @dataclass
     class Requested(Message):
@@ -520,31 +542,87 @@ class PatchesPanel(Vertical):
 
     def compose(self) -> ComposeResult:
         table = PatchTable(id="patches-table", cursor_type="row", zebra_stripes=False)
-        self.columns = table.add_columns("patch", "state", "verify", "options", "summary")
+        self.columns = table.add_columns(*self.HEADINGS)
         yield table
 
     def show_rows(self, rows: list[PatchRow]) -> None:
         """Show `rows`. The same patches as before are updated cell by cell, so the cursor and the scroll position
         stay where the user left them: an action always applies to the row that was under the cursor."""
+        self.rows = rows
         table = self.query_one(DataTable)
-        cells = [self._cells(row) for row in rows]
-        if [str(key.value) for key in table.rows] == [row.name for row in rows]:
+        room = self._room(rows)
+        cells = self._fitted_rows(rows, room)
+        if [str(key.value) for key in table.rows] == [row.name for row in rows] and room == self._room_used:
             for row, values in zip(rows, cells):
                 for column, value in zip(self.columns, values):
                     table.update_cell(row.name, column, value, update_width=True)
             return
-        cursor = table.cursor_row
-        table.clear()
+        # other patches, or another width (a column only grows in place): rebuilt, the cursor and scroll kept
+        self._room_used = room
+        cursor, scroll_y = table.cursor_row, table.scroll_y
+        table.clear(columns=True)
+        self.columns = table.add_columns(*self.HEADINGS)
         for row, values in zip(rows, cells):
             table.add_row(*values, key=row.name)
         if rows:
-            table.move_cursor(row=min(cursor, len(rows) - 1))
+            table.move_cursor(row=min(cursor, len(rows) - 1), scroll=False)
+            table.scroll_to(y=scroll_y, animate=False, immediate=True)
+
+    rows: list[PatchRow] = []
+    _room_used = 0
+
+    def on_resize(self) -> None:
+        if self.rows:
+            self.show_rows(self.rows)
+
+    def _room(self, rows: list[PatchRow]) -> int:
+        """The columns that verdict, options and summary share: the table's width less the whole columns before them,
+        DataTable's padding of one cell each side of every column, and the scrollbar."""
+        width = self.scrollable_content_region.width or self.app.size.width - 2  # the panel's, inside its border
+        fixed = sum(max((self._cells(row)[index].cell_len for row in rows), default=len(self.HEADINGS[index]))
+                    for index in range(self.FIXED_COLUMNS))
+        return max(width - fixed - 2 * self.FIXED_COLUMNS - 2 - 2, 40)
+
+    @staticmethod
+    def shared_widths(needed: list[int], room: int) -> list[int]:
+        """Widths for the columns after the fixed ones (verdict, options, summary), which share `room` columns: each
+        gets what its longest cell needs while leaving 12 (and its padding) to every column after it; the last gets
+        what is left."""
+        widths = []
+        for index, need in enumerate(needed):
+            later = len(needed) - index - 1
+            room -= 2  # DataTable pads each column by one cell on each side
+            width = max(min(need, room - 14 * later), 1) if later else max(room, 1)
+            widths.append(width)
+            room -= width
+        return widths
+
+    @classmethod
+    def _fitted_rows(cls, rows: list[PatchRow], room: int) -> list[tuple[Text, ...]]:
+        """Every row's cells, those after the fixed columns cut with … to the widths they share."""
+        cells = [cls._cells(row) for row in rows]
+        fixed = cls.FIXED_COLUMNS
+        needed = [max((row[index].cell_len for row in cells), default=0) for index in range(fixed, len(cls.HEADINGS))]
+        widths = cls.shared_widths(needed, room)
+        fitted = []
+        for row in cells:
+            shared = []
+            for cell, width in zip(row[fixed:], widths):
+                cell = cell.copy()
+                cell.truncate(width, overflow="ellipsis")
+                shared.append(cell)
+            fitted.append((*row[:fixed], *shared))
+        return fitted
 
     @staticmethod
     def _cells(row: PatchRow) -> tuple[Text, ...]:
         state = Text("applied", style="bold magenta") if row.applied else Text("off", style="dim")
         # Text, not str: a summary such as "[text ; video]" is not markup
         return Text(row.name), state, Text(row.verdict or "-"), Text(row.options_text), Text(row.summary)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        self.post_message(self.Requested(str(event.row_key.value), "show"))
 
     def action_request(self, what: str) -> None:
         table = self.query_one(DataTable)

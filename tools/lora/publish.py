@@ -172,6 +172,27 @@ def manifest_for(folder: Path, names: list[str], kind: OutputKind = REPAIR,
     }
 
 
+def recorded_source(folder: str | Path) -> dict[str, Any] | None:
+    """The source checkpoint a repair's manifest in `folder` records (its `source`: path, file, lora_alpha, …), or
+    None when `folder` holds no readable repair manifest naming one. Reads one small file; changes nothing."""
+    try:
+        manifest = json.loads((Path(folder) / REPAIR.manifest_name).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    source = manifest.get("source") if isinstance(manifest, dict) else None
+    return source if isinstance(source, dict) and isinstance(source.get("file"), str) else None
+
+
+def records_another_source(folder: str | Path, checkpoint_file: str | Path) -> str | None:
+    """The source file recorded by the repair manifest in `folder` when it is not `checkpoint_file` (the weights file
+    a repair would now read): replacing that folder would put another checkpoint's adapter under its name."""
+    source = recorded_source(folder)
+    if source is None:
+        return None
+    recorded = Path(source["file"])
+    return None if recorded == Path(checkpoint_file).absolute() else str(recorded)
+
+
 @dataclass(frozen=True)
 class EarlierRepair:
     """A folder at `--out` that is exactly what an earlier repair published: its manifest, byte for byte."""
