@@ -18,6 +18,7 @@ from textual.binding import Binding
 from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, resolve_spec
 from cogsurgeon.inspector.tui.commands import CogsurgeonCommands
 from cogsurgeon.inspector.tui.screens import MainScreen
+from cogsurgeon.inspector.tui.user_writes import wait_for_user_writes
 
 
 class DaemonThreadExecutor(ThreadPoolExecutor):
@@ -90,7 +91,9 @@ def run_app(spec: str | None = None) -> None:
     app.run()
     # Quitting: the terminal is restored and the app's work is done; what is left is the interpreter's teardown of
     # torch and diffusers (4-5 s on a loaded 2-core machine, most of the time ctrl+q took). The process ends here,
-    # with the app's exit code, after flushing its output.
+    # with the app's exit code, after any repair or merge still writing the user's files has ended and the output is
+    # flushed.
+    wait_for_user_writes(lambda line: print(line, file=sys.stderr, flush=True))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(app.return_code or 0)

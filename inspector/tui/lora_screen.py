@@ -39,6 +39,7 @@ from cogsurgeon.inspector.tui.messages import (
     describe_failure,
 )
 from cogsurgeon.inspector.tui.widgets import facts_table
+from cogsurgeon.inspector.tui.user_writes import writing_user_files
 from cogsurgeon.tools.lora.keys import TRAINERS
 
 OVERRIDE_LABEL = "override the stored lora_alpha"
@@ -561,10 +562,11 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
     def _repair(self, inspect: InspectRequest, request: RepairRequest) -> None:
         from cogsurgeon.tools.lora import repair_checkpoint
 
-        result = repair_checkpoint(inspect.checkpoint, request.out_dir, alpha=request.alpha, force=request.force,
-                                   to=",".join(request.consumers), bake_scale=request.bake_scale,
-                                   progress=lambda done, total: self._progress_from_thread("repair", done, total),
-                                   **inspect.options())
+        with writing_user_files():
+            result = repair_checkpoint(inspect.checkpoint, request.out_dir, alpha=request.alpha, force=request.force,
+                                       to=",".join(request.consumers), bake_scale=request.bake_scale,
+                                       progress=lambda done, total: self._progress_from_thread("repair", done, total),
+                                       **inspect.options())
         self.post_message(CheckpointRepaired(inspect, request, result))
 
     def _progress_from_thread(self, what: str, done_bytes: int, total_bytes: int) -> None:
@@ -676,9 +678,10 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
     def _merge(self, request: MergeRequest) -> None:
         from cogsurgeon.tools.lora.merge import LoraSpec, merge_loras
 
-        result = merge_loras(request.base, [LoraSpec(path, weight) for path, weight in request.loras],
-                             request.out_dir, force=request.force,
-                             progress=lambda done, total: self._progress_from_thread("merge", done, total))
+        with writing_user_files():
+            result = merge_loras(request.base, [LoraSpec(path, weight) for path, weight in request.loras],
+                                 request.out_dir, force=request.force,
+                                 progress=lambda done, total: self._progress_from_thread("merge", done, total))
         self.post_message(LorasMerged(request, result))
 
     def on_loras_merged(self, message: LorasMerged) -> None:
