@@ -223,7 +223,7 @@ def test_two_processes_repairing_one_output_exit_0_and_2(tmp_path):
                "import cogsurgeon.inspector.cli.lora, cogsurgeon.tools.lora.repair\n"
                "open(sys.argv[1], 'w').close()\n"
                f"while not os.path.exists({str(go)!r}): time.sleep(0.0005)\n"
-               "main(sys.argv[2:])\n")
+               "sys.exit(main(sys.argv[2:]))\n")
     ready = [tmp_path / f"ready{i}" for i in range(2)]
     processes = [subprocess.Popen([sys.executable, "-c", starter, str(ready[i]), *arguments], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=cli_environment())
