@@ -674,29 +674,38 @@ def candidate_switches(settings: PlanSettings) -> list[tuple[str, PlanSettings]]
     return candidates
 
 
-def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480, width: int = 720, batch: int = 2,
+def plan_memory(spec: str | None = None, *, frames: int | None = None, height: int | None = None,
+                width: int | None = None, batch: int = 2,
                 dtype: str | None = None, train: TrainMode | str | None = None, checkpointing: bool = False,
                 patches: Sequence[str] = (), vae: bool = False, tiling: bool = False,
                 gpu_memory: int | str | None = None) -> MemoryPlan:
     """Plan the peak GPU memory of a run of MODEL `spec` at a video size.
 
+    `frames`, `height` and `width` are the video's (frames 4k+1, as the pipelines take them); each left None is the
+    model's default size (49x480x720 for CogVideoX, 9x64x64 for the tiny models), as `trace` and `cogsurgeon plan`
+    take it. `dtype` None is the dtype the model loads in (bfloat16 for the published models, float32 tiny).
     `batch` is the transformer's batch (2: one video with classifier-free guidance); `train` is None (inference),
     `"lora:RANK"` or `"full"`; `vae` adds the decode of the run's latents with the transformer still resident.
     With `gpu_memory`, says whether it fits and, if not, which single switch would make it fit.
     """
     from pathlib import Path
 
-    from cogsurgeon.inspector.geometry import latent_geometry
+    from cogsurgeon.inspector.geometry import default_video_size, latent_geometry
     from cogsurgeon.inspector.loading import _torch_dtype, find_transformer_folder, read_config
-    from cogsurgeon.inspector.model_specs import PUBLISHED_DTYPES, builtin_config, resolve_spec
+    from cogsurgeon.inspector.model_specs import builtin_config, builtin_dtype, resolve_spec
+    from cogsurgeon.inspector.trace import size_notes
 
     resolved = resolve_spec(spec)
-    if resolved.kind in ("published", "tiny"):
+    builtin = resolved.kind in ("published", "tiny")
+    if builtin:
         config = builtin_config(resolved.spec)
     else:
         config = read_config(find_transformer_folder(Path(resolved.spec)) / "config.json")
+    frames, height, width = (given or default
+                             for given, default in zip((frames, height, width), default_video_size(config)))
     geometry = latent_geometry(config, frames, height, width, batch)
-    dtype_name = str(_torch_dtype(dtype or PUBLISHED_DTYPES.get(resolved.spec, "bfloat16"))).removeprefix("torch.")
+    default_dtype = builtin_dtype(resolved.spec) if builtin else "bfloat16"
+    dtype_name = str(_torch_dtype(dtype or default_dtype)).removeprefix("torch.")
     if tiling and not vae:
         raise PlanError("--tiling is a VAE switch: add --vae")
     if vae and train is not None:
@@ -718,7 +727,7 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     if card is not None:
         check_card_bytes(card, repr(card))
     phases = _plan_phases(resolved.spec, config, settings)
-    plan = MemoryPlan(settings, phases, card, notes=_notes(settings))
+    plan = MemoryPlan(settings, phases, card, notes=size_notes(config, geometry) + _notes(settings))
     suggestions = []
     if card is not None and not plan.fits:
         for switch, alternative in candidate_switches(settings):

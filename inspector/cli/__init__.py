@@ -6,6 +6,7 @@ line on stderr. Heavy imports (torch, diffusers, textual) happen inside the comm
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import warnings
@@ -19,8 +20,8 @@ from cogsurgeon.inspector.cli.modules import modules
 from cogsurgeon.inspector.cli.patch import patch, run
 from cogsurgeon.inspector.cli.plan import plan
 from cogsurgeon.inspector.cli.trace import trace
-from cogsurgeon.inspector.errors import CogsurgeonError, Interrupted
-from cogsurgeon.inspector.model_specs import DEFAULT_SPEC
+from cogsurgeon.inspector.errors import CogsurgeonError, Interrupted, ModelSpecError
+from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, resolve_spec
 from cogsurgeon.inspector.offline import enter_offline_mode
 from cogsurgeon.inspector.user_files import describe_os_error
 
@@ -30,8 +31,22 @@ class CogsurgeonGroup(click.Group):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if not args or (args[0] not in self.commands and not args[0].startswith("-")):
+            if args:
+                _refuse_a_mistyped_command(ctx, args[0], list(self.commands))
             args = ["tui", *args]
         return super().parse_args(ctx, args)
+
+
+def _refuse_a_mistyped_command(ctx: click.Context, word: str, commands: list[str]) -> None:
+    """`cogsurgeon plann`: a word that names no model but is close to a command is a mistyped command, not a
+    MODEL for the TUI."""
+    near = difflib.get_close_matches(word, commands, n=1, cutoff=0.75)
+    if not near:
+        return
+    try:
+        resolve_spec(word)
+    except ModelSpecError:
+        raise click.UsageError(f"no such command or model '{word}'; did you mean `{near[0]}`?", ctx) from None
 
 
 @click.group(cls=CogsurgeonGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -18,8 +18,23 @@ MODEL_HELP = (
     f"cache. Default: {DEFAULT_SPEC}."
 )
 
+DTYPE_SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class DtypeChoice(click.Choice):
+    """A dtype by its torch name or its short name (`bf16`), handed to the command as the torch name; every
+    `--dtype` takes the same names."""
+
+    def __init__(self) -> None:
+        super().__init__(["float32", "bfloat16", "float16", *DTYPE_SHORT_NAMES])
+
+    def convert(self, value, param, ctx) -> str:
+        name = super().convert(value, param, ctx)
+        return DTYPE_SHORT_NAMES.get(name, name)
+
+
 # Checked by click before any command body runs, so a wrong value costs no torch import.
-DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
+DTYPE_CHOICE = DtypeChoice()
 POSITIVE = click.IntRange(min=1)  # video sizes and batches
 
 

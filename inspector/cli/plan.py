@@ -9,10 +9,7 @@ import sys
 
 import click
 
-from cogsurgeon.inspector.cli.output import POSITIVE, print_json, stdout_console
-
-# plan_memory reads the short names too (loading's dtype aliases)
-DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
+from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, POSITIVE, print_json, stdout_console
 
 
 @click.command()
@@ -22,7 +19,8 @@ DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
 @click.option("--width", type=POSITIVE, help="Video width in pixels. Default: the model's.")
 @click.option("--batch", default=2, show_default=True, type=POSITIVE,
               help="The transformer's batch: 2 is one video with classifier-free guidance.")
-@click.option("--dtype", type=click.Choice(DTYPES), help="Weights' dtype. Default: the model's (bf16).")
+@click.option("--dtype", type=DTYPE_CHOICE,
+              help="Weights' dtype. Default: as the model is stored (bfloat16 for the published ones, float32 tiny).")
 @click.option("--train", metavar="lora:RANK|full", help="Plan one training step instead of inference.")
 @click.option("--checkpointing", is_flag=True, help="Gradient checkpointing (diffusers' enable_gradient_checkpointing).")
 @click.option("--patch", "patch_names", multiple=True, metavar="NAME", help="Plan with this patch applied (repeatable).")
