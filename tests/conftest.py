@@ -58,9 +58,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     streams, the environment, working directory, signal handlers and warning filters put back afterwards), which
     saves the ~2 s import of torch and diffusers per run; it is a subprocess (`python -m cogsurgeon.inspector`, the
     installed package) for `run` and the TUI, when `env` sets a variable read at start-up, or with `in_process=False`.
-    `timeout` bounds subprocess runs only."""
+    Either way, a run still going after `timeout` seconds fails the test."""
     if in_process is None:
-        in_process = _runs_in_process(args, env)
+        in_process = runs_in_process(args, env)
     if not in_process:
         return subprocess.run(
             [sys.executable, "-m", "cogsurgeon.inspector", *args],
@@ -70,23 +70,30 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
             cwd=cwd or REPO_ROOT,
             timeout=timeout,
         )
-    return run_cli_in_process(list(args), env=env, cwd=cwd or REPO_ROOT)
+    return run_cli_in_process(list(args), env=env, cwd=cwd or REPO_ROOT, timeout=timeout)
 
 
-def _runs_in_process(args: tuple[str, ...], env: dict[str, str] | None) -> bool:
+def runs_in_process(args: tuple[str, ...], env: dict[str, str] | None) -> bool:
     from cogsurgeon.inspector.cli import cli
 
     opens_tui = not args or (args[0] not in cli.commands and not args[0].startswith("-"))
     return not opens_tui and args[0] not in SUBPROCESS_COMMANDS and not set(env or {}) - IN_PROCESS_VARIABLES
 
 
-def run_cli_in_process(args: list[str], env: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> CliResult:
+class CliTimeout(Exception):
+    """An in-process run took longer than its `timeout`, as `subprocess.TimeoutExpired` says of a subprocess."""
+
+
+def run_cli_in_process(args: list[str], env: dict[str, str] | None = None, cwd: Path = REPO_ROOT,
+                       timeout: float | None = 300, text: bool = True) -> CliResult:
     """`cogsurgeon ARGS` through `main(argv)` in this process, isolated from the test and from the next run.
 
     As in a subprocess: stdout and stderr are pipes (not terminals; UTF-8, stderr with backslashreplace), stdin is
     empty, the environment is `cli_environment(env)`, the working directory `cwd`; an exception that escapes is
-    printed as the interpreter prints it and gives status 1. Afterwards the environment, working directory, standard
-    streams, `sys.argv`, the SIGINT/SIGTERM/SIGHUP handlers and the warning filters are what they were."""
+    printed as the interpreter prints it and gives status 1; past `timeout` seconds a Python-level hang raises
+    CliTimeout (SIGALRM). Afterwards the environment, working directory, standard streams, `sys.argv`, the
+    SIGINT/SIGTERM/SIGHUP/SIGALRM handlers and the warning filters are what they were. `text=False` gives stdout
+    and stderr as the bytes written, as `subprocess.run` without `text`."""
     from cogsurgeon.inspector import offline
     from cogsurgeon.inspector.cli import main
 
@@ -101,15 +108,31 @@ def run_cli_in_process(args: list[str], env: dict[str, str] | None = None, cwd: 
         os.chdir(cwd)
         sys.argv = ["cogsurgeon", *args]
         sys.stdin, sys.stdout, sys.stderr = io.StringIO(""), stdout, stderr
+        if timeout is not None:
+            signal.signal(signal.SIGALRM, _time_out(args, timeout))
+            signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
             returncode = main(args)
+        except CliTimeout:
+            raise
         except Exception:  # a bug: the traceback, as the interpreter would print it
             traceback.print_exc(file=sys.stderr)
             returncode = 1
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         with contextlib.suppress(ValueError):  # a stream the run closed (a broken pipe's clean-up)
             stdout.flush()
             stderr.flush()
+    if not text:
+        return CliResult(["cogsurgeon", *args], returncode, stdout_bytes.getvalue(), stderr_bytes.getvalue())
     return CliResult(["cogsurgeon", *args], returncode, _as_text(stdout_bytes), _as_text(stderr_bytes))
+
+
+def _time_out(args: list[str], timeout: float):
+    def handler(signum, frame):
+        raise CliTimeout(f"cogsurgeon {' '.join(args)} still running after {timeout} s")
+
+    return handler
 
 
 def _as_text(written: io.BytesIO) -> str:
@@ -123,7 +146,8 @@ def _process_state_restored():
 
     environment, directory = dict(os.environ), os.getcwd()
     streams, argv = (sys.stdin, sys.stdout, sys.stderr), sys.argv
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    handlers = {signum: signal.getsignal(signum)
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)}
     users_offline_values = dict(offline._users_values)
     try:
         yield
