@@ -15,8 +15,6 @@ import math
 import os
 import signal
 import struct
-import subprocess
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cli_environment
+from conftest import run_cli
 
 EXAMPLE_SECONDS = 20  # one example that takes longer is a hang
 # files in memory where the system has it: a repair fsyncs what it publishes, and disks make that the slow part
@@ -251,8 +249,7 @@ def test_fuzzed_lora_files_through_the_cli(content):
         source.write_bytes(content)
         for arguments in (["inspect", str(source), "--alpha", "8"],
                           ["repair", str(source), "--out", str(Path(folder) / "out"), "--alpha", "8"]):
-            result = subprocess.run([sys.executable, "-m", "cogsurgeon.inspector", "lora", *arguments],
-                                    capture_output=True, text=True, env=cli_environment(), timeout=60)
+            result = run_cli("lora", *arguments, timeout=60)
             assert result.returncode in (0, 2), result.stderr
             assert "Traceback" not in result.stderr
             if result.returncode == 2:

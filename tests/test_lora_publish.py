@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import cli_environment
+from conftest import cli_environment, run_cli
 from lora_helpers import staging_of_a_dead_run, tree_digest
 
 KEYS = ("transformer.transformer_blocks.0.attn1.to_q.lora_A.weight",
@@ -39,9 +39,9 @@ def make_checkpoint(folder: Path, features: int = 32, rank: int = 4, seed: int =
     return folder
 
 
-def run_repair(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cogsurgeon.inspector", "lora", "repair", *args],
-                          capture_output=True, text=True, env=cli_environment(), timeout=timeout)
+def run_repair(*args: str, timeout: float = 120, in_process: bool | None = None):
+    """`cogsurgeon lora repair ARGS` through `conftest.run_cli` (in this process unless `in_process=False`)."""
+    return run_cli("lora", "repair", *args, timeout=timeout, in_process=in_process)
 
 
 def is_unchanged_repair(folder: Path) -> bool:
@@ -447,7 +447,8 @@ def test_stale_partials_of_dead_runs_are_removed_by_the_next_run(tmp_path):
     alive = tmp_path / f".out.partial-{os.getpid()}-00c0ffee"  # this test's process is alive: not touched
     alive.mkdir()
     other_output = staging_of_a_dead_run(tmp_path / "elsewhere")  # another output's: not ours to clean
-    result = run_repair(str(checkpoint), "--out", str(out), "--alpha", "4")
+    # a process of its own: a run in this process would be the live owner of `alive`
+    result = run_repair(str(checkpoint), "--out", str(out), "--alpha", "4", in_process=False)
     assert result.returncode == 0, result.stderr
     assert not stale.exists()
     assert alive.is_dir() and other_output.is_dir()
