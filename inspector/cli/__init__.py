@@ -54,21 +54,28 @@ def _refuse_a_mistyped_command(ctx: click.Context, word: str, commands: list[str
 def cli() -> None:
     """Inspect, patch and repair the CogVideoX video-diffusion transformer.
 
-    \b
-    cogsurgeon [MODEL]                 browse MODEL in the terminal UI
-    cogsurgeon modules [MODEL]         every module: class, source file and line, params, processor
-    cogsurgeon modules --filter attn1  only the rows whose name, class or file contains attn1
+    Nothing is ever downloaded. `cogsurgeon COMMAND --help` explains each command, with examples.
 
-    Nothing is ever downloaded.
+    \b
+    Examples:
+      cogsurgeon [MODEL]                 browse MODEL in the terminal UI
+      cogsurgeon modules [MODEL]         every module: class, source file and line, params, processor
+      cogsurgeon modules --filter attn1  only the rows whose name, class or file contains attn1
     """
 
 
 @cli.command()
 @click.argument("model", required=False)
 def tui(model: str | None) -> None:
-    """Open the terminal UI on MODEL.
+    """Open the terminal UI on MODEL (`cogsurgeon MODEL` does the same).
 
     MODEL: see `cogsurgeon modules --help`.
+
+    \b
+    Examples:
+      cogsurgeon
+      cogsurgeon tiny
+      cogsurgeon ./my-finetune
     """
     from cogsurgeon.inspector.tui.app import run_app
 

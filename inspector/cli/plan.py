@@ -12,7 +12,7 @@ import click
 from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, POSITIVE, print_json, stdout_console
 
 
-@click.command()
+@click.command(short_help="Will it fit? The peak GPU memory of inference or a training step, without a GPU.")
 @click.argument("model", required=False)
 @click.option("--frames", type=POSITIVE, help="Video frames (4k+1: 49, 81). Default: the model's.")
 @click.option("--height", type=POSITIVE, help="Video height in pixels. Default: the model's.")
@@ -39,14 +39,14 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
     kernel the GPU runs (flash; memory-efficient with a mask). The peak compares with
     torch.cuda.max_memory_allocated(); the CUDA context comes on top.
 
+    MODEL: see `cogsurgeon modules --help`.
+
     \b
     Examples:
       cogsurgeon plan                                          # cogvideox-5b-i2v, 49×480×720, batch 2, inference
       cogsurgeon plan cogvideox1.5-5b --frames 81 --height 768 --width 1360
       cogsurgeon plan cogvideox-5b --train lora:128 --batch 1 --checkpointing --gpu-memory 24GiB
       cogsurgeon plan cogvideox-5b --vae --tiling --json | jq .breakdown
-
-    MODEL: see `cogsurgeon modules --help`.
     """
     from cogsurgeon.inspector.cli.trace import _known_config, check_traceable
     from cogsurgeon.inspector.geometry import default_video_size
