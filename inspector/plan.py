@@ -38,7 +38,7 @@ CATEGORIES = ("weights", "inputs", "activations", "attention", "gradients", "opt
 # autograd runs CUDA backward on its own device thread: a training step holds two.
 CUBLAS_WORKSPACE_BYTES = {"sm90": 4096 * 8 * 1024, "other": 4096 * 1024 * 2 + 16 * 1024 * 8}
 
-# What CogVideo's and diffusers' LoRA trainers target, and their default alpha (DESIGN.md, LoRA checkpoints).
+# What CogVideo's and diffusers' LoRA trainers target, and their default alpha (the trainers' own defaults).
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
 # The flash kernel's backward keeps fp32 workspaces it allocates itself (flash_api.cpp `mha_bwd`): `softmax_d`
@@ -93,7 +93,7 @@ def parse_train(text: str | None) -> TrainMode | None:
     # at most 18 digits: int() of thousands refuses, and a rank past int64 is no tensor torch can make
     match = re.fullmatch(r"lora:(\d{1,18})(?::(\d{1,18}))?", value)
     if not match or int(match.group(1)) < 1:
-        raise PlanError(f"--train {text[:40]!r}: expected lora:RANK (a positive rank of at most 18 digits, e.g. "
+        raise PlanError(f"training mode {text[:40]!r}: expected lora:RANK (a positive rank of at most 18 digits, e.g. "
                         "lora:128) or full")
     rank = int(match.group(1))
     return TrainMode("lora", rank, int(match.group(2)) if match.group(2) else rank)
@@ -107,7 +107,7 @@ def parse_memory_size(text: str) -> int:
     """`80GiB`, `80GB`, `80G` (binary, as nvidia-smi and torch report), `81920MiB`, `141e9` → bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
     if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
-        raise PlanError(f"--gpu-memory {text[:40]!r}: expected a size such as 80GiB, 80GB, 24G or 81920MiB")
+        raise PlanError(f"GPU memory {text[:40]!r}: expected a size such as 80GiB, 80GB, 24G or 81920MiB")
     size = float(match.group(1)) * _UNITS[match.group(2)]
     check_card_bytes(size, repr(text[:40]))  # 1e400 is inf; 0.0000001 is 0 bytes
     return int(size)
