@@ -87,6 +87,7 @@ def published_rows():
     return json.loads(completed.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("columns", [80, 160, 240])
 def test_modules_never_cut_the_location_in_a_terminal(published_rows, columns):
     from cogsurgeon.inspector.source import display_path

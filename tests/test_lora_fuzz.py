@@ -220,6 +220,7 @@ def repair_or_refuse(content: bytes, *, alpha: float | None) -> str:
         return outcome
 
 
+@pytest.mark.slow
 @FUZZ
 @given(content=lora_files(), alpha=st.one_of(st.none(), st.just(8.0)))
 def test_fuzzed_lora_files_repair_or_are_refused(content, alpha):

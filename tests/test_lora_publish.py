@@ -212,6 +212,7 @@ def test_two_repairs_to_one_output_at_once_cannot_both_win(tmp_path):
         out.rmdir()
 
 
+@pytest.mark.slow
 def test_two_processes_repairing_one_output_exit_0_and_2(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ckpt", features=1 << 20)  # 32 MiB of tensors: a window to race in
     out = tmp_path / "out"
@@ -261,6 +262,7 @@ for _ in range(25):
 """
 
 
+@pytest.mark.slow
 def test_force_under_stress_leaves_one_complete_repair_and_no_hidden_folders(tmp_path):
     """Four processes repair --force the same output 25 times each, all at once."""
     from cogsurgeon.tools.lora.repair import repair_checkpoint
@@ -403,6 +405,7 @@ def test_a_partial_output_that_could_not_be_removed_is_named_and_the_next_run_re
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_cli_mid_write_exits_143_and_cleans_up(tmp_path):
     """The real CLI, signalled from outside while it writes: poll for its staging folder, then SIGTERM it. A
     run that finished before the poll saw the folder says nothing; it is retried with a larger checkpoint."""

@@ -193,6 +193,7 @@ def _check(completed: subprocess.CompletedProcess, what: str) -> None:
         f"{completed.stderr[-3000:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snippet", PYTHON, ids=[snippet.label for snippet in PYTHON])
 def test_python_snippet_runs(snippet, readme_world, tmp_path):
     if snippet.skip_reason:
@@ -204,6 +205,7 @@ def test_python_snippet_runs(snippet, readme_world, tmp_path):
     _check(completed, snippet.label)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("snippet", "line", "command"), BASH,
                          ids=[f"README.md:{line} {command.strip()[:60]}" for _, line, command in BASH])
 def test_bash_command_runs(snippet, line, command, readme_world):
