@@ -219,7 +219,7 @@ def test_bash_command_runs(snippet, line, command, readme_world):
 
 def test_ci_runs_the_readmes_test_command():
     """CI runs the suite as a reader of the README would: the README's test command is a line of `.ci/run`."""
-    commands = [command for _, _, command in BASH if "-m pytest" in command]
+    commands = [command for snippet, _, command in BASH if "-m pytest" in command and not snippet.skip_reason]
     assert len(commands) == 1, commands
     ci_lines = (README.parent / ".ci" / "run").read_text().splitlines()
     assert commands[0].strip() in (line.strip() for line in ci_lines)
