@@ -11,12 +11,14 @@ import sys
 
 
 def main(argv: "list[str] | None" = None) -> None:
+    """Run the CLI and exit the process with its status."""
     try:
         from cogsurgeon.inspector.cli import main as run_cli  # heavy: click, every command's module
 
-        run_cli(argv)
+        status = run_cli(argv)
     except KeyboardInterrupt:
         interrupted()
+    sys.exit(status)
 
 
 def interrupted() -> None:

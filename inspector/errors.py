@@ -10,6 +10,11 @@ def shown(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """`1 module`, `2 modules`, `1,024 modules`: a count and its noun in agreement, for messages and output."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
+
+
 class CogsurgeonError(Exception):
     """Bad input or a request that cannot be met; never a bug. Its message is shown to the user as is."""
 

@@ -41,7 +41,7 @@ class ModuleInfo:
     processor_module: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON row of `cogsurgeon modules --json` (DESIGN's contract: "class", "params", ...)."""
+        """The JSON row of `cogsurgeon modules --json` (a stable contract for scripts: "class", "params", ...)."""
         return {
             "name": self.name,
             "class": self.class_name,

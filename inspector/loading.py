@@ -372,8 +372,12 @@ def _folders_by_mtime(folder: Path) -> list[tuple[float, Path]]:
 def load_transformer(
     spec: str | None = None, *, dtype: str | torch.dtype | None = None
 ) -> CogVideoXTransformer3DModel:
-    """Load the transformer a MODEL spec names (see DESIGN, "Model specs"). Raises `ModelSpecError` for a spec that
-    names nothing, `ModelLoadError` for files that are there but not a loadable CogVideoX transformer."""
+    """Load the CogVideoX transformer that `spec` names: a published config (`cogvideox-5b`, ...: built on the meta
+    device, no weights), a tiny model (`tiny`, `tiny-i2v`, `tiny-1.5`: seeded, runs on a CPU), a local diffusers
+    folder (the model root or its `transformer/`), or a hub id already in the local Hugging Face cache (never
+    downloaded); None is the default, cogvideox-5b-i2v. `dtype` (a torch dtype or its name) overrides the stored one.
+    Raises `ModelSpecError` for a spec that names nothing, `ModelLoadError` for files that are there but not a
+    loadable CogVideoX transformer."""
     resolved = resolve_spec(spec)
     if resolved.kind == "published":
         return build_on_meta(published_config(resolved.spec), dtype or PUBLISHED_DTYPES[resolved.spec])

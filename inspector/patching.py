@@ -1,6 +1,6 @@
 """The patch state the TUI shows and changes: which patches exist, which are on a model, their verify verdicts.
 
-A thin layer over the `patches` API (DESIGN: `available`, `apply`, `revert`, `applied`, `verify.verify_patch`)
+A thin layer over the `patches` API (`available`, `apply`, `revert`, `applied`, `verify.verify_patch`)
 so that the Textual screens hold no patch logic and this part is tested without them.
 """
 

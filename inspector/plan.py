@@ -39,7 +39,7 @@ CATEGORIES = ("weights", "inputs", "activations", "attention", "gradients", "opt
 # autograd runs CUDA backward on its own device thread: a training step holds two.
 CUBLAS_WORKSPACE_BYTES = {"sm90": 4096 * 8 * 1024, "other": 4096 * 1024 * 2 + 16 * 1024 * 8}
 
-# What CogVideo's and diffusers' LoRA trainers target, and their default alpha (DESIGN.md, LoRA checkpoints).
+# What CogVideo's and diffusers' LoRA trainers target, and their default alpha (the trainers' own defaults).
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
 # The flash kernel's backward keeps fp32 workspaces it allocates itself (flash_api.cpp `mha_bwd`): `softmax_d`
@@ -94,7 +94,7 @@ def parse_train(text: str | None) -> TrainMode | None:
     # at most 18 digits: int() of thousands refuses, and a rank past int64 is no tensor torch can make
     match = re.fullmatch(r"lora:(\d{1,18})(?::(\d{1,18}))?", value)
     if not match or int(match.group(1)) < 1:
-        raise PlanError(f"--train {text[:40]!r}: expected lora:RANK (a positive rank of at most 18 digits, e.g. "
+        raise PlanError(f"training mode {text[:40]!r}: expected lora:RANK (a positive rank of at most 18 digits, e.g. "
                         "lora:128) or full")
     rank = int(match.group(1))
     return TrainMode("lora", rank, int(match.group(2)) if match.group(2) else rank)
@@ -108,7 +108,7 @@ def parse_memory_size(text: str) -> int:
     """`80GiB`, `80GB`, `80G` (binary, as nvidia-smi and torch report), `81920MiB`, `141e9` → bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
     if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
-        raise PlanError(f"--gpu-memory {text[:40]!r}: expected a size such as 80GiB, 80GB, 24G or 81920MiB")
+        raise PlanError(f"GPU memory {text[:40]!r}: expected a size such as 80GiB, 80GB, 24G or 81920MiB")
     size = float(match.group(1)) * _UNITS[match.group(2)]
     check_card_bytes(size, repr(text[:40]))  # 1e400 is inf; 0.0000001 is 0 bytes
     return int(size)
@@ -1063,13 +1063,17 @@ def switch_combinations(settings: PlanSettings, switches: list[tuple[str, PlanSe
     return combined
 
 
-def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480, width: int = 720, batch: int = 2,
+def plan_memory(spec: str | None = None, *, frames: int | None = None, height: int | None = None,
+                width: int | None = None, batch: int = 2,
                 dtype: str | None = None, train: TrainMode | str | None = None, checkpointing: bool = False,
                 patches: Sequence[str] = (), vae: bool = False, tiling: bool = False,
                 gpu_memory: int | str | None = None, mixed_precision: str | None = None,
                 lora_dtype: str | None = None, trainer: str | None = None, ulysses: int = 1) -> MemoryPlan:
     """Plan the peak GPU memory of a run of MODEL `spec` at a video size.
 
+    `frames`, `height` and `width` are the video's (frames 4k+1, as the pipelines take them); each left None is the
+    model's default size (49x480x720 for CogVideoX, 9x64x64 for the tiny models), as `trace` and `cogsurgeon plan`
+    take it. `dtype` None is the dtype the model loads in (bfloat16 for the published models, float32 tiny).
     `batch` is the transformer's batch (2: one video with classifier-free guidance); `train` is None (inference),
     `"lora:RANK"` or `"full"`; `vae` adds the decode of the run's latents with the transformer still resident.
     With `gpu_memory`, says whether it fits and, if not, which single switch would make it fit.
@@ -1082,9 +1086,10 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     """
     from pathlib import Path
 
-    from cogsurgeon.inspector.geometry import latent_geometry
+    from cogsurgeon.inspector.geometry import default_video_size, latent_geometry
     from cogsurgeon.inspector.loading import _torch_dtype, find_transformer_folder, read_config
-    from cogsurgeon.inspector.model_specs import PUBLISHED_DTYPES, builtin_config, resolve_spec
+    from cogsurgeon.inspector.model_specs import builtin_config, builtin_dtype, resolve_spec
+    from cogsurgeon.inspector.trace import size_notes
 
     check_precision_choice(mixed_precision, lora_dtype)
     preset = trainer_preset(trainer) if trainer is not None else None
@@ -1101,12 +1106,16 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
         mixed_precision = mixed_precision or preset.mixed_precision
         lora_dtype = lora_dtype or (preset.lora_dtype if train.kind == "lora" else None)
     resolved = resolve_spec(spec)
-    if resolved.kind in ("published", "tiny"):
+    builtin = resolved.kind in ("published", "tiny")
+    if builtin:
         config = builtin_config(resolved.spec)
     else:
         config = read_config(find_transformer_folder(Path(resolved.spec)) / "config.json")
+    frames, height, width = (given or default
+                             for given, default in zip((frames, height, width), default_video_size(config)))
     geometry = latent_geometry(config, frames, height, width, batch)
-    dtype_name = str(_torch_dtype(dtype or PUBLISHED_DTYPES.get(resolved.spec, "bfloat16"))).removeprefix("torch.")
+    default_dtype = builtin_dtype(resolved.spec) if builtin else "bfloat16"
+    dtype_name = str(_torch_dtype(dtype or default_dtype)).removeprefix("torch.")
     if tiling and not vae:
         raise PlanError("--tiling is a VAE switch: add --vae")
     if vae and train is not None:
@@ -1139,7 +1148,7 @@ def plan_memory(spec: str | None = None, *, frames: int = 49, height: int = 480,
     if card is not None:
         check_card_bytes(card, repr(card))
     phases = _plan_phases(resolved.spec, config, settings)
-    plan = MemoryPlan(settings, phases, card, notes=_notes(settings))
+    plan = MemoryPlan(settings, phases, card, notes=size_notes(config, geometry) + _notes(settings))
     suggestions = []
     if card is not None and not plan.fits:
         # each switch alone; while none fits, every two together, then three...: the fewest switches that fit (and,

@@ -13,7 +13,7 @@ forward as a list of `QuerySegment`s (a run of queries and the keys it may see) 
   Frame-causal's work is `sum_f n_f * (T + (f+1) n)`, 0.538 of full attention at 13 frames; it runs at 0.564x of
   full SDPA at the 5B shape on an H200 (0.545x at the 1.5 shape), its launches queued as in a forward; from an idle
   GPU 0.596x (bench/RESULTS.md). flex_attention's block mask
-  is 1.11x of full on an H100 by DESIGN's anchors, and one packed varlen flash call over every (item, head, segment)
+  is 1.11x of full on an H100, and one packed varlen flash call over every (item, head, segment)
   measured 0.789x on the H200 (FlashAttention-2 is slower than cuDNN there), so neither is used.
 - segments with two key ranges (a window past the sinks or the text): when the keys are the plan's to overwrite
   (`keys_writable`: the processor's own temporaries) and autograd does not record them, the prefix is saved once
@@ -207,7 +207,8 @@ AttentionPlan = SegmentPlan | KeptKeyPlan
 def normalize_attention_mask(
     mask: torch.Tensor, layout: FrameLayout, batch: int, heads: int, *, read_values: bool = True
 ) -> tuple[Literal["keys", "soft-keys", "dense"], torch.Tensor]:
-    """Check a user mask against DESIGN's accepted forms and bring it to one of three shapes:
+    """Check a user mask against the accepted forms (`patches.builtin.AttentionMask`) and bring it to one of three
+    shapes:
 
     ("keys", keep): keep a bool `(B|1, L)` (True = attend; text masks extended with True for video), from a bool
     mask or an additive one of only 0 and -inf;

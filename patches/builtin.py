@@ -1,4 +1,4 @@
-"""The built-in patches (DESIGN, "Patch definitions (exact)"): `causal-attention`, `frame-causal-attention`,
+"""The built-in patches: `causal-attention`, `frame-causal-attention`,
 `attention-mask`, `block-causal-attention(chunk, window, sink)`, `window-attention(window, chunk, text_sees_video)`
 (each a rule switched on in the shared attention surgery of `patches.processor`; how each rule is computed fast is
 explained in `patches.attention`), and `per-frame-timesteps(text_timestep)` (`patches.timesteps`).
@@ -84,8 +84,8 @@ class FrameCausalAttention(StructuralAttentionPatch):
 
     Computed as text queries over text keys plus one SDPA call per frame over its key prefix `[text ; frames <= f]`
     (0.538 of full attention's work at 13 frames, all in the fused kernel: 0.564x of full SDPA at the 5B shape on an
-    H200, queued as in a forward, 0.596x from an idle GPU, bench/RESULTS.md; DESIGN's anchor for flex_attention's
-    block mask is 1.11x). Each segment's output is a temporary copied into the output, so the extra memory is the
+    H200, queued as in a forward, 0.596x from an idle GPU, bench/RESULTS.md; flex_attention's block mask measured
+    1.11x on an H100). Each segment's output is a temporary copied into the output, so the extra memory is the
     largest segment's output."""
 
     name = "frame-causal-attention"

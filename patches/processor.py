@@ -57,7 +57,7 @@ def attention_modules(transformer: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The CogVideoX attention body, shared with `patches.reference` (DESIGN: text first, RoPE on the video part only).
+# The CogVideoX attention body, shared with `patches.reference` (text first, RoPE on the video part only).
 
 
 def joint_query_key_value(

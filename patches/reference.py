@@ -1,4 +1,4 @@
-"""Plain explicit-mask attention: DESIGN's patch definitions written out as `(L, L)` masks and a softmax, for
+"""Plain explicit-mask attention: each patch's rule (see `patches.builtin`) written out as `(L, L)` masks and a softmax, for
 `verify` and the tests. Deliberately naive (it builds every mask); never use it on a real model size.
 """
 

@@ -67,7 +67,9 @@ def _describe(model, source):
     config, rank = model.config, os.environ.get("RANK")
     where = f" from {source}" if source else ""
     process = f"pid {os.getpid()}" + (f", rank {rank}" if rank is not None else "")
-    return f"{type(model).__name__}{where} ({config.num_layers} layers, {config.num_attention_heads} heads) [{process}]"
+    layers, heads = config.num_layers, config.num_attention_heads
+    size = f"{layers} layer{'s' * (layers != 1)}, {heads} head{'s' * (heads != 1)}"
+    return f"{type(model).__name__}{where} ({size}) [{process}]"
 
 
 def _patch_specs():

@@ -553,8 +553,9 @@ def streaming(target: Any, *, chunk: int, window: int | None = None, sink: int =
               height: int, width: int, frames: int | None = None) -> Iterator[Stream]:
     """Open a stream on a CogVideoX transformer (or a pipeline's): block-causal attention by chunks of `chunk` frames
     (`window` chunks back, `sink` first chunks always kept) with per-frame timesteps and a fixed `text_timestep`,
-    for videos of `height` x `width` pixels (`frames`: the video's frame count, if known, sizes the cache up front).
-    On leaving, the patches are reverted, the patch embedding restored and the cache freed."""
+    for videos of `height` x `width` pixels. `frames`, if known, sizes the cache up front: the video's latent frames
+    (temporal patches for CogVideoX1.5), not its video frames: 49 video frames are 13 latent frames
+    (`inspector.geometry.latent_frame_count`), where `cogsurgeon plan` and `trace --frames` take the 49. On leaving, the patches are reverted, the patch embedding restored and the cache freed."""
     _check_options(chunk, window, sink, text_timestep, height, width, frames)
     model = resolve_transformer(target)
     embed = model.patch_embed

@@ -53,6 +53,7 @@ class VerifyResult:
     passed: bool
     tolerance: float
     details: tuple[CaseResult, ...]
+    settings: tuple[dict[str, Any], ...] = ()  # the options of each run verified, defaults filled in ({}: none)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,7 +182,7 @@ def verify_patch(
     max_error = max(case.max_error for case in details)
     revert_bit_exact = all(case.revert_bit_exact for case in details)
     passed = revert_bit_exact and max_error <= tolerance
-    return VerifyResult(name, max_error, revert_bit_exact, passed, tolerance, tuple(details))
+    return VerifyResult(name, max_error, revert_bit_exact, passed, tolerance, tuple(details), tuple(settings))
 
 
 def _verify_on(

@@ -59,7 +59,7 @@ def run_cli_counting_imports(*args: str) -> tuple[subprocess.CompletedProcess, l
     code = ("import atexit, sys\n"
             f"atexit.register(lambda: print({_REPORT!r} + ','.join(m for m in {HEAVY!r} if m in sys.modules), "
             "file=sys.stderr))\n"
-            f"from cogsurgeon.inspector.cli import main\nmain({list(args)!r})\n")
+            f"from cogsurgeon.inspector.cli import main\nsys.exit(main({list(args)!r}))\n")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_environment(),
                                cwd=REPO_ROOT, timeout=300)
     stderr, _, report = completed.stderr.rpartition(_REPORT)
@@ -87,6 +87,7 @@ def published_rows():
     return json.loads(completed.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("columns", [80, 160, 240])
 def test_modules_never_cut_the_location_in_a_terminal(published_rows, columns):
     from cogsurgeon.inspector.source import display_path

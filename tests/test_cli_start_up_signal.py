@@ -20,7 +20,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from conftest import cli_environment
+
+pytestmark = pytest.mark.slow  # Ctrl-C sent to real processes, at many delays
 
 DELAYS = (0, 0.02, 0.05, 0.08, 0.12, 0.17, 0.25, 0.35)  # seconds after the process started
 REPEATS = 3

@@ -98,6 +98,7 @@ def test_unknown_check_is_a_cogsurgeon_error():
         run_doctor(("nope",))
 
 
+@pytest.mark.slow
 @pytest.mark.diffusers_versions
 def test_cli_doctor_json_all_findings(cli):
     completed = cli("doctor", "--json")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import cli_environment
+from conftest import cli_environment, run_cli_in_process, runs_in_process
 from lora_helpers import tree_digest
 
 A_KEY = "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"
@@ -25,6 +25,12 @@ TIMEOUT = 60  # seconds; every case here takes about one
 
 def cogsurgeon(*args: str, env: dict[str, str] | None = None, stdout=subprocess.PIPE, prefix: tuple[str, ...] = (),
                timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    """The CLI on ARGS, stdout and stderr as bytes: in this process where nothing about the process is under test
+    (`conftest.run_cli`'s rule), else a subprocess (a `prefix` such as `ulimit`, stdout a given file, start-up
+    variables)."""
+    if prefix == () and stdout is subprocess.PIPE and runs_in_process(args, env):
+        result = run_cli_in_process(list(args), env=env, timeout=timeout, text=False)
+        return subprocess.CompletedProcess(result.args, result.returncode, result.stdout, result.stderr)
     return subprocess.run([*prefix, sys.executable, "-m", "cogsurgeon.inspector", *args], stdout=stdout,
                           stderr=subprocess.PIPE, env=cli_environment(env), timeout=timeout)
 

@@ -15,8 +15,6 @@ import math
 import os
 import signal
 import struct
-import subprocess
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cli_environment
+from conftest import run_cli
 
 EXAMPLE_SECONDS = 20  # one example that takes longer is a hang
 # files in memory where the system has it: a repair fsyncs what it publishes, and disks make that the slow part
@@ -222,6 +220,7 @@ def repair_or_refuse(content: bytes, *, alpha: float | None) -> str:
         return outcome
 
 
+@pytest.mark.slow
 @FUZZ
 @given(content=lora_files(), alpha=st.one_of(st.none(), st.just(8.0)))
 def test_fuzzed_lora_files_repair_or_are_refused(content, alpha):
@@ -251,8 +250,7 @@ def test_fuzzed_lora_files_through_the_cli(content):
         source.write_bytes(content)
         for arguments in (["inspect", str(source), "--alpha", "8"],
                           ["repair", str(source), "--out", str(Path(folder) / "out"), "--alpha", "8"]):
-            result = subprocess.run([sys.executable, "-m", "cogsurgeon.inspector", "lora", *arguments],
-                                    capture_output=True, text=True, env=cli_environment(), timeout=60)
+            result = run_cli("lora", *arguments, timeout=60)
             assert result.returncode in (0, 2), result.stderr
             assert "Traceback" not in result.stderr
             if result.returncode == 2:

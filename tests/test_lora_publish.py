@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import cli_environment
+from conftest import cli_environment, run_cli
 from lora_helpers import staging_of_a_dead_run, tree_digest
 
 KEYS = ("transformer.transformer_blocks.0.attn1.to_q.lora_A.weight",
@@ -39,9 +39,9 @@ def make_checkpoint(folder: Path, features: int = 32, rank: int = 4, seed: int =
     return folder
 
 
-def run_repair(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cogsurgeon.inspector", "lora", "repair", *args],
-                          capture_output=True, text=True, env=cli_environment(), timeout=timeout)
+def run_repair(*args: str, timeout: float = 120, in_process: bool | None = None):
+    """`cogsurgeon lora repair ARGS` through `conftest.run_cli` (in this process unless `in_process=False`)."""
+    return run_cli("lora", "repair", *args, timeout=timeout, in_process=in_process)
 
 
 def is_unchanged_repair(folder: Path) -> bool:
@@ -212,6 +212,7 @@ def test_two_repairs_to_one_output_at_once_cannot_both_win(tmp_path):
         out.rmdir()
 
 
+@pytest.mark.slow
 def test_two_processes_repairing_one_output_exit_0_and_2(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ckpt", features=1 << 20)  # 32 MiB of tensors: a window to race in
     out = tmp_path / "out"
@@ -223,7 +224,7 @@ def test_two_processes_repairing_one_output_exit_0_and_2(tmp_path):
                "import cogsurgeon.inspector.cli.lora, cogsurgeon.tools.lora.repair\n"
                "open(sys.argv[1], 'w').close()\n"
                f"while not os.path.exists({str(go)!r}): time.sleep(0.0005)\n"
-               "main(sys.argv[2:])\n")
+               "sys.exit(main(sys.argv[2:]))\n")
     ready = [tmp_path / f"ready{i}" for i in range(2)]
     processes = [subprocess.Popen([sys.executable, "-c", starter, str(ready[i]), *arguments], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=cli_environment())
@@ -261,6 +262,7 @@ for _ in range(25):
 """
 
 
+@pytest.mark.slow
 def test_force_under_stress_leaves_one_complete_repair_and_no_hidden_folders(tmp_path):
     """Four processes repair --force the same output 25 times each, all at once."""
     from cogsurgeon.tools.lora.repair import repair_checkpoint
@@ -403,6 +405,7 @@ def test_a_partial_output_that_could_not_be_removed_is_named_and_the_next_run_re
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_cli_mid_write_exits_143_and_cleans_up(tmp_path):
     """The real CLI, signalled from outside while it writes: poll for its staging folder, then SIGTERM it. A
     run that finished before the poll saw the folder says nothing; it is retried with a larger checkpoint."""
@@ -447,7 +450,8 @@ def test_stale_partials_of_dead_runs_are_removed_by_the_next_run(tmp_path):
     alive = tmp_path / f".out.partial-{os.getpid()}-00c0ffee"  # this test's process is alive: not touched
     alive.mkdir()
     other_output = staging_of_a_dead_run(tmp_path / "elsewhere")  # another output's: not ours to clean
-    result = run_repair(str(checkpoint), "--out", str(out), "--alpha", "4")
+    # a process of its own: a run in this process would be the live owner of `alive`
+    result = run_repair(str(checkpoint), "--out", str(out), "--alpha", "4", in_process=False)
     assert result.returncode == 0, result.stderr
     assert not stale.exists()
     assert alive.is_dir() and other_output.is_dir()

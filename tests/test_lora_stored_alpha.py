@@ -85,7 +85,7 @@ def test_alpha_that_contradicts_the_stored_one_is_refused(trained, tmp_path, cli
     assert overridden.returncode == 0, overridden.stderr
     assert "STORED ALPHA OVERRIDDEN: lora_alpha 6 -> 8 (scale 1.5 -> 2 at rank 4)" in overridden.stderr
     assert "alpha_pattern of 1 modules is kept (to_out.0=3)" in overridden.stderr
-    assert "alpha_pattern kept: 1 modules differ: to_out.0=3" in overridden.stdout
+    assert "alpha_pattern kept: 1 module differs: to_out.0=3" in overridden.stdout
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["lora_alpha"], config["alpha_pattern"]) == (8, ALPHA_PATTERN)
     manifest = json.loads((out / "cogsurgeon-repair.json").read_text())

@@ -93,6 +93,7 @@ def test_patch_verify_passes_and_reports_every_case(cli):
     assert cases == {(v, p) for v in ("tiny", "tiny-i2v", "tiny-1.5") for p in ("plain", "fused")}
 
 
+@pytest.mark.slow
 def test_patch_verify_exits_1_when_a_patch_does_not_do_what_it_claims(cli, tmp_path):
     (tmp_path / "claims_causal.py").write_text(FAKE_PLUGIN)
     dist_info = tmp_path / "claims_causal-0.1.dist-info"
@@ -135,6 +136,7 @@ def saved_tiny(tmp_path_factory):
     return folder, expected, forward(model, inputs)
 
 
+@pytest.mark.slow
 @pytest.mark.diffusers_versions
 def test_run_patches_an_unchanged_script_and_passes_its_exit_code_through(cli, saved_tiny, tmp_path):
     folder, expected, unpatched = saved_tiny
@@ -160,6 +162,7 @@ def test_run_patches_an_unchanged_script_and_passes_its_exit_code_through(cli, s
     assert (tmp_path / "own_site_ran").read_text() == "yes"
 
 
+@pytest.mark.slow
 @pytest.mark.diffusers_versions
 def test_run_patches_every_rank_of_a_torchrun_launch(cli, saved_tiny, tmp_path):
     folder, expected, _ = saved_tiny

@@ -38,7 +38,7 @@ FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<language>[\w+-]*)
 SKIPPED_COMMANDS = {
     "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e . && .venv/bin/cogsurgeon":
         "set-up: makes a venv and installs from PyPI (this suite already runs in one), then opens the TUI",
-    'python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ".[test]" && .venv/bin/python -m pytest':
+    'python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ".[test]" && .venv/bin/python -m pytest -n auto':
         "set-up: makes a venv and installs from PyPI, then runs this very suite",
     ". .venv/bin/activate":
         "set-up: every command here already runs with the venv's bin first on PATH, which is what it does",
@@ -193,6 +193,7 @@ def _check(completed: subprocess.CompletedProcess, what: str) -> None:
         f"{completed.stderr[-3000:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snippet", PYTHON, ids=[snippet.label for snippet in PYTHON])
 def test_python_snippet_runs(snippet, readme_world, tmp_path):
     if snippet.skip_reason:
@@ -204,6 +205,7 @@ def test_python_snippet_runs(snippet, readme_world, tmp_path):
     _check(completed, snippet.label)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("snippet", "line", "command"), BASH,
                          ids=[f"README.md:{line} {command.strip()[:60]}" for _, line, command in BASH])
 def test_bash_command_runs(snippet, line, command, readme_world):
@@ -213,3 +215,11 @@ def test_bash_command_runs(snippet, line, command, readme_world):
     completed = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=readme_world, env=_environment(),
                                capture_output=True, text=True, timeout=600)
     _check(completed, f"README.md:{line} {command.strip()}")
+
+
+def test_ci_runs_the_readmes_test_command():
+    """CI runs the suite as a reader of the README would: the README's test command is a line of `.ci/run`."""
+    commands = [command for snippet, _, command in BASH if "-m pytest" in command and not snippet.skip_reason]
+    assert len(commands) == 1, commands
+    ci_lines = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert commands[0].strip() in (line.strip() for line in ci_lines)

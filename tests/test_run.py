@@ -15,6 +15,8 @@ import pytest
 
 from cogsurgeon.inspector.model_specs import tiny_config
 
+pytestmark = pytest.mark.slow  # every test here starts processes of its own
+
 
 def clean_environment() -> dict[str, str]:
     """The environment of a user's shell: cogsurgeon only as installed (no checkout on PYTHONPATH), no colours."""

@@ -107,6 +107,7 @@ def _hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+@pytest.mark.slow
 @pytest.mark.diffusers_versions
 def test_trace_5b_i2v_at_49x480x720():
     from cogsurgeon.inspector import load_transformer
@@ -132,6 +133,7 @@ def test_trace_5b_i2v_at_49x480x720():
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.diffusers_versions
 @pytest.mark.parametrize("spec", ["cogvideox1.5-5b", "cogvideox1.5-5b-i2v"])
 def test_trace_1_5_at_81x768x1360(spec):
@@ -150,6 +152,7 @@ def test_trace_1_5_at_81x768x1360(spec):
         assert "ofs" not in result.inputs
 
 
+@pytest.mark.slow
 def test_trace_2b_at_another_size_recomputes_sincos_positions():
     from cogsurgeon.inspector import load_transformer
     from cogsurgeon.inspector.trace import trace_shapes
@@ -239,6 +242,7 @@ def test_tiny_1_5_pads_to_whole_temporal_patches():
 # CLI
 
 
+@pytest.mark.slow
 def test_cli_trace_json(cli):
     completed = cli("trace", "cogvideox-5b-i2v", "--frames", "49", "--height", "480", "--width", "720",
                     "--batch", "2", "--json")

@@ -12,7 +12,7 @@ import click
 from cogsurgeon.inspector.cli.output import print_json, stdout_console
 
 
-@click.command()
+@click.command(short_help="Probe the installed diffusers and peft for the known CogVideoX pitfalls.")
 @click.option("--check", "checks", multiple=True, metavar="ID",
               help="Run only this check (repeatable): mask-pad-length, fused-processor-text-length, "
                    "block-drops-attention-kwargs, attention-backend-ignored, lora-alpha-lost, peft-local-path-hub.")

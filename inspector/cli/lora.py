@@ -10,6 +10,7 @@ import time
 import click
 
 from cogsurgeon.inspector.cli.output import print_json
+from cogsurgeon.inspector.errors import counted
 
 ALPHA_HELP = ("lora_alpha the LoRA was trained with, where the checkpoint stores none (it settles trainer defaults); "
               "one that contradicts a stored lora_alpha is refused, see --override-stored-alpha.")
@@ -42,7 +43,7 @@ def _print_warnings(warnings: tuple[str, ...]) -> None:
 
 def _pattern_text(pattern: dict) -> str:
     """`N modules differ: a=2, b=3, ...` for a rank_pattern or alpha_pattern."""
-    return f"{len(pattern)} modules differ: " + ", ".join(
+    return f"{counted(len(pattern), 'module')} {'differs' if len(pattern) == 1 else 'differ'}: " + ", ".join(
         f"{module}={value:g}" for module, value in list(pattern.items())[:4]) + (", ..." if len(pattern) > 4 else "")
 
 
@@ -65,7 +66,7 @@ def _format_report(report) -> list[str]:
         *([f"steps         {', '.join(str(s) for s in report.steps)}"] if report.steps else []),
         f"rank          {rank_line}",
         *alpha_lines,
-        f"targets       {', '.join(report.target_modules)} ({report.num_modules} modules)",
+        f"targets       {', '.join(report.target_modules)} ({counted(report.num_modules, 'module')})",
         f"fits          {report.fit_detail}",
         f"dtype         {report.dtype}",
         f"size          {report.size_bytes:,} bytes",
@@ -84,17 +85,21 @@ def _positive_finite_alpha(ctx: click.Context, param: click.Parameter, value: fl
 
 @click.group()
 def lora() -> None:
-    """Inspect, repair and verify CogVideoX LoRA checkpoints.
+    """Inspect, repair, verify and merge CogVideoX LoRA checkpoints.
 
     Trainers (CogVideo finetune, diffusers scripts, CogKit, SAT) save LoRA weights without adapter_config.json
     and without lora_alpha: PEFT then refuses the folder or goes to the Hub, and diffusers loads it at
-    alpha = rank (a default CogVideo LoRA, rank 128 / alpha 64, runs at twice its strength).
+    alpha = rank (a default CogVideo LoRA, rank 128 / alpha 64, runs at twice its strength). `repair` writes an
+    adapter folder for PEFT and diffusers (`--to comfyui` adds a ComfyUI file); `merge` fuses adapters into a
+    local base's weights.
 
     \b
-    cogsurgeon lora inspect out/checkpoint-500
-    cogsurgeon lora repair out/checkpoint-500 --out my-adapter
-    cogsurgeon lora repair lora.safetensors --out my-adapter --alpha 64 --force
-    cogsurgeon lora verify my-adapter --base tiny-i2v
+    Examples (a trainer's output folder out/ holding checkpoint-500/):
+      cogsurgeon lora inspect out/checkpoint-500
+      cogsurgeon lora repair out/checkpoint-500 --out my-adapter --alpha 64
+      cogsurgeon lora repair out/ --latest --out my-adapter --alpha 64 --to peft,diffusers,comfyui --force
+      cogsurgeon lora verify my-adapter --base tiny-i2v
+      cogsurgeon lora merge ./CogVideoX-5b-I2V my-adapter:0.8 --out merged
     """
 
 
@@ -113,9 +118,10 @@ def inspect(ckpt: str, alpha: float | None, override_stored_alpha: bool, trainer
     trainer's output folder (several checkpoints: --step N or --latest), or the weights file.
 
     \b
-    cogsurgeon lora inspect out/checkpoint-500
-    cogsurgeon lora inspect out/ --latest --json
-    cogsurgeon lora inspect out/checkpoint-500/pytorch_lora_weights.safetensors --json
+    Examples:
+      cogsurgeon lora inspect out/checkpoint-500
+      cogsurgeon lora inspect out/ --latest --json
+      cogsurgeon lora inspect out/checkpoint-500/pytorch_lora_weights.safetensors --json
     """
     from cogsurgeon.tools.lora.checkpoint import inspect_checkpoint
 
@@ -177,9 +183,10 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, override_stored_alpha: 
     candidates: settle with --alpha A or --trainer NAME.
 
     \b
-    cogsurgeon lora repair out/checkpoint-500 --out my-adapter --trainer cogvideo-finetune
-    cogsurgeon lora repair cogkit/adapter_model.safetensors --out my-adapter --alpha 64
-    cogsurgeon lora repair videox-out/ --latest --out my-adapter --trainer videox-fun --to peft,diffusers,comfyui
+    Examples:
+      cogsurgeon lora repair out/checkpoint-500 --out my-adapter --trainer cogvideo-finetune
+      cogsurgeon lora repair cogkit/adapter_model.safetensors --out my-adapter --alpha 64
+      cogsurgeon lora repair videox-out/ --latest --out my-adapter --trainer videox-fun --to peft,diffusers,comfyui
     """
     from cogsurgeon.tools.lora.repair import repair_checkpoint
 
@@ -193,7 +200,7 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, override_stored_alpha: 
         return
     report = result.report
     click.echo(
-        f"wrote {result.out_dir}: {report.num_modules} modules, rank {report.rank}, lora_alpha {report.alpha} "
+        f"wrote {result.out_dir}: {counted(report.num_modules, 'module')}, rank {report.rank}, lora_alpha {report.alpha} "
         f"({report.alpha_source}), {result.bytes_written:,} tensor bytes"
     )
     if report.alpha_pattern:
@@ -217,8 +224,9 @@ def verify(ctx: click.Context, adapter_dir: str, base: str, as_json: bool) -> No
     matched and lora_B left at zero); exit 2 when the LoRA does not fit MODEL (the mismatch is named).
 
     \b
-    cogsurgeon lora verify my-adapter --base tiny-i2v
-    cogsurgeon lora verify my-adapter --base /models/CogVideoX-5b-I2V --json
+    Examples:
+      cogsurgeon lora verify my-adapter --base tiny-i2v
+      cogsurgeon lora verify my-adapter --base /models/CogVideoX-5b-I2V --json
     """
     from cogsurgeon.tools.lora.verify import verify_adapter
 
@@ -246,7 +254,9 @@ def merge(base: str, loras: tuple[str, ...], out_dir: str, force: bool, as_json:
     transformer/). A LORA whose lora_alpha is not settled is refused: repair it with --alpha first.
 
     \b
-    cogsurgeon lora merge /models/CogVideoX-5b/transformer style-adapter detail-adapter:0.5 --out merged
+    Examples:
+      cogsurgeon lora merge /models/CogVideoX-5b/transformer style-adapter detail-adapter:0.5 --out merged
+      cogsurgeon lora merge ./CogVideoX-5b-I2V my-adapter:0.8 --out merged --json
     """
     from cogsurgeon.tools.lora.merge import merge_loras, parse_lora_spec
 
@@ -255,6 +265,7 @@ def merge(base: str, loras: tuple[str, ...], out_dir: str, force: bool, as_json:
     if as_json:
         print_json(result.to_json())
         return
-    click.echo(f"wrote {result.out_dir}: {result.fused_modules} weights fused from {len(result.loras)} LoRA(s)")
+    click.echo(f"wrote {result.out_dir}: {counted(result.fused_modules, 'weight')} fused from "
+               f"{counted(len(result.loras), 'LoRA')}")
     for path in result.files:
         click.echo(f"  {path}")

@@ -3,11 +3,13 @@ terminal) one block per module with its location on its own line, so that file:l
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import click
 
 from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, MODEL_HELP, print_json, stdout_console
+from cogsurgeon.inspector.errors import counted
 from cogsurgeon.inspector.inventory import ModuleInfo, filter_inventory, inventory_for_spec
 from cogsurgeon.inspector.module_tree import ListedRow, listed_rows
 from cogsurgeon.inspector.source import display_path
@@ -36,6 +38,14 @@ def modules(
     dtype, device, and the attention processor for attention modules. In a terminal, paths are shortened
     (from site-packages or the checkout on) and a table too wide for the window becomes one block per module;
     piped or redirected, every row is one line with the full path.
+
+    {model_help}
+
+    \b
+    Examples:
+      cogsurgeon modules                               # the default model, repeated blocks folded
+      cogsurgeon modules cogvideox1.5-5b --filter attn1
+      cogsurgeon modules ./my-finetune --json | jq '.[] | select(.processor) | .file'
     """
     infos = inventory_for_spec(model, dtype, use_cache=not no_cache)
     matching = filter_inventory(infos, filter_text)
@@ -57,7 +67,7 @@ def modules(
         console.print(modules_blocks(rows, len(matching)))
 
 
-modules.help = (modules.help or "") + "\n\n" + MODEL_HELP
+modules.help = inspect.cleandoc(modules.help or "").replace("{model_help}", MODEL_HELP)
 
 
 def location(info: ModuleInfo, full_path: bool = False) -> str:
@@ -81,7 +91,7 @@ def modules_table(rows: list[ListedRow], total: int, full_paths: bool = False) -
     """One row per (folded) module; the location column never wraps and is never cut."""
     from rich.table import Table
 
-    table = Table(title=f"{total} modules", header_style="bold", expand=False)
+    table = Table(title=counted(total, "module"), header_style="bold", expand=False)
     for column, justify in (
         ("module", "left"), ("class", "left"), ("params", "right"), ("dtype", "left"), ("device", "left"),
         ("processor", "left"), ("defined at", "left"),
@@ -100,7 +110,7 @@ def modules_blocks(rows: list[ListedRow], total: int) -> Group:
     from rich.console import Group
     from rich.text import Text
 
-    lines: list[Text] = [Text(f"{total} modules", style="bold")]
+    lines: list[Text] = [Text(counted(total, "module"), style="bold")]
     for row in rows:
         info = row.info
         facts = [info.class_name, f"{info.params:,} params", info.dtype or "-", info.device or "-"]

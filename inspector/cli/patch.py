@@ -16,17 +16,25 @@ def patch() -> None:
     """List and verify the named attention patches.
 
     \b
-    cogsurgeon patch list                           the patches and what each does
-    cogsurgeon patch verify frame-causal-attention  check it against explicit-mask attention on the tiny models
-    cogsurgeon run --patch causal-attention -- python test.py   run a program with the patch on
+    Examples:
+      cogsurgeon patch list                           # the patches, their parameters and what each does
+      cogsurgeon patch verify frame-causal-attention  # against explicit-mask attention on the tiny models
+      cogsurgeon patch verify block-causal-attention:chunk=2,window=4
+      cogsurgeon run --patch causal-attention -- python test.py
     """
 
 
-@patch.command("list")
+@patch.command("list", short_help="The patches, the parameters each takes and what each does.")
 @click.option("--json", "as_json", is_flag=True, help='Print [{"name", "summary", "parameters"}].')
 def list_patches(as_json: bool) -> None:
     """List every registered patch (built-in and installed through the `cogsurgeon.patches` entry points), with the
-    parameters each takes and their defaults (give them as NAME:key=value,key=value)."""
+    parameters each takes and their defaults (give them as NAME:key=value,key=value).
+
+    \b
+    Examples:
+      cogsurgeon patch list
+      cogsurgeon patch list --json | jq '.[].name'
+    """
     from cogsurgeon import patches
     from cogsurgeon.patches.parameters import format_value
 
@@ -50,19 +58,21 @@ def list_patches(as_json: bool) -> None:
             click.echo(f"{'':<{width}}    {p.name}: {p.type_name} = {format_value(p.default)}  {p.doc}")
 
 
-@patch.command("verify")
+@patch.command("verify", short_help="Check a patch against explicit-mask attention on the tiny models.")
 @click.argument("spec", metavar="NAME[:key=value,...]")
 @click.option("--json", "as_json", is_flag=True, help="Print the result with every case compared.")
 def verify(spec: str, as_json: bool) -> None:
     """Run patch NAME (with its parameters, if given) on the tiny models (tiny, tiny-i2v, tiny-1.5; plain and fused attention processors) against
     explicit-mask reference attention, then revert it.
 
-    Prints the largest difference from the reference (must be <= 1e-4 in fp32) and whether the reverted model
-    reproduces the unpatched output bit for bit. Exit 1 if either fails.
+    Prints the settings verified, the largest difference from the reference (must be <= 1e-4 in fp32) and whether
+    the reverted model reproduces the unpatched output bit for bit. Exit 1 if either fails.
 
     \b
-    cogsurgeon patch verify causal-attention
-    cogsurgeon patch verify attention-mask --json
+    Examples:
+      cogsurgeon patch verify causal-attention
+      cogsurgeon patch verify block-causal-attention:chunk=2,window=4
+      cogsurgeon patch verify attention-mask --json
     """
     from cogsurgeon.patches.parameters import parse_patch_spec
     from cogsurgeon.patches.registry import resolve_options
@@ -77,7 +87,7 @@ def verify(spec: str, as_json: bool) -> None:
         print_json(result.to_json())
     else:
         verdict = "PASS" if result.passed else "FAIL"
-        click.echo(f"{verdict} {result.name}: max error {result.max_error:.3g} (tolerance {result.tolerance:g}), "
+        click.echo(f"{verdict} {result.name}{_settings_text(result.settings)}: max error {result.max_error:.3g} (tolerance {result.tolerance:g}), "
                    f"revert bit-exact: {'yes' if result.revert_bit_exact else 'no'}")
         for case in result.details:
             if case.max_error > result.tolerance or not case.revert_bit_exact:
@@ -87,8 +97,18 @@ def verify(spec: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+def _settings_text(settings: tuple[dict, ...]) -> str:
+    """` with chunk=2, window=4` (one setting), ` with chunk=1; chunk=2` (several), or nothing (no parameters)."""
+    from cogsurgeon.patches.parameters import format_value
+
+    texts = [", ".join(f"{key}={format_value(value)}" for key, value in setting.items()) for setting in settings]
+    texts = [text for text in texts if text]
+    return f" with {'; '.join(texts)}" if texts else ""
+
+
 @click.command(
     "run",
+    short_help="Run an unchanged program with patches on every CogVideoX transformer it builds.",
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
 @click.option(
@@ -113,16 +133,17 @@ def run(patch_names: tuple[str, ...], record_path: str | None, record_groups: st
     FILE.json, any other to FILE.PID-N.json; written when the program exits). Which patches went onto which model is
     said on stderr; the program's exit status is passed through.
 
-    \b
-    cogsurgeon run --patch causal-attention -- python test.py
-    cogsurgeon run --patch frame-causal-attention --patch attention-mask -- accelerate launch train.py
-    cogsurgeon run --patch causal-attention -- torchrun --nproc_per_node 2 sample.py
-    cogsurgeon run --record-attention run.json -- python sample.py   then: cogsurgeon attention show run.json
-    cogsurgeon run --ulysses 4 --patch frame-causal-attention -- python sample.py   # 4 GPUs, one video
-
     With --ulysses N every model built runs context-parallel over N ranks (the process group is set up for it, each
     rank on its own GPU); every rank computes the whole output, so the script must draw the same noise on each
     (a seeded generator).
+
+    \b
+    Examples:
+      cogsurgeon run --patch causal-attention -- python test.py
+      cogsurgeon run --patch frame-causal-attention --patch attention-mask -- accelerate launch train.py
+      cogsurgeon run --patch causal-attention -- torchrun --nproc_per_node 2 sample.py
+      cogsurgeon run --record-attention run.json -- python sample.py   # then: cogsurgeon attention show run.json
+      cogsurgeon run --ulysses 4 --patch frame-causal-attention -- python sample.py   # 4 GPUs, one video
     """
     from cogsurgeon.patches.launcher import run_patched
 

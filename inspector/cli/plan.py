@@ -9,20 +9,18 @@ import sys
 
 import click
 
-from cogsurgeon.inspector.cli.output import POSITIVE, print_json, stdout_console
-
-# plan_memory reads the short names too (loading's dtype aliases)
-DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
+from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, POSITIVE, print_json, stdout_console
 
 
-@click.command()
+@click.command(short_help="Will it fit? The peak GPU memory of inference or a training step, without a GPU.")
 @click.argument("model", required=False)
 @click.option("--frames", type=POSITIVE, help="Video frames (4k+1: 49, 81). Default: the model's.")
 @click.option("--height", type=POSITIVE, help="Video height in pixels. Default: the model's.")
 @click.option("--width", type=POSITIVE, help="Video width in pixels. Default: the model's.")
 @click.option("--batch", default=2, show_default=True, type=POSITIVE,
               help="The transformer's batch: 2 is one video with classifier-free guidance.")
-@click.option("--dtype", type=click.Choice(DTYPES), help="Weights' dtype. Default: the model's (bf16).")
+@click.option("--dtype", type=DTYPE_CHOICE,
+              help="Weights' dtype. Default: as the model is stored (bfloat16 for the published ones, float32 tiny).")
 @click.option("--train", metavar="lora:RANK|full", help="Plan one training step instead of inference.")
 @click.option("--mixed-precision", metavar="no|fp16|bf16",
               help="Training under accelerate's mixed precision (autocast around the forward). Default with --train: "
@@ -53,6 +51,8 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
     kernel the GPU runs (flash; memory-efficient with a mask). The peak compares with
     torch.cuda.max_memory_allocated(); the CUDA context comes on top.
 
+    MODEL: see `cogsurgeon modules --help`.
+
     \b
     Examples:
       cogsurgeon plan                                          # cogvideox-5b-i2v, 49×480×720, batch 2, inference
@@ -62,8 +62,6 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
       cogsurgeon plan cogvideox-2b --train lora:128 --dtype fp16 --mixed-precision fp16 --lora-dtype fp32 --batch 1
       cogsurgeon plan cogvideox1.5-5b --trainer cogvideo-finetune --frames 81 --height 768 --width 1360 --batch 1
       cogsurgeon plan cogvideox1.5-5b --frames 81 --height 768 --width 1360 --ulysses 4   # per GPU of 4
-
-    MODEL: see `cogsurgeon modules --help`.
     """
     from cogsurgeon.inspector.cli.trace import _known_config, check_traceable
     from cogsurgeon.inspector.geometry import default_video_size

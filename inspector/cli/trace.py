@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from cogsurgeon.inspector.cli.output import POSITIVE, print_json, stdout_console
+from cogsurgeon.inspector.cli.output import POSITIVE, print_json, print_table_or_blocks, stdout_console
 
 if TYPE_CHECKING:
     from cogsurgeon.inspector.trace import AttentionCall
 
 
-@click.command()
+@click.command(short_help="Every attention call's and module's shapes at a video size, without a GPU.")
 @click.argument("model", required=False)
 @click.option("--frames", default=49, show_default=True, type=POSITIVE, help="Video frames (4k+1: 49, 81).")
 @click.option("--height", default=480, show_default=True, type=POSITIVE, help="Video height in pixels.")
@@ -41,6 +41,8 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
     call's query/key/value shapes, each module's input and output shapes, and what an explicit attention mask
     would take in memory at this size. A size the model cannot take is an error (exit 2).
 
+    MODEL: see `cogsurgeon modules --help`; a model with real weights is traced through a meta copy.
+
     \b
     Examples:
       cogsurgeon trace                                       # cogvideox-5b-i2v at 49×480×720, batch 2
@@ -48,8 +50,6 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
       cogsurgeon trace cogvideox-5b --json | jq '.attention[0]'
       cogsurgeon trace tiny --frames 9 --height 64 --width 64 --all
       cogsurgeon trace cogvideox-5b --ulysses 4 --json | jq '.attention[0]'   # one rank of 4: 12 heads, all tokens
-
-    MODEL: see `cogsurgeon modules --help`; a model with real weights is traced through a meta copy.
     """
     config = _known_config(model)
     if config is not None:  # refuse a size the model cannot take before paying for torch and the model
@@ -124,25 +124,29 @@ def _print_tables(result, show_all: bool) -> None:
         if repeat > 1:
             label.append(f"  ×{repeat}", style="dim")
         calls.add_row(label, *(format_shape(shape) for shape in shapes), "yes" if call.is_causal else "no")
-    console.print(calls)
+    print_table_or_blocks(console, calls)
 
     memory = Table(title="memory per attention call: a patch's rule as an explicit mask vs the patch",
                    header_style="bold")
     for column in ("patch", "diffusers' explicit mask", "bytes", "(1,1,L,L) bool", "patch takes"):
         memory.add_column(column)
-    for entry in result.mask_memory:
+    estimated = [entry for entry in result.mask_memory if entry.patch_bytes is not None]
+    for entry in estimated:
         memory.add_row(entry.patch, f"{format_shape(entry.explicit_mask_shape)} {entry.explicit_mask_dtype}",
                        format_bytes(entry.explicit_mask_bytes), format_bytes(entry.broadcast_mask_bytes),
-                       format_bytes(entry.patch_bytes) if entry.patch_bytes is not None else "no estimate")
-    console.print(memory)
+                       format_bytes(entry.patch_bytes))
+    print_table_or_blocks(console, memory)
+    unestimated = [entry.patch for entry in result.mask_memory if entry.patch_bytes is None]
+    if unestimated:  # per-frame-timesteps masks nothing; a patch without an estimate has no row to compare
+        console.print(f"[dim]not in the table (no attention-mask rule to compare): {', '.join(unestimated)}[/dim]")
 
-    cache = Table(title="KV cache of patches.streaming for this video (K and V of every layer)", header_style="bold")
+    cache = Table(title="KV cache of patches.streaming: K and V of every layer", header_style="bold")
     for column in ("chunk", "window", "sink", "bytes"):
         cache.add_column(column)
     for entry in result.kv_cache:
         cache.add_row(str(entry["chunk"]), str(entry["window"] or "none"), str(entry["sink"]),
                       format_bytes(entry["bytes"]))
-    console.print(cache)
+    print_table_or_blocks(console, cache)
 
     modules = Table(title="module shapes" + ("" if show_all else " (root, embeddings, first block, output; "
                                                                "--all for every module)"), header_style="bold")
@@ -152,7 +156,7 @@ def _print_tables(result, show_all: bool) -> None:
         if not show_all and name.startswith("transformer_blocks.") and not name.startswith("transformer_blocks.0"):
             continue
         modules.add_row(name or "(root)", format_shape(shapes.inputs), format_shape(shapes.outputs))
-    console.print(modules)
+    print_table_or_blocks(console, modules)
 
 
 _BLOCK_CALL = re.compile(r"^(?P<prefix>.+)\.(?P<index>\d+)\.(?P<rest>[^.]+)$")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cogsurgeon.inspector.errors import CogsurgeonError, shown
+from cogsurgeon.inspector.errors import CogsurgeonError, counted, shown
 from cogsurgeon.inspector.safetensors_header import DTYPE_NAMES, read_header
 from cogsurgeon.inspector.user_files import (
     UserFileError,
@@ -515,7 +515,8 @@ def _kohya_alpha(raw: RawCheckpoint, ranks: dict[str, int], problems: list[str])
         return None, {}
     missing = sorted(set(ranks) - set(raw.alpha_values))
     if missing:
-        problems.append(f"{len(missing)} modules have no .alpha while others do, e.g. {missing[0]}")
+        problems.append(f"{counted(len(missing), 'module')} {'has' if len(missing) == 1 else 'have'} no .alpha while "
+                        f"others do, e.g. {missing[0]}")
     common, pattern = most_common_and_pattern(raw.alpha_values)
     wrong = next((value for value in (common, *pattern.values()) if not positive_number(value)), None)
     if wrong is not None:
@@ -536,7 +537,7 @@ def _alpha_notes(resolution: AlphaResolution, request: AlphaRequest, rank: int |
     """What a person must hear about the alpha they asked for: a refused contradiction (raised), an override (what
     changes), a flag that agreed with the stored value, and the stored per-module alphas that are kept."""
     stored, flag = resolution.stored_alpha, request.alpha
-    kept = (f"; the stored alpha_pattern of {len(resolution.alpha_pattern)} modules is kept "
+    kept = (f"; the stored alpha_pattern of {counted(len(resolution.alpha_pattern), 'module')} is kept "
             f"({_listed(resolution.alpha_pattern)})") if resolution.alpha_pattern else ""
     if resolution.refused_flag is not None:
         raise LoraCheckpointError(

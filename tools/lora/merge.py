@@ -78,6 +78,10 @@ def parse_lora_spec(text: str) -> LoraSpec:
         try:
             weight = float(tail)
         except ValueError:
+            if head and not Path(text).expanduser().exists():  # `my-adapter:abc`: a weight that is not a number
+                raise LoraCheckpointError(
+                    f"{text}: the weight after ':' must be a number (LORA:WEIGHT, e.g. {head}:0.5), got {tail!r}"
+                ) from None
             return LoraSpec(text, 1.0)
         if not math.isfinite(weight):
             raise LoraCheckpointError(f"{text}: the weight after ':' must be a finite number")

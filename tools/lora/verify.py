@@ -139,6 +139,9 @@ def expected_scales(config: dict[str, Any], modules: list[str]) -> dict[str, flo
 
 
 def read_adapter_folder(folder: Path) -> dict[str, Any]:
+    if not folder.exists() and not folder.is_symlink():
+        raise CogsurgeonError(f"adapter folder {folder} does not exist: verify takes the folder `cogsurgeon lora "
+                              "repair` wrote")
     if not is_folder(folder):
         raise CogsurgeonError(f"{folder} is not a folder: verify takes the folder `cogsurgeon lora repair` wrote")
     missing = [name for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME)
