@@ -250,7 +250,7 @@ def test_lora_verify_checks_its_inputs_before_importing_diffusers(tmp_path):
     for name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
         (adapter / name).write_bytes(b"")
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 4}))
-    for folder, base, message in ((tmp_path / "nothing", "tiny", "is not a folder"),
+    for folder, base, message in ((tmp_path / "nothing", "tiny", "does not exist"),
                                   (adapter, "cogvideox-5b", "meta device"),
                                   (adapter, "no-such-model", "unknown model")):
         completed, imported = run_cli_counting_imports("lora", "verify", str(folder), "--base", base)

@@ -61,7 +61,7 @@ def test_alpha_equal_to_the_stored_one_keeps_the_stored_alpha_pattern(trained, t
     assert_reproduces(BASE, out, trained.output)
     assert (result.report.alpha, result.report.alpha_source) == (6, source)
     assert result.report.alpha_pattern == ALPHA_PATTERN
-    assert any("is the stored lora_alpha" in w and "alpha_pattern of 1 modules is kept" in w
+    assert any("is the stored lora_alpha" in w and "alpha_pattern of 1 module is kept" in w
                for w in result.report.warnings)
     assert json.loads((out / "adapter_config.json").read_text())["alpha_pattern"] == ALPHA_PATTERN
 
@@ -76,7 +76,7 @@ def test_alpha_that_contradicts_the_stored_one_is_refused(trained, tmp_path, cli
     line = refused.stderr.strip()
     assert len(line.splitlines()) == 1 and "Traceback" not in line
     assert "--alpha 8 contradicts the lora_alpha 6 stored in" in line and "adapter_config.json" in line
-    assert "--override-stored-alpha" in line and "alpha_pattern of 1 modules is kept (to_out.0=3)" in line
+    assert "--override-stored-alpha" in line and "alpha_pattern of 1 module is kept (to_out.0=3)" in line
     assert not out.exists() and tree_digest(checkpoint) == before
     inspected = cli("lora", "inspect", str(checkpoint), "--alpha", "8")
     assert inspected.returncode == 2 and "contradicts" in inspected.stderr
@@ -84,7 +84,7 @@ def test_alpha_that_contradicts_the_stored_one_is_refused(trained, tmp_path, cli
     overridden = cli("lora", "repair", str(checkpoint), "--out", str(out), "--alpha", "8", "--override-stored-alpha")
     assert overridden.returncode == 0, overridden.stderr
     assert "STORED ALPHA OVERRIDDEN: lora_alpha 6 -> 8 (scale 1.5 -> 2 at rank 4)" in overridden.stderr
-    assert "alpha_pattern of 1 modules is kept (to_out.0=3)" in overridden.stderr
+    assert "alpha_pattern of 1 module is kept (to_out.0=3)" in overridden.stderr
     assert "alpha_pattern kept: 1 module differs: to_out.0=3" in overridden.stdout
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["lora_alpha"], config["alpha_pattern"]) == (8, ALPHA_PATTERN)

@@ -65,7 +65,7 @@ def cli() -> None:
     """
 
 
-@cli.command()
+@cli.command(short_help="Open the terminal UI on MODEL (`cogsurgeon MODEL` does the same).")
 @click.argument("model", required=False)
 def tui(model: str | None) -> None:
     """Open the terminal UI on MODEL (`cogsurgeon MODEL` does the same).

@@ -23,25 +23,26 @@ class AttentionGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group("attention", cls=AttentionGroup)
+@click.group("attention", cls=AttentionGroup, short_help="Exact attention statistics of every layer and head.")
 def attention() -> None:
     """Exact attention statistics of every layer and head (the attention x-ray).
-
-    \b
-    cogsurgeon attention tiny                                 record one seeded forward, per-layer summary
-    cogsurgeon attention tiny --patch frame-causal-attention --groups grid:2x2 --json
-    cogsurgeon attention ./my-model --frames 49 --height 480 --width 720 --device cuda --save run.json
-    cogsurgeon attention show run.json                        open a recording in the viewer
-    cogsurgeon run --record-attention run.json -- python sample.py   record an unchanged script
 
     Statistics are exact (SDPA over one-hot values: no L×L tensor) and those of the attention that runs, patches
     included. For each layer, head, step and batch item: mass[i][j], the mean over the query tokens of group i of
     their attention on the keys of group j; from it text→video, video→text, own-frame share, first-frame and text
     sinks and a head kind (spatial, temporal, text, mixed).
+
+    \b
+    Examples:
+      cogsurgeon attention tiny                                 # record one seeded forward, per-layer summary
+      cogsurgeon attention tiny --patch frame-causal-attention --groups grid:2x2 --json
+      cogsurgeon attention ./my-model --frames 49 --height 480 --width 720 --device cuda --save run.json
+      cogsurgeon attention show run.json                        # open a recording in the viewer
+      cogsurgeon run --record-attention run.json -- python sample.py   # record an unchanged script
     """
 
 
-@attention.command("record")
+@attention.command("record", short_help="Record one seeded forward of MODEL and print a per-layer summary.")
 @click.argument("model", required=False)
 @click.option("--frames", type=POSITIVE, help="Video frames (4k+1). Default: the model's sample size.")
 @click.option("--height", type=POSITIVE, help="Video height in pixels. Default: the model's.")
@@ -63,14 +64,14 @@ def record(model: str | None, frames: int | None, height: int | None, width: int
     """Record the attention of one seeded forward of MODEL (tiny models and local folders: weights are needed) and
     print a per-layer summary.
 
+    MODEL: see `cogsurgeon modules --help` (a published config has no weights and cannot be recorded).
+
     \b
     Examples:
       cogsurgeon attention tiny
       cogsurgeon attention tiny-1.5 --patch block-causal-attention:chunk=1,window=1 --groups frames
       cogsurgeon attention tiny --groups words --words 0,3 --json | jq '.stats[0][0][1]'
       cogsurgeon attention ./CogVideoX-5b --device cuda --dtype bfloat16 --save run.json
-
-    MODEL: see `cogsurgeon modules --help` (a published config has no weights and cannot be recorded).
     """
     from cogsurgeon.inspector.attention_xray import parse_groups
     from cogsurgeon.inspector.cli.trace import _known_config
@@ -171,7 +172,7 @@ def print_summary(recording: Any, step: int = 0, batch: int | None = None) -> No
         console.print(table)
 
 
-@attention.command("show")
+@attention.command("show", short_help="Open a recording in the viewer (or print it, or export a PNG).")
 @click.argument("file", metavar="FILE.json")
 @click.option("--print", "print_only", is_flag=True, help="Print the per-layer summary instead of opening the viewer.")
 @click.option("--png", "png_path", metavar="OUT.png",
@@ -181,9 +182,10 @@ def show(file: str, print_only: bool, png_path: str | None) -> None:
     head overview coloured by head kind, the selected head's group×group heat map, per-word maps per frame.
 
     \b
-    cogsurgeon attention show run.json
-    cogsurgeon attention show run.json --print
-    cogsurgeon attention show run.json --png view.png
+    Examples:
+      cogsurgeon attention show run.json
+      cogsurgeon attention show run.json --print
+      cogsurgeon attention show run.json --png view.png
     """
     from cogsurgeon.inspector.attention_recording import RecordingError, load_recording
 
