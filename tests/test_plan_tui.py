@@ -26,7 +26,7 @@ async def test_plan_screen_plans_the_loaded_model_at_a_typed_size():
         await pilot.click("#plan-run")
         await settle(pilot)
         shown = shown_text(app.screen.query_one("#plan-result"))
-        assert shown.splitlines()[0].split() == ["planned", "tiny,", "9x64x64,", "batch", "2,", "bfloat16,", "training",
+        assert shown.splitlines()[0].split() == ["planned", "tiny,", "9x64x64,", "batch", "2,", "float32,", "training",
                                                  "lora:4,", "no", "patches"]
         assert shown.splitlines()[1].startswith("peak")
         assert "transformer training step (lora:4)" in shown

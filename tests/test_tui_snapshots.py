@@ -55,5 +55,9 @@ def test_lora_screen_after_inspect(snap_compare, tmp_path, monkeypatch):
         await pilot.pause()
         await pilot.press(*"checkpoint-10", "enter")
         await loaded(pilot)
+        # Where focus lands after an inspect depends on when its worker ends relative to the key presses (the path
+        # field keeps it, or the findings take it); the picture is of the findings, so no widget holds it.
+        pilot.app.screen.set_focus(None)
+        await pilot.pause()
 
     assert snap_compare(CogsurgeonApp("tiny"), terminal_size=SIZE, run_before=inspect)
