@@ -26,9 +26,9 @@ async def test_plan_screen_plans_the_loaded_model_at_a_typed_size():
         await pilot.click("#plan-run")
         await settle(pilot)
         shown = shown_text(app.screen.query_one("#plan-result"))
-        assert shown.splitlines()[0].split() == ["planned", "tiny,", "9x64x64,", "batch", "2,", "float32,", "training",
-                                                 "lora:4,", "no", "patches"]
-        assert shown.splitlines()[1].startswith("peak")
+        assert " ".join(shown.split("peak")[0].split()) == ("planned tiny, 9x64x64, batch 2, float32, training lora:4 "
+                                                           "(bf16 autocast, LoRA auto), no patches")
+        assert any(line.startswith("peak") for line in shown.splitlines()[1:3])
         assert "transformer training step (lora:4)" in shown
         assert "optimizer" in shown and "workspace" in shown
         assert re.search(r"40.0 MiB card +does not fit", shown)  # two 32 MiB cuBLAS workspaces alone
@@ -56,3 +56,47 @@ async def test_plan_screen_reports_a_bad_size_as_a_notification():
         await pilot.press("enter")
         await settle(pilot)
         assert any("FRAMESxHEIGHTxWIDTH" in message for message in notifications(app))
+
+
+@pilot_test
+async def test_plan_screen_plans_training_as_the_trainers_run_it():
+    """The mixed-precision, LoRA dtype and trainer controls reach the planner, and the result says what was planned:
+    the same bytes as plan_memory given the same settings."""
+    from cogsurgeon.inspector.plan import plan_memory
+
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("g")
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#plan-mode").value = "lora"
+        screen.query_one("#plan-rank").value = "4"
+        screen.query_one("#plan-mixed").value = "fp16"
+        screen.query_one("#plan-lora-dtype").value = "fp32"
+        await pilot.click("#plan-run")
+        await settle(pilot)
+        shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
+        expected = plan_memory("tiny", frames=9, height=64, width=64, batch=2, train="lora:4",
+                               mixed_precision="fp16", lora_dtype="fp32")
+        assert "training lora:4 (fp16 autocast, LoRA fp32)" in shown
+        assert f"({expected.peak_bytes:,} bytes)" in shown
+
+        screen.query_one("#plan-mode").value = "inference"
+        screen.query_one("#plan-trainer").value = "cogvideox-factory"
+        screen.query_one("#plan-mixed").clear()
+        screen.query_one("#plan-lora-dtype").clear()
+        await pilot.click("#plan-run")
+        await settle(pilot)
+        shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
+        preset = plan_memory("tiny", frames=9, height=64, width=64, batch=2, trainer="cogvideox-factory")
+        assert f"(as cogvideox-factory, {preset.settings.mixed_precision} autocast" in shown
+        assert f"({preset.peak_bytes:,} bytes)" in shown
+
+        screen.query_one("#plan-trainer").clear()
+        screen.query_one("#plan-mixed").value = "fp16"  # a training setting with inference: named as the control
+        await pilot.click("#plan-run")
+        await settle(pilot)
+        shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
+        assert shown.startswith("could not plan: mixed precision and LoRA dtype are training settings")
+        assert "--" not in shown

@@ -290,7 +290,7 @@ async def test_plan_with_a_patch_and_training(size):
         await type_into(pilot, "#plan-rank", "4")
         await type_into(pilot, "#plan-gpu", "40MiB", enter=True)
         await scroll_to(pilot, "#plan-result")
-        on_screen(app, "planned tiny, 9x64x64, batch 2, float32,", "training lora:4, causal-attention",
+        on_screen(app, "planned tiny, 9x64x64, batch 2, float32,", "training lora:4 (bf16 autocast,", "causal-attention",
                   "transformer training step (lora:4)", "40.0 MiB card does not fit", "with checkpointing + batch 1")
         no_cli_flags(app)
 

@@ -43,9 +43,20 @@ def settings_text(settings: Any) -> str:
         mode = "inference" + (" + VAE decode" + (" (tiled)" if settings.tiling else "") if settings.vae else "")
     else:
         mode = f"training {settings.train.label()}" + (" with checkpointing" if settings.checkpointing else "")
+        mode += training_precision_text(settings)
     patches = ", ".join(settings.patches) or "no patches"
     return (f"{settings.model}, {settings.frames}x{settings.height}x{settings.width}, batch {settings.batch}, "
             f"{settings.dtype}, {mode}, {patches}")
+
+
+def training_precision_text(settings: Any) -> str:
+    """How a training step was planned to run: the trainer preset, accelerate's mixed precision, the LoRA dtype."""
+    precision = getattr(settings, "mixed_precision", None)
+    parts = [f"{precision} autocast" if precision not in (None, "no") else "no autocast"]
+    if settings.train is not None and settings.train.kind == "lora":
+        parts.append(f"LoRA {getattr(settings, 'lora_dtype', 'auto')}")
+    trainer = getattr(settings, "trainer", None)
+    return f" ({', '.join(([f'as {trainer}'] if trainer else []) + parts)})"
 
 
 def plan_table(plan: Any) -> Table:
@@ -104,6 +115,8 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
         self.state = PlanState()
 
     def compose(self) -> ComposeResult:
+        from cogsurgeon.inspector.plan import DEFAULT_MIXED_PRECISION, LORA_DTYPES, MIXED_PRECISION, TRAINER_PRESETS
+
         frames, height, width = self.video_size
         applied = {spec.partition(":")[0]: spec for spec in self.applied_patches}
         patch_choices = [(applied.get(name, name), applied.get(name, name), name in applied)
@@ -118,6 +131,12 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
             yield field_row("LoRA rank", Input(value="128", placeholder="rank of the LoRA trained", id="plan-rank"))
             yield field_row("dtype", Select([(name, name) for name in DTYPES], prompt="the model's own",
                                             id="plan-dtype"))
+            yield field_row("trainer", Select([(name, name) for name in TRAINER_PRESETS], prompt="none (the controls)",
+                                              id="plan-trainer"))
+            yield field_row("mixed precision", Select([(name, name) for name in MIXED_PRECISION],
+                                                      prompt=f"{DEFAULT_MIXED_PRECISION} (training)", id="plan-mixed"))
+            yield field_row("LoRA dtype", Select([(name, name) for name in LORA_DTYPES], prompt="auto (the weights')",
+                                                 id="plan-lora-dtype"))
             yield field_row("GPU memory", Input(placeholder="e.g. 80GiB (empty: no card)", id="plan-gpu"))
             yield field_row("patches", SelectionList(*patch_choices, id="plan-patches"))
             with Horizontal(classes="form-row checkboxes"):
@@ -159,9 +178,11 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
             train = f"lora:{rank}"
         elif mode == "full":
             train = "full"
-        dtype = self.query_one("#plan-dtype", Select).value
+        chosen = lambda selector: (lambda picked: picked if isinstance(picked, str) else None)(  # noqa: E731
+            self.query_one(selector, Select).value)
         return dict(frames=frames, height=height, width=width, batch=int(batch_text), train=train,
-                    dtype=dtype if isinstance(dtype, str) else None,
+                    dtype=chosen("#plan-dtype"), trainer=chosen("#plan-trainer"),
+                    mixed_precision=chosen("#plan-mixed"), lora_dtype=chosen("#plan-lora-dtype"),
                     patches=tuple(self.query_one("#plan-patches", SelectionList).selected),
                     gpu_memory=value("#plan-gpu") or None,
                     checkpointing=self.query_one("#plan-checkpointing", Checkbox).value,
@@ -209,7 +230,8 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
         return plan_error_in_screen_terms(describe_failure(error))
 
 
-PLAN_CONTROLS = (("--train lora:RANK or --train full", "a training mode"), ("--train", "the mode"),
+PLAN_CONTROLS = (("--trainer", "trainer"), ("--mixed-precision", "mixed precision"), ("--lora-dtype", "LoRA dtype"),
+                 ("--train lora:RANK or --train full", "a training mode"), ("--train", "the mode"),
                  ("--checkpointing", "checkpointing"), ("--vae", "VAE decode"), ("--tiling", "tiling"),
                  ("--batch", "batch"), ("--gpu-memory", "GPU memory"), ("--patch", "patches"), ("--dtype", "dtype"))
 
