@@ -98,5 +98,5 @@ async def test_plan_screen_plans_training_as_the_trainers_run_it():
         await pilot.click("#plan-run")
         await settle(pilot)
         shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
-        assert shown.startswith("could not plan: mixed precision and LoRA dtype are training settings")
+        assert shown.startswith("could not plan: autocast and LoRA dtype are training settings")
         assert "--" not in shown

@@ -51,12 +51,12 @@ def settings_text(settings: Any) -> str:
 
 def training_precision_text(settings: Any) -> str:
     """How a training step was planned to run: the trainer preset, accelerate's mixed precision, the LoRA dtype."""
-    precision = getattr(settings, "mixed_precision", None)
-    parts = [f"{precision} autocast" if precision not in (None, "no") else "no autocast"]
-    if settings.train is not None and settings.train.kind == "lora":
-        parts.append(f"LoRA {getattr(settings, 'lora_dtype', 'auto')}")
-    trainer = getattr(settings, "trainer", None)
-    return f" ({', '.join(([f'as {trainer}'] if trainer else []) + parts)})"
+    parts = [f"as {settings.trainer}"] if settings.trainer else []
+    parts.append(f"{settings.mixed_precision} autocast" if settings.mixed_precision not in (None, "no")
+                 else "no autocast")
+    if settings.train.kind == "lora":
+        parts.append(f"LoRA {settings.lora_dtype}")
+    return f" ({', '.join(parts)})"
 
 
 def plan_table(plan: Any) -> Table:
@@ -133,7 +133,7 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
                                             id="plan-dtype"))
             yield field_row("trainer", Select([(name, name) for name in TRAINER_PRESETS], prompt="none (the controls)",
                                               id="plan-trainer"))
-            yield field_row("mixed precision", Select([(name, name) for name in MIXED_PRECISION],
+            yield field_row("autocast", Select([(name, name) for name in MIXED_PRECISION],
                                                       prompt=f"{DEFAULT_MIXED_PRECISION} (training)", id="plan-mixed"))
             yield field_row("LoRA dtype", Select([(name, name) for name in LORA_DTYPES], prompt="auto (the weights')",
                                                  id="plan-lora-dtype"))
@@ -178,16 +178,19 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
             train = f"lora:{rank}"
         elif mode == "full":
             train = "full"
-        chosen = lambda selector: (lambda picked: picked if isinstance(picked, str) else None)(  # noqa: E731
-            self.query_one(selector, Select).value)
         return dict(frames=frames, height=height, width=width, batch=int(batch_text), train=train,
-                    dtype=chosen("#plan-dtype"), trainer=chosen("#plan-trainer"),
-                    mixed_precision=chosen("#plan-mixed"), lora_dtype=chosen("#plan-lora-dtype"),
+                    dtype=self.chosen("#plan-dtype"), trainer=self.chosen("#plan-trainer"),
+                    mixed_precision=self.chosen("#plan-mixed"), lora_dtype=self.chosen("#plan-lora-dtype"),
                     patches=tuple(self.query_one("#plan-patches", SelectionList).selected),
                     gpu_memory=value("#plan-gpu") or None,
                     checkpointing=self.query_one("#plan-checkpointing", Checkbox).value,
                     vae=self.query_one("#plan-vae", Checkbox).value,
                     tiling=self.query_one("#plan-tiling", Checkbox).value)
+
+    def chosen(self, selector: str) -> str | None:
+        """A Select's value, or None while it shows its prompt (nothing chosen)."""
+        value = self.query_one(selector, Select).value
+        return value if isinstance(value, str) else None
 
     @on(Input.Submitted)
     @on(Button.Pressed, "#plan-run")
@@ -230,7 +233,7 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
         return plan_error_in_screen_terms(describe_failure(error))
 
 
-PLAN_CONTROLS = (("--trainer", "trainer"), ("--mixed-precision", "mixed precision"), ("--lora-dtype", "LoRA dtype"),
+PLAN_CONTROLS = (("--trainer", "trainer"), ("--mixed-precision", "autocast"), ("--lora-dtype", "LoRA dtype"),
                  ("--train lora:RANK or --train full", "a training mode"), ("--train", "the mode"),
                  ("--checkpointing", "checkpointing"), ("--vae", "VAE decode"), ("--tiling", "tiling"),
                  ("--batch", "batch"), ("--gpu-memory", "GPU memory"), ("--patch", "patches"), ("--dtype", "dtype"))
