@@ -4,14 +4,16 @@ The blocks are found generically (any fenced block, any section, whoever added i
 
 - ```python blocks run one by one, each in a fresh interpreter, so each must be complete on its own;
 - ```bash blocks run line by line (a line ending in `\\` continues), each line one command through `bash` with the
-  venv active (its bin first on PATH, as `. .venv/bin/activate` does), and must exit 0;
+  venv active (its bin first on PATH, as `. .venv/bin/activate` does), and must exit 0; one block is one test, its
+  commands in order, since a later line may read what an earlier one wrote (`--save xray.json`, then `show xray.json`)
+  and the suite runs its tests in parallel, on workers that do not share a folder;
 - blocks of any other language, or none (the layout tree), are not code and are not run.
 
 Everything runs in one folder laid out as a reader's would be (`readme_world`): a saved model `./my-finetune`, a
 CogVideo trainer's LoRA checkpoint `out/checkpoint-500`, a base model root `./CogVideoX-5b-I2V`, a second repaired
 adapter `other-adapter` and the scripts `test.py` and `train.py`, all made from the tiny models, so that commands
 naming them run for real on a CPU; the commands of one block run in order (a repair before the verify of its
-output). Commands that name published models run on them as written (meta device). A snippet that needs another
+output), each block in its own copy of that folder, so no block depends on another's files or order. Commands that name published models run on them as written (meta device). A snippet that needs another
 file: add it to `readme_world`.
 
 Not runnable? Say why, in one of two ways:
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -104,8 +107,13 @@ def bash_commands(snippet: Snippet) -> list[tuple[int, str]]:
 
 SNIPPETS = fenced_blocks(README.read_text(encoding="utf-8"))
 PYTHON = [snippet for snippet in SNIPPETS if snippet.language in ("python", "py")]
-BASH = [(snippet, line, command) for snippet in SNIPPETS if snippet.language in ("bash", "sh", "shell", "console")
-        for line, command in bash_commands(snippet)]
+BASH_BLOCKS = [snippet for snippet in SNIPPETS if snippet.language in ("bash", "sh", "shell", "console")]
+BASH = [(snippet, line, command) for snippet in BASH_BLOCKS for line, command in bash_commands(snippet)]
+
+
+def skip_reason(snippet: Snippet, command: str) -> str | None:
+    """Why a README command is not run here, or None: the block's `no-test` reason, else its SKIPPED_COMMANDS one."""
+    return snippet.skip_reason or SKIPPED_COMMANDS.get(command)
 
 
 def test_the_readme_has_code_and_every_listed_skip_still_names_a_readme_line():
@@ -200,21 +208,46 @@ def test_python_snippet_runs(snippet, readme_world, tmp_path):
         pytest.skip(snippet.skip_reason)
     script = tmp_path / "snippet.py"
     script.write_text(snippet.code)
-    completed = subprocess.run([sys.executable, str(script)], cwd=readme_world, env=_environment(),
+    world = shutil.copytree(readme_world, tmp_path / "world", symlinks=True)
+    completed = subprocess.run([sys.executable, str(script)], cwd=world, env=_environment(),
                                capture_output=True, text=True, timeout=600)
     _check(completed, snippet.label)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("snippet", "line", "command"), BASH,
-                         ids=[f"README.md:{line} {command.strip()[:60]}" for _, line, command in BASH])
-def test_bash_command_runs(snippet, line, command, readme_world):
-    reason = snippet.skip_reason or SKIPPED_COMMANDS.get(command)
-    if reason:
-        pytest.skip(reason)
-    completed = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=readme_world, env=_environment(),
-                               capture_output=True, text=True, timeout=600)
-    _check(completed, f"README.md:{line} {command.strip()}")
+@pytest.mark.parametrize("snippet", BASH_BLOCKS, ids=[snippet.label for snippet in BASH_BLOCKS])
+def test_bash_block_runs_in_order(snippet, readme_world, tmp_path):
+    runnable = [(line, command) for line, command in bash_commands(snippet) if not skip_reason(snippet, command)]
+    if not runnable:
+        pytest.skip("every command of this block is skipped: see test_skipped_readme_command")
+    world = shutil.copytree(readme_world, tmp_path / "world", symlinks=True)  # blocks never see each other's files
+    for line, command in runnable:
+        completed = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=world, env=_environment(),
+                                   capture_output=True, text=True, timeout=600)
+        _check(completed, f"README.md:{line} {command.strip()}")
+
+
+SKIPPED = [(line, command, skip_reason(snippet, command)) for snippet, line, command in BASH
+           if skip_reason(snippet, command)]
+
+
+@pytest.mark.parametrize(("line", "command", "reason"), SKIPPED,
+                         ids=[f"README.md:{line} {command.strip()[:60]}" for line, command, _ in SKIPPED])
+def test_skipped_readme_command(line, command, reason):
+    """Each command not run is reported as a skip with its reason (its block's test runs the rest)."""
+    pytest.skip(reason)
+
+
+def test_a_blocks_commands_run_in_one_test_in_order():
+    """The regression CI met: `--save xray.json` and `show xray.json` ran as two tests, on two workers, so the second
+    found no file. The same block's commands are now one test's, in README order."""
+    xray = [snippet for snippet in BASH_BLOCKS if any("--save xray.json" in command
+                                                      for _, command in bash_commands(snippet))]
+    assert len(xray) == 1
+    commands = [command for _, command in bash_commands(xray[0])]
+    saving = next(index for index, command in enumerate(commands) if "--save xray.json" in command)
+    showing = next(index for index, command in enumerate(commands) if "show xray.json" in command)
+    assert saving < showing
 
 
 def test_ci_runs_the_readmes_test_command():
