@@ -10,9 +10,12 @@ from __future__ import annotations
 import inspect
 import linecache
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
+
+from cogsurgeon.inspector.errors import counted
 
 if TYPE_CHECKING:
     from torch import nn
@@ -170,9 +173,11 @@ def filter_inventory(infos: list[ModuleInfo], text: str | None) -> list[ModuleIn
     return [info for info in infos if matches(info, needle)]
 
 
-def inventory_for_spec(spec: str | None, dtype: str | None = None, use_cache: bool = True) -> list[ModuleInfo]:
+def inventory_for_spec(spec: str | None, dtype: str | None = None, use_cache: bool = True,
+                       progress: Callable[[str], None] | None = None) -> list[ModuleInfo]:
     """The inventory of what a MODEL spec names. Shipped configs (published on meta, tiny) come from the inventory
-    cache when it is fresh (no torch or diffusers import at all), else are built and cached."""
+    cache when it is fresh (no torch or diffusers import at all), else are built and cached. `progress(message)` is
+    told each slow step of a build (the import, the build or load, the source lookups); a cache hit says nothing."""
     from cogsurgeon.inspector import inventory_cache
     from cogsurgeon.inspector.loading import load_transformer
     from cogsurgeon.inspector.model_specs import resolve_spec
@@ -181,7 +186,10 @@ def inventory_for_spec(spec: str | None, dtype: str | None = None, use_cache: bo
     cacheable = use_cache and resolved.kind in ("published", "tiny")
     infos = inventory_cache.load_cached_inventory(resolved.spec, dtype) if cacheable else None
     if infos is None:
-        infos = module_inventory(load_transformer(resolved.spec, dtype=dtype))
+        model = load_transformer(resolved.spec, dtype=dtype, progress=progress)
+        if progress is not None:
+            progress(f"reading where the classes of {counted(sum(1 for _ in model.modules()), 'module')} are defined…")
+        infos = module_inventory(model)
         if cacheable:
             inventory_cache.store_inventory(resolved.spec, dtype, infos)
     return infos

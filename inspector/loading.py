@@ -12,7 +12,7 @@ import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +69,14 @@ def transformer_class() -> type[CogVideoXTransformer3DModel]:
                 if sys.modules.get(_TRANSFORMERS_PACKAGE) is placeholder:
                     del sys.modules[_TRANSFORMERS_PACKAGE]
     return importlib.import_module(_COGVIDEOX_MODULE).CogVideoXTransformer3DModel
+
+
+def import_diffusers(progress: Callable[[str], None] | None = None) -> None:
+    """Import torch and diffusers' CogVideoX code (`transformer_class`), first saying so to `progress` when they are
+    not loaded yet: the slowest step of a cold start, seconds on an idle machine and many more on a loaded one."""
+    if _COGVIDEOX_MODULE not in sys.modules and progress is not None:
+        progress("importing torch and diffusers…")
+    transformer_class()
 
 
 @contextmanager
@@ -349,6 +357,14 @@ def cached_snapshot(repo_id: str) -> Path:
     )
 
 
+def _loading_step(kind: str, spec: str) -> str:
+    return {
+        "published": f"building {spec} on the meta device…",
+        "tiny": f"building {spec} (seeded weights)…",
+        "folder": f"loading the weights of {spec}…",
+    }.get(kind, f"loading {spec} from the Hugging Face cache…")
+
+
 def _main_revision(ref: Path) -> str | None:
     """The commit hash in a cache's `refs/main`, or None when it is absent or not one (binary, a path, huge)."""
     try:
@@ -370,15 +386,19 @@ def _folders_by_mtime(folder: Path) -> list[tuple[float, Path]]:
 
 
 def load_transformer(
-    spec: str | None = None, *, dtype: str | torch.dtype | None = None
+    spec: str | None = None, *, dtype: str | torch.dtype | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> CogVideoXTransformer3DModel:
     """Load the CogVideoX transformer that `spec` names: a published config (`cogvideox-5b`, ...: built on the meta
     device, no weights), a tiny model (`tiny`, `tiny-i2v`, `tiny-1.5`: seeded, runs on a CPU), a local diffusers
     folder (the model root or its `transformer/`), or a hub id already in the local Hugging Face cache (never
     downloaded); None is the default, cogvideox-5b-i2v. `dtype` (a torch dtype or its name) overrides the stored one.
     Raises `ModelSpecError` for a spec that names nothing, `ModelLoadError` for files that are there but not a
-    loadable CogVideoX transformer."""
+    loadable CogVideoX transformer. `progress(message)` is told each slow step: the import, the build or load."""
     resolved = resolve_spec(spec)
+    if progress is not None:
+        import_diffusers(progress)
+        progress(_loading_step(resolved.kind, resolved.spec))
     if resolved.kind == "published":
         return build_on_meta(published_config(resolved.spec), dtype or PUBLISHED_DTYPES[resolved.spec])
     if resolved.kind == "tiny":

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.geometry import TORCH_MAX_BYTES
-from cogsurgeon.inspector.trace import module_stack
+from cogsurgeon.inspector.trace import format_bytes, module_stack
 
 if TYPE_CHECKING:
     import torch
@@ -1068,7 +1068,8 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
                 dtype: str | None = None, train: TrainMode | str | None = None, checkpointing: bool = False,
                 patches: Sequence[str] = (), vae: bool = False, tiling: bool = False,
                 gpu_memory: int | str | None = None, mixed_precision: str | None = None,
-                lora_dtype: str | None = None, trainer: str | None = None, ulysses: int = 1) -> MemoryPlan:
+                lora_dtype: str | None = None, trainer: str | None = None, ulysses: int = 1,
+                progress: Callable[[str], None] | None = None) -> MemoryPlan:
     """Plan the peak GPU memory of a run of MODEL `spec` at a video size.
 
     `frames`, `height` and `width` are the video's (frames 4k+1, as the pipelines take them); each left None is the
@@ -1083,11 +1084,12 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
     `trainer` preset (TRAINER_PRESETS: its dtype, mixed precision, adapters, rank/alpha, optimizer and
     checkpointing; `train`, `dtype`, `mixed_precision`, `lora_dtype` given beside it override it).
     With `ulysses` N > 1 the run is context-parallel over N GPUs and the peak is one GPU's (each holds the weights).
+    `progress(message)` is told which configuration is being planned (with `gpu_memory`, several may be: n of N).
     """
     from pathlib import Path
 
     from cogsurgeon.inspector.geometry import default_video_size, latent_geometry
-    from cogsurgeon.inspector.loading import _torch_dtype, find_transformer_folder, read_config
+    from cogsurgeon.inspector.loading import _torch_dtype, find_transformer_folder, import_diffusers, read_config
     from cogsurgeon.inspector.model_specs import builtin_config, builtin_dtype, resolve_spec
     from cogsurgeon.inspector.trace import size_notes
 
@@ -1147,6 +1149,9 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
     card = parse_memory_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
     if card is not None:
         check_card_bytes(card, repr(card))
+    say = progress or (lambda message: None)
+    import_diffusers(progress)
+    say(f"planning {_run_label(settings)}…")
     phases = _plan_phases(resolved.spec, config, settings)
     plan = MemoryPlan(settings, phases, card, notes=size_notes(config, geometry) + _notes(settings))
     suggestions = []
@@ -1156,13 +1161,23 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
         singles = candidate_switches(settings)
         for size in range(1, len(singles) + 1):
             tried = []
-            for switch, alternative in switch_combinations(settings, singles, size):
+            alternatives = switch_combinations(settings, singles, size)
+            for number, (switch, alternative) in enumerate(alternatives, start=1):
+                say(f"{format_bytes(plan.peak_bytes)} does not fit {format_bytes(card)}; trying {number} of "
+                    f"{len(alternatives)}: {switch}…")
                 peak = max(phase.peak_bytes for phase in _plan_phases(resolved.spec, config, alternative))
                 tried.append(Suggestion(switch, peak, peak <= card))
             suggestions += [s for s in tried if size == 1 or s.fits or size == len(singles)]
             if any(s.fits for s in tried):
                 break
     return replace(plan, suggestions=tuple(suggestions))
+
+
+def _run_label(settings: PlanSettings) -> str:
+    """`a training step (lora:128) of cogvideox-5b at 49×480×720, batch 1, and the VAE decode`: what is planned."""
+    mode = f"a training step ({settings.train.label()})" if settings.train is not None else "inference"
+    return (f"{mode} of {settings.model} at {settings.frames}×{settings.height}×{settings.width}, batch "
+            f"{settings.batch}" + (" and the VAE decode" if settings.vae else ""))
 
 
 def _notes(settings: PlanSettings) -> tuple[str, ...]:

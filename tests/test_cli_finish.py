@@ -132,6 +132,8 @@ def test_trace_in_an_80_column_terminal_cuts_no_shape_and_no_name(cli):
     # a patch that masks nothing has no row in the memory table
     memory_table = output.split("memory per attention call", 1)[1].split("KV cache", 1)[0]
     assert "no estimate" not in memory_table
+    # a title wider than its table is a line of its own, not wrapped into the table's width
+    assert "KV cache of patches.streaming: K and V of every layer" in output.splitlines()
 
 
 # 5. Help that reads as finished: whole summaries, dedented paragraphs, examples last.

@@ -186,18 +186,18 @@ def _big_lora(folder: Path) -> Path:
 
 
 def test_a_progress_line_ends_before_the_error(tmp_path):
+    from test_cli_progress import run_with_stderr_in_a_terminal, what_the_terminal_shows
+
     checkpoint = _big_lora(tmp_path / "checkpoint")
     limit = 32 * 2**20  # files may not grow past 32 MiB: the write fails half way (EFBIG; Python ignores SIGXFSZ)
-    completed = subprocess.run(
-        [sys.executable, "-m", "cogsurgeon.inspector", "lora", "repair", str(checkpoint), "--out", str(tmp_path / "out"),
-         "--alpha", "64"],
-        capture_output=True, text=True, env=cli_environment(), cwd=REPO_ROOT, timeout=300,
+    status, stdout, sent = run_with_stderr_in_a_terminal(
+        "lora", "repair", str(checkpoint), "--out", str(tmp_path / "out"), "--alpha", "64",
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
     )
-    assert completed.returncode == 2, completed.stderr
-    assert "MiB (" in completed.stderr  # the progress line was drawn
-    error_lines = [line for line in completed.stderr.split("\n") if "cogsurgeon: error:" in line]
-    assert len(error_lines) == 1 and error_lines[0].startswith("cogsurgeon: error:"), repr(completed.stderr)
+    assert status == 2 and stdout == b"", sent
+    assert "MiB (" in sent  # the progress line was drawn (stderr is a terminal)
+    [error_line] = what_the_terminal_shows(sent)  # and erased: the error is all the terminal shows
+    assert error_line.startswith("cogsurgeon: error:"), repr(sent)
     assert not (tmp_path / "out").exists()
 
 

@@ -18,6 +18,7 @@ from cogsurgeon.inspector.cli.attention import attention
 from cogsurgeon.inspector.cli.doctor import doctor
 from cogsurgeon.inspector.cli.lora import lora
 from cogsurgeon.inspector.cli.modules import modules
+from cogsurgeon.inspector.cli.output import ERASE_LINE
 from cogsurgeon.inspector.cli.patch import patch, run
 from cogsurgeon.inspector.cli.plan import plan
 from cogsurgeon.inspector.cli.trace import trace
@@ -105,8 +106,9 @@ def _flush_stdout() -> None:
 
 
 class _LineTrackingStream:
-    """A text stream that remembers whether what was last written ended its line: a progress bar redrawn with
-    `\r` does not, and an error printed after it must start a line of its own."""
+    """A text stream that remembers whether what was last written ended its line: a progress line being redrawn
+    does not, and an error printed after it must start a line of its own (one erased, `ERASE_LINE`, left an empty
+    line to write on)."""
 
     def __init__(self, stream: TextIO) -> None:
         self.wrapped = stream
@@ -115,7 +117,7 @@ class _LineTrackingStream:
     def write(self, text: str) -> int:
         written = self.wrapped.write(text)
         if text:
-            self.at_line_start = text.endswith("\n")
+            self.at_line_start = text.endswith(("\n", ERASE_LINE))
         return written
 
     def __getattr__(self, name: str) -> Any:

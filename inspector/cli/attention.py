@@ -4,12 +4,11 @@ a recording in the viewer). Top-level imports stay light (click only): torch loa
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
 
-from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, POSITIVE, print_json, stdout_console
+from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, POSITIVE, print_json, progress_line, stdout_console
 
 GROUPS_OPTION_HELP = 'How keys and queries are grouped: "frames", "grid:RxC" or "words".'
 
@@ -99,21 +98,21 @@ def record(model: str | None, frames: int | None, height: int | None, width: int
     from cogsurgeon.inspector.attention_xray import record_seeded_forward
     from cogsurgeon.inspector.loading import load_transformer
 
-    if not as_json and sys.stderr.isatty():
-        click.echo(f"recording {model or 'the default model'} at {size[0]}×{size[1]}×{size[2]}, batch {batch} ...",
-                   err=True)
-    transformer = load_transformer(model, dtype=dtype)
-    if config is None:
-        size = _video_size(transformer.config, frames, height, width, default_video_size)
-        latent_geometry(transformer.config, *size, batch)
-    try:
-        transformer.to(torch.device(device))
-    except (RuntimeError, ValueError) as exc:
-        raise CogsurgeonError(f"--device {device}: {str(exc).splitlines()[0]}") from None
-    for spec in specs:
-        name, options = patches.parse_patch_spec(spec)
-        patches.apply(transformer, name, **options)
-    recording = record_seeded_forward(transformer, size, batch=batch, groups=groups, words=word_positions, seed=seed)
+    with progress_line() as say:
+        transformer = load_transformer(model, dtype=dtype, progress=say)
+        if config is None:
+            size = _video_size(transformer.config, frames, height, width, default_video_size)
+            latent_geometry(transformer.config, *size, batch)
+        try:
+            transformer.to(torch.device(device))
+        except (RuntimeError, ValueError) as exc:
+            raise CogsurgeonError(f"--device {device}: {str(exc).splitlines()[0]}") from None
+        for spec in specs:
+            name, options = patches.parse_patch_spec(spec)
+            patches.apply(transformer, name, **options)
+        say(f"recording one seeded forward at {size[0]}×{size[1]}×{size[2]}, batch {batch}, on {device}…")
+        recording = record_seeded_forward(transformer, size, batch=batch, groups=groups, words=word_positions,
+                                          seed=seed)
     recording.model["spec"] = model
     if save_path is not None:
         written = recording.save(save_path)

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from cogsurgeon.inspector.cli.output import print_json, stdout_console
+from cogsurgeon.inspector.cli.output import print_json, progress_line, stdout_console
 
 
 @click.command(short_help="Probe the installed diffusers and peft for the known CogVideoX pitfalls.")
@@ -46,11 +46,8 @@ def doctor(checks: tuple[str, ...], as_json: bool) -> None:
     """
     from cogsurgeon.inspector.doctor import run_doctor
 
-    def progress(probe) -> None:
-        if not as_json and sys.stderr.isatty():
-            click.echo(f"checking {probe.id} ...", err=True)
-
-    findings = run_doctor(checks or None, progress=progress)
+    with progress_line() as say:
+        findings = run_doctor(checks or None, progress=lambda probe: say(f"checking {probe.id}…"))
     if as_json:
         print_json({"findings": [finding.to_json() for finding in findings]})
     else:

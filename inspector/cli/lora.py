@@ -4,12 +4,12 @@ top); verify pulls in torch, peft and diffusers inside its function.
 
 from __future__ import annotations
 
-import sys
 import time
+from collections.abc import Callable
 
 import click
 
-from cogsurgeon.inspector.cli.output import print_json
+from cogsurgeon.inspector.cli.output import print_json, progress_line
 from cogsurgeon.inspector.errors import counted
 
 ALPHA_HELP = ("lora_alpha the LoRA was trained with, where the checkpoint stores none (it settles trainer defaults); "
@@ -135,10 +135,14 @@ def inspect(ckpt: str, alpha: float | None, override_stored_alpha: bool, trainer
 
 
 class _ByteProgress:
-    """A progress line on stderr for copies big enough to wait for, redrawn at most ten times a second."""
+    """`progress(done, total)` of a copy big enough to wait for, said on the progress line (`progress_line`'s `say`)
+    at most ten times a second."""
 
     MIN_BYTES = 64 * 1024 * 1024
-    last_draw = 0.0  # monotonic time of the last redraw, per instance once drawn
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.last_draw = 0.0  # monotonic time of the last redraw
 
     def __call__(self, done: int, total: int) -> None:
         if total < self.MIN_BYTES:
@@ -147,10 +151,7 @@ class _ByteProgress:
         if done < total and now - self.last_draw < 0.1:
             return
         self.last_draw = now
-        sys.stderr.write(f"\rwriting: {done / 2**20:8.1f} / {total / 2**20:.1f} MiB ({100 * done / total:5.1f}%)")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        self.say(f"writing: {done / 2**20:8.1f} / {total / 2**20:.1f} MiB ({100 * done / total:5.1f}%)")
 
 
 @lora.command(short_help="Rebuild a checkpoint into an adapter folder PEFT and diffusers load offline.")
@@ -190,10 +191,10 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, override_stored_alpha: 
     """
     from cogsurgeon.tools.lora.repair import repair_checkpoint
 
-    progress = _ByteProgress()
-    result = repair_checkpoint(ckpt, out_dir, alpha=alpha, trainer=trainer, step=step, latest=latest, force=force,
-                               to=to, bake_scale=bake_scale, progress=progress,
-                               override_stored_alpha=override_stored_alpha)
+    with progress_line() as say:
+        result = repair_checkpoint(ckpt, out_dir, alpha=alpha, trainer=trainer, step=step, latest=latest, force=force,
+                                   to=to, bake_scale=bake_scale, progress=_ByteProgress(say),
+                                   override_stored_alpha=override_stored_alpha)
     _print_warnings(result.report.warnings)
     if as_json:
         print_json(result.to_json())
@@ -230,7 +231,8 @@ def verify(ctx: click.Context, adapter_dir: str, base: str, as_json: bool) -> No
     """
     from cogsurgeon.tools.lora.verify import verify_adapter
 
-    report = verify_adapter(adapter_dir, base, progress=lambda message: click.echo(message, err=True))
+    with progress_line() as say:
+        report = verify_adapter(adapter_dir, base, progress=say)
     if as_json:
         print_json(report.to_json())
     else:
@@ -260,8 +262,9 @@ def merge(base: str, loras: tuple[str, ...], out_dir: str, force: bool, as_json:
     """
     from cogsurgeon.tools.lora.merge import merge_loras, parse_lora_spec
 
-    progress = _ByteProgress()
-    result = merge_loras(base, [parse_lora_spec(text) for text in loras], out_dir, force=force, progress=progress)
+    with progress_line() as say:
+        result = merge_loras(base, [parse_lora_spec(text) for text in loras], out_dir, force=force,
+                             progress=_ByteProgress(say))
     if as_json:
         print_json(result.to_json())
         return

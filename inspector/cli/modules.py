@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, MODEL_HELP, print_json, stdout_console
+from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, MODEL_HELP, print_json, progress_line, stdout_console
 from cogsurgeon.inspector.errors import counted
 from cogsurgeon.inspector.inventory import ModuleInfo, filter_inventory, inventory_for_spec
 from cogsurgeon.inspector.module_tree import ListedRow, listed_rows
@@ -47,7 +47,8 @@ def modules(
       cogsurgeon modules cogvideox1.5-5b --filter attn1
       cogsurgeon modules ./my-finetune --json | jq '.[] | select(.processor) | .file'
     """
-    infos = inventory_for_spec(model, dtype, use_cache=not no_cache)
+    with progress_line() as say:
+        infos = inventory_for_spec(model, dtype, use_cache=not no_cache, progress=say)
     matching = filter_inventory(infos, filter_text)
     if as_json:
         print_json([info.to_json() for info in matching])

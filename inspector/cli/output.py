@@ -1,8 +1,13 @@
-"""What the commands share: JSON on stdout, a rich console for stdout, and the help and choices of common options."""
+"""What the commands share: JSON on stdout, a rich console for stdout, a progress line on stderr, and the help and
+choices of common options."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -45,11 +50,17 @@ def print_json(value: Any) -> None:
 
 def print_table_or_blocks(console: Console, table: Table) -> None:
     """`table` as drawn when it fits the console; else one block per row (its first cell, then a `column: value`
-    line per other cell, wrapped, never cut), as `modules` does: a name or a shape is never shortened to `…`."""
+    line per other cell, wrapped, never cut), as `modules` does: a name or a shape is never shortened to `…`.
+    A title wider than its table is printed as a line of its own above it, not wrapped into the table's width."""
+    from rich.cells import cell_len
     from rich.console import Console, Group
     from rich.text import Text
 
-    if Console(width=100_000).measure(table).maximum <= console.width:
+    width = Console(width=100_000).measure(table).maximum
+    if width <= console.width:
+        if table.title and cell_len(str(table.title)) > width:
+            console.print(Text(str(table.title), style="bold"))
+            table.title = None
         console.print(table)
         return
     columns = table.columns
@@ -70,3 +81,41 @@ def stdout_console() -> Console:
 
     console = Console()
     return console if console.is_terminal else Console(width=200)
+
+
+# Back to the line's start and erase it: what a progress line is redrawn after, and what it ends with.
+ERASE_LINE = "\r\x1b[K"
+
+
+@contextmanager
+def progress_line() -> Iterator[Callable[[str], None]]:
+    """`say(message)` for slow work: in a terminal, one line on stderr redrawn with each message (cut to the
+    terminal's width, so that it never wraps) and erased when the block ends, before anything is printed after it;
+    where stderr is not a terminal (a script, a log, CI), nothing. stdout never gets progress, with or without
+    `--json`.
+
+        with progress_line() as say:
+            result = plan_memory(..., progress=say)
+    """
+    stream = sys.stderr
+    if not stream.isatty():
+        yield lambda message: None
+        return
+    drawn = False
+
+    def say(message: str) -> None:
+        nonlocal drawn
+        try:
+            width = os.get_terminal_size(stream.fileno()).columns or 80  # 0: a terminal that does not say
+        except (OSError, ValueError):
+            width = 80
+        stream.write(f"\r{message[:max(width - 1, 1)]}\x1b[K")
+        stream.flush()
+        drawn = True
+
+    try:
+        yield say
+    finally:
+        if drawn:
+            stream.write(ERASE_LINE)
+            stream.flush()

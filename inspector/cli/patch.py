@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from cogsurgeon.inspector.cli.output import print_json
+from cogsurgeon.inspector.cli.output import print_json, progress_line
 
 
 @click.group("patch")
@@ -82,7 +82,8 @@ def verify(spec: str, as_json: bool) -> None:
     from cogsurgeon.patches.verify import verify_patch
 
     # NAME alone: the patch's representative settings (verify.PARAMETER_SETTINGS); NAME:key=value: exactly those
-    result = verify_patch(name, options=options if given else None, progress=lambda step: click.echo(f"verifying {step}", err=True))
+    with progress_line() as say:
+        result = verify_patch(name, options=options if given else None, progress=lambda step: say(f"verifying {step}…"))
     if as_json:
         print_json(result.to_json())
     else:

@@ -5,11 +5,9 @@ Top-level imports stay light (click only): the CLI imports this module on every 
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, POSITIVE, print_json, stdout_console
+from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, POSITIVE, print_json, progress_line, stdout_console
 
 
 @click.command(short_help="Will it fit? The peak GPU memory of inference or a training step, without a GPU.")
@@ -83,14 +81,12 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
     frames, height, width = (given or default for given, default in zip((frames, height, width), defaults))
     if config is not None:
         check_traceable(config, frames, height, width, batch, what="plan")
-    if not as_json and sys.stderr.isatty():
-        click.echo(f"planning {model or 'the default model'} at {frames}×{height}×{width}, batch {batch} ...",
-                   err=True)
-    result = plan_memory(model, frames=frames, height=height, width=width, batch=batch,
-                         dtype=dtype, train=train_mode, checkpointing=checkpointing,
-                         patches=patch_names, vae=vae, tiling=tiling, gpu_memory=card,
-                         mixed_precision=mixed_precision, lora_dtype=lora_dtype, trainer=trainer,
-                         ulysses=ulysses)
+    with progress_line() as say:
+        result = plan_memory(model, frames=frames, height=height, width=width, batch=batch,
+                             dtype=dtype, train=train_mode, checkpointing=checkpointing,
+                             patches=patch_names, vae=vae, tiling=tiling, gpu_memory=card,
+                             mixed_precision=mixed_precision, lora_dtype=lora_dtype, trainer=trainer,
+                             ulysses=ulysses, progress=say)
     if as_json:
         print_json(result.to_json())
         return

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from typing import TYPE_CHECKING
 
 import click
 
-from cogsurgeon.inspector.cli.output import POSITIVE, print_json, print_table_or_blocks, stdout_console
+from cogsurgeon.inspector.cli.output import (
+    POSITIVE,
+    print_json,
+    print_table_or_blocks,
+    progress_line,
+    stdout_console,
+)
 
 if TYPE_CHECKING:
     from cogsurgeon.inspector.trace import AttentionCall
@@ -58,13 +63,12 @@ def trace(model: str | None, frames: int, height: int, width: int, batch: int, s
     from cogsurgeon.inspector.loading import load_transformer
     from cogsurgeon.inspector.trace import trace_shapes
 
-    if not as_json and sys.stderr.isatty():  # progress for people; scripts and error output stay one line
-        click.echo(f"tracing {model or 'the default model'} at {frames}×{height}×{width}, batch {batch} ...",
-                   err=True)
-    transformer = load_transformer(model)
-    if config is None:
-        check_traceable(transformer.config, frames, height, width, batch)
-    result = trace_shapes(transformer, frames=frames, height=height, width=width, batch=batch, ulysses=ulysses)
+    with progress_line() as say:
+        transformer = load_transformer(model, progress=say)
+        if config is None:
+            check_traceable(transformer.config, frames, height, width, batch)
+        say(f"tracing one forward at {frames}×{height}×{width}, batch {batch}, on the meta device…")
+        result = trace_shapes(transformer, frames=frames, height=height, width=width, batch=batch, ulysses=ulysses)
     if as_json:
         print_json(result.to_json())
         return

@@ -402,7 +402,7 @@ def verify_adapter(
 
     from cogsurgeon.inspector.loading import load_transformer
 
-    base = load_transformer(base_spec)
+    base = load_transformer(base_spec, progress=progress)
     from cogsurgeon.tools.lora.compat import check_fits
 
     misfit = check_fits(dict(base.config), adapter_shapes(folder), base_spec)
