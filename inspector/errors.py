@@ -3,6 +3,30 @@
 This module imports nothing heavy, so every part of cogsurgeon (the torch-free LoRA tools included) can use it.
 """
 
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+# A keyword argument named in a message: `gpu_memory='lots'`, `vae=True`, or the bare `lora_dtype=`.
+_PARAMETER = re.compile(r"(?<![\w.=-])([a-z][a-z0-9_]*)=(True\b)?")
+
+
+def renamed_parameters(message: str, names: Mapping[str, str]) -> str:
+    """A library message, which names the keyword arguments of the Python call (`gpu_memory='lots'`, `vae=True`,
+    `lora_dtype=`), with each parameter in `names` called as a front end calls it: `names={"gpu_memory":
+    "--gpu-memory", "vae": "--vae"}` gives `--gpu-memory 'lots'`, `--vae`, and leaves `lora_dtype=` as it is."""
+
+    def rename(match: re.Match[str]) -> str:
+        name = names.get(match[1])
+        if name is None:
+            return match[0]
+        if match[2] or match.end() == len(message) or message[match.end()] in " ,;:)":
+            return name  # a switch (`vae=True`) or the parameter itself (`lora_dtype= is ...`)
+        return f"{name} "  # then its value
+
+    return _PARAMETER.sub(rename, message)
+
 
 def shown(value: object, limit: int = 40) -> str:
     """A value as quoted in a message, cut to `limit` characters (a 5000-digit number is not a message)."""

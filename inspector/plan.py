@@ -48,7 +48,8 @@ FLASH_SEQ_ROUND, FLASH_HEAD_DIM_ROUND = 128, 32
 
 
 class PlanError(CogsurgeonError):
-    """A plan request that cannot be met (bad `--train`, `--gpu-memory`, size)."""
+    """A plan request that cannot be met (a bad `train`, `gpu_memory`, size). Its message names `plan_memory`'s
+    keyword arguments (`gpu_memory='lots'`, `vae=True`); the CLI and the TUI say them as their flags and controls."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ def parse_train(text: str | None) -> TrainMode | None:
     # at most 18 digits: int() of thousands refuses, and a rank past int64 is no tensor torch can make
     match = re.fullmatch(r"lora:(\d{1,18})(?::(\d{1,18}))?", value)
     if not match or int(match.group(1)) < 1:
-        raise PlanError(f"training mode {text[:40]!r}: expected lora:RANK (a positive rank of at most 18 digits, e.g. "
+        raise PlanError(f"train={text[:40]!r}: expected lora:RANK (a positive rank of at most 18 digits, e.g. "
                         "lora:128) or full")
     rank = int(match.group(1))
     return TrainMode("lora", rank, int(match.group(2)) if match.group(2) else rank)
@@ -108,7 +109,7 @@ def parse_memory_size(text: str) -> int:
     """`80GiB`, `80GB`, `80G` (binary, as nvidia-smi and torch report), `81920MiB`, `141e9` → bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
     if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
-        raise PlanError(f"GPU memory {text[:40]!r}: expected a size such as 80GiB, 80GB, 24G or 81920MiB")
+        raise PlanError(f"gpu_memory={text[:40]!r}: expected a size such as 80GiB, 80GB, 24G or 81920MiB")
     size = float(match.group(1)) * _UNITS[match.group(2)]
     check_card_bytes(size, repr(text[:40]))  # 1e400 is inf; 0.0000001 is 0 bytes
     return int(size)
@@ -620,7 +621,7 @@ def cuda_autocast_state(dtype: torch.dtype | None) -> Iterator[None]:
         if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != dtype:
             # older torch releases refuse fp16 on the CPU's autocast (a warning, then autocast off)
             raise PlanError(f"this torch {torch.__version__} cannot carry a {dtype} autocast state for the plan: "
-                            "plan --mixed-precision with torch 2.4 or newer")
+                            "plan mixed_precision= with torch 2.4 or newer")
         yield
 
 
@@ -784,17 +785,17 @@ DEFAULT_MIXED_PRECISION = "bf16"
 
 
 def check_precision_choice(mixed_precision: str | None, lora_dtype: str | None) -> None:
-    """`--mixed-precision` and `--lora-dtype` among accelerate's and PEFT's names (PlanError otherwise)."""
+    """`mixed_precision` and `lora_dtype` among accelerate's and PEFT's names (PlanError otherwise)."""
     if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
-        raise PlanError(f"--mixed-precision {mixed_precision[:20]!r}: expected one of {', '.join(MIXED_PRECISION)}")
+        raise PlanError(f"mixed_precision={mixed_precision[:20]!r}: expected one of {', '.join(MIXED_PRECISION)}")
     if lora_dtype is not None and lora_dtype not in LORA_DTYPES:
-        raise PlanError(f"--lora-dtype {lora_dtype[:20]!r}: expected one of {', '.join(LORA_DTYPES)}")
+        raise PlanError(f"lora_dtype={lora_dtype[:20]!r}: expected one of {', '.join(LORA_DTYPES)}")
 
 
 def trainer_preset(name: str) -> TrainerPreset:
     preset = TRAINER_PRESETS.get(name)
     if preset is None:
-        raise PlanError(f"--trainer {name[:40]!r}: unknown trainer; known: {', '.join(TRAINER_PRESETS)}")
+        raise PlanError(f"trainer={name[:40]!r}: unknown trainer; known: {', '.join(TRAINER_PRESETS)}")
     return preset
 
 
@@ -960,7 +961,8 @@ def vae_config(spec: str) -> dict[str, Any]:
     from cogsurgeon.inspector.model_specs import PUBLISHED_SPECS
 
     if spec not in PUBLISHED_SPECS:
-        raise PlanError(f"no VAE config for {spec!r}: --vae plans the published models ({', '.join(PUBLISHED_SPECS)})")
+        raise PlanError(f"no VAE config for {spec!r}: vae=True plans the published models "
+                        f"({', '.join(PUBLISHED_SPECS)})")
     folder = resources.files("cogsurgeon.inspector").joinpath("configs").joinpath("vae")
     return json.loads(folder.joinpath(f"{spec}.json").read_text())
 
@@ -1097,10 +1099,10 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
     preset = trainer_preset(trainer) if trainer is not None else None
     train = parse_train(train) if isinstance(train, str) else train
     if train is None and preset is None and (mixed_precision is not None or lora_dtype is not None):
-        raise PlanError("--mixed-precision and --lora-dtype are training settings: add --train lora:RANK or --train "
-                        "full")
+        raise PlanError("mixed_precision= and lora_dtype= are training settings: add train='lora:RANK' or "
+                        "train='full'")
     if train is not None and train.kind == "full" and lora_dtype not in (None, "auto"):
-        raise PlanError("--lora-dtype sets the LoRA adapters' dtype; --train full has none: drop one")
+        raise PlanError("lora_dtype= sets the LoRA adapters' dtype; train='full' has none: drop one")
     if preset is not None:
         train = train or preset.train_mode()
         dtype = dtype or preset.dtype
@@ -1119,12 +1121,13 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
     default_dtype = builtin_dtype(resolved.spec) if builtin else "bfloat16"
     dtype_name = str(_torch_dtype(dtype or default_dtype)).removeprefix("torch.")
     if tiling and not vae:
-        raise PlanError("--tiling is a VAE switch: add --vae")
+        raise PlanError("tiling=True is a VAE switch: add vae=True")
     if vae and train is not None:
-        raise PlanError("--vae plans the decode after inference; a training step takes encoded latents: drop --vae "
-                        "or --train")
+        raise PlanError("vae=True plans the decode after inference; a training step takes encoded latents: drop "
+                        "vae=True or train=")
     if vae and resolved.kind != "published":
-        raise PlanError(f"--vae needs a published model (its VAE config ships with cogsurgeon), not {resolved.spec!r}")
+        raise PlanError(f"vae=True needs a published model (its VAE config ships with cogsurgeon), not "
+                        f"{resolved.spec!r}")
     settings = PlanSettings(
         model=resolved.spec, frames=frames, height=height, width=width, batch=batch, dtype=dtype_name,
         train=train, checkpointing=checkpointing, patches=tuple(patches), vae=vae, tiling=tiling,
@@ -1145,7 +1148,7 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
         tokens = int(config.get("max_text_seq_length", 226)) + geometry.token_frames * geometry.tokens_per_frame
         check_lora_rank(settings.train.rank, config, batch * tokens)
     if settings.checkpointing and settings.train is None:
-        raise PlanError("--checkpointing saves memory only in training: add --train lora:RANK or --train full")
+        raise PlanError("checkpointing=True saves memory only in training: add train='lora:RANK' or train='full'")
     card = parse_memory_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
     if card is not None:
         check_card_bytes(card, repr(card))

@@ -300,8 +300,8 @@ def test_cli_json(cli):
 
 @pytest.mark.parametrize("args, message", [
     (("--height", "65"), "not a multiple of 16"),
-    (("--train", "lora:x"), "training mode 'lora:x': expected lora:RANK"),
-    (("--gpu-memory", "lots"), "GPU memory 'lots': expected a size"),
+    (("--train", "lora:x"), "--train 'lora:x': expected lora:RANK"),
+    (("--gpu-memory", "lots"), "--gpu-memory 'lots': expected a size"),
     (("--batch", "0"), "batch"),
     (("--checkpointing",), "training"),
     (("--tiling",), "--vae"),
@@ -315,3 +315,64 @@ def test_cli_bad_input_is_one_line_exit_2(cli, args, message):
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+# Issue 24 item 7: plan_memory's errors name its keyword arguments; the CLI names its flags for the same mistakes.
+PYTHON_AND_CLI_MESSAGES = [
+    (dict(gpu_memory="lots"), "gpu_memory='lots': expected a size",
+     ["--gpu-memory", "lots"], "--gpu-memory 'lots': expected a size"),
+    (dict(train="lora:x"), "train='lora:x': expected lora:RANK",
+     ["--train", "lora:x"], "--train 'lora:x': expected lora:RANK"),
+    (dict(train="lora:4", mixed_precision="fp8"), "mixed_precision='fp8': expected one of no, fp16, bf16",
+     ["--train", "lora:4", "--mixed-precision", "fp8"], "--mixed-precision 'fp8': expected one of no, fp16, bf16"),
+    (dict(train="lora:4", lora_dtype="int8"), "lora_dtype='int8': expected one of",
+     ["--train", "lora:4", "--lora-dtype", "int8"], "--lora-dtype 'int8': expected one of"),
+    (dict(trainer="nope"), "trainer='nope': unknown trainer",
+     ["--trainer", "nope"], "--trainer 'nope': unknown trainer"),
+    (dict(mixed_precision="bf16"),
+     "mixed_precision= and lora_dtype= are training settings: add train='lora:RANK' or train='full'",
+     ["--mixed-precision", "bf16"],
+     "--mixed-precision and --lora-dtype are training settings: add --train 'lora:RANK' or --train 'full'"),
+    (dict(train="full", lora_dtype="fp32"), "lora_dtype= sets the LoRA adapters' dtype; train='full' has none",
+     ["--train", "full", "--lora-dtype", "fp32"], "--lora-dtype sets the LoRA adapters' dtype; --train 'full' has none"),
+    (dict(tiling=True), "tiling=True is a VAE switch: add vae=True",
+     ["--tiling"], "--tiling is a VAE switch: add --vae"),
+    (dict(vae=True, train="lora:4"), "encoded latents: drop vae=True or train=",
+     ["--vae", "--train", "lora:4"], "encoded latents: drop --vae or --train"),
+    (dict(vae=True), "vae=True needs a published model",
+     ["--vae"], "--vae needs a published model"),
+    (dict(checkpointing=True), "checkpointing=True saves memory only in training: add train='lora:RANK' or train='full'",
+     ["--checkpointing"], "--checkpointing saves memory only in training: add --train 'lora:RANK' or --train 'full'"),
+]
+
+
+@pytest.mark.parametrize("kwargs, python_message, args, cli_message", PYTHON_AND_CLI_MESSAGES,
+                         ids=[" ".join(case[2]) for case in PYTHON_AND_CLI_MESSAGES])
+def test_errors_name_the_keyword_in_python_and_the_flag_on_the_command_line(cli, kwargs, python_message, args,
+                                                                            cli_message):
+    with pytest.raises(PlanError) as raised:
+        plan_memory("tiny", frames=9, height=64, width=64, **kwargs)
+    assert python_message in str(raised.value) and "--" not in str(raised.value), raised.value
+
+    result = cli("plan", "tiny", "--frames", "9", "--height", "64", "--width", "64", *args)
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("cogsurgeon: error: ") and cli_message in line, line
+
+
+def test_a_vae_config_for_a_model_without_one_names_the_keyword():
+    from cogsurgeon.inspector.plan import vae_config
+
+    with pytest.raises(PlanError, match=r"vae=True plans the published models") as raised:
+        vae_config("tiny")
+    assert "--" not in str(raised.value)
+
+
+def test_a_front_end_renames_only_the_parameters_it_knows():
+    from cogsurgeon.inspector.errors import renamed_parameters
+
+    flags = {"gpu_memory": "--gpu-memory", "vae": "--vae", "lora_dtype": "--lora-dtype"}
+    assert renamed_parameters("gpu_memory='lots': expected", flags) == "--gpu-memory 'lots': expected"
+    assert renamed_parameters("drop vae=True or lora_dtype=", flags) == "drop --vae or --lora-dtype"
+    assert renamed_parameters("lora_dtype= and train= are", flags) == "--lora-dtype and train= are"
+    assert renamed_parameters("lora_alpha=4, cfg.vae=1", flags) == "lora_alpha=4, cfg.vae=1"

@@ -23,6 +23,7 @@ from textual.widget import Widget
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Select, SelectionList, Static
 from textual.worker import Worker
 
+from cogsurgeon.inspector.errors import renamed_parameters
 from cogsurgeon.inspector.tui.messages import MemoryPlanned, ReportsWorkerFailures, describe_failure
 from cogsurgeon.inspector.tui.widgets import facts_table
 
@@ -233,14 +234,12 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
         return plan_error_in_screen_terms(describe_failure(error))
 
 
-PLAN_CONTROLS = (("--trainer", "trainer"), ("--mixed-precision", "autocast"), ("--lora-dtype", "LoRA dtype"),
-                 ("--train lora:RANK or --train full", "a training mode"), ("--train", "the mode"),
-                 ("--checkpointing", "checkpointing"), ("--vae", "VAE decode"), ("--tiling", "tiling"),
-                 ("--batch", "batch"), ("--gpu-memory", "GPU memory"), ("--patch", "patches"), ("--dtype", "dtype"))
+PLAN_CONTROLS = {"trainer": "trainer", "mixed_precision": "autocast", "lora_dtype": "LoRA dtype", "train": "the mode",
+                 "checkpointing": "checkpointing", "vae": "VAE decode", "tiling": "tiling", "batch": "batch",
+                 "gpu_memory": "GPU memory", "patches": "patches", "dtype": "dtype"}
 
 
 def plan_error_in_screen_terms(text: str) -> str:
-    """The planner's messages name the CLI's flags; here they are the screen's controls."""
-    for flag, control in PLAN_CONTROLS:
-        text = text.replace(flag, control)
-    return text
+    """The planner's messages name plan_memory's keyword arguments; here they are the screen's controls."""
+    text = text.replace("train='lora:RANK' or train='full'", "a training mode")
+    return renamed_parameters(text, PLAN_CONTROLS)
