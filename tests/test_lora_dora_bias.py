@@ -74,7 +74,7 @@ def test_comfyui_file_is_refused_for_dora_and_verify_passes(tmp_path, cli):
     checkpoint = peft_folder(trained, tmp_path / "peft")
     refused = cli("lora", "repair", str(checkpoint), "--out", str(tmp_path / "comfy"), "--to", "peft,comfyui")
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
-    assert "--to comfyui" in refused.stderr and "DoRA" in refused.stderr and not (tmp_path / "comfy").exists()
+    assert "comfyui in --to" in refused.stderr and "DoRA" in refused.stderr and not (tmp_path / "comfy").exists()
 
     out = tmp_path / "adapter"
     assert cli("lora", "repair", str(checkpoint), "--out", str(out)).returncode == 0

@@ -88,5 +88,5 @@ def test_unknown_consumer_is_one_line(tmp_path, cli):
     trained_small = train("tiny", 4, 2)
     folder = peft_folder(trained_small, tmp_path / "peft")
     result = cli("lora", "repair", str(folder), "--out", str(tmp_path / "out"), "--to", "peft,a1111")
-    assert result.returncode == 2 and "--to peft,a1111" in result.stderr
+    assert result.returncode == 2 and "--to 'peft,a1111'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

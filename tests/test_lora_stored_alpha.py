@@ -78,6 +78,15 @@ def test_alpha_that_contradicts_the_stored_one_is_refused(trained, tmp_path, cli
     assert "--alpha 8 contradicts the lora_alpha 6 stored in" in line and "adapter_config.json" in line
     assert "--override-stored-alpha" in line and "alpha_pattern of 1 module is kept (to_out.0=3)" in line
     assert not out.exists() and tree_digest(checkpoint) == before
+
+    from cogsurgeon.tools.lora import repair_checkpoint
+    from cogsurgeon.tools.lora.checkpoint import LoraCheckpointError
+
+    with pytest.raises(LoraCheckpointError) as raised:  # from Python: the keyword arguments, not the flags
+        repair_checkpoint(checkpoint, out, alpha=8)
+    assert "alpha=8 contradicts the lora_alpha 6 stored in" in str(raised.value)
+    assert "drop alpha=, or pass override_stored_alpha=True to write 8 instead" in str(raised.value)
+    assert not out.exists() and tree_digest(checkpoint) == before
     inspected = cli("lora", "inspect", str(checkpoint), "--alpha", "8")
     assert inspected.returncode == 2 and "contradicts" in inspected.stderr
 

@@ -130,7 +130,7 @@ def test_trainer_checkpoint_inspects_and_repairs_at_the_trained_strength(name, t
         assert (report.alpha, report.alpha_source) == (None, None)
         assert trained.lora_alpha in [candidate["alpha"] for candidate in report.alpha_candidates]
         assert len({candidate["alpha"] for candidate in report.alpha_candidates}) > 1
-        with pytest.raises(LoraCheckpointError, match="--alpha A or --trainer NAME"):
+        with pytest.raises(LoraCheckpointError, match="alpha=A or trainer=NAME"):
             repair_checkpoint(checkpoint, tmp_path / "refused", **choose)
         assert not (tmp_path / "refused").exists()
     else:

@@ -379,7 +379,8 @@ def test_the_lora_screen_says_the_cores_flags_as_its_controls(tmp_path):
             call()
         messages.append(str(caught.value))
     messages.append(inspect_checkpoint(tmp_path / "out" / "checkpoint-1").unsettled_alpha_message())
-    assert all("--" in message for message in messages), messages  # the core speaks of flags...
+    # the core speaks of its calls' keyword arguments (`step=N`, `alpha=`) and, for an output folder, of flags...
+    assert all(re.search(r"--[a-z]|(?<![\w-])[a-z_]+=", message) for message in messages), messages
     shown = [in_screen_terms(message) for message in messages]
     flags = re.compile(r"--(alpha|trainer|step|latest|override-stored-alpha|force|out|to|bake-scale|base)(?![\w-])")
     assert not [text for text in shown if flags.search(text)], shown  # ...the screen of its controls

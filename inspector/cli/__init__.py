@@ -89,11 +89,13 @@ for _command in (modules, trace, patch, run, lora, plan, doctor, attention):
 
 
 # The library's errors name the keyword arguments of its Python calls (`plan_memory(gpu_memory="lots")` says
-# `gpu_memory='lots'`); on the command line they are these flags.
+# `gpu_memory='lots'`, `repair_checkpoint(..., step=7)` says `pass step=N`); on the command line they are these flags.
 PARAMETER_FLAGS = {
     "train": "--train", "gpu_memory": "--gpu-memory", "mixed_precision": "--mixed-precision",
     "lora_dtype": "--lora-dtype", "trainer": "--trainer", "checkpointing": "--checkpointing", "vae": "--vae",
-    "tiling": "--tiling",
+    "tiling": "--tiling",  # plan
+    "alpha": "--alpha", "override_stored_alpha": "--override-stored-alpha", "step": "--step", "latest": "--latest",
+    "to": "--to",  # lora inspect, repair
 }
 
 

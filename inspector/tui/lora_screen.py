@@ -29,6 +29,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, ProgressBar, Select, Static
 from textual.worker import Worker
 
+from cogsurgeon.inspector.errors import renamed_parameters
 from cogsurgeon.inspector.model_specs import TINY_SPECS, resolve_spec
 from cogsurgeon.inspector.tui.messages import (
     AdapterVerified,
@@ -48,10 +49,19 @@ MERGE_FORCE_LABEL = "replace an earlier merge"
 BAKE_LABEL = "bake the scale into lora_B"
 CONSUMERS = ("peft", "diffusers", "comfyui")
 
-# The core's messages name the CLI's flags; on this screen each is a field, a list or a switch. Most specific first;
-# `in_screen_terms` then names any flag left as the control it is.
+# The core's messages name the keyword arguments of its calls (`alpha=A`, `latest=True`) or, in some, the CLI's
+# flags; on this screen each is a field, a list or a switch. Most specific first; `in_screen_terms` then names any
+# parameter or flag left as the control it is.
 SCREEN_CONTROLS = (
     ("run `cogsurgeon lora repair CKPT --out DIR` first", "repair its checkpoint first (step 2)"),
+    ("Settle it with alpha=A or trainer=NAME", "Enter it in the lora_alpha field or choose the trainer"),
+    ("with alpha=A or trainer=NAME", "with the lora_alpha field or the trainer"),
+    ("pass step=N for one, or latest=True for", "choose one in the step list, or latest for"),
+    ("step= and latest=True choose", "the step list chooses"),
+    ("for latest=True to choose from", "for the step list to choose from"),
+    ("drop alpha=, or pass override_stored_alpha=True", f"clear the lora_alpha field, or tick “{OVERRIDE_LABEL}”"),
+    ("comfyui in to=", "writing for comfyui"),
+    ("out of to=", "out of “write for”"),
     ("Settle it with --alpha A or --trainer NAME", "Enter it in the lora_alpha field or choose the trainer"),
     ("pass --alpha A or --trainer NAME", "enter it in the lora_alpha field or choose the trainer"),
     ("pass --alpha A", "enter it in the lora_alpha field"),
@@ -85,10 +95,17 @@ SCREEN_CONTROLS = (
 FLAG = re.compile(r"--(alpha|trainer|step|latest|override-stored-alpha|force|out|to|bake-scale|base|json)(?![\w-])")
 
 
+# the keyword arguments of tools.lora's calls, as this screen's controls
+PARAMETER_CONTROLS = {"alpha": "the lora_alpha field", "trainer": "the trainer", "step": "the step list",
+                      "latest": "latest", "override_stored_alpha": f"“{OVERRIDE_LABEL}”", "to": "“write for”"}
+
+
 def in_screen_terms(text: str) -> str:
-    """A core message with the CLI's flags named as this screen's controls; no `--flag` is left in it."""
+    """A core message with the parameters and CLI flags it names as this screen's controls; no `--flag` or
+    `parameter=` of those is left in it."""
     for flag, control in SCREEN_CONTROLS:
         text = text.replace(flag, control)
+    text = renamed_parameters(text, PARAMETER_CONTROLS)
     return FLAG.sub(lambda match: f"“{match[1].replace('-', ' ')}”", text)
 
 

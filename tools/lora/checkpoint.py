@@ -130,12 +130,12 @@ class LoraReport:
         return data
 
     def unsettled_alpha_message(self) -> str:
-        """One line for a repair without --alpha when the file does not settle lora_alpha."""
+        """One line for a repair without `alpha` when the file does not settle lora_alpha."""
         options = "; ".join(f"{c['alpha']} ({c['trainer']}: {c['source']})" for c in self.alpha_candidates)
         trainers = ", ".join(c["trainer"] for c in self.alpha_candidates)
         return (f"{self.file} does not store lora_alpha and several trainers write this format "
                 f"({self.format}), so the strength is unknown: candidates {options}. "
-                f"Settle it with --alpha A or --trainer NAME ({trainers})")
+                f"Settle it with alpha=A or trainer=NAME ({trainers})")
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,8 @@ def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = Fal
         raise LoraCheckpointError(f"cannot read {describe_os_error(path, exc)}") from None
     if kind is None:
         if step is not None or latest:
-            raise LoraCheckpointError(f"{path} is one file: --step and --latest choose among the checkpoints of a folder")
+            raise LoraCheckpointError(f"{path} is one file: step= and latest=True choose among the checkpoints of a "
+                                      "folder")
         if path.suffix == ".distcp" or path.name == DCP_METADATA:
             return Located("dcp", path.parent)
         if ACCELERATE_STATE.match(path.name):
@@ -229,7 +230,7 @@ def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = Fal
         chosen = steps[step]
     elif latest:
         if not steps:
-            raise LoraCheckpointError(f"{path} holds no numbered checkpoints for --latest to choose from")
+            raise LoraCheckpointError(f"{path} holds no numbered checkpoints for latest=True to choose from")
         chosen = steps[max(steps)]
     elif direct is not None:
         notes = (f"{path} also holds the checkpoints of steps {listed}: --step N reads one of them",) if steps else ()
@@ -238,7 +239,7 @@ def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = Fal
         chosen = next(iter(steps.values()))
     elif steps:
         raise LoraCheckpointError(
-            f"{path} holds {len(steps)} checkpoints (steps {listed}): pass --step N for one, or --latest for step "
+            f"{path} holds {len(steps)} checkpoints (steps {listed}): pass step=N for one, or latest=True for step "
             f"{max(steps)}"
         )
     else:
@@ -303,7 +304,7 @@ def read_checkpoint(
     checkpoint at all, and for an `alpha` that contradicts a stored lora_alpha without `override_stored_alpha`;
     fixable-or-not defects of one that is are listed in `report.problems`."""
     if trainer is not None and trainer not in TRAINERS:
-        raise LoraCheckpointError(f"--trainer {trainer}: unknown trainer; known: {', '.join(TRAINERS)}")
+        raise LoraCheckpointError(f"trainer={trainer!r}: unknown trainer; known: {', '.join(TRAINERS)}")
     given = expand_user(path)
     located = locate_checkpoint(given, step=step, latest=latest)
     if located.kind == "sat":
@@ -541,9 +542,9 @@ def _alpha_notes(resolution: AlphaResolution, request: AlphaRequest, rank: int |
             f"({_listed(resolution.alpha_pattern)})") if resolution.alpha_pattern else ""
     if resolution.refused_flag is not None:
         raise LoraCheckpointError(
-            f"--alpha {number(flag)} contradicts the lora_alpha {number(stored)} stored in {resolution.detail} "
-            f"({tensor_file.name}): the stored value is what the LoRA was trained with; drop --alpha, or pass "
-            f"--override-stored-alpha to write {number(flag)} instead{kept}"
+            f"alpha={number(flag)} contradicts the lora_alpha {number(stored)} stored in {resolution.detail} "
+            f"({tensor_file.name}): the stored value is what the LoRA was trained with; drop alpha=, or pass "
+            f"override_stored_alpha=True to write {number(flag)} instead{kept}"
         )
     if flag is None or stored is None:
         return []

@@ -43,7 +43,7 @@ def parse_consumers(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
     names = [part.strip() for part in (value.split(",") if isinstance(value, str) else value) if part.strip()]
     unknown = [name for name in names if name not in CONSUMERS]
     if unknown or not names:
-        raise LoraCheckpointError(f"--to {value}: expected a comma-separated list of {', '.join(CONSUMERS)}")
+        raise LoraCheckpointError(f"to={value!r}: expected a comma-separated list of {', '.join(CONSUMERS)}")
     return tuple(name for name in CONSUMERS if name in names)
 
 
@@ -168,9 +168,9 @@ def output_files(checkpoint: LoraCheckpoint, consumers: tuple[str, ...], *, bake
     if "comfyui" in consumers:
         if report.use_dora or report.lora_bias:
             raise LoraCheckpointError(
-                f"--to comfyui: {report.file} is a {'DoRA' if report.use_dora else 'lora_bias'} LoRA, which the "
+                f"comfyui in to=: {report.file} is a {'DoRA' if report.use_dora else 'lora_bias'} LoRA, which the "
                 "kohya-style file (lora_down/lora_up/.alpha, merged as W + α/r·up·down) cannot hold: leave comfyui "
-                "out of --to"
+                "out of to="
             )
         tensors: list[OutputTensor] = []
         for module in report.modules:

@@ -1,0 +1,102 @@
+"""Issue 24 item 7: an error raised by a `tools.lora` call names that call's keyword arguments (`step=N`,
+`latest=True`, `alpha=`, `to=`), not the CLI's flags; the CLI, for the same mistake, names its flags (`--step N`,
+`--latest`), exit 2, one line. Real checkpoints written by VideoX-Fun's save code on the tiny model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lora_trainers import save_videox_fun_peft, train
+
+
+CLI_FLAG = re.compile(r"--(alpha|trainer|step|latest|override-stored-alpha|to|out|force|base|bake-scale)(?![\w-])")
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A VideoX-Fun output folder with the checkpoints of steps 50 and 100, no lora_alpha stored (two trainer
+    defaults fit its format)."""
+    trained = train("tiny", 4, 2, inject=True)
+    out = save_videox_fun_peft(trained, tmp_path_factory.mktemp("videox") / "out", 50)
+    save_videox_fun_peft(trained, out, 100)
+    return out
+
+
+def python_message(call) -> str:
+    from cogsurgeon.tools.lora.checkpoint import LoraCheckpointError
+
+    with pytest.raises(LoraCheckpointError) as raised:
+        call()
+    message = str(raised.value)
+    assert not CLI_FLAG.search(message), message  # a trainer's own flags, cited (`--network_alpha=32`), stay
+    return message
+
+
+def cli_line(cli, *args: str) -> str:
+    result = cli(*args)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("cogsurgeon: error: "), line
+    return line
+
+
+def test_several_checkpoints_name_step_and_latest(two_steps, cli):
+    from cogsurgeon.tools.lora import inspect_checkpoint
+
+    assert "pass step=N for one, or latest=True for step 100" in python_message(lambda: inspect_checkpoint(two_steps))
+    assert "pass --step N for one, or --latest for step 100" in cli_line(cli, "lora", "inspect", str(two_steps))
+
+
+def test_one_file_with_latest_names_step_and_latest(two_steps, cli):
+    from cogsurgeon.tools.lora import inspect_checkpoint
+
+    file = two_steps / "checkpoint-50.safetensors"
+    assert "is one file: step= and latest=True choose among the checkpoints of a folder" in python_message(
+        lambda: inspect_checkpoint(file, latest=True))
+    assert "is one file: --step and --latest choose among the checkpoints of a folder" in cli_line(
+        cli, "lora", "inspect", str(file), "--latest")
+
+
+def test_a_folder_without_numbered_checkpoints_names_latest(two_steps, tmp_path, cli):
+    import shutil
+
+    from cogsurgeon.tools.lora import inspect_checkpoint
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(two_steps / "checkpoint-50.safetensors", folder / "adapter_model.safetensors")
+    assert "holds no numbered checkpoints for latest=True to choose from" in python_message(
+        lambda: inspect_checkpoint(folder, latest=True))
+    assert "holds no numbered checkpoints for --latest to choose from" in cli_line(
+        cli, "lora", "inspect", str(folder), "--latest")
+
+
+def test_an_unsettled_alpha_names_alpha_and_trainer(two_steps, tmp_path, cli):
+    from cogsurgeon.tools.lora import repair_checkpoint
+
+    file = two_steps / "checkpoint-50.safetensors"
+    assert "Settle it with alpha=A or trainer=NAME" in python_message(
+        lambda: repair_checkpoint(file, tmp_path / "refused"))
+    assert "Settle it with --alpha A or --trainer NAME" in cli_line(
+        cli, "lora", "repair", str(file), "--out", str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+
+
+def test_an_unknown_consumer_names_to(two_steps, tmp_path, cli):
+    from cogsurgeon.tools.lora import repair_checkpoint
+
+    file = two_steps / "checkpoint-50.safetensors"
+    assert "to='peft,a1111': expected a comma-separated list" in python_message(
+        lambda: repair_checkpoint(file, tmp_path / "out", alpha=2, to="peft,a1111"))
+    assert "--to 'peft,a1111': expected a comma-separated list" in cli_line(
+        cli, "lora", "repair", str(file), "--out", str(tmp_path / "out"), "--alpha", "2", "--to", "peft,a1111")
+
+
+def test_an_unknown_trainer_names_trainer(two_steps):
+    from cogsurgeon.tools.lora import inspect_checkpoint
+
+    # the CLI's --trainer is a choice: click names the flag itself before the library is called
+    assert "trainer='nope': unknown trainer" in python_message(
+        lambda: inspect_checkpoint(two_steps, trainer="nope"))
