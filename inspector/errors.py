@@ -8,8 +8,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-# A keyword argument named in a message: `gpu_memory='lots'`, `vae=True`, or the bare `lora_dtype=`.
-_PARAMETER = re.compile(r"(?<![\w.=-])([a-z][a-z0-9_]*)=(True\b)?")
+# A keyword argument named in a message: `gpu_memory='lots'`, `vae=True`, or the bare `lora_dtype=`; a word that
+# starts the message or follows a space or `(` (so `lora_alpha=64` and a path's `runs/step=500` are left alone).
+_PARAMETER = re.compile(r"(?<![^\s(])([a-z][a-z0-9_]*)=(True\b)?")
 
 
 def renamed_parameters(message: str, names: Mapping[str, str]) -> str:

@@ -376,3 +376,5 @@ def test_a_front_end_renames_only_the_parameters_it_knows():
     assert renamed_parameters("drop vae=True or lora_dtype=", flags) == "drop --vae or --lora-dtype"
     assert renamed_parameters("lora_dtype= and train= are", flags) == "--lora-dtype and train= are"
     assert renamed_parameters("lora_alpha=4, cfg.vae=1", flags) == "lora_alpha=4, cfg.vae=1"
+    assert renamed_parameters("/runs/gpu_memory=1/x is not a folder", flags) == "/runs/gpu_memory=1/x is not a folder"
+    assert renamed_parameters("(vae=True)", flags) == "(--vae)"
