@@ -6,7 +6,7 @@ model is actually loaded.
 
 from __future__ import annotations
 
-from importlib import import_module
+from cogsurgeon.inspector.lazy_exports import lazy_exports as _lazy_exports
 
 TYPE_CHECKING = False  # not `typing`'s: the console script imports this package first, and typing costs 5 ms there
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names below resolve on first use
@@ -33,9 +33,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> object:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'inspector' has no attribute {name!r}")
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())

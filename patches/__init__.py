@@ -15,8 +15,9 @@ subclass). Importing this package is light: torch and diffusers load when a patc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from cogsurgeon.inspector.lazy_exports import lazy_exports as _lazy_exports
 from cogsurgeon.patches.errors import (
     AttentionMaskError,
     PatchAlreadyAppliedError,
@@ -50,13 +51,8 @@ from cogsurgeon.patches.registry import (
 if TYPE_CHECKING:  # what editors see; at run time `streaming` resolves on first use (it imports torch)
     from cogsurgeon.patches.stream import streaming
 
-
-def __getattr__(name: str) -> Any:
-    if name == "streaming":  # generate chunk by chunk with a KV cache: `cogsurgeon.patches.stream.streaming`
-        from cogsurgeon.patches.stream import streaming
-
-        return streaming
-    raise AttributeError(f"module 'cogsurgeon.patches' has no attribute {name!r}")
+_EXPORTS = {"streaming": "cogsurgeon.patches.stream"}  # generate chunk by chunk with a KV cache
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = [
