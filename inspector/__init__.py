@@ -1,7 +1,17 @@
-"""cogsurgeon's inspection core: model specs and loading, module inventory, shape trace, doctor.
+"""cogsurgeon's inspection core: model specs and loading, module inventory, shape trace, doctor, attention x-ray.
 
-Exports resolve lazily so that `import inspector` (and the CLI's start-up) pays for torch and diffusers only when a
-model is actually loaded.
+    from cogsurgeon.inspector import load_transformer, module_inventory, trace_shapes
+    model = load_transformer("tiny")                  # or cogvideox-5b (meta), a folder, a cached hub id (revision=)
+    rows = module_inventory(model)                    # [ModuleInfo(name, class, file:line, params, dtype, ...), ...]
+    trace = trace_shapes(model, frames=9, height=64, width=64)   # every module's input and output shapes
+    findings = run_doctor()                           # known diffusers attention pitfalls, present or absent here
+
+`record_attention(model_or_pipeline, groups="frames")` records where attention goes while the model runs;
+`load_recording(path)` reads a saved one back as an `AttentionRecording`. Bad input raises a `CogsurgeonError`
+(`ModelSpecError`: a MODEL that names nothing; `ModelLoadError`: files that are not a loadable CogVideoX transformer).
+
+Exports resolve lazily so that `import cogsurgeon.inspector` (and the CLI's start-up) pays for torch and diffusers
+only when a model is actually loaded.
 """
 
 from __future__ import annotations

@@ -35,3 +35,8 @@ def lazy_exports(
         return sorted({*namespace, *exports})
 
     return __getattr__, __dir__
+
+
+__all__ = [
+    "lazy_exports",
+]

@@ -397,3 +397,9 @@ def load_transformer(
     if resolved.kind == "folder":
         return load_from_folder(Path(resolved.spec), dtype)
     return load_from_folder(cached_snapshot(resolved.spec, revision), dtype)
+
+
+__all__ = [
+    "build_on_meta", "build_tiny", "cached_snapshot", "find_transformer_folder", "load_transformer", "read_config",
+    "transformer_class",
+]

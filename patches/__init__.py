@@ -9,8 +9,17 @@
     with patches.patched(model, "causal-attention", "attention-mask"): ...
     with patches.streaming(model, chunk=3, height=480, width=720) as stream: ...   # KV-cache generation
 
-Third-party patches register through the entry-point group `cogsurgeon.patches` (a `patches.Patch` instance or
-subclass). Importing this package is light: torch and diffusers load when a patch is applied.
+`apply` returns a `PatchHandle`; `available()` lists `PatchInfo` values and `get_patch(name)` gives the `Patch`
+itself, its options described by `PatchParameter`s. `parse_patch_spec("NAME:k=v,...")` and `format_patch_spec` read
+and write the CLI's spelling of a patch with options, `resolve_options` checks options against a patch's parameters,
+and `memory_estimate` / `explicit_mask_bytes` size the attention a patch runs (`cogsurgeon plan` uses them).
+
+Errors are `PatchError`s: `UnknownPatchError`, `PatchSpecError`, `PatchParameterError`, `PatchTargetError`,
+`PatchConflictError`, `PatchAlreadyAppliedError`, `PatchNotAppliedError`, `AttentionMaskError`.
+
+Third-party patches register through the entry-point group `cogsurgeon.patches` (`ENTRY_POINT_GROUP`; a
+`patches.Patch` instance or subclass) or with `register(patch)`. Importing this package is light: torch and diffusers
+load when a patch is applied.
 """
 
 from __future__ import annotations

@@ -370,3 +370,8 @@ class AttentionViewerApp(App[None]):
 
 def run_viewer(recording: Any, source: str | None = None) -> None:
     AttentionViewerApp(recording, source).run()
+
+
+__all__ = [
+    "AttentionScreen", "AttentionViewerApp", "ViewState", "overview_text", "run_viewer", "view_png",
+]

@@ -11,7 +11,9 @@ load offline at the trained scale, verify that folder against a base model, and 
 `repair_checkpoint(path, out_dir, *, alpha=None, trainer=None, ..., force=False, to="peft,diffusers")` are format
 operations and import neither torch nor diffusers; `verify_adapter(adapter_dir, base_spec, *, progress=None)` and
 `merge_loras(base, loras, out_dir, *, force=False, progress=None)` load torch and are imported when first used.
-Bad input raises `LoraCheckpointError` (a `CogsurgeonError`) with a message for people.
+They return frozen values: `LoraReport`, `RepairResult`, `AdapterVerifyReport`, `MergeResult`; `parse_lora_spec`
+reads `PATH[:WEIGHT]` into a `LoraSpec`. Bad input raises `LoraCheckpointError` (a `CogsurgeonError`) with a message
+for people.
 """
 
 from __future__ import annotations

@@ -851,3 +851,10 @@ def inspect_checkpoint(
     the checkpoints of an output folder."""
     return read_checkpoint(path, alpha=alpha, trainer=trainer, step=step, latest=latest,
                            override_stored_alpha=override_stored_alpha).report
+
+
+__all__ = [
+    "ALPHA_RANGE", "DCP_METADATA", "FLOAT32_MAX", "FLOAT32_MIN_NORMAL", "LoraCheckpoint", "LoraCheckpointError",
+    "LoraReport", "LoraTensor", "checkpoint_steps", "inspect_checkpoint", "lora_digest", "positive_int",
+    "positive_number", "read_checkpoint", "scalar_value", "tensor_bytes",
+]

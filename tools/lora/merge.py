@@ -396,3 +396,8 @@ class TrailingHash:
         if self.descriptor >= 0:
             os.close(self.descriptor)
             self.descriptor = -1
+
+
+__all__ = [
+    "LoraSpec", "MergeResult", "merge_loras", "parse_lora_spec",
+]

@@ -656,3 +656,9 @@ def publication(out: Path, *, force: bool, kind: OutputKind) -> Iterator[Publica
                         os.rmdir(folder)
                     except OSError:
                         break
+
+
+__all__ = [
+    "MERGE", "OutputError", "REPAIR", "new_hash", "output_path", "publication", "records_another_source",
+    "refuse_existing_output",
+]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cogsurgeon.inspector.errors import shown
 from cogsurgeon.inspector.safetensors_header import library_rejection
 from cogsurgeon.inspector.user_files import expand_user
 from cogsurgeon.tools.lora.checkpoint import (
@@ -24,7 +25,6 @@ from cogsurgeon.tools.lora.checkpoint import (
     positive_int,
     positive_number,
     read_checkpoint,
-    shown,
 )
 from cogsurgeon.tools.lora.export import lora_config, output_files, parse_consumers
 from cogsurgeon.tools.lora.publish import REPAIR, OutputError, output_path, publication, refuse_existing_output
@@ -158,3 +158,8 @@ def repair_checkpoint(
         published = target.publish(record=record)
     files = tuple(str(out / name) for name in published)
     return RepairResult(str(out), files, report, tracker.done)
+
+
+__all__ = [
+    "RepairResult", "repair_checkpoint",
+]

@@ -624,3 +624,9 @@ def effective_scales(checks: list[ModuleCheck]) -> dict[str, float | None]:
     """Per loader, the scale it applied: the median of the scales measured on its modules."""
     return {"PEFT": _median([c.peft_effective_scale for c in checks if c.peft_effective_scale is not None]),
             "diffusers": _median([c.diffusers_effective_scale for c in checks if c.diffusers_effective_scale is not None])}
+
+
+__all__ = [
+    "AdapterVerifyReport", "ModuleCheck", "diffusers_reads_metadata", "forward_inputs", "judge_modules",
+    "load_with_diffusers", "verify_adapter",
+]
