@@ -4,7 +4,7 @@
     model = load_transformer("tiny")                  # or cogvideox-5b (meta), a folder, a cached hub id (revision=)
     rows = module_inventory(model)                    # [ModuleInfo(name, class, file:line, params, dtype, ...), ...]
     trace = trace_shapes(model, frames=9, height=64, width=64)   # every module's input and output shapes
-    findings = run_doctor()                           # known diffusers attention pitfalls, present or absent here
+    findings = run_doctor()                           # known CogVideoX pitfalls of the installed diffusers and peft
 
 `record_attention(model_or_pipeline, groups="frames")` records where attention goes while the model runs;
 `load_recording(path)` reads a saved one back as an `AttentionRecording`. Bad input raises a `CogsurgeonError`

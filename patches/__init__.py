@@ -12,7 +12,7 @@
 `apply` returns a `PatchHandle`; `available()` lists `PatchInfo` values and `get_patch(name)` gives the `Patch`
 itself, its options described by `PatchParameter`s. `parse_patch_spec("NAME:k=v,...")` and `format_patch_spec` read
 and write the CLI's spelling of a patch with options, `resolve_options` checks options against a patch's parameters,
-and `memory_estimate` / `explicit_mask_bytes` size the attention a patch runs (`cogsurgeon plan` uses them).
+and `memory_estimate` / `explicit_mask_bytes` size the attention a patch runs (`cogsurgeon trace` uses them).
 
 Errors are `PatchError`s: `UnknownPatchError`, `PatchSpecError`, `PatchParameterError`, `PatchTargetError`,
 `PatchConflictError`, `PatchAlreadyAppliedError`, `PatchNotAppliedError`, `AttentionMaskError`.

@@ -110,5 +110,6 @@ def check_text_timestep(text_timestep: Any) -> str | float:
 
 
 __all__ = [
-    "BlockCausal", "FRAME_CAUSAL", "Structure", "TIMESTEP_LIMIT", "WindowAttention", "as_pattern", "check_text_timestep",
+    "BlockCausal", "FRAME_CAUSAL", "Structure", "TIMESTEP_LIMIT", "WindowAttention", "as_pattern",
+    "check_text_timestep",
 ]

@@ -181,7 +181,8 @@ def two_snapshot_cache(tmp_path, monkeypatch, no_network) -> Path:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(OLD_COMMIT)
     (repo / "refs" / "v2").write_text(NEW_COMMIT)
-    for commit, dtype, mtime in ((OLD_COMMIT, torch.float32, 1_000_000_000), (NEW_COMMIT, torch.bfloat16, 2_000_000_000)):
+    snapshots = ((OLD_COMMIT, torch.float32, 1_000_000_000), (NEW_COMMIT, torch.bfloat16, 2_000_000_000))
+    for commit, dtype, mtime in snapshots:
         _save_tiny(repo / "snapshots" / commit / "transformer", dtype, None)
         os.utime(repo / "snapshots" / commit, (mtime, mtime))
     return repo

@@ -206,8 +206,10 @@ def test_merge_manifests_hash_with_xxh3_and_an_earlier_sha256_one_stays_replacea
     assert cli("lora", "merge", str(base), str(first), "--out", str(out)).returncode == 0
     manifest = json.loads((out / MERGE_MANIFEST).read_text())
     assert {tuple(sorted(entry)) for entry in manifest["files"].values()} == {("bytes", "xxh3_128")}
-    manifest["files"] = {name: {"sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(), "bytes": entry["bytes"]}
-                         for name, entry in manifest["files"].items()}
+    manifest["files"] = {
+        name: {"sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(), "bytes": entry["bytes"]}
+        for name, entry in manifest["files"].items()
+    }
     (out / MERGE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     result = cli("lora", "merge", str(base), f"{second}:0.5", "--out", str(out), "--force")
     assert result.returncode == 0, result.stderr

@@ -92,7 +92,8 @@ def _top_level_bindings(tree: ast.Module) -> set[str]:
 
 def _declared_all(tree: ast.Module) -> list[str] | None:
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
         if any(isinstance(target, ast.Name) and target.id == "__all__" for target in targets):
             value = node.value
             if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "sorted":  # sorted(_EXPORTS)

@@ -461,9 +461,9 @@ def _create_parents(folder: Path) -> list[Path]:
 
 @contextmanager
 def _terminating_signals_raise() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP raise (KeyboardInterrupt, `PublicationInterrupted`) so that the `finally` clauses clean
-    up, and are deferred inside `_signals_held`; the previous handlers come back afterwards. Only the main thread can
-    install handlers; elsewhere the process's own handlers stay."""
+    """SIGINT, SIGTERM and SIGHUP raise (KeyboardInterrupt, `PublicationInterrupted`) so that the `finally` clauses
+    clean up, and are deferred inside `_signals_held`; the previous handlers come back afterwards. Only the main
+    thread can install handlers; elsewhere the process's own handlers stay."""
     if threading.current_thread() is not threading.main_thread() or _DeferredSignals.installed:
         yield
         return

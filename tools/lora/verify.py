@@ -622,8 +622,9 @@ def compare_outputs(peft: LoaderRun, diffusers: LoaderRun, base_output: torch.Te
 
 def effective_scales(checks: list[ModuleCheck]) -> dict[str, float | None]:
     """Per loader, the scale it applied: the median of the scales measured on its modules."""
-    return {"PEFT": _median([c.peft_effective_scale for c in checks if c.peft_effective_scale is not None]),
-            "diffusers": _median([c.diffusers_effective_scale for c in checks if c.diffusers_effective_scale is not None])}
+    peft = [c.peft_effective_scale for c in checks if c.peft_effective_scale is not None]
+    diffusers = [c.diffusers_effective_scale for c in checks if c.diffusers_effective_scale is not None]
+    return {"PEFT": _median(peft), "diffusers": _median(diffusers)}
 
 
 __all__ = [
