@@ -351,3 +351,8 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def _listed(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+__all__ = [
+    "AttentionRecording", "FORMAT", "GroupInfo", "RecordingError", "head_kind", "load_recording",
+]

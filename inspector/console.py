@@ -34,3 +34,8 @@ def interrupted() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.stderr.write("cogsurgeon: aborted\n")
     sys.exit(130)
+
+
+__all__ = [
+    "main",
+]

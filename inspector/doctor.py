@@ -424,3 +424,8 @@ def run_doctor(ids: tuple[str, ...] | None = None,
             progress(probe)
         findings.append(run_probe(probe))
     return findings
+
+
+__all__ = [
+    "PROBES", "PROBE_IDS", "run_doctor", "run_probe",
+]

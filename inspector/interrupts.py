@@ -63,3 +63,8 @@ def interruptible() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, exit_at_once)
+
+
+__all__ = [
+    "ABORTED_LINE", "ABORTED_STATUS", "exit_at_once", "install_exit_at_once", "interruptible",
+]

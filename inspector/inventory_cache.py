@@ -127,3 +127,8 @@ def store_inventory(spec: str, dtype: str | None, infos: list[ModuleInfo]) -> No
             if temporary is not None:
                 with suppress(OSError):
                     os.unlink(temporary)
+
+
+__all__ = [
+    "load_cached_inventory", "store_inventory",
+]

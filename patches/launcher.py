@@ -191,3 +191,8 @@ def _ignore(signum: int, frame: object) -> None:
 def _exit_status(returncode: int) -> int:
     """A shell's exit status: a program killed by signal N gives 128 + N."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+__all__ = [
+    "RecordRequest", "check_patch_names", "run_patched",
+]

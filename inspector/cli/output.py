@@ -70,3 +70,8 @@ def stdout_console() -> Console:
 
     console = Console()
     return console if console.is_terminal else Console(width=200)
+
+
+__all__ = [
+    "DTYPE_CHOICE", "MODEL_HELP", "POSITIVE", "print_json", "print_table_or_blocks", "stdout_console",
+]

@@ -99,3 +99,8 @@ def run_app(spec: str | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(app.return_code or 0)
+
+
+__all__ = [
+    "CogsurgeonApp", "run_app",
+]

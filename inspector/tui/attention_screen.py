@@ -372,3 +372,8 @@ class AttentionViewerApp(App[None]):
 def run_viewer(recording: Any, source: str | None = None) -> None:
     with interruptible():  # the terminal must be given back: a SIGINT (kill -INT) unwinds through Textual's exit
         AttentionViewerApp(recording, source).run()
+
+
+__all__ = [
+    "AttentionScreen", "AttentionViewerApp", "ViewState", "overview_text", "run_viewer", "view_png",
+]

@@ -244,3 +244,8 @@ def plan_error_in_screen_terms(text: str) -> str:
     for flag, control in PLAN_CONTROLS:
         text = text.replace(flag, control)
     return text
+
+
+__all__ = [
+    "PlanScreen",
+]
