@@ -1,12 +1,22 @@
-"""cogsurgeon's inspection core: model specs and loading, module inventory, shape trace, doctor.
+"""cogsurgeon's inspection core: model specs and loading, module inventory, shape trace, doctor, attention x-ray.
 
-Exports resolve lazily so that `import inspector` (and the CLI's start-up) pays for torch and diffusers only when a
-model is actually loaded.
+    from cogsurgeon.inspector import load_transformer, module_inventory, trace_shapes
+    model = load_transformer("tiny")                  # or cogvideox-5b (meta), a folder, a cached hub id (revision=)
+    rows = module_inventory(model)                    # [ModuleInfo(name, class, file:line, params, dtype, ...), ...]
+    trace = trace_shapes(model, frames=9, height=64, width=64)   # every module's input and output shapes
+    findings = run_doctor()                           # known CogVideoX pitfalls of the installed diffusers and peft
+
+`record_attention(model_or_pipeline, groups="frames")` records where attention goes while the model runs;
+`load_recording(path)` reads a saved one back as an `AttentionRecording`. Bad input raises a `CogsurgeonError`
+(`ModelSpecError`: a MODEL that names nothing; `ModelLoadError`: files that are not a loadable CogVideoX transformer).
+
+Exports resolve lazily so that `import cogsurgeon.inspector` (and the CLI's start-up) pays for torch and diffusers
+only when a model is actually loaded.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
+from cogsurgeon.inspector.lazy_exports import lazy_exports as _lazy_exports
 
 TYPE_CHECKING = False  # not `typing`'s: the console script imports this package first, and typing costs 5 ms there
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names below resolve on first use
@@ -33,9 +43,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> object:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'inspector' has no attribute {name!r}")
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())

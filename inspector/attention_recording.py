@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.interrupts import interruptible
 from cogsurgeon.inspector.user_files import read_json
 
 FORMAT = "cogsurgeon.attention-recording"
@@ -337,15 +338,21 @@ def _from_document(document: Any, path: Path) -> AttentionRecording:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, then rename it over `path`."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with interruptible():  # Ctrl-C meanwhile removes the temporary file
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
 
 def _listed(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+__all__ = [
+    "AttentionRecording", "FORMAT", "GroupInfo", "RecordingError", "head_kind", "load_recording",
+]

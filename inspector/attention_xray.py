@@ -545,3 +545,8 @@ def record_seeded_forward(
     recording.model["size"] = list(size)
     recording.model["seed"] = seed
     return recording
+
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES", "parse_groups", "record_attention", "record_seeded_forward",
+]

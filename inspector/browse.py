@@ -134,3 +134,8 @@ def trace_for_details(model: Any) -> TracedShapes:
         {name: (format_shape(shapes.inputs), format_shape(shapes.outputs)) for name, shapes in result.modules.items()},
         kv_cache,
     )
+
+
+__all__ = [
+    "LoadedModel", "TracedShapes", "format_count", "model_title", "open_model", "preview_model", "trace_for_details",
+]

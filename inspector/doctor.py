@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.interrupts import interruptible
 from cogsurgeon.inspector.loading import build_tiny
 
 Status = Literal["present", "absent", "error"]
@@ -281,7 +282,7 @@ def probe_lora_alpha_lost() -> tuple[bool, str]:
     rank, lora_alpha = 4, 2
     trained = build_tiny("tiny")
     trained.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with tempfile.TemporaryDirectory(prefix="cogsurgeon-doctor-") as folder:
+    with interruptible(), tempfile.TemporaryDirectory(prefix="cogsurgeon-doctor-") as folder:
         # The trainer's save: the PEFT state dict through save_lora_weights, nothing else.
         CogVideoXPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(trained))
         reloaded = build_tiny("tiny")
@@ -338,7 +339,7 @@ def probe_peft_local_path_hub() -> tuple[bool, str]:
 
     from cogsurgeon.inspector.offline import HUB_OFFLINE_VARIABLES
 
-    with tempfile.TemporaryDirectory(prefix="cogsurgeon-doctor-") as root:
+    with interruptible(), tempfile.TemporaryDirectory(prefix="cogsurgeon-doctor-") as root:
         folder = Path(root) / "lora-checkpoint"
         folder.mkdir()
         save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)},
@@ -423,3 +424,8 @@ def run_doctor(ids: tuple[str, ...] | None = None,
             progress(probe)
         findings.append(run_probe(probe))
     return findings
+
+
+__all__ = [
+    "PROBES", "PROBE_IDS", "run_doctor", "run_probe",
+]

@@ -60,3 +60,8 @@ class Interrupted(BaseException):
     def __init__(self, signum: int, message: str) -> None:
         self.signum = signum
         super().__init__(message)
+
+
+__all__ = [
+    "CogsurgeonError", "Interrupted", "ModelLoadError", "ModelSpecError", "counted", "renamed_parameters", "shown",
+]

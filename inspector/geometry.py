@@ -273,3 +273,11 @@ def pipeline_inputs(
     if config.get("ofs_embed_dim"):
         inputs["ofs"] = torch.full((1,), OFS_VALUE, dtype=dtype, device=device)
     return inputs
+
+
+__all__ = [
+    "FrameLayout", "LatentGeometry", "TORCH_MAX_BYTES", "TRANSFORMER_CLASS_NAME", "VAE_SPATIAL_FACTOR",
+    "VideoSizeError", "default_video_size", "latent_frame_count", "latent_geometry", "layout_of_call",
+    "layout_of_inputs", "pipeline_inputs", "resize_crop_region_for_grid", "rotary_embedding", "tokens_per_frame",
+    "video_frame_count",
+]

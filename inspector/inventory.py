@@ -193,3 +193,8 @@ def inventory_for_spec(spec: str | None, dtype: str | None = None, use_cache: bo
         if cacheable:
             inventory_cache.store_inventory(resolved.spec, dtype, infos)
     return infos
+
+
+__all__ = [
+    "ModuleInfo", "filter_inventory", "inventory_for_spec", "matches", "module_inventory", "source_location",
+]

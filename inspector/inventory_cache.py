@@ -21,6 +21,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
+from cogsurgeon.inspector.interrupts import interruptible
 from cogsurgeon.inspector.inventory import ModuleInfo
 from cogsurgeon.inspector.model_specs import builtin_config, builtin_dtype
 from cogsurgeon.inspector.user_files import UserFileError, loads_json, read_bytes
@@ -111,17 +112,23 @@ def store_inventory(spec: str, dtype: str | None, infos: list[ModuleInfo]) -> No
         "modules": [info.__dict__ for info in infos],
     }
     path = _entry_path(spec, dtype)
-    temporary: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-            temporary = handle.name
-            json.dump(entry, handle)
-        os.replace(temporary, path)
-        temporary = None
-    except OSError:
-        return
-    finally:
-        if temporary is not None:
-            with suppress(OSError):
-                os.unlink(temporary)
+    with interruptible():  # Ctrl-C meanwhile removes the temporary file
+        temporary: str | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+                temporary = handle.name
+                json.dump(entry, handle)
+            os.replace(temporary, path)
+            temporary = None
+        except OSError:
+            return
+        finally:
+            if temporary is not None:
+                with suppress(OSError):
+                    os.unlink(temporary)
+
+
+__all__ = [
+    "load_cached_inventory", "store_inventory",
+]

@@ -339,22 +339,35 @@ def load_from_folder(root: Path, dtype: str | torch.dtype | None = None) -> CogV
     return model.eval()
 
 
-def cached_snapshot(repo_id: str) -> Path:
-    """The local snapshot folder of a hub id in the Hugging Face cache; never downloads."""
-    from huggingface_hub import constants
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot folder of a hub id in the Hugging Face cache at `revision` (a branch, tag or commit hash;
+    None: `main`), found by huggingface_hub's own offline lookup (`refs/<revision>` names the commit, whose
+    `snapshots/<commit>` folder is the answer); never downloads. A revision the cache does not hold is a
+    `ModelSpecError` that lists the ones it does."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    repo_folder = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
-    snapshots = repo_folder / "snapshots"
-    revision = _main_revision(repo_folder / "refs" / "main")
-    if revision is not None and is_folder(snapshots / revision):
-        return snapshots / revision
-    candidates = sorted(_folders_by_mtime(snapshots))
-    if candidates:
-        return candidates[-1][1]
-    raise ModelSpecError(
-        f"{repo_id} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); cogsurgeon never "
-        f"downloads: fetch it elsewhere ({hub_download_command(repo_id)}) or pass a local folder"
-    )
+    cache = Path(constants.HF_HUB_CACHE)
+    repo_folder = cache / f"models--{repo_id.replace('/', '--')}"
+    ref = repo_folder / "refs" / (revision or "main")
+    if os.path.lexists(ref) and not is_regular_file(ref):  # huggingface_hub would block on a FIFO there
+        raise ModelSpecError(f"{ref} is not a regular file: the Hugging Face cache of {repo_id} is damaged")
+    try:
+        folder = snapshot_download(repo_id, revision=revision, cache_dir=str(cache), local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError, UnicodeDecodeError, OSError):
+        cached = _cached_revisions(repo_folder)
+        if not cached:
+            raise ModelSpecError(
+                f"{repo_id} is not in the local Hugging Face cache ({cache}); cogsurgeon never downloads: fetch it "
+                f"elsewhere ({hub_download_command(repo_id)}) or pass a local folder"
+            ) from None
+        raise ModelSpecError(
+            f"{repo_id} at revision {revision or 'main'!r} is not in the local Hugging Face cache ({cache}), which "
+            f"holds {', '.join(cached)}: ask for one of those, or fetch it elsewhere ({hub_download_command(repo_id)})"
+        ) from None
+    if Path(folder).parent != repo_folder / "snapshots":  # a ref holding a path ("../..") rather than a commit
+        raise ModelSpecError(f"{ref} does not name a commit: the Hugging Face cache of {repo_id} is damaged")
+    return Path(folder)
 
 
 def _loading_step(kind: str, spec: str) -> str:
@@ -365,37 +378,35 @@ def _loading_step(kind: str, spec: str) -> str:
     }.get(kind, f"loading {spec} from the Hugging Face cache…")
 
 
-def _main_revision(ref: Path) -> str | None:
-    """The commit hash in a cache's `refs/main`, or None when it is absent or not one (binary, a path, huge)."""
-    try:
-        revision = read_text(ref, 4096).strip()
-    except UserFileError:
-        return None
-    return revision if revision and revision.isascii() and revision.isalnum() else None
-
-
-def _folders_by_mtime(folder: Path) -> list[tuple[float, Path]]:
-    """The folders inside `folder` with their modification times; what cannot be read is passed over."""
-    found = []
+def _cached_revisions(repo_folder: Path) -> list[str]:
+    """What a repo's cache folder holds, for an error message: its refs (`main -> 0123abcd`) and the snapshots no
+    ref names."""
+    refs: dict[str, str] = {}
     with suppress(OSError):
-        for entry in folder.iterdir():
-            with suppress(OSError):  # removed, or not ours to read, since it was listed
-                if is_folder(entry):
-                    found.append((entry.stat().st_mtime, entry))
-    return found
+        for entry in sorted((repo_folder / "refs").iterdir()):
+            with suppress(UserFileError):
+                refs[entry.name] = read_text(entry, 4096).strip()
+    snapshots = []
+    with suppress(OSError):
+        snapshots = sorted(entry.name for entry in (repo_folder / "snapshots").iterdir() if is_folder(entry))
+    named = [f"{name} -> {commit[:8]}" for name, commit in refs.items() if commit in snapshots]
+    return named + [commit for commit in snapshots if commit not in refs.values()]
 
 
 def load_transformer(
-    spec: str | None = None, *, dtype: str | torch.dtype | None = None,
+    spec: str | None = None, *, dtype: str | torch.dtype | None = None, revision: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> CogVideoXTransformer3DModel:
     """Load the CogVideoX transformer that `spec` names: a published config (`cogvideox-5b`, ...: built on the meta
     device, no weights), a tiny model (`tiny`, `tiny-i2v`, `tiny-1.5`: seeded, runs on a CPU), a local diffusers
     folder (the model root or its `transformer/`), or a hub id already in the local Hugging Face cache (never
-    downloaded); None is the default, cogvideox-5b-i2v. `dtype` (a torch dtype or its name) overrides the stored one.
+    downloaded; `revision` picks a branch, tag or commit of it, `main` by default); None is the default,
+    cogvideox-5b-i2v. `dtype` (a torch dtype or its name) overrides the stored one.
     Raises `ModelSpecError` for a spec that names nothing, `ModelLoadError` for files that are there but not a
     loadable CogVideoX transformer. `progress(message)` is told each slow step: the import, the build or load."""
     resolved = resolve_spec(spec)
+    if revision is not None and resolved.kind != "hub":
+        raise ModelSpecError(f"revision {revision!r} is for a hub id (org/name); {spec!r} is a {resolved.kind} model")
     if progress is not None:
         import_diffusers(progress)
         progress(_loading_step(resolved.kind, resolved.spec))
@@ -405,4 +416,10 @@ def load_transformer(
         return build_tiny(resolved.spec, dtype)
     if resolved.kind == "folder":
         return load_from_folder(Path(resolved.spec), dtype)
-    return load_from_folder(cached_snapshot(resolved.spec), dtype)
+    return load_from_folder(cached_snapshot(resolved.spec, revision), dtype)
+
+
+__all__ = [
+    "build_on_meta", "build_tiny", "cached_snapshot", "find_transformer_folder", "import_diffusers", "load_transformer",
+    "read_config", "transformer_class",
+]

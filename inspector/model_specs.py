@@ -131,3 +131,9 @@ def resolve_spec(spec: str | None) -> ResolvedSpec:
         f"unknown model {spec!r}: expected one of {', '.join(known_specs())}, "
         "a local model folder, or a hub id (org/name) already in the Hugging Face cache"
     )
+
+
+__all__ = [
+    "DEFAULT_SPEC", "PUBLISHED_DTYPES", "PUBLISHED_SPECS", "TINY_CONFIGS", "TINY_SEED", "TINY_SPECS", "builtin_config",
+    "builtin_dtype", "known_specs", "published_config", "resolve_spec", "tiny_config",
+]

@@ -291,3 +291,9 @@ def listed_rows(infos: list[ModuleInfo], filter_text: str | None = None, fold: b
 
 def _join(prefix: str, label: str) -> str:
     return f"{prefix}.{label}" if prefix else label
+
+
+__all__ = [
+    "ListedRow", "ModuleNode", "TreeRow", "build_module_tree", "fold_for_filter", "keys_to", "listed_rows",
+    "narrow_inventory", "opened_for_filter", "path_to", "visible_rows",
+]

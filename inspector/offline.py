@@ -38,3 +38,8 @@ def hub_download_command(repo_id: str) -> str:
     except (metadata.PackageNotFoundError, ValueError):
         major = 1
     return f"{'hf' if major >= 1 else 'huggingface-cli'} download {repo_id}"
+
+
+__all__ = [
+    "HUB_OFFLINE_VARIABLES", "enter_offline_mode", "hub_download_command", "user_environment",
+]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cogsurgeon import patches
+from cogsurgeon.inspector.model_specs import TINY_SPECS
 from cogsurgeon.patches.parameters import PatchParameter, format_patch_spec, format_value, parse_value
 
 
@@ -119,7 +120,7 @@ class PatchBench:
 
     def verify_scope(self) -> str:
         """What `verify` runs, in words: `tiny, tiny-i2v, tiny-1.5 with plain and fused processors`."""
-        from cogsurgeon.patches.verify import PROCESSORS, TINY_SPECS
+        from cogsurgeon.patches.verify import PROCESSORS
 
         return f"{', '.join(TINY_SPECS)} with {' and '.join(PROCESSORS)} processors"
 
@@ -127,7 +128,7 @@ class PatchBench:
         """Run the patch's tiny-model reference check with exactly `options` (the row's: what the panel shows), as
         `patch verify NAME:k=v` does; slow: call it from a worker. `progress` is told each step as
         `running 2/6: tiny, fused processor`."""
-        from cogsurgeon.patches.verify import PROCESSORS, TINY_SPECS, verify_patch
+        from cogsurgeon.patches.verify import PROCESSORS, verify_patch
 
         total = len(TINY_SPECS) * len(PROCESSORS)
         done = 0
@@ -146,3 +147,8 @@ class PatchBench:
     def record_verdict(self, name: str, options: dict[str, Any], result: Any) -> Verdict:
         verdict = self.verdicts[name] = Verdict(options_key(options), describe_verdict(result))
         return verdict
+
+
+__all__ = [
+    "PatchBench", "PatchRow",
+]

@@ -1195,3 +1195,15 @@ def _notes(settings: PlanSettings) -> tuple[str, ...]:
         notes.append("not counted: DDP's gradient buckets and DeepSpeed/FSDP sharding (one GPU's full copy is "
                      "planned), the VAE and text encoder a trainer keeps loaded")
     return tuple(notes)
+
+
+__all__ = [
+    "AUTOCAST_FP32_OPS", "AUTOCAST_FP32_SET_OPT_DTYPE_OPS", "AUTOCAST_LOWER_PRECISION_OPS", "AUTOCAST_PROMOTE_OPS",
+    "CudaAutocast", "DEFAULT_MIXED_PRECISION", "LORA_DTYPES", "LORA_TARGET_MODULES", "MIXED_PRECISION",
+    "MemoryAccounting", "MemoryLedger", "PlanError", "PlanSettings", "TRAINER_PRESETS", "TrainMode",
+    "accelerate_training_step", "allocator_bytes", "attention_backend", "autocast_policy", "build_vae_on_meta",
+    "candidate_switches", "check_precision_choice", "cuda_autocast_state", "flash_backward_workspace_bytes",
+    "make_optimizer", "parse_memory_size", "parse_train", "parse_video_size", "plan_memory", "plan_transformer",
+    "plan_vae_decode", "prepare_training", "switch_combinations", "trainer_preset", "training_input_dtype",
+    "training_step", "training_target", "vae_config",
+]

@@ -227,3 +227,8 @@ def library_rejection(path: Path) -> str | None:
     except Exception as exc:  # its Rust errors surface as several Python types
         return " ".join(str(exc).split())[:200] or type(exc).__name__
     return None
+
+
+__all__ = [
+    "DTYPE_NAMES", "SafetensorsFormatError", "SafetensorsHeader", "library_rejection", "read_header",
+]

@@ -76,3 +76,8 @@ def processor_call_source(module_name: str | None, class_name: str | None) -> So
     cls = _loaded_class(module_name, class_name)
     call = getattr(cls, "__call__", None) if cls is not None else None
     return _source_text(inspect.unwrap(call), f"{class_name}.__call__") if call is not None else None
+
+
+__all__ = [
+    "SourceText", "class_source", "display_path", "processor_call_source",
+]

@@ -439,3 +439,9 @@ def kv_cache_table(config: Mapping[str, Any], frames: int, height: int, width: i
                                  window=window, sink=sink, dtype_bytes=dtype_bytes)}
         for chunk, window, sink in STREAMING_CASES
     )
+
+
+__all__ = [
+    "AttentionCall", "PatchMemoryModel", "dense_mask_bytes", "format_bytes", "format_shape", "mask_memory_table",
+    "meta_twin", "module_stack", "patch_memory_model", "shape_of", "shape_to_json", "size_notes", "trace_shapes",
+]

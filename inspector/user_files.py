@@ -188,3 +188,9 @@ def list_folder(path: Path) -> list[Path]:
         return sorted(path.iterdir())
     except OSError as exc:
         raise UserFileError(f"cannot list {describe_os_error(path, exc)}") from None
+
+
+__all__ = [
+    "UserFileError", "describe_os_error", "expand_user", "file_kind", "is_folder", "is_regular_file", "list_folder",
+    "loads_json", "open_regular", "read_bytes", "read_json", "read_text", "read_yaml",
+]

@@ -8,6 +8,12 @@
     video = pipe(...)                                   # every rank gets the whole output
     parallel.disable(pipe)                              # the model as it was, bit for bit
 
+`enable` returns the model's `SequenceParallel` (`ulysses_degree(model)` reads the degree back, None when not
+parallel). A degree must divide the attention heads: `valid_degrees(heads)` lists those that do,
+`check_degree_for_heads(heads, ulysses)` raises the `ContextParallelError` that `enable` would, and
+`shard_bounds(length, degree)` gives each rank's slice of a sequence. diffusers older than `MINIMUM_DIFFUSERS` has no
+context-parallel engine.
+
 What it hands diffusers: a context-parallel plan for CogVideoX (`cogvideox_cp_plan()`: split the text and the video
 tokens at the first block and the rotary embedding at the transformer, gather the video after the last block's
 `norm_final`) given to `enable_parallelism(config=ContextParallelConfig(ulysses_degree=N), cp_plan=...)`, and a

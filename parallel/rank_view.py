@@ -122,3 +122,8 @@ def one_rank(model: Any, degree: int) -> Iterator[SequenceParallel]:
 def one_rank_of(model: Any, ulysses: int) -> Any:
     """`one_rank(model, ulysses)` for a degree above 1; nothing for 1 (no context parallelism)."""
     return one_rank(model, ulysses) if ulysses > 1 else nullcontext()
+
+
+__all__ = [
+    "one_rank", "one_rank_of",
+]

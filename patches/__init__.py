@@ -9,14 +9,24 @@
     with patches.patched(model, "causal-attention", "attention-mask"): ...
     with patches.streaming(model, chunk=3, height=480, width=720) as stream: ...   # KV-cache generation
 
-Third-party patches register through the entry-point group `cogsurgeon.patches` (a `patches.Patch` instance or
-subclass). Importing this package is light: torch and diffusers load when a patch is applied.
+`apply` returns a `PatchHandle`; `available()` lists `PatchInfo` values and `get_patch(name)` gives the `Patch`
+itself, its options described by `PatchParameter`s. `parse_patch_spec("NAME:k=v,...")` and `format_patch_spec` read
+and write the CLI's spelling of a patch with options, `resolve_options` checks options against a patch's parameters,
+and `memory_estimate` / `explicit_mask_bytes` size the attention a patch runs (`cogsurgeon trace` uses them).
+
+Errors are `PatchError`s: `UnknownPatchError`, `PatchSpecError`, `PatchParameterError`, `PatchTargetError`,
+`PatchConflictError`, `PatchAlreadyAppliedError`, `PatchNotAppliedError`, `AttentionMaskError`.
+
+Third-party patches register through the entry-point group `cogsurgeon.patches` (`ENTRY_POINT_GROUP`; a
+`patches.Patch` instance or subclass) or with `register(patch)`. Importing this package is light: torch and diffusers
+load when a patch is applied.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from cogsurgeon.inspector.lazy_exports import lazy_exports as _lazy_exports
 from cogsurgeon.patches.errors import (
     AttentionMaskError,
     PatchAlreadyAppliedError,
@@ -50,13 +60,8 @@ from cogsurgeon.patches.registry import (
 if TYPE_CHECKING:  # what editors see; at run time `streaming` resolves on first use (it imports torch)
     from cogsurgeon.patches.stream import streaming
 
-
-def __getattr__(name: str) -> Any:
-    if name == "streaming":  # generate chunk by chunk with a KV cache: `cogsurgeon.patches.stream.streaming`
-        from cogsurgeon.patches.stream import streaming
-
-        return streaming
-    raise AttributeError(f"module 'cogsurgeon.patches' has no attribute {name!r}")
+_EXPORTS = {"streaming": "cogsurgeon.patches.stream"}  # generate chunk by chunk with a KV cache
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = [

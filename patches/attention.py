@@ -549,3 +549,9 @@ def _causal_with_dense_mask(
             query[:, :, first:last], key[:, :, :key_end], value[:, :, :key_end], attn_mask=combined
         )
     return output
+
+
+__all__ = [
+    "AttentionPlan", "HEAD_STREAMS", "KeptKeyPlan", "QuerySegment", "SegmentPlan", "attend_segments", "chunk_bounds",
+    "compact_segments", "head_slices", "normalize_attention_mask", "plan_attention", "run_plan", "structure_segments",
+]

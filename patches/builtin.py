@@ -222,3 +222,8 @@ BUILTIN_PATCHES: tuple[Patch, ...] = (
     WindowAttentionPatch(),
     PerFrameTimesteps(),
 )
+
+
+__all__ = [
+    "BUILTIN_PATCHES",
+]

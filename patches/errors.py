@@ -49,3 +49,9 @@ class PatchParameterError(PatchError):
 
 class PatchSpecError(PatchError):
     """A `NAME:key=value,...` patch spec that does not parse."""
+
+
+__all__ = [
+    "AttentionMaskError", "PatchAlreadyAppliedError", "PatchConflictError", "PatchError", "PatchNotAppliedError",
+    "PatchParameterError", "PatchSpecError", "PatchTargetError", "UnknownPatchError",
+]

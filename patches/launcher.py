@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.interrupts import interruptible
 from cogsurgeon.inspector.offline import user_environment
 from cogsurgeon.patches.errors import PatchSpecError
 from cogsurgeon.patches.parameters import parse_patch_spec
@@ -133,7 +134,7 @@ def run_patched(command: Sequence[str], patch_names: Sequence[str], record: Reco
     names = check_patch_names(patch_names, required=record is None and not ulysses)
     if ulysses:
         command = ulysses_command(command, ulysses)
-    with _forwarded_signals() as forward_to:
+    with interruptible(), _forwarded_signals() as forward_to:  # the startup folder is removed however it ends
         startup_folder = Path(tempfile.mkdtemp(prefix="cogsurgeon-run-"))
         try:
             shutil.copyfile(STARTUP_SOURCE, startup_folder / "sitecustomize.py")
@@ -190,3 +191,8 @@ def _ignore(signum: int, frame: object) -> None:
 def _exit_status(returncode: int) -> int:
     """A shell's exit status: a program killed by signal N gives 128 + N."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+__all__ = [
+    "RecordRequest", "check_patch_names", "run_patched",
+]

@@ -124,3 +124,9 @@ def format_patch_spec(name: str, options: Mapping[str, Any]) -> str:
     if not options:
         return name
     return f"{name}:{','.join(f'{key}={format_value(value)}' for key, value in options.items())}"
+
+
+__all__ = [
+    "INT64_MAX", "PatchParameter", "check_options", "format_patch_spec", "format_value", "parse_patch_spec",
+    "parse_value",
+]

@@ -107,3 +107,9 @@ def check_text_timestep(text_timestep: Any) -> str | float:
         message = f"per-frame-timesteps: text_timestep must be {expected}, got {shown(text_timestep)}"
         raise PatchParameterError("per-frame-timesteps", "text_timestep", message)
     return value
+
+
+__all__ = [
+    "BlockCausal", "FRAME_CAUSAL", "Structure", "TIMESTEP_LIMIT", "WindowAttention", "as_pattern",
+    "check_text_timestep",
+]

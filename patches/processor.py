@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from cogsurgeon.inspector.geometry import TRANSFORMER_CLASS_NAME, FrameLayout, layout_of_call, tokens_per_frame
-from cogsurgeon.patches.attention import AttentionPlan, Structure, plan_attention, run_plan
+from cogsurgeon.patches.attention import AttentionPlan, plan_attention, run_plan
 from cogsurgeon.patches.errors import AttentionMaskError, PatchError, PatchTargetError
+from cogsurgeon.patches.patterns import Structure
 from cogsurgeon.patches.ulysses import SequenceParallel
 
 
@@ -358,3 +359,9 @@ def attention_state(transformer: nn.Module, *, install: bool = False) -> Attenti
     records = applied_records(transformer).values()
     state = next((record for record in records if isinstance(record, AttentionPatchState)), None)
     return state or (AttentionPatchState.install(transformer) if install else None)
+
+
+__all__ = [
+    "PatchedCogVideoXAttnProcessor", "UlyssesCogVideoXAttnProcessor", "attention_modules", "attention_state",
+    "is_cogvideox_transformer", "is_fused_processor", "joint_query_key_value", "project_attention_output",
+]

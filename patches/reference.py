@@ -276,3 +276,10 @@ def per_frame_modulation_error(
     if len(captured) != len(norms):
         raise AssertionError(f"captured {len(captured)} of {len(norms)} modulations")
     return error
+
+
+__all__ = [
+    "RULE_MASKS", "block_causal_mask", "causal_mask", "chunk_of_token", "combine_masks", "frame_causal_mask",
+    "frame_of_token", "full_attention_mask", "per_frame_modulation_error", "reference_attention",
+    "reference_processors", "rule_mask", "window_attention_mask",
+]

@@ -383,3 +383,10 @@ def explicit_mask_bytes(batch: int, heads: int, text_tokens: int, video_tokens: 
     length = text_tokens + video_tokens
     return batch * heads * length * length * dtype_bytes
 
+
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "Patch", "PatchHandle", "PatchInfo", "applied", "applied_options", "applied_records", "apply",
+    "available", "check_composition", "explicit_mask_bytes", "get_patch", "memory_estimate", "patched", "register",
+    "resolve_options", "resolve_transformer", "revert",
+]

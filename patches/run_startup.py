@@ -267,3 +267,6 @@ if _wanted and not any(isinstance(f, _CogVideoXFinder) for f in sys.meta_path):
     else:
         sys.meta_path.insert(0, _CogVideoXFinder())
 _run_shadowed_sitecustomize()
+
+
+__all__: list[str] = []

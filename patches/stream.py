@@ -572,3 +572,8 @@ def streaming(target: Any, *, chunk: int, window: int | None = None, sink: int =
                 if own_forward is not None:
                     embed.forward = own_forward
                 stream.close()
+
+
+__all__ = [
+    "StreamError", "kv_cache_bytes", "streaming",
+]

@@ -286,3 +286,8 @@ class PerFrameTimestepState:
             else:
                 kwargs[name] = value
         return tuple(args), kwargs
+
+
+__all__ = [
+    "PerFrameTimestepError", "PerFrameTimestepState",
+]

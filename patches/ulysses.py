@@ -174,3 +174,9 @@ class _ShardedAttention:
         with torch.enable_grad():
             output = ctx.sharded_attention._run(query, key, value)
         return torch.autograd.grad(output, (query, key, value), grad_output)
+
+
+__all__ = [
+    "ContextParallelError", "PARALLEL_ATTRIBUTE", "SequenceParallel", "gathered_runs", "padded_length", "shard_bounds",
+    "to_gathered_order", "to_original_order", "valid_degrees",
+]

@@ -249,3 +249,9 @@ def combined_reference_mask(names: tuple[str, ...], layout: FrameLayout, attenti
             rule = RULE_MASKS[name](layout)
     user = full_attention_mask(attention_mask, layout) if attention_mask is not None else None
     return combine_masks(rule, user)
+
+
+__all__ = [
+    "PROCESSORS", "combined_reference_mask", "forward", "fresh_tiny", "sample_masks", "tiny_inputs", "tiny_video_size",
+    "verify_patch",
+]

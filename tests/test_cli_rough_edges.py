@@ -277,7 +277,7 @@ def test_a_folder_diffusers_cannot_load_is_a_load_error(tmp_path, key, value):
         load_transformer(str(tmp_path))
 
 
-@pytest.mark.parametrize("package", ["inspector", "tools/lora"])
+@pytest.mark.parametrize("package", ["inspector", "patches", "tools/lora"])
 def test_every_lazy_export_is_imported_for_type_checkers(package):
     """Editors resolve `from cogsurgeon.inspector import load_transformer` through the TYPE_CHECKING imports, which
     must name each lazy export from the module it resolves to at run time."""

@@ -9,7 +9,9 @@ re, sys` and `from cogsurgeon.inspector.console import main`: a module of a few 
 bytecode cached, longer here where PYTHONDONTWRITEBYTECODE compiles it each time). Everything from there on, the
 quarter second of importing click and the commands included, must end cleanly; the delays are long enough that many
 runs land there (the old entry point, `cogsurgeon.inspector.cli:main`, printed a KeyboardInterrupt traceback for
-them)."""
+them). Runs landing in the command itself (0.2 s on) failed 5 times in 30 under load while the command let
+KeyboardInterrupt loose in third-party code (a RecursionError traceback from a half-imported numpy, or SIGABRT from
+torch's C++); the console now ends the process at once there (`inspector/interrupts.py`): 40 in 40 clean."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from cogsurgeon.inspector import load_transformer
 from cogsurgeon.inspector.errors import ModelLoadError, ModelSpecError
 from cogsurgeon.inspector.inventory import module_inventory
-from cogsurgeon.inspector.loading import transformer_class
+from cogsurgeon.inspector.loading import cached_snapshot, transformer_class
 
 # Loading and reading models goes through diffusers internals that change between releases.
 pytestmark = pytest.mark.diffusers_versions
@@ -161,6 +162,59 @@ def test_every_loader_runs_without_the_network(tmp_path, monkeypatch, no_network
     assert load_transformer("THUDM/CogVideoX-tiny").dtype == torch.float32
     with pytest.raises(ModelSpecError, match="not in the local Hugging Face cache"):
         load_transformer("THUDM/CogVideoX-5b")
+
+
+OLD_COMMIT = "1111111111111111111111111111111111111111"
+NEW_COMMIT = "2222222222222222222222222222222222222222"
+
+
+@pytest.fixture
+def two_snapshot_cache(tmp_path, monkeypatch, no_network) -> Path:
+    """A cache as huggingface_hub leaves it after two downloads: `refs/main` names the OLDER snapshot (float32) and
+    the tag `v2` the newer one (bfloat16), whose folder is also the newest by modification time."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read once at import; the CLI reads the variable
+    repo = cache / "models--org--cogvideox-tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(OLD_COMMIT)
+    (repo / "refs" / "v2").write_text(NEW_COMMIT)
+    snapshots = ((OLD_COMMIT, torch.float32, 1_000_000_000), (NEW_COMMIT, torch.bfloat16, 2_000_000_000))
+    for commit, dtype, mtime in snapshots:
+        _save_tiny(repo / "snapshots" / commit / "transformer", dtype, None)
+        os.utime(repo / "snapshots" / commit, (mtime, mtime))
+    return repo
+
+
+def test_a_hub_id_loads_the_snapshot_refs_main_names_not_the_newest_folder(two_snapshot_cache):
+    assert cached_snapshot("org/cogvideox-tiny") == two_snapshot_cache / "snapshots" / OLD_COMMIT
+    assert load_transformer("org/cogvideox-tiny").dtype == torch.float32
+
+
+@pytest.mark.parametrize("revision", ["v2", NEW_COMMIT], ids=["tag", "commit"])
+def test_an_explicit_revision_loads_that_snapshot(two_snapshot_cache, revision):
+    assert cached_snapshot("org/cogvideox-tiny", revision) == two_snapshot_cache / "snapshots" / NEW_COMMIT
+    assert load_transformer("org/cogvideox-tiny", revision=revision).dtype == torch.bfloat16
+
+
+def test_refs_main_naming_a_snapshot_not_in_the_cache_is_not_answered_with_another(two_snapshot_cache):
+    """An interrupted download: `main` moved to a commit whose files never arrived. The newest folder on disk is
+    another commit; loading it would be a quiet guess. The error lists what the cache does hold."""
+    (two_snapshot_cache / "refs" / "main").write_text("3" * 40)
+    with pytest.raises(ModelSpecError, match=f"revision 'main' is not in the local Hugging Face cache .* holds "
+                                             f"v2 -> 22222222, {OLD_COMMIT}"):
+        cached_snapshot("org/cogvideox-tiny")
+
+
+def test_a_revision_the_cache_lacks_and_a_model_it_lacks_are_clear_errors(two_snapshot_cache):
+    with pytest.raises(ModelSpecError, match="revision 'v3' is not in the local Hugging Face cache"):
+        load_transformer("org/cogvideox-tiny", revision="v3")
+    with pytest.raises(ModelSpecError, match=r"org/other is not in the local Hugging Face cache .*download org/other"):
+        load_transformer("org/other")
+    with pytest.raises(ModelSpecError, match="revision 'v2' is for a hub id"):
+        load_transformer("tiny", revision="v2")
 
 
 @pytest.mark.parametrize(

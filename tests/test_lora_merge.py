@@ -194,6 +194,28 @@ def test_force_replaces_only_an_unchanged_earlier_merge(adapters, tmp_path, cli)
     assert _hidden_leftovers(tmp_path, out) == []
 
 
+def test_merge_manifests_hash_with_xxh3_and_an_earlier_sha256_one_stays_replaceable(adapters, tmp_path, cli):
+    """xxhash is required, so a merge's manifest is always xxh3-128; merges published before 2026-11-30 hashed with
+    sha256, and --force still recognises one of those as an unchanged earlier merge."""
+    import hashlib
+    import json
+
+    first, second = adapters
+    base = saved_base(tmp_path / "base", torch.float32)
+    out = tmp_path / "merged"
+    assert cli("lora", "merge", str(base), str(first), "--out", str(out)).returncode == 0
+    manifest = json.loads((out / MERGE_MANIFEST).read_text())
+    assert {tuple(sorted(entry)) for entry in manifest["files"].values()} == {("bytes", "xxh3_128")}
+    manifest["files"] = {
+        name: {"sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(), "bytes": entry["bytes"]}
+        for name, entry in manifest["files"].items()
+    }
+    (out / MERGE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    result = cli("lora", "merge", str(base), f"{second}:0.5", "--out", str(out), "--force")
+    assert result.returncode == 0, result.stderr
+    assert "xxh3_128" in (out / MERGE_MANIFEST).read_text()
+
+
 @pytest.mark.parametrize("kind", ["empty", "repair", "base-copy"])
 def test_force_refuses_a_folder_that_is_not_a_merge(kind, adapters, tmp_path, cli):
     import shutil

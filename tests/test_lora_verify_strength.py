@@ -111,3 +111,22 @@ def test_linear_shapes_match_the_real_modules():
             if isinstance(module, torch.nn.Linear):
                 key = module_name.split(".", 2)[2] if module_name.startswith("transformer_blocks.") else module_name
                 assert shapes[key] == (module.in_features, module.out_features), (name, module_name)
+
+
+def test_judging_modules_is_a_pure_step_a_failed_loader_is_reported_by_its_load_only():
+    from cogsurgeon.tools.lora.verify import ModuleCheck, judge_modules
+
+    def check(module, expected, peft_scale, diffusers_scale, diffusers_loaded=True):
+        return ModuleCheck(module, expected, peft_scale, diffusers_scale, peft_weights_loaded=True,
+                           diffusers_weights_loaded=diffusers_loaded)
+
+    checks = [check("a", 1.5, 1.5, 1.5), check("b", 1.5, 1.5, 2.0), check("c", None, 1.0, None),
+              check("d", 1.5, 1.5, None, diffusers_loaded=False)]
+    found = judge_modules(checks, peft_loaded=True, diffusers_loaded=True)
+    assert (found.matched, found.missing, found.unexpected, found.scales_match) == (("a", "b"), ("d",), ("c",), False)
+    assert found.failures == (
+        "b: diffusers scale 2, expected 1.5 (lora_alpha / r)",
+        "c: a LoRA layer was created but the adapter holds no weights for it",
+        "d: diffusers did not load its weights (no matching key; left at init)",
+    )
+    assert judge_modules(checks[3:], peft_loaded=True, diffusers_loaded=False).failures == ()

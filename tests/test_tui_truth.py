@@ -363,7 +363,7 @@ def test_the_lora_screen_says_the_cores_flags_as_its_controls(tmp_path):
 
     from cogsurgeon.inspector.tui.lora_screen import in_screen_terms
     from cogsurgeon.tools.lora import LoraCheckpointError, inspect_checkpoint
-    from cogsurgeon.tools.lora.publish import OutputError, refuse_existing_output
+    from cogsurgeon.tools.lora.publish import REPAIR, OutputError, refuse_existing_output
 
     trained = train(rank=4, lora_alpha=2)
     save_cogvideo_checkpoint(trained, tmp_path / "out" / "checkpoint-1")
@@ -374,7 +374,7 @@ def test_the_lora_screen_says_the_cores_flags_as_its_controls(tmp_path):
                  lambda: inspect_checkpoint(tmp_path / "out" / "checkpoint-1" / "pytorch_lora_weights.safetensors",
                                             step=1),
                  lambda: inspect_checkpoint(stored, alpha=3),
-                 lambda: refuse_existing_output(tmp_path / "out", False)):
+                 lambda: refuse_existing_output(tmp_path / "out", False, REPAIR)):
         with pytest.raises((LoraCheckpointError, OutputError)) as caught:
             call()
         messages.append(str(caught.value))

@@ -199,3 +199,8 @@ def _run(argv: list[str] | None, stderr: _LineTrackingStream) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = [
+    "cli", "main",
+]

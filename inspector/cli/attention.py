@@ -206,3 +206,8 @@ def show(file: str, print_only: bool, png_path: str | None) -> None:
     from cogsurgeon.inspector.tui.attention_screen import run_viewer
 
     run_viewer(recording, source=file)
+
+
+__all__ = [
+    "attention",
+]

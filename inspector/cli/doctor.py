@@ -68,3 +68,8 @@ def _print_table(findings) -> None:
         status = f"[{styles[finding.status]}]{finding.status}[/]"
         table.add_row(finding.id, status, finding.detail, finding.fix or "")
     console.print(table)
+
+
+__all__ = [
+    "doctor",
+]

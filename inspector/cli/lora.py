@@ -272,3 +272,8 @@ def merge(base: str, loras: tuple[str, ...], out_dir: str, force: bool, as_json:
                f"{counted(len(result.loras), 'LoRA')}")
     for path in result.files:
         click.echo(f"  {path}")
+
+
+__all__ = [
+    "lora",
+]

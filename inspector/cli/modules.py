@@ -121,3 +121,8 @@ def modules_blocks(rows: list[ListedRow], total: int) -> Group:
         lines.append(Text("  " + " · ".join(facts)))
         lines.append(Text("  " + location(info), style="cyan", overflow="fold"))
     return Group(*lines)
+
+
+__all__ = [
+    "modules",
+]

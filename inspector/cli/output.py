@@ -119,3 +119,9 @@ def progress_line() -> Iterator[Callable[[str], None]]:
         if drawn:
             stream.write(ERASE_LINE)
             stream.flush()
+
+
+__all__ = [
+    "DTYPE_CHOICE", "ERASE_LINE", "MODEL_HELP", "POSITIVE", "print_json", "print_table_or_blocks", "progress_line",
+    "stdout_console",
+]

@@ -175,3 +175,8 @@ def _record_request(path: str | None, groups: str):
     if not target.parent.is_dir():
         raise RecordingError(f"--record-attention {path}: folder {target.parent} does not exist")
     return RecordRequest(target, str(parse_groups(groups)))
+
+
+__all__ = [
+    "patch", "run",
+]

@@ -132,3 +132,8 @@ def _print_summary(result) -> None:
             console.print(f"  with {suggestion.switch}: {format_bytes(suggestion.peak_bytes)} ({outcome})")
     for note in result.notes:
         console.print(f"[dim]note: {note}[/dim]")
+
+
+__all__ = [
+    "plan",
+]

@@ -191,3 +191,8 @@ def _follows(previous: AttentionCall, call: AttentionCall) -> bool:
             and (before["prefix"], before["rest"]) == (after["prefix"], after["rest"])
             and int(after["index"]) == int(before["index"]) + 1
             and dataclasses.replace(call, module=previous.module) == previous)
+
+
+__all__ = [
+    "check_traceable", "trace",
+]

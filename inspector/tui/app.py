@@ -15,6 +15,7 @@ from typing import Any
 from textual.app import App
 from textual.binding import Binding
 
+from cogsurgeon.inspector.interrupts import interruptible
 from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, resolve_spec
 from cogsurgeon.inspector.tui.commands import CogsurgeonCommands
 from cogsurgeon.inspector.tui.screens import MainScreen
@@ -88,7 +89,8 @@ def run_app(spec: str | None = None) -> None:
     `ModelSpecError` (the CLI prints it as one line, exit 2)."""
     resolve_spec(spec or DEFAULT_SPEC)
     app = CogsurgeonApp(spec or DEFAULT_SPEC)
-    app.run()
+    with interruptible():  # the terminal must be given back: a SIGINT (kill -INT) unwinds through Textual's exit
+        app.run()
     # Quitting: the terminal is restored and the app's work is done; what is left is the interpreter's teardown of
     # torch and diffusers (4-5 s on a loaded 2-core machine, most of the time ctrl+q took). The process ends here,
     # with the app's exit code, after any repair or merge still writing the user's files has ended and the output is
@@ -97,3 +99,8 @@ def run_app(spec: str | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(app.return_code or 0)
+
+
+__all__ = [
+    "CogsurgeonApp", "run_app",
+]

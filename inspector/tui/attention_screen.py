@@ -26,6 +26,7 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
+from cogsurgeon.inspector.interrupts import interruptible
 from cogsurgeon.inspector.tui.messages import ReportsWorkerFailures
 
 KIND_COLOURS = {"spatial": "#4caf50", "temporal": "#42a5f5", "text": "#ffca28", "mixed": "#ec407a", None: "#757575"}
@@ -369,4 +370,10 @@ class AttentionViewerApp(App[None]):
 
 
 def run_viewer(recording: Any, source: str | None = None) -> None:
-    AttentionViewerApp(recording, source).run()
+    with interruptible():  # the terminal must be given back: a SIGINT (kill -INT) unwinds through Textual's exit
+        AttentionViewerApp(recording, source).run()
+
+
+__all__ = [
+    "AttentionScreen", "AttentionViewerApp", "ViewState", "overview_text", "run_viewer", "view_png",
+]

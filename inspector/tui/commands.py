@@ -50,3 +50,8 @@ class CogsurgeonCommands(Provider):
             score = matcher.match(text)
             if score > 0:
                 yield Hit(score, matcher.highlight(text), callback, help=help_text)
+
+
+__all__ = [
+    "CogsurgeonCommands",
+]

@@ -729,3 +729,8 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
 
     def failure_text(self, error: BaseException) -> str:
         return in_screen_terms(describe_failure(error))
+
+
+__all__ = [
+    "LoraScreen", "in_screen_terms",
+]

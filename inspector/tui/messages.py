@@ -113,3 +113,9 @@ class ReportsWorkerFailures:
 
     def worker_failed(self, worker: Worker[Any]) -> None:
         """A worker raised; its failure has been notified."""
+
+
+__all__ = [
+    "AdapterVerified", "CheckpointInspected", "CheckpointRepaired", "LorasMerged", "MemoryPlanned", "ModelLoaded",
+    "PatchVerified", "ReportsWorkerFailures", "ShapesTraced", "VerifyProgress", "describe_failure",
+]

@@ -243,3 +243,8 @@ def plan_error_in_screen_terms(text: str) -> str:
     """The planner's messages name plan_memory's keyword arguments; here they are the screen's controls."""
     text = text.replace("train='lora:RANK' or train='full'", "a training mode")
     return renamed_parameters(text, PLAN_CONTROLS)
+
+
+__all__ = [
+    "PlanScreen",
+]

@@ -601,3 +601,8 @@ class PatchOptionsScreen(ModalScreen[dict[str, str] | None]):
             self.query_one("#options-hint", Static).update(Text(describe_failure(error), style="bold red"))
             return
         self.dismiss(texts)
+
+
+__all__ = [
+    "MainScreen", "PatchOptionsScreen",
+]

@@ -42,3 +42,8 @@ def wait_for_user_writes(say: Callable[[str], None]) -> None:
         say("cogsurgeon: finishing the write in progress (a LoRA repair or merge) before exiting…")
     for thread in pending:
         thread.join()
+
+
+__all__ = [
+    "threads_writing", "wait_for_user_writes", "writing_user_files",
+]

@@ -639,3 +639,9 @@ def source_for(info: ModuleInfo) -> tuple[SourceText | None, str]:
     if info.processor is not None:
         return processor_call_source(info.processor_module, info.processor), f"{info.processor}.__call__"
     return class_source(info.class_module, info.class_name), f"class {info.class_name}"
+
+
+__all__ = [
+    "FilterInput", "ModuleDetails", "ModuleTree", "PatchesPanel", "SlowLoadingIndicator", "SourceView", "facts_table",
+    "source_for",
+]

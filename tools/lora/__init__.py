@@ -11,13 +11,16 @@ load offline at the trained scale, verify that folder against a base model, and 
 `repair_checkpoint(path, out_dir, *, alpha=None, trainer=None, ..., force=False, to="peft,diffusers")` are format
 operations and import neither torch nor diffusers; `verify_adapter(adapter_dir, base_spec, *, progress=None)` and
 `merge_loras(base, loras, out_dir, *, force=False, progress=None)` load torch and are imported when first used.
-Bad input raises `LoraCheckpointError` (a `CogsurgeonError`) with a message for people.
+They return frozen values: `LoraReport`, `RepairResult`, `AdapterVerifyReport`, `MergeResult`; `parse_lora_spec`
+reads `PATH[:WEIGHT]` into a `LoraSpec`. Bad input raises `LoraCheckpointError` (a `CogsurgeonError`) with a message
+for people.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cogsurgeon.inspector.lazy_exports import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names below resolve on first use
     from cogsurgeon.tools.lora.checkpoint import LoraCheckpointError, LoraReport, inspect_checkpoint
@@ -40,13 +43,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cogsurgeon.tools.lora' has no attribute {name!r}")
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())

@@ -589,9 +589,29 @@ def _bias_and_magnitude(raw: RawCheckpoint, b_shapes: dict[str, tuple[int, ...]]
 
 
 def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaRequest) -> LoraCheckpoint:
+    """The checked checkpoint of a tensor file's raw entries, in named steps: refuse what is not LoRA, note what the
+    entries say, pair lora_A with lora_B, find the alpha the file stores, settle the alpha, and write the report."""
     tensor_file = located.path
-    problems: list[str] = []
-    warnings: list[str] = list(located.notes)
+    _refuse_not_lora(raw, tensor_file)
+    warnings, problems, ignored = _entry_notes(raw, located.notes)
+    a_shapes, b_shapes, tensors = _lora_pairs(raw, problems)
+    ranks, rank_problems = module_ranks(a_shapes, b_shapes)
+    problems.extend(rank_problems)
+    rank, rank_pattern = rank_and_pattern(ranks)
+    extras = _bias_and_magnitude(raw, b_shapes, problems)
+    tensors.extend(extras)
+    stored = _stored_alpha(raw, tensor_file, ranks, rank, extras, problems)
+    resolution = _resolve_stored_alpha(raw, tensor_file, stored, rank, request, warnings, problems)
+    front, back = _alpha_warnings(resolution, request, rank, tensor_file)
+    warnings = [*front, *warnings, *back]
+    modules = tuple(sorted(ranks) if ranks else sorted(set(a_shapes) | set(b_shapes)))
+    report = _report(given, located, raw, tensors, extras, modules, rank, rank_pattern, resolution, ignored,
+                     problems, warnings)
+    return LoraCheckpoint(report, tuple(tensors), raw.source_file, stored.config)
+
+
+def _refuse_not_lora(raw: RawCheckpoint, tensor_file: Path) -> None:
+    """A LyCORIS LoKr/LoHa file, or one without a transformer LoRA, is no checkpoint to repair: one clear error."""
     if raw.not_lora:
         algorithm, example = next(iter(raw.not_lora.items()))
         raise LoraCheckpointError(
@@ -599,7 +619,17 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
             "pair for PEFT's or diffusers' LoRA loaders, so repair cannot rebuild it; LyCORIS itself loads it "
             "(lycoris.create_lycoris_from_weights(1.0, FILE, transformer), then .apply_to())"
         )
-    lora = [(key, t) for key, t in raw.entries if t.part in ("A", "B")]
+    if not any(t.part in ("A", "B") for _, t in raw.entries) and not raw.dora:
+        detail = f" (it holds {len(raw.non_lora)} other tensors, e.g. {raw.non_lora[0]})" if raw.non_lora else ""
+        if raw.text_encoder:
+            detail = f" for the transformer: only a text encoder's LoRA ({len(raw.text_encoder)} lora_te_ tensors)"
+        raise LoraCheckpointError(f"{tensor_file} holds no LoRA weights (no lora_A/lora_B keys){detail}")
+
+
+def _entry_notes(raw: RawCheckpoint, notes: tuple[str, ...]) -> tuple[list[str], list[str], tuple[str, ...]]:
+    """(warnings, problems, ignored tensors) from the keys alone: a text encoder's LoRA left out, the old diffusers
+    spelling, several adapters or prefixes in one file, tensors that are not LoRA, kohya-style DoRA."""
+    warnings, problems = list(notes), []
     if raw.text_encoder:
         modules = {key.split(".")[0] for key in raw.text_encoder}
         warnings.append(
@@ -610,11 +640,6 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
     if raw.old_spelling:
         warnings.append(f"{raw.old_spelling} keys use diffusers' old .lora.down/.lora.up spelling "
                         "(convert_state_dict_to_diffusers), read as lora_A/lora_B")
-    if not lora and not raw.dora:
-        detail = f" (it holds {len(raw.non_lora)} other tensors, e.g. {raw.non_lora[0]})" if raw.non_lora else ""
-        if raw.text_encoder:
-            detail = f" for the transformer: only a text encoder's LoRA ({len(raw.text_encoder)} lora_te_ tensors)"
-        raise LoraCheckpointError(f"{tensor_file} holds no LoRA weights (no lora_A/lora_B keys){detail}")
     named_adapters = sorted(a for a in raw.adapters if a is not None)
     if len(named_adapters) > 1 or (named_adapters and None in raw.adapters):
         problems.append(f"keys name several adapters ({', '.join(named_adapters)}): keep one adapter per file")
@@ -633,23 +658,45 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
             f"{len(raw.dora)} kohya-style DoRA scales (e.g. {raw.dora[0]!r}): not PEFT's lora_magnitude_vector; repair "
             "does not rebuild this DoRA"
         )
-    a_shapes: dict[str, tuple[int, ...]] = {}
-    b_shapes: dict[str, tuple[int, ...]] = {}
+    return warnings, problems, ignored
+
+
+Shapes = dict[str, tuple[int, ...]]  # module -> the shape of one of its tensors
+
+
+def _lora_pairs(raw: RawCheckpoint, problems: list[str]) -> tuple[Shapes, Shapes, list[LoraTensor]]:
+    """(lora_A shapes, lora_B shapes, the A and B tensors in file order), a module's second lora_A or lora_B a
+    problem."""
+    a_shapes: Shapes = {}
+    b_shapes: Shapes = {}
     tensors: list[LoraTensor] = []
-    for key, tensor in lora:
+    for key, tensor in raw.entries:
+        if tensor.part not in ("A", "B"):
+            continue
         shapes = a_shapes if tensor.part == "A" else b_shapes
         if tensor.module in shapes:
             problems.append(f"{tensor.module}: lora_{tensor.part} appears twice (again as {key!r})")
             continue
         shapes[tensor.module] = tensor.shape
         tensors.append(tensor)
-    ranks, rank_problems = module_ranks(a_shapes, b_shapes)
-    problems.extend(rank_problems)
-    rank, rank_pattern = rank_and_pattern(ranks)
-    extras = _bias_and_magnitude(raw, b_shapes, problems)
-    tensors.extend(extras)
+    return a_shapes, b_shapes, tensors
 
-    # unreadable metadata that claims to hold the LoRA config is a problem (repair refuses), not a silent default
+
+@dataclass(frozen=True)
+class StoredAlpha:
+    """What the tensor file itself says about its LoRA config: the config in its metadata (prefix removed), the
+    lora_alpha and alpha_pattern it stores (None: none usable) and where they were found."""
+
+    config: dict[str, Any]
+    alpha: float | None
+    pattern: dict[str, Any] | None
+    where: str
+
+
+def _stored_alpha(raw: RawCheckpoint, tensor_file: Path, ranks: dict[str, int], rank: int | None,
+                  extras: list[LoraTensor], problems: list[str]) -> StoredAlpha:
+    """The file's own LoRA config: `lora_adapter_metadata`, else finetrainers' `lora_config`, else kohya's `.alpha`
+    tensors. Unreadable or impossible values are problems (repair refuses), never a silent default."""
     metadata_config = _metadata_config(raw.metadata, problems, tensor_file)
     stored_where = f"{METADATA_KEY} in the file"
     stored_pattern = metadata_config.get("alpha_pattern")
@@ -679,46 +726,67 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
     if metadata_config.get("use_dora") is True and not any(t.part == "magnitude" for t in extras):
         problems.append("the file's LoRA config says use_dora but it holds no lora_magnitude_vector: the DoRA "
                         "magnitudes are missing")
+    alpha = float(metadata_alpha) if metadata_alpha is not None else None
+    return StoredAlpha(metadata_config, alpha, stored_pattern, stored_where)
+
+
+def _resolve_stored_alpha(raw: RawCheckpoint, tensor_file: Path, stored: StoredAlpha, rank: int | None,
+                          request: AlphaRequest, warnings: list[str], problems: list[str]) -> AlphaResolution:
+    """The lora_alpha to write: the file's, a config beside it, the request's, or the trainer's default
+    (`resolve_alpha` decides; a config beside the file adds its own warnings and problems)."""
     config_alpha, config_pattern, config_file = _config_beside(tensor_file, warnings, problems)
     if config_alpha is None and raw.format_name in FINETRAINERS_FORMATS:
         config_alpha, config_file = _finetrainers_config(tensor_file)
-    alpha, trainer = request.alpha, request.trainer
-    resolution: AlphaResolution = resolve_alpha(
-        flag=alpha,
-        metadata_alpha=float(metadata_alpha) if metadata_alpha is not None else None,
-        metadata_alpha_pattern=stored_pattern,
+    return resolve_alpha(
+        flag=request.alpha,
+        metadata_alpha=stored.alpha,
+        metadata_alpha_pattern=stored.pattern,
         config_alpha=config_alpha,
         config_alpha_pattern=config_pattern,
         config_file=config_file,
         format_name=raw.format_name,
         rank=rank,
-        trainer=trainer,
-        stored_where=stored_where,
+        trainer=request.trainer,
+        stored_where=stored.where,
         override_stored=request.override_stored,
     )
-    warnings.extend(_alpha_notes(resolution, request, rank, tensor_file))
-    if trainer is not None and resolution.stored_alpha is not None:
-        warnings.append(f"--trainer {trainer} ignored: lora_alpha is stored ({resolution.detail})")
+
+
+def _alpha_warnings(resolution: AlphaResolution, request: AlphaRequest, rank: int | None,
+                    tensor_file: Path) -> tuple[list[str], list[str]]:
+    """(warnings that lead the report, warnings after the others) about the alpha settled: a lora_alpha the file
+    does not store comes first, as what a person must read; then what the request changed or did not."""
+    back = _alpha_notes(resolution, request, rank, tensor_file)
+    if request.trainer is not None and resolution.stored_alpha is not None:
+        back.append(f"--trainer {request.trainer} ignored: lora_alpha is stored ({resolution.detail})")
     if resolution.source in ("default", "trainer") and resolution.lora_alpha is not None:
         scale = resolution.lora_alpha / rank if rank else float("nan")
-        warnings.insert(
-            0,
+        front = [
             f"LORA_ALPHA NOT STORED: {tensor_file.name} has no lora_alpha and no config beside it; using "
             f"lora_alpha={number(resolution.lora_alpha)} (scale {scale:g} at rank {rank}), {resolution.detail}. "
-            "If your training used another value, pass --alpha A.",
-        )
+            "If your training used another value, pass --alpha A."
+        ]
     elif resolution.lora_alpha is None:
         listed = ", ".join(f"{number(c.alpha)} ({c.trainer})" for c in resolution.candidates)
-        warnings.insert(0, f"LORA_ALPHA NOT STORED and not settled: it could be {listed}; pass --alpha A or --trainer NAME")
-    dtypes = sorted({DTYPE_NAMES.get(t.dtype, t.dtype) for t in tensors})
-    if len(dtypes) > 1:
-        warnings.append(f"LoRA weights mix dtypes ({', '.join(dtypes)})")
-    modules = tuple(sorted(ranks) if ranks else sorted(set(a_shapes) | set(b_shapes)))
+        front = [f"LORA_ALPHA NOT STORED and not settled: it could be {listed}; pass --alpha A or --trainer NAME"]
+    else:
+        front = []
+    return front, back
+
+
+def _report(given: Path, located: Located, raw: RawCheckpoint, tensors: list[LoraTensor], extras: list[LoraTensor],
+            modules: tuple[str, ...], rank: int | None, rank_pattern: dict[str, int], resolution: AlphaResolution,
+            ignored: tuple[str, ...], problems: list[str], warnings: list[str]) -> LoraReport:
+    """The `LoraReport` of the checked checkpoint: dtypes, the variants it fits and its size on disk added."""
     from cogsurgeon.tools.lora.compat import lora_fits  # pure: shapes against the published configs
 
+    tensor_file = located.path
+    dtypes = sorted({DTYPE_NAMES.get(t.dtype, t.dtype) for t in tensors})
+    if len(dtypes) > 1:
+        warnings = [*warnings, f"LoRA weights mix dtypes ({', '.join(dtypes)})"]
     fits, fit_detail = lora_fits([(t.module, t.part, t.shape) for t in tensors])
     size = sum(p.stat().st_size for p in tensor_file.iterdir() if p.is_file()) if tensor_file.is_dir() else tensor_file.stat().st_size
-    report = LoraReport(
+    return LoraReport(
         format=raw.format_name,
         path=str(given),
         file=str(tensor_file),
@@ -746,7 +814,6 @@ def _assemble(given: Path, located: Located, raw: RawCheckpoint, request: AlphaR
         fits=fits,
         fit_detail=fit_detail,
     )
-    return LoraCheckpoint(report, tuple(tensors), raw.source_file, metadata_config)
 
 
 # float32's largest value and smallest normal one: PEFT multiplies float32/bf16 outputs by alpha / r, kohya files
@@ -785,3 +852,10 @@ def inspect_checkpoint(
     the checkpoints of an output folder."""
     return read_checkpoint(path, alpha=alpha, trainer=trainer, step=step, latest=latest,
                            override_stored_alpha=override_stored_alpha).report
+
+
+__all__ = [
+    "ALPHA_RANGE", "DCP_METADATA", "FLOAT32_MAX", "FLOAT32_MIN_NORMAL", "LoraCheckpoint", "LoraCheckpointError",
+    "LoraReport", "LoraTensor", "checkpoint_steps", "inspect_checkpoint", "lora_digest", "positive_int",
+    "positive_number", "read_checkpoint", "scalar_value", "tensor_bytes",
+]

@@ -106,3 +106,8 @@ def check_fits(config: dict[str, Any], tensors: LoraShapes, base_name: str) -> s
     near = [name for name, known in known_configs().items() if mismatch(known, modules) is None and name in PUBLISHED_SPECS]
     lora = f"LoRA: {blocks} blocks" + (f" of {inner}" if inner else "") + (f" ({', '.join(near)})" if near else "")
     return f"the LoRA does not fit {base_name}: {lora}; base: {describe(config)} ({why})"
+
+
+__all__ = [
+    "check_fits", "known_configs", "linear_shapes", "lora_fits",
+]

@@ -242,3 +242,8 @@ def read_dcp_lora(folder: Path) -> list[tuple[str, str, tuple[int, ...], int, No
             raise LoraCheckpointError(f"{folder}: {fqn} has dtype {tensor.dtype}, not a float LoRA weight")
         entries.append((key, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), None, _payload(tensor)))
     return entries
+
+
+__all__ = [
+    "MetadataUnpickler", "read_dcp_lora", "read_metadata_safely",
+]

@@ -184,3 +184,9 @@ def output_files(checkpoint: LoraCheckpoint, consumers: tuple[str, ...], *, bake
                     "cogsurgeon_baked_scale": "true" if bake_scale else "false"}
         files.append(OutputFile(COMFYUI_WEIGHTS_NAME, tuple(tensors), metadata))
     return files
+
+
+__all__ = [
+    "DIFFUSERS_KEY_PREFIX", "DIFFUSERS_WEIGHTS_NAME", "PEFT_CONFIG_NAME", "PEFT_KEY_PREFIX", "PEFT_WEIGHTS_NAME",
+    "diffusers_metadata", "lora_config", "module_scales", "output_files", "parse_consumers", "scaled_bytes",
+]

@@ -401,3 +401,11 @@ def number(value: float | None) -> float | int | None:
     if value is None:
         return None
     return int(value) if float(value).is_integer() else float(value)
+
+
+__all__ = [
+    "AlphaResolution", "FINETRAINERS_FORMATS", "FORMAT_DESCRIPTIONS", "TRAINERS", "dcp_format", "detect_format",
+    "is_dora_key", "is_text_encoder_key", "key_prefix", "kohya_key", "kohya_module", "module_ranks", "module_value",
+    "most_common_and_pattern", "not_lora_algorithm", "number", "parse_lora_key", "peft_key", "rank_and_pattern",
+    "resolve_alpha", "short_target",
+]

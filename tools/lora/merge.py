@@ -40,7 +40,6 @@ from cogsurgeon.tools.lora.export import module_scales
 from cogsurgeon.tools.lora.publish import (
     MERGE,
     OutputError,
-    hash_for,
     new_hash,
     output_path,
     publication,
@@ -134,7 +133,7 @@ def merge_loras(
     """Fuse `loras` (each at its trained scale times its weight) into the base at `base` and write `out_dir`.
     Raises `LoraCheckpointError` (nothing written) for bad inputs, `OutputError` when `out_dir` exists (with
     `force`: as anything but an unchanged earlier merge), appears or changes meanwhile, or another merge holds it;
-    SIGTERM/SIGHUP raise `RepairInterrupted` (SIGINT: KeyboardInterrupt) after the partial folder is removed."""
+    SIGTERM/SIGHUP raise `PublicationInterrupted` (SIGINT: KeyboardInterrupt) after the partial folder is removed."""
     if not loras:
         raise LoraCheckpointError("merge needs at least one LORA")
     folder = transformer_folder(base)
@@ -321,7 +320,7 @@ class Prefetcher:
 
 
 class TrailingHash:
-    """The manifest hash (`hash_for(MERGE)`: xxh3-128) of a file while it is written, on a thread that follows the
+    """The manifest hash (`MERGE.hash_name`: xxh3-128) of a file while it is written, on a thread that follows the
     writer: it is the writer's progress, `advance(n)` saying that n more data bytes are in the file (passed on to the
     overall `tracker`); `finish(size)` waits for the hash of the whole file. Hashes what the kernel holds for the file
     (the page cache, just written), so the manifest hashes the bytes written, not the bytes meant."""
@@ -333,7 +332,7 @@ class TrailingHash:
         self.tracker = tracker
         self.written = 0  # data bytes the writer has put in the file
         self.descriptor = -1  # opened once the writer has written something (the file exists then)
-        self.digest = new_hash(hash_for(MERGE))
+        self.digest = new_hash(MERGE.hash_name)
         self.condition = threading.Condition()
         self.header_bytes = header_bytes
         self.target = 0
@@ -397,3 +396,8 @@ class TrailingHash:
         if self.descriptor >= 0:
             os.close(self.descriptor)
             self.descriptor = -1
+
+
+__all__ = [
+    "LoraSpec", "MergeResult", "merge_loras", "parse_lora_spec",
+]

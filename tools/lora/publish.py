@@ -1,18 +1,20 @@
-"""How a repaired adapter folder reaches `--out` without ever losing a user's data: the files are written into a
-hidden staging folder beside it (`.NAME.partial-PID-XXXX`, removed on any failure, SIGINT, SIGTERM or SIGHUP, and
-by the next run on that output when its process died — only if it still holds the owner marker written into it at
-creation, so a user's folder of a similar name is never touched), a manifest with the sha256 of every file is written
-last, and the folder is renamed into place atomically, under a lock that one repair per output holds:
+"""How the folder of a `lora repair` or a `lora merge` (an output; `OutputKind` says which) reaches `--out` without
+ever losing a user's data: the files are written into a hidden staging folder beside it (`.NAME.partial-PID-XXXX`,
+removed on any failure, SIGINT, SIGTERM or SIGHUP, and by the next run on that output when its process died — only if
+it still holds the owner marker written into it at creation, so a user's folder of a similar name is never touched),
+a manifest with a hash of every file is written last, and the folder is renamed into place atomically, under a lock
+that one run per output holds:
 
 - without --force, only if `--out` is still absent at the moment of the rename (renameat2 RENAME_NOREPLACE);
-- with --force, only over an earlier repair that is unchanged (its manifest and every hash match), swapped in one
-  step (RENAME_EXCHANGE) and checked again after the swap; anything else is swapped back and left as it was.
+- with --force, only over an earlier output of the same kind that is unchanged (its manifest and every hash match),
+  swapped in one step (RENAME_EXCHANGE) and checked again after the swap; anything else is swapped back and left as
+  it was.
 
-What files a repair writes is decided elsewhere (tools/lora/repair.py); this module decides how they are published.
-`lora merge` (tools/lora/merge.py) publishes its transformer folder the same way, with its own manifest
-(`cogsurgeon-merge.json`, hashed with xxh3-128 where the `xxhash` package is installed, else sha256: a merge writes
-gigabytes and sha256 would cost more CPU than the merge itself; the hash detects changes, not a forger): --force
-there replaces only an unchanged earlier merge, never a repair or anything else.
+What files are written is decided elsewhere (tools/lora/repair.py, tools/lora/merge.py); this module decides how they
+are published. A repair's manifest (`cogsurgeon-repair.json`) hashes with sha256; a merge's (`cogsurgeon-merge.json`)
+with xxh3-128 (the required `xxhash` package): a merge writes gigabytes and sha256 would cost more CPU than the merge
+itself; the hash detects changes, not a forger. A manifest is checked with the hash each entry names, so merge
+manifests written with sha256 (before 2026-11-30) stay replaceable with --force.
 
 Signals: while a folder is made, recorded, moved or removed, SIGINT/SIGTERM/SIGHUP are deferred (`_signals_held`): the
 handler, which Python always runs on the main thread whichever thread the kernel picked, only records the signal, and
@@ -26,7 +28,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -41,11 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from cogsurgeon.inspector.errors import CogsurgeonError, Interrupted
 from cogsurgeon.inspector.user_files import describe_os_error, expand_user
 
 MANIFEST_FORMAT = 1
-MANIFEST_HASHES = ("sha256", "xxh3_128")
+MANIFEST_HASHES = ("sha256", "xxh3_128")  # what a manifest entry may name; written: `OutputKind.hash_name`
 LOCK_SUFFIX = ".cogsurgeon-lock"
 _HASH_CHUNK = 8 * 1024 * 1024
 _HELD_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
@@ -53,41 +56,31 @@ _HELD_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None
 
 @dataclass(frozen=True)
 class OutputKind:
-    """What a command publishes: its noun in messages, the `written_by` of its manifest and the manifest's name."""
+    """What a command publishes: its noun in messages, the `written_by` of its manifest, the manifest's name and
+    the hash its manifest is written with."""
 
     noun: str
     written_by: str
     manifest_name: str
-    hash_name: str = "sha256"
+    hash_name: str
 
 
-REPAIR = OutputKind("repair", "cogsurgeon lora repair", "cogsurgeon-repair.json")
+REPAIR = OutputKind("repair", "cogsurgeon lora repair", "cogsurgeon-repair.json", "sha256")
 MERGE = OutputKind("merge", "cogsurgeon lora merge", "cogsurgeon-merge.json", "xxh3_128")
 
 
-def hash_for(kind: OutputKind) -> str:
-    """The hash a manifest of `kind` is written with: its own, or sha256 where the `xxhash` package is missing."""
-    if kind.hash_name == "xxh3_128" and importlib.util.find_spec("xxhash") is None:
-        return "sha256"
-    return kind.hash_name
-
-
 def new_hash(name: str) -> Any:
-    """A hashlib-like object for a manifest's hash: sha256, or xxh3_128 (the `xxhash` package)."""
-    if name == "xxh3_128":
-        import xxhash
-
-        return xxhash.xxh3_128()
-    return hashlib.new(name)
+    """A hashlib-like object for a manifest's hash (one of `MANIFEST_HASHES`)."""
+    return xxhash.xxh3_128() if name == "xxh3_128" else hashlib.new(name)
 
 
 class OutputError(CogsurgeonError):
     """An `--out` that cannot be (or can no longer be) written without risking what is there."""
 
 
-class RepairInterrupted(Interrupted):
-    """SIGTERM or SIGHUP arrived during a repair; the staging folder is removed before this propagates (if it could
-    not be, `left_behind` names it and the message says so)."""
+class PublicationInterrupted(Interrupted):
+    """SIGTERM or SIGHUP arrived during a repair or a merge; the staging folder is removed before this propagates (if
+    it could not be, `left_behind` names it and the message says so)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum, f"interrupted by {signal.Signals(signum).name}")
@@ -155,13 +148,13 @@ def file_digest(path: Path, hash_name: str) -> str:
     return digest.hexdigest()
 
 
-def manifest_for(folder: Path, names: list[str], kind: OutputKind = REPAIR,
+def manifest_for(folder: Path, names: list[str], kind: OutputKind,
                  hashes: dict[str, str] | None = None, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of `names` in `folder`; `hashes` gives digests (of `kind.hash_name`) already computed from the
     written bytes (a merge hashes each shard as it writes it), the others are read back here. `record`: what the
     command made the output from (a repair: its source checkpoint and the alpha it used), kept beside the files."""
     hashes = hashes or {}
-    algorithm = hash_for(kind)
+    algorithm = kind.hash_name
     return {
         "written_by": kind.written_by,
         "format": MANIFEST_FORMAT,
@@ -194,13 +187,13 @@ def records_another_source(folder: str | Path, checkpoint_file: str | Path) -> s
 
 
 @dataclass(frozen=True)
-class EarlierRepair:
-    """A folder at `--out` that is exactly what an earlier repair published: its manifest, byte for byte."""
+class EarlierOutput:
+    """A folder at `--out` that is exactly what an earlier repair or merge published: its manifest, byte for byte."""
 
     manifest_bytes: bytes
 
 
-def earlier_repair_problem(folder: Path, kind: OutputKind = REPAIR) -> tuple[EarlierRepair | None, str | None]:
+def earlier_output_problem(folder: Path, kind: OutputKind) -> tuple[EarlierOutput | None, str | None]:
     """(the earlier output, None) when `folder` holds exactly the files its manifest (of this `kind`) lists, each
     with the listed size and hash; otherwise (None, why not)."""
     manifest_name, noun = kind.manifest_name, kind.noun
@@ -226,17 +219,17 @@ def earlier_repair_problem(folder: Path, kind: OutputKind = REPAIR) -> tuple[Ear
             if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.get("bytes") \
                     or file_digest(path, algorithm) != entry.get(algorithm):
                 return None, f"it has changed since the {noun}: {name} differs from what was written"
-    except (OSError, ValueError, RecursionError, ImportError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         return None, f"it cannot be checked ({type(exc).__name__}: {exc})"
-    return EarlierRepair(manifest_bytes), None
+    return EarlierOutput(manifest_bytes), None
 
 
-def _is_the_same_repair(folder: Path, expected: EarlierRepair, kind: OutputKind = REPAIR) -> bool:
-    found, _ = earlier_repair_problem(folder, kind)
+def _is_the_same_output(folder: Path, expected: EarlierOutput, kind: OutputKind) -> bool:
+    found, _ = earlier_output_problem(folder, kind)
     return found is not None and found.manifest_bytes == expected.manifest_bytes
 
 
-def refuse_existing_output(out: Path, force: bool, kind: OutputKind = REPAIR) -> None:
+def refuse_existing_output(out: Path, force: bool, kind: OutputKind) -> None:
     """The cheap check before anything is written or locked: without --force `out` must be absent; with it, it
     must at least be a real folder. `check_output` does the full check under the lock."""
     if not os.path.lexists(out):
@@ -247,19 +240,19 @@ def refuse_existing_output(out: Path, force: bool, kind: OutputKind = REPAIR) ->
         raise OutputError(f"{out} exists and is not a folder: remove it yourself, --force replaces earlier {kind.noun}s only")
 
 
-def check_output(out: Path, force: bool, kind: OutputKind = REPAIR) -> EarlierRepair | None:
+def check_output(out: Path, force: bool, kind: OutputKind) -> EarlierOutput | None:
     """What is at `out` now: nothing (None), or an earlier unchanged output of this `kind` that --force may
     replace. Anything else is an `OutputError` and is left alone."""
     refuse_existing_output(out, force, kind)
     if not os.path.lexists(out):
         return None
-    repair, why_not = earlier_repair_problem(out, kind)
-    if repair is None:
+    earlier, why_not = earlier_output_problem(out, kind)
+    if earlier is None:
         raise OutputError(
             f"{out} is not an earlier {kind.noun} that --force may replace: {why_not}; nothing was changed, "
             "choose another --out or remove it yourself"
         )
-    return repair
+    return earlier
 
 
 # ---------------------------------------------------------------- atomic renames
@@ -331,7 +324,7 @@ class _DeferredSignals:
 
 
 def _exception_for(signum: int) -> BaseException:
-    return KeyboardInterrupt() if signum == signal.SIGINT else RepairInterrupted(signum)
+    return KeyboardInterrupt() if signum == signal.SIGINT else PublicationInterrupted(signum)
 
 
 def _deferring_handler(signum: int, frame: Any) -> None:
@@ -376,7 +369,7 @@ _HIDDEN_WORK = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)-[0-9a-
 
 def _process_alive(pid: int) -> bool:
     if pid == os.getpid():
-        return False  # ours: under the lock, no repair of this process is writing to this output
+        return False  # ours: under the lock, no run of this process is writing to this output
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -416,7 +409,7 @@ def made_by_us(folder: Path) -> bool:
 def remove_stale_work(out: Path) -> None:
     """Remove the `.NAME.partial-PID-*` / `.NAME.old-PID-*` folders of `out` left by processes that died (SIGKILL,
     a power cut) — only those that hold this tool's owner marker: a name alone proves nothing (a user's backup
-    `.NAME.old-20241204-1` stays). Called with the output's lock held, so no live repair of this output owns one."""
+    `.NAME.old-20241204-1` stays). Called with the output's lock held, so no live run on this output owns one."""
     try:
         entries = list(out.parent.iterdir())
     except OSError:
@@ -450,7 +443,7 @@ def _hidden_folder(out: Path, kind: str) -> Path:
 
 
 def _create_parents(folder: Path) -> list[Path]:
-    """mkdir -p, returning the folders it created (outermost first) so that a failed repair can remove them."""
+    """mkdir -p, returning the folders it created (outermost first) so that a failed run can remove them."""
     missing = []
     current = folder
     while not os.path.lexists(current):
@@ -468,9 +461,9 @@ def _create_parents(folder: Path) -> list[Path]:
 
 @contextmanager
 def _terminating_signals_raise() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP raise (KeyboardInterrupt, `RepairInterrupted`) so that the `finally` clauses clean
-    up, and are deferred inside `_signals_held`; the previous handlers come back afterwards. Only the main thread can
-    install handlers; elsewhere the process's own handlers stay."""
+    """SIGINT, SIGTERM and SIGHUP raise (KeyboardInterrupt, `PublicationInterrupted`) so that the `finally` clauses
+    clean up, and are deferred inside `_signals_held`; the previous handlers come back afterwards. Only the main
+    thread can install handlers; elsewhere the process's own handlers stay."""
     if threading.current_thread() is not threading.main_thread() or _DeferredSignals.installed:
         yield
         return
@@ -510,14 +503,14 @@ def _remove_tree_at(parent: int, name: str) -> bool:
 
 @dataclass
 class Publication:
-    """One repair's way to `out`: `staging` is where its files go; `publish()` moves them into place. `parent` is
-    `out`'s folder, held open so that a parent moved or replaced while the repair runs is noticed, and cleaned."""
+    """One output's way to `out`: `staging` is where its files go; `publish()` moves them into place. `parent` is
+    `out`'s folder, held open so that a parent moved or replaced while the command runs is noticed, and cleaned."""
 
     out: Path
     staging: Path
-    expected: EarlierRepair | None  # the earlier output --force replaces, as checked under the lock
+    expected: EarlierOutput | None  # the earlier output --force replaces, as checked under the lock
     parent: int
-    kind: OutputKind = REPAIR
+    kind: OutputKind
     published: bool = False
 
     def publish(self, hashes: dict[str, str] | None = None, record: dict[str, Any] | None = None) -> list[str]:
@@ -547,7 +540,7 @@ class Publication:
                         "written; choose another --out"
                     ) from None
             else:
-                self._replace_earlier_repair(self.expected)
+                self._replace_earlier_output(self.expected)
             self.published = True
         _fsync_folder(self.out.parent)
         return [*names, self.kind.manifest_name]
@@ -563,11 +556,11 @@ class Publication:
                 "nothing was written there; run it again"
             )
 
-    def _replace_earlier_repair(self, expected: EarlierRepair) -> None:
+    def _replace_earlier_output(self, expected: EarlierOutput) -> None:
         noun = self.kind.noun
         if exchange(self.staging, self.out):
             # the staging path now holds what was at out: a real folder that is still the earlier output
-            if not self.staging.is_symlink() and _is_the_same_repair(self.staging, expected, self.kind):
+            if not self.staging.is_symlink() and _is_the_same_output(self.staging, expected, self.kind):
                 _write_owner_marker(self.staging)  # it is ours to remove now, also by the next run
                 return
             exchange(self.staging, self.out)  # put it back as it was
@@ -575,10 +568,10 @@ class Publication:
                 f"{self.out} changed while the {noun} ran: it was left as it is and nothing was written; "
                 f"run the {noun} again"
             )
-        # No atomic exchange here: move the earlier repair aside, check it, then rename if absent.
+        # No atomic exchange here: move the earlier output aside, check it, then rename if absent.
         retired = _hidden_name(self.out, "old")
         os.rename(self.out, retired)
-        if retired.is_symlink() or not _is_the_same_repair(retired, expected, self.kind):
+        if retired.is_symlink() or not _is_the_same_output(retired, expected, self.kind):
             rename_if_absent(retired, self.out)
             raise OutputError(f"{self.out} changed while the {noun} ran: it was left as it is and nothing was written")
         try:
@@ -586,19 +579,19 @@ class Publication:
         except BaseException:
             rename_if_absent(retired, self.out)
             raise
-        os.rename(retired, self.staging)  # so that the cleanup below removes the earlier repair
+        os.rename(retired, self.staging)  # so that the cleanup below removes the earlier output
         _write_owner_marker(self.staging)
 
 
 def _note_left_behind(failure: BaseException | None, left_behind: Path | None) -> None:
-    if isinstance(failure, RepairInterrupted) and left_behind is not None:
+    if isinstance(failure, PublicationInterrupted) and left_behind is not None:
         failure.left_behind = left_behind
 
 
 @contextmanager
-def publication(out: Path, *, force: bool, kind: OutputKind = REPAIR) -> Iterator[Publication]:
+def publication(out: Path, *, force: bool, kind: OutputKind) -> Iterator[Publication]:
     """Hold the lock of `out`, clean what dead runs left, and give a staging folder to write into. On leaving, the
-    staging folder (after `publish()`: the earlier repair it replaced) is removed, whatever happened, with signals
+    staging folder (after `publish()`: the earlier output it replaced) is removed, whatever happened, with signals
     held so that a second one cannot cut the clean-up short; on failure the parent folders this run created are
     removed too."""
     from filelock import FileLock, Timeout
@@ -648,7 +641,7 @@ def publication(out: Path, *, force: bool, kind: OutputKind = REPAIR) -> Iterato
                             with suppress(OSError):
                                 os.unlink(lock_path.name, dir_fd=parent)
                             lock.release()
-                except RepairInterrupted as late:  # a signal that arrived during the clean-up, acted on now
+                except PublicationInterrupted as late:  # a signal that arrived during the clean-up, acted on now
                     _note_left_behind(late, left_behind)
                     raise
                 _note_left_behind(failure, left_behind)
@@ -663,3 +656,9 @@ def publication(out: Path, *, force: bool, kind: OutputKind = REPAIR) -> Iterato
                         os.rmdir(folder)
                     except OSError:
                         break
+
+
+__all__ = [
+    "MERGE", "OutputError", "REPAIR", "new_hash", "output_path", "publication", "records_another_source",
+    "refuse_existing_output",
+]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cogsurgeon.inspector.errors import shown
 from cogsurgeon.inspector.safetensors_header import library_rejection
 from cogsurgeon.inspector.user_files import expand_user
 from cogsurgeon.tools.lora.checkpoint import (
@@ -24,10 +25,9 @@ from cogsurgeon.tools.lora.checkpoint import (
     positive_int,
     positive_number,
     read_checkpoint,
-    shown,
 )
 from cogsurgeon.tools.lora.export import lora_config, output_files, parse_consumers
-from cogsurgeon.tools.lora.publish import OutputError, output_path, publication, refuse_existing_output
+from cogsurgeon.tools.lora.publish import REPAIR, OutputError, output_path, publication, refuse_existing_output
 from cogsurgeon.tools.lora.safetensors_io import Progress, ProgressCallback, write_safetensors
 
 
@@ -119,7 +119,7 @@ def repair_checkpoint(
     is called as tensor bytes stream. Raises `LoraCheckpointError` (input untouched, nothing written) when the
     checkpoint has problems, or `OutputError` when `out_dir` exists (without `force`: at all; with it: as anything
     but an unchanged earlier repair), appears or changes while the repair runs, or another repair holds it.
-    SIGTERM/SIGHUP raise `RepairInterrupted` (SIGINT: KeyboardInterrupt) after the partial output is removed.
+    SIGTERM/SIGHUP raise `PublicationInterrupted` (SIGINT: KeyboardInterrupt) after the partial output is removed.
     `alpha` sets lora_alpha only where the checkpoint stores none; one that contradicts a stored value is refused
     unless `override_stored_alpha`. Stored per-module alphas (alpha_pattern) are always kept."""
     if alpha is not None and not positive_number(alpha):
@@ -138,12 +138,12 @@ def repair_checkpoint(
     if problems:
         raise LoraCheckpointError(f"cannot repair {report.file}: {problems[0]}")
     out = output_path(out_dir, (given, Path(report.file)))
-    refuse_existing_output(out, force)
+    refuse_existing_output(out, force, REPAIR)
 
     files_to_write = output_files(checkpoint, consumers, bake_scale=bake_scale)
     record = source_record(checkpoint, request, bake_scale=bake_scale)
     tracker = Progress(sum(t.nbytes for f in files_to_write for t in f.tensors), progress)
-    with publication(out, force=force) as target:
+    with publication(out, force=force, kind=REPAIR) as target:
         with (checkpoint.source_file.open("rb") if checkpoint.source_file is not None else nullcontext()) as source:
             for output in files_to_write:
                 path = target.staging / output.name
@@ -158,3 +158,8 @@ def repair_checkpoint(
         published = target.publish(record=record)
     files = tuple(str(out / name) for name in published)
     return RepairResult(str(out), files, report, tracker.done)
+
+
+__all__ = [
+    "RepairResult", "repair_checkpoint",
+]

@@ -128,3 +128,8 @@ def write_safetensors(
                 target.write(view[offset:offset + WRITE_CHUNK_BYTES])
             target.flush()
             progress.advance(tensor.nbytes)
+
+
+__all__ = [
+    "OutputTensor", "Progress", "ProgressCallback", "byte_runs", "encode_header", "write_safetensors",
+]

@@ -82,3 +82,8 @@ def numpy_rng_globals() -> list[Any]:
         if dtypes is not None and hasattr(dtypes, name):
             allowed.append(getattr(dtypes, name))
     return allowed
+
+
+__all__ = [
+    "read_sat_lora", "sat_module_name",
+]

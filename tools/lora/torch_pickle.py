@@ -84,3 +84,8 @@ def read_pickled_lora(path: Path) -> list[tuple[str, str, tuple[int, ...], int, 
         entries.append((key, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), None,
                         tensor_payload(tensor)))
     return entries
+
+
+__all__ = [
+    "SAFETENSORS_DTYPE", "load_weights_only", "read_pickled_lora", "tensor_payload", "weights_only_is_safe",
+]

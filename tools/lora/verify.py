@@ -15,7 +15,7 @@ import copy
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -387,82 +387,171 @@ def verify_adapter(
     """Load the adapter folder onto `base_spec` with PEFT and with diffusers and compare (see module docstring).
     `progress(message)` is told each slow stage, once the inputs are known to be good."""
     say = progress or (lambda message: None)
+    folder = expand_user(adapter_dir)
+    config = read_adapter_folder(folder)  # the inputs first: a wrong folder or MODEL costs no torch import
+    base = _load_base(folder, base_spec, progress)
+    import diffusers
+
+    say(f"loaded {base_spec}; loading the adapter with PEFT and with diffusers ...")
+    peft = LoaderRun("PEFT", "default", _weights_by_module(folder / PEFT_WEIGHTS_NAME, PEFT_KEY_PREFIX))
+    diffusers_run = LoaderRun("diffusers", DIFFUSERS_ADAPTER_NAME,
+                              _weights_by_module(folder / DIFFUSERS_WEIGHTS_NAME, DIFFUSERS_KEY_PREFIX))
+    expected = expected_scales(config, sorted(set(peft.weights) | set(diffusers_run.weights)))
+    failures: list[str] = []
+    if set(peft.weights) != set(diffusers_run.weights):
+        failures.append(f"{PEFT_WEIGHTS_NAME} and {DIFFUSERS_WEIGHTS_NAME} hold different modules")
+
+    inputs = forward_inputs(base)
+    base_output = _run(base, inputs)
+    failures.extend(_run_peft_loader(peft, base, folder, inputs))
+    alpha_via, diffusers_failures = _run_diffusers_loader(diffusers_run, base, folder, inputs)
+    failures.extend(diffusers_failures)
+
+    plain = not (config.get("use_dora") or config.get("lora_bias"))
+    if not plain:  # DoRA or a lora_B bias: the delta is not x·Aᵀ·Bᵀ·α/r, so neither a measured scale nor the reference
+        peft.measured.clear()  # applies; the loaders are still compared with each other and with the source
+        diffusers_run.measured.clear()
+    checks = module_checks(expected, peft, diffusers_run)
+    modules = judge_modules(checks, peft_loaded=peft.output is not None,
+                            diffusers_loaded=diffusers_run.output is not None)
+    failures.extend(modules.failures)
+    reference = reference_output(base, inputs, peft.weights, expected) if plain else None
+    reference_diff, reference_failures = compare_with_reference(reference, (peft, diffusers_run))
+    failures.extend(reference_failures)
+    source, source_failures = source_check(folder, config, peft.weights)
+    failures.extend(source_failures)
+    outputs = compare_outputs(peft, diffusers_run, base_output)
+    failures.extend(outputs.failures)
+    return AdapterVerifyReport(
+        adapter_dir=str(folder),
+        base=base_spec,
+        diffusers_version=diffusers.__version__,
+        diffusers_alpha_via=alpha_via,
+        modules=tuple(checks),
+        matched=modules.matched,
+        missing=modules.missing,
+        unexpected=modules.unexpected,
+        max_abs_diff=outputs.max_abs_diff,
+        lora_effect=outputs.lora_effect,
+        outputs_match=outputs.outputs_match,
+        scales_match=modules.scales_match,
+        failures=tuple(failures),
+        reference_diff=reference_diff,
+        effective_scale=effective_scales(checks),
+        source_check=source,
+    )
+
+
+def _load_base(folder: Path, base_spec: str, progress: Callable[[str], None] | None = None) -> torch.nn.Module:
+    """The base transformer, offline, once it is known to run (not a meta-device config) and to fit the adapter's
+    shapes; `progress` is told the import and the load."""
     from cogsurgeon.inspector.model_specs import resolve_spec
     from cogsurgeon.inspector.offline import enter_offline_mode
 
-    folder = expand_user(adapter_dir)
-    config = read_adapter_folder(folder)  # the inputs first: a wrong folder or MODEL costs no torch import
     if resolve_spec(base_spec).kind == "published":
         raise CogsurgeonError(
             f"{base_spec} loads on the meta device (no weights): verify runs the model, so --base must be tiny, "
             "tiny-i2v, tiny-1.5, a local model folder or a cached hub id"
         )
     enter_offline_mode()  # before huggingface_hub is imported below; a no-op when the CLI already did it
-    import diffusers
-
     from cogsurgeon.inspector.loading import load_transformer
-
-    base = load_transformer(base_spec, progress=progress)
     from cogsurgeon.tools.lora.compat import check_fits
 
+    base = load_transformer(base_spec, progress=progress)
     misfit = check_fits(dict(base.config), adapter_shapes(folder), base_spec)
     if misfit is not None:
         raise CogsurgeonError(misfit)
-    say(f"loaded {base_spec}; loading the adapter with PEFT and with diffusers ...")
-    peft_weights = _weights_by_module(folder / PEFT_WEIGHTS_NAME, PEFT_KEY_PREFIX)
-    diffusers_weights = _weights_by_module(folder / DIFFUSERS_WEIGHTS_NAME, DIFFUSERS_KEY_PREFIX)
-    expected = expected_scales(config, sorted(set(peft_weights) | set(diffusers_weights)))
-    failures: list[str] = []
-    if set(peft_weights) != set(diffusers_weights):
-        failures.append(f"{PEFT_WEIGHTS_NAME} and {DIFFUSERS_WEIGHTS_NAME} hold different modules")
+    return base
 
-    inputs = forward_inputs(base)
-    base_output = _run(base, inputs)
 
-    peft_layers: dict[str, Any] = {}
-    peft_output = None
-    peft_measured: dict[str, float] = {}
-    diffusers_measured: dict[str, float] = {}
-    try:  # PEFT's own loader: base_model.model. keys, adapter_config.json
+@dataclass
+class LoaderRun:
+    """One loader's adapter on a copy of the base: the file's tensors it should hold (by module), and once loaded
+    its LoRA layers, its output and the scale each layer applied (all empty or None when the load failed)."""
+
+    loader: str  # "PEFT" | "diffusers", as messages name it
+    adapter_name: str
+    weights: dict[str, dict[str, torch.Tensor]]
+    layers: dict[str, Any] = field(default_factory=dict)
+    output: torch.Tensor | None = None
+    measured: dict[str, float] = field(default_factory=dict)
+
+    def scale(self, module: str) -> float | None:
+        layer = self.layers.get(module)
+        return float(layer.scaling[self.adapter_name]) if layer is not None else None
+
+    def holds_weights(self, module: str) -> bool:
+        layer = self.layers.get(module)
+        return layer is not None and _holds_weights(layer, self.adapter_name, self.weights.get(module))
+
+
+def _load_failure(loader: str, exc: Exception) -> str:
+    return f"{loader} could not load the adapter: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def _run_peft_loader(run: LoaderRun, base: torch.nn.Module, folder: Path, inputs: dict[str, Any]) -> list[str]:
+    """PEFT's own loader (base_model.model. keys, adapter_config.json) on a copy of `base`, run and measured into
+    `run`. Returns the failure, if any."""
+    try:
         from peft import PeftModel
 
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(folder), is_trainable=False)
-        peft_layers = _lora_layers(peft_model, "default", strip="base_model.model.")
-        peft_output, peft_measured = measure_scales(peft_model, inputs, peft_layers, peft_weights)
+        run.layers = _lora_layers(peft_model, run.adapter_name, strip="base_model.model.")
+        run.output, run.measured = measure_scales(peft_model, inputs, run.layers, run.weights)
     except Exception as exc:  # the adapter is the input under test: a failed load is a finding, not a crash
-        failures.append(f"PEFT could not load the adapter: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+        return [_load_failure(run.loader, exc)]
+    return []
 
-    diffusers_layers: dict[str, Any] = {}
-    diffusers_output = None
+
+def _run_diffusers_loader(run: LoaderRun, base: torch.nn.Module, folder: Path,
+                         inputs: dict[str, Any]) -> tuple[str, list[str]]:
+    """diffusers' loader on a copy of `base`, run and measured into `run`. Returns how the alpha reached it and the
+    failure, if any."""
     alpha_via = "metadata" if diffusers_reads_metadata() else "network_alphas"
     try:
         diffusers_model = copy.deepcopy(base)
-        alpha_via = load_with_diffusers(diffusers_model, folder)
-        diffusers_layers = _lora_layers(diffusers_model, DIFFUSERS_ADAPTER_NAME)
-        diffusers_output, diffusers_measured = measure_scales(diffusers_model, inputs, diffusers_layers, diffusers_weights)
-    except Exception as exc:
-        failures.append(f"diffusers could not load the adapter: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+        alpha_via = load_with_diffusers(diffusers_model, folder, run.adapter_name)
+        run.layers = _lora_layers(diffusers_model, run.adapter_name)
+        run.output, run.measured = measure_scales(diffusers_model, inputs, run.layers, run.weights)
+    except Exception as exc:  # as for PEFT: a finding
+        return alpha_via, [_load_failure(run.loader, exc)]
+    return alpha_via, []
 
-    plain = not (config.get("use_dora") or config.get("lora_bias"))
-    if not plain:  # DoRA or a lora_B bias: the delta is not x·Aᵀ·Bᵀ·α/r, so neither a measured scale nor the reference
-        peft_measured.clear()  # applies; the loaders are still compared with each other and with the source
-        diffusers_measured.clear()
-    checks: list[ModuleCheck] = []
-    for module in sorted(set(expected) | set(peft_layers) | set(diffusers_layers)):
-        peft_layer, diffusers_layer = peft_layers.get(module), diffusers_layers.get(module)
-        checks.append(ModuleCheck(
+
+def module_checks(expected: dict[str, float], peft: LoaderRun, diffusers: LoaderRun) -> list[ModuleCheck]:
+    """Each module the files hold or a loader made a LoRA layer for, as each loader left it."""
+    return [
+        ModuleCheck(
             module=module,
             expected_scale=expected.get(module),
-            peft_scale=float(peft_layer.scaling["default"]) if peft_layer is not None else None,
-            diffusers_scale=float(diffusers_layer.scaling[DIFFUSERS_ADAPTER_NAME]) if diffusers_layer is not None else None,
-            peft_weights_loaded=peft_layer is not None and _holds_weights(peft_layer, "default", peft_weights.get(module)),
-            diffusers_weights_loaded=diffusers_layer is not None
-            and _holds_weights(diffusers_layer, DIFFUSERS_ADAPTER_NAME, diffusers_weights.get(module)),
-            peft_effective_scale=peft_measured.get(module),
-            diffusers_effective_scale=diffusers_measured.get(module),
-        ))
-    matched, missing, unexpected = [], [], []
+            peft_scale=peft.scale(module),
+            diffusers_scale=diffusers.scale(module),
+            peft_weights_loaded=peft.holds_weights(module),
+            diffusers_weights_loaded=diffusers.holds_weights(module),
+            peft_effective_scale=peft.measured.get(module),
+            diffusers_effective_scale=diffusers.measured.get(module),
+        )
+        for module in sorted(set(expected) | set(peft.layers) | set(diffusers.layers))
+    ]
+
+
+@dataclass(frozen=True)
+class ModuleFindings:
+    """The modules sorted by what the loaders did with them, whether every scale is the adapter's, and the failures."""
+
+    matched: tuple[str, ...]
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+    scales_match: bool
+    failures: tuple[str, ...]
+
+
+def judge_modules(checks: list[ModuleCheck], *, peft_loaded: bool, diffusers_loaded: bool) -> ModuleFindings:
+    """Pure: each module's weights loaded by both loaders, at lora_alpha / r declared and applied. A loader whose
+    load failed is reported once, by its load, not again for every module."""
+    matched, missing, unexpected, failures = [], [], [], []
     scales_match = True
+    loaded_by = {"PEFT": peft_loaded, "diffusers": diffusers_loaded}
     for check in checks:
         if check.expected_scale is None:
             unexpected.append(check.module)
@@ -471,7 +560,7 @@ def verify_adapter(
         loaded = check.peft_weights_loaded and check.diffusers_weights_loaded
         (matched if loaded else missing).append(check.module)
         for loader, ok in (("PEFT", check.peft_weights_loaded), ("diffusers", check.diffusers_weights_loaded)):
-            if not ok and not (loader == "PEFT" and peft_output is None) and not (loader == "diffusers" and diffusers_output is None):
+            if not ok and loaded_by[loader]:
                 failures.append(f"{check.module}: {loader} did not load its weights (no matching key; left at init)")
         for loader, scale in (("PEFT", check.peft_scale), ("diffusers", check.diffusers_scale)):
             if scale is not None and abs(scale - check.expected_scale) > SCALE_TOLERANCE * max(1.0, check.expected_scale):
@@ -482,48 +571,63 @@ def verify_adapter(
                 scales_match = False
                 failures.append(f"{check.module}: {loader} applied scale {applied:.6g} to x·Aᵀ·Bᵀ, the adapter's "
                                 f"lora_alpha / r is {check.expected_scale:g}")
+    return ModuleFindings(tuple(matched), tuple(missing), tuple(unexpected), scales_match, tuple(failures))
 
+
+def compare_with_reference(reference: torch.Tensor | None,
+                           runs: tuple[LoaderRun, ...]) -> tuple[dict[str, float], list[str]]:
+    """Each loaded model's output against the raw-tensor reference (None: not comparable, DoRA or a lora_B bias):
+    max |diff| per loader, and a failure for each that runs the LoRA at another strength."""
     import torch
 
-    reference = reference_output(base, inputs, peft_weights, expected) if plain else None
     reference_diff: dict[str, float] = {}
-    for loader, output in (("PEFT", peft_output), ("diffusers", diffusers_output)):
-        if output is None or reference is None:
+    failures = []
+    for run in runs:
+        if run.output is None or reference is None:
             continue
-        reference_diff[loader] = float((output - reference).abs().max())
-        if not torch.allclose(output, reference, atol=OUTPUT_ATOL, rtol=OUTPUT_RTOL):
-            failures.append(f"{loader}'s output differs from the reference (x·Aᵀ·Bᵀ·α/r from the raw tensors) by "
-                            f"{reference_diff[loader]:.3g}: it runs the LoRA at another strength")
-    source, source_failures = source_check(folder, config, peft_weights)
-    failures.extend(source_failures)
-    effective = {"PEFT": _median([c.peft_effective_scale for c in checks if c.peft_effective_scale is not None]),
-                 "diffusers": _median([c.diffusers_effective_scale for c in checks if c.diffusers_effective_scale is not None])}
+        reference_diff[run.loader] = float((run.output - reference).abs().max())
+        if not torch.allclose(run.output, reference, atol=OUTPUT_ATOL, rtol=OUTPUT_RTOL):
+            failures.append(f"{run.loader}'s output differs from the reference (x·Aᵀ·Bᵀ·α/r from the raw tensors) by "
+                            f"{reference_diff[run.loader]:.3g}: it runs the LoRA at another strength")
+    return reference_diff, failures
 
-    max_abs_diff = lora_effect = outputs_match = None
-    if peft_output is not None and diffusers_output is not None:
-        max_abs_diff = float((peft_output - diffusers_output).abs().max())
-        lora_effect = float((peft_output - base_output).abs().max())
-        outputs_match = torch.allclose(peft_output, diffusers_output, atol=OUTPUT_ATOL, rtol=OUTPUT_RTOL)
-        if not outputs_match:
-            failures.append(f"outputs differ: PEFT vs diffusers max |diff| {max_abs_diff:.3g}")
-        nonzero_b = any(bool(w["B"].any()) for w in peft_weights.values() if "B" in w)
-        if lora_effect == 0.0 and nonzero_b:
-            failures.append("the adapter changes nothing: the loaded model computes exactly what the base does")
-    return AdapterVerifyReport(
-        adapter_dir=str(folder),
-        base=base_spec,
-        diffusers_version=diffusers.__version__,
-        diffusers_alpha_via=alpha_via,
-        modules=tuple(checks),
-        matched=tuple(matched),
-        missing=tuple(missing),
-        unexpected=tuple(unexpected),
-        max_abs_diff=max_abs_diff,
-        lora_effect=lora_effect,
-        outputs_match=outputs_match,
-        scales_match=scales_match,
-        failures=tuple(failures),
-        reference_diff=reference_diff,
-        effective_scale=effective,
-        source_check=source,
-    )
+
+@dataclass(frozen=True)
+class OutputFindings:
+    """PEFT's output against diffusers' and against the base's (None where a load failed)."""
+
+    max_abs_diff: float | None = None
+    lora_effect: float | None = None
+    outputs_match: bool | None = None
+    failures: tuple[str, ...] = ()
+
+
+def compare_outputs(peft: LoaderRun, diffusers: LoaderRun, base_output: torch.Tensor) -> OutputFindings:
+    """The two loaders must compute the same, and (unless every lora_B is zero) something other than the base."""
+    import torch
+
+    if peft.output is None or diffusers.output is None:
+        return OutputFindings()
+    failures = []
+    max_abs_diff = float((peft.output - diffusers.output).abs().max())
+    lora_effect = float((peft.output - base_output).abs().max())
+    outputs_match = torch.allclose(peft.output, diffusers.output, atol=OUTPUT_ATOL, rtol=OUTPUT_RTOL)
+    if not outputs_match:
+        failures.append(f"outputs differ: PEFT vs diffusers max |diff| {max_abs_diff:.3g}")
+    nonzero_b = any(bool(w["B"].any()) for w in peft.weights.values() if "B" in w)
+    if lora_effect == 0.0 and nonzero_b:
+        failures.append("the adapter changes nothing: the loaded model computes exactly what the base does")
+    return OutputFindings(max_abs_diff, lora_effect, outputs_match, tuple(failures))
+
+
+def effective_scales(checks: list[ModuleCheck]) -> dict[str, float | None]:
+    """Per loader, the scale it applied: the median of the scales measured on its modules."""
+    peft = [c.peft_effective_scale for c in checks if c.peft_effective_scale is not None]
+    diffusers = [c.diffusers_effective_scale for c in checks if c.diffusers_effective_scale is not None]
+    return {"PEFT": _median(peft), "diffusers": _median(diffusers)}
+
+
+__all__ = [
+    "AdapterVerifyReport", "ModuleCheck", "diffusers_reads_metadata", "forward_inputs", "judge_modules",
+    "load_with_diffusers", "verify_adapter",
+]
