@@ -172,13 +172,13 @@ def verify_patch(
     settings = [resolve_options(name, setting) for setting in settings]
     verify_on = _verify_per_frame_on if name == "per-frame-timesteps" else _verify_on
     details = []
-    models = [(variant, processor) for variant in variants for processor in PROCESSORS]
-    for number, (variant, processor) in enumerate(models, start=1):
-        if progress is not None:
-            progress(f"{name}: {variant}, {processor} processor ({number} of {len(models)})")
-        model = fresh_tiny(variant, processor)
-        for setting in settings:
-            details.extend(verify_on(name, setting, model, variant, processor))
+    for variant in variants:
+        for processor in PROCESSORS:
+            if progress is not None:
+                progress(f"{name}: {variant}, {processor} processor")
+            model = fresh_tiny(variant, processor)
+            for setting in settings:
+                details.extend(verify_on(name, setting, model, variant, processor))
     max_error = max(case.max_error for case in details)
     revert_bit_exact = all(case.revert_bit_exact for case in details)
     passed = revert_bit_exact and max_error <= tolerance

@@ -100,3 +100,45 @@ def test_an_unknown_trainer_names_trainer(two_steps):
     # the CLI's --trainer is a choice: click names the flag itself before the library is called
     assert "trainer='nope': unknown trainer" in python_message(
         lambda: inspect_checkpoint(two_steps, trainer="nope"))
+
+
+def test_an_existing_output_names_out_dir_and_force(two_steps, tmp_path, cli):
+    from cogsurgeon.tools.lora import repair_checkpoint
+    from cogsurgeon.tools.lora.publish import OutputError
+
+    file = two_steps / "checkpoint-50.safetensors"
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OutputError) as raised:
+        repair_checkpoint(file, tmp_path / "taken", alpha=2)
+    assert "already exists: choose another out_dir=, or pass force=True to replace an earlier repair" in str(
+        raised.value)
+    assert not CLI_FLAG.search(str(raised.value))
+    assert "already exists: choose another --out, or pass --force to replace an earlier repair" in cli_line(
+        cli, "lora", "repair", str(file), "--out", str(tmp_path / "taken"), "--alpha", "2")
+
+
+def test_an_output_through_a_symlink_names_out_dir(two_steps, tmp_path, cli):
+    from cogsurgeon.tools.lora import repair_checkpoint
+    from cogsurgeon.tools.lora.publish import OutputError
+
+    file = two_steps / "checkpoint-50.safetensors"
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputError) as raised:
+        repair_checkpoint(file, tmp_path / "link", alpha=2)
+    assert f"out_dir={tmp_path / 'link'} is a symlink to" in str(raised.value)
+    assert f"--out {tmp_path / 'link'} is a symlink to" in cli_line(
+        cli, "lora", "repair", str(file), "--out", str(tmp_path / "link"), "--alpha", "2")
+
+
+def test_verify_on_a_published_config_names_base_spec(tmp_path, cli):
+    from cogsurgeon.inspector.errors import CogsurgeonError
+    from cogsurgeon.tools.lora import repair_checkpoint, verify_adapter
+
+    trained = train("tiny", 4, 2, inject=True)
+    adapter = tmp_path / "adapter"
+    repair_checkpoint(save_videox_fun_peft(trained, tmp_path / "out", 1) / "checkpoint-1.safetensors", adapter,
+                      alpha=2)
+    with pytest.raises(CogsurgeonError) as raised:
+        verify_adapter(adapter, "cogvideox-5b")
+    assert "so base_spec= must be tiny" in str(raised.value) and not CLI_FLAG.search(str(raised.value))
+    assert "so --base must be tiny" in cli_line(cli, "lora", "verify", str(adapter), "--base", "cogvideox-5b")

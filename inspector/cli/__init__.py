@@ -95,7 +95,8 @@ PARAMETER_FLAGS = {
     "lora_dtype": "--lora-dtype", "trainer": "--trainer", "checkpointing": "--checkpointing", "vae": "--vae",
     "tiling": "--tiling",  # plan
     "alpha": "--alpha", "override_stored_alpha": "--override-stored-alpha", "step": "--step", "latest": "--latest",
-    "to": "--to",  # lora inspect, repair
+    "to": "--to", "out_dir": "--out", "force": "--force",  # lora inspect, repair, merge
+    "base_spec": "--base",  # lora verify
 }
 
 

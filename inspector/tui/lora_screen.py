@@ -62,6 +62,12 @@ SCREEN_CONTROLS = (
     ("drop alpha=, or pass override_stored_alpha=True", f"clear the lora_alpha field, or tick “{OVERRIDE_LABEL}”"),
     ("comfyui in to=", "writing for comfyui"),
     ("out of to=", "out of “write for”"),
+    ("pass force=True to replace an earlier repair", f"tick “{FORCE_LABEL}” to replace it"),
+    ("pass force=True to replace an earlier merge", f"tick “{MERGE_FORCE_LABEL}” to replace it"),
+    ("force=True replaces earlier repairs", f"“{FORCE_LABEL}” replaces earlier repairs"),
+    ("force=True replaces earlier merges", f"“{MERGE_FORCE_LABEL}” replaces earlier merges"),
+    ("that force=True may replace", "that the replace switch may replace"),
+    ("choose another out_dir=", "choose another output folder"),
     ("Settle it with --alpha A or --trainer NAME", "Enter it in the lora_alpha field or choose the trainer"),
     ("pass --alpha A or --trainer NAME", "enter it in the lora_alpha field or choose the trainer"),
     ("pass --alpha A", "enter it in the lora_alpha field"),
@@ -97,7 +103,8 @@ FLAG = re.compile(r"--(alpha|trainer|step|latest|override-stored-alpha|force|out
 
 # the keyword arguments of tools.lora's calls, as this screen's controls
 PARAMETER_CONTROLS = {"alpha": "the lora_alpha field", "trainer": "the trainer", "step": "the step list",
-                      "latest": "latest", "override_stored_alpha": f"“{OVERRIDE_LABEL}”", "to": "“write for”"}
+                      "latest": "latest", "override_stored_alpha": f"“{OVERRIDE_LABEL}”", "to": "“write for”",
+                      "out_dir": "the output folder", "force": "the replace switch", "base_spec": "the base model"}
 
 
 def in_screen_terms(text: str) -> str:

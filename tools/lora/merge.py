@@ -141,7 +141,7 @@ def merge_loras(
     out = output_path(out_dir, tuple(Path(spec.path).expanduser() for spec in loras))
     resolved_base = folder.resolve()
     if out == resolved_base or resolved_base in out.parents or out in resolved_base.parents:
-        raise OutputError(f"--out {out} would be inside or around the base {folder}: choose another folder")
+        raise OutputError(f"out_dir={out} would be inside or around the base {folder}: choose another folder")
     refuse_existing_output(out, force, MERGE)
     return _merge(str(base), folder, config, loras, out, force, progress)
 

@@ -103,27 +103,27 @@ def output_path(out_dir: str | Path, inputs: tuple[Path, ...]) -> Path:
     given = expand_user(out_dir)
     absolute = Path(os.path.abspath(given))
     if absolute.name in ("", ".", ".."):
-        raise OutputError(f"--out {out_dir} names no folder: give the adapter folder to create")
+        raise OutputError(f"out_dir={out_dir} names no folder: give the adapter folder to create")
     try:
         out = absolute.parent.resolve() / absolute.name
         is_link = out.is_symlink()
     except (OSError, RuntimeError) as exc:
         reason = describe_os_error(out_dir, exc) if isinstance(exc, OSError) else f"{out_dir}: a symlink loop"
-        raise OutputError(f"cannot use --out {reason}") from None
+        raise OutputError(f"cannot use out_dir={reason}") from None
     if is_link:
         target = os.readlink(out)
         state = _symlink_state(out)
         raise OutputError(
-            f"--out {out} is a symlink to {target}, {state}: cogsurgeon does not write through symlinks; "
+            f"out_dir={out} is a symlink to {target}, {state}: cogsurgeon does not write through symlinks; "
             "give the real folder"
         )
     for input_path in inputs:
         resolved_input = input_path.resolve()
         if out == resolved_input or out in resolved_input.parents:
-            raise OutputError(f"--out {out} would replace the checkpoint itself ({resolved_input}): choose another folder")
+            raise OutputError(f"out_dir={out} would replace the checkpoint itself ({resolved_input}): choose another folder")
         if resolved_input.is_dir() and resolved_input in out.parents:
             raise OutputError(
-                f"--out {out} lies inside the checkpoint folder {resolved_input}: the input is never written to; "
+                f"out_dir={out} lies inside the checkpoint folder {resolved_input}: the input is never written to; "
                 "choose a folder outside it"
             )
     return out
@@ -235,9 +235,9 @@ def refuse_existing_output(out: Path, force: bool, kind: OutputKind) -> None:
     if not os.path.lexists(out):
         return
     if not force:
-        raise OutputError(f"{out} already exists: choose another --out, or pass --force to replace an earlier {kind.noun}")
+        raise OutputError(f"{out} already exists: choose another out_dir=, or pass force=True to replace an earlier {kind.noun}")
     if not out.is_dir() or out.is_symlink():
-        raise OutputError(f"{out} exists and is not a folder: remove it yourself, --force replaces earlier {kind.noun}s only")
+        raise OutputError(f"{out} exists and is not a folder: remove it yourself, force=True replaces earlier {kind.noun}s only")
 
 
 def check_output(out: Path, force: bool, kind: OutputKind) -> EarlierOutput | None:
@@ -249,8 +249,8 @@ def check_output(out: Path, force: bool, kind: OutputKind) -> EarlierOutput | No
     earlier, why_not = earlier_output_problem(out, kind)
     if earlier is None:
         raise OutputError(
-            f"{out} is not an earlier {kind.noun} that --force may replace: {why_not}; nothing was changed, "
-            "choose another --out or remove it yourself"
+            f"{out} is not an earlier {kind.noun} that force=True may replace: {why_not}; nothing was changed, "
+            "choose another out_dir= or remove it yourself"
         )
     return earlier
 
@@ -455,7 +455,7 @@ def _create_parents(folder: Path) -> list[Path]:
             os.mkdir(path, 0o777)
             created.append(path)
     if not folder.is_dir():
-        raise OutputError(f"the parent of --out, {folder}, is not a folder")
+        raise OutputError(f"the parent of out_dir=, {folder}, is not a folder")
     return created
 
 
@@ -537,7 +537,7 @@ class Publication:
                 except FileExistsError:
                     raise OutputError(
                         f"{self.out} appeared while the {self.kind.noun} ran: it was left as it is and nothing was "
-                        "written; choose another --out"
+                        "written; choose another out_dir="
                     ) from None
             else:
                 self._replace_earlier_output(self.expected)
@@ -552,7 +552,7 @@ class Publication:
             same = False
         if not same or self.out.parent.is_symlink():
             raise OutputError(
-                f"the folder of --out, {self.out.parent}, was moved or replaced while the {self.kind.noun} ran: "
+                f"the folder of out_dir=, {self.out.parent}, was moved or replaced while the {self.kind.noun} ran: "
                 "nothing was written there; run it again"
             )
 
@@ -618,7 +618,7 @@ def publication(out: Path, *, force: bool, kind: OutputKind) -> Iterator[Publica
                     except Timeout:
                         raise OutputError(
                             f"another {kind.noun} holds {out} (lock {lock_path}): wait for it to finish, or choose "
-                            "another --out"
+                            "another out_dir="
                         ) from None
                     held = True
                 expected = check_output(out, force, kind)

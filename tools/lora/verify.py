@@ -450,7 +450,7 @@ def _load_base(folder: Path, base_spec: str, progress: Callable[[str], None] | N
 
     if resolve_spec(base_spec).kind == "published":
         raise CogsurgeonError(
-            f"{base_spec} loads on the meta device (no weights): verify runs the model, so --base must be tiny, "
+            f"{base_spec} loads on the meta device (no weights): verify runs the model, so base_spec= must be tiny, "
             "tiny-i2v, tiny-1.5, a local model folder or a cached hub id"
         )
     enter_offline_mode()  # before huggingface_hub is imported below; a no-op when the CLI already did it
