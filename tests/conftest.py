@@ -21,6 +21,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The inventory cache of this test session lives in a temporary folder, never in the user's ~/.cache.
 os.environ["COGSURGEON_CACHE_DIR"] = tempfile.mkdtemp(prefix="cogsurgeon-test-cache-")
+# One intra-op thread per test process (read when torch is first imported, here and in every CLI subprocess): the
+# suite runs in parallel across tests (`-n auto`), and the tiny models' ops are too small to share. Two OpenMP threads
+# per worker on a machine whose cores the other workers already fill spin waiting for each other: test_streaming.py
+# cost 22 s of CPU within the whole suite, 7 s alone on one thread. A value the developer set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def cli_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
