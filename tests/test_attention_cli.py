@@ -47,6 +47,7 @@ def test_attention_records_a_seeded_forward_and_saves_what_show_reads(cli, tmp_p
     assert "transformer_blocks.1.attn1" in shown.stdout and "frame-causal-attention" in shown.stdout
 
 
+@pytest.mark.slow  # `run` launches the script: two interpreters
 def test_run_records_an_unchanged_script_with_its_patches(cli, tmp_path):
     script = tmp_path / "sample.py"
     script.write_text(SCRIPT)
