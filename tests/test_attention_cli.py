@@ -47,6 +47,7 @@ def test_attention_records_a_seeded_forward_and_saves_what_show_reads(cli, tmp_p
     assert "transformer_blocks.1.attn1" in shown.stdout and "frame-causal-attention" in shown.stdout
 
 
+@pytest.mark.slow  # `run` launches the script: two interpreters
 def test_run_records_an_unchanged_script_with_its_patches(cli, tmp_path):
     script = tmp_path / "sample.py"
     script.write_text(SCRIPT)
@@ -86,7 +87,7 @@ def test_run_records_an_unchanged_script_with_its_patches(cli, tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(cli, tmp_path, args, message):
-    result = cli(*args, cwd=tmp_path)
+    result = cli(*args, cwd=tmp_path, in_process=True)  # `run` refuses these before it launches anything
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr

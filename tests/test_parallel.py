@@ -52,7 +52,9 @@ def _torchrun(world_size: int, out: Path) -> list[dict]:
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["ulysses2", "ulysses4"])
+# torchrun's ranks are processes of their own, each importing torch and diffusers: 11 s of CPU for 2, 23 s for 4
+@pytest.fixture(scope="module", params=[pytest.param(2, id="ulysses2", marks=pytest.mark.slow),
+                                        pytest.param(4, id="ulysses4", marks=pytest.mark.slow)])
 def ranks(request, tmp_path_factory) -> tuple[int, list[dict]]:
     if not _diffusers_has_cp_engine():
         pytest.skip("diffusers < 0.36 has no context-parallel engine")
@@ -182,6 +184,7 @@ torch.save({"output": output, "processor": state[0], "degree": state[1] and stat
 """
 
 
+@pytest.mark.slow  # torchrun with 2 ranks under `run`
 @needs_engine
 def test_run_ulysses_runs_an_unchanged_script_context_parallel_with_its_patches(cli, tmp_path):
     script = tmp_path / "sample.py"

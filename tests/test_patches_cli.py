@@ -116,7 +116,7 @@ def test_patch_verify_exits_1_when_a_patch_does_not_do_what_it_claims(cli, tmp_p
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(cli, args, message):
-    result = cli(*args)
+    result = cli(*args, in_process=True)  # `run` refuses these before it launches anything: no process of its own
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr and result.stdout == ""
 

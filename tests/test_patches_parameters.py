@@ -211,6 +211,7 @@ print(json.dumps(patches.applied_options(model)))
 '''
 
 
+@pytest.mark.slow  # `run` launches the script: two interpreters
 def test_run_applies_a_patch_with_its_parameters_in_the_child(cli, plugin_installed, tmp_path):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)

@@ -256,6 +256,7 @@ def test_a_combination_that_fits_is_suggested_when_no_single_switch_does():
         ("--checkpointing --batch 1", both, True)]
 
 
+@pytest.mark.slow  # two VAE decodes planned op by op: about 5 s
 def test_vae_decode_tiling_lowers_the_peak():
     from diffusers import AutoencoderKLCogVideoX
 

@@ -6,7 +6,11 @@ The blocks are found generically (any fenced block, any section, whoever added i
 - ```bash blocks run line by line (a line ending in `\\` continues), each line one command through `bash` with the
   venv active (its bin first on PATH, as `. .venv/bin/activate` does), and must exit 0; one block is one test, its
   commands in order, since a later line may read what an earlier one wrote (`--save xray.json`, then `show xray.json`)
-  and the suite runs its tests in parallel, on workers that do not share a folder;
+  and the suite runs its tests in parallel, on workers that do not share a folder. A line that is only `cogsurgeon`
+  with plain words (no quotes, variables or redirections; a `# comment` or a `| jq ...` tail allowed) runs through
+  conftest's `run_cli`, in this process where the command allows it (not `run`, which launches a program), as the
+  other CLI tests do: the same exit status and output without a new interpreter's torch and diffusers import; its
+  `| ...` tail then reads that output through `bash -o pipefail`, and both must exit 0;
 - blocks of any other language, or none (the layout tree), are not code and are not run.
 
 Everything runs in one folder laid out as a reader's would be (`readme_world`): a saved model `./my-finetune`, a
@@ -33,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from conftest import run_cli, runs_in_process
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 NO_TEST = re.compile(r"<!--\s*no-test:\s*(?P<reason>.+?)\s*-->")
@@ -182,9 +188,8 @@ def readme_world(tmp_path_factory) -> Path:
     load_transformer("tiny-i2v").save_pretrained(world / "CogVideoX-5b-I2V" / "transformer")  # the base's stand-in
     lora_trainers.save_cogvideo_finetune(lora_trainers.train("tiny-i2v", 8, 4), world / "out", 500)
     other = lora_trainers.save_cogvideo_finetune(lora_trainers.train("tiny-i2v", 4, 4, seed=2), world / "other", 100)
-    repaired = subprocess.run(["cogsurgeon", "lora", "repair", str(other), "--alpha", "4", "--out", "other-adapter"],
-                              cwd=world, env=_environment(), capture_output=True, text=True)
-    _check(repaired, "making other-adapter")
+    _check(run_cli("lora", "repair", str(other), "--alpha", "4", "--out", "other-adapter", env=README_CLI_VARIABLES,
+                   cwd=world), "making other-adapter")
     return world
 
 
@@ -195,7 +200,27 @@ def _environment() -> dict[str, str]:
     return environment
 
 
-def _check(completed: subprocess.CompletedProcess, what: str) -> None:
+# `cogsurgeon` and plain words, then a `| ...` tail for bash or a `# comment`
+PLAIN_COGSURGEON = re.compile(r"^cogsurgeon(?P<args>(?: +[\w./:,=@+%-]+)*) *(?:\|(?P<tail>.*)|#.*)?$")
+README_CLI_VARIABLES = {"NO_COLOR": "1", "COLUMNS": "160"}  # those of _environment() that the CLI reads
+
+
+def run_readme_command(command: str, world: Path):
+    """One README command in `world`: a plain `cogsurgeon ...` line through `run_cli` (in this process unless the
+    command needs its own) with a `| ...` tail fed its output through bash; any other line through bash."""
+    plain = PLAIN_COGSURGEON.match(command)
+    args = plain["args"].split() if plain else []
+    if not plain or not runs_in_process(tuple(args), README_CLI_VARIABLES):
+        return subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=world, env=_environment(),
+                              capture_output=True, text=True, timeout=600)
+    result = run_cli(*args, env=README_CLI_VARIABLES, cwd=world, timeout=600)
+    if result.returncode != 0 or plain["tail"] is None:
+        return result
+    return subprocess.run(["bash", "-o", "pipefail", "-c", plain["tail"]], input=result.stdout, cwd=world,
+                          env=_environment(), capture_output=True, text=True, timeout=600)
+
+
+def _check(completed, what: str) -> None:
     assert completed.returncode == 0, (
         f"{what} exited {completed.returncode}\n--- stdout\n{completed.stdout[-3000:]}\n--- stderr\n"
         f"{completed.stderr[-3000:]}")
@@ -222,9 +247,7 @@ def test_bash_block_runs_in_order(snippet, readme_world, tmp_path):
         pytest.skip("every command of this block is skipped: see test_skipped_readme_command")
     world = shutil.copytree(readme_world, tmp_path / "world", symlinks=True)  # blocks never see each other's files
     for line, command in runnable:
-        completed = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=world, env=_environment(),
-                                   capture_output=True, text=True, timeout=600)
-        _check(completed, f"README.md:{line} {command.strip()}")
+        _check(run_readme_command(command, world), f"README.md:{line} {command.strip()}")
 
 
 SKIPPED = [(line, command, skip_reason(snippet, command)) for snippet, line, command in BASH
@@ -248,6 +271,21 @@ def test_a_blocks_commands_run_in_one_test_in_order():
     saving = next(index for index, command in enumerate(commands) if "--save xray.json" in command)
     showing = next(index for index, command in enumerate(commands) if "show xray.json" in command)
     assert saving < showing
+
+
+def test_a_plain_cogsurgeon_line_runs_through_run_cli_and_its_tail_through_bash(tmp_path):
+    """`cogsurgeon --help | grep -c Examples` as a README line: the tail reads the CLI's output; a failing tail or
+    CLI fails the line; a line with shell syntax before the pipe, or `run`, goes to bash whole."""
+    assert PLAIN_COGSURGEON.match("cogsurgeon plan cogvideox-5b --json | jq '.fits'   # c")["tail"] == " jq '.fits'   # c"
+    assert PLAIN_COGSURGEON.match("cogsurgeon modules   # the default")["args"] == " modules"
+    assert not PLAIN_COGSURGEON.match("cogsurgeon modules $MODEL") and not PLAIN_COGSURGEON.match("cogsurgeon x > f")
+    counted = run_readme_command("cogsurgeon --help | grep -c 'Examples:'", tmp_path)
+    assert (counted.returncode, counted.stdout) == (0, "1\n")
+    assert run_readme_command("cogsurgeon --help | grep -c no-such-line", tmp_path).returncode == 1
+    assert run_readme_command("cogsurgeon modules no-such-model | cat", tmp_path).returncode == 2
+    shell = run_readme_command("cogsurgeon --help > help.txt && test -s help.txt", tmp_path)
+    assert shell.returncode == 0 and isinstance(shell, subprocess.CompletedProcess)
+    assert not runs_in_process(("run", "--patch", "causal-attention", "--", "python", "test.py"), README_CLI_VARIABLES)
 
 
 def test_ci_runs_the_readmes_test_command():
