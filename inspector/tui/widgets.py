@@ -7,6 +7,7 @@ messages; none of them touches a model.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,10 +89,20 @@ class TreeStyles:
     has_focus: bool
 
 
+@dataclass(frozen=True)
+class _DrawnLines:
+    """What the module tree's lines on screen show: `frame` is what every line's drawing depends on (scroll
+    offset, size, focus, the cursor's and the hovered row), `lines` each line's row (None below the last row)."""
+
+    frame: tuple[Any, ...]
+    lines: tuple[tuple[Any, ...] | None, ...]
+
+
 class ModuleTree(ScrollView, can_focus=True):
     """The module hierarchy, drawn line by line over `visible_rows` (toolong's `LogLines` is the model): a
-    keystroke of the filter rebuilds a flat list of rows and repaints the ~40 on screen, whatever the model's
-    size. Folded runs read `transformer_blocks (0-41): 42 × CogVideoXBlock`; it looks like Textual's Tree."""
+    keystroke of the filter rebuilds a flat list of rows and repaints those of the ~40 on screen that changed,
+    whatever the model's size. Folded runs read `transformer_blocks (0-41): 42 × CogVideoXBlock`; it looks like
+    Textual's Tree."""
 
     BINDINGS = [
         Binding("up", "move(-1)", "Up", show=False, id="tree.up"),
@@ -185,10 +196,11 @@ class ModuleTree(ScrollView, can_focus=True):
         every row is a match or leads to one) every row open but a folded run only through its first member. The
         cursor stays on the same row when the new tree has it, else goes to the first; no highlight is posted."""
         cursor_key = self.cursor_row.key if self.cursor_row is not None else ""
+        drawn = self._drawn_lines()
         self.root, self.title = root, title
         self.expanded = opened_for_filter(root) if open_all else {""}
         self._labels.clear()
-        self._rebuild(cursor_key)
+        self._rebuild(cursor_key, drawn)
 
     def set_patched(self, names: set[str]) -> None:
         """Mark these modules as patched, and their ancestors (a folded row too) as holding patched modules."""
@@ -203,9 +215,15 @@ class ModuleTree(ScrollView, can_focus=True):
     def cursor_row(self) -> TreeRow | None:
         return self.rows[self.cursor_line] if 0 <= self.cursor_line < len(self.rows) else None
 
-    def _rebuild(self, cursor_key: str | None = None) -> None:
+    @property
+    def hover_row(self) -> TreeRow | None:
+        return self.rows[self.hover_line] if 0 <= self.hover_line < len(self.rows) else None
+
+    def _rebuild(self, cursor_key: str | None = None, drawn: _DrawnLines | None = None) -> None:
         """Flatten the open rows again, keep the cursor on `cursor_key` when it is still shown, and size the
-        scrollable area: a repaint, with a layout only when the scrollbar appears or goes."""
+        scrollable area: a repaint, with a layout only when the scrollbar appears or goes. Given what the screen
+        showed before (`drawn`), only the lines that now show something else are drawn again: the next character
+        typed into the filter often leaves the narrowed tree's rows on screen as they were."""
         self.rows = visible_rows(self.root, self.expanded)
         self.line_of = {row.key: line for line, row in enumerate(self.rows)}
         if cursor_key is not None:
@@ -213,15 +231,43 @@ class ModuleTree(ScrollView, can_focus=True):
         height = len(self.rows)
         visible_height = self.scrollable_content_region.height
         size = Size(0, height)
-        if not self.is_mounted or (height > visible_height) != self.show_vertical_scrollbar:
+        if not self.is_mounted:
             self.virtual_size = size
+            self.refresh()
+            return
+        show_scrollbar = height > visible_height
+        scrollbar_changes = show_scrollbar != self.show_vertical_scrollbar
+        if scrollbar_changes:
+            # The layout that places (or removes) the scrollbar is needed; telling the scroll view now rather than
+            # letting that layout find out saves a second layout and a third repaint, each on its own 60 fps tick.
+            self.virtual_size = size
+            self.show_vertical_scrollbar = show_scrollbar
+            self.vertical_scrollbar.display = show_scrollbar
         else:
             self.set_reactive(ModuleTree.virtual_size, size)
-            if self.show_vertical_scrollbar:
-                bar = self.vertical_scrollbar
-                bar.window_virtual_size, bar.window_size = height, visible_height
-            self.scroll_y = min(self.scroll_y, self.max_scroll_y)
-        self.refresh()
+        if show_scrollbar:
+            bar = self.vertical_scrollbar
+            bar.window_virtual_size, bar.window_size = height, visible_height
+        self.scroll_y = min(self.scroll_y, self.max_scroll_y)
+        now = self._drawn_lines() if drawn is not None and not scrollbar_changes else None
+        if now is None or drawn is None or drawn.frame != now.frame:
+            self.refresh()
+            return
+        for first, count in _changed_runs(drawn.lines, now.lines):
+            self.refresh_lines(int(self.scroll_y) + first, count)
+
+    def _drawn_lines(self) -> _DrawnLines:
+        """What the lines on screen show, as far as `render_line` draws it."""
+        cursor, hover = self.cursor_row, self.hover_row
+        width, height = self.scrollable_content_region.size
+        frame = (int(self.scroll_y), width, height, self.has_focus, self.cursor_line, self.hover_line,
+                 cursor.key if cursor is not None else None, hover.key if hover is not None else None)
+        top = int(self.scroll_y)
+        lines = tuple(
+            (row.key, row.lasts, row.expanded, row.expandable, self._label_of(row)) if row is not None else None
+            for row in (self.rows[line] if line < len(self.rows) else None for line in range(top, top + height))
+        )
+        return _DrawnLines(frame, lines)
 
     # moving
 
@@ -332,7 +378,7 @@ class ModuleTree(ScrollView, can_focus=True):
             return Strip.blank(width, styles.base)
         row = self.rows[line]
         cursor = self.cursor_row
-        hover = self.rows[self.hover_line] if 0 <= self.hover_line < len(self.rows) else None
+        hover = self.hover_row
         line_style = (styles.hover_line if hover is not None and _within(row.key, hover.key) else styles.base)
         line_style += Style(meta={"line": line})
         # guides at a depth below the cursor's (or the hovered) row, on rows inside it, take its guide style
@@ -405,6 +451,19 @@ class ModuleTree(ScrollView, can_focus=True):
 
     def on_resize(self) -> None:
         self._labels.pop("", None)  # the root's title is fitted to the width
+
+
+def _changed_runs(before: Sequence[object], after: Sequence[object]) -> list[tuple[int, int]]:
+    """The runs of positions where `before` and `after` differ, as (first, count)."""
+    runs: list[tuple[int, int]] = []
+    for index, (old, new) in enumerate(zip(before, after)):
+        if old == new:
+            continue
+        if runs and sum(runs[-1]) == index:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
 
 
 def _within(key: str, ancestor_key: str) -> bool:
