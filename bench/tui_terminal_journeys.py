@@ -1,8 +1,9 @@
 """The TUI's workflows driven through a real terminal (tmux) by keystrokes only, at 80x24 and 160x48: browse to a
 module's source; a patch with options, verified and reverted; LoRA inspect A -> repair -> inspect B (nothing of A
-shown) -> repair -> verify; a memory plan with a patch and training. Every step waits for what it expects on the
-screen (it fails, printing the screen, when that never comes) and saves the screen as text under
-bench/results/tui_terminal/SIZE/NN-step.txt. Last, ctrl+q on the loaded app, timed from the key to the exit.
+shown) -> repair -> verify; verify an existing adapter, then merge it into a base;
+a memory plan with a patch and training. Every step waits for what it expects on the screen (it fails, printing the
+screen, when that never comes) and saves the screen as text under bench/results/tui_terminal/SIZE/JOURNEY/NN-step.txt.
+Last, ctrl+q on the loaded app, timed from the key to the process's exit (which must be 0).
 
     python bench/tui_terminal_journeys.py                 # both sizes; screens into bench/results/tui_terminal/
     python bench/tui_terminal_journeys.py --size 80x24
@@ -88,12 +89,19 @@ class Terminal:
 
 
 def make_checkpoints(folder: Path) -> None:
-    """Two CogVideo checkpoints of one output folder (steps 500 and 900, no lora_alpha stored), as the tests make them."""
+    """As the journey tests make them: two CogVideo checkpoints of one output folder (steps 500 and 900, no
+    lora_alpha stored), an adapter folder repaired earlier (`style`) and a tiny-i2v base on disk for the merge."""
     sys.path.insert(0, str(ROOT / "tests"))
     from lora_helpers import save_cogvideo_checkpoint, train
 
+    from cogsurgeon.inspector import load_transformer
+    from cogsurgeon.tools.lora import repair_checkpoint
+
     save_cogvideo_checkpoint(train(rank=4, lora_alpha=2), folder / "out" / "checkpoint-500")
     save_cogvideo_checkpoint(train(rank=4, lora_alpha=4, seed=7), folder / "out" / "checkpoint-900")
+    save_cogvideo_checkpoint(train(rank=4, lora_alpha=8, seed=3), folder / "trained")
+    repair_checkpoint(folder / "trained", folder / "style", alpha=8)
+    load_transformer("tiny-i2v").save_pretrained(str(folder / "base"))
 
 
 def browse_and_patch(term: Terminal) -> None:
@@ -141,17 +149,38 @@ def lora(term: Terminal) -> None:
     term.keys("Tab", "Tab", "Tab", "End", "BSpace", "BSpace", "BSpace")
     term.type("2")
     term.keys("Tab", "Enter")  # the output folder's Enter repairs
-    term.save("lora-repaired-A", "wrote out-step-500-adapter from out (step 500")
+    term.save("lora-repaired-A", "wrote out-step-500-adapter from out")  # its end can lie under a toast
     term.keys("BTab", "BTab", "BTab", "Enter", "Down", "Enter")  # the step list again: step 900
     term.save("lora-inspected-B", "inspected out (step 900", absent=("wrote ", "step 500, trainer"))
     term.keys("Tab", "Tab", "End", "BSpace", "BSpace", "BSpace")
     term.type("4")
     term.keys("Tab", "Enter")
-    term.save("lora-repaired-B", "wrote out-step-900-adapter from out (step 900")
+    term.save("lora-repaired-B", "wrote out-step-900-adapter from out")
     for _ in range(7):  # Repair, peft, diffusers, comfyui, bake, replace, then the adapter folder
         term.keys("Tab")
     term.keys("Enter")
     term.save("lora-verified-B", "verify passed: out-step-900-adapter", timeout=300)
+    term.keys("Escape")
+
+
+def merge(term: Terminal) -> None:
+    term.save("tree", "CogVideoXTransformer3DModel")
+    term.keys("l")
+    term.wait_for("1. Inspect a checkpoint")
+    for _ in range(11):  # past inspect, trainer, override, repair's fields and boxes, to the adapter folder
+        term.keys("Tab")
+    term.type("style")  # an adapter folder already on disk, verified against the base the field offers
+    term.keys("Enter")
+    term.save("verified-existing", "verify passed", "adapter style", "base tiny-i2v", timeout=300)
+    term.keys("Tab", "Tab", "Tab")  # base, Verify, then the merge's base folder
+    term.type("base")
+    term.keys("Tab")
+    term.type("style:0.5")
+    term.keys("Tab")
+    term.type("merged")
+    term.keys("Enter")
+    # the result's line left of the toasts at 80 columns (a toast can stay drawn past its time: RESULTS-tui.md)
+    term.save("merged", "wrote merged: base + style × 0.5, 8", "100%", timeout=300)
     term.keys("Escape")
 
 
@@ -164,14 +193,16 @@ def plan(term: Terminal) -> None:
     term.keys("Tab", "Tab", "Enter", "Down", "Enter")  # mode: training: LoRA
     term.keys("Tab", "C-u")
     term.type("4")
-    term.keys("Tab", "Tab")  # past dtype, to GPU memory
+    term.keys("Tab", "Tab", "Tab", "Tab", "Tab")  # past dtype, trainer, autocast and LoRA dtype, to GPU memory
     term.type("40MiB")
     term.keys("Enter")
-    term.save("plan", "training lora:4, causal-attention", "peak", timeout=300)  # the rest of it below the fold
+    # the restated plan; at 80x24 its peak and verdict lie below the fold
+    term.save("plan", "planned", "tiny, 9x64x64, batch 2, float32,", "training lora:4 (bf16 autocast,", timeout=300)
     term.keys("Escape")
 
 
-JOURNEYS = {"browse_and_patch": (browse_and_patch, "tiny"), "lora": (lora, "tiny-i2v"), "plan": (plan, "tiny")}
+JOURNEYS = {"browse_and_patch": (browse_and_patch, "tiny"), "lora": (lora, "tiny-i2v"), "merge": (merge, "tiny-i2v"),
+            "plan": (plan, "tiny")}
 
 
 def run(size: tuple[int, int], python: str, journeys: list[str]) -> dict[str, float]:
@@ -195,13 +226,15 @@ def run(size: tuple[int, int], python: str, journeys: list[str]) -> dict[str, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", action="append", help="COLSxROWS (default: 80x24 and 160x48)")
-    parser.add_argument("--journey", action="append", choices=sorted(JOURNEYS), help="default: all three")
+    parser.add_argument("--journey", action="append", choices=sorted(JOURNEYS), help="default: all four")
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sizes = [tuple(int(n) for n in text.split("x")) for text in (args.size or ["80x24", "160x48"])]
+    # the app runs in the journeys' own folder: a relative interpreter path (PYTHON=.venv/bin/python) is made absolute
+    python = os.path.abspath(shutil.which(args.python) or args.python)
     for size in sizes:
-        run(size, args.python, args.journey or list(JOURNEYS))
+        run(size, python, args.journey or list(JOURNEYS))
 
 
 if __name__ == "__main__":

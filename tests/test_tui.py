@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from textual.geometry import Region
 from textual.worker import WorkerFailed
 
 from cogsurgeon.inspector.tui.app import CogsurgeonApp
@@ -216,6 +217,36 @@ async def test_the_narrowed_tree_is_drawn_scrolls_and_takes_clicks():
         filter_input = app.query_one("#filter")
         assert filter_input.scroll_x > 0
         assert filter_input.region.contains_point(filter_input.cursor_screen_offset)
+
+
+def screen_rows(tree: ModuleTree) -> list[str]:
+    """The tree's rows as the screen shows them: the lines Textual keeps for the widget between repaints (the
+    filter repaints only the lines that change), inside the border, blank rows dropped."""
+    strips = tree.render_lines(Region(0, 0, *tree.outer_size))
+    top, left = tree.styles.gutter.top, tree.styles.gutter.left
+    rows = [strip.crop(left, left + tree.size.width).text.rstrip() for strip in strips[top:top + tree.size.height]]
+    return [row for row in rows if row]
+
+
+@pilot_test
+async def test_the_screen_shows_the_narrowed_tree_after_every_key():
+    """A filter key repaints only the tree's lines whose row changed: after every key, typed or deleted, with the
+    scrollbar coming and going, each line on screen is the row the tree has there now, none left from before."""
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(160, 30)) as pilot:
+        await wait_for_model(pilot)
+        tree = app.query_one(ModuleTree)
+        await pilot.press("slash")
+        keys = [*"attn1", *["backspace"] * 4, *"ttn2", *["backspace"] * 5, *"norm", "backspace", *"_k",
+                *["backspace"] * 6, *"ff", "escape"]
+        shown = []
+        for key in keys:
+            await pilot.press(key)
+            await pilot.pause()
+            assert screen_rows(tree) == drawn_rows(tree), f"after {key!r}"
+            shown.append(tuple(drawn_rows(tree)))
+        assert len(set(shown)) > 8  # the keys did change the tree, and some left it as it was
+        assert any(before == after for before, after in zip(shown, shown[1:]))
 
 
 @pilot_test

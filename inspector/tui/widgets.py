@@ -7,11 +7,14 @@ messages; none of them touches a model.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Group
 from rich.rule import Rule
+from rich.segment import Segment
 from rich.style import Style
 from rich.syntax import Syntax
 from rich.table import Table
@@ -88,10 +91,34 @@ class TreeStyles:
     has_focus: bool
 
 
+@dataclass(frozen=True)
+class _DrawnLabel:
+    """A tree row's label: its parts (text, style name), the same with the styles parsed, and its width in cells;
+    drawn on every repaint, made once per tree."""
+
+    parts: tuple[tuple[str, str], ...]
+    pieces: tuple[tuple[str, Style], ...]
+    cells: int
+
+    @property
+    def plain(self) -> str:
+        return "".join(text for text, _ in self.parts)
+
+
+@dataclass(frozen=True)
+class _DrawnLines:
+    """What the module tree's lines on screen show: `frame` is what every line's drawing depends on (scroll
+    offset, size, focus, the cursor's and the hovered row), `lines` each line's row (None below the last row)."""
+
+    frame: tuple[Any, ...]
+    lines: tuple[tuple[Any, ...] | None, ...]
+
+
 class ModuleTree(ScrollView, can_focus=True):
     """The module hierarchy, drawn line by line over `visible_rows` (toolong's `LogLines` is the model): a
-    keystroke of the filter rebuilds a flat list of rows and repaints the ~40 on screen, whatever the model's
-    size. Folded runs read `transformer_blocks (0-41): 42 × CogVideoXBlock`; it looks like Textual's Tree."""
+    keystroke of the filter rebuilds a flat list of rows and repaints those of the ~40 on screen that changed,
+    whatever the model's size. Folded runs read `transformer_blocks (0-41): 42 × CogVideoXBlock`; it looks like
+    Textual's Tree."""
 
     BINDINGS = [
         Binding("up", "move(-1)", "Up", show=False, id="tree.up"),
@@ -156,6 +183,8 @@ class ModuleTree(ScrollView, can_focus=True):
     ICON_CLOSED = "▶ "
     ICON_OPEN = "▼ "
     GUIDES = ("  ", "│ ", "└ ", "├ ")  # space, vertical, last child, middle child
+    GUIDE_CELLS = cell_len(GUIDES[0])
+    ICON_CELLS = cell_len(ICON_OPEN)
 
     cursor_line: reactive[int] = reactive(0)  # a change repaints: the cursor row and the guides below it
     hover_line: reactive[int] = reactive(-1)
@@ -175,7 +204,7 @@ class ModuleTree(ScrollView, can_focus=True):
         self.line_of: dict[str, int] = {"": 0}
         self.patched: set[str] = set()
         self.patched_within: set[str] = set()
-        self._labels: dict[str, Text] = {}
+        self._labels: dict[str, _DrawnLabel] = {}
         self._styles: TreeStyles | None = None
 
     # what is shown
@@ -185,10 +214,11 @@ class ModuleTree(ScrollView, can_focus=True):
         every row is a match or leads to one) every row open but a folded run only through its first member. The
         cursor stays on the same row when the new tree has it, else goes to the first; no highlight is posted."""
         cursor_key = self.cursor_row.key if self.cursor_row is not None else ""
+        drawn = self._drawn_lines()
         self.root, self.title = root, title
         self.expanded = opened_for_filter(root) if open_all else {""}
         self._labels.clear()
-        self._rebuild(cursor_key)
+        self._rebuild(cursor_key, drawn)
 
     def set_patched(self, names: set[str]) -> None:
         """Mark these modules as patched, and their ancestors (a folded row too) as holding patched modules."""
@@ -203,9 +233,15 @@ class ModuleTree(ScrollView, can_focus=True):
     def cursor_row(self) -> TreeRow | None:
         return self.rows[self.cursor_line] if 0 <= self.cursor_line < len(self.rows) else None
 
-    def _rebuild(self, cursor_key: str | None = None) -> None:
+    @property
+    def hover_row(self) -> TreeRow | None:
+        return self.rows[self.hover_line] if 0 <= self.hover_line < len(self.rows) else None
+
+    def _rebuild(self, cursor_key: str | None = None, drawn: _DrawnLines | None = None) -> None:
         """Flatten the open rows again, keep the cursor on `cursor_key` when it is still shown, and size the
-        scrollable area: a repaint, with a layout only when the scrollbar appears or goes."""
+        scrollable area: a repaint, with a layout only when the scrollbar appears or goes. Given what the screen
+        showed before (`drawn`), only the lines that now show something else are drawn again: the next character
+        typed into the filter often leaves the narrowed tree's rows on screen as they were."""
         self.rows = visible_rows(self.root, self.expanded)
         self.line_of = {row.key: line for line, row in enumerate(self.rows)}
         if cursor_key is not None:
@@ -213,15 +249,43 @@ class ModuleTree(ScrollView, can_focus=True):
         height = len(self.rows)
         visible_height = self.scrollable_content_region.height
         size = Size(0, height)
-        if not self.is_mounted or (height > visible_height) != self.show_vertical_scrollbar:
+        if not self.is_mounted:
             self.virtual_size = size
-        else:
-            self.set_reactive(ModuleTree.virtual_size, size)
-            if self.show_vertical_scrollbar:
-                bar = self.vertical_scrollbar
-                bar.window_virtual_size, bar.window_size = height, visible_height
-            self.scroll_y = min(self.scroll_y, self.max_scroll_y)
-        self.refresh()
+            self.refresh()
+            return
+        show_scrollbar = height > visible_height
+        self.set_reactive(ModuleTree.virtual_size, size)
+        if show_scrollbar != self.show_vertical_scrollbar:
+            # The layout that places (or removes) the scrollbar is needed; telling the scroll view now rather than
+            # letting that layout find out saves a second layout and a third repaint, each on its own 60 fps tick.
+            # Not a repaint of every line (as setting the reactives would ask): the lines are refreshed below.
+            self.set_reactive(ModuleTree.show_vertical_scrollbar, show_scrollbar)
+            self.vertical_scrollbar.display = show_scrollbar
+            self.refresh(layout=True, repaint=False)
+        if show_scrollbar:
+            bar = self.vertical_scrollbar
+            bar.window_virtual_size, bar.window_size = height, visible_height
+        self.scroll_y = min(self.scroll_y, self.max_scroll_y)
+        # the scrollbar is drawn over the lines' last cell, so the lines stay as they are when it comes or goes
+        now = self._drawn_lines() if drawn is not None else None
+        if now is None or drawn is None or drawn.frame != now.frame:
+            self.refresh()
+            return
+        for first, count in _changed_runs(drawn.lines, now.lines):
+            self.refresh_lines(int(self.scroll_y) + first, count)
+
+    def _drawn_lines(self) -> _DrawnLines:
+        """What the lines on screen show, as far as `render_line` draws it."""
+        cursor, hover = self.cursor_row, self.hover_row
+        width, height = self.size
+        frame = (int(self.scroll_y), width, height, self.has_focus, self.cursor_line, self.hover_line,
+                 cursor.key if cursor is not None else None, hover.key if hover is not None else None)
+        top = int(self.scroll_y)
+        lines = tuple(
+            (row.key, row.lasts, row.expanded, row.expandable, self._label_of(row).parts) if row is not None else None
+            for row in (self.rows[line] if line < len(self.rows) else None for line in range(top, top + height))
+        )
+        return _DrawnLines(frame, lines)
 
     # moving
 
@@ -332,65 +396,68 @@ class ModuleTree(ScrollView, can_focus=True):
             return Strip.blank(width, styles.base)
         row = self.rows[line]
         cursor = self.cursor_row
-        hover = self.rows[self.hover_line] if 0 <= self.hover_line < len(self.rows) else None
+        hover = self.hover_row
         line_style = (styles.hover_line if hover is not None and _within(row.key, hover.key) else styles.base)
         line_style += Style(meta={"line": line})
         # guides at a depth below the cursor's (or the hovered) row, on rows inside it, take its guide style
         below_cursor = cursor.depth if styles.has_focus and cursor is not None and _within(row.key, cursor.key) else None
         below_hover = hover.depth if hover is not None and _within(row.key, hover.key) else None
-        text = Text(style=line_style)
+        # the segments Rich's Text would render for guides, icon and label appended to a Text styled `line_style`,
+        # built directly: each piece's style is `line_style` plus its own, as Text.render combines them
+        segments: list[Segment] = []
+        space, vertical, terminator, cross = self.GUIDES
         for level, last in enumerate(row.lasts):
             guide_style = styles.guide
             if below_hover is not None and level >= below_hover:
                 guide_style = styles.guide_hover
             if below_cursor is not None and level >= below_cursor:
                 guide_style = styles.guide_selected
-            space, vertical, terminator, cross = self.GUIDES
             if level < row.depth - 1:
-                text.append(space if last else vertical, guide_style)
+                segments.append(Segment(space if last else vertical, line_style + guide_style))
             else:
-                text.append(terminator if last else cross, guide_style)
+                segments.append(Segment(terminator if last else cross, line_style + guide_style))
         if row.expandable:
-            text.append(self.ICON_OPEN if row.expanded else self.ICON_CLOSED, line_style + Style(meta={"toggle": True}))
+            icon_style = line_style + Style(meta={"toggle": True})
+            segments.append(Segment(self.ICON_OPEN if row.expanded else self.ICON_CLOSED, line_style + icon_style))
         label_style = styles.hover_label if line == self.hover_line else styles.label
         if line == self.cursor_line:
             label_style += styles.cursor
-        label = self._label_of(row).copy()
-        label.stylize(label_style)
-        text.append_text(label)
-        segments = list(text.render(self.app.console))
-        return Strip(segments, text.cell_len).extend_cell_length(width, line_style).crop(0, width)
+        label = self._label_of(row)
+        segments += [Segment(text, line_style + style + label_style) for text, style in label.pieces]
+        cells = self.GUIDE_CELLS * row.depth + (self.ICON_CELLS if row.expandable else 0) + label.cells
+        return Strip(segments, cells).extend_cell_length(width, line_style).crop(0, width)
 
-    def _label_of(self, row: TreeRow) -> Text:
+    def _label_of(self, row: TreeRow) -> _DrawnLabel:
         label = self._labels.get(row.key)
         if label is None:
-            label = self._labels[row.key] = self._label(row.node, self.title if not row.key else None)
+            parts = tuple(part for part in self._label(row.node, self.title if not row.key else None) if part[0])
+            get_style = self.app.console.get_style
+            pieces = tuple((text, get_style(style)) for text, style in parts)
+            label = self._labels[row.key] = _DrawnLabel(parts, pieces, sum(cell_len(text) for text, _ in parts))
         return label
 
-    def _label(self, node: ModuleNode, title: str | None = None) -> Text:
+    def _label(self, node: ModuleNode, title: str | None = None) -> list[tuple[str, str]]:
+        """The label's parts, each a text and its style."""
         info = node.info
-        text = Text()
         if info is None and node.fold is None:  # a placeholder row ("no module matches ...")
-            return Text(node.label, style="italic")
+            return [(node.label, "italic")]
         if info is None:  # a folded run among unlike siblings
-            text.append(node.fold.describe(), style="bold")
             members = [child.info.params for child in node.children if child.info is not None]
-            text.append(f"  {format_count(sum(members))}", style="dim")
+            parts = [(node.fold.describe(), "bold"), (f"  {format_count(sum(members))}", "dim")]
             if any(child.info.name in self.patched_within for child in node.children if child.info is not None):
-                text.append("  [patched inside]", style="magenta")
-            return text
-        text.append(self._fitted_title(title, node, info) if title else node.label, style="bold")
+                parts.append(("  [patched inside]", "magenta"))
+            return parts
+        parts = [(self._fitted_title(title, node, info) if title else node.label, "bold")]
         if node.fold is not None:
-            text.append(f" {node.fold.describe()}", style="bold")
+            parts.append((f" {node.fold.describe()}", "bold"))
         else:
-            text.append(f"  {info.class_name}", style="cyan")
-        text.append(f"  {format_count(info.params)}", style="dim")
+            parts.append((f"  {info.class_name}", "cyan"))
+        parts.append((f"  {format_count(info.params)}", "dim"))
         if info.name in self.patched:
-            text.append("  [patched]", style="bold magenta")
+            parts.append(("  [patched]", "bold magenta"))
         elif info.name in self.patched_within:
-            text.append("  [patched inside]", style="magenta")
-        return text
-
+            parts.append(("  [patched inside]", "magenta"))
+        return parts
 
     def _fitted_title(self, title: str, node: ModuleNode, info: ModuleInfo) -> str:
         """The root's title (a model name, or a folder's path) with its middle elided so that the root's label fits
@@ -405,6 +472,19 @@ class ModuleTree(ScrollView, can_focus=True):
 
     def on_resize(self) -> None:
         self._labels.pop("", None)  # the root's title is fitted to the width
+
+
+def _changed_runs(before: Sequence[object], after: Sequence[object]) -> list[tuple[int, int]]:
+    """The runs of positions where `before` and `after` differ, as (first, count)."""
+    runs: list[tuple[int, int]] = []
+    for index, (old, new) in enumerate(zip(before, after)):
+        if old == new:
+            continue
+        if runs and sum(runs[-1]) == index:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
 
 
 def _within(key: str, ancestor_key: str) -> bool:
