@@ -100,3 +100,26 @@ async def test_plan_screen_plans_training_as_the_trainers_run_it():
         shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
         assert shown.startswith("could not plan: autocast and LoRA dtype are training settings")
         assert "--" not in shown
+
+
+@pilot_test
+async def test_at_80x24_the_plans_answer_comes_into_view_without_scrolling():
+    """The result lies below the controls at 80x24; when a plan is shown it is scrolled to, once it is laid out at
+    its new height (scrolling before that stopped where the one-line placeholder had ended: the peak stayed below the
+    fold, as the tmux journey's capture showed)."""
+    from test_tui_journeys import on_screen, without_toasts
+
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("g")
+        await pilot.pause()
+        app.screen.query_one("#plan-mode").value = "lora"
+        app.screen.query_one("#plan-rank").value = "4"
+        field = app.screen.query_one("#plan-gpu")
+        field.value = "40MiB"
+        field.focus()
+        await pilot.press("enter")
+        await settle(pilot)
+        await without_toasts(pilot)
+        on_screen(app, "planned tiny, 9x64x64", "peak")

@@ -84,6 +84,22 @@ def plan_table(plan: Any) -> Table:
     return facts_table(rows)
 
 
+class PlanResult(Static):
+    """The plan's answer, below the controls (off screen at 80x24). When an answer is shown it comes into view: after
+    the next refresh, and again whenever it is laid out at a new height (scrolled to before that, the screen stops
+    where the one-line placeholder ended and the peak stays below the fold)."""
+
+    revealing = False  # an answer was shown: keep its top in view as it is laid out
+
+    def reveal(self) -> None:
+        self.revealing = True
+        self.call_after_refresh(self.scroll_visible, animate=False, top=True)
+
+    def on_resize(self) -> None:
+        if self.revealing:
+            self.scroll_visible(animate=False, top=True)
+
+
 @dataclass(frozen=True)
 class PlanState:
     """The request planned (plan_memory's keyword arguments), and its plan or the error it met."""
@@ -145,21 +161,20 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
                 yield Checkbox("VAE decode", id="plan-vae")
                 yield Checkbox("tiling", id="plan-tiling")
                 yield Button("Plan", id="plan-run")
-            yield Static(Text("set the run and press Enter or Plan", style="dim"), id="plan-result")
+            yield PlanResult(Text("set the run and press Enter or Plan", style="dim"), id="plan-result")
         yield Footer()
 
     def show_state(self, state: PlanState) -> None:
         """Make `state` the screen's and show its plan, its error, or that it is being planned."""
         self.state = state
-        result = self.query_one("#plan-result", Static)
+        result = self.query_one("#plan-result", PlanResult)
         if state.plan is not None:
             result.update(plan_table(state.plan))
         elif state.error is not None:
             result.update(Text(f"could not plan: {state.error}", style="bold red"))
         elif state.request is not None:
             result.update(Text("planning…", style="dim"))
-        # below the controls at 80x24: the answer comes into view, once laid out at its new height
-        self.call_after_refresh(result.scroll_visible, animate=False, top=True)
+        result.reveal()
 
     def request(self) -> dict[str, Any]:
         """plan_memory's keyword arguments from the controls; a PlanError names the control that is wrong."""
