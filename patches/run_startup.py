@@ -140,21 +140,46 @@ def _enable_context_parallel(model, degree):
         # The group is ours, and so is ending it, together: left to the interpreter's teardown, a rank aborted at
         # exit ("terminate called without an active exception", SIGABRT) in 2 of 16 runs of tests/test_parallel.py's
         # `run --ulysses 2`; destroyed at exit without a barrier, 1 in 30; with the barrier first, 0 in 70 (two loops
-        # at once on 2 cores). A program that destroys the group itself is left to do so.
+        # at once on 2 cores). A program that destroys the group itself is left to do so. A rank that ends on an
+        # uncaught exception skips the barrier: its peers may be stuck in a collective waiting for it, and torchrun
+        # ends them once this one is gone.
+        _note_uncaught_exceptions()
         atexit.register(_destroy_process_group_if_left)
     from cogsurgeon import parallel
 
     parallel.enable(model, ulysses=degree)
 
 
+_ended_by_exception = []  # set by the excepthook below: the program is ending on an uncaught exception
+
+
+def _note_uncaught_exceptions():
+    previous = sys.excepthook
+
+    def noting(*exc_info):
+        _ended_by_exception.append(True)
+        previous(*exc_info)
+
+    sys.excepthook = noting
+
+
 def _destroy_process_group_if_left():
+    import datetime
+
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        try:
-            dist.barrier()  # no rank tears its connections down while another may still be reading from them
-        finally:
-            dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    try:
+        if not _ended_by_exception:  # no rank tears its connections down while another may still be reading them
+            if dist.get_backend() == "gloo":  # bounded: a peer that ended some other way does not hang this one
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+    except Exception:  # a peer gone: nothing to wait for
+        pass
+    finally:
+        dist.destroy_process_group()
 
 
 def _patch_model(model):

@@ -206,6 +206,25 @@ def test_run_ulysses_runs_an_unchanged_script_context_parallel_with_its_patches(
         assert (saved["output"] - reference).abs().max() <= TOLERANCE
 
 
+FAILING_RANK_SCRIPT = UNCHANGED_SCRIPT.replace(
+    "with torch.no_grad():",
+    "if os.environ.get('RANK') == '1':\n    raise RuntimeError('rank 1 fails before the forward')\nwith torch.no_grad():")
+
+
+@pytest.mark.slow  # torchrun with 2 ranks under `run`
+@needs_engine
+def test_run_ulysses_ends_when_one_rank_fails(cli, tmp_path):
+    """A rank that ends on an exception leaves at once (no exit barrier: its peer is waiting for it inside the
+    forward's all-to-all), so torchrun sees the failure and ends the job, instead of both waiting for ever."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK_SCRIPT)
+    environment = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = cli("run", "--ulysses", "2", "--", sys.executable, str(script), str(tmp_path), env=environment,
+                 timeout=240)
+    assert result.returncode != 0
+    assert "rank 1 fails before the forward" in result.stderr
+
+
 # -- `plan --ulysses N`: one GPU's peak ----------------------------------------------------------------------------
 
 
