@@ -9,6 +9,7 @@ cleaned up — its progress calls fail once the app is gone, which aborts it thr
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,12 +37,21 @@ def threads_writing() -> list[threading.Thread]:
 
 
 def wait_for_user_writes(say: Callable[[str], None]) -> None:
-    """Block until every thread inside `writing_user_files()` has left it, saying so once if any has to be waited for."""
+    """Block until every thread inside `writing_user_files()` has left it, saying so once if any has to be waited for.
+    Ctrl-C meanwhile is ignored (on the main thread, where handlers live): the console's handler would end the process
+    at once, cutting the write off and leaving its staging folder; the write is the user's and ends first."""
     pending = threads_writing()
-    if pending:
-        say("cogsurgeon: finishing the write in progress (a LoRA repair or merge) before exiting…")
-    for thread in pending:
-        thread.join()
+    if not pending:
+        return
+    say("cogsurgeon: finishing the write in progress (a LoRA repair or merge) before exiting…")
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if on_main_thread else None
+    try:
+        for thread in pending:
+            thread.join()
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 __all__ = [
