@@ -95,7 +95,7 @@ SCREEN_CONTROLS = (
     ("--to", "“write for”"),
     ("--bake-scale", f"“{BAKE_LABEL}”"),
     ("see `cogsurgeon lora inspect`", "see the findings"),
-    ("Repair it first (`cogsurgeon lora repair` with", "Repair it first (step 2, with"),
+    ("Repair it first (repair_checkpoint or `cogsurgeon lora repair`, with", "Repair it first (step 2, with"),
 )
 # the flags of `cogsurgeon lora` (a trainer's own flags, such as `--lora_alpha` in a default's source, stay as cited)
 FLAG = re.compile(r"--(alpha|trainer|step|latest|override-stored-alpha|force|out|to|bake-scale|base|json)(?![\w-])")

@@ -160,7 +160,7 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
                                       "LoRA is not W + α/r·B·A, which is what merge fuses")
         if report.alpha is None:
             raise LoraCheckpointError(report.unsettled_alpha_message().replace(
-                "Settle it with", "Repair it first (`cogsurgeon lora repair` with") + ") and merge the repaired folder")
+                "Settle it with", "Repair it first (repair_checkpoint or `cogsurgeon lora repair`, with") + ") and merge the repaired folder")
         misfit = check_fits(config, [(t.module, t.part, t.shape) for t in checkpoint.tensors], str(base))
         if misfit is not None:
             raise LoraCheckpointError(f"{spec.path}: {misfit}")
