@@ -32,7 +32,7 @@ def interrupted() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.stderr.write("cogsurgeon: aborted\n")
+    sys.stderr.write("cogsurgeon: aborted\n")  # interrupts.ABORTED_LINE, written out: this module imports only sys
     sys.exit(130)
 
 

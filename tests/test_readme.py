@@ -263,9 +263,10 @@ def test_skipped_readme_command(line, command, reason):
 
 def test_a_blocks_commands_run_in_one_test_in_order():
     """The regression CI met: `--save xray.json` and `show xray.json` ran as two tests, on two workers, so the second
-    found no file. The same block's commands are now one test's, in README order."""
-    xray = [snippet for snippet in BASH_BLOCKS if any("--save xray.json" in command
-                                                      for _, command in bash_commands(snippet))]
+    found no file. The block test is parametrized by whole blocks, and the block holding both runs them in order."""
+    mark = next(mark for mark in test_bash_block_runs_in_order.pytestmark if mark.name == "parametrize")
+    assert mark.args[0] == "snippet" and all(isinstance(block, Snippet) for block in mark.args[1])
+    xray = [block for block in mark.args[1] if any("--save xray.json" in command for _, command in bash_commands(block))]
     assert len(xray) == 1
     commands = [command for _, command in bash_commands(xray[0])]
     saving = next(index for index, command in enumerate(commands) if "--save xray.json" in command)

@@ -23,6 +23,7 @@ from cogsurgeon.inspector.cli.patch import patch, run
 from cogsurgeon.inspector.cli.plan import plan
 from cogsurgeon.inspector.cli.trace import trace
 from cogsurgeon.inspector.errors import CogsurgeonError, Interrupted, ModelSpecError, renamed_parameters
+from cogsurgeon.inspector.interrupts import ABORTED_LINE, ABORTED_STATUS
 from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, resolve_spec
 from cogsurgeon.inspector.offline import enter_offline_mode
 from cogsurgeon.inspector.user_files import describe_os_error
@@ -187,7 +188,7 @@ def _run(argv: list[str] | None, stderr: _LineTrackingStream) -> int:
         return _fail(stderr, f"cogsurgeon: error: {_one_line(exc.format_message())}",
                      exc.exit_code if exc.exit_code != 1 else 2)
     except click.Abort:
-        return _fail(stderr, "cogsurgeon: aborted", 130)
+        return _fail(stderr, ABORTED_LINE, ABORTED_STATUS)
     except Interrupted as exc:
         return _fail(stderr, f"cogsurgeon: {_one_line(exc)}", 128 + exc.signum)
     except BrokenPipeError:

@@ -96,7 +96,8 @@ class PlanResult(Static):
         self.call_after_refresh(self.scroll_visible, animate=False, top=True)
 
     def on_resize(self) -> None:
-        if self.revealing:
+        if self.revealing:  # once: a later resize (the terminal's) leaves the view where the user put it
+            self.revealing = False
             self.scroll_visible(animate=False, top=True)
 
 

@@ -546,14 +546,15 @@ class LexedOnceSyntax(Syntax):
     last few (source, theme) pairs and each render gets a copy; everything after lexing is Rich's own."""
 
     LEXED_KEPT = 8
-    lexed: dict[tuple[str, tuple[int | None, int | None] | None, str], Text] = {}
+    lexed: dict[tuple[Any, ...], Text] = {}
 
     def __init__(self, code: str, *, theme: str, **options: Any) -> None:
         super().__init__(code, "python", theme=theme, **options)
         self.theme_name = theme
 
     def highlight(self, code: str, line_range: tuple[int | None, int | None] | None = None) -> Text:
-        key = (code, line_range, self.theme_name)
+        key = (code, line_range, self.theme_name, self.tab_size, self.word_wrap, self.background_color,
+               self.dedent, self.line_numbers)
         text = self.lexed.get(key)
         if text is None:
             text = super().highlight(code, line_range)
