@@ -587,19 +587,25 @@ class SourceView(VerticalScroll):
     def waiting(self, text: str) -> None:
         self.shown = None
         self.border_title = "source" if not text.startswith("loading") else text
-        self.query_one("#source-code", Static).update(Text(text, style="dim"))
+        code = self.query_one("#source-code", Static)
+        code.styles.height = "auto"
+        code.update(Text(text, style="dim"))
 
     def show(self, source: SourceText | None, what: str) -> None:
         self.shown = (source, what)
         code = self.query_one("#source-code", Static)
         if source is None:
             self.border_title = what
+            code.styles.height = "auto"
             code.update(Text(f"no Python source for {what}", style="dim"))
         else:
             self.border_title = f"{source.title}  {source.location}"
+            text = source.text.rstrip("\n")
+            # One line per source line (no wrapping): a height Textual need not render the whole source to measure.
+            code.styles.height = text.count("\n") + 1
             code.update(
                 LexedOnceSyntax(
-                    source.text.rstrip("\n"),
+                    text,
                     line_numbers=True,
                     start_line=source.start_line,
                     theme=self.syntax_theme,
