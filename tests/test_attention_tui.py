@@ -80,6 +80,7 @@ def test_the_overview_colours_every_head_by_its_kind(recording):
     assert letters == ["".join(kinds[s.kind] for s in recording.head_stats(layer)) for layer in range(3)]
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_a_on_the_main_screen_records_the_open_model(tmp_path):
     app = CogsurgeonApp("tiny")
@@ -98,6 +99,7 @@ async def test_a_on_the_main_screen_records_the_open_model(tmp_path):
         assert app.screen is app.main_screen
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_a_on_a_meta_model_says_why_it_cannot_record():
     app = CogsurgeonApp("cogvideox-2b")

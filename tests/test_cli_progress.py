@@ -147,6 +147,7 @@ def test_patch_verify_names_the_model_it_verifies_on_in_a_terminal_only():
     assert stdout == piped.stdout
 
 
+@pytest.mark.slow
 def test_an_error_after_progress_is_the_one_line_the_terminal_shows():
     """The progress line is erased before the error is written: the terminal shows the error alone."""
     status, stdout, sent = run_with_stderr_in_a_terminal("plan", "tiny", "--patch", "no-such-patch")
@@ -156,6 +157,7 @@ def test_an_error_after_progress_is_the_one_line_the_terminal_shows():
     assert line.startswith("cogsurgeon: error:") and "no-such-patch" in line, sent
 
 
+@pytest.mark.slow
 def test_a_progress_line_never_wraps_in_a_narrow_terminal():
     status, _, sent = run_with_stderr_in_a_terminal("plan", "tiny", "--train", "full", "--gpu-memory", "1KiB",
                                                     columns=40)

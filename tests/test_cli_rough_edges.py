@@ -147,6 +147,7 @@ def test_doctor_prints_a_fix_only_for_present_findings(cli):
         assert (fix_marker[finding["id"]] in table) == (finding["status"] == "present"), table
 
 
+@pytest.mark.slow
 def test_hub_hint_names_the_command_the_installed_hub_has(cli, tmp_path):
     completed = cli("modules", "THUDM/CogVideoX-5b", env={"HF_HUB_CACHE": str(tmp_path)})
     command = "hf" if int(metadata.version("huggingface_hub").split(".")[0]) >= 1 else "huggingface-cli"

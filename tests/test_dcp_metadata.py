@@ -91,6 +91,7 @@ def test_a_metadata_payload_never_runs_from_the_cli(command, poisoned, tmp_path,
     assert not (tmp_path / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_a_metadata_payload_never_runs_from_the_tui(poisoned, monkeypatch):
     from test_tui import SIZE, inspect_in_the_lora_screen, notifications
 

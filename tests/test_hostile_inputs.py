@@ -311,6 +311,7 @@ def test_a_config_size_of_zero_is_one_line_naming_the_file_and_field(tmp_path, c
     assert tree_digest(folder) == before
 
 
+@pytest.mark.slow
 def test_a_non_utf8_refs_main_is_not_a_crash(tmp_path):
     repo = tmp_path / "hub" / "models--org--cogvideox"
     (repo / "refs").mkdir(parents=True)

@@ -139,6 +139,7 @@ def _hidden_leftovers(parent: Path, out: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{out.name}"))
 
 
+@pytest.mark.slow
 def test_a_folder_appearing_at_out_during_a_merge_is_kept(adapters, tmp_path):
     base = _padded_base(tmp_path / "base")
     out = tmp_path / "merged"
@@ -239,6 +240,7 @@ def test_force_refuses_a_folder_that_is_not_a_merge(kind, adapters, tmp_path, cl
     assert _hidden_leftovers(tmp_path, out) == []
 
 
+@pytest.mark.slow
 def test_merge_output_gets_umask_permissions_and_stale_partials_are_removed(adapters, tmp_path):
     import stat
 

@@ -247,6 +247,7 @@ def test_plan_ulysses_that_does_not_divide_the_heads_is_one_line_naming_the_vali
     ]
 
 
+@pytest.mark.slow
 @needs_engine
 def test_trace_ulysses_shows_one_ranks_shapes(cli):
     """5B at 49x480x720 over 4 ranks: 226 text and 17,550 video tokens padded to 228 and 17,552, a quarter each per

@@ -50,6 +50,7 @@ def test_a_masked_forward_compiles_as_one_graph_and_equals_eager(names, form):
     patches.revert(model)
 
 
+@pytest.mark.slow
 def test_a_compiled_model_or_pipeline_transformer_is_patched_inside_and_recompiles():
     """`torch.compile(model)` (an OptimizedModule), or a pipeline whose `.transformer` is one: the patch goes on the
     module inside, the compiled model's next call runs it (dynamo's guards see the new processors), revert undoes it."""

@@ -242,6 +242,7 @@ def test_fits_and_suggestions():
     assert roomy.fits is True and roomy.suggestions == ()
 
 
+@pytest.mark.slow
 def test_a_combination_that_fits_is_suggested_when_no_single_switch_does():
     """Checkpointing alone and batch 1 alone are too large for this card; the two together fit (issue 22)."""
     singles = {switch: plan_memory("tiny", frames=9, height=64, width=64, train="lora:4", **options).peak_bytes

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from test_tui import SIZE, notifications, pilot_test, settle, shown_text, wait_for_model
 
 from cogsurgeon.inspector.tui.app import CogsurgeonApp
 from cogsurgeon.inspector.tui.plan_screen import PlanScreen
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_plan_screen_plans_the_loaded_model_at_a_typed_size():
     app = CogsurgeonApp("tiny")
@@ -39,6 +42,7 @@ async def test_plan_screen_plans_the_loaded_model_at_a_typed_size():
         assert app.screen is app.main_screen
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_plan_screen_reports_a_bad_size_as_a_notification():
     app = CogsurgeonApp("tiny")
@@ -58,6 +62,7 @@ async def test_plan_screen_reports_a_bad_size_as_a_notification():
         assert any("FRAMESxHEIGHTxWIDTH" in message for message in notifications(app))
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_plan_screen_plans_training_as_the_trainers_run_it():
     """The mixed-precision, LoRA dtype and trainer controls reach the planner, and the result says what was planned:
@@ -102,6 +107,7 @@ async def test_plan_screen_plans_training_as_the_trainers_run_it():
         assert "--" not in shown
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_at_80x24_the_plans_answer_comes_into_view_without_scrolling():
     """The result lies below the controls at 80x24; when a plan is shown it is scrolled to, once it is laid out at

@@ -137,6 +137,7 @@ async def test_opens_on_the_tree_with_folded_blocks_and_the_root_details():
         assert app.sub_title == "tiny"
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_expanding_a_folded_row_lists_its_blocks():
     app = CogsurgeonApp("tiny")
@@ -153,6 +154,7 @@ async def test_expanding_a_folded_row_lists_its_blocks():
         assert app.screen.selected.name == "transformer_blocks.0"
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_filter_narrows_the_tree_enter_selects_the_first_match_escape_restores():
     app = CogsurgeonApp("tiny")
@@ -185,6 +187,7 @@ async def test_filter_narrows_the_tree_enter_selects_the_first_match_escape_rest
         assert app.screen.selected.name == "transformer_blocks.0.attn1"  # the selection survives
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_the_narrowed_tree_is_drawn_scrolls_and_takes_clicks():
     """ModuleTree draws its own rows and updates its scrollbar without a layout of the screen: the rows drawn, the
@@ -228,6 +231,7 @@ def screen_rows(tree: ModuleTree) -> list[str]:
     return [row for row in rows if row]
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_the_screen_shows_the_narrowed_tree_after_every_key():
     """A filter key repaints only the tree's lines whose row changed: after every key, typed or deleted, with the
@@ -264,6 +268,7 @@ async def test_details_show_the_shapes_traced_at_the_pipelines_default_size():
         assert "[(2, 48, 32), (2, 8, 32)]" in details  # outputs: video and text hidden states
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_the_roots_details_show_the_streaming_kv_cache_at_that_size():
     from cogsurgeon.inspector.model_specs import tiny_config
@@ -284,6 +289,7 @@ async def test_the_roots_details_show_the_streaming_kv_cache_at_that_size():
         assert "KV cache" not in shown_text(app.query_one(ModuleDetails))  # the root's fact only
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_filter_by_class_and_a_filter_that_matches_nothing():
     app = CogsurgeonApp("tiny")
@@ -302,6 +308,7 @@ async def test_filter_by_class_and_a_filter_that_matches_nothing():
         assert "no module matches 'adalayernormzzz'" in notifications(app)
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_switch_to_a_folder_model_saved_with_save_pretrained(tmp_path, tiny_model):
     folder = tmp_path / "runs" / "my-tiny"
@@ -338,6 +345,7 @@ async def test_a_failed_load_is_a_notification_and_the_old_model_stays(tmp_path)
         assert app.screen.selected.name == "patch_embed"
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_while_the_model_loads_the_tree_says_what_and_redraws_once_a_second(monkeypatch):
     release = hold_loads(monkeypatch, "tiny")
@@ -378,6 +386,7 @@ async def test_switching_models_during_a_load_shows_the_new_load_then_the_new_mo
         assert not tree.loading and app.screen.opening is None
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_model_switch_from_the_command_palette():
     app = CogsurgeonApp("tiny")
@@ -389,6 +398,7 @@ async def test_model_switch_from_the_command_palette():
         assert app.screen.loaded.config["in_channels"] == 8
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_ctrl_q_quits():
     app = CogsurgeonApp("tiny")
@@ -426,6 +436,7 @@ def patch_rows(app) -> dict[str, list[str]]:
     return {str(row[0]): [str(cell) for cell in row[1:]] for row in (table.get_row_at(i) for i in range(table.row_count))}
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_apply_and_revert_a_patch_from_the_panel():
     app = CogsurgeonApp("tiny")
@@ -457,6 +468,7 @@ async def test_apply_and_revert_a_patch_from_the_panel():
         assert not any("[patched" in row for row in tree_rows(tree))
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_a_patch_that_does_not_compose_is_refused_with_a_notification():
     app = CogsurgeonApp("tiny")
@@ -471,6 +483,7 @@ async def test_a_patch_that_does_not_compose_is_refused_with_a_notification():
         assert app.is_running
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_verify_runs_in_a_worker_and_shows_the_max_error():
     app = CogsurgeonApp("tiny")
@@ -483,6 +496,7 @@ async def test_verify_runs_in_a_worker_and_shows_the_max_error():
         assert float(verdict.split("max error ")[1].split(",")[0]) < 1e-4
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_patch_apply_from_the_command_palette():
     app = CogsurgeonApp("tiny")
@@ -493,6 +507,7 @@ async def test_patch_apply_from_the_command_palette():
         assert patch_rows(app)["frame-causal-attention"][0] == "applied"
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_lora_screen_inspects_repairs_and_verifies_a_cogvideo_checkpoint(tmp_path, monkeypatch):
     from lora_helpers import BASE, save_cogvideo_checkpoint, train
@@ -538,6 +553,7 @@ async def test_lora_screen_inspects_repairs_and_verifies_a_cogvideo_checkpoint(t
         assert app.screen is app.main_screen
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_lora_screen_reports_a_bad_checkpoint_as_a_notification(tmp_path):
     bogus = tmp_path / "weights.safetensors"
@@ -553,6 +569,7 @@ async def test_lora_screen_reports_a_bad_checkpoint_as_a_notification(tmp_path):
         assert app.screen.query_one("#lora-repair").disabled
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_a_published_model_with_a_cached_inventory_opens_complete():
     from cogsurgeon.inspector.inventory import inventory_for_spec

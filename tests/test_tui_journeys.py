@@ -74,6 +74,7 @@ async def scroll_to(pilot, selector: str) -> None:
     await without_toasts(pilot)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
 @pilot_test
 async def test_browse_to_a_modules_source(size):
@@ -98,6 +99,7 @@ async def test_browse_to_a_modules_source(size):
         no_cli_flags(app)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
 @pilot_test
 async def test_a_patch_with_options_verified_then_reverted(size):
@@ -171,6 +173,7 @@ def copy_inputs(root: Path, into: Path) -> None:
         shutil.copytree(root / name, into / name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
 @pilot_test
 async def test_lora_inspect_a_repair_inspect_b_repair_verify(size, lora_folders, tmp_path, monkeypatch):
@@ -239,6 +242,7 @@ async def test_lora_inspect_a_repair_inspect_b_repair_verify(size, lora_folders,
     assert '"lora_alpha": 4' in (tmp_path / "out-step-900-adapter" / "adapter_config.json").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
 @pilot_test
 async def test_verify_an_existing_adapter_then_merge_it_into_a_base(size, lora_folders, tmp_path, monkeypatch):
@@ -274,6 +278,7 @@ async def test_verify_an_existing_adapter_then_merge_it_into_a_base(size, lora_f
         no_cli_flags(app)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
 @pilot_test
 async def test_plan_with_a_patch_and_training(size):

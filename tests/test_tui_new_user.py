@@ -9,12 +9,15 @@ import re
 import stat
 import sys
 
+import pytest
+
 from test_tui import SIZE, hold_loads, notifications, patch_rows, pilot_test, settle, shown_text, wait_for_model
 
 from cogsurgeon.inspector.tui.app import CogsurgeonApp
 from cogsurgeon.inspector.tui.widgets import ModuleDetails, ModuleTree, SourceView
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_the_patches_panel_shows_a_second_patch_applied():
     """causal-attention then attention-mask (they compose): the second one's state must read applied, although the
@@ -33,6 +36,7 @@ async def test_the_patches_panel_shows_a_second_patch_applied():
         assert patch_rows(app)["attention-mask"][0] == "off"
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_a_model_switch_clears_the_previous_models_details(monkeypatch, tmp_path, tiny_model):
     folder = tmp_path / "runs" / "my-tiny"
@@ -55,6 +59,7 @@ async def test_a_model_switch_clears_the_previous_models_details(monkeypatch, tm
         assert "transformer_blocks.0.attn1" in details and "9×64×64 video, batch 2" in details
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_at_80_columns_the_details_stack_under_the_tree():
     app = CogsurgeonApp("tiny")
@@ -88,6 +93,7 @@ async def test_at_80_by_24_the_tree_has_room_and_the_patches_stay_reachable():
         assert patch_rows(app)["causal-attention"][0] == "applied"
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_at_80_by_24_the_details_that_do_not_fit_scroll_from_the_keyboard():
     """At 80×24 the stacked details show their first lines only; `d` focuses them and the arrows and End scroll the
@@ -132,6 +138,7 @@ async def test_at_80_by_24_a_patchs_options_are_typed_from_the_keyboard_with_the
         assert patch_rows(app)["block-causal-attention"][2] == "chunk=3, window=4, sink=1"
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_verify_says_what_it_runs_and_shows_its_progress(monkeypatch):
     app = CogsurgeonApp("tiny")
@@ -156,6 +163,7 @@ async def test_verify_says_what_it_runs_and_shows_its_progress(monkeypatch):
         assert seen[0] == "starting…" and seen[-1].startswith("passed, max error ")
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_question_mark_lists_the_keys():
     app = CogsurgeonApp("tiny")
@@ -233,6 +241,7 @@ async def test_the_source_view_follows_the_apps_theme():
         assert code.content is not drawn_dark and "class CogVideoXTransformer3DModel" in shown_text(code)
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_the_lora_screen_offers_no_meta_base_speaks_of_its_own_controls_and_follows_the_alpha(tmp_path,
                                                                                                    monkeypatch):
@@ -275,6 +284,7 @@ async def test_the_lora_screen_offers_no_meta_base_speaks_of_its_own_controls_an
         assert '"lora_alpha": 2' in (tmp_path / "adapter" / "adapter_config.json").read_text()
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_the_lora_screen_offers_the_open_tiny_model_as_base():
     app = CogsurgeonApp("tiny")
@@ -311,6 +321,7 @@ def scaled_output_patch():
     return Scaled()
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_the_patches_panel_shows_and_edits_a_patchs_parameters(monkeypatch):
     import torch

@@ -7,6 +7,8 @@ the SVGs in the report before committing them.
 
 from __future__ import annotations
 
+import pytest
+
 from cogsurgeon.inspector.tui.app import CogsurgeonApp
 
 from test_tui import wait_for_model
@@ -23,6 +25,7 @@ def test_main_screen(snap_compare):
     assert snap_compare(CogsurgeonApp("tiny"), terminal_size=SIZE, run_before=loaded)
 
 
+@pytest.mark.slow
 def test_details_with_the_processor_source(snap_compare):
     async def select_attention(pilot) -> None:
         await loaded(pilot)
@@ -32,6 +35,7 @@ def test_details_with_the_processor_source(snap_compare):
     assert snap_compare(CogsurgeonApp("tiny"), terminal_size=SIZE, run_before=select_attention)
 
 
+@pytest.mark.slow
 def test_patches_panel_with_a_patch_applied(snap_compare):
     async def apply_causal(pilot) -> None:
         await loaded(pilot)
@@ -43,6 +47,7 @@ def test_patches_panel_with_a_patch_applied(snap_compare):
     assert snap_compare(CogsurgeonApp("tiny"), terminal_size=SIZE, run_before=apply_causal)
 
 
+@pytest.mark.slow
 def test_lora_screen_after_inspect(snap_compare, tmp_path, monkeypatch):
     from lora_helpers import save_cogvideo_checkpoint, train
 

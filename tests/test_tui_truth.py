@@ -32,6 +32,7 @@ async def set_block_options(app, pilot, chunk: str, window: str, sink: str) -> N
     await pilot.pause()
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_v_verifies_the_options_the_row_shows_and_the_verdict_names_them():
     from cogsurgeon.patches.verify import verify_patch
@@ -56,6 +57,7 @@ async def test_v_verifies_the_options_the_row_shows_and_the_verdict_names_them()
         assert patch_rows(app)[BLOCK][1] == verdict
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_a_verdict_is_cleared_when_another_model_opens():
     app = CogsurgeonApp("tiny")
@@ -74,6 +76,7 @@ async def test_a_verdict_is_cleared_when_another_model_opens():
         assert patch_rows(app)["causal-attention"][1] == "-"
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_a_new_checkpoint_resets_everything_computed_for_the_last_one(tmp_path, monkeypatch):
     """Inspect A, repair, verify; inspect B: nothing of A is shown (output folder, progress, results, the replace
@@ -136,6 +139,7 @@ async def test_a_new_checkpoint_resets_everything_computed_for_the_last_one(tmp_
     assert '"lora_alpha": 4' in (tmp_path / "out" / "checkpoint-900-adapter" / "adapter_config.json").read_text()
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_the_findings_do_not_say_ready_while_lora_alpha_is_unknown(tmp_path, monkeypatch):
     from lora_helpers import save_cogvideo_checkpoint, train
@@ -158,6 +162,7 @@ def cursor_row_is_visible(table) -> bool:
     return table.scroll_y <= table.cursor_row < table.scroll_y + visible
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_at_80x24_the_patches_cursor_stays_visible_and_actions_apply_to_its_row():
     """Home/End move the cursor in the patches list as in the tree; setting options keeps the cursor (and the
@@ -189,6 +194,7 @@ async def test_at_80x24_the_patches_cursor_stays_visible_and_actions_apply_to_it
         assert table.cursor_row == window and cursor_row_is_visible(table)
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_the_options_dialog_keeps_what_was_typed_and_marks_the_field_the_patch_refuses():
     from cogsurgeon.inspector.tui.screens import PatchOptionsScreen
@@ -317,6 +323,7 @@ async def test_the_filter_folds_a_run_of_blocks_as_modules_filter_does():
         assert "1  CogVideoXBlock  19.3K" not in rows and rows.count("attn1  Attention  4.29K") == 1
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_scrollbars_stand_out_from_their_track_in_every_theme():
     """The details' scrollbar was dark teal on black in the default theme: the thumb must differ from the track (each
