@@ -810,7 +810,7 @@ TRAINER_PRESETS: dict[str, TrainerPreset] = {preset.name: preset for preset in (
             "(:17, accelerate_configs/uncompiled_1.yaml:3,11), CogVideoX-5b (:34), --mixed_precision bf16 (:48), "
             "--gradient_checkpointing (:55), adamw (:13); cogvideox/cogvideox_text_to_video_sft.py: the 5B loads in "
             "bf16 (:291-295), all of it trained (:316) and moved in bf16 (:351), upcast to fp32 only under fp16 "
-            "(:419-421), torch.optim.AdamW (utils.py get_optimizer)")),
+            "(:419-421), torch.optim.AdamW (cogvideox/utils.py:83-89)")),
     TrainerPreset(
         "finetrainers", "bfloat16", "no", "fp32", 64, 64, FFN_AND_ATTENTION, "adam", False,
         "a-r-r-o-w/finetrainers (f476c37): --transformer_dtype bf16 (finetrainers/args.py:741), no autocast "
