@@ -103,6 +103,46 @@ async def test_plan_screen_plans_training_as_the_trainers_run_it():
 
 
 @pilot_test
+async def test_plan_screen_plans_a_full_finetune_under_deepspeed_zero():
+    """Issue 25 item 3: the ZeRO stage and GPU count controls reach the planner; a trainer's full finetune is its
+    launch's (CogVideo: ZeRO-2 over 8 GPUs); a stage without full training is named as the screen's controls."""
+    from cogsurgeon.inspector.plan import plan_memory
+
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        await pilot.press("g")
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#plan-mode").value = "full"
+        screen.query_one("#plan-trainer").value = "cogvideo-finetune"
+        await pilot.click("#plan-run")
+        await settle(pilot)
+        shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
+        expected = plan_memory("tiny", frames=9, height=64, width=64, batch=2, train="full",
+                               trainer="cogvideo-finetune")
+        assert "(as cogvideo-finetune, DeepSpeed ZeRO-2, per GPU of 8, no autocast)" in shown
+        assert f"({expected.peak_bytes:,} bytes)" in shown and "master_weights" in shown
+
+        screen.query_one("#plan-trainer").clear()
+        screen.query_one("#plan-zero").value = "3"
+        screen.query_one("#plan-gpus").value = "4"
+        await pilot.click("#plan-run")
+        await settle(pilot)
+        shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
+        expected = plan_memory("tiny", frames=9, height=64, width=64, batch=2, train="full", zero=3, gpus=4)
+        assert "DeepSpeed ZeRO-3, per GPU of 4" in shown and f"({expected.peak_bytes:,} bytes)" in shown
+
+        screen.query_one("#plan-mode").value = "inference"
+        await pilot.click("#plan-run")
+        await settle(pilot)
+        shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
+        assert shown.startswith("could not plan: ZeRO 3 shards a full finetune's model states: add the mode "
+                                "training: full"), shown
+        assert "--" not in shown and "zero=" not in shown
+
+
+@pilot_test
 async def test_at_80x24_the_plans_answer_comes_into_view_without_scrolling():
     """The result lies below the controls at 80x24; when a plan is shown it is scrolled to, once it is laid out at
     its new height (scrolling before that stopped where the one-line placeholder had ended: the peak stayed below the
