@@ -1033,7 +1033,8 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
             else:
                 accelerate_training_step(model, inputs, target, optimizer, PlannedAccelerator(mixed_precision),
                                          trainable, phase=accounting.within, max_grad_norm=max_grad_norm)
-            label = train.label() + (f", ZeRO-{zero.stage} of {zero.gpus} GPUs" if engine else "")
+            label = train.label() + (f", ZeRO-{zero.stage} of {zero.gpus} GPU{'s' * (zero.gpus > 1)}" if engine
+                                     else "")
             return accounting.result(f"transformer training step ({label})")
     finally:
         for hook in hooks:
