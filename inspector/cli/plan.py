@@ -27,8 +27,9 @@ from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, POSITIVE, print_json, 
               help="The LoRA adapters' dtype: auto leaves PEFT's (the base layers'); fp32 as cast_training_params.")
 @click.option("--trainer", metavar="NAME",
               help="Plan training as this trainer sets it up (dtype, mixed precision, adapters, rank, optimizer, "
-                   "checkpointing): cogvideo-finetune, diffusers-scripts, cogvideox-factory, finetrainers, cogkit, "
-                   "videox-fun. Flags given beside it override it.")
+                   "checkpointing; with --train full, its full finetune: DeepSpeed ZeRO stage and GPUs where its "
+                   "launch uses them): cogvideo-finetune, diffusers-scripts, cogvideox-factory, finetrainers, "
+                   "cogkit, videox-fun. Flags given beside it override it.")
 @click.option("--checkpointing", is_flag=True, help="Gradient checkpointing (diffusers' enable_gradient_checkpointing).")
 @click.option("--patch", "patch_names", multiple=True, metavar="NAME", help="Plan with this patch applied (repeatable).")
 @click.option("--vae", is_flag=True, help="Add the VAE decode of the latents (transformer still on the GPU).")
