@@ -361,6 +361,13 @@ class MemoryAccounting:
         self._refs[key] = weakref.ref(storage, lambda _ref, key=key: (ledger.free(key), self._refs.pop(key, None)))
         ledger.allocate(key, allocator_bytes(storage.nbytes()), category or self.category)
 
+    def share(self, tensor: torch.Tensor, category: str = "weights") -> None:
+        """Count a tensor as living inside memory booked elsewhere (a parameter in DeepSpeed's flat buffer): its
+        storage is known, at 0 bytes, so that views of it (a weight's `.t()`) are not booked again."""
+        key = tensor.untyped_storage()._cdata
+        if key not in self.ledger.live:
+            self.ledger.allocate(key, 0, category)
+
     def adopt(self, module: nn.Module, category: str = "weights") -> None:
         """Count a module's parameters and buffers as resident before the run starts (the model is on the GPU)."""
         for tensor in (*module.parameters(), *module.buffers()):
@@ -1081,10 +1088,11 @@ class ZeroEngine:
         frozen = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in trained]
         for tensor in frozen:
             accounting.track(tensor, "weights")
-        if config.stage == 3:
-            for parameter in self.trainable:  # persistent parameters stay whole on every GPU
-                if parameter.numel() <= config.param_persistence_threshold:
-                    accounting.track(parameter, "weights")
+        for parameter in self.trainable:
+            if config.stage == 3 and parameter.numel() <= config.param_persistence_threshold:
+                accounting.track(parameter, "weights")  # persistent: whole on every GPU
+            else:  # inside the flat buffer (ZeRO-1/2) or the gathered working set (ZeRO-3), booked as such
+                accounting.share(parameter, "weights")
 
     def _tensor(self, numel: int, dtype: Any, category: str) -> torch.Tensor:
         import torch
@@ -1123,15 +1131,15 @@ class ZeroEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         states = self.states
-        buckets = partition = None
+        buckets, held = None, []
         if self.config.stage in (1, 2) and states.bucket_elements:
             buckets = self._tensor(states.bucket_elements, self.dtype, "gradient_buckets")
-        if self.config.stage == 2:
-            partition = self._tensor(states.gradient_partition, self.dtype, "gradients")
+        if self.config.stage == 2:  # the reduced gradients of this GPU's partition (copy_grads_in_partition)
+            held.append(self._tensor(states.gradient_partition, self.dtype, "gradients"))
         _backward_keeping_modes(loss)
         del buckets  # released by the backward's epilogue (stage_1_and_2.py:919-960)
         with self.accounting.within("optimizer", "optimizer step"):
-            self._step([partition])
+            self._step(held)
 
     def _step(self, held: list[Any]) -> None:
         import torch

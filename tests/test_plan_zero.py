@@ -112,6 +112,25 @@ def test_zero2_plan_books_deepspeeds_states_on_one_gpu_of_three():
     assert any("not a GPU measurement" in note for note in plan.notes)
 
 
+def test_zero2_step_holds_the_gradient_partition_its_flat_copy_and_their_fp32_at_once():
+    """stage_1_and_2.py:2358-2369: the partition's 16-bit gradients are flattened and turned fp32 before they are
+    released; with no reduce bucket the step is the peak. The parameters' own storages are the flat buffer's, so
+    nothing of theirs is booked again (a weight's `.t()` view once counted as activations)."""
+    from cogsurgeon.inspector.loading import build_on_meta
+    from cogsurgeon.inspector.model_specs import builtin_config
+    from cogsurgeon.inspector.plan import TrainMode, plan_transformer
+
+    model = build_on_meta(builtin_config("tiny"), "bfloat16")
+    peak = plan_transformer(model, frames=9, height=64, width=64, batch=1, train=TrainMode("full"),
+                            zero=ZeroConfig(2, gpus=1, reduce_bucket_size=0), blas_workspace_bytes=0)
+    assert peak.peak_at == "optimizer step"
+    partition = padded_flat_numel(TINY_PARAMETERS, 1)
+    assert peak.breakdown["weights"] == allocator_bytes(partition * 2)
+    assert peak.breakdown["gradients"] == 2 * allocator_bytes(partition * 2) + allocator_bytes(partition * 4)
+    assert peak.breakdown["master_weights"] == allocator_bytes(partition * 4)
+    assert peak.breakdown["activations"] <= 512  # the loss' scalar at most: no parameter counted twice
+
+
 def test_more_gpus_shard_the_optimizer_state_further_and_zero3_shards_the_weights():
     two = plan_memory("tiny", **TINY, train="full", zero=2, gpus=2, dtype="bfloat16").peak.breakdown
     eight = plan_memory("tiny", **TINY, train="full", zero=2, gpus=8, dtype="bfloat16").peak.breakdown
