@@ -1466,6 +1466,8 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
 def _run_label(settings: PlanSettings) -> str:
     """`a training step (lora:128) of cogvideox-5b at 49×480×720, batch 1, and the VAE decode`: what is planned."""
     mode = f"a training step ({settings.train.label()})" if settings.train is not None else "inference"
+    if settings.zero is not None:
+        mode += f" on one GPU of {settings.zero.gpus} under ZeRO-{settings.zero.stage}"
     return (f"{mode} of {settings.model} at {settings.frames}×{settings.height}×{settings.width}, batch "
             f"{settings.batch}" + (" and the VAE decode" if settings.vae else ""))
 
