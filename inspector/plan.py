@@ -1284,7 +1284,7 @@ def check_zero_choice(zero: int | None, gpus: int | None) -> None:
         raise PlanError(f"gpus={gpus!r}: expected a positive number of GPUs")
 
 
-def full_finetune(preset: TrainerPreset) -> FullFinetune:
+def _full_finetune(preset: TrainerPreset) -> FullFinetune:
     if preset.full is None:
         raise PlanError(f"trainer={preset.name!r} has no full finetune: {preset.no_full}; plan train='lora:RANK' "
                         "with it, or train='full' with another trainer")
@@ -1380,7 +1380,7 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
     if preset is not None:
         train = train or preset.train_mode()
         if train.kind == "full":
-            full = full_finetune(preset)
+            full = _full_finetune(preset)
             dtype, mixed_precision, zero_config = _full_finetune_settings(full, dtype, mixed_precision, zero, gpus)
             checkpointing = checkpointing or full.checkpointing
             optimizer = full.optimizer
@@ -1501,11 +1501,11 @@ def _notes(settings: PlanSettings) -> tuple[str, ...]:
 
 __all__ = [
     "AUTOCAST_FP32_OPS", "AUTOCAST_FP32_SET_OPT_DTYPE_OPS", "AUTOCAST_LOWER_PRECISION_OPS", "AUTOCAST_PROMOTE_OPS",
-    "CudaAutocast", "DEFAULT_MIXED_PRECISION", "FullFinetune", "LORA_DTYPES", "LORA_TARGET_MODULES",
+    "CudaAutocast", "DEFAULT_MIXED_PRECISION", "LORA_DTYPES", "LORA_TARGET_MODULES",
     "MIXED_PRECISION", "MemoryAccounting", "MemoryLedger", "PlanError", "PlanSettings", "TRAINER_PRESETS",
-    "TrainMode", "ZeroEngine", "accelerate_training_step", "allocator_bytes", "attention_backend", "autocast_policy",
+    "TrainMode", "accelerate_training_step", "allocator_bytes", "attention_backend", "autocast_policy",
     "build_vae_on_meta", "candidate_switches", "check_precision_choice", "check_zero_choice", "cuda_autocast_state",
-    "flash_backward_workspace_bytes", "full_finetune", "make_optimizer", "parse_memory_size", "parse_train",
+    "flash_backward_workspace_bytes", "make_optimizer", "parse_memory_size", "parse_train",
     "parse_video_size", "plan_memory", "plan_transformer", "plan_vae_decode", "prepare_training",
     "switch_combinations", "trainer_preset", "training_input_dtype", "training_step", "training_target",
     "vae_config",
