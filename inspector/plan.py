@@ -19,6 +19,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from cogsurgeon.inspector.deepspeed_zero import ZeroConfig, ZeroStates, zero_states
 from cogsurgeon.inspector.errors import CogsurgeonError
 from cogsurgeon.inspector.geometry import TORCH_MAX_BYTES
 from cogsurgeon.inspector.trace import format_bytes, module_stack
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 # `torch.cuda.max_memory_allocated()` counts those blocks.
 ALLOCATOR_BLOCK_BYTES = 512
 
-CATEGORIES = ("weights", "inputs", "activations", "attention", "gradients", "optimizer", "vae", "workspace")
+CATEGORIES = ("weights", "inputs", "activations", "attention", "gradients", "optimizer", "vae", "workspace",
+              "master_weights", "gradient_buckets")  # the last two: DeepSpeed ZeRO's (plan_memory(zero=...))
 
 # PyTorch gives each (cuBLAS handle, stream) a workspace from the caching allocator on its first matmul and keeps
 # it: 4096 KiB × 8 = 32 MiB on sm90 (H100/H200), 4096 KiB × 2 + 16 KiB × 8 on other GPUs (`parseChosenWorkspaceSize`
@@ -295,11 +297,12 @@ class PlanSettings:
     lora_targets: tuple[str, ...] | str = LORA_TARGET_MODULES
     optimizer: str = "adamw"
     ulysses: int = 1  # Ulysses context parallelism: the peak is per GPU, of `ulysses` (cogsurgeon.parallel)
+    zero: ZeroConfig | None = None  # DeepSpeed ZeRO over zero.gpus GPUs: the peak is one GPU's (deepspeed_zero)
 
     def to_json(self) -> dict[str, Any]:
         targets = self.lora_targets if isinstance(self.lora_targets, str) else list(self.lora_targets)
         return {**asdict(self), "train": self.train.label() if self.train else None, "patches": list(self.patches),
-                "lora_targets": targets}
+                "lora_targets": targets, "zero": self.zero.to_json() if self.zero else None}
 
 
 @dataclass(frozen=True)
@@ -382,6 +385,13 @@ class MemoryAccounting:
         ledger = self.ledger
         self._refs[key] = weakref.ref(storage, lambda _ref, key=key: (ledger.free(key), self._refs.pop(key, None)))
         ledger.allocate(key, allocator_bytes(storage.nbytes()), category or self.category)
+
+    def share(self, tensor: torch.Tensor, category: str = "weights") -> None:
+        """Count a tensor as living inside memory booked elsewhere (a parameter in DeepSpeed's flat buffer): its
+        storage is known, at 0 bytes, so that views of it (a weight's `.t()`) are not booked again."""
+        key = tensor.untyped_storage()._cdata
+        if key not in self.ledger.live:
+            self.ledger.allocate(key, 0, category)
 
     def adopt(self, module: nn.Module, category: str = "weights") -> None:
         """Count a module's parameters and buffers as resident before the run starts (the model is on the GPU)."""
@@ -742,9 +752,34 @@ def training_input_dtype(dtype: torch.dtype, mixed_precision: str | None) -> tor
 
 
 @dataclass(frozen=True)
+class FullFinetune:
+    """How one trainer runs a full finetune (SFT) of the transformer: without DeepSpeed, the weights' dtype and
+    accelerate's autocast; with it, the ZeRO config its launch uses by default (`zero`, None: no DeepSpeed) and its
+    configs for other stages, DeepSpeed's training dtype (the engine casts the model to it, and accelerate adds no
+    autocast under DeepSpeed); the optimizer, gradient checkpointing, and where its code says so."""
+
+    dtype: str
+    mixed_precision: str
+    optimizer: str
+    checkpointing: bool
+    source: str
+    zero: ZeroConfig | None = None
+    other_stages: tuple[ZeroConfig, ...] = ()
+    deepspeed_dtype: str = "bfloat16"
+
+    def zero_config(self, stage: int) -> ZeroConfig:
+        """The trainer's config for a ZeRO stage, or DeepSpeed's defaults for a stage it ships none for."""
+        for config in (self.zero, *self.other_stages):
+            if config is not None and config.stage == stage:
+                return config
+        return ZeroConfig(stage)
+
+
+@dataclass(frozen=True)
 class TrainerPreset:
     """How one trainer sets a LoRA run up: weights' dtype, accelerate's mixed precision (`no`: no autocast), the
-    adapters' dtype, targets, default rank/alpha, optimizer, gradient checkpointing, and where its code says so."""
+    adapters' dtype, targets, default rank/alpha, optimizer, gradient checkpointing, and where its code says so;
+    `full`, its full finetune (None, with `no_full` saying why, for a trainer that has none)."""
 
     name: str
     dtype: str
@@ -756,6 +791,8 @@ class TrainerPreset:
     optimizer: str  # "adamw" | "adam" (torch, foreach: the same two moments per trained parameter)
     checkpointing: bool
     source: str
+    full: FullFinetune | None = None
+    no_full: str = ""
 
     def train_mode(self) -> TrainMode:
         return TrainMode("lora", self.rank, self.alpha)
@@ -769,40 +806,89 @@ TRAINER_PRESETS: dict[str, TrainerPreset] = {preset.name: preset for preset in (
         "THUDM/CogVideo finetune/ (e519ece): transformer from_pretrained without torch_dtype, so fp32 "
         "(models/cogvideox_t2v/lora_trainer.py:38-40; bf16 only after a validation, trainer.py:654); "
         "--mixed_precision bf16 (train_ddp_t2v.sh:36); LoRA cast to fp32 (trainer.py:266); rank 128, alpha 64, "
-        "to_q/to_k/to_v/to_out.0, adamw, gradient_checkpointing True, max_grad_norm 1.0 (schemas/args.py:53-77)"),
+        "to_q/to_k/to_v/to_out.0, adamw, gradient_checkpointing True, max_grad_norm 1.0 (schemas/args.py:53-77)",
+        full=FullFinetune(
+            "float32", "bf16", "adamw", True,
+            "THUDM/CogVideo finetune/ (e519ece): train_zero_t2v.sh:11 --training_type sft (the SFT trainer is the "
+            "LoRA one, models/cogvideox_t2v/sft_trainer.py:5-6, all of the transformer trained, trainer.py:240-241) "
+            "launched with accelerate_config.yaml: DeepSpeed (:10) over 8 GPUs (:4) with configs/zero2.yaml (:8): "
+            "bf16 (zero2.yaml:2-4), AdamW torch_adam (:5-13), stage 2, allgather_bucket_size 2e8, overlap_comm, "
+            "reduce_bucket_size 5e8, contiguous_gradients (:23-31); configs/zero3.yaml for stage 3 (reduce 5e8, "
+            "prefetch 5e8, persistence 1e5, sub_group 1e9, max_live 1e9, :23-36); the fp32 transformer "
+            "(lora_trainer.py:38-40, trainer.py:266) is cast to bf16 by DeepSpeed (engine.py:1755-1762); "
+            "gradient_checkpointing True (schemas/args.py:69). Without DeepSpeed (train_ddp_t2v.sh): fp32 weights "
+            "under bf16 autocast (:36)",
+            zero=ZeroConfig(2, gpus=8, reduce_bucket_size=500_000_000, allgather_bucket_size=200_000_000,
+                            overlap_comm=True, contiguous_gradients=True),
+            other_stages=(ZeroConfig(3, gpus=8, reduce_bucket_size=500_000_000, overlap_comm=True,
+                                     contiguous_gradients=True, prefetch_bucket_size=500_000_000,
+                                     param_persistence_threshold=100_000, max_live_parameters=1_000_000_000,
+                                     sub_group_size=1_000_000_000),))),
     TrainerPreset(
         "diffusers-scripts", "float16", "fp16", "fp32", 64, 64, LORA_TARGET_MODULES, "adam", False,
         "huggingface/diffusers examples/cogvideo (58eb52c): README.md:147-176 runs train_cogvideox_lora.py on "
         "CogVideoX-2b with --rank 64 --lora_alpha 64 --mixed_precision fp16 --optimizer Adam, batch 1, without "
         "--gradient_checkpointing (train_cogvideox_lora.py:290, off unless given); the 2B loads in fp16 "
         "(:1056-1060) and moves in the mixed-precision dtype (:1083-1109), LoRA upcast to fp32 under fp16 "
-        "(:1196-1198), targets to_k/to_q/to_v/to_out.0 (:1120), max_grad_norm 1.0 (:371)"),
+        "(:1196-1198), targets to_k/to_q/to_v/to_out.0 (:1120), max_grad_norm 1.0 (:371)",
+        no_full="its examples/cogvideo has LoRA scripts only (train_cogvideox_lora.py, "
+                "train_cogvideox_image_to_video_lora.py)"),
     TrainerPreset(
         "cogvideox-factory", "bfloat16", "bf16", "auto", 128, 128, LORA_TARGET_MODULES, "adamw", True,
         "a-r-r-o-w/cogvideox-factory training/: weight_dtype from --mixed_precision "
         "(cogvideox/cogvideox_text_to_video_lora.py:336-353), LoRA upcast to fp32 only under fp16 (:453-455), "
         "targets to_k/to_q/to_v/to_out.0 (:373); train_text_to_video_lora.sh:53-62: --rank 128 --lora_alpha 128 "
-        "--mixed_precision bf16 --gradient_checkpointing, OPTIMIZERS adamw first (:13)"),
+        "--mixed_precision bf16 --gradient_checkpointing, OPTIMIZERS adamw first (:13)",
+        full=FullFinetune(
+            "bfloat16", "bf16", "adamw", True,
+            "a-r-r-o-w/cogvideox-factory (223add1) training/train_text_to_video_sft.sh: one GPU without DeepSpeed "
+            "(:17, accelerate_configs/uncompiled_1.yaml:3,11), CogVideoX-5b (:34), --mixed_precision bf16 (:48), "
+            "--gradient_checkpointing (:55), adamw (:13); cogvideox/cogvideox_text_to_video_sft.py: the 5B loads in "
+            "bf16 (:291-295), all of it trained (:316) and moved in bf16 (:351), upcast to fp32 only under fp16 "
+            "(:419-421), torch.optim.AdamW (cogvideox/utils.py:83-89)")),
     TrainerPreset(
         "finetrainers", "bfloat16", "no", "fp32", 64, 64, FFN_AND_ATTENTION, "adam", False,
         "a-r-r-o-w/finetrainers (f476c37): --transformer_dtype bf16 (finetrainers/args.py:741), no autocast "
         "anywhere in finetrainers/trainer, LoRA cast to fp32 without data sharding "
         "(trainer/sft_trainer/trainer.py:130-136), rank 64, alpha 64 (trainer/sft_trainer/config.py:24-30), "
         "targets attention and feed-forward (docs/args.md:330), --optimizer adam (args.py:815-818), "
-        "--gradient_checkpointing off unless given (args.py:800)"),
+        "--gradient_checkpointing off unless given (args.py:800)",
+        full=FullFinetune(
+            "bfloat16", "no", "adam", False,
+            "a-r-r-o-w/finetrainers (f476c37): --training_type full-finetune (args.py:793) keeps the bf16 "
+            "transformer (args.py:741; only LoRA is upcast, trainer/sft_trainer/trainer.py:130-136), no autocast, "
+            "--optimizer adam (args.py:815-818), no data sharding by default (--dp_shards 1, args.py:717: its FSDP "
+            "is not DeepSpeed and is not planned)")),
     TrainerPreset(
         "cogkit", "bfloat16", "no", "bf16", 128, 64, LORA_TARGET_MODULES, "adamw", True,
         "THUDM/CogKit: weights loaded in the mixed_precision dtype, bf16 in quickstart/scripts/t2v/config.yaml "
         "(diffusion/models/cogvideo/cogvideox_t2v/lora_trainer.py:57), DDP without autocast, LoRA cast to that "
         "dtype (finetune/base/base_trainer.py:178), r=128, lora_alpha=64 on to_q/to_k/to_v/to_out.0 "
         "(utils/lora.py:33-38), torch.optim.AdamW (base_trainer.py:244), gradient_checkpointing True "
-        "(base/base_args.py:72)"),
+        "(base/base_args.py:72)",
+        full=FullFinetune(
+            "bfloat16", "no", "adamw", True,
+            "THUDM/CogKit (1633285): training_type sft trains the whole transformer (base_trainer.py:164-166), cast "
+            "to the mixed_precision dtype, bf16 (quickstart/scripts/t2v/config.yaml:50; base_trainer.py:178), "
+            "strategy DDP by default (config.yaml:25: its FSDP strategies are not DeepSpeed and are not planned), "
+            "torch.optim.AdamW (base_trainer.py:244), gradient_checkpointing True (base/base_args.py:72)")),
     TrainerPreset(
         "videox-fun", "bfloat16", "bf16", "auto", 64, 32, "all-linear", "adamw", True,
         "aigc-apps/VideoX-Fun scripts/cogvideox_fun: accelerate --mixed_precision bf16, --gradient_checkpointing, "
         "--rank 64 --network_alpha 32 (train_lora.sh:9-37), weights and LoRA network in bf16 "
         "(train_lora.py:800-805, 837, 872), AdamW unless --use_8bit_adam (:984); its own LoRANetwork on every "
-        "Linear of the transformer (videox_fun/utils/lora_utils.py:161-215), planned as PEFT on all-linear"),
+        "Linear of the transformer (videox_fun/utils/lora_utils.py:161-215), planned as PEFT on all-linear",
+        full=FullFinetune(
+            "float32", "bf16", "adamw", True,
+            "aigc-apps/VideoX-Fun (804a425) scripts/cogvideox_fun: README_TRAIN.md:169-186 launches train.py with "
+            "DeepSpeed ZeRO-2, config/zero_stage2_config.json: bf16 (:2-4), stage 2, overlap_comm, "
+            "contiguous_gradients, sub_group_size 1e9, reduce_bucket_size 5e8 (:9-15); the GPU count is the "
+            "launch's (plan it with gpus=); the transformer loads in fp32 (train.py:845-847), every parameter "
+            "trained (--trainable_modules '.', train.sh:39; train.py:886-891), torch.optim.AdamW (train.py:1008), "
+            "--gradient_checkpointing (train.sh:29); DeepSpeed casts it to bf16 (engine.py:1755-1762). Without "
+            "DeepSpeed (README_TRAIN.md:351, train.sh:9): fp32 weights under bf16 autocast",
+            zero=ZeroConfig(2, gpus=1, reduce_bucket_size=500_000_000, overlap_comm=True, contiguous_gradients=True,
+                            sub_group_size=1_000_000_000))),
 )}
 
 # `plan --train` without --trainer: bf16 autocast (accelerate's --mixed_precision bf16) over the weights' dtype
@@ -921,7 +1007,7 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
                      train: TrainMode | None = None, checkpointing: bool = False,
                      mixed_precision: str | None = None, lora_dtype: str = "auto",
                      lora_targets: Sequence[str] | str = LORA_TARGET_MODULES, max_grad_norm: float = 1.0,
-                     optimizer: str = "adamw",
+                     optimizer: str = "adamw", zero: ZeroConfig | None = None,
                      blas_workspace_bytes: int = CUBLAS_WORKSPACE_BYTES["sm90"]) -> PhasePeak:
     """The peak of one transformer forward (inference, no grad) or one steady-state training step on `model`,
     which must be on the meta device and may be changed (adapters, checkpointing): pass a fresh one.
@@ -929,7 +1015,9 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
     `mixed_precision` (accelerate's `no`, `fp16`, `bf16`) plans the step as the trainers take it under accelerate
     (`accelerate_training_step`: autocast around the forward, fp32 outputs and loss, clipping at `max_grad_norm`);
     None plans the bare `training_step` (no autocast, the loss in the model's dtype, no clipping). `lora_dtype`:
-    see `add_lora`. `blas_workspace_bytes`: cuBLAS' workspace per thread that runs matmuls (CUBLAS_WORKSPACE_BYTES)."""
+    see `add_lora`. `zero` plans a full finetune's step on one GPU of `zero.gpus` under DeepSpeed ZeRO
+    (`ZeroEngine`), in the model's dtype without autocast. `blas_workspace_bytes`: cuBLAS' workspace per thread
+    that runs matmuls (CUBLAS_WORKSPACE_BYTES)."""
     import torch
 
     from cogsurgeon.inspector.geometry import pipeline_inputs
@@ -938,13 +1026,16 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
     autocast = CudaAutocast()
     trainable = (prepare_training(model, train, checkpointing, lora_dtype, lora_targets)
                  if train is not None else [])
-    optimizer = make_optimizer(trainable, optimizer) if train is not None else None
-    accounting.adopt(model, "weights")
+    engine = ZeroEngine(model, trainable, zero, accounting, optimizer) if zero is not None and train else None
+    optimizer = make_optimizer(trainable, optimizer) if train is not None and engine is None else None
+    if engine is None:
+        accounting.adopt(model, "weights")
     for _thread in range(1 if train is None else 2):  # the forward's thread, and autograd's for backward
         accounting.ledger.reserve(blas_workspace_bytes, "workspace")
-    hooks = [parameter.register_post_accumulate_grad_hook(lambda param: accounting.track(param.grad, "gradients"))
-             for parameter in trainable]
-    if mixed_precision is not None:
+    hooks = [parameter.register_post_accumulate_grad_hook(
+        engine.take_gradient if engine else lambda param: accounting.track(param.grad, "gradients"))
+        for parameter in trainable]
+    if mixed_precision is not None and engine is None:
         prepare_forward_as_accelerate(model, mixed_precision)
     try:
         with accounting.active(model), autocast.active():
@@ -952,29 +1043,147 @@ def plan_transformer(model: nn.Module, *, frames: int, height: int, width: int, 
                 input_dtype = training_input_dtype(model.dtype, mixed_precision) if train else model.dtype
                 inputs = pipeline_inputs(model.config, (frames, height, width), batch, dtype=input_dtype,
                                          device=torch.device("meta"))
-            if optimizer is None:
+            if train is None:
                 accounting.ledger.reset_peak()
                 with torch.no_grad():
                     model(**inputs, return_dict=False)
                 return accounting.result("transformer forward")
-            # Steady state, as a run's second step: AdamW's moments exist, no gradients are held.
+            # Steady state, as a run's second step: the optimizer's state exists, no gradients are held.
             with accounting.within("optimizer", "optimizer state"):
-                for parameter in trainable:
-                    parameter.grad = torch.empty_like(parameter)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if engine is not None:
+                    engine.create_states()
+                else:
+                    for parameter in trainable:
+                        parameter.grad = torch.empty_like(parameter)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             with accounting.within("inputs"):
                 target = training_target(inputs, model.config)
             accounting.ledger.reset_peak()
-            if mixed_precision is None:
+            if engine is not None:
+                accelerate_training_step(model, inputs, target, engine.optimizer_wrapper, engine, trainable,
+                                         phase=accounting.within, max_grad_norm=max_grad_norm)
+            elif mixed_precision is None:
                 training_step(model, inputs, target, optimizer, phase=accounting.within)
             else:
                 accelerate_training_step(model, inputs, target, optimizer, PlannedAccelerator(mixed_precision),
                                          trainable, phase=accounting.within, max_grad_norm=max_grad_norm)
-            return accounting.result(f"transformer training step ({train.label()})")
+            label = train.label() + (f", ZeRO-{zero.stage} of {zero.gpus} GPU{'s' * (zero.gpus > 1)}" if engine
+                                     else "")
+            return accounting.result(f"transformer training step ({label})")
     finally:
         for hook in hooks:
             hook.remove()
+
+
+class _SteppedByTheEngine:
+    """accelerate's DeepSpeedOptimizerWrapper: `step` and `zero_grad` do nothing, the engine stepped in backward."""
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+
+class ZeroEngine:
+    """DeepSpeed's engine and ZeRO optimizer as a meta run sees them, for `accelerate_training_step` in the place of
+    accelerate's Accelerator (whose `backward` runs the engine's backward and step under DeepSpeed). The sizes are
+    `deepspeed_zero.zero_states`; each is a meta tensor that lives where DeepSpeed's does:
+
+    - before the step: the 16-bit weights (ZeRO-1/2: one padded flat buffer; ZeRO-3: the rank's partitions, the
+      persistent parameters and the gathered working set), the fp32 master partition and the optimizer's moments on
+      it (the real torch optimizer, stepped once), ZeRO-3's gradient partition and reduce bucket;
+    - in backward: ZeRO-1/2's reduce buckets (setup_buckets, freed by the backward's epilogue), ZeRO-2's gradient
+      partition; each gradient is copied into a bucket and dropped (ZeRO-2/3), or kept to the step (ZeRO-1);
+    - the step (stage_1_and_2.py:2344-2384, stage3.py step): each group's 16-bit gradients flattened, turned fp32,
+      the 16-bit ones freed, the optimizer stepped on the fp32 partition, its gradient dropped."""
+
+    def __init__(self, model: nn.Module, trainable: Sequence[torch.nn.Parameter], config: ZeroConfig,
+                 accounting: MemoryAccounting, optimizer: str) -> None:
+        self.model, self.trainable, self.config, self.accounting = model, list(trainable), config, accounting
+        self.optimizer_name = optimizer
+        self.optimizer_wrapper = _SteppedByTheEngine()
+        self.dtype = next(iter(self.trainable)).dtype
+        trained = {id(parameter) for parameter in self.trainable}
+        module_numels = [[p.numel() for p in module.parameters(recurse=False) if id(p) in trained]
+                         for module in model.modules()]
+        self.states: ZeroStates = zero_states(config, [p.numel() for p in self.trainable], module_numels)
+        self.gradients: list[torch.Tensor] = []  # ZeRO-1: the 16-bit gradients held to the step
+        self.masters: list[torch.Tensor] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.resident: list[torch.Tensor] = []
+        frozen = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in trained]
+        for tensor in frozen:
+            accounting.track(tensor, "weights")
+        for parameter in self.trainable:
+            if config.stage == 3 and parameter.numel() <= config.param_persistence_threshold:
+                accounting.track(parameter, "weights")  # persistent: whole on every GPU
+            else:  # inside the flat buffer (ZeRO-1/2) or the gathered working set (ZeRO-3), booked as such
+                accounting.share(parameter, "weights")
+
+    def _tensor(self, numel: int, dtype: Any, category: str) -> torch.Tensor:
+        import torch
+
+        with self.accounting.within(category):
+            return torch.empty(numel, dtype=dtype, device="meta")
+
+    def create_states(self) -> None:
+        """What lives from step to step: weights, master partition, optimizer state (ZeRO-3: its gradient buffers)."""
+        import torch
+
+        states = self.states
+        keep = self.resident.append
+        keep(self._tensor(states.weights, self.dtype, "weights"))
+        if states.gathered:
+            keep(self._tensor(states.gathered, self.dtype, "weights"))
+        for numel in states.master_groups:
+            master = torch.nn.Parameter(self._tensor(numel, torch.float32, "master_weights"))
+            optimizer = make_optimizer([master], self.optimizer_name)
+            with self.accounting.within("optimizer"):
+                master.grad = torch.empty_like(master)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            self.masters.append(master)
+            self.optimizers.append(optimizer)
+        if self.config.stage == 3:
+            keep(self._tensor(states.gradient_partition, self.dtype, "gradients"))
+            keep(self._tensor(states.bucket_elements, self.dtype, "gradient_buckets"))
+
+    def take_gradient(self, parameter: torch.nn.Parameter) -> None:
+        """A gradient just accumulated: ZeRO-1 keeps it to the step; ZeRO-2/3 copy it into a bucket and drop it."""
+        if self.config.stage == 1:
+            self.accounting.track(parameter.grad, "gradients")
+            self.gradients.append(parameter.grad)
+        parameter.grad = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        states = self.states
+        buckets, held = None, []
+        if self.config.stage in (1, 2) and states.bucket_elements:
+            buckets = self._tensor(states.bucket_elements, self.dtype, "gradient_buckets")
+        if self.config.stage == 2:  # the reduced gradients of this GPU's partition (copy_grads_in_partition)
+            held.append(self._tensor(states.gradient_partition, self.dtype, "gradients"))
+        _backward_keeping_modes(loss)
+        del buckets  # released by the backward's epilogue (stage_1_and_2.py:919-960)
+        with self.accounting.within("optimizer", "optimizer step"):
+            self._step(held)
+
+    def _step(self, held: list[Any]) -> None:
+        import torch
+
+        for master, optimizer in zip(self.masters, self.optimizers):
+            flat = self._tensor(master.numel(), self.dtype, "gradients")  # the group's 16-bit gradients, flattened
+            with self.accounting.within("gradients"):
+                master.grad = flat.to(torch.float32)
+            del flat
+            held.clear()  # the 16-bit gradients are released once turned fp32 (stage_1_and_2.py:2361-2369)
+            self.gradients.clear()
+            optimizer.step()
+            master.grad = None  # the 16-bit partition is then overwritten from the master, in place
+
+    def clip_grad_norm_(self, parameters: Any, max_norm: float) -> None:
+        """DeepSpeed clips inside its step, in place on the fp32 partition (`unscale_and_clip_grads`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1054,7 +1263,8 @@ def _plan_phases(spec: str | None, config: Mapping[str, Any], settings: PlanSett
         phases = [plan_transformer(model, frames=settings.frames, height=settings.height, width=settings.width,
                                    batch=settings.batch, train=settings.train, checkpointing=settings.checkpointing,
                                    mixed_precision=settings.mixed_precision, lora_dtype=settings.lora_dtype,
-                                   lora_targets=settings.lora_targets, optimizer=settings.optimizer)]
+                                   lora_targets=settings.lora_targets, optimizer=settings.optimizer,
+                                   zero=settings.zero)]
     if settings.vae:
         geometry = latent_geometry(config, settings.frames, settings.height, settings.width)
         vae = build_vae_on_meta(vae_config(spec or ""), settings.dtype)
@@ -1073,7 +1283,8 @@ def candidate_switches(settings: PlanSettings) -> list[tuple[str, PlanSettings]]
     if settings.vae and not settings.tiling:
         candidates.append(("--tiling", replace(settings, tiling=True)))
     if settings.train is not None and settings.train.kind == "full":
-        candidates.append(("--train lora:128", replace(settings, train=TrainMode("lora", 128, 64))))
+        lora = replace(settings, train=TrainMode("lora", 128, 64), zero=None)
+        candidates.append(("--train lora:128" + (" --zero 0" if settings.zero else ""), lora))
     if settings.batch > 1:
         candidates.append((f"--batch {settings.batch // 2}", replace(settings, batch=settings.batch // 2)))
     return candidates
@@ -1093,12 +1304,69 @@ def switch_combinations(settings: PlanSettings, switches: list[tuple[str, PlanSe
     return combined
 
 
+def check_zero_choice(zero: int | None, gpus: int | None) -> None:
+    """`zero` a ZeRO stage (0: no DeepSpeed) and `gpus` a positive count (PlanError otherwise)."""
+    if zero is not None and (isinstance(zero, bool) or zero not in (0, 1, 2, 3)):
+        raise PlanError(f"zero={zero!r}: expected a DeepSpeed ZeRO stage, 0 (no DeepSpeed), 1, 2 or 3")
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1):
+        raise PlanError(f"gpus={gpus!r}: expected a positive number of GPUs")
+
+
+def _full_finetune(preset: TrainerPreset) -> FullFinetune:
+    if preset.full is None:
+        raise PlanError(f"trainer={preset.name!r} has no full finetune: {preset.no_full}; plan train='lora:RANK' "
+                        "with it, or train='full' with another trainer")
+    return preset.full
+
+
+def _zero_config(train: TrainMode | None, zero: int | None, gpus: int | None,
+                 trainer_config: ZeroConfig | None) -> ZeroConfig | None:
+    """The ZeRO config planned: the stage asked for (or the trainer's), over `gpus` (or the trainer's, or 1)."""
+    stage = zero if zero is not None else trainer_config.stage if trainer_config else 0
+    if stage == 0:
+        if gpus is not None and gpus > 1:
+            raise PlanError(f"gpus={gpus} counts the GPUs DeepSpeed ZeRO shards over: add zero=1, 2 or 3 (without "
+                            "ZeRO each GPU holds the whole run, as one GPU does)")
+        return None
+    if train is None or train.kind != "full":
+        raise PlanError(f"zero={stage} shards a full finetune's model states: add train='full'" if train is None else
+                        f"zero={stage} is planned for train='full' (under LoRA ZeRO shards only the adapters' "
+                        "states): drop zero= or plan train='full'")
+    config = trainer_config if trainer_config is not None and trainer_config.stage == stage else ZeroConfig(stage)
+    return replace(config, gpus=gpus or config.gpus)
+
+
+def _deepspeed_dtype(dtype: str | None, mixed_precision: str | None, trainer_dtype: str | None) -> str | None:
+    """DeepSpeed's training dtype: the engine casts the model to its bf16/fp16 (fp32 without) and accelerate adds
+    no autocast under DeepSpeed, so `dtype` and `mixed_precision` name one thing; given both, they must agree."""
+    from cogsurgeon.inspector.loading import _torch_dtype
+
+    named = {"no": "float32", **{key: value for key, value in MIXED_PRECISION.items() if value}}
+    from_precision = named.get(mixed_precision) if mixed_precision is not None else None
+    if dtype is not None and from_precision is not None:
+        if str(_torch_dtype(dtype)).removeprefix("torch.") != from_precision:
+            raise PlanError(f"dtype={dtype!r} and mixed_precision={mixed_precision!r} disagree: under zero= DeepSpeed "
+                            "trains in one dtype (bf16 or fp16 casts the weights, no autocast): give one")
+    return dtype or from_precision or trainer_dtype
+
+
+def _full_finetune_settings(full: FullFinetune, dtype: str | None, mixed_precision: str | None, zero: int | None,
+                            gpus: int | None) -> tuple[str | None, str | None, ZeroConfig | None]:
+    """A trainer's full finetune with the flags given beside it: (dtype, mixed precision, ZeRO config)."""
+    config = _zero_config(TrainMode("full"), zero, gpus,
+                          full.zero_config(zero) if zero else full.zero)
+    if config is None:
+        return dtype or full.dtype, mixed_precision or full.mixed_precision, None
+    return _deepspeed_dtype(dtype, mixed_precision, full.deepspeed_dtype), "no", config
+
+
 def plan_memory(spec: str | None = None, *, frames: int | None = None, height: int | None = None,
                 width: int | None = None, batch: int = 2,
                 dtype: str | None = None, train: TrainMode | str | None = None, checkpointing: bool = False,
                 patches: Sequence[str] = (), vae: bool = False, tiling: bool = False,
                 gpu_memory: int | str | None = None, mixed_precision: str | None = None,
                 lora_dtype: str | None = None, trainer: str | None = None, ulysses: int = 1,
+                zero: int | None = None, gpus: int | None = None,
                 progress: Callable[[str], None] | None = None) -> MemoryPlan:
     """Plan the peak GPU memory of a run of MODEL `spec` at a video size.
 
@@ -1114,6 +1382,10 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
     `trainer` preset (TRAINER_PRESETS: its dtype, mixed precision, adapters, rank/alpha, optimizer and
     checkpointing; `train`, `dtype`, `mixed_precision`, `lora_dtype` given beside it override it).
     With `ulysses` N > 1 the run is context-parallel over N GPUs and the peak is one GPU's (each holds the weights).
+    `zero` 1, 2 or 3 plans `train='full'` under DeepSpeed ZeRO sharded over `gpus` GPUs (default 1, or the
+    trainer's): one GPU's peak, its model states sized as DeepSpeed's code sizes them (`deepspeed_zero`), the
+    activations from the meta run; the weights in DeepSpeed's training dtype (`dtype`, or `mixed_precision`'s
+    bf16/fp16, or the trainer's), no autocast. `zero=0` plans without DeepSpeed (a trainer's own launch otherwise).
     `progress(message)` is told which configuration is being planned (with `gpu_memory`, several may be: n of N).
     """
     from pathlib import Path
@@ -1131,12 +1403,28 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
                         "train='full'")
     if train is not None and train.kind == "full" and lora_dtype not in (None, "auto"):
         raise PlanError("lora_dtype= sets the LoRA adapters' dtype; train='full' has none: drop one")
+    check_zero_choice(zero, gpus)
+    optimizer = preset.optimizer if preset is not None else "adamw"
     if preset is not None:
         train = train or preset.train_mode()
-        dtype = dtype or preset.dtype
-        checkpointing = checkpointing or preset.checkpointing
-        mixed_precision = mixed_precision or preset.mixed_precision
-        lora_dtype = lora_dtype or (preset.lora_dtype if train.kind == "lora" else None)
+        if train.kind == "full":
+            full = _full_finetune(preset)
+            dtype, mixed_precision, zero_config = _full_finetune_settings(full, dtype, mixed_precision, zero, gpus)
+            checkpointing = checkpointing or full.checkpointing
+            optimizer = full.optimizer
+        else:
+            dtype = dtype or preset.dtype
+            checkpointing = checkpointing or preset.checkpointing
+            mixed_precision = mixed_precision or preset.mixed_precision
+            lora_dtype = lora_dtype or preset.lora_dtype
+            zero_config = _zero_config(train, zero, gpus, None)
+    else:
+        zero_config = _zero_config(train, zero, gpus, None)
+        if zero_config is not None:
+            dtype, mixed_precision = _deepspeed_dtype(dtype, mixed_precision, None), "no"
+    if zero_config is not None and ulysses > 1:
+        raise PlanError("ulysses= and zero= together are not planned (context parallelism beside ZeRO's sharding): "
+                        "drop one")
     resolved = resolve_spec(spec)
     builtin = resolved.kind in ("published", "tiny")
     if builtin:
@@ -1162,8 +1450,7 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
         mixed_precision=(mixed_precision or DEFAULT_MIXED_PRECISION) if train is not None else None,
         lora_dtype=lora_dtype or "auto", trainer=trainer,
         lora_targets=preset.targets if preset is not None else LORA_TARGET_MODULES,
-        optimizer=preset.optimizer if preset is not None else "adamw",
-        ulysses=ulysses,
+        optimizer=optimizer, ulysses=ulysses, zero=zero_config,
     )
     if ulysses > 1:
         from cogsurgeon.parallel import check_degree_for_heads
@@ -1207,6 +1494,8 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
 def _run_label(settings: PlanSettings) -> str:
     """`a training step (lora:128) of cogvideox-5b at 49×480×720, batch 1, and the VAE decode`: what is planned."""
     mode = f"a training step ({settings.train.label()})" if settings.train is not None else "inference"
+    if settings.zero is not None:
+        mode += f" on one GPU of {settings.zero.gpus} under ZeRO-{settings.zero.stage}"
     return (f"{mode} of {settings.model} at {settings.frames}×{settings.height}×{settings.width}, batch "
             f"{settings.batch}" + (" and the VAE decode" if settings.vae else ""))
 
@@ -1216,23 +1505,36 @@ def _notes(settings: PlanSettings) -> tuple[str, ...]:
              "the allocator's cached-but-free blocks come on top (nvidia-smi shows more)"]
     if settings.vae:
         notes.append("the text encoder is not counted: pipelines that keep it on the GPU need its weights too")
-    if settings.train is not None:
+    zero = settings.zero
+    if settings.train is not None and zero is not None:
+        assumed = (f"training planned as DeepSpeed ZeRO-{zero.stage} runs it on one GPU of {zero.gpus}: the weights "
+                   f"in {settings.dtype} (the engine's cast), no autocast, fp32 master weights and {settings.optimizer}"
+                   f" state on the GPU's 1/{zero.gpus} partition, reduce_bucket_size {zero.reduce_bucket_size:,}, "
+                   f"overlap_comm {str(zero.overlaps_communication).lower()}")
+        notes.append(assumed + (f" ({settings.trainer}'s set-up)" if settings.trainer else ""))
+        notes.append("ZeRO's model states are a model of DeepSpeed's code (0.19: stage_1_and_2.py, stage3.py, "
+                     "partition_parameters.py), not a GPU measurement; the activations are the meta run's, as "
+                     "without ZeRO")
+        notes.append("not counted: CPU/NVMe offload, ZeRO-3's prefetch beyond its bucket, the communication "
+                     "library's own buffers (NCCL), the VAE and text encoder a trainer keeps loaded"
+                     + ("; ZeRO-1 is planned holding every 16-bit gradient to the step" if zero.stage == 1 else ""))
+    elif settings.train is not None:
         assumed = (f"training planned as one GPU runs it under accelerate: mixed precision {settings.mixed_precision}, "
                    f"LoRA dtype {settings.lora_dtype}, {settings.optimizer}, the loss in fp32, clipping at 1.0")
         notes.append(assumed + (f" ({settings.trainer}'s set-up)" if settings.trainer else ""))
-        notes.append("not counted: DDP's gradient buckets and DeepSpeed/FSDP sharding (one GPU's full copy is "
-                     "planned), the VAE and text encoder a trainer keeps loaded")
+        notes.append("not counted: DDP's gradient buckets and FSDP sharding (one GPU's full copy is planned; "
+                     "DeepSpeed ZeRO is zero=1, 2 or 3), the VAE and text encoder a trainer keeps loaded")
     return tuple(notes)
 
 
 __all__ = [
     "AUTOCAST_FP32_OPS", "AUTOCAST_FP32_SET_OPT_DTYPE_OPS", "AUTOCAST_LOWER_PRECISION_OPS", "AUTOCAST_PROMOTE_OPS",
-    "CudaAutocast", "DEFAULT_MIXED_PRECISION", "LORA_DTYPES", "LORA_TARGET_MODULES", "MIXED_PRECISION",
-    "MemoryAccounting", "MemoryLedger", "PlanError", "PlanSettings", "TRAINER_PRESETS", "TrainMode",
-    "accelerate_training_step", "allocator_bytes", "attention_backend", "autocast_policy", "build_vae_on_meta",
-    "candidate_switches", "check_precision_choice", "cuda_autocast_state", "flash_backward_workspace_bytes",
-    "layer_norm_on_meta",
-    "make_optimizer", "parse_memory_size", "parse_train", "parse_video_size", "plan_memory", "plan_transformer",
-    "plan_vae_decode", "prepare_training", "switch_combinations", "trainer_preset", "training_input_dtype",
-    "training_step", "training_target", "vae_config",
+    "CudaAutocast", "DEFAULT_MIXED_PRECISION", "LORA_DTYPES", "LORA_TARGET_MODULES",
+    "MIXED_PRECISION", "MemoryAccounting", "MemoryLedger", "PlanError", "PlanSettings", "TRAINER_PRESETS",
+    "TrainMode", "accelerate_training_step", "allocator_bytes", "attention_backend", "autocast_policy",
+    "build_vae_on_meta", "candidate_switches", "check_precision_choice", "check_zero_choice", "cuda_autocast_state",
+    "flash_backward_workspace_bytes", "layer_norm_on_meta", "make_optimizer", "parse_memory_size", "parse_train",
+    "parse_video_size", "plan_memory", "plan_transformer", "plan_vae_decode", "prepare_training",
+    "switch_combinations", "trainer_preset", "training_input_dtype", "training_step", "training_target",
+    "vae_config",
 ]

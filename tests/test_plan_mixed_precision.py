@@ -118,11 +118,17 @@ def test_plan_json_says_what_was_assumed():
     assert default["mixed_precision"] == "bf16" and default["lora_dtype"] == "auto"
 
 
-def test_a_preset_with_full_finetuning_keeps_its_precision_and_drops_its_adapters():
+def test_a_preset_with_full_finetuning_runs_as_its_sft_launch_and_drops_its_adapters():
+    """Issue 25 item 3: CogVideo's SFT launch is DeepSpeed ZeRO-2 over 8 GPUs in bf16 (no autocast); without
+    DeepSpeed (zero=0, its DDP script) the fp32 weights under bf16 autocast of its LoRA set-up."""
     settings = plan_memory("tiny", frames=9, height=64, width=64, batch=1, trainer="cogvideo-finetune",
                            train="full").settings
     assert (settings.train.kind, settings.dtype, settings.mixed_precision, settings.lora_dtype) == (
-        "full", "float32", "bf16", "auto")
+        "full", "bfloat16", "no", "auto")
+    assert (settings.zero.stage, settings.zero.gpus) == (2, 8)
+    settings = plan_memory("tiny", frames=9, height=64, width=64, batch=1, trainer="cogvideo-finetune",
+                           train="full", zero=0).settings
+    assert (settings.dtype, settings.mixed_precision, settings.zero) == ("float32", "bf16", None)
 
 
 def test_fp32_adapters_cost_more_than_bf16():

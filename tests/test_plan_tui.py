@@ -13,6 +13,21 @@ from cogsurgeon.inspector.tui.app import CogsurgeonApp
 from cogsurgeon.inspector.tui.plan_screen import PlanScreen
 
 
+async def planned_text(pilot, screen) -> str:
+    """Press Plan, wait for the answer and return the result's text on one line."""
+    await pilot.click("#plan-run")
+    await settle(pilot)
+    return " ".join(shown_text(screen.query_one("#plan-result")).split())
+
+
+async def open_plan_screen(pilot, app):
+    """The planner for the model on the main screen, once it is loaded (`g`)."""
+    await wait_for_model(pilot)
+    await pilot.press("g")
+    await pilot.pause()
+    return app.screen
+
+
 @pytest.mark.slow
 @pilot_test
 async def test_plan_screen_plans_the_loaded_model_at_a_typed_size():
@@ -71,17 +86,12 @@ async def test_plan_screen_plans_training_as_the_trainers_run_it():
 
     app = CogsurgeonApp("tiny")
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for_model(pilot)
-        await pilot.press("g")
-        await pilot.pause()
-        screen = app.screen
+        screen = await open_plan_screen(pilot, app)
         screen.query_one("#plan-mode").value = "lora"
         screen.query_one("#plan-rank").value = "4"
         screen.query_one("#plan-mixed").value = "fp16"
         screen.query_one("#plan-lora-dtype").value = "fp32"
-        await pilot.click("#plan-run")
-        await settle(pilot)
-        shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
+        shown = await planned_text(pilot, screen)
         expected = plan_memory("tiny", frames=9, height=64, width=64, batch=2, train="lora:4",
                                mixed_precision="fp16", lora_dtype="fp32")
         assert "training lora:4 (fp16 autocast, LoRA fp32)" in shown
@@ -91,23 +101,50 @@ async def test_plan_screen_plans_training_as_the_trainers_run_it():
         screen.query_one("#plan-trainer").value = "cogvideox-factory"
         screen.query_one("#plan-mixed").clear()
         screen.query_one("#plan-lora-dtype").clear()
-        await pilot.click("#plan-run")
-        await settle(pilot)
-        shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
+        shown = await planned_text(pilot, screen)
         preset = plan_memory("tiny", frames=9, height=64, width=64, batch=2, trainer="cogvideox-factory")
         assert f"(as cogvideox-factory, {preset.settings.mixed_precision} autocast" in shown
         assert f"({preset.peak_bytes:,} bytes)" in shown
 
         screen.query_one("#plan-trainer").clear()
         screen.query_one("#plan-mixed").value = "fp16"  # a training setting with inference: named as the control
-        await pilot.click("#plan-run")
-        await settle(pilot)
-        shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
+        shown = await planned_text(pilot, screen)
         assert shown.startswith("could not plan: autocast and LoRA dtype are training settings")
         assert "--" not in shown
 
 
 @pytest.mark.slow
+@pilot_test
+async def test_plan_screen_plans_a_full_finetune_under_deepspeed_zero():
+    """Issue 25 item 3: the ZeRO stage and GPU count controls reach the planner; a trainer's full finetune is its
+    launch's (CogVideo: ZeRO-2 over 8 GPUs); a stage without full training is named as the screen's controls."""
+    from cogsurgeon.inspector.plan import plan_memory
+
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_plan_screen(pilot, app)
+        screen.query_one("#plan-mode").value = "full"
+        screen.query_one("#plan-trainer").value = "cogvideo-finetune"
+        shown = await planned_text(pilot, screen)
+        expected = plan_memory("tiny", frames=9, height=64, width=64, batch=2, train="full",
+                               trainer="cogvideo-finetune")
+        assert "(as cogvideo-finetune, DeepSpeed ZeRO-2, per GPU of 8, no autocast)" in shown
+        assert f"({expected.peak_bytes:,} bytes)" in shown and "master_weights" in shown
+
+        screen.query_one("#plan-trainer").clear()
+        screen.query_one("#plan-zero").value = "3"
+        screen.query_one("#plan-gpus").value = "4"
+        shown = await planned_text(pilot, screen)
+        expected = plan_memory("tiny", frames=9, height=64, width=64, batch=2, train="full", zero=3, gpus=4)
+        assert "DeepSpeed ZeRO-3, per GPU of 4" in shown and f"({expected.peak_bytes:,} bytes)" in shown
+
+        screen.query_one("#plan-mode").value = "inference"
+        shown = await planned_text(pilot, screen)
+        assert shown.startswith("could not plan: ZeRO 3 shards a full finetune's model states: add the mode "
+                                "training: full"), shown
+        assert "--" not in shown and "zero=" not in shown
+
+
 @pilot_test
 async def test_at_80x24_the_plans_answer_comes_into_view_without_scrolling():
     """The result lies below the controls at 80x24; when a plan is shown it is scrolled to, once it is laid out at

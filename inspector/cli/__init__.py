@@ -94,7 +94,7 @@ for _command in (modules, trace, patch, run, lora, plan, doctor, attention):
 PARAMETER_FLAGS = {
     "train": "--train", "gpu_memory": "--gpu-memory", "mixed_precision": "--mixed-precision",
     "lora_dtype": "--lora-dtype", "trainer": "--trainer", "checkpointing": "--checkpointing", "vae": "--vae",
-    "tiling": "--tiling",  # plan
+    "tiling": "--tiling", "zero": "--zero", "gpus": "--gpus", "dtype": "--dtype",  # plan
     "alpha": "--alpha", "override_stored_alpha": "--override-stored-alpha", "step": "--step", "latest": "--latest",
     "to": "--to", "out_dir": "--out", "force": "--force",  # lora inspect, repair, merge
     "base_spec": "--base",  # lora verify

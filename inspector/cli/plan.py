@@ -27,8 +27,9 @@ from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, POSITIVE, print_json, 
               help="The LoRA adapters' dtype: auto leaves PEFT's (the base layers'); fp32 as cast_training_params.")
 @click.option("--trainer", metavar="NAME",
               help="Plan training as this trainer sets it up (dtype, mixed precision, adapters, rank, optimizer, "
-                   "checkpointing): cogvideo-finetune, diffusers-scripts, cogvideox-factory, finetrainers, cogkit, "
-                   "videox-fun. Flags given beside it override it.")
+                   "checkpointing; with --train full, its full finetune: DeepSpeed ZeRO stage and GPUs where its "
+                   "launch uses them): cogvideo-finetune, diffusers-scripts, cogvideox-factory, finetrainers, "
+                   "cogkit, videox-fun. Flags given beside it override it.")
 @click.option("--checkpointing", is_flag=True, help="Gradient checkpointing (diffusers' enable_gradient_checkpointing).")
 @click.option("--patch", "patch_names", multiple=True, metavar="NAME", help="Plan with this patch applied (repeatable).")
 @click.option("--vae", is_flag=True, help="Add the VAE decode of the latents (transformer still on the GPU).")
@@ -36,12 +37,18 @@ from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, POSITIVE, print_json, 
 @click.option("--gpu-memory", metavar="SIZE", help="A card's memory (80GiB, 24G): say whether it fits and what would.")
 @click.option("--ulysses", default=1, type=click.IntRange(min=1), metavar="N",
               help="Context-parallel over N GPUs (cogsurgeon.parallel, Ulysses): the peak of one of them.")
+@click.option("--zero", type=int, metavar="0|1|2|3",
+              help="--train full under DeepSpeed ZeRO: 1 shards the optimizer state, 2 also the gradients, 3 also "
+                   "the weights, over --gpus; the peak of one GPU. 0: no DeepSpeed. Default: the trainer's, else 0.")
+@click.option("--gpus", type=int, metavar="N",
+              help="The GPUs ZeRO shards over (data parallel). Default: the trainer's, else 1.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"peak_bytes", "breakdown", "peak_at", "fits", "suggestions", ...} as JSON.')
 def plan(model: str | None, frames: int | None, height: int | None, width: int | None, batch: int,
          dtype: str | None, train: str | None, mixed_precision: str | None, lora_dtype: str | None,
          trainer: str | None, checkpointing: bool, patch_names: tuple[str, ...], vae: bool,
-         tiling: bool, gpu_memory: str | None, ulysses: int, as_json: bool) -> None:
+         tiling: bool, gpu_memory: str | None, ulysses: int, zero: int | None, gpus: int | None,
+         as_json: bool) -> None:
     """Plan the peak GPU memory of a run of MODEL at a video size, before running it.
 
     The run is diffusers' own code on the meta device (no weights, no compute), with every allocation booked as
@@ -60,11 +67,15 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
       cogsurgeon plan cogvideox-2b --train lora:128 --dtype fp16 --mixed-precision fp16 --lora-dtype fp32 --batch 1
       cogsurgeon plan cogvideox1.5-5b --trainer cogvideo-finetune --frames 81 --height 768 --width 1360 --batch 1
       cogsurgeon plan cogvideox1.5-5b --frames 81 --height 768 --width 1360 --ulysses 4   # per GPU of 4
+      cogsurgeon plan cogvideox1.5-5b --trainer cogvideo-finetune --train full --frames 81 --height 768 --width 1360 --batch 1
+      cogsurgeon plan cogvideox-5b --train full --zero 3 --gpus 8 --checkpointing --batch 1
     """
     from cogsurgeon.inspector.cli.trace import _known_config, check_traceable
     from cogsurgeon.inspector.geometry import default_video_size
     from cogsurgeon.inspector.plan import (
+        PlanError,
         check_precision_choice,
+        check_zero_choice,
         parse_memory_size,
         parse_train,
         plan_memory,
@@ -73,6 +84,10 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
 
     train_mode = parse_train(train)  # flags refused before paying for torch and the model
     check_precision_choice(mixed_precision, lora_dtype)
+    check_zero_choice(zero, gpus)
+    if zero and ulysses > 1:
+        raise PlanError("--zero and --ulysses together are not planned (context parallelism beside ZeRO's "
+                        "sharding): drop one")
     if trainer is not None:
         trainer_preset(trainer)
     card = parse_memory_size(gpu_memory) if gpu_memory is not None else None
@@ -86,7 +101,7 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
                              dtype=dtype, train=train_mode, checkpointing=checkpointing,
                              patches=patch_names, vae=vae, tiling=tiling, gpu_memory=card,
                              mixed_precision=mixed_precision, lora_dtype=lora_dtype, trainer=trainer,
-                             ulysses=ulysses, progress=say)
+                             ulysses=ulysses, zero=zero, gpus=gpus, progress=say)
     if as_json:
         print_json(result.to_json())
         return
@@ -105,13 +120,16 @@ def _print_summary(result) -> None:
                                       ("tiling", settings.tiling)) if on]
     switches += [f"patch {name}" for name in settings.patches]
     switches += [f"per GPU of {settings.ulysses}, Ulysses"] if settings.ulysses > 1 else []
+    switches += [f"per GPU of {settings.zero.gpus}, DeepSpeed ZeRO-{settings.zero.stage}"] if settings.zero else []
     console.print(
         f"[bold]{settings.model}[/bold] {mode} at {settings.frames}×{settings.height}×{settings.width}, batch "
         f"{settings.batch}, {settings.dtype}" + (f" ({', '.join(switches)})" if switches else "")
     )
     if settings.train:
-        console.print(f"mixed precision {settings.mixed_precision}, LoRA dtype {settings.lora_dtype}, "
-                      f"{settings.optimizer}" + (f": {settings.trainer}'s set-up" if settings.trainer else ""))
+        precision = (f"DeepSpeed {settings.dtype}, no autocast, fp32 master weights" if settings.zero else
+                     f"mixed precision {settings.mixed_precision}, LoRA dtype {settings.lora_dtype}")
+        console.print(f"{precision}, {settings.optimizer}"
+                      + (f": {settings.trainer}'s set-up" if settings.trainer else ""))
     console.print(f"peak: [bold]{format_bytes(peak.peak_bytes)}[/bold] ({peak.peak_bytes:,} bytes) in "
                   f"{peak.phase}, at {peak.peak_at}")
     table = Table(title="live at the peak", header_style="bold")

@@ -30,7 +30,9 @@ from cogsurgeon.inspector.tui.widgets import facts_table
 TRAINING_MODES = (("inference", "inference"), ("training: LoRA", "lora"), ("training: full", "full"))
 DTYPES = ("bfloat16", "float16", "float32")
 SWITCH = re.compile(r"--(\S+)(?: (?!--)(\S+))?")
-SWITCH_NAMES = {"train": "training", "checkpointing": "checkpointing", "tiling": "tiling", "batch": "batch"}
+SWITCH_NAMES = {"train": "training", "checkpointing": "checkpointing", "tiling": "tiling", "batch": "batch",
+                "zero": "ZeRO"}
+ZERO_STAGES = (("0: no DeepSpeed", "0"), ("1: optimizer state", "1"), ("2: + gradients", "2"), ("3: + weights", "3"))
 
 
 def switches_in_screen_terms(switch: str) -> str:
@@ -53,6 +55,8 @@ def settings_text(settings: Any) -> str:
 def training_precision_text(settings: Any) -> str:
     """How a training step was planned to run: the trainer preset, accelerate's mixed precision, the LoRA dtype."""
     parts = [f"as {settings.trainer}"] if settings.trainer else []
+    if settings.zero is not None:
+        parts.append(f"DeepSpeed ZeRO-{settings.zero.stage}, per GPU of {settings.zero.gpus}")
     parts.append(f"{settings.mixed_precision} autocast" if settings.mixed_precision not in (None, "no")
                  else "no autocast")
     if settings.train.kind == "lora":
@@ -155,6 +159,8 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
                                                       prompt=f"{DEFAULT_MIXED_PRECISION} (training)", id="plan-mixed"))
             yield field_row("LoRA dtype", Select([(name, name) for name in LORA_DTYPES], prompt="auto (the weights')",
                                                  id="plan-lora-dtype"))
+            yield field_row("ZeRO", Select(ZERO_STAGES, prompt="the trainer's (none)", id="plan-zero"))
+            yield field_row("GPUs", Input(placeholder="ZeRO's GPUs (empty: the trainer's, or 1)", id="plan-gpus"))
             yield field_row("GPU memory", Input(placeholder="e.g. 80GiB (empty: no card)", id="plan-gpu"))
             yield field_row("patches", SelectionList(*patch_choices, id="plan-patches"))
             with Horizontal(classes="form-row checkboxes"):
@@ -195,11 +201,16 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
             train = f"lora:{rank}"
         elif mode == "full":
             train = "full"
+        gpus = value("#plan-gpus")
+        if gpus and (not gpus.isdigit() or int(gpus) < 1):
+            raise PlanError(f"GPUs must be a positive whole number, got {gpus[:20]!r}")
+        zero = self.chosen("#plan-zero")
         return dict(frames=frames, height=height, width=width, batch=int(batch_text), train=train,
                     dtype=self.chosen("#plan-dtype"), trainer=self.chosen("#plan-trainer"),
                     mixed_precision=self.chosen("#plan-mixed"), lora_dtype=self.chosen("#plan-lora-dtype"),
                     patches=tuple(self.query_one("#plan-patches", SelectionList).selected),
-                    gpu_memory=value("#plan-gpu") or None,
+                    gpu_memory=value("#plan-gpu") or None, zero=int(zero) if zero else None,
+                    gpus=int(gpus) if gpus else None,
                     checkpointing=self.query_one("#plan-checkpointing", Checkbox).value,
                     vae=self.query_one("#plan-vae", Checkbox).value,
                     tiling=self.query_one("#plan-tiling", Checkbox).value)
@@ -252,12 +263,13 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
 
 PLAN_CONTROLS = {"trainer": "trainer", "mixed_precision": "autocast", "lora_dtype": "LoRA dtype", "train": "the mode",
                  "checkpointing": "checkpointing", "vae": "VAE decode", "tiling": "tiling", "batch": "batch",
-                 "gpu_memory": "GPU memory", "patches": "patches", "dtype": "dtype"}
+                 "gpu_memory": "GPU memory", "patches": "patches", "dtype": "dtype", "zero": "ZeRO", "gpus": "GPUs"}
 
 
 def plan_error_in_screen_terms(text: str) -> str:
     """The planner's messages name plan_memory's keyword arguments; here they are the screen's controls."""
-    text = text.replace("train='lora:RANK' or train='full'", "a training mode")
+    text = text.replace("train='lora:RANK' or train='full'", "a training mode").replace("train='full'",
+                                                                                         "the mode training: full")
     return renamed_parameters(text, PLAN_CONTROLS)
 
 
