@@ -97,6 +97,8 @@ def progress_line() -> Iterator[Callable[[str], None]]:
         with progress_line() as say:
             result = plan_memory(..., progress=say)
     """
+    from rich.cells import cell_len, set_cell_size
+
     stream = sys.stderr
     if not stream.isatty():
         yield lambda message: None
@@ -109,7 +111,9 @@ def progress_line() -> Iterator[Callable[[str], None]]:
             width = os.get_terminal_size(stream.fileno()).columns or 80  # 0: a terminal that does not say
         except (OSError, ValueError):
             width = 80
-        stream.write(f"\r{message[:max(width - 1, 1)]}\x1b[K")
+        # cut to the cells the terminal has, not to code points: a CJK character or an emoji takes two cells
+        cells = max(width - 1, 1)
+        stream.write(f"\r{message if cell_len(message) <= cells else set_cell_size(message, cells)}\x1b[K")
         stream.flush()
         drawn = True
 
