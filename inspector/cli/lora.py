@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import click
 
-from cogsurgeon.inspector.cli.output import print_json, progress_line
+from cogsurgeon.inspector.cli.output import in_cli_terms, print_json, progress_line
 from cogsurgeon.inspector.errors import counted
 
 ALPHA_HELP = ("lora_alpha the LoRA was trained with, where the checkpoint stores none (it settles trainer defaults); "
@@ -34,6 +35,13 @@ def checkpoint_options(function):
     )):
         function = option(function)
     return function
+
+
+def _in_cli_terms(report):
+    """A `LoraReport` whose warnings and alpha detail name the CLI's flags (`pass --alpha A`), not the keyword
+    arguments of the Python calls (`pass alpha=A`): what the commands print, as text and as JSON."""
+    return replace(report, warnings=tuple(map(in_cli_terms, report.warnings)),
+                   alpha_detail=in_cli_terms(report.alpha_detail))
 
 
 def _print_warnings(warnings: tuple[str, ...]) -> None:
@@ -125,8 +133,8 @@ def inspect(ckpt: str, alpha: float | None, override_stored_alpha: bool, trainer
     """
     from cogsurgeon.tools.lora.checkpoint import inspect_checkpoint
 
-    report = inspect_checkpoint(ckpt, alpha=alpha, trainer=trainer, step=step, latest=latest,
-                                override_stored_alpha=override_stored_alpha)
+    report = _in_cli_terms(inspect_checkpoint(ckpt, alpha=alpha, trainer=trainer, step=step, latest=latest,
+                                              override_stored_alpha=override_stored_alpha))
     _print_warnings(report.warnings)
     if as_json:
         print_json(report.to_json())
@@ -195,6 +203,7 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, override_stored_alpha: 
         result = repair_checkpoint(ckpt, out_dir, alpha=alpha, trainer=trainer, step=step, latest=latest, force=force,
                                    to=to, bake_scale=bake_scale, progress=_ByteProgress(say),
                                    override_stored_alpha=override_stored_alpha)
+    result = replace(result, report=_in_cli_terms(result.report))
     _print_warnings(result.report.warnings)
     if as_json:
         print_json(result.to_json())
@@ -233,6 +242,7 @@ def verify(ctx: click.Context, adapter_dir: str, base: str, as_json: bool) -> No
 
     with progress_line() as say:
         report = verify_adapter(adapter_dir, base, progress=say)
+    report = replace(report, failures=tuple(map(in_cli_terms, report.failures)))  # they quote the alpha's source
     if as_json:
         print_json(report.to_json())
     else:

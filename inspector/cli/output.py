@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from cogsurgeon.inspector.errors import renamed_parameters
 from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, known_specs
 
 if TYPE_CHECKING:
@@ -42,6 +43,23 @@ class DtypeChoice(click.Choice):
 # Checked by click before any command body runs, so a wrong value costs no torch import.
 DTYPE_CHOICE = DtypeChoice()
 POSITIVE = click.IntRange(min=1)  # video sizes and batches
+
+
+# The library's messages name the keyword arguments of its Python calls (`plan_memory(gpu_memory="lots")` says
+# `gpu_memory='lots'`, `repair_checkpoint(..., step=7)` says `pass step=N`); on the command line they are these flags.
+PARAMETER_FLAGS = {
+    "train": "--train", "gpu_memory": "--gpu-memory", "mixed_precision": "--mixed-precision",
+    "lora_dtype": "--lora-dtype", "trainer": "--trainer", "checkpointing": "--checkpointing", "vae": "--vae",
+    "tiling": "--tiling",  # plan
+    "alpha": "--alpha", "override_stored_alpha": "--override-stored-alpha", "step": "--step", "latest": "--latest",
+    "to": "--to", "out_dir": "--out", "force": "--force",  # lora inspect, repair, merge
+    "base_spec": "--base",  # lora verify
+}
+
+
+def in_cli_terms(text: str) -> str:
+    """A library message (an error, a report's warning) with the keyword arguments it names as the CLI's flags."""
+    return renamed_parameters(text, PARAMETER_FLAGS)
 
 
 def print_json(value: Any) -> None:
@@ -126,6 +144,6 @@ def progress_line() -> Iterator[Callable[[str], None]]:
 
 
 __all__ = [
-    "DTYPE_CHOICE", "ERASE_LINE", "MODEL_HELP", "POSITIVE", "print_json", "print_table_or_blocks", "progress_line",
-    "stdout_console",
+    "DTYPE_CHOICE", "ERASE_LINE", "MODEL_HELP", "PARAMETER_FLAGS", "POSITIVE", "in_cli_terms", "print_json",
+    "print_table_or_blocks", "progress_line", "stdout_console",
 ]

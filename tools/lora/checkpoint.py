@@ -84,7 +84,9 @@ class LoraTensor:
 
 @dataclass(frozen=True)
 class LoraReport:
-    """What `cogsurgeon lora inspect` says about a checkpoint."""
+    """What `cogsurgeon lora inspect` says about a checkpoint. Its warnings and `alpha_detail` name the keyword
+    arguments of the Python calls (`pass alpha=A`), as errors do; each front end renames them
+    (`errors.renamed_parameters`)."""
 
     format: str
     path: str
@@ -233,7 +235,7 @@ def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = Fal
             raise LoraCheckpointError(f"{path} holds no numbered checkpoints for latest=True to choose from")
         chosen = steps[max(steps)]
     elif direct is not None:
-        notes = (f"{path} also holds the checkpoints of steps {listed}: --step N reads one of them",) if steps else ()
+        notes = (f"{path} also holds the checkpoints of steps {listed}: step=N reads one of them",) if steps else ()
         return Located(direct.kind, direct.path, tuple(steps), notes)
     elif len(steps) == 1:
         chosen = next(iter(steps.values()))
@@ -527,7 +529,8 @@ def _kohya_alpha(raw: RawCheckpoint, ranks: dict[str, int], problems: list[str])
 
 @dataclass(frozen=True)
 class AlphaRequest:
-    """What the person asked for: --alpha, --trainer, --override-stored-alpha."""
+    """What the person asked for: alpha=, trainer=, override_stored_alpha= (the CLI's --alpha, --trainer,
+    --override-stored-alpha)."""
 
     alpha: float | None = None
     trainer: str | None = None
@@ -551,8 +554,8 @@ def _alpha_notes(resolution: AlphaResolution, request: AlphaRequest, rank: int |
     if resolution.source == "flag":
         before, after = (f"{stored / rank:g}", f"{flag / rank:g}") if rank else ("?", "?")
         return [f"STORED ALPHA OVERRIDDEN: lora_alpha {number(stored)} -> {number(flag)} (scale {before} -> {after} at "
-                f"rank {rank}), as --override-stored-alpha asks{kept}"]
-    return [f"--alpha {number(flag)} is the stored lora_alpha ({resolution.detail}): nothing changes{kept}"]
+                f"rank {rank}), as override_stored_alpha=True asks{kept}"]
+    return [f"alpha={number(flag)} is the stored lora_alpha ({resolution.detail}): nothing changes{kept}"]
 
 
 def _listed(pattern: dict[str, Any], shown_count: int = 3) -> str:
@@ -758,17 +761,17 @@ def _alpha_warnings(resolution: AlphaResolution, request: AlphaRequest, rank: in
     does not store comes first, as what a person must read; then what the request changed or did not."""
     back = _alpha_notes(resolution, request, rank, tensor_file)
     if request.trainer is not None and resolution.stored_alpha is not None:
-        back.append(f"--trainer {request.trainer} ignored: lora_alpha is stored ({resolution.detail})")
+        back.append(f"trainer={request.trainer!r} ignored: lora_alpha is stored ({resolution.detail})")
     if resolution.source in ("default", "trainer") and resolution.lora_alpha is not None:
         scale = resolution.lora_alpha / rank if rank else float("nan")
         front = [
             f"LORA_ALPHA NOT STORED: {tensor_file.name} has no lora_alpha and no config beside it; using "
             f"lora_alpha={number(resolution.lora_alpha)} (scale {scale:g} at rank {rank}), {resolution.detail}. "
-            "If your training used another value, pass --alpha A."
+            "If your training used another value, pass alpha=A."
         ]
     elif resolution.lora_alpha is None:
         listed = ", ".join(f"{number(c.alpha)} ({c.trainer})" for c in resolution.candidates)
-        front = [f"LORA_ALPHA NOT STORED and not settled: it could be {listed}; pass --alpha A or --trainer NAME"]
+        front = [f"LORA_ALPHA NOT STORED and not settled: it could be {listed}; pass alpha=A or trainer=NAME"]
     else:
         front = []
     return front, back

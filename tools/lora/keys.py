@@ -372,14 +372,14 @@ def resolve_alpha(
         if flag is None or same_alpha(flag, value):
             return AlphaResolution(value, source, where, pattern, stored_alpha=value)
         if override_stored:
-            return AlphaResolution(flag, "flag", f"--alpha with --override-stored-alpha, replacing lora_alpha "
+            return AlphaResolution(flag, "flag", f"alpha= with override_stored_alpha=True, replacing lora_alpha "
                                    f"{number(value)} stored in {where}", pattern, stored_alpha=value)
         return AlphaResolution(value, source, where, pattern, stored_alpha=value, refused_flag=flag)
     if flag is not None:
-        return AlphaResolution(flag, "flag", "--alpha", {})
+        return AlphaResolution(flag, "flag", "alpha=", {})
     if trainer is not None:
         (chosen,) = trainer_candidates((trainer,), rank)
-        return AlphaResolution(chosen.alpha, "trainer", f"--trainer {trainer}: {chosen.source}", {})
+        return AlphaResolution(chosen.alpha, "trainer", f"trainer={trainer!r}: {chosen.source}", {})
     candidates = trainer_candidates(FORMAT_TRAINERS[format_name], rank)
     values = {candidate.alpha for candidate in candidates}
     if len(values) == 1 and None not in values:

@@ -122,7 +122,7 @@ class AdapterVerifyReport:
             lines.append(f"FAILED        {len(self.failures)} problem(s)")
             lines.extend(f"  - {failure}" for failure in self.failures[:20])
             if len(self.failures) > 20:
-                lines.append(f"  ... and {len(self.failures) - 20} more (--json lists all)")
+                lines.append(f"  ... and {len(self.failures) - 20} more (the JSON report lists all)")
         else:
             lines.append("passed        both loads match the adapter and each other")
         return lines
@@ -148,7 +148,8 @@ def read_adapter_folder(folder: Path) -> dict[str, Any]:
                if not is_regular_file(folder / name)]
     if missing:
         raise CogsurgeonError(
-            f"{folder} lacks {', '.join(missing)}: it is not an adapter folder; run `cogsurgeon lora repair CKPT --out DIR` first"
+            f"{folder} lacks {', '.join(missing)}: it is not an adapter folder; repair its checkpoint first "
+            "(repair_checkpoint, or `cogsurgeon lora repair`)"
         )
     try:
         config = read_json(folder / PEFT_CONFIG_NAME)  # regular file, size capped, nesting and NaN refused
