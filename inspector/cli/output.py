@@ -54,6 +54,7 @@ PARAMETER_FLAGS = {
     "alpha": "--alpha", "override_stored_alpha": "--override-stored-alpha", "step": "--step", "latest": "--latest",
     "to": "--to", "out_dir": "--out", "force": "--force",  # lora inspect, repair, merge
     "base_spec": "--base",  # lora verify
+    "command": "-- COMMAND", "patch_names": "--patch", "record": "--record-attention", "ulysses": "--ulysses",  # run
 }
 
 
