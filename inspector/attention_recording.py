@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,7 @@ from typing import Any
 import torch
 
 from cogsurgeon.inspector.errors import CogsurgeonError
-from cogsurgeon.inspector.interrupts import interruptible
-from cogsurgeon.inspector.user_files import read_json
+from cogsurgeon.inspector.user_files import read_json, write_atomically
 
 FORMAT = "cogsurgeon.attention-recording"
 VERSION = 1
@@ -232,7 +230,7 @@ class AttentionRecording:
             raise RecordingError(f"{path}: a recording is saved as .json (its index, when large, beside a .safetensors)")
         numbers = self.all_mass().numel() + sum(maps.numel() for maps in self._map_steps)
         if numbers <= INLINE_NUMBERS:
-            _write_atomically(path, json.dumps(self.to_json()).encode())
+            write_atomically(path, json.dumps(self.to_json()).encode())
             return [path]
         from safetensors.torch import save as save_tensors
 
@@ -240,8 +238,8 @@ class AttentionRecording:
         tensors = {"mass": self.all_mass().contiguous()}
         if self._map_steps:
             tensors["word_maps"] = torch.stack(self._map_steps).contiguous()
-        _write_atomically(tensors_path, save_tensors(tensors))
-        _write_atomically(path, json.dumps({**self.header(), "tensors": tensors_path.name}).encode())
+        write_atomically(tensors_path, save_tensors(tensors))
+        write_atomically(path, json.dumps({**self.header(), "tensors": tensors_path.name}).encode())
         return [path, tensors_path]
 
 
@@ -334,19 +332,6 @@ def _from_document(document: Any, path: Path) -> AttentionRecording:
     for step in range(mass.shape[0]):
         recording.add_step(mass[step].float(), None if maps is None else maps[step].float())
     return recording
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
-    with interruptible():  # Ctrl-C meanwhile removes the temporary file
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
 
 
 def _listed(names: list[str], limit: int = 6) -> str:
