@@ -143,7 +143,8 @@ class AttentionRecording:
             raise RecordingError("nothing was recorded: no forward of the transformer ran inside the recording")
         for label, value, count in (("step", step, self.steps), ("batch", batch, self.batch)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < count:
-                raise RecordingError(f"{label} {value!r} is out of range: the recording has {count} ({label}s 0-{count - 1})")
+                raise RecordingError(f"{label} {value!r} is out of range: the recording has {count} ({label}s "
+                                     f"0-{count - 1})")
 
     def mass(self, layer: int | str, step: int = 0, batch: int = 0) -> torch.Tensor:
         """`(heads, groups, groups)`: row i is where the queries of group i attend, summed per key group."""
@@ -227,7 +228,8 @@ class AttentionRecording:
         `<stem>.safetensors` beside it, the JSON being its index. Written atomically; returns the files written."""
         path = Path(path)
         if path.suffix != ".json":
-            raise RecordingError(f"{path}: a recording is saved as .json (its index, when large, beside a .safetensors)")
+            raise RecordingError(f"{path}: a recording is saved as .json (its index, when large, beside a "
+                                 ".safetensors)")
         numbers = self.all_mass().numel() + sum(maps.numel() for maps in self._map_steps)
         if numbers <= INLINE_NUMBERS:
             write_atomically(path, json.dumps(self.to_json()).encode())
@@ -293,14 +295,16 @@ def load_recording(path: str | os.PathLike) -> AttentionRecording:
     try:
         return _from_document(document, path)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise RecordingError(f"{path} is not a readable cogsurgeon attention recording ({type(exc).__name__}: {exc})") from None
+        raise RecordingError(f"{path} is not a readable cogsurgeon attention recording "
+                             f"({type(exc).__name__}: {exc})") from None
 
 
 def _from_document(document: Any, path: Path) -> AttentionRecording:
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise RecordingError(f"{path} is not a cogsurgeon attention recording (no \"format\": \"{FORMAT}\")")
     if document.get("version") != VERSION:
-        raise RecordingError(f"{path} is a version {document.get('version')!r} recording; this cogsurgeon reads {VERSION}")
+        raise RecordingError(f"{path} is a version {document.get('version')!r} recording; this cogsurgeon reads "
+                             f"{VERSION}")
     group_fields = document["groups"]
     groups = GroupInfo(
         spec=str(group_fields["spec"]), names=tuple(map(str, group_fields["names"])),

@@ -57,7 +57,8 @@ MASK_FIX = "cogsurgeon run --patch attention-mask -- python your_script.py"
 # The CogVideoX processor calls F.scaled_dot_product_attention itself, so torch's own kernel choice reaches it and
 # changes nothing but the kernel. (No cogsurgeon patch does this: the attention patches change what attends to what.)
 BACKEND_FIX = ("choose the SDPA kernel around the call instead: with torch.nn.attention.sdpa_kernel("
-               "SDPBackend.FLASH_ATTENTION): pipe(...)  (same outputs; backends outside torch's SDPA are not reachable)")
+               "SDPBackend.FLASH_ATTENTION): pipe(...)  (same outputs; backends outside torch's SDPA are not "
+               "reachable)")
 
 
 @contextmanager

@@ -3,8 +3,9 @@
 
 Building the inventory costs little; importing diffusers' model code costs ~2 s more than `import torch,
 diffusers.models`, because diffusers' hooks import peft, which imports transformers. A published config's
-inventory depends only on the config (a tiny model's random weights are not in it), the dtype, and the installed torch and diffusers, so it is cached under
-those keys, and each entry is checked on read against the size and mtime of every source file it points to: an
+inventory depends only on the config (a tiny model's random weights are not in it), the dtype, and the installed torch
+and diffusers, so it is cached under those keys, and each entry is checked on read against the size and mtime of every
+source file it points to: an
 edit to diffusers in site-packages (what the original fork did) invalidates it.
 """
 

@@ -4,7 +4,8 @@ and YAML are parsed with their blow-ups turned into one-line errors (nesting, al
 meant), and OS errors (symlink loops, permissions, names too long) become `UserFileError` naming the path. Files
 written under a name the user chose are written atomically (`write_atomically`).
 
-Foundation layer: imports nothing of cogsurgeon but `errors` and `interrupts`, and nothing heavy (yaml only when a YAML file is read).
+Foundation layer: imports nothing of cogsurgeon but `errors` and `interrupts`, and nothing heavy (yaml only when a YAML
+file is read).
 """
 
 from __future__ import annotations

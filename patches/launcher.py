@@ -156,7 +156,8 @@ def run_patched(command: Sequence[str], patch_names: Sequence[str], record: Reco
 @contextmanager
 def _forwarded_signals() -> Iterator[Callable[[subprocess.Popen], None]]:
     """While the program runs: SIGINT ignored (by a handler, so the program starts with its default),
-    FORWARDED_SIGNALS passed on to it (one arriving before it started is passed on as it starts). Off the main thread, where handlers cannot be set, nothing is changed."""
+    FORWARDED_SIGNALS passed on to it (one arriving before it started is passed on as it starts). Off the main thread,
+    where handlers cannot be set, nothing is changed."""
     process: list[subprocess.Popen] = []
     pending: list[int] = []
 

@@ -183,7 +183,8 @@ def _run(argv: list[str] | None, stderr: _LineTrackingStream) -> int:
         sys.stderr.close()  # the reader (head, less) left; not an error of ours
         return 0
     except OSError as exc:  # the machine, not the input: a full disk or device, a file we may not read
-        return _fail(stderr, f"cogsurgeon: error: {_one_line(describe_os_error(exc.filename or 'standard output', exc))}", 2)
+        return _fail(stderr, f"cogsurgeon: error: "
+                             f"{_one_line(describe_os_error(exc.filename or 'standard output', exc))}", 2)
     return result if isinstance(result, int) else 0
 
 

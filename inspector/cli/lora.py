@@ -15,8 +15,8 @@ from cogsurgeon.inspector.errors import counted
 
 ALPHA_HELP = ("lora_alpha the LoRA was trained with, where the checkpoint stores none (it settles trainer defaults); "
               "one that contradicts a stored lora_alpha is refused, see --override-stored-alpha.")
-OVERRIDE_HELP = ("Let --alpha replace the lora_alpha the checkpoint stores (metadata, a config beside it); what changes "
-                 "is printed. Stored per-module alphas (alpha_pattern) are kept.")
+OVERRIDE_HELP = ("Let --alpha replace the lora_alpha the checkpoint stores (metadata, a config beside it); "
+                 "what changes is printed. Stored per-module alphas (alpha_pattern) are kept.")
 TRAINER_HELP = ("The trainer that wrote CKPT, when the file does not store lora_alpha and several trainers fit: its "
                 "default lora_alpha is used (inspect lists the candidates).")
 
@@ -165,10 +165,12 @@ class _ByteProgress:
 @lora.command(short_help="Rebuild a checkpoint into an adapter folder PEFT and diffusers load offline.")
 @click.argument("ckpt", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="DIR",
-              help="The adapter folder to create (missing parent folders are created); it must not exist, unless --force.")
+              help="The adapter folder to create (missing parent folders are created); it must not exist, unless "
+                   "--force.")
 @checkpoint_options
-@click.option("--force", is_flag=True, help="Replace DIR if it is an earlier repair, unchanged (its cogsurgeon-repair.json "
-              "manifest and every hash match), in one atomic swap; any other folder is left alone.")
+@click.option("--force", is_flag=True,
+              help="Replace DIR if it is an earlier repair, unchanged (its cogsurgeon-repair.json manifest and every "
+                   "hash match), in one atomic swap; any other folder is left alone.")
 @click.option("--to", "to", default="peft,diffusers", show_default=True, metavar="LIST",
               help="Consumers to write for: peft (adapter_config.json + adapter_model.safetensors), diffusers "
                    "(pytorch_lora_weights.safetensors with metadata), comfyui (comfyui_lora.safetensors, kohya keys "
@@ -210,8 +212,8 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, override_stored_alpha: 
         return
     report = result.report
     click.echo(
-        f"wrote {result.out_dir}: {counted(report.num_modules, 'module')}, rank {report.rank}, lora_alpha {report.alpha} "
-        f"({report.alpha_source}), {result.bytes_written:,} tensor bytes"
+        f"wrote {result.out_dir}: {counted(report.num_modules, 'module')}, rank {report.rank}, "
+        f"lora_alpha {report.alpha} ({report.alpha_source}), {result.bytes_written:,} tensor bytes"
     )
     if report.alpha_pattern:
         click.echo(f"  alpha_pattern kept: {_pattern_text(report.alpha_pattern)}")

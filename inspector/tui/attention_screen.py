@@ -215,7 +215,8 @@ def view_png(recording: Any, state: ViewState, path: Path, cell: int = 20) -> Pa
             for y in range(maps.shape[1]):
                 for x in range(maps.shape[2]):
                     px, py = left + frame * (maps.shape[2] * dot + dot) + x * dot, base + 20 + y * dot
-                    draw.rectangle([px, py, px + dot - 1, py + dot - 1], fill=ramp_colour(float(maps[frame, y, x]) / top))
+                    draw.rectangle([px, py, px + dot - 1, py + dot - 1],
+                                   fill=ramp_colour(float(maps[frame, y, x]) / top))
     encoded = io.BytesIO()
     image.save(encoded, format="PNG")
     write_atomically(path, encoded.getvalue())  # whole or not at all under the name asked for
@@ -302,7 +303,8 @@ class AttentionScreen(ReportsWorkerFailures, Screen[None]):
         self.recording = recording
         self.query_one("#xray-body").loading = False
         patches = ", ".join(recording.model.get("patches") or {}) or "no patches"
-        self.sub_title = f"{self.source or recording.model.get('class', '')} · {recording.group_info.spec} · {patches}"
+        source = self.source or recording.model.get("class", "")
+        self.sub_title = f"{source} · {recording.group_info.spec} · {patches}"
         self.state = ViewState()
 
     def watch_state(self, state: ViewState) -> None:
@@ -350,9 +352,10 @@ class AttentionScreen(ReportsWorkerFailures, Screen[None]):
         if self._ready():
             stem = self._export_stem()
             csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
-            text = json.dumps(view_numbers(self.recording, self.state), indent=2)
-            if (self._exported(csv_path, lambda: write_atomically(csv_path, mass_csv(self.recording, self.state).encode()))
-                    and self._exported(json_path, lambda: write_atomically(json_path, text.encode()))):
+            table = mass_csv(self.recording, self.state).encode()
+            numbers = json.dumps(view_numbers(self.recording, self.state), indent=2).encode()
+            if (self._exported(csv_path, lambda: write_atomically(csv_path, table))
+                    and self._exported(json_path, lambda: write_atomically(json_path, numbers))):
                 self.notify(f"wrote {stem}.csv and {stem}.json")
 
     def _exported(self, path: Path, write: Callable[[], Any]) -> bool:

@@ -469,8 +469,8 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
         self.query_one("#lora-alpha", Input).value = f"{report.alpha:g}" if report.alpha is not None else ""
         self.show_state(replace(self.state, steps=message.steps, report=report))
         self.query_one("#lora-findings").scroll_visible(animate=False)  # a result below the fold comes into view
-        self.notify(f"inspected {message.request.describe()}: {report.format}, rank {report.rank}, "
-                    f"{'lora_alpha ' + format(report.alpha, 'g') if report.alpha is not None else 'lora_alpha unknown'}",
+        alpha = f"lora_alpha {report.alpha:g}" if report.alpha is not None else "lora_alpha unknown"
+        self.notify(f"inspected {message.request.describe()}: {report.format}, rank {report.rank}, {alpha}",
                     title="LoRA inspect")
 
     @on(Select.Changed, "#lora-trainer, #lora-step")

@@ -331,10 +331,12 @@ def read_checkpoint(
     return _assemble(given, located, raw, AlphaRequest(alpha, trainer, override_stored_alpha))
 
 
-RawEntry = tuple[str, str, tuple[int, ...], int, int | None, Callable[[], Any] | None]  # key, dtype, shape, bytes, start, payload
+# key, dtype, shape, bytes, start, payload
+RawEntry = tuple[str, str, tuple[int, ...], int, int | None, Callable[[], Any] | None]
 
 
-def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Path | None, format_name: str) -> RawCheckpoint:
+def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Path | None,
+              format_name: str) -> RawCheckpoint:
     """Sort raw entries into LoRA weights (by the key grammar), DoRA and other tensors."""
     raw = RawCheckpoint([], [], [], set(), set(), metadata, format_name, {}, source_file)
     for key, dtype, shape, nbytes, start, payload in entries:
@@ -512,7 +514,8 @@ def _json_object(text: str) -> dict[str, Any]:
     return config
 
 
-def _kohya_alpha(raw: RawCheckpoint, ranks: dict[str, int], problems: list[str]) -> tuple[float | None, dict[str, float]]:
+def _kohya_alpha(raw: RawCheckpoint, ranks: dict[str, int],
+                 problems: list[str]) -> tuple[float | None, dict[str, float]]:
     """kohya stores alpha per module: the most common value is lora_alpha, the others go to alpha_pattern."""
     if not raw.alpha_values:
         return None, {}
@@ -566,7 +569,8 @@ def _listed(pattern: dict[str, Any], shown_count: int = 3) -> str:
 EXTRA_PARTS = {"bias": "lora_B bias (PEFT lora_bias=True)", "magnitude": "DoRA magnitude (PEFT use_dora=True)"}
 
 
-def _bias_and_magnitude(raw: RawCheckpoint, b_shapes: dict[str, tuple[int, ...]], problems: list[str]) -> list[LoraTensor]:
+def _bias_and_magnitude(raw: RawCheckpoint, b_shapes: dict[str, tuple[int, ...]],
+                        problems: list[str]) -> list[LoraTensor]:
     """PEFT's lora_B biases and DoRA magnitude vectors: one per module, of lora_B's output size, on every module of
     the LoRA (PEFT sets lora_bias and use_dora for the whole adapter)."""
     found: dict[str, dict[str, LoraTensor]] = {part: {} for part in EXTRA_PARTS}
@@ -654,7 +658,8 @@ def _entry_notes(raw: RawCheckpoint, notes: tuple[str, ...]) -> tuple[list[str],
         warnings.append(f"{len(ignored)} non-LoRA tensors of finetrainers' full state ignored, e.g. {ignored[0]!r}")
     elif raw.non_lora:
         problems.append(
-            f"{len(raw.non_lora)} tensors are not LoRA weights, e.g. {raw.non_lora[0]!r}: repair writes LoRA weights only"
+            f"{len(raw.non_lora)} tensors are not LoRA weights, e.g. {raw.non_lora[0]!r}: repair writes "
+            "LoRA weights only"
         )
     if raw.dora:
         problems.append(
@@ -714,7 +719,8 @@ def _stored_alpha(raw: RawCheckpoint, tensor_file: Path, ranks: dict[str, int], 
                              ("rank_pattern", positive_int, "positive integers")):
         pattern = metadata_config.get(key)
         if pattern is not None and not (isinstance(pattern, dict) and all(check(v) for v in pattern.values())):
-            problems.append(f"the file's LoRA config says {key}={shown(pattern)}: expected module names mapped to {what}")
+            problems.append(f"the file's LoRA config says {key}={shown(pattern)}: expected module names mapped to "
+                            f"{what}")
             if key == "alpha_pattern":
                 stored_pattern = None
     kohya_alpha, kohya_pattern = _kohya_alpha(raw, ranks, problems)
@@ -788,7 +794,8 @@ def _report(given: Path, located: Located, raw: RawCheckpoint, tensors: list[Lor
     if len(dtypes) > 1:
         warnings = [*warnings, f"LoRA weights mix dtypes ({', '.join(dtypes)})"]
     fits, fit_detail = lora_fits([(t.module, t.part, t.shape) for t in tensors])
-    size = sum(p.stat().st_size for p in tensor_file.iterdir() if p.is_file()) if tensor_file.is_dir() else tensor_file.stat().st_size
+    files = [p for p in tensor_file.iterdir() if p.is_file()] if tensor_file.is_dir() else [tensor_file]
+    size = sum(p.stat().st_size for p in files)
     return LoraReport(
         format=raw.format_name,
         path=str(given),
