@@ -359,11 +359,12 @@ def resolve_alpha(
     stored_where: str = "lora_adapter_metadata in the file",
     override_stored: bool = False,
 ) -> AlphaResolution:
-    """lora_alpha in the issue's order: stored in the file; a trainer config beside it; --alpha; a trainer's default
-    (--trainer NAME, or the one trainer the format identifies). When several trainers fit and disagree, nothing is
-    guessed: lora_alpha is None and `candidates` lists them.
+    """lora_alpha in the issue's order: stored in the file; a trainer config beside it; `flag` (the alpha= of the calls,
+    --alpha of the CLI); a trainer's default (`trainer`, or the one trainer the format identifies). When several
+    trainers fit and disagree, nothing is guessed: lora_alpha is None and `candidates` lists them. `detail` names the
+    calls' keyword arguments (`alpha=`, `trainer='videox-fun'`), as their messages do.
 
-    --alpha sets only what is not stored: equal to the stored value it changes nothing (the stored alpha_pattern
+    `flag` sets only what is not stored: equal to the stored value it changes nothing (the stored alpha_pattern
     stays), different from it the resolution carries `refused_flag` (the caller refuses) unless `override_stored`,
     which replaces lora_alpha and still keeps the stored per-module alpha_pattern."""
     stored: tuple[float, AlphaSource, str, dict[str, float]] | None = None
