@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,7 @@ from typing import Any
 import torch
 
 from cogsurgeon.inspector.errors import CogsurgeonError
-from cogsurgeon.inspector.interrupts import interruptible
-from cogsurgeon.inspector.user_files import read_json
+from cogsurgeon.inspector.user_files import read_json, write_atomically
 
 FORMAT = "cogsurgeon.attention-recording"
 VERSION = 1
@@ -145,7 +143,8 @@ class AttentionRecording:
             raise RecordingError("nothing was recorded: no forward of the transformer ran inside the recording")
         for label, value, count in (("step", step, self.steps), ("batch", batch, self.batch)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < count:
-                raise RecordingError(f"{label} {value!r} is out of range: the recording has {count} ({label}s 0-{count - 1})")
+                raise RecordingError(f"{label} {value!r} is out of range: the recording has {count} ({label}s "
+                                     f"0-{count - 1})")
 
     def mass(self, layer: int | str, step: int = 0, batch: int = 0) -> torch.Tensor:
         """`(heads, groups, groups)`: row i is where the queries of group i attend, summed per key group."""
@@ -229,10 +228,11 @@ class AttentionRecording:
         `<stem>.safetensors` beside it, the JSON being its index. Written atomically; returns the files written."""
         path = Path(path)
         if path.suffix != ".json":
-            raise RecordingError(f"{path}: a recording is saved as .json (its index, when large, beside a .safetensors)")
+            raise RecordingError(f"{path}: a recording is saved as .json (its index, when large, beside a "
+                                 ".safetensors)")
         numbers = self.all_mass().numel() + sum(maps.numel() for maps in self._map_steps)
         if numbers <= INLINE_NUMBERS:
-            _write_atomically(path, json.dumps(self.to_json()).encode())
+            write_atomically(path, json.dumps(self.to_json()).encode())
             return [path]
         from safetensors.torch import save as save_tensors
 
@@ -240,8 +240,8 @@ class AttentionRecording:
         tensors = {"mass": self.all_mass().contiguous()}
         if self._map_steps:
             tensors["word_maps"] = torch.stack(self._map_steps).contiguous()
-        _write_atomically(tensors_path, save_tensors(tensors))
-        _write_atomically(path, json.dumps({**self.header(), "tensors": tensors_path.name}).encode())
+        write_atomically(tensors_path, save_tensors(tensors))
+        write_atomically(path, json.dumps({**self.header(), "tensors": tensors_path.name}).encode())
         return [path, tensors_path]
 
 
@@ -295,14 +295,16 @@ def load_recording(path: str | os.PathLike) -> AttentionRecording:
     try:
         return _from_document(document, path)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise RecordingError(f"{path} is not a readable cogsurgeon attention recording ({type(exc).__name__}: {exc})") from None
+        raise RecordingError(f"{path} is not a readable cogsurgeon attention recording "
+                             f"({type(exc).__name__}: {exc})") from None
 
 
 def _from_document(document: Any, path: Path) -> AttentionRecording:
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise RecordingError(f"{path} is not a cogsurgeon attention recording (no \"format\": \"{FORMAT}\")")
     if document.get("version") != VERSION:
-        raise RecordingError(f"{path} is a version {document.get('version')!r} recording; this cogsurgeon reads {VERSION}")
+        raise RecordingError(f"{path} is a version {document.get('version')!r} recording; this cogsurgeon reads "
+                             f"{VERSION}")
     group_fields = document["groups"]
     groups = GroupInfo(
         spec=str(group_fields["spec"]), names=tuple(map(str, group_fields["names"])),
@@ -334,19 +336,6 @@ def _from_document(document: Any, path: Path) -> AttentionRecording:
     for step in range(mass.shape[0]):
         recording.add_step(mass[step].float(), None if maps is None else maps[step].float())
     return recording
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
-    with interruptible():  # Ctrl-C meanwhile removes the temporary file
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
 
 
 def _listed(names: list[str], limit: int = 6) -> str:

@@ -42,7 +42,8 @@ from cogsurgeon.patches.registry import resolve_transformer
 DEFAULT_CHUNK_BYTES = 128 * 1024 * 1024
 MAX_GRID_CELLS = 4096
 _GRID = re.compile(r"grid:(?P<rows>[1-9]\d{0,3})x(?P<cols>[1-9]\d{0,3})")
-GROUPS_HELP = '"frames" (text, frame 0, frame 1, ...), "grid:RxC" (text, then R×C cells of the frame, the same cell across frames) or "words" (each text token, then the video)'
+GROUPS_HELP = ('"frames" (text, frame 0, frame 1, ...), "grid:RxC" (text, then R×C cells of the frame, the same cell '
+               'across frames) or "words" (each text token, then the video)')
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ class VideoGrid:
                 "grid_height": self.grid_height, "grid_width": self.grid_width}
 
 
-def token_groups(spec: GroupSpec, grid: VideoGrid, token_labels: Sequence[str] | None = None) -> tuple[GroupInfo, list[int]]:
+def token_groups(spec: GroupSpec, grid: VideoGrid,
+                 token_labels: Sequence[str] | None = None) -> tuple[GroupInfo, list[int]]:
     """The groups of a forward and the group of every token of the joint sequence `[text ; video]` (video in
     frame-major raster order)."""
     layout = grid.layout

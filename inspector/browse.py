@@ -61,8 +61,8 @@ def _public(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def open_model(spec: str) -> LoadedModel:
-    """Load `spec` (any MODEL `load_transformer` takes) and take its inventory; a published config's inventory is also stored
-    in the inventory cache, for the next `preview_model`. Raises the loader's `CogsurgeonError`s."""
+    """Load `spec` (any MODEL `load_transformer` takes) and take its inventory; a published config's inventory is also
+    stored in the inventory cache, for the next `preview_model`. Raises the loader's `CogsurgeonError`s."""
     from cogsurgeon.inspector.loading import load_transformer
 
     model = load_transformer(spec)

@@ -57,7 +57,8 @@ MASK_FIX = "cogsurgeon run --patch attention-mask -- python your_script.py"
 # The CogVideoX processor calls F.scaled_dot_product_attention itself, so torch's own kernel choice reaches it and
 # changes nothing but the kernel. (No cogsurgeon patch does this: the attention patches change what attends to what.)
 BACKEND_FIX = ("choose the SDPA kernel around the call instead: with torch.nn.attention.sdpa_kernel("
-               "SDPBackend.FLASH_ATTENTION): pipe(...)  (same outputs; backends outside torch's SDPA are not reachable)")
+               "SDPBackend.FLASH_ATTENTION): pipe(...)  (same outputs; backends outside torch's SDPA are not "
+               "reachable)")
 
 
 @contextmanager
@@ -282,11 +283,14 @@ def probe_lora_alpha_lost() -> tuple[bool, str]:
     rank, lora_alpha = 4, 2
     trained = build_tiny("tiny")
     trained.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora_layers = get_peft_model_state_dict(trained)
+    reloaded = build_tiny("tiny")
+    pipeline = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=reloaded, scheduler=None)
+    # Interruptible only while the temporary folder exists (its removal must run): building the models above, Ctrl-C
+    # ends the process at once, as everywhere outside such sections (inspector/interrupts.py says why).
     with interruptible(), tempfile.TemporaryDirectory(prefix="cogsurgeon-doctor-") as folder:
         # The trainer's save: the PEFT state dict through save_lora_weights, nothing else.
-        CogVideoXPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(trained))
-        reloaded = build_tiny("tiny")
-        pipeline = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=reloaded, scheduler=None)
+        CogVideoXPipeline.save_lora_weights(folder, transformer_lora_layers=lora_layers)
         pipeline.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors", adapter_name="probe")
     scaling = reloaded.transformer_blocks[0].attn1.to_q.scaling["probe"]
     trained_scaling = lora_alpha / rank
@@ -339,15 +343,15 @@ def probe_peft_local_path_hub() -> tuple[bool, str]:
 
     from cogsurgeon.inspector.offline import HUB_OFFLINE_VARIABLES
 
-    with interruptible(), tempfile.TemporaryDirectory(prefix="cogsurgeon-doctor-") as root:
+    lora_weights = {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)}
+    # The Hub's offline switch unset, and a private cache as a precaution: whatever the Hub client writes lands in
+    # the temporary folder.
+    unset = (*HUB_OFFLINE_VARIABLES, "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
+    environment = {key: value for key, value in os.environ.items() if key not in unset}
+    with interruptible(), tempfile.TemporaryDirectory(prefix="cogsurgeon-doctor-") as root:  # while the folder exists
         folder = Path(root) / "lora-checkpoint"
         folder.mkdir()
-        save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)},
-                  str(folder / "pytorch_lora_weights.safetensors"))
-        # The Hub's offline switch unset, and a private cache as a precaution: whatever the Hub client writes lands
-        # in the temporary folder.
-        unset = (*HUB_OFFLINE_VARIABLES, "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
-        environment = {key: value for key, value in os.environ.items() if key not in unset}
+        save_file(lora_weights, str(folder / "pytorch_lora_weights.safetensors"))
         environment["HF_HOME"] = str(Path(root) / "hf-home")
         completed = subprocess.run(
             [sys.executable, "-c", _PEFT_HUB_PROBE, str(folder), folder.name],

@@ -188,7 +188,8 @@ def inventory_for_spec(spec: str | None, dtype: str | None = None, use_cache: bo
     if infos is None:
         model = load_transformer(resolved.spec, dtype=dtype, progress=progress)
         if progress is not None:
-            progress(f"reading where the classes of {counted(sum(1 for _ in model.modules()), 'module')} are defined…")
+            modules = counted(sum(1 for _ in model.modules()), "module")
+            progress(f"reading where the classes of {modules} are defined…")
         infos = module_inventory(model)
         if cacheable:
             inventory_cache.store_inventory(resolved.spec, dtype, infos)

@@ -3,8 +3,9 @@
 
 Building the inventory costs little; importing diffusers' model code costs ~2 s more than `import torch,
 diffusers.models`, because diffusers' hooks import peft, which imports transformers. A published config's
-inventory depends only on the config (a tiny model's random weights are not in it), the dtype, and the installed torch and diffusers, so it is cached under
-those keys, and each entry is checked on read against the size and mtime of every source file it points to: an
+inventory depends only on the config (a tiny model's random weights are not in it), the dtype, and the installed torch
+and diffusers, so it is cached under those keys, and each entry is checked on read against the size and mtime of every
+source file it points to: an
 edit to diffusers in site-packages (what the original fork did) invalidates it.
 """
 
@@ -14,17 +15,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
-from contextlib import suppress
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from cogsurgeon.inspector.interrupts import interruptible
 from cogsurgeon.inspector.inventory import ModuleInfo
 from cogsurgeon.inspector.model_specs import builtin_config, builtin_dtype
-from cogsurgeon.inspector.user_files import UserFileError, loads_json, read_bytes
+from cogsurgeon.inspector.user_files import UserFileError, loads_json, read_bytes, write_atomically
 
 CACHE_FORMAT = 1
 ENTRY_BYTES_LIMIT = 32 * 1024 * 1024  # a 5B inventory is ~300 KB; a cache file pointing at /dev/zero is refused
@@ -112,21 +110,11 @@ def store_inventory(spec: str, dtype: str | None, infos: list[ModuleInfo]) -> No
         "modules": [info.__dict__ for info in infos],
     }
     path = _entry_path(spec, dtype)
-    with interruptible():  # Ctrl-C meanwhile removes the temporary file
-        temporary: str | None = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-                temporary = handle.name
-                json.dump(entry, handle)
-            os.replace(temporary, path)
-            temporary = None
-        except OSError:
-            return
-        finally:
-            if temporary is not None:
-                with suppress(OSError):
-                    os.unlink(temporary)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(entry).encode())
+    except OSError:
+        return
 
 
 __all__ = [

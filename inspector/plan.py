@@ -1399,8 +1399,7 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
     preset = trainer_preset(trainer) if trainer is not None else None
     train = parse_train(train) if isinstance(train, str) else train
     if train is None and preset is None and (mixed_precision is not None or lora_dtype is not None):
-        raise PlanError("mixed_precision= and lora_dtype= are training settings: add train='lora:RANK' or "
-                        "train='full'")
+        raise PlanError("mixed_precision= and lora_dtype= are training settings: plan a training step (train=)")
     if train is not None and train.kind == "full" and lora_dtype not in (None, "auto"):
         raise PlanError("lora_dtype= sets the LoRA adapters' dtype; train='full' has none: drop one")
     check_zero_choice(zero, gpus)
@@ -1463,7 +1462,7 @@ def plan_memory(spec: str | None = None, *, frames: int | None = None, height: i
         tokens = int(config.get("max_text_seq_length", 226)) + geometry.token_frames * geometry.tokens_per_frame
         check_lora_rank(settings.train.rank, config, batch * tokens)
     if settings.checkpointing and settings.train is None:
-        raise PlanError("checkpointing=True saves memory only in training: add train='lora:RANK' or train='full'")
+        raise PlanError("checkpointing=True saves memory only in training: plan a training step (train=)")
     card = parse_memory_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
     if card is not None:
         check_card_bytes(card, repr(card))

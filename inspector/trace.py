@@ -4,8 +4,9 @@ attention call's query/key/value shapes, how the joint sequence splits into text
 explicit attention mask would cost at that size.
 
 The size arithmetic and the inputs come from `inspector.geometry` (the pipelines' arithmetic, written once); the
-memory table is a small pure function (`mask_memory_table`); the torch edge (`trace_shapes`) runs and reads shapes. Nothing is computed for real and
-the model is left as it was: hooks are removed, a model that is not on meta is traced through a meta twin.
+memory table is a small pure function (`mask_memory_table`); the torch edge (`trace_shapes`) runs and reads shapes.
+Nothing is computed for real and the model is left as it was: hooks are removed, a model that is not on meta is traced
+through a meta twin.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Reading files a user handed us, without hanging or crashing on hostile ones: only regular files are opened (a
 FIFO, a device such as /dev/zero, a folder or a socket is refused before a byte is read), reads are capped, JSON
 and YAML are parsed with their blow-ups turned into one-line errors (nesting, alias bombs, NaN where a number is
-meant), and OS errors (symlink loops, permissions, names too long) become `UserFileError` naming the path.
+meant), and OS errors (symlink loops, permissions, names too long) become `UserFileError` naming the path. Files
+written under a name the user chose are written atomically (`write_atomically`).
 
-Foundation layer: imports nothing of cogsurgeon but `errors`, and nothing heavy (yaml only when a YAML file is read).
+Foundation layer: imports nothing of cogsurgeon but `errors` and `interrupts`, and nothing heavy (yaml only when a YAML
+file is read).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import errno
 import json
 import os
 import stat
+import tempfile
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from cogsurgeon.inspector.errors import CogsurgeonError
+from cogsurgeon.inspector.interrupts import interruptible
 
 DEFAULT_TEXT_LIMIT = 64 * 1024 * 1024  # configs, indexes, caches: far above any real one
 _KIND_NAMES = {
@@ -190,7 +194,21 @@ def list_folder(path: Path) -> list[Path]:
         raise UserFileError(f"cannot list {describe_os_error(path, exc)}") from None
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`: the file appears whole or not at
+    all, and a failure meanwhile (a full disk, Ctrl-C) removes the temporary file."""
+    with interruptible():  # Ctrl-C meanwhile removes the temporary file
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
 __all__ = [
     "UserFileError", "describe_os_error", "expand_user", "file_kind", "is_folder", "is_regular_file", "list_folder",
-    "loads_json", "open_regular", "read_bytes", "read_json", "read_text", "read_yaml",
+    "loads_json", "open_regular", "read_bytes", "read_json", "read_text", "read_yaml", "write_atomically",
 ]

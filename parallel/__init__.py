@@ -32,8 +32,8 @@ Versions: diffusers' context-parallel engine came with 0.36 (0.32 to 0.35: `enab
 the pieces used here (`ContextParallelConfig`, `ParallelConfig.setup`, `apply_context_parallel`,
 `remove_context_parallel`, `_templated_context_parallel_attention`, `dispatch_attention_fn(parallel_config=)`) have
 the same signatures from 0.36 to 0.42.1, which CI runs. diffusers >= 0.42 picks the device in `enable_parallelism`
-as `rank % torch.accelerator.device_count()`, which divides by zero on a machine without an accelerator; there (CPU and gloo,
-as in CI) the same steps run through the engine's own pieces: `ParallelConfig.setup` on a CPU device mesh, then
+as `rank % torch.accelerator.device_count()`, which divides by zero on a machine without an accelerator; there (CPU and
+gloo, as in CI) the same steps run through the engine's own pieces: `ParallelConfig.setup` on a CPU device mesh, then
 `hooks.context_parallel.apply_context_parallel` with the same plan (`SequenceParallel.route` says which ran).
 """
 

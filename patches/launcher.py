@@ -50,15 +50,17 @@ class LaunchError(CogsurgeonError):
 def check_patch_names(patch_specs: Sequence[str], *, required: bool = True) -> list[str]:
     """Every spec (`NAME` or `NAME:key=value,...`) parsed, its name known, its options valid, and the set
     composable: one spec per patch, the first given. Repeats of one patch with the same options (defaults filled in)
-    collapse, so the program applies it once; one name with two sets of options is refused."""
+    collapse, so the program applies it once; one name with two sets of options is refused. Messages name
+    run_patched's keyword arguments (`patch_names=`), which the CLI says as its flags."""
     if not patch_specs and required:
-        raise CogsurgeonError("name at least one patch: cogsurgeon run --patch NAME -- COMMAND ...")
+        raise CogsurgeonError("name at least one patch (patch_names=), or record the attention (record=) or run "
+                              "context-parallel (ulysses=)")
     chosen: dict[str, tuple[str, dict]] = {}  # name -> its first spec, its options
     for spec in patch_specs:
         name, options = parse_patch_spec(spec)
         options = resolve_options(name, options)
         if chosen.setdefault(name, (spec, options))[1] != options:
-            raise PatchSpecError(f"--patch {name} is given twice with different options; give it once")
+            raise PatchSpecError(f"patch_names= names {name} twice with different options; give it once")
     check_composition(list(chosen))
     return [spec for spec, _ in chosen.values()]
 
@@ -123,14 +125,14 @@ def run_patched(command: Sequence[str], patch_names: Sequence[str], record: Reco
                 ulysses: int | None = None) -> RunOutcome:
     """Run `command` with the patches on (its attention recorded with `record`; with `ulysses`, context-parallel over
     that many ranks under torchrun) and wait for it, forwarding terminating signals; the startup folder is removed
-    however the wait ends."""
+    however the wait ends. Its errors name its keyword arguments (`ulysses=1`), which the CLI says as its flags."""
     if not command:
-        raise CogsurgeonError("no command to run: cogsurgeon run --patch NAME -- COMMAND [ARGS...]")
+        raise CogsurgeonError("no command to run: give command= (the program and its arguments)")
     if ulysses is not None and ulysses < 2:
-        raise CogsurgeonError(f"--ulysses must be 2 or more (the ranks to split the sequence over), got {ulysses}")
+        raise CogsurgeonError(f"ulysses={ulysses}: expected 2 or more (the ranks to split the sequence over)")
     if record is not None and ulysses:
-        raise CogsurgeonError("--record-attention and --ulysses cannot be combined: each rank sees one shard of the "
-                              "sequence where the recorder reads q and k; record the run on one process")
+        raise CogsurgeonError("record= and ulysses= cannot be combined: each rank sees one shard of the sequence "
+                              "where the recorder reads q and k; record the run on one process")
     names = check_patch_names(patch_names, required=record is None and not ulysses)
     if ulysses:
         command = ulysses_command(command, ulysses)
@@ -154,7 +156,8 @@ def run_patched(command: Sequence[str], patch_names: Sequence[str], record: Reco
 @contextmanager
 def _forwarded_signals() -> Iterator[Callable[[subprocess.Popen], None]]:
     """While the program runs: SIGINT ignored (by a handler, so the program starts with its default),
-    FORWARDED_SIGNALS passed on to it (one arriving before it started is passed on as it starts). Off the main thread, where handlers cannot be set, nothing is changed."""
+    FORWARDED_SIGNALS passed on to it (one arriving before it started is passed on as it starts). Off the main thread,
+    where handlers cannot be set, nothing is changed."""
     process: list[subprocess.Popen] = []
     pending: list[int] = []
 

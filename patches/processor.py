@@ -79,7 +79,8 @@ def joint_query_key_value(
     else:
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
     head_dim = key.shape[-1] // attn.heads
-    query, key, value = (part.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for part in (query, key, value))
+    query, key, value = (part.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+                         for part in (query, key, value))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
@@ -329,7 +330,8 @@ class AttentionPatchState:
         cached = not torch.compiler.is_compiling()
         if cached:
             mask_version = None if mask is None else mask._version  # an in-place edit of the same mask re-plans
-            key = (mask_version, text_tokens, video_tokens, self.frame_tokens, self.structure, batch, heads, query.device)
+            key = (mask_version, text_tokens, video_tokens, self.frame_tokens, self.structure, batch, heads,
+                   query.device)
             if self._plan is not None and self._plan_mask is mask and self._plan_key == key:
                 return self._plan
         plan = plan_attention(

@@ -1,5 +1,5 @@
-"""Plain explicit-mask attention: each patch's rule (see `patches.builtin`) written out as `(L, L)` masks and a softmax, for
-`verify` and the tests. Deliberately naive (it builds every mask); never use it on a real model size.
+"""Plain explicit-mask attention: each patch's rule (see `patches.builtin`) written out as `(L, L)` masks and a softmax,
+for `verify` and the tests. Deliberately naive (it builds every mask); never use it on a real model size.
 """
 
 from __future__ import annotations
@@ -212,7 +212,8 @@ def layer_norm_zero_reference(
     return video, text, gates, text_gates
 
 
-def ada_layer_norm_reference(norm: nn.Module, hidden_states: torch.Tensor, frame_embeddings: torch.Tensor) -> torch.Tensor:
+def ada_layer_norm_reference(norm: nn.Module, hidden_states: torch.Tensor,
+                             frame_embeddings: torch.Tensor) -> torch.Tensor:
     """The final `AdaLayerNorm(chunk_dim=1)` token by token, frame f's tokens by `frame_embeddings[:, f]`."""
     batch, tokens, _ = hidden_states.shape
     frames = frame_embeddings.shape[1]
@@ -263,7 +264,8 @@ def per_frame_modulation_error(
             ]
         )
         text = reference_text_timesteps(frame_timesteps, text_timestep)
-        text_embeddings = torch.stack([timestep_embedding(transformer, float(text[b]), ofs_of(b)) for b in range(batch)])
+        text_embeddings = torch.stack([timestep_embedding(transformer, float(text[b]), ofs_of(b))
+                                       for b in range(batch)])
         error = 0.0
         for module, args, kwargs, output in captured:
             if module is transformer.norm_out:

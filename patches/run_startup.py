@@ -7,10 +7,10 @@ It costs nothing until the program imports diffusers' CogVideoX transformer modu
 patched when its own `__init__` is done) so that every model built (by `from_pretrained`, `from_config` or directly)
 gets the patches in COGSURGEON_RUN_PATCHES (a JSON list of `NAME` or `NAME:key=value,...` specs), and says so on stderr.
 With COGSURGEON_RUN_RECORD (`{"path", "groups"}`) every model built also has its attention recorded
-(`cogsurgeon.inspector.record_attention`), saved when the program exits: the first model to `path`, others beside it. The sitecustomize that this one shadows
-(the program's own, if any) still runs. Each model built leaves a `built-PID-N` file in this folder, so that `run`
-can say when the program built none. Standard library only: cogsurgeon itself is imported when a model is built,
-from the installed `cogsurgeon` or else from COGSURGEON_RUN_ROOT.
+(`cogsurgeon.inspector.record_attention`), saved when the program exits: the first model to `path`, others beside it.
+The sitecustomize that this one shadows (the program's own, if any) still runs. Each model built leaves a `built-PID-N`
+file in this folder, so that `run` can say when the program built none. Standard library only: cogsurgeon itself is
+imported when a model is built, from the installed `cogsurgeon` or else from COGSURGEON_RUN_ROOT.
 """
 
 import atexit

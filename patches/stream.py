@@ -282,8 +282,9 @@ class Stream:
         if largest > TORCH_MAX_BYTES:
             raise StreamError(
                 f"streaming at {self.latent_height * VAE_SPATIAL_FACTOR}x{self.latent_width * VAE_SPATIAL_FACTOR} with "
-                f"chunk={self.chunk}, window={self.window}, frames={self.frames} needs a tensor of {largest:.3g} bytes, "
-                "more than torch can make: choose a smaller video size, chunk, window or frame count"
+                f"chunk={self.chunk}, window={self.window}, frames={self.frames} needs a tensor of "
+                f"{largest:.3g} bytes, more than torch can make: choose a smaller video size, chunk, window or "
+                "frame count"
             )
 
     def _check_chunk(self, latents: torch.Tensor) -> int:
@@ -504,7 +505,8 @@ def _check_options(chunk: Any, window: Any, sink: Any, text_timestep: Any, heigh
         if value is None and name in ("window", "frames"):  # optional: no window, frame count not known up front
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT64_MAX:
-            raise StreamError(f"streaming: {name} must be an integer >= {minimum} (and below 2**63), got {shown(value)}")
+            raise StreamError(f"streaming: {name} must be an integer >= {minimum} (and below 2**63), "
+                              f"got {shown(value)}")
     if isinstance(text_timestep, bool) or not isinstance(text_timestep, Real):
         raise StreamError(
             f"streaming: text_timestep must be a number (text K/V are computed once, so text needs one fixed "
@@ -555,7 +557,8 @@ def streaming(target: Any, *, chunk: int, window: int | None = None, sink: int =
     (`window` chunks back, `sink` first chunks always kept) with per-frame timesteps and a fixed `text_timestep`,
     for videos of `height` x `width` pixels. `frames`, if known, sizes the cache up front: the video's latent frames
     (temporal patches for CogVideoX1.5), not its video frames: 49 video frames are 13 latent frames
-    (`inspector.geometry.latent_frame_count`), where `cogsurgeon plan` and `trace --frames` take the 49. On leaving, the patches are reverted, the patch embedding restored and the cache freed."""
+    (`inspector.geometry.latent_frame_count`), where `cogsurgeon plan` and `trace --frames` take the 49. On leaving, the
+    patches are reverted, the patch embedding restored and the cache freed."""
     _check_options(chunk, window, sink, text_timestep, height, width, frames)
     model = resolve_transformer(target)
     embed = model.patch_embed

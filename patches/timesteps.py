@@ -50,7 +50,8 @@ def patch_timesteps(timestep: torch.Tensor, latent_frames: int, patch_frames: in
     if patch_frames > 1 and not bool((grouped == grouped[..., :1]).all()):
         raise PerFrameTimestepError(
             f"CogVideoX1.5 embeds {patch_frames} latent frames as one temporal patch, so they need one timestep: "
-            f"frames {patch_frames}k .. {patch_frames}k+{patch_frames - 1} must share a timestep (got {timestep.tolist()})"
+            f"frames {patch_frames}k .. {patch_frames}k+{patch_frames - 1} must share a timestep (got "
+            f"{timestep.tolist()})"
         )
     return grouped[..., 0]
 

@@ -102,3 +102,44 @@ def test_show_refuses_a_file_that_is_not_a_recording(cli, tmp_path):
     result = cli("attention", "show", str(other))
     assert result.returncode == 2 and "not a readable cogsurgeon attention recording" in result.stderr
     assert other.read_text().startswith('{"format"')
+
+
+def test_show_png_appears_whole_or_not_at_all(cli, tmp_path):
+    """--png writes beside the name asked for and renames: a write cut off (here by a file-size limit, as a full
+    disk would) leaves the file that was there as it was (Pillow's own save truncated it and left half a PNG), no
+    temporary file, and no file where there was none."""
+    import resource
+    import subprocess
+
+    from PIL import Image
+
+    from conftest import REPO_ROOT, cli_environment
+
+    model = build_tiny("tiny-1.5")
+    with torch.no_grad(), record_attention(model) as rec:
+        model(**tiny_inputs(model))
+    saved = rec.save(tmp_path / "run.json")[0]
+    out = tmp_path / "pictures"
+    out.mkdir()
+    limit = 512  # bytes: the PNG is larger
+
+    def small_files() -> None:  # Python ignores SIGXFSZ: the write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    def show_png_with_small_files(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cogsurgeon.inspector", "attention", "show", str(saved), "--png",
+                               str(out / name)], capture_output=True, text=True, env=cli_environment(),
+                              cwd=REPO_ROOT, timeout=300, preexec_fn=small_files)
+
+    whole = cli("attention", "show", str(saved), "--png", str(out / "view.png"))
+    assert whole.returncode == 0, whole.stderr
+    with Image.open(out / "view.png") as image:
+        image.verify()  # every chunk's checksum: the file is whole
+    written = (out / "view.png").read_bytes()
+    assert len(written) > limit
+
+    for name in ("view.png", "new.png"):
+        cut = show_png_with_small_files(name)
+        assert cut.returncode == 2 and cut.stderr.startswith("cogsurgeon: error: "), cut.stderr
+        assert [path.name for path in out.iterdir()] == ["view.png"]
+        assert (out / "view.png").read_bytes() == written

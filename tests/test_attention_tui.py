@@ -119,3 +119,33 @@ def test_viewer_snapshot(snap_compare, recording, size):
         await pilot.pause()
 
     assert snap_compare(AttentionViewerApp(recording, "tiny-1.5"), terminal_size=size, run_before=select)
+
+
+@pilot_test
+async def test_an_export_cut_off_leaves_the_earlier_files_whole_and_no_temporary_file(recording, tmp_path):
+    """The exports are written beside their names and renamed: a write cut off (a file-size limit here, as a full
+    disk would) keeps the files of the last export as they were (write_text truncated them and left half a CSV), no
+    temporary file is left, and the screen says what failed instead of crashing."""
+    import resource
+
+    from test_tui import notifications
+
+    app = AttentionViewerApp(recording, "tiny-1.5", export_folder=tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        await pilot.press("x", "c")
+        await pilot.pause()
+        written = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+        assert sorted(written) == [f"attention-L0-h0-s0-b0.{suffix}" for suffix in ("csv", "json", "png")]
+        assert all(len(data) > 100 for data in written.values())
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, limits[1]))  # Python ignores SIGXFSZ: writes fail, EFBIG
+        try:
+            await pilot.press("x", "c")
+            await pilot.pause()
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == written
+        failed = [message for message in notifications(app) if "attention-L0-h0-s0-b0" in message
+                  and not message.startswith("wrote")]
+        assert len(failed) == 2, notifications(app)

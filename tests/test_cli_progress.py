@@ -165,3 +165,23 @@ def test_a_progress_line_never_wraps_in_a_narrow_terminal():
     drawn = [part.removesuffix("\x1b[K") for part in sent.split("\r") if part.removesuffix("\x1b[K")]
     assert drawn and "importing torch and diffusers…" in drawn, sent
     assert max(len(text) for text in drawn) == 39, sent  # cut one short of the edge: the cursor never wraps
+
+
+def terminal_cells(text: str) -> int:
+    """The columns a terminal gives `text`: two for an East Asian wide or full-width character, one otherwise."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+
+
+def test_a_progress_line_naming_a_cjk_path_is_cut_by_cells_and_never_wraps(tmp_path, tiny_model):
+    """A model folder whose name is Chinese: each of its characters takes two cells, so a line cut to one character
+    short of the terminal's width took up to twice the columns there are and wrapped."""
+    folder = tmp_path / "視頻生成模型的權重文件夾" / "transformer"
+    tiny_model.save_pretrained(str(folder))
+    columns = len(f"planning inference of {tmp_path}/") + 10  # the line is cut inside the Chinese name
+    status, _, sent = run_with_stderr_in_a_terminal("plan", str(folder), columns=columns)
+    assert status == 0, sent
+    drawn = [part.removesuffix("\x1b[K") for part in sent.split("\r") if part.removesuffix("\x1b[K")]
+    assert any("視頻" in text for text in drawn), sent  # the line that names the folder was drawn, cut
+    assert max(terminal_cells(text) for text in drawn) <= columns - 1, sent

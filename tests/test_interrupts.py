@@ -135,3 +135,48 @@ def test_a_repair_interrupted_mid_write_still_removes_its_partial_output(tmp_pat
                                timeout=120)
     assert (completed.returncode, completed.stdout) == (130, "interrupted, cleaned up\n"), completed.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ckpt"]  # no out, no .out.partial-*, no lock
+
+
+DOCTOR_PROBE_INTERRUPTED = f"""
+import os, signal, sys, time
+{INSTALL}
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
+from cogsurgeon.inspector import doctor
+
+def ctrl_c_in(function, on_call):  # Ctrl-C as `function` is called for the `on_call`-th time
+    calls = []
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == on_call:
+            os.kill(os.getpid(), signal.SIGINT); time.sleep(30)
+        return function(*args, **kwargs)
+    return wrapped
+
+if sys.argv[1] == "building":  # the second tiny model, built before the temporary folder exists
+    doctor.build_tiny = ctrl_c_in(doctor.build_tiny, 2)
+else:  # reloading the saved LoRA from the temporary folder
+    CogVideoXPipeline.load_lora_weights = ctrl_c_in(CogVideoXPipeline.load_lora_weights, 1)
+try:
+    doctor.probe_lora_alpha_lost()
+except KeyboardInterrupt:
+    print("interrupted, cleaned up", flush=True)
+    sys.exit(130)
+print("finished")
+"""
+
+
+@pytest.mark.parametrize("where, stdout, stderr", [
+    ("building", "", "cogsurgeon: aborted\n"),  # third-party work, nothing made yet: the process ends at once
+    ("reloading", "interrupted, cleaned up\n", ""),  # the temporary folder exists: KeyboardInterrupt removes it
+])
+def test_doctor_is_interruptible_only_while_its_temporary_folder_exists(tmp_path, where, stdout, stderr):
+    """`doctor`'s LoRA probe holds a temporary folder only for the save and the reload: building the tiny models
+    before it runs under the console's exit-at-once handler, as third-party work should (the module's docstring:
+    a KeyboardInterrupt raised in it can be swallowed or abort the process)."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    completed = subprocess.run([sys.executable, "-c", DOCTOR_PROBE_INTERRUPTED, where], capture_output=True,
+                               text=True, env=cli_environment({"TMPDIR": str(temporary)}), timeout=300)
+    assert (completed.returncode, completed.stdout) == (130, stdout), completed.stderr
+    assert completed.stderr.endswith(stderr), completed.stderr
+

@@ -142,3 +142,64 @@ def test_verify_on_a_published_config_names_base_spec(tmp_path, cli):
         verify_adapter(adapter, "cogvideox-5b")
     assert "so base_spec= must be tiny" in str(raised.value) and not CLI_FLAG.search(str(raised.value))
     assert "so --base must be tiny" in cli_line(cli, "lora", "verify", str(adapter), "--base", "cogvideox-5b")
+
+
+# The report's warnings and alpha detail follow the same rule as the errors: keywords from Python, flags from the
+# CLI (text and JSON), controls on the TUI's LoRA screen.
+
+def test_report_warnings_and_alpha_detail_name_keywords_in_python(two_steps):
+    from cogsurgeon.tools.lora import inspect_checkpoint
+
+    file = two_steps / "checkpoint-50.safetensors"
+    unsettled = inspect_checkpoint(file)
+    assert any(w.endswith("pass alpha=A or trainer=NAME") for w in unsettled.warnings), unsettled.warnings
+    by_trainer = inspect_checkpoint(file, trainer="videox-fun")
+    assert by_trainer.alpha_detail.startswith("trainer='videox-fun': VideoX-Fun"), by_trainer.alpha_detail
+    assert any("If your training used another value, pass alpha=A." in w for w in by_trainer.warnings)
+    assert inspect_checkpoint(file, alpha=3).alpha_detail == "alpha="
+    for report in (unsettled, by_trainer):
+        assert not [text for text in (*report.warnings, report.alpha_detail) if CLI_FLAG.search(text)]
+
+
+def test_report_warnings_and_alpha_detail_name_flags_on_the_command_line(two_steps, cli):
+    import json
+
+    file = str(two_steps / "checkpoint-50.safetensors")
+    result = cli("lora", "inspect", file)
+    assert result.returncode == 0 and "pass --alpha A or --trainer NAME" in result.stderr, result.stderr
+    result = cli("lora", "inspect", file, "--trainer", "videox-fun")
+    assert "lora_alpha    32 from trainer (--trainer 'videox-fun': VideoX-Fun" in result.stdout, result.stdout
+    assert "If your training used another value, pass --alpha A." in result.stderr, result.stderr
+    report = json.loads(cli("lora", "inspect", file, "--trainer", "videox-fun", "--json").stdout)
+    assert report["alpha_detail"].startswith("--trainer 'videox-fun': ")
+    assert any("pass --alpha A." in warning for warning in report["warnings"])
+    assert "from flag (--alpha)" in cli("lora", "inspect", file, "--alpha", "3").stdout
+    assert not re.search(r"(?<![\w.])(alpha|trainer)=", result.stdout + result.stderr + json.dumps(report))
+
+
+def test_report_warnings_and_alpha_detail_name_controls_on_the_lora_screen(two_steps):
+    import asyncio
+
+    from test_tui import SIZE, settle, shown_text, wait_for_model
+
+    from cogsurgeon.inspector.tui.app import CogsurgeonApp
+
+    async def scenario() -> tuple[str, str]:
+        app = CogsurgeonApp("tiny")
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for_model(pilot)
+            await pilot.press("l")
+            await pilot.pause()
+            await pilot.press(*str(two_steps / "checkpoint-50.safetensors"), "enter")
+            await settle(pilot)
+            unsettled = " ".join(shown_text(app.screen.query_one("#lora-findings")).split())
+            app.screen.query_one("#lora-trainer").value = "videox-fun"
+            await settle(pilot)
+            return unsettled, " ".join(shown_text(app.screen.query_one("#lora-findings")).split())
+
+    unsettled, by_trainer = asyncio.run(scenario())
+    assert "enter it in the lora_alpha field or choose the trainer" in unsettled, unsettled
+    assert "the trainer 'videox-fun': VideoX-Fun" in by_trainer, by_trainer
+    assert "If your training used another value, enter it in the lora_alpha field." in by_trainer, by_trainer
+    for shown in (unsettled, by_trainer):
+        assert not CLI_FLAG.search(shown) and not re.search(r"(?<![\w.])(alpha|trainer)=", shown), shown

@@ -180,3 +180,40 @@ def test_run_patches_every_rank_of_a_torchrun_launch(cli, saved_tiny, tmp_path):
         assert (torch.load(tmp_path / f"rank{rank}.pt") - expected).abs().max() <= 1e-4
         assert f"rank {rank}]" in result.stderr
     assert result.stderr.count("cogsurgeon run: causal-attention -> CogVideoXTransformer3DModel") == 2
+
+
+# run_patched's refusals name its keyword arguments from Python and `cogsurgeon run`'s flags on the command line.
+RUN_REFUSALS = [
+    (dict(command=[], patch_names=["causal-attention"]), "no command to run: give command= (the program",
+     ("--patch", "causal-attention"), "no command to run: give -- COMMAND (the program"),
+    (dict(command=["true"], patch_names=[]), "name at least one patch (patch_names=), or record the attention "
+     "(record=) or run context-parallel (ulysses=)", ("--", "true"), "name at least one patch (--patch), or record "
+     "the attention (--record-attention) or run context-parallel (--ulysses)"),
+    (dict(command=["true"], patch_names=["window-attention:window=2", "window-attention:window=3"]),
+     "patch_names= names window-attention twice with different options",
+     ("--patch", "window-attention:window=2", "--patch", "window-attention:window=3", "--", "true"),
+     "--patch names window-attention twice with different options"),
+    (dict(command=["true"], patch_names=["causal-attention"], ulysses=1), "ulysses=1: expected 2 or more", None, None),
+    (dict(command=["true"], patch_names=[], ulysses=2, record="recording"), "record= and ulysses= cannot be combined",
+     ("--ulysses", "2", "--record-attention", "out.json", "--", "true"),
+     "--record-attention and --ulysses cannot be combined"),
+]
+
+
+@pytest.mark.parametrize("kwargs, python_message, args, cli_message", RUN_REFUSALS,
+                         ids=[case[1].split(":")[0] for case in RUN_REFUSALS])
+def test_run_patched_names_its_keywords_and_the_command_its_flags(cli, tmp_path, kwargs, python_message, args,
+                                                                  cli_message):
+    from cogsurgeon.inspector.errors import CogsurgeonError
+    from cogsurgeon.patches.launcher import RecordRequest, run_patched
+
+    if kwargs.get("record"):
+        kwargs = {**kwargs, "record": RecordRequest(tmp_path / "out.json")}
+    with pytest.raises(CogsurgeonError) as raised:
+        run_patched(**kwargs)
+    assert python_message in str(raised.value) and "--" not in str(raised.value), raised.value
+    if args is not None:  # the CLI's --ulysses is an IntRange: click refuses 1 before run_patched is called
+        result = cli("run", *args, cwd=tmp_path, in_process=True)
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.startswith("cogsurgeon: error: ") and cli_message in line, line

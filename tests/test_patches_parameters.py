@@ -187,7 +187,7 @@ def test_patch_list_shows_each_parameter_with_its_default(cli, plugin_installed)
         (("run", "--patch", "causal-attention:window=2", "--", "true"), "causal-attention has no parameter 'window'"),
         (("run", "--patch", "scale-output:factor=big", "--", "true"), "scale-output: factor must be float, got 'big'"),
         (("run", "--patch", "scale-output:every=0", "--", "true"), "every must be >= 1, got 0"),
-        (("run", "--patch", "scale-output:factor=2", "--patch", "scale-output:factor=3", "--", "true"), "given twice with different options"),
+        (("run", "--patch", "scale-output:factor=2", "--patch", "scale-output:factor=3", "--", "true"), "--patch names scale-output twice with different options"),
         # a number torch cannot hold and a non-finite text timestep (str-typed, so "nan" used to pass as float("nan"))
         (("patch", "verify", f"block-causal-attention:chunk={2**80}"), f"chunk must fit in 64 bits, got {2**80}"),
         (("run", "--patch", "scale-output:every=-99999999999999999999", "--", "true"), "every must fit in 64 bits"),

@@ -332,9 +332,9 @@ PYTHON_AND_CLI_MESSAGES = [
     (dict(trainer="nope"), "trainer='nope': unknown trainer",
      ["--trainer", "nope"], "--trainer 'nope': unknown trainer"),
     (dict(mixed_precision="bf16"),
-     "mixed_precision= and lora_dtype= are training settings: add train='lora:RANK' or train='full'",
+     "mixed_precision= and lora_dtype= are training settings: plan a training step (train=)",
      ["--mixed-precision", "bf16"],
-     "--mixed-precision and --lora-dtype are training settings: add --train 'lora:RANK' or --train 'full'"),
+     "--mixed-precision and --lora-dtype are training settings: plan a training step (--train)"),
     (dict(train="full", lora_dtype="fp32"), "lora_dtype= sets the LoRA adapters' dtype; train='full' has none",
      ["--train", "full", "--lora-dtype", "fp32"], "--lora-dtype sets the LoRA adapters' dtype; --train 'full' has none"),
     (dict(tiling=True), "tiling=True is a VAE switch: add vae=True",
@@ -343,8 +343,8 @@ PYTHON_AND_CLI_MESSAGES = [
      ["--vae", "--train", "lora:4"], "encoded latents: drop --vae or --train"),
     (dict(vae=True), "vae=True needs a published model",
      ["--vae"], "--vae needs a published model"),
-    (dict(checkpointing=True), "checkpointing=True saves memory only in training: add train='lora:RANK' or train='full'",
-     ["--checkpointing"], "--checkpointing saves memory only in training: add --train 'lora:RANK' or --train 'full'"),
+    (dict(checkpointing=True), "checkpointing=True saves memory only in training: plan a training step (train=)",
+     ["--checkpointing"], "--checkpointing saves memory only in training: plan a training step (--train)"),
 ]
 
 

@@ -166,3 +166,49 @@ async def test_at_80x24_the_plans_answer_comes_into_view_without_scrolling():
         await settle(pilot)
         await without_toasts(pilot)
         on_screen(app, "planned tiny, 9x64x64", "peak")
+
+
+# Each refusal the planner screen can lead to, as the controls set for it (id: value) and the plan_memory keyword
+# arguments its message names. Together they name every entry of PLAN_CONTROLS: an entry no message on this
+# screen can name is dead, and a message naming a keyword the screen has no control for is caught below.
+REFUSALS = [
+    ({"#plan-gpu": "lots"}, {"gpu_memory"}),
+    ({"#plan-mixed": "fp16"}, {"mixed_precision", "lora_dtype", "train"}),
+    ({"#plan-mode": "full", "#plan-lora-dtype": "fp32"}, {"lora_dtype", "train"}),
+    ({"#plan-checkpointing": True}, {"checkpointing", "train"}),
+    ({"#plan-tiling": True}, {"tiling", "vae"}),
+    ({"#plan-vae": True}, {"vae"}),  # the tiny model ships no VAE config
+]
+
+
+def test_every_control_the_planner_screen_names_is_one_a_refusal_can_reach():
+    from cogsurgeon.inspector.tui.plan_screen import PLAN_CONTROLS
+
+    assert set().union(*(named for _, named in REFUSALS)) == set(PLAN_CONTROLS)
+
+
+@pilot_test
+async def test_each_refusal_on_the_planner_screen_names_its_controls_and_no_keyword():
+    import inspect
+
+    from cogsurgeon.inspector.plan import plan_memory
+    from cogsurgeon.inspector.tui.plan_screen import PLAN_CONTROLS
+
+    keyword = re.compile(rf"(?<![\w.])({'|'.join(inspect.signature(plan_memory).parameters)})=")
+    app = CogsurgeonApp("tiny")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for_model(pilot)
+        for controls, named in REFUSALS:
+            await pilot.press("g")
+            await pilot.pause()
+            screen = app.screen
+            for selector, value in controls.items():
+                screen.query_one(selector).value = value
+            await pilot.click("#plan-run")
+            await settle(pilot)
+            shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
+            assert shown.startswith("could not plan: "), (controls, shown)
+            assert not keyword.search(shown) and "--" not in shown, (controls, shown)
+            assert all(PLAN_CONTROLS[name] in shown for name in named), (controls, shown)
+            await pilot.press("escape")
+            await pilot.pause()

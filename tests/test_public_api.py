@@ -177,3 +177,15 @@ def test_each_package_exports_exactly_what_its_readme_and_docstring_document(pac
     assert documented_names(package_name) - kept_out == set(package.__all__)
     for name in [*package.__all__, *kept_out]:
         assert getattr(package, name) is not None, name
+
+
+# ---------------------------------------------------------------- lines a reader can see whole
+
+MAX_LINE = 120  # characters, as an editor counts them (`·` and `…` are one each)
+
+
+def test_no_line_of_the_packages_is_longer_than_120_characters():
+    files = [path for folder in PACKAGE_FOLDERS for path in sorted((REPO_ROOT / folder).rglob("*.py"))]
+    long_lines = [f"{path.relative_to(REPO_ROOT)}:{number}: {len(line)}" for path in files
+                  for number, line in enumerate(path.read_text().splitlines(), 1) if len(line) > MAX_LINE]
+    assert long_lines == []

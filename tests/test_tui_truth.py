@@ -361,37 +361,97 @@ async def test_at_80_columns_a_long_folder_name_leaves_the_roots_class_and_size_
         assert "…" in root and len(root) <= app.query_one(ModuleTree).scrollable_content_region.width
 
 
-def test_the_lora_screen_says_the_cores_flags_as_its_controls(tmp_path):
-    """The refusals the LoRA screen surfaces from the core (several steps, an output that exists, an alpha that
-    contradicts a stored one, a file given a step) name the screen's controls and no `cogsurgeon lora` flag."""
-    import re
+def lora_screen_messages(tmp_path, tiny_model) -> list[str]:
+    """Every kind of message from tools.lora that the LoRA screen shows and that names a keyword argument of a call:
+    refusals (inspect, repair, merge, verify, the output folder's checks), report warnings and alpha details. Each
+    comes from the real call on real files."""
+    import shutil
 
+    import torch
     from lora_helpers import save_cogvideo_checkpoint, train
+    from lora_trainers import peft_folder
+    from lora_trainers import train as train_on
+    from safetensors.torch import save_file
 
-    from cogsurgeon.inspector.tui.lora_screen import in_screen_terms
-    from cogsurgeon.tools.lora import LoraCheckpointError, inspect_checkpoint
-    from cogsurgeon.tools.lora.publish import REPAIR, OutputError, refuse_existing_output
+    from cogsurgeon.inspector.errors import CogsurgeonError
+    from cogsurgeon.tools.lora import inspect_checkpoint, merge_loras, repair_checkpoint, verify_adapter
+    from cogsurgeon.tools.lora.merge import parse_lora_spec
+    from cogsurgeon.tools.lora.publish import MERGE, REPAIR, check_output
 
     trained = train(rank=4, lora_alpha=2)
-    save_cogvideo_checkpoint(trained, tmp_path / "out" / "checkpoint-1")
-    save_cogvideo_checkpoint(trained, tmp_path / "out" / "checkpoint-2")
+    out = tmp_path / "out"
+    unsettled = save_cogvideo_checkpoint(trained, out / "checkpoint-1")
+    save_cogvideo_checkpoint(trained, out / "checkpoint-2")
     stored = save_cogvideo_checkpoint(trained, tmp_path / "stored", metadata=True)
+    beside = tmp_path / "beside"  # a checkpoint of its own and numbered ones
+    shutil.copytree(unsettled, beside / "checkpoint-3")
+    shutil.copy(stored / "pytorch_lora_weights.safetensors", beside)
+    clashing = tmp_path / "clashing"  # two problems
+    clashing.mkdir()
+    save_file({f"transformer.transformer_blocks.0.attn1.{name}.lora_{part}.weight": torch.zeros(shape)
+               for name in ("to_q", "to_k") for part, shape in (("A", (4, 8)), ("B", (16, 3)))},
+              clashing / "pytorch_lora_weights.safetensors")
+    dora = peft_folder(train_on("tiny", 4, 6, seed=61, use_dora=True), tmp_path / "dora")
+    base = tmp_path / "base"
+    tiny_model.save_pretrained(str(base))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    adapter = repair_checkpoint(unsettled, tmp_path / "adapter", alpha=2).out_dir
+
     messages = []
-    for call in (lambda: inspect_checkpoint(tmp_path / "out"),
-                 lambda: inspect_checkpoint(tmp_path / "out" / "checkpoint-1" / "pytorch_lora_weights.safetensors",
-                                            step=1),
-                 lambda: inspect_checkpoint(stored, alpha=3),
-                 lambda: refuse_existing_output(tmp_path / "out", False, REPAIR)):
-        with pytest.raises((LoraCheckpointError, OutputError)) as caught:
+    for call in (
+        lambda: inspect_checkpoint(out),
+        lambda: inspect_checkpoint(unsettled / "pytorch_lora_weights.safetensors", step=1),
+        lambda: inspect_checkpoint(stored, latest=True),
+        lambda: inspect_checkpoint(stored, alpha=3),
+        lambda: repair_checkpoint(unsettled, tmp_path / "refused"),
+        lambda: repair_checkpoint(clashing, tmp_path / "refused", alpha=2),
+        lambda: repair_checkpoint(dora, tmp_path / "refused", to="peft,comfyui"),
+        lambda: repair_checkpoint(stored, tmp_path / "link"),
+        lambda: merge_loras(base, [parse_lora_spec(str(unsettled))], tmp_path / "merged"),
+        lambda: verify_adapter(tmp_path / "taken", "tiny"),
+        lambda: verify_adapter(adapter, "cogvideox-5b"),
+        *(lambda kind=kind, path=path, force=force: check_output(tmp_path / path, force, kind)
+          for kind in (REPAIR, MERGE) for path, force in (("taken", False), ("a-file", True), ("taken", True))),
+    ):
+        with pytest.raises(CogsurgeonError) as caught:
             call()
         messages.append(str(caught.value))
-    messages.append(inspect_checkpoint(tmp_path / "out" / "checkpoint-1").unsettled_alpha_message())
-    # the core speaks of its calls' keyword arguments (`step=N`, `alpha=`) and, for an output folder, of flags...
-    assert all(re.search(r"--[a-z]|(?<![\w-])[a-z_]+=", message) for message in messages), messages
+    for report in (inspect_checkpoint(unsettled), inspect_checkpoint(unsettled, trainer="cogvideo-finetune"),
+                   inspect_checkpoint(stored, alpha=3, override_stored_alpha=True),
+                   inspect_checkpoint(stored, alpha=2, trainer="cogvideo-finetune"), inspect_checkpoint(beside),
+                   inspect_checkpoint(unsettled, alpha=5)):
+        messages += [*report.warnings, *([report.alpha_detail] if report.alpha_source in ("flag", "trainer") else [])]
+    return messages
+
+
+def test_every_message_the_lora_screen_shows_names_its_controls_and_every_control_entry_is_reached(tmp_path,
+                                                                                                    tiny_model):
+    """The core's messages name its calls' keyword arguments (`step=N`, `alpha=`), in errors and report warnings
+    alike; the LoRA screen names its controls instead and leaves no keyword or `cogsurgeon lora` flag. Each entry of
+    its phrase table and of its parameter table is used by one of those messages: none is dead."""
+    import inspect
+    import re
+
+    from cogsurgeon.inspector.tui.lora_screen import PARAMETER_CONTROLS, SCREEN_CONTROLS, in_screen_terms
+    from cogsurgeon.tools.lora import inspect_checkpoint, merge_loras, repair_checkpoint, verify_adapter
+
+    messages = lora_screen_messages(tmp_path, tiny_model)
+    parameters = {name for call in (inspect_checkpoint, repair_checkpoint, merge_loras, verify_adapter)
+                  for name in inspect.signature(call).parameters}
+    keyword = re.compile(rf"(?<![\w.])({'|'.join(sorted(parameters))})=")
+    flag = re.compile(r"--(alpha|trainer|step|latest|override-stored-alpha|force|out|to|bake-scale|base)(?![\w-])")
+    assert all(keyword.search(message) or any(phrase in message for phrase, _ in SCREEN_CONTROLS)
+               for message in messages if message), messages
+    assert not [message for message in messages if flag.search(message)]  # Python callers read keywords
     shown = [in_screen_terms(message) for message in messages]
-    flags = re.compile(r"--(alpha|trainer|step|latest|override-stored-alpha|force|out|to|bake-scale|base)(?![\w-])")
-    assert not [text for text in shown if flags.search(text)], shown  # ...the screen of its controls
-    assert "choose one in the step list" in shown[0]
-    assert "“override the stored lora_alpha”" in shown[2]
-    assert "“replace an earlier repair”" in shown[3]
-    assert "choose the trainer" in shown[4]
+    assert not [text for text in shown if keyword.search(text) or flag.search(text)], shown
+
+    assert not [phrase for phrase, _ in SCREEN_CONTROLS if not any(phrase in message for message in messages)]
+    left_to_rename = []
+    for message in messages:
+        for phrase, control in SCREEN_CONTROLS:
+            message = message.replace(phrase, control)
+        left_to_rename += keyword.findall(message)
+    assert set(left_to_rename) == set(PARAMETER_CONTROLS)

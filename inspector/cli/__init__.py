@@ -18,11 +18,11 @@ from cogsurgeon.inspector.cli.attention import attention
 from cogsurgeon.inspector.cli.doctor import doctor
 from cogsurgeon.inspector.cli.lora import lora
 from cogsurgeon.inspector.cli.modules import modules
-from cogsurgeon.inspector.cli.output import ERASE_LINE
+from cogsurgeon.inspector.cli.output import ERASE_LINE, in_cli_terms
 from cogsurgeon.inspector.cli.patch import patch, run
 from cogsurgeon.inspector.cli.plan import plan
 from cogsurgeon.inspector.cli.trace import trace
-from cogsurgeon.inspector.errors import CogsurgeonError, Interrupted, ModelSpecError, renamed_parameters
+from cogsurgeon.inspector.errors import CogsurgeonError, Interrupted, ModelSpecError
 from cogsurgeon.inspector.interrupts import ABORTED_LINE, ABORTED_STATUS
 from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, resolve_spec
 from cogsurgeon.inspector.offline import enter_offline_mode
@@ -87,18 +87,6 @@ def tui(model: str | None) -> None:
 
 for _command in (modules, trace, patch, run, lora, plan, doctor, attention):
     cli.add_command(_command)
-
-
-# The library's errors name the keyword arguments of its Python calls (`plan_memory(gpu_memory="lots")` says
-# `gpu_memory='lots'`, `repair_checkpoint(..., step=7)` says `pass step=N`); on the command line they are these flags.
-PARAMETER_FLAGS = {
-    "train": "--train", "gpu_memory": "--gpu-memory", "mixed_precision": "--mixed-precision",
-    "lora_dtype": "--lora-dtype", "trainer": "--trainer", "checkpointing": "--checkpointing", "vae": "--vae",
-    "tiling": "--tiling", "zero": "--zero", "gpus": "--gpus", "dtype": "--dtype",  # plan
-    "alpha": "--alpha", "override_stored_alpha": "--override-stored-alpha", "step": "--step", "latest": "--latest",
-    "to": "--to", "out_dir": "--out", "force": "--force",  # lora inspect, repair, merge
-    "base_spec": "--base",  # lora verify
-}
 
 
 def _one_line(text: str) -> str:
@@ -180,7 +168,7 @@ def _run(argv: list[str] | None, stderr: _LineTrackingStream) -> int:
     except SystemExit as exc:  # a command's own `sys.exit(1)` (a check ran and failed)
         return _exit_status(exc)
     except CogsurgeonError as exc:
-        return _fail(stderr, f"cogsurgeon: error: {_one_line(renamed_parameters(str(exc), PARAMETER_FLAGS))}", 2)
+        return _fail(stderr, f"cogsurgeon: error: {_one_line(in_cli_terms(str(exc)))}", 2)
     except click.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "cogsurgeon"
         return _fail(stderr, f"{command}: error: {_one_line(exc.format_message())} (see '{command} --help')", 2)
@@ -195,7 +183,8 @@ def _run(argv: list[str] | None, stderr: _LineTrackingStream) -> int:
         sys.stderr.close()  # the reader (head, less) left; not an error of ours
         return 0
     except OSError as exc:  # the machine, not the input: a full disk or device, a file we may not read
-        return _fail(stderr, f"cogsurgeon: error: {_one_line(describe_os_error(exc.filename or 'standard output', exc))}", 2)
+        return _fail(stderr, f"cogsurgeon: error: "
+                             f"{_one_line(describe_os_error(exc.filename or 'standard output', exc))}", 2)
     return result if isinstance(result, int) else 0
 
 

@@ -14,7 +14,8 @@ GROUPS_OPTION_HELP = 'How keys and queries are grouped: "frames", "grid:RxC" or 
 
 
 class AttentionGroup(click.Group):
-    """`cogsurgeon attention MODEL ...` is `cogsurgeon attention record MODEL ...` (as `cogsurgeon MODEL` opens the TUI)."""
+    """`cogsurgeon attention MODEL ...` is `cogsurgeon attention record MODEL ...` (as `cogsurgeon MODEL` opens the
+    TUI)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
@@ -55,7 +56,8 @@ def attention() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs.")
 @click.option("--dtype", type=DTYPE_CHOICE, help="Weights' dtype. Default: as loaded (tiny: float32).")
 @click.option("--device", default="cpu", show_default=True, help="Where the forward runs (cpu, cuda, cuda:1).")
-@click.option("--save", "save_path", metavar="FILE.json", help="Write the recording (a viewer opens it: attention show).")
+@click.option("--save", "save_path", metavar="FILE.json",
+              help="Write the recording (a viewer opens it: attention show).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole recording as JSON (mass, stats, groups).")
 def record(model: str | None, frames: int | None, height: int | None, width: int | None, batch: int,
            patch_specs: tuple[str, ...], groups: str, words: str, seed: int, dtype: str | None, device: str,
@@ -132,7 +134,8 @@ def _parse_words(words: str) -> list[int]:
     return [int(item) for item in items]
 
 
-def _video_size(config: Any, frames: int | None, height: int | None, width: int | None, default: Any) -> tuple[int, int, int]:
+def _video_size(config: Any, frames: int | None, height: int | None, width: int | None,
+                default: Any) -> tuple[int, int, int]:
     if config is None:
         return frames or 49, height or 480, width or 720
     default_frames, default_height, default_width = default(config)

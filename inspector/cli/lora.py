@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import click
 
-from cogsurgeon.inspector.cli.output import print_json, progress_line
+from cogsurgeon.inspector.cli.output import in_cli_terms, print_json, progress_line
 from cogsurgeon.inspector.errors import counted
 
 ALPHA_HELP = ("lora_alpha the LoRA was trained with, where the checkpoint stores none (it settles trainer defaults); "
               "one that contradicts a stored lora_alpha is refused, see --override-stored-alpha.")
-OVERRIDE_HELP = ("Let --alpha replace the lora_alpha the checkpoint stores (metadata, a config beside it); what changes "
-                 "is printed. Stored per-module alphas (alpha_pattern) are kept.")
+OVERRIDE_HELP = ("Let --alpha replace the lora_alpha the checkpoint stores (metadata, a config beside it); "
+                 "what changes is printed. Stored per-module alphas (alpha_pattern) are kept.")
 TRAINER_HELP = ("The trainer that wrote CKPT, when the file does not store lora_alpha and several trainers fit: its "
                 "default lora_alpha is used (inspect lists the candidates).")
 
@@ -34,6 +35,13 @@ def checkpoint_options(function):
     )):
         function = option(function)
     return function
+
+
+def _in_cli_terms(report):
+    """A `LoraReport` whose warnings and alpha detail name the CLI's flags (`pass --alpha A`), not the keyword
+    arguments of the Python calls (`pass alpha=A`): what the commands print, as text and as JSON."""
+    return replace(report, warnings=tuple(map(in_cli_terms, report.warnings)),
+                   alpha_detail=in_cli_terms(report.alpha_detail))
 
 
 def _print_warnings(warnings: tuple[str, ...]) -> None:
@@ -125,8 +133,8 @@ def inspect(ckpt: str, alpha: float | None, override_stored_alpha: bool, trainer
     """
     from cogsurgeon.tools.lora.checkpoint import inspect_checkpoint
 
-    report = inspect_checkpoint(ckpt, alpha=alpha, trainer=trainer, step=step, latest=latest,
-                                override_stored_alpha=override_stored_alpha)
+    report = _in_cli_terms(inspect_checkpoint(ckpt, alpha=alpha, trainer=trainer, step=step, latest=latest,
+                                              override_stored_alpha=override_stored_alpha))
     _print_warnings(report.warnings)
     if as_json:
         print_json(report.to_json())
@@ -157,10 +165,12 @@ class _ByteProgress:
 @lora.command(short_help="Rebuild a checkpoint into an adapter folder PEFT and diffusers load offline.")
 @click.argument("ckpt", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="DIR",
-              help="The adapter folder to create (missing parent folders are created); it must not exist, unless --force.")
+              help="The adapter folder to create (missing parent folders are created); it must not exist, unless "
+                   "--force.")
 @checkpoint_options
-@click.option("--force", is_flag=True, help="Replace DIR if it is an earlier repair, unchanged (its cogsurgeon-repair.json "
-              "manifest and every hash match), in one atomic swap; any other folder is left alone.")
+@click.option("--force", is_flag=True,
+              help="Replace DIR if it is an earlier repair, unchanged (its cogsurgeon-repair.json manifest and every "
+                   "hash match), in one atomic swap; any other folder is left alone.")
 @click.option("--to", "to", default="peft,diffusers", show_default=True, metavar="LIST",
               help="Consumers to write for: peft (adapter_config.json + adapter_model.safetensors), diffusers "
                    "(pytorch_lora_weights.safetensors with metadata), comfyui (comfyui_lora.safetensors, kohya keys "
@@ -195,14 +205,15 @@ def repair(ckpt: str, out_dir: str, alpha: float | None, override_stored_alpha: 
         result = repair_checkpoint(ckpt, out_dir, alpha=alpha, trainer=trainer, step=step, latest=latest, force=force,
                                    to=to, bake_scale=bake_scale, progress=_ByteProgress(say),
                                    override_stored_alpha=override_stored_alpha)
+    result = replace(result, report=_in_cli_terms(result.report))
     _print_warnings(result.report.warnings)
     if as_json:
         print_json(result.to_json())
         return
     report = result.report
     click.echo(
-        f"wrote {result.out_dir}: {counted(report.num_modules, 'module')}, rank {report.rank}, lora_alpha {report.alpha} "
-        f"({report.alpha_source}), {result.bytes_written:,} tensor bytes"
+        f"wrote {result.out_dir}: {counted(report.num_modules, 'module')}, rank {report.rank}, "
+        f"lora_alpha {report.alpha} ({report.alpha_source}), {result.bytes_written:,} tensor bytes"
     )
     if report.alpha_pattern:
         click.echo(f"  alpha_pattern kept: {_pattern_text(report.alpha_pattern)}")
@@ -233,6 +244,7 @@ def verify(ctx: click.Context, adapter_dir: str, base: str, as_json: bool) -> No
 
     with progress_line() as say:
         report = verify_adapter(adapter_dir, base, progress=say)
+    report = replace(report, failures=tuple(map(in_cli_terms, report.failures)))  # they quote the alpha's source
     if as_json:
         print_json(report.to_json())
     else:

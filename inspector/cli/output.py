@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from cogsurgeon.inspector.errors import renamed_parameters
 from cogsurgeon.inspector.model_specs import DEFAULT_SPEC, known_specs
 
 if TYPE_CHECKING:
@@ -42,6 +43,24 @@ class DtypeChoice(click.Choice):
 # Checked by click before any command body runs, so a wrong value costs no torch import.
 DTYPE_CHOICE = DtypeChoice()
 POSITIVE = click.IntRange(min=1)  # video sizes and batches
+
+
+# The library's messages name the keyword arguments of its Python calls (`plan_memory(gpu_memory="lots")` says
+# `gpu_memory='lots'`, `repair_checkpoint(..., step=7)` says `pass step=N`); on the command line they are these flags.
+PARAMETER_FLAGS = {
+    "train": "--train", "gpu_memory": "--gpu-memory", "mixed_precision": "--mixed-precision",
+    "lora_dtype": "--lora-dtype", "trainer": "--trainer", "checkpointing": "--checkpointing", "vae": "--vae",
+    "tiling": "--tiling", "zero": "--zero", "gpus": "--gpus", "dtype": "--dtype",  # plan
+    "alpha": "--alpha", "override_stored_alpha": "--override-stored-alpha", "step": "--step", "latest": "--latest",
+    "to": "--to", "out_dir": "--out", "force": "--force",  # lora inspect, repair, merge
+    "base_spec": "--base",  # lora verify
+    "command": "-- COMMAND", "patch_names": "--patch", "record": "--record-attention", "ulysses": "--ulysses",  # run
+}
+
+
+def in_cli_terms(text: str) -> str:
+    """A library message (an error, a report's warning) with the keyword arguments it names as the CLI's flags."""
+    return renamed_parameters(text, PARAMETER_FLAGS)
 
 
 def print_json(value: Any) -> None:
@@ -97,6 +116,8 @@ def progress_line() -> Iterator[Callable[[str], None]]:
         with progress_line() as say:
             result = plan_memory(..., progress=say)
     """
+    from rich.cells import cell_len, set_cell_size
+
     stream = sys.stderr
     if not stream.isatty():
         yield lambda message: None
@@ -109,7 +130,9 @@ def progress_line() -> Iterator[Callable[[str], None]]:
             width = os.get_terminal_size(stream.fileno()).columns or 80  # 0: a terminal that does not say
         except (OSError, ValueError):
             width = 80
-        stream.write(f"\r{message[:max(width - 1, 1)]}\x1b[K")
+        # cut to the cells the terminal has, not to code points: a CJK character or an emoji takes two cells
+        cells = max(width - 1, 1)
+        stream.write(f"\r{message if cell_len(message) <= cells else set_cell_size(message, cells)}\x1b[K")
         stream.flush()
         drawn = True
 
@@ -122,6 +145,6 @@ def progress_line() -> Iterator[Callable[[str], None]]:
 
 
 __all__ = [
-    "DTYPE_CHOICE", "ERASE_LINE", "MODEL_HELP", "POSITIVE", "print_json", "print_table_or_blocks", "progress_line",
-    "stdout_console",
+    "DTYPE_CHOICE", "ERASE_LINE", "MODEL_HELP", "PARAMETER_FLAGS", "POSITIVE", "in_cli_terms", "print_json",
+    "print_table_or_blocks", "progress_line", "stdout_console",
 ]

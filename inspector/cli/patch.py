@@ -62,8 +62,8 @@ def list_patches(as_json: bool) -> None:
 @click.argument("spec", metavar="NAME[:key=value,...]")
 @click.option("--json", "as_json", is_flag=True, help="Print the result with every case compared.")
 def verify(spec: str, as_json: bool) -> None:
-    """Run patch NAME (with its parameters, if given) on the tiny models (tiny, tiny-i2v, tiny-1.5; plain and fused attention processors) against
-    explicit-mask reference attention, then revert it.
+    """Run patch NAME (with its parameters, if given) on the tiny models (tiny, tiny-i2v, tiny-1.5; plain and fused
+    attention processors) against explicit-mask reference attention, then revert it.
 
     Prints the settings verified, the largest difference from the reference (must be <= 1e-4 in fp32) and whether
     the reverted model reproduces the unpatched output bit for bit. Exit 1 if either fails.
@@ -83,12 +83,14 @@ def verify(spec: str, as_json: bool) -> None:
 
     # NAME alone: the patch's representative settings (verify.PARAMETER_SETTINGS); NAME:key=value: exactly those
     with progress_line() as say:
-        result = verify_patch(name, options=options if given else None, progress=lambda step: say(f"verifying {step}…"))
+        result = verify_patch(name, options=options if given else None,
+                              progress=lambda step: say(f"verifying {step}…"))
     if as_json:
         print_json(result.to_json())
     else:
         verdict = "PASS" if result.passed else "FAIL"
-        click.echo(f"{verdict} {result.name}{_settings_text(result.settings)}: max error {result.max_error:.3g} (tolerance {result.tolerance:g}), "
+        click.echo(f"{verdict} {result.name}{_settings_text(result.settings)}: max error {result.max_error:.3g} "
+                   f"(tolerance {result.tolerance:g}), "
                    f"revert bit-exact: {'yes' if result.revert_bit_exact else 'no'}")
         for case in result.details:
             if case.max_error > result.tolerance or not case.revert_bit_exact:

@@ -30,8 +30,10 @@ from cogsurgeon.inspector.cli.output import DTYPE_CHOICE, POSITIVE, print_json, 
                    "checkpointing; with --train full, its full finetune: DeepSpeed ZeRO stage and GPUs where its "
                    "launch uses them): cogvideo-finetune, diffusers-scripts, cogvideox-factory, finetrainers, "
                    "cogkit, videox-fun. Flags given beside it override it.")
-@click.option("--checkpointing", is_flag=True, help="Gradient checkpointing (diffusers' enable_gradient_checkpointing).")
-@click.option("--patch", "patch_names", multiple=True, metavar="NAME", help="Plan with this patch applied (repeatable).")
+@click.option("--checkpointing", is_flag=True,
+              help="Gradient checkpointing (diffusers' enable_gradient_checkpointing).")
+@click.option("--patch", "patch_names", multiple=True, metavar="NAME",
+              help="Plan with this patch applied (repeatable).")
 @click.option("--vae", is_flag=True, help="Add the VAE decode of the latents (transformer still on the GPU).")
 @click.option("--tiling", is_flag=True, help="Decode tiled, as diffusers' vae.enable_tiling().")
 @click.option("--gpu-memory", metavar="SIZE", help="A card's memory (80GiB, 24G): say whether it fits and what would.")

@@ -112,8 +112,8 @@ def _print_tables(result, show_all: bool) -> None:
         f"{geometry.latent_width}, output {format_shape(result.output)}"
     )
     console.print(
-        f"sequence: {sequence.sequence_length:,} tokens = {sequence.text_tokens:,} text + {sequence.video_tokens:,} video "
-        f"({sequence.frames} frames × {sequence.tokens_per_frame:,} tokens)"
+        f"sequence: {sequence.sequence_length:,} tokens = {sequence.text_tokens:,} text + "
+        f"{sequence.video_tokens:,} video ({sequence.frames} frames × {sequence.tokens_per_frame:,} tokens)"
     )
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}")

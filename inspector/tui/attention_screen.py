@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from textual.widgets import Footer, Header, Static
 
 from cogsurgeon.inspector.interrupts import interruptible
 from cogsurgeon.inspector.tui.messages import ReportsWorkerFailures
+from cogsurgeon.inspector.user_files import describe_os_error, write_atomically
 
 KIND_COLOURS = {"spatial": "#4caf50", "temporal": "#42a5f5", "text": "#ffca28", "mixed": "#ec407a", None: "#757575"}
 KIND_LETTERS = {"spatial": "S", "temporal": "T", "text": "X", "mixed": "M", None: "·"}
@@ -213,8 +215,11 @@ def view_png(recording: Any, state: ViewState, path: Path, cell: int = 20) -> Pa
             for y in range(maps.shape[1]):
                 for x in range(maps.shape[2]):
                     px, py = left + frame * (maps.shape[2] * dot + dot) + x * dot, base + 20 + y * dot
-                    draw.rectangle([px, py, px + dot - 1, py + dot - 1], fill=ramp_colour(float(maps[frame, y, x]) / top))
-    image.save(path)
+                    draw.rectangle([px, py, px + dot - 1, py + dot - 1],
+                                   fill=ramp_colour(float(maps[frame, y, x]) / top))
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    write_atomically(path, encoded.getvalue())  # whole or not at all under the name asked for
     return path
 
 
@@ -298,7 +303,8 @@ class AttentionScreen(ReportsWorkerFailures, Screen[None]):
         self.recording = recording
         self.query_one("#xray-body").loading = False
         patches = ", ".join(recording.model.get("patches") or {}) or "no patches"
-        self.sub_title = f"{self.source or recording.model.get('class', '')} · {recording.group_info.spec} · {patches}"
+        source = self.source or recording.model.get("class", "")
+        self.sub_title = f"{source} · {recording.group_info.spec} · {patches}"
         self.state = ViewState()
 
     def watch_state(self, state: ViewState) -> None:
@@ -338,15 +344,29 @@ class AttentionScreen(ReportsWorkerFailures, Screen[None]):
 
     def action_export_png(self) -> None:
         if self._ready():
-            path = view_png(self.recording, self.state, self._export_stem().with_suffix(".png"))
-            self.notify(f"wrote {path}")
+            path = self._export_stem().with_suffix(".png")
+            if self._exported(path, lambda: view_png(self.recording, self.state, path)):
+                self.notify(f"wrote {path}")
 
     def action_export_numbers(self) -> None:
         if self._ready():
             stem = self._export_stem()
-            stem.with_suffix(".csv").write_text(mass_csv(self.recording, self.state))
-            stem.with_suffix(".json").write_text(json.dumps(view_numbers(self.recording, self.state), indent=2))
-            self.notify(f"wrote {stem}.csv and {stem}.json")
+            csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+            table = mass_csv(self.recording, self.state).encode()
+            numbers = json.dumps(view_numbers(self.recording, self.state), indent=2).encode()
+            if (self._exported(csv_path, lambda: write_atomically(csv_path, table))
+                    and self._exported(json_path, lambda: write_atomically(json_path, numbers))):
+                self.notify(f"wrote {stem}.csv and {stem}.json")
+
+    def _exported(self, path: Path, write: Callable[[], Any]) -> bool:
+        """Run `write` (atomic: the file appears whole or not at all); a file that cannot be written (a full disk, a
+        folder that is not writable) is a notification, not a crash."""
+        try:
+            write()
+        except OSError as error:
+            self.notify(describe_os_error(path, error), title="export", severity="error")
+            return False
+        return True
 
     def action_close(self) -> None:
         if len(self.app.screen_stack) > 1:

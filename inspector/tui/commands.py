@@ -31,7 +31,8 @@ class CogsurgeonCommands(Provider):
             toggle = partial(main.toggle_patch, row.name, not row.applied)
             commands.append((f"patch: {'revert' if row.applied else 'apply'} {row.name}", row.summary, toggle))
             commands.append(
-                (f"patch: verify {row.name}", "check it on the tiny models (plain and fused processors) against reference attention",
+                (f"patch: verify {row.name}", "check it on the tiny models (plain and fused processors) against "
+                                              "reference attention",
                  partial(main.verify_patch, row.name))
             )
         if main.loaded is not None:

@@ -6,12 +6,11 @@ other) against a base model; 4. merge LoRAs at weights into a base's weights. A 
 Each slow step runs in a thread worker that posts its result as a message naming what it was computed for, with a
 toast and a progress bar or line. The screen keeps one `LoraState`: a new inspect request (checkpoint, trainer,
 step, override) resets everything computed for the last one, a result that arrives for anything but the current
-state is dropped, and every result names its inputs. The core's messages name the CLI's flags; this screen says
-them as its own controls (`in_screen_terms`)."""
+state is dropped, and every result names its inputs. The core's messages name its calls' keyword arguments; this
+screen says them as its own controls (`in_screen_terms`)."""
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,14 +48,18 @@ MERGE_FORCE_LABEL = "replace an earlier merge"
 BAKE_LABEL = "bake the scale into lora_B"
 CONSUMERS = ("peft", "diffusers", "comfyui")
 
-# The core's messages name the keyword arguments of its calls (`alpha=A`, `latest=True`) or, in some, the CLI's
-# flags; on this screen each is a field, a list or a switch. Most specific first; `in_screen_terms` then names any
-# parameter or flag left as the control it is.
+# The core's messages, errors and report warnings alike, name the keyword arguments of its calls (`alpha=A`,
+# `latest=True`); on this screen each is a field, a list or a switch. These phrases read better rewritten whole (most
+# specific first); `in_screen_terms` then names any parameter left as the control it is (PARAMETER_CONTROLS).
 SCREEN_CONTROLS = (
-    ("run `cogsurgeon lora repair CKPT --out DIR` first", "repair its checkpoint first (step 2)"),
+    ("repair its checkpoint first (repair_checkpoint, or `cogsurgeon lora repair`)",
+     "repair its checkpoint first (step 2)"),
     ("Settle it with alpha=A or trainer=NAME", "Enter it in the lora_alpha field or choose the trainer"),
     ("with alpha=A or trainer=NAME", "with the lora_alpha field or the trainer"),
+    ("pass alpha=A or trainer=NAME", "enter it in the lora_alpha field or choose the trainer"),
+    ("pass alpha=A", "enter it in the lora_alpha field"),
     ("pass step=N for one, or latest=True for", "choose one in the step list, or latest for"),
+    ("step=N reads one of them", "the step list reads one of them"),
     ("step= and latest=True choose", "the step list chooses"),
     ("for latest=True to choose from", "for the step list to choose from"),
     ("drop alpha=, or pass override_stored_alpha=True", f"clear the lora_alpha field, or tick “{OVERRIDE_LABEL}”"),
@@ -68,52 +71,24 @@ SCREEN_CONTROLS = (
     ("force=True replaces earlier merges", f"“{MERGE_FORCE_LABEL}” replaces earlier merges"),
     ("that force=True may replace", "that the replace switch may replace"),
     ("choose another out_dir=", "choose another output folder"),
-    ("Settle it with --alpha A or --trainer NAME", "Enter it in the lora_alpha field or choose the trainer"),
-    ("pass --alpha A or --trainer NAME", "enter it in the lora_alpha field or choose the trainer"),
-    ("pass --alpha A", "enter it in the lora_alpha field"),
-    ("pass --step N for one, or --latest for", "choose one in the step list, or latest for"),
-    ("--step N reads one of them", "the step list reads one of them"),
-    ("--step and --latest choose", "the step list chooses"),
-    ("for --latest to choose from", "for the step list to choose from"),
-    ("drop --alpha, or pass --override-stored-alpha", f"clear the lora_alpha field, or tick “{OVERRIDE_LABEL}”"),
-    ("as --override-stored-alpha asks", f"as “{OVERRIDE_LABEL}” asks"),
-    ("--alpha with --override-stored-alpha", f"the lora_alpha field with “{OVERRIDE_LABEL}”"),
-    ("--override-stored-alpha", f"“{OVERRIDE_LABEL}”"),
-    ("--alpha", "the lora_alpha field"),
-    ("--trainer", "the trainer"),
-    ("pass --force to replace an earlier repair", f"tick “{FORCE_LABEL}” to replace it"),
-    ("pass --force to replace an earlier merge", f"tick “{MERGE_FORCE_LABEL}” to replace it"),
-    ("--force replaces earlier repairs", f"“{FORCE_LABEL}” replaces earlier repairs"),
-    ("--force replaces earlier merges", f"“{MERGE_FORCE_LABEL}” replaces earlier merges"),
-    ("that --force may replace", "that the replace switch may replace"),
-    ("--force", "the replace switch"),
-    ("choose another --out", "choose another output folder"),
-    ("--out", "the output folder"),
-    ("--base", "the base model"),
-    ("out of --to", "out of “write for”"),
-    ("--to comfyui", "writing for comfyui"),
-    ("--to", "“write for”"),
-    ("--bake-scale", f"“{BAKE_LABEL}”"),
     ("see `cogsurgeon lora inspect`", "see the findings"),
     ("Repair it first (repair_checkpoint or `cogsurgeon lora repair`, with", "Repair it first (step 2, with"),
 )
-# the flags of `cogsurgeon lora` (a trainer's own flags, such as `--lora_alpha` in a default's source, stay as cited)
-FLAG = re.compile(r"--(alpha|trainer|step|latest|override-stored-alpha|force|out|to|bake-scale|base|json)(?![\w-])")
 
 
-# the keyword arguments of tools.lora's calls, as this screen's controls
-PARAMETER_CONTROLS = {"alpha": "the lora_alpha field", "trainer": "the trainer", "step": "the step list",
-                      "latest": "latest", "override_stored_alpha": f"“{OVERRIDE_LABEL}”", "to": "“write for”",
-                      "out_dir": "the output folder", "force": "the replace switch", "base_spec": "the base model"}
+# the keyword arguments of tools.lora's calls that its messages name outside those phrases, as this screen's controls
+# (step=, latest=True, to= and force=True come only in the phrases above)
+PARAMETER_CONTROLS = {"alpha": "the lora_alpha field", "trainer": "the trainer",
+                      "override_stored_alpha": f"“{OVERRIDE_LABEL}”", "out_dir": "the output folder",
+                      "base_spec": "the base model"}
 
 
 def in_screen_terms(text: str) -> str:
-    """A core message with the parameters and CLI flags it names as this screen's controls; no `--flag` or
-    `parameter=` of those is left in it."""
-    for flag, control in SCREEN_CONTROLS:
-        text = text.replace(flag, control)
-    text = renamed_parameters(text, PARAMETER_CONTROLS)
-    return FLAG.sub(lambda match: f"“{match[1].replace('-', ' ')}”", text)
+    """A core message with the keyword arguments it names as this screen's controls; no `parameter=` of those is
+    left in it."""
+    for phrase, control in SCREEN_CONTROLS:
+        text = text.replace(phrase, control)
+    return renamed_parameters(text, PARAMETER_CONTROLS)
 
 
 def default_base(spec: str) -> str:
@@ -494,8 +469,8 @@ class LoraScreen(ReportsWorkerFailures, Screen[None]):
         self.query_one("#lora-alpha", Input).value = f"{report.alpha:g}" if report.alpha is not None else ""
         self.show_state(replace(self.state, steps=message.steps, report=report))
         self.query_one("#lora-findings").scroll_visible(animate=False)  # a result below the fold comes into view
-        self.notify(f"inspected {message.request.describe()}: {report.format}, rank {report.rank}, "
-                    f"{'lora_alpha ' + format(report.alpha, 'g') if report.alpha is not None else 'lora_alpha unknown'}",
+        alpha = f"lora_alpha {report.alpha:g}" if report.alpha is not None else "lora_alpha unknown"
+        self.notify(f"inspected {message.request.describe()}: {report.format}, rank {report.rank}, {alpha}",
                     title="LoRA inspect")
 
     @on(Select.Changed, "#lora-trainer, #lora-step")

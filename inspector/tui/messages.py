@@ -101,7 +101,8 @@ class ReportsWorkerFailures:
         if event.state in (WorkerState.SUCCESS, WorkerState.ERROR):
             self.worker_ended(worker)
         if event.state == WorkerState.ERROR and worker.error is not None:
-            self.notify(self.failure_text(worker.error), title=worker.description, severity="error")  # type: ignore[attr-defined]
+            self.notify(self.failure_text(worker.error),  # type: ignore[attr-defined]
+                        title=worker.description, severity="error")
             self.worker_failed(worker)
 
     def failure_text(self, error: BaseException) -> str:

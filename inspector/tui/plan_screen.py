@@ -261,15 +261,15 @@ class PlanScreen(ReportsWorkerFailures, Screen[None]):
         return plan_error_in_screen_terms(describe_failure(error))
 
 
-PLAN_CONTROLS = {"trainer": "trainer", "mixed_precision": "autocast", "lora_dtype": "LoRA dtype", "train": "the mode",
-                 "checkpointing": "checkpointing", "vae": "VAE decode", "tiling": "tiling", "batch": "batch",
-                 "gpu_memory": "GPU memory", "patches": "patches", "dtype": "dtype", "zero": "ZeRO", "gpus": "GPUs"}
+# The keyword arguments of plan_memory that its messages name and that this screen's controls can lead to, as those
+# controls (the trainer, dtype, batch and patches are lists or checked before planning: no message names them).
+PLAN_CONTROLS = {"train": "the mode", "mixed_precision": "autocast", "lora_dtype": "LoRA dtype",
+                 "checkpointing": "checkpointing", "vae": "VAE decode", "tiling": "tiling", "gpu_memory": "GPU memory",
+                 "zero": "ZeRO", "gpus": "GPUs"}
 
 
 def plan_error_in_screen_terms(text: str) -> str:
     """The planner's messages name plan_memory's keyword arguments; here they are the screen's controls."""
-    text = text.replace("train='lora:RANK' or train='full'", "a training mode").replace("train='full'",
-                                                                                         "the mode training: full")
     return renamed_parameters(text, PLAN_CONTROLS)
 
 

@@ -400,7 +400,8 @@ class ModuleTree(ScrollView, can_focus=True):
         line_style = (styles.hover_line if hover is not None and _within(row.key, hover.key) else styles.base)
         line_style += Style(meta={"line": line})
         # guides at a depth below the cursor's (or the hovered) row, on rows inside it, take its guide style
-        below_cursor = cursor.depth if styles.has_focus and cursor is not None and _within(row.key, cursor.key) else None
+        under_cursor = styles.has_focus and cursor is not None and _within(row.key, cursor.key)
+        below_cursor = cursor.depth if under_cursor else None
         below_hover = hover.depth if hover is not None and _within(row.key, hover.key) else None
         # the segments Rich's Text would render for guides, icon and label appended to a Text styled `line_style`,
         # built directly: each piece's style is `line_style` plus its own, as Text.render combines them

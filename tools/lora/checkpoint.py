@@ -84,7 +84,9 @@ class LoraTensor:
 
 @dataclass(frozen=True)
 class LoraReport:
-    """What `cogsurgeon lora inspect` says about a checkpoint."""
+    """What `cogsurgeon lora inspect` says about a checkpoint. Its warnings and `alpha_detail` name the keyword
+    arguments of the Python calls (`pass alpha=A`), as errors do; each front end renames them
+    (`errors.renamed_parameters`)."""
 
     format: str
     path: str
@@ -233,7 +235,7 @@ def locate_checkpoint(path: Path, *, step: int | None = None, latest: bool = Fal
             raise LoraCheckpointError(f"{path} holds no numbered checkpoints for latest=True to choose from")
         chosen = steps[max(steps)]
     elif direct is not None:
-        notes = (f"{path} also holds the checkpoints of steps {listed}: --step N reads one of them",) if steps else ()
+        notes = (f"{path} also holds the checkpoints of steps {listed}: step=N reads one of them",) if steps else ()
         return Located(direct.kind, direct.path, tuple(steps), notes)
     elif len(steps) == 1:
         chosen = next(iter(steps.values()))
@@ -329,10 +331,12 @@ def read_checkpoint(
     return _assemble(given, located, raw, AlphaRequest(alpha, trainer, override_stored_alpha))
 
 
-RawEntry = tuple[str, str, tuple[int, ...], int, int | None, Callable[[], Any] | None]  # key, dtype, shape, bytes, start, payload
+# key, dtype, shape, bytes, start, payload
+RawEntry = tuple[str, str, tuple[int, ...], int, int | None, Callable[[], Any] | None]
 
 
-def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Path | None, format_name: str) -> RawCheckpoint:
+def _classify(entries: list[RawEntry], metadata: dict[str, str], source_file: Path | None,
+              format_name: str) -> RawCheckpoint:
     """Sort raw entries into LoRA weights (by the key grammar), DoRA and other tensors."""
     raw = RawCheckpoint([], [], [], set(), set(), metadata, format_name, {}, source_file)
     for key, dtype, shape, nbytes, start, payload in entries:
@@ -510,7 +514,8 @@ def _json_object(text: str) -> dict[str, Any]:
     return config
 
 
-def _kohya_alpha(raw: RawCheckpoint, ranks: dict[str, int], problems: list[str]) -> tuple[float | None, dict[str, float]]:
+def _kohya_alpha(raw: RawCheckpoint, ranks: dict[str, int],
+                 problems: list[str]) -> tuple[float | None, dict[str, float]]:
     """kohya stores alpha per module: the most common value is lora_alpha, the others go to alpha_pattern."""
     if not raw.alpha_values:
         return None, {}
@@ -527,7 +532,8 @@ def _kohya_alpha(raw: RawCheckpoint, ranks: dict[str, int], problems: list[str])
 
 @dataclass(frozen=True)
 class AlphaRequest:
-    """What the person asked for: --alpha, --trainer, --override-stored-alpha."""
+    """What the person asked for: alpha=, trainer=, override_stored_alpha= (the CLI's --alpha, --trainer,
+    --override-stored-alpha)."""
 
     alpha: float | None = None
     trainer: str | None = None
@@ -551,8 +557,8 @@ def _alpha_notes(resolution: AlphaResolution, request: AlphaRequest, rank: int |
     if resolution.source == "flag":
         before, after = (f"{stored / rank:g}", f"{flag / rank:g}") if rank else ("?", "?")
         return [f"STORED ALPHA OVERRIDDEN: lora_alpha {number(stored)} -> {number(flag)} (scale {before} -> {after} at "
-                f"rank {rank}), as --override-stored-alpha asks{kept}"]
-    return [f"--alpha {number(flag)} is the stored lora_alpha ({resolution.detail}): nothing changes{kept}"]
+                f"rank {rank}), as override_stored_alpha=True asks{kept}"]
+    return [f"alpha={number(flag)} is the stored lora_alpha ({resolution.detail}): nothing changes{kept}"]
 
 
 def _listed(pattern: dict[str, Any], shown_count: int = 3) -> str:
@@ -563,7 +569,8 @@ def _listed(pattern: dict[str, Any], shown_count: int = 3) -> str:
 EXTRA_PARTS = {"bias": "lora_B bias (PEFT lora_bias=True)", "magnitude": "DoRA magnitude (PEFT use_dora=True)"}
 
 
-def _bias_and_magnitude(raw: RawCheckpoint, b_shapes: dict[str, tuple[int, ...]], problems: list[str]) -> list[LoraTensor]:
+def _bias_and_magnitude(raw: RawCheckpoint, b_shapes: dict[str, tuple[int, ...]],
+                        problems: list[str]) -> list[LoraTensor]:
     """PEFT's lora_B biases and DoRA magnitude vectors: one per module, of lora_B's output size, on every module of
     the LoRA (PEFT sets lora_bias and use_dora for the whole adapter)."""
     found: dict[str, dict[str, LoraTensor]] = {part: {} for part in EXTRA_PARTS}
@@ -651,7 +658,8 @@ def _entry_notes(raw: RawCheckpoint, notes: tuple[str, ...]) -> tuple[list[str],
         warnings.append(f"{len(ignored)} non-LoRA tensors of finetrainers' full state ignored, e.g. {ignored[0]!r}")
     elif raw.non_lora:
         problems.append(
-            f"{len(raw.non_lora)} tensors are not LoRA weights, e.g. {raw.non_lora[0]!r}: repair writes LoRA weights only"
+            f"{len(raw.non_lora)} tensors are not LoRA weights, e.g. {raw.non_lora[0]!r}: repair writes "
+            "LoRA weights only"
         )
     if raw.dora:
         problems.append(
@@ -711,7 +719,8 @@ def _stored_alpha(raw: RawCheckpoint, tensor_file: Path, ranks: dict[str, int], 
                              ("rank_pattern", positive_int, "positive integers")):
         pattern = metadata_config.get(key)
         if pattern is not None and not (isinstance(pattern, dict) and all(check(v) for v in pattern.values())):
-            problems.append(f"the file's LoRA config says {key}={shown(pattern)}: expected module names mapped to {what}")
+            problems.append(f"the file's LoRA config says {key}={shown(pattern)}: expected module names mapped to "
+                            f"{what}")
             if key == "alpha_pattern":
                 stored_pattern = None
     kohya_alpha, kohya_pattern = _kohya_alpha(raw, ranks, problems)
@@ -758,17 +767,17 @@ def _alpha_warnings(resolution: AlphaResolution, request: AlphaRequest, rank: in
     does not store comes first, as what a person must read; then what the request changed or did not."""
     back = _alpha_notes(resolution, request, rank, tensor_file)
     if request.trainer is not None and resolution.stored_alpha is not None:
-        back.append(f"--trainer {request.trainer} ignored: lora_alpha is stored ({resolution.detail})")
+        back.append(f"trainer={request.trainer!r} ignored: lora_alpha is stored ({resolution.detail})")
     if resolution.source in ("default", "trainer") and resolution.lora_alpha is not None:
         scale = resolution.lora_alpha / rank if rank else float("nan")
         front = [
             f"LORA_ALPHA NOT STORED: {tensor_file.name} has no lora_alpha and no config beside it; using "
             f"lora_alpha={number(resolution.lora_alpha)} (scale {scale:g} at rank {rank}), {resolution.detail}. "
-            "If your training used another value, pass --alpha A."
+            "If your training used another value, pass alpha=A."
         ]
     elif resolution.lora_alpha is None:
         listed = ", ".join(f"{number(c.alpha)} ({c.trainer})" for c in resolution.candidates)
-        front = [f"LORA_ALPHA NOT STORED and not settled: it could be {listed}; pass --alpha A or --trainer NAME"]
+        front = [f"LORA_ALPHA NOT STORED and not settled: it could be {listed}; pass alpha=A or trainer=NAME"]
     else:
         front = []
     return front, back
@@ -785,7 +794,8 @@ def _report(given: Path, located: Located, raw: RawCheckpoint, tensors: list[Lor
     if len(dtypes) > 1:
         warnings = [*warnings, f"LoRA weights mix dtypes ({', '.join(dtypes)})"]
     fits, fit_detail = lora_fits([(t.module, t.part, t.shape) for t in tensors])
-    size = sum(p.stat().st_size for p in tensor_file.iterdir() if p.is_file()) if tensor_file.is_dir() else tensor_file.stat().st_size
+    files = [p for p in tensor_file.iterdir() if p.is_file()] if tensor_file.is_dir() else [tensor_file]
+    size = sum(p.stat().st_size for p in files)
     return LoraReport(
         format=raw.format_name,
         path=str(given),

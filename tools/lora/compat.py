@@ -53,12 +53,14 @@ def mismatch(config: dict[str, Any], modules: dict[str, tuple[int, int]], *, str
                 continue
             return f"{module}: no such Linear in the base"
         if tuple(features) != expected:
-            return f"{module}: LoRA maps {features[0]} -> {features[1]} features, the base's Linear {expected[0]} -> {expected[1]}"
+            return (f"{module}: LoRA maps {features[0]} -> {features[1]} features, the base's Linear "
+                    f"{expected[0]} -> {expected[1]}")
     return None
 
 
 def describe(config: dict[str, Any]) -> str:
-    return f"{config['num_layers']} blocks of {config['num_attention_heads'] * config['attention_head_dim']}, {config['in_channels']} in-channels"
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    return f"{config['num_layers']} blocks of {width}, {config['in_channels']} in-channels"
 
 
 LoraShapes = list[tuple[str, str, tuple[int, ...]]]  # (module, "A" | "B", shape)
@@ -103,7 +105,8 @@ def check_fits(config: dict[str, Any], tensors: LoraShapes, base_name: str) -> s
     why = mismatch(config, modules, strict=False)
     if why is None:
         return None
-    near = [name for name, known in known_configs().items() if mismatch(known, modules) is None and name in PUBLISHED_SPECS]
+    near = [name for name, known in known_configs().items()
+            if mismatch(known, modules) is None and name in PUBLISHED_SPECS]
     lora = f"LoRA: {blocks} blocks" + (f" of {inner}" if inner else "") + (f" ({', '.join(near)})" if near else "")
     return f"the LoRA does not fit {base_name}: {lora}; base: {describe(config)} ({why})"
 

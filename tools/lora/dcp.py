@@ -50,7 +50,8 @@ class MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         import torch
 
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        torch_value = getattr(torch, name, None) if module == "torch" else None
+        if isinstance(torch_value, (torch.dtype, torch.layout, torch.memory_format)):
             return getattr(torch, name)
         if (module, name) in _ALLOWED_GLOBALS:
             try:
@@ -72,7 +73,8 @@ def read_metadata_safely(folder: Path) -> Any:
     except OSError as exc:
         raise LoraCheckpointError(f"{path} cannot be read ({_one_line(exc)})") from None
     if len(data) > _MAX_METADATA_BYTES:
-        raise LoraCheckpointError(f"{path} is over {_MAX_METADATA_BYTES >> 20} MiB: not the metadata of a LoRA checkpoint")
+        raise LoraCheckpointError(f"{path} is over {_MAX_METADATA_BYTES >> 20} MiB: not the metadata of a "
+                                  "LoRA checkpoint")
     try:
         metadata = MetadataUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as exc:
@@ -81,7 +83,8 @@ def read_metadata_safely(folder: Path) -> Any:
             "only the classes that metadata is made of"
         ) from None
     except (Exception, RecursionError) as exc:
-        raise LoraCheckpointError(f"{path} is not readable torch distributed checkpoint metadata ({_one_line(exc)})") from None
+        raise LoraCheckpointError(f"{path} is not readable torch distributed checkpoint metadata "
+                                  f"({_one_line(exc)})") from None
     check_metadata(metadata, folder)
     return metadata
 
@@ -142,12 +145,14 @@ def check_metadata(metadata: Any, folder: Path) -> None:
             numel *= extent
         if numel * dtype.itemsize > total_bytes:
             raise refuse(f"{fqn} claims {numel * dtype.itemsize} bytes, more than its shards hold ({total_bytes})")
-        if not isinstance(entry.chunks, list) or not all(isinstance(chunk, ChunkStorageMetadata) for chunk in entry.chunks):
+        if not (isinstance(entry.chunks, list)
+                and all(isinstance(chunk, ChunkStorageMetadata) for chunk in entry.chunks)):
             raise refuse(f"{fqn}'s chunks are not a list of chunk descriptions")
         for chunk in entry.chunks:
             if not (_is_shape(chunk.offsets) and _is_shape(chunk.sizes) and len(chunk.offsets) == len(size)
                     == len(chunk.sizes) and all(o + s <= n for o, s, n in zip(chunk.offsets, chunk.sizes, size))):
-                raise refuse(f"{fqn} has a chunk at {chunk.offsets!r} of {chunk.sizes!r}, outside its size {tuple(size)}")
+                raise refuse(f"{fqn} has a chunk at {chunk.offsets!r} of {chunk.sizes!r}, outside its size "
+                             f"{tuple(size)}")
 
 
 def _check_storage(storage: dict[Any, Any], folder: Path, refuse: Any) -> dict[str, int]:
@@ -166,7 +171,8 @@ def _check_storage(storage: dict[Any, Any], folder: Path, refuse: Any) -> dict[s
         if not _is_count(offset) or not _is_count(length):
             raise refuse(f"{index.fqn} is stored at offset {offset!r}, length {length!r}")
         descriptors = getattr(info, "transform_descriptors", None)
-        if descriptors is not None and not (isinstance(descriptors, list) and all(isinstance(d, str) for d in descriptors)):
+        if descriptors is not None and not (isinstance(descriptors, list)
+                                            and all(isinstance(d, str) for d in descriptors)):
             raise refuse(f"{index.fqn}'s transform descriptors are {descriptors!r}")
         if relative not in sizes:
             shard = folder / relative
@@ -240,7 +246,8 @@ def read_dcp_lora(folder: Path) -> list[tuple[str, str, tuple[int, ...], int, No
         dtype = _SAFETENSORS_DTYPE.get(str(tensor.dtype))
         if dtype is None:
             raise LoraCheckpointError(f"{folder}: {fqn} has dtype {tensor.dtype}, not a float LoRA weight")
-        entries.append((key, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), None, _payload(tensor)))
+        nbytes = tensor.numel() * tensor.element_size()
+        entries.append((key, dtype, tuple(tensor.shape), nbytes, None, _payload(tensor)))
     return entries
 
 

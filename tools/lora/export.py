@@ -148,7 +148,8 @@ def _tensor(checkpoint: LoraCheckpoint, tensor: LoraTensor, name: str, factor: f
                                                      f"lora_B of {tensor.module}"))
 
 
-def output_files(checkpoint: LoraCheckpoint, consumers: tuple[str, ...], *, bake_scale: bool = False) -> list[OutputFile]:
+def output_files(checkpoint: LoraCheckpoint, consumers: tuple[str, ...], *,
+                 bake_scale: bool = False) -> list[OutputFile]:
     """The files of the repaired folder for these consumers (see module docstring)."""
     report = checkpoint.report
     scales = module_scales(report)

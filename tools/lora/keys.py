@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 LoraPart = Literal["A", "B"]
 # the suffix of each part of a module's LoRA in PEFT's spelling (what get_peft_model_state_dict writes)
-PEFT_SUFFIXES = {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias", "magnitude": "lora_magnitude_vector"}
+PEFT_SUFFIXES = {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias",
+                 "magnitude": "lora_magnitude_vector"}
 
 # `<module>.lora_A.weight`, `<module>.lora_A.<adapter>.weight` (a PEFT model's raw state_dict)
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -34,10 +35,10 @@ _DORA_KEY = re.compile(r"\.dora_scale$")  # kohya/ComfyUI-style DoRA: another pa
 _MODEL_PREFIXES = ("base_model.model.", "transformer.")
 
 FORMAT_DESCRIPTIONS: dict[str, str] = {
-    "diffusers-checkpoint": "diffusers-style checkpoint-N/ (transformer. keys, accelerate state beside): CogVideo finetune, "
-    "the diffusers CogVideoX scripts or cogvideox-factory",
-    "diffusers-lora": "diffusers save_lora_weights file (transformer. keys, no alpha): the diffusers CogVideoX scripts, "
-    "cogvideox-factory, CogVideo finetune or CogVideo's SAT export",
+    "diffusers-checkpoint": "diffusers-style checkpoint-N/ (transformer. keys, accelerate state beside): "
+                            "CogVideo finetune, the diffusers CogVideoX scripts or cogvideox-factory",
+    "diffusers-lora": "diffusers save_lora_weights file (transformer. keys, no alpha): the diffusers CogVideoX "
+                      "scripts, cogvideox-factory, CogVideo finetune or CogVideo's SAT export",
     "diffusers-metadata": "diffusers >= 0.34 LoRA with lora_adapter_metadata",
     "finetrainers": "finetrainers lora_weights/{step}/ (lora_config in the header)",
     "finetrainers-state": "finetrainers full state finetrainers_step_N/model.safetensors (LoRA + base tensors)",
@@ -64,7 +65,8 @@ class Trainer:
 
 
 TRAINERS: dict[str, Trainer] = {trainer.name: trainer for trainer in (
-    Trainer("cogvideo-finetune", 64, "CogVideo finetune/: --lora_alpha default 64 (finetune/schemas/args.py:229, rank 128)"),
+    Trainer("cogvideo-finetune", 64, "CogVideo finetune/: --lora_alpha default 64 (finetune/schemas/args.py:229, rank "
+                                     "128)"),
     Trainer("diffusers-scripts", 128, "diffusers examples/cogvideo/train_cogvideox*_lora.py: --lora_alpha default 128 "
             "(rank 128)"),
     Trainer("cogvideox-factory", 64, "cogvideox-factory: --rank 64 --lora_alpha 64 defaults (finetrainers "
@@ -72,7 +74,8 @@ TRAINERS: dict[str, Trainer] = {trainer.name: trainer for trainer in (
     Trainer("finetrainers", 64, "finetrainers: --rank 64 --lora_alpha 64 defaults (docs/args.md:328)"),
     Trainer("cogkit", 64, "CogKit src/cogkit/utils/lora.py:33-38: LoraConfig(r=128, lora_alpha=64) hard-coded"),
     Trainer("sat", 1, "SAT LoRA: lora_alpha 1 (scale 1/r) unless training_config.yaml sets lora_alpha"),
-    Trainer("sat-export", 1, "CogVideo tools/export_sat_lora_weight.py: a SAT LoRA (lora_alpha 1) written without alpha"),
+    Trainer("sat-export", 1, "CogVideo tools/export_sat_lora_weight.py: a SAT LoRA (lora_alpha 1) written without "
+                             "alpha"),
     Trainer("videox-fun", 32, "VideoX-Fun scripts/cogvideox_fun/train_lora.sh: --rank=64 --network_alpha=32"),
     Trainer("videox-fun-cli", 64, "VideoX-Fun scripts/cogvideox_fun/train_lora.py:551: --network_alpha default 64 "
             "(run without train_lora.sh)"),
@@ -265,7 +268,8 @@ def dcp_format(folder_name: str, keys: list[str]) -> str:
     return "finetrainers-ptd" if whole_model and adapter_named else "cogkit-dcp"
 
 
-def module_ranks(a_shapes: dict[str, tuple[int, ...]], b_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], list[str]]:
+def module_ranks(a_shapes: dict[str, tuple[int, ...]],
+                 b_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], list[str]]:
     """Rank of each module (rows of A), and the problems: A without B, B without A, non-2-D weights, and rank
     clashes (A's rows differ from B's columns)."""
     ranks: dict[str, int] = {}
@@ -355,11 +359,12 @@ def resolve_alpha(
     stored_where: str = "lora_adapter_metadata in the file",
     override_stored: bool = False,
 ) -> AlphaResolution:
-    """lora_alpha in the issue's order: stored in the file; a trainer config beside it; --alpha; a trainer's default
-    (--trainer NAME, or the one trainer the format identifies). When several trainers fit and disagree, nothing is
-    guessed: lora_alpha is None and `candidates` lists them.
+    """lora_alpha in the issue's order: stored in the file; a trainer config beside it; `flag` (the alpha= of the calls,
+    --alpha of the CLI); a trainer's default (`trainer`, or the one trainer the format identifies). When several
+    trainers fit and disagree, nothing is guessed: lora_alpha is None and `candidates` lists them. `detail` names the
+    calls' keyword arguments (`alpha=`, `trainer='videox-fun'`), as their messages do.
 
-    --alpha sets only what is not stored: equal to the stored value it changes nothing (the stored alpha_pattern
+    `flag` sets only what is not stored: equal to the stored value it changes nothing (the stored alpha_pattern
     stays), different from it the resolution carries `refused_flag` (the caller refuses) unless `override_stored`,
     which replaces lora_alpha and still keeps the stored per-module alpha_pattern."""
     stored: tuple[float, AlphaSource, str, dict[str, float]] | None = None
@@ -372,14 +377,14 @@ def resolve_alpha(
         if flag is None or same_alpha(flag, value):
             return AlphaResolution(value, source, where, pattern, stored_alpha=value)
         if override_stored:
-            return AlphaResolution(flag, "flag", f"--alpha with --override-stored-alpha, replacing lora_alpha "
+            return AlphaResolution(flag, "flag", f"alpha= with override_stored_alpha=True, replacing lora_alpha "
                                    f"{number(value)} stored in {where}", pattern, stored_alpha=value)
         return AlphaResolution(value, source, where, pattern, stored_alpha=value, refused_flag=flag)
     if flag is not None:
-        return AlphaResolution(flag, "flag", "--alpha", {})
+        return AlphaResolution(flag, "flag", "alpha=", {})
     if trainer is not None:
         (chosen,) = trainer_candidates((trainer,), rank)
-        return AlphaResolution(chosen.alpha, "trainer", f"--trainer {trainer}: {chosen.source}", {})
+        return AlphaResolution(chosen.alpha, "trainer", f"trainer={trainer!r}: {chosen.source}", {})
     candidates = trainer_candidates(FORMAT_TRAINERS[format_name], rank)
     values = {candidate.alpha for candidate in candidates}
     if len(values) == 1 and None not in values:

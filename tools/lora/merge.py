@@ -45,7 +45,13 @@ from cogsurgeon.tools.lora.publish import (
     publication,
     refuse_existing_output,
 )
-from cogsurgeon.tools.lora.safetensors_io import OutputTensor, Progress, ProgressCallback, encode_header, write_safetensors
+from cogsurgeon.tools.lora.safetensors_io import (
+    OutputTensor,
+    Progress,
+    ProgressCallback,
+    encode_header,
+    write_safetensors,
+)
 
 CONFIG_NAME = "config.json"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -160,7 +166,8 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
                                       "LoRA is not W + α/r·B·A, which is what merge fuses")
         if report.alpha is None:
             raise LoraCheckpointError(report.unsettled_alpha_message().replace(
-                "Settle it with", "Repair it first (repair_checkpoint or `cogsurgeon lora repair`, with") + ") and merge the repaired folder")
+                "Settle it with", "Repair it first (repair_checkpoint or `cogsurgeon lora repair`, with")
+                + ") and merge the repaired folder")
         misfit = check_fits(config, [(t.module, t.part, t.shape) for t in checkpoint.tensors], str(base))
         if misfit is not None:
             raise LoraCheckpointError(f"{spec.path}: {misfit}")
@@ -203,8 +210,8 @@ def _merge(base: str, folder: Path, config: dict[str, Any], loras: list[LoraSpec
                 weight.addmm_(up, down)  # one GEMM, accumulated in float32, rounded once (as torch.addmm)
                 if not bool(weight.isfinite().all()):  # a fused weight of inf loads and silently ruins every output
                     raise LoraCheckpointError(
-                        f"fusing into {name} gives values that are not finite in {weight.dtype}: lower the LoRA weights "
-                        "(or check the LoRAs' lora_alpha and the base's weights)"
+                        f"fusing into {name} gives values that are not finite in {weight.dtype}: lower the "
+                        "LoRA weights (or check the LoRAs' lora_alpha and the base's weights)"
                     )
                 return memoryview(view)
 

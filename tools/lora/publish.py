@@ -51,7 +51,8 @@ MANIFEST_FORMAT = 1
 MANIFEST_HASHES = ("sha256", "xxh3_128")  # what a manifest entry may name; written: `OutputKind.hash_name`
 LOCK_SUFFIX = ".cogsurgeon-lock"
 _HASH_CHUNK = 8 * 1024 * 1024
-_HELD_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
+_HELD_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+                      if s)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def output_path(out_dir: str | Path, inputs: tuple[Path, ...]) -> Path:
     for input_path in inputs:
         resolved_input = input_path.resolve()
         if out == resolved_input or out in resolved_input.parents:
-            raise OutputError(f"out_dir={out} would replace the checkpoint itself ({resolved_input}): choose another folder")
+            raise OutputError(f"out_dir={out} would replace the checkpoint itself ({resolved_input}): "
+                              "choose another folder")
         if resolved_input.is_dir() and resolved_input in out.parents:
             raise OutputError(
                 f"out_dir={out} lies inside the checkpoint folder {resolved_input}: the input is never written to; "
@@ -203,7 +205,8 @@ def earlier_output_problem(folder: Path, kind: OutputKind) -> tuple[EarlierOutpu
             return None, f"it has no {manifest_name}, so it was not written by `{kind.written_by}`"
         manifest_bytes = manifest_path.read_bytes()
         manifest = json.loads(manifest_bytes)
-        files = manifest["files"] if isinstance(manifest, dict) and manifest.get("written_by") == kind.written_by else None
+        ours = isinstance(manifest, dict) and manifest.get("written_by") == kind.written_by
+        files = manifest["files"] if ours else None
         if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
             return None, f"its {manifest_name} is not a {noun} manifest"
         present = {entry.name for entry in folder.iterdir()} - {manifest_name}
@@ -235,9 +238,11 @@ def refuse_existing_output(out: Path, force: bool, kind: OutputKind) -> None:
     if not os.path.lexists(out):
         return
     if not force:
-        raise OutputError(f"{out} already exists: choose another out_dir=, or pass force=True to replace an earlier {kind.noun}")
+        raise OutputError(f"{out} already exists: choose another out_dir=, or pass force=True to replace an earlier "
+                          f"{kind.noun}")
     if not out.is_dir() or out.is_symlink():
-        raise OutputError(f"{out} exists and is not a folder: remove it yourself, force=True replaces earlier {kind.noun}s only")
+        raise OutputError(f"{out} exists and is not a folder: remove it yourself, force=True replaces earlier "
+                          f"{kind.noun}s only")
 
 
 def check_output(out: Path, force: bool, kind: OutputKind) -> EarlierOutput | None:

@@ -55,7 +55,8 @@ def _is_text(value: object) -> bool:
 def config_problems(config: dict[str, Any]) -> list[str]:
     """Every value of the LoraConfig a repair would write that PEFT or diffusers would refuse or misread: ranks
     that are not positive integers, lora_alpha that is not a positive number float32 holds (NaN, Infinity, 0,
-    negative, a bool, 1e300: PEFT's alpha / r would make float32 outputs inf), patterns of the wrong type, module names that are not valid text."""
+    negative, a bool, 1e300: PEFT's alpha / r would make float32 outputs inf), patterns of the wrong type, module names
+    that are not valid text."""
     problems = []
     if not positive_int(config["r"]):
         problems.append(f"rank r={config['r']!r} is not a positive integer")
@@ -82,8 +83,8 @@ def config_problems(config: dict[str, Any]) -> list[str]:
 
 def source_record(checkpoint: LoraCheckpoint, request: dict[str, Any], *, bake_scale: bool) -> dict[str, Any]:
     """What the repair manifest keeps of the source: where it is, a digest of its LoRA tensors, how alpha was settled
-    (the request that settles it again for the same file) and the alpha and patterns written. `lora verify` reads the source back from
-    here and checks the adapter's α/r·B·A against the source's, module by module."""
+    (the request that settles it again for the same file) and the alpha and patterns written. `lora verify` reads the
+    source back from here and checks the adapter's α/r·B·A against the source's, module by module."""
     report = checkpoint.report
     return {"source": {
         "path": str(Path(report.path).absolute()),
@@ -130,7 +131,8 @@ def repair_checkpoint(
     checkpoint = read_checkpoint(given, step=step, latest=latest, **request)
     report = checkpoint.report
     if report.problems:
-        more = f" (and {len(report.problems) - 1} more; see `cogsurgeon lora inspect`)" if len(report.problems) > 1 else ""
+        others = len(report.problems) - 1
+        more = f" (and {others} more; see `cogsurgeon lora inspect`)" if others else ""
         raise LoraCheckpointError(f"cannot repair {report.file}: {report.problems[0]}{more}")
     if report.alpha is None:  # several trainers fit and disagree: a repair at a guessed strength is the worst outcome
         raise LoraCheckpointError(report.unsettled_alpha_message())

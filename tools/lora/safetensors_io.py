@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cogsurgeon.inspector.safetensors_header import SafetensorsFormatError, read_header  # noqa: F401 - read_header re-exported
+# read_header is re-exported
+from cogsurgeon.inspector.safetensors_header import SafetensorsFormatError, read_header  # noqa: F401
 
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 WRITE_CHUNK_BYTES = 1024 * 1024
@@ -39,7 +40,8 @@ def encode_header(tensors: Sequence[OutputTensor], metadata: dict[str, str]) -> 
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for tensor in tensors:
-        header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape),
+                               "data_offsets": [offset, offset + tensor.nbytes]}
         offset += tensor.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data start to 8 bytes

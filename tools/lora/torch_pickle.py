@@ -1,9 +1,9 @@
-"""Torch pickles (`pytorch_lora_weights.bin`, `adapter_model.bin`, SAT's `.pt`) read with `torch.load(weights_only=True)`
-only, plus an explicit allow-list where a format needs more (SAT's numpy rng state), and only on a torch whose
-weights_only unpickler has no known hole: torch.load(weights_only=True) could run code from a crafted file before
-torch 2.6.0 (CVE-2025-32434, GHSA-53q9-r3pm-6pq6) and could corrupt memory towards it before 2.10.0 (CVE-2026-24747),
-while the package allows torch>=2.4; on those releases a pickle is refused with that reason. Imports torch: imported
-only when such a file is given.
+"""Torch pickles (`pytorch_lora_weights.bin`, `adapter_model.bin`, SAT's `.pt`) read with
+`torch.load(weights_only=True)` only, plus an explicit allow-list where a format needs more (SAT's numpy rng state), and
+only on a torch whose weights_only unpickler has no known hole: torch.load(weights_only=True) could run code from a
+crafted file before torch 2.6.0 (CVE-2025-32434, GHSA-53q9-r3pm-6pq6) and could corrupt memory towards it before 2.10.0
+(CVE-2026-24747), while the package allows torch>=2.4; on those releases a pickle is refused with that reason. Imports
+torch: imported only when such a file is given.
 """
 
 from __future__ import annotations

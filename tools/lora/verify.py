@@ -91,14 +91,15 @@ class AdapterVerifyReport:
     def summary_lines(self) -> list[str]:
         scales = sorted({round(check.expected_scale, 6) for check in self.modules if check.expected_scale is not None})
         if self.scales_match:
-            scale_line = f"{', '.join(f'{s:g}' for s in scales) or '-'} (lora_alpha / r, as loaded by PEFT and diffusers)"
+            listed = ", ".join(f"{s:g}" for s in scales) or "-"
+            scale_line = f"{listed} (lora_alpha / r, as loaded by PEFT and diffusers)"
         else:
             scale_line = "MISMATCH (see below)"
         if self.max_abs_diff is None or self.lora_effect is None:
             output_line = "not compared (a load failed)"
         else:
-            output_line = (f"PEFT vs diffusers max |diff| {self.max_abs_diff:.3g}; the LoRA changes the output by up to "
-                           f"{self.lora_effect:.3g}")
+            output_line = (f"PEFT vs diffusers max |diff| {self.max_abs_diff:.3g}; the LoRA changes the output by "
+                           f"up to {self.lora_effect:.3g}")
         applied = ", ".join(f"{loader} {value:g}" if value is not None else f"{loader} -"
                             for loader, value in (self.effective_scale or {}).items())
         reference = ", ".join(f"{loader} {value:.3g}" for loader, value in (self.reference_diff or {}).items())
@@ -111,7 +112,8 @@ class AdapterVerifyReport:
         lines = [
             f"adapter       {self.adapter_dir}",
             f"base          {self.base} (diffusers {self.diffusers_version}, alpha via {self.diffusers_alpha_via})",
-            f"modules       {len(self.matched)} matched, {len(self.missing)} missing, {len(self.unexpected)} unexpected",
+            f"modules       {len(self.matched)} matched, {len(self.missing)} missing, "
+            f"{len(self.unexpected)} unexpected",
             f"scales        {scale_line}",
             f"applied       {applied or '-'} (measured from each loader's LoRA layers)",
             f"reference     max |diff| vs x·Aᵀ·Bᵀ·α/r from the raw tensors: {reference or 'not compared'}",
@@ -122,7 +124,7 @@ class AdapterVerifyReport:
             lines.append(f"FAILED        {len(self.failures)} problem(s)")
             lines.extend(f"  - {failure}" for failure in self.failures[:20])
             if len(self.failures) > 20:
-                lines.append(f"  ... and {len(self.failures) - 20} more (--json lists all)")
+                lines.append(f"  ... and {len(self.failures) - 20} more (the JSON report lists all)")
         else:
             lines.append("passed        both loads match the adapter and each other")
         return lines
@@ -148,7 +150,8 @@ def read_adapter_folder(folder: Path) -> dict[str, Any]:
                if not is_regular_file(folder / name)]
     if missing:
         raise CogsurgeonError(
-            f"{folder} lacks {', '.join(missing)}: it is not an adapter folder; run `cogsurgeon lora repair CKPT --out DIR` first"
+            f"{folder} lacks {', '.join(missing)}: it is not an adapter folder; repair its checkpoint first "
+            "(repair_checkpoint, or `cogsurgeon lora repair`)"
         )
     try:
         config = read_json(folder / PEFT_CONFIG_NAME)  # regular file, size capped, nesting and NaN refused
@@ -284,7 +287,8 @@ def diffusers_reads_metadata() -> bool:
     return Version(__version__).release >= (0, 34)
 
 
-def load_with_diffusers(base: torch.nn.Module, adapter_dir: str | Path, adapter_name: str = DIFFUSERS_ADAPTER_NAME) -> str:
+def load_with_diffusers(base: torch.nn.Module, adapter_dir: str | Path,
+                        adapter_name: str = DIFFUSERS_ADAPTER_NAME) -> str:
     """The adapter on `base` through diffusers' LoRA loader, at the trained scale on every diffusers release:
     >= 0.34 takes lora_alpha from the file's metadata, older ones get it as network_alphas. Returns which."""
     folder = Path(adapter_dir)
@@ -295,7 +299,8 @@ def load_with_diffusers(base: torch.nn.Module, adapter_dir: str | Path, adapter_
     config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
     modules = list(_weights_by_module(folder / DIFFUSERS_WEIGHTS_NAME, DIFFUSERS_KEY_PREFIX))
     network_alphas = {
-        f"{DIFFUSERS_KEY_PREFIX}{module}.alpha": float(module_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+        f"{DIFFUSERS_KEY_PREFIX}{module}.alpha":
+            float(module_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
         for module in modules
     }
     base.load_lora_adapter(str(folder), weight_name=DIFFUSERS_WEIGHTS_NAME, prefix="transformer",
@@ -563,11 +568,14 @@ def judge_modules(checks: list[ModuleCheck], *, peft_loaded: bool, diffusers_loa
             if not ok and loaded_by[loader]:
                 failures.append(f"{check.module}: {loader} did not load its weights (no matching key; left at init)")
         for loader, scale in (("PEFT", check.peft_scale), ("diffusers", check.diffusers_scale)):
-            if scale is not None and abs(scale - check.expected_scale) > SCALE_TOLERANCE * max(1.0, check.expected_scale):
+            allowed = SCALE_TOLERANCE * max(1.0, check.expected_scale)
+            if scale is not None and abs(scale - check.expected_scale) > allowed:
                 scales_match = False
-                failures.append(f"{check.module}: {loader} scale {scale:g}, expected {check.expected_scale:g} (lora_alpha / r)")
+                failures.append(f"{check.module}: {loader} scale {scale:g}, expected {check.expected_scale:g} "
+                                "(lora_alpha / r)")
         for loader, applied in (("PEFT", check.peft_effective_scale), ("diffusers", check.diffusers_effective_scale)):
-            if applied is not None and not abs(applied - check.expected_scale) <= EFFECTIVE_SCALE_TOLERANCE * max(1.0, check.expected_scale):
+            allowed = EFFECTIVE_SCALE_TOLERANCE * max(1.0, check.expected_scale)
+            if applied is not None and not abs(applied - check.expected_scale) <= allowed:
                 scales_match = False
                 failures.append(f"{check.module}: {loader} applied scale {applied:.6g} to x·Aᵀ·Bᵀ, the adapter's "
                                 f"lora_alpha / r is {check.expected_scale:g}")
