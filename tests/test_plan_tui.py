@@ -141,7 +141,7 @@ async def test_plan_screen_plans_a_full_finetune_under_deepspeed_zero():
         screen.query_one("#plan-mode").value = "inference"
         shown = await planned_text(pilot, screen)
         assert shown.startswith("could not plan: ZeRO 3 shards a full finetune's model states: add the mode "
-                                "training: full"), shown
+                                "'full'"), shown
         assert "--" not in shown and "zero=" not in shown
 
 
@@ -178,6 +178,8 @@ REFUSALS = [
     ({"#plan-checkpointing": True}, {"checkpointing", "train"}),
     ({"#plan-tiling": True}, {"tiling", "vae"}),
     ({"#plan-vae": True}, {"vae"}),  # the tiny model ships no VAE config
+    ({"#plan-zero": "3"}, {"zero", "train"}),
+    ({"#plan-mode": "full", "#plan-gpus": "4"}, {"gpus", "zero"}),
 ]
 
 

@@ -69,7 +69,7 @@ def plan(model: str | None, frames: int | None, height: int | None, width: int |
       cogsurgeon plan cogvideox-2b --train lora:128 --dtype fp16 --mixed-precision fp16 --lora-dtype fp32 --batch 1
       cogsurgeon plan cogvideox1.5-5b --trainer cogvideo-finetune --frames 81 --height 768 --width 1360 --batch 1
       cogsurgeon plan cogvideox1.5-5b --frames 81 --height 768 --width 1360 --ulysses 4   # per GPU of 4
-      cogsurgeon plan cogvideox1.5-5b --trainer cogvideo-finetune --train full --frames 81 --height 768 --width 1360 --batch 1
+      cogsurgeon plan cogvideox-5b --trainer cogvideo-finetune --train full --batch 1   # its SFT: ZeRO-2, 8 GPUs
       cogsurgeon plan cogvideox-5b --train full --zero 3 --gpus 8 --checkpointing --batch 1
     """
     from cogsurgeon.inspector.cli.trace import _known_config, check_traceable
