@@ -242,7 +242,7 @@ def test_plan_ulysses_that_does_not_divide_the_heads_is_one_line_naming_the_vali
     result = cli("plan", "cogvideox-5b", "--ulysses", "5")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        "cogsurgeon: error: ulysses=5 does not divide this model's 48 attention heads (each rank attends H/N heads): "
+        "cogsurgeon: error: --ulysses 5 does not divide this model's 48 attention heads (each rank attends H/N heads): "
         "use one of 2, 3, 4, 6, 8, 12, 16, 24, 48"
     ]
 
