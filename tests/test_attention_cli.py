@@ -104,6 +104,7 @@ def test_show_refuses_a_file_that_is_not_a_recording(cli, tmp_path):
     assert other.read_text().startswith('{"format"')
 
 
+@pytest.mark.slow
 def test_show_png_appears_whole_or_not_at_all(cli, tmp_path):
     """--png writes beside the name asked for and renames: a write cut off (here by a file-size limit, as a full
     disk would) leaves the file that was there as it was (Pillow's own save truncated it and left half a PNG), no

@@ -174,6 +174,7 @@ def terminal_cells(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
+@pytest.mark.slow
 def test_a_progress_line_naming_a_cjk_path_is_cut_by_cells_and_never_wraps(tmp_path, tiny_model):
     """A model folder whose name is Chinese: each of its characters takes two cells, so a line cut to one character
     short of the terminal's width took up to twice the columns there are and wrapped."""

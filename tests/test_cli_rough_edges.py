@@ -116,6 +116,7 @@ def test_modules_print_full_paths_one_line_per_row_when_piped(cli, published_row
 
 # --- trace, doctor, hub hint -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_trace_folds_identical_attention_calls(cli):
     folded = cli("trace", "cogvideox-2b", "--frames", "9", "--height", "64", "--width", "64")
     assert folded.returncode == 0, folded.stderr

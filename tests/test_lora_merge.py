@@ -154,6 +154,7 @@ def test_a_folder_appearing_at_out_during_a_merge_is_kept(adapters, tmp_path):
     assert _hidden_leftovers(tmp_path, out) == []
 
 
+@pytest.mark.slow
 def test_sigterm_mid_merge_leaves_no_partial(adapters, tmp_path):
     import signal
 

@@ -177,6 +177,7 @@ def test_report_warnings_and_alpha_detail_name_flags_on_the_command_line(two_ste
     assert not re.search(r"(?<![\w.])(alpha|trainer)=", result.stdout + result.stderr + json.dumps(report))
 
 
+@pytest.mark.slow
 def test_report_warnings_and_alpha_detail_name_controls_on_the_lora_screen(two_steps):
     import asyncio
 

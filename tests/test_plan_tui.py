@@ -145,6 +145,7 @@ async def test_plan_screen_plans_a_full_finetune_under_deepspeed_zero():
         assert "--" not in shown and "zero=" not in shown
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_at_80x24_the_plans_answer_comes_into_view_without_scrolling():
     """The result lies below the controls at 80x24; when a plan is shown it is scrolled to, once it is laid out at
@@ -189,6 +190,7 @@ def test_every_control_the_planner_screen_names_is_one_a_refusal_can_reach():
     assert set().union(*(named for _, named in REFUSALS)) == set(PLAN_CONTROLS)
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_each_refusal_on_the_planner_screen_names_its_controls_and_no_keyword():
     import inspect

@@ -326,6 +326,7 @@ async def test_switch_to_a_folder_model_saved_with_save_pretrained(tmp_path, tin
         assert not app.query_one(ModuleTree).loading
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_a_failed_load_is_a_notification_and_the_old_model_stays(tmp_path):
     empty = tmp_path / "not-a-model"

@@ -117,6 +117,7 @@ async def test_at_80_by_24_the_details_that_do_not_fit_scroll_from_the_keyboard(
         assert details.scroll_y == 0 and "patch_embed" in shown_text(app.query_one(ModuleDetails))
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_at_80_by_24_a_patchs_options_are_typed_from_the_keyboard_with_the_hint_in_view():
     """`o` on a patch with three parameters at 80×24: the dialog is taller than the screen, so it scrolls; how to set
@@ -226,6 +227,7 @@ async def test_c_copies_the_modules_file_and_line():
         assert any(message.startswith("copied ") and f":{info.line}" in message for message in notifications(app))
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_the_source_view_follows_the_apps_theme():
     app = CogsurgeonApp("tiny")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 from rich.console import Console
 from rich.syntax import Syntax
 
@@ -39,6 +41,7 @@ def test_it_draws_what_rich_draws_and_lexes_once(monkeypatch):
 
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_the_source_view_is_as_tall_as_the_source_and_its_last_line_scrolls_into_view():
     """The source's height is given (one line per source line) instead of measured by rendering it: the view is as

@@ -261,6 +261,7 @@ async def test_s_shows_the_source_at_80_columns_in_the_details_place_until_s_aga
         assert app.focused is app.query_one(ModuleTree)
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_s_focuses_the_source_where_it_has_room():
     from cogsurgeon.inspector.tui.widgets import SourceView
@@ -305,6 +306,7 @@ async def test_at_80x24_the_details_show_file_and_line_without_scrolling():
         assert any(line.startswith("file ") and "attention_processor.py:" in line for line in shown), shown
 
 
+@pytest.mark.slow
 @pilot_test
 async def test_the_filter_folds_a_run_of_blocks_as_modules_filter_does():
     from test_tui import tree_rows
