@@ -67,17 +67,27 @@ def allocator_bytes(nbytes: int) -> int:
     return round_up(max(nbytes, 0), ALLOCATOR_BLOCK_BYTES)
 
 
-def layer_norm_on_meta(func: Any, args: tuple, kwargs: dict) -> Any:
-    """`aten.native_layer_norm` and its backward on meta tensors, made directly: torch's meta kernels for them are
-    its Python references (about 1 ms a call, a quarter of a 5B LoRA plan's time). The same results as those
-    kernels, shape, dtype and strides (tests/test_plan_meta_layer_norm.py): a contiguous output in the input's
-    dtype, mean and rstd in float32 (float64 for a float64 input) with the normalized dimensions kept as 1; the
-    backward's gradients each as its input, where the output mask asks for it. Returns None where it does not apply
-    (a tensor not on meta, a call with keywords): the caller then runs the kernel."""
+def norm_on_meta(func: Any, args: tuple, kwargs: dict) -> Any:
+    """`aten.native_layer_norm`, its backward and `aten.native_group_norm` on meta tensors, made directly: torch's
+    meta kernels for them are its Python references (about 1 ms a call: a quarter of a 5B LoRA plan's time, a third
+    of a tiled VAE decode's). The same results as those kernels, shape, dtype and strides
+    (tests/test_plan_meta_norms.py): layer norm's output contiguous in the input's dtype, its mean and rstd in
+    float32 (float64 for a float64 input) with the normalized dimensions kept as 1; the backward's gradients each as
+    its input, where the output mask asks for it; group norm's output in the input's memory format and dtype, its
+    mean and rstd (N, groups) in the input's dtype. Returns None where it does not apply (a tensor not on meta, a
+    call with keywords): the caller then runs the kernel."""
     import torch
 
     if kwargs or not all(arg.is_meta for arg in args if isinstance(arg, torch.Tensor)):
         return None
+    if func is torch.ops.aten.native_group_norm.default:
+        source, _, _, batch, _, _, groups, _ = args
+        from torch._prims_common import suggest_memory_format
+
+        return (torch.empty(source.shape, dtype=source.dtype, device="meta",
+                            memory_format=suggest_memory_format(source)),
+                torch.empty((batch, groups), dtype=source.dtype, device="meta"),
+                torch.empty((batch, groups), dtype=source.dtype, device="meta"))
     if func is torch.ops.aten.native_layer_norm.default:
         source, normalized_shape = args[0], args[1]
         statistics = (*source.shape[: source.dim() - len(normalized_shape)], *([1] * len(normalized_shape)))
@@ -429,7 +439,8 @@ class MemoryAccounting:
         # the log-sum-exp are on the GPU.
         attention_forwards = {torch.ops.aten._scaled_dot_product_flash_attention.default,
                               torch.ops.aten._scaled_dot_product_efficient_attention.default}
-        layer_norm_ops = {torch.ops.aten.native_layer_norm.default, torch.ops.aten.native_layer_norm_backward.default}
+        norm_ops = {torch.ops.aten.native_layer_norm.default, torch.ops.aten.native_layer_norm_backward.default,
+                    torch.ops.aten.native_group_norm.default}
 
         class Tracking(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -443,7 +454,7 @@ class MemoryAccounting:
                     ):
                         output = func(*args, **kwargs)
                 else:
-                    output = layer_norm_on_meta(func, args, kwargs) if func in layer_norm_ops else None
+                    output = norm_on_meta(func, args, kwargs) if func in norm_ops else None
                     if output is None:
                         output = func(*args, **kwargs)
                 on_gpu = output[:2] if func in attention_forwards else output
@@ -1532,7 +1543,7 @@ __all__ = [
     "MIXED_PRECISION", "MemoryAccounting", "MemoryLedger", "PlanError", "PlanSettings", "TRAINER_PRESETS",
     "TrainMode", "accelerate_training_step", "allocator_bytes", "attention_backend", "autocast_policy",
     "build_vae_on_meta", "candidate_switches", "check_precision_choice", "check_zero_choice", "cuda_autocast_state",
-    "flash_backward_workspace_bytes", "layer_norm_on_meta", "make_optimizer", "parse_memory_size", "parse_train",
+    "flash_backward_workspace_bytes", "norm_on_meta", "make_optimizer", "parse_memory_size", "parse_train",
     "parse_video_size", "plan_memory", "plan_transformer", "plan_vae_decode", "prepare_training",
     "switch_combinations", "trainer_preset", "training_input_dtype", "training_step", "training_target",
     "vae_config",

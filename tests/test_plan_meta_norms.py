@@ -1,5 +1,6 @@
-"""`layer_norm_on_meta` makes what torch's own meta kernels make for `aten.native_layer_norm` and its backward
-(shape, dtype, strides, which gradients), so that a plan books the same bytes as with torch's slower kernels."""
+"""`norm_on_meta` makes what torch's own meta kernels make for `aten.native_layer_norm`, its backward and
+`aten.native_group_norm` (shape, dtype, strides, which gradients), so that a plan books the same bytes as with
+torch's slower kernels."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import itertools
 import pytest
 import torch
 
-from cogsurgeon.inspector.plan import layer_norm_on_meta
+from cogsurgeon.inspector.plan import norm_on_meta
 
 FORWARD = torch.ops.aten.native_layer_norm.default
 BACKWARD = torch.ops.aten.native_layer_norm_backward.default
+GROUP_NORM = torch.ops.aten.native_group_norm.default
 
 
 def described(result):
@@ -41,16 +43,32 @@ def test_forward_and_backward_are_torchs_own(shape, dtype, layout, normalized_di
     bias = torch.empty(normalized_shape, dtype=dtype, device="meta") if affine else None
     forward_args = (source, normalized_shape, weight, bias, 1e-5)
     expected = FORWARD(*forward_args)
-    assert described(layer_norm_on_meta(FORWARD, forward_args, {})) == described(expected)
+    assert described(norm_on_meta(FORWARD, forward_args, {})) == described(expected)
 
     grad_output = torch.empty_like(expected[0])
     for mask in itertools.product([True, False], repeat=3):
         backward_args = (grad_output, source, normalized_shape, expected[1], expected[2], weight, bias, list(mask))
-        assert described(layer_norm_on_meta(BACKWARD, backward_args, {})) == described(BACKWARD(*backward_args)), mask
+        assert described(norm_on_meta(BACKWARD, backward_args, {})) == described(BACKWARD(*backward_args)), mask
 
 
 def test_it_leaves_a_tensor_not_on_meta_and_a_call_with_keywords_to_the_kernel():
     on_cpu = torch.zeros(2, 4)
-    assert layer_norm_on_meta(FORWARD, (on_cpu, [4], None, None, 1e-5), {}) is None
+    assert norm_on_meta(FORWARD, (on_cpu, [4], None, None, 1e-5), {}) is None
     on_meta = torch.empty(2, 4, device="meta")
-    assert layer_norm_on_meta(FORWARD, (on_meta, [4]), {"weight": None, "bias": None, "eps": 1e-5}) is None
+    assert norm_on_meta(FORWARD, (on_meta, [4]), {"weight": None, "bias": None, "eps": 1e-5}) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last_3d", "channels_last"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_is_torchs_own(dtype, layout, affine):
+    shape = (2, 8, 3, 6, 10) if layout != "channels_last" else (2, 8, 6, 10)
+    source = torch.empty(shape, dtype=dtype, device="meta")
+    if layout == "transposed":
+        source = source.transpose(2, 3)
+    elif layout.startswith("channels_last"):
+        source = source.to(memory_format=getattr(torch, layout))
+    weight = torch.empty(8, dtype=dtype, device="meta") if affine else None
+    per_channel = source[0, 0].numel()
+    args = (source, weight, weight, 2, 8, per_channel, 4, 1e-6)
+    assert described(norm_on_meta(GROUP_NORM, args, {})) == described(GROUP_NORM(*args))
