@@ -6,8 +6,8 @@ and compare the files with `cmp` to show that a change to the planner's speed ke
     cmp plans-before.json plans-after.json && echo identical
 
 The set: 5B-I2V inference at 49×480×720 B=2, 5B LoRA r128 with and without checkpointing, the 2B as the diffusers
-scripts train it, a 2B full finetune in fp32 under bf16 autocast, 1.5-5B LoRA at 81×768×1360, and two tiny runs
-(full; fp16 with fp32 adapters under fp16 autocast).
+scripts train it, a 2B full finetune in fp32 under bf16 autocast, 1.5-5B LoRA at 81×768×1360, two tiny runs
+(full; fp16 with fp32 adapters under fp16 autocast), and the VAE decodes (5B tiled and whole, 1.5-5B tiled).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ CONFIGURATIONS = [
     dict(model="cogvideox1.5-5b", frames=81, height=768, width=1360, batch=1, train="lora:128", checkpointing=True),
     dict(model="tiny", train="full"),
     dict(model="tiny", train="lora:4", mixed_precision="fp16", dtype="float16", lora_dtype="fp32"),
+    dict(model="cogvideox-5b", vae=True, tiling=True),
+    dict(model="cogvideox-5b", vae=True),
+    dict(model="cogvideox1.5-5b", vae=True, tiling=True, frames=81, height=768, width=1360),
 ]
 
 
