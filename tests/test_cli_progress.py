@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from conftest import REPO_ROOT, cli_environment
+from conftest import REPO_ROOT, cli_environment, run_cli_in_process, runs_in_process
 
 
 def run_with_stderr_in_a_terminal(*args: str, env: dict[str, str] | None = None, columns: int = 160,
@@ -51,7 +51,11 @@ def run_with_stderr_in_a_terminal(*args: str, env: dict[str, str] | None = None,
     return process.returncode, stdout, b"".join(sent).decode().replace("\r\n", "\n")
 
 
-def run_piped(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_piped(*args: str, env: dict[str, str] | None = None):
+    """The same command with stderr a pipe, the bytes it wrote: in this process where `run_cli` would run it there
+    (its streams are pipes, not terminals), else a subprocess."""
+    if runs_in_process(args, env):
+        return run_cli_in_process(list(args), env=env, cwd=REPO_ROOT, timeout=300, text=False)
     return subprocess.run([sys.executable, "-m", "cogsurgeon.inspector", *args], capture_output=True,
                           stdin=subprocess.DEVNULL, env=cli_environment(env), cwd=REPO_ROOT, timeout=300)
 
