@@ -102,6 +102,28 @@ def norm_on_meta(func: Any, args: tuple, kwargs: dict) -> Any:
             torch.empty(bias.shape, dtype=bias.dtype, device="meta") if output_mask[2] and bias is not None else None)
 
 
+_FOREACH_UPDATES: dict[Any, bool] = {}  # aten overload -> whether it is an in-place _foreach_ update
+
+
+def is_meta_foreach_update(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether `func` is an in-place `_foreach_*_` update (it returns nothing and allocates nothing) of meta tensors
+    only: the optimizer's moment and parameter updates, which torch's meta kernels check tensor by tensor in Python
+    (about a second of a 5B full finetune's plan) and which change nothing a plan counts. A CPU tensor among the
+    arguments (Adam's step counts) means no: those updates are real."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    update = _FOREACH_UPDATES.get(func)
+    if update is None:
+        name = func.overloadpacket.__name__
+        update = _FOREACH_UPDATES[func] = (name.startswith("_foreach_") and name.endswith("_")
+                                           and not func._schema.returns)
+    if not update:
+        return False
+    tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+    return bool(tensors) and all(tensor.is_meta for tensor in tensors)
+
+
 def flash_backward_workspace_bytes(batch: int, heads: int, query_length: int, head_dim: int) -> int:
     """The fp32 workspaces the flash-attention backward allocates beside its gradients (see FLASH_SEQ_ROUND)."""
     rows = round_up(query_length, FLASH_SEQ_ROUND)
@@ -453,6 +475,8 @@ class MemoryAccounting:
                         flash_backward_workspace_bytes(batch, heads, length, head_dim), "attention"
                     ):
                         output = func(*args, **kwargs)
+                elif is_meta_foreach_update(func, args, kwargs):
+                    return None
                 else:
                     output = norm_on_meta(func, args, kwargs) if func in norm_ops else None
                     if output is None:
@@ -1543,7 +1567,8 @@ __all__ = [
     "MIXED_PRECISION", "MemoryAccounting", "MemoryLedger", "PlanError", "PlanSettings", "TRAINER_PRESETS",
     "TrainMode", "accelerate_training_step", "allocator_bytes", "attention_backend", "autocast_policy",
     "build_vae_on_meta", "candidate_switches", "check_precision_choice", "check_zero_choice", "cuda_autocast_state",
-    "flash_backward_workspace_bytes", "norm_on_meta", "make_optimizer", "parse_memory_size", "parse_train",
+    "flash_backward_workspace_bytes", "is_meta_foreach_update", "norm_on_meta", "make_optimizer",
+    "parse_memory_size", "parse_train",
     "parse_video_size", "plan_memory", "plan_transformer", "plan_vae_decode", "prepare_training",
     "switch_combinations", "trainer_preset", "training_input_dtype", "training_step", "training_target",
     "vae_config",

@@ -72,3 +72,28 @@ def test_group_norm_is_torchs_own(dtype, layout, affine):
     per_channel = source[0, 0].numel()
     args = (source, weight, weight, 2, 8, per_channel, 4, 1e-6)
     assert described(norm_on_meta(GROUP_NORM, args, {})) == described(GROUP_NORM(*args))
+
+
+def test_only_in_place_foreach_updates_of_meta_tensors_are_skipped():
+    from cogsurgeon.inspector.plan import is_meta_foreach_update
+
+    meta = [torch.empty(3, 4, device="meta") for _ in range(2)]
+    assert is_meta_foreach_update(torch.ops.aten._foreach_mul_.Scalar, (meta, 0.9), {})
+    assert is_meta_foreach_update(torch.ops.aten._foreach_addcdiv_.ScalarList, (meta, meta, meta, [1.0, 2.0]), {})
+    assert not is_meta_foreach_update(torch.ops.aten._foreach_sqrt.default, (meta,), {})  # allocates its results
+    assert not is_meta_foreach_update(torch.ops.aten.mul_.Tensor, (meta[0], meta[1]), {})
+    steps = [torch.zeros(()) for _ in range(2)]  # Adam's step counts live on the CPU and must really count
+    assert not is_meta_foreach_update(torch.ops.aten._foreach_add_.Scalar, (steps, 1), {})
+    assert not is_meta_foreach_update(torch.ops.aten._foreach_add_.List, (meta, [meta[0], torch.zeros(3, 4)]), {})
+
+
+@pytest.mark.parametrize("settings", [dict(train="full"), dict(train="full", zero=2, gpus=4),
+                                      dict(train="lora:4", mixed_precision="fp16", dtype="float16", lora_dtype="fp32")])
+def test_a_training_plan_is_the_same_with_torchs_own_foreach_kernels(monkeypatch, settings):
+    from dataclasses import asdict
+
+    import cogsurgeon.inspector.plan as plan
+
+    fast = asdict(plan.plan_memory("tiny", **settings))
+    monkeypatch.setattr(plan, "is_meta_foreach_update", lambda *args: False)
+    assert asdict(plan.plan_memory("tiny", **settings)) == fast
