@@ -28,11 +28,16 @@ Both show up as skips with that reason; a `SKIPPED_COMMANDS` entry that no longe
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,9 +239,56 @@ def test_python_snippet_runs(snippet, readme_world, tmp_path):
     script = tmp_path / "snippet.py"
     script.write_text(snippet.code)
     world = shutil.copytree(readme_world, tmp_path / "world", symlinks=True)
-    completed = subprocess.run([sys.executable, str(script)], cwd=world, env=_environment(),
-                               capture_output=True, text=True, timeout=600)
-    _check(completed, snippet.label)
+    _check(run_python_in_process(script, world, timeout=600), snippet.label)
+
+
+def run_python_in_process(script: Path, world: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`python SCRIPT` run in `world` as the README's reader runs it, in this process (each block saves the ~3 s
+    import of torch and diffusers a new interpreter pays): a `__main__` namespace of its own, `world` the working
+    directory and first on sys.path, the README's environment, empty stdin, stdout and stderr captured, an escaping
+    exception printed as the interpreter prints it (status 1), SystemExit's status kept. Afterwards the environment,
+    working directory, streams, argv, signal handlers, warning filters, torch's random state and the modules
+    imported from `world` are what they were. Past `timeout` seconds, TimeoutError."""
+    import torch
+
+    from cogsurgeon.inspector import offline
+    from conftest import _process_state_restored
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    random_state, modules = torch.get_rng_state(), set(sys.modules)
+
+    def timed_out(signum, frame):
+        raise TimeoutError(f"{script.name} still running after {timeout} s")
+
+    with _process_state_restored(), warnings.catch_warnings():
+        offline._users_values.clear()  # as a new process: the user's offline variables are read afresh
+        os.environ.clear()
+        os.environ.update(_environment())
+        os.chdir(world)
+        sys.argv = [str(script)]
+        sys.path.insert(0, str(world))
+        sys.stdin, sys.stdout, sys.stderr = io.StringIO(""), stdout, stderr
+        signal.signal(signal.SIGALRM, timed_out)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+            returncode = 0
+        except SystemExit as exit:
+            returncode = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+        except TimeoutError:
+            raise
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            returncode = 1
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            sys.path.remove(str(world))
+            torch.set_rng_state(random_state)
+            for name in set(sys.modules) - modules:
+                if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(world)):
+                    del sys.modules[name]
+    return subprocess.CompletedProcess([sys.executable, str(script)], returncode, stdout.getvalue(),
+                                       stderr.getvalue())
 
 
 @pytest.mark.slow
