@@ -194,14 +194,37 @@ def list_folder(path: Path) -> list[Path]:
         raise UserFileError(f"cannot list {describe_os_error(path, exc)}") from None
 
 
+def _mode_of_a_plain_write(path: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it (setting it to read it back races other threads' files)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, then rename it over `path`: the file appears whole or not at
-    all, and a failure meanwhile (a full disk, Ctrl-C) removes the temporary file."""
+    all, and a failure meanwhile (a full disk, Ctrl-C) removes the temporary file. The file gets the permissions a
+    plain write would leave: those of the file it replaces, else 0o666 less the umask (mkstemp's own are 0o600)."""
     with interruptible():  # Ctrl-C meanwhile removes the temporary file
         descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
         try:
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(data)
+                os.fchmod(handle.fileno(), _mode_of_a_plain_write(path))
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)

@@ -144,3 +144,24 @@ def test_show_png_appears_whole_or_not_at_all(cli, tmp_path):
         assert cut.returncode == 2 and cut.stderr.startswith("cogsurgeon: error: "), cut.stderr
         assert [path.name for path in out.iterdir()] == ["view.png"]
         assert (out / "view.png").read_bytes() == written
+
+
+def test_an_atomic_write_leaves_the_permissions_a_plain_write_leaves(tmp_path):
+    """mkstemp makes its file 0o600: renamed over an export it would take the reader's access away."""
+    import os
+    import stat
+
+    from cogsurgeon.inspector.user_files import write_atomically
+
+    old_umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.csv"
+        write_atomically(fresh, b"a,b\n")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        shared = tmp_path / "shared.csv"
+        shared.write_bytes(b"old\n")
+        shared.chmod(0o664)
+        write_atomically(shared, b"new\n")
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o664 and shared.read_bytes() == b"new\n"
+    finally:
+        os.umask(old_umask)
