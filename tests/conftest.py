@@ -85,8 +85,9 @@ def runs_in_process(args: tuple[str, ...], env: dict[str, str] | None) -> bool:
     return not opens_tui and args[0] not in SUBPROCESS_COMMANDS and not set(env or {}) - IN_PROCESS_VARIABLES
 
 
-class CliTimeout(Exception):
-    """An in-process run took longer than its `timeout`, as `subprocess.TimeoutExpired` says of a subprocess."""
+class CliTimeout(BaseException):
+    """An in-process run took longer than its `timeout`, as `subprocess.TimeoutExpired` says of a subprocess. Not an
+    Exception: the code under test catches those (and OSError, which TimeoutError is) and would swallow it."""
 
 
 def run_cli_in_process(args: list[str], env: dict[str, str] | None = None, cwd: Path = REPO_ROOT,

@@ -23,10 +23,13 @@ async def planned_text(pilot, screen) -> str:
 async def planned_by_keyboard(pilot, screen) -> str:
     """As `planned_text`, by Enter in the batch field (a toast may cover the Plan button, and a button pressed a
     moment ago ignores another press while it shows as pressed)."""
+    screen.query_one("#plan-result").update("(not answered yet)")  # an Enter the screen missed shows as this
     screen.query_one("#plan-batch").focus()
     await pilot.press("enter")
     await settle(pilot)
-    return " ".join(shown_text(screen.query_one("#plan-result")).split())
+    shown = " ".join(shown_text(screen.query_one("#plan-result")).split())
+    assert shown != "(not answered yet)"
+    return shown
 
 
 async def open_plan_screen(pilot, app):

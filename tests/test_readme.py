@@ -247,18 +247,20 @@ def run_python_in_process(script: Path, world: Path, timeout: float) -> subproce
     import of torch and diffusers a new interpreter pays): a `__main__` namespace of its own, `world` the working
     directory and first on sys.path, the README's environment, empty stdin, stdout and stderr captured, an escaping
     exception printed as the interpreter prints it (status 1), SystemExit's status kept. Afterwards the environment,
-    working directory, streams, argv, signal handlers, warning filters, torch's random state and the modules
-    imported from `world` are what they were. Past `timeout` seconds, TimeoutError."""
+    working directory, streams, argv, signal handlers, warning filters, torch's random state, default dtype, grad
+    mode and threads, and the modules imported from `world` are what they were. Past `timeout` seconds, CliTimeout
+    (a BaseException, which the code under test cannot swallow)."""
     import torch
 
     from cogsurgeon.inspector import offline
-    from conftest import _process_state_restored
+    from conftest import CliTimeout, _process_state_restored
 
     stdout, stderr = io.StringIO(), io.StringIO()
     random_state, modules = torch.get_rng_state(), set(sys.modules)
+    default_dtype, grad_enabled, threads = torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_num_threads()
 
     def timed_out(signum, frame):
-        raise TimeoutError(f"{script.name} still running after {timeout} s")
+        raise CliTimeout(f"{script.name} still running after {timeout} s")
 
     with _process_state_restored(), warnings.catch_warnings():
         offline._users_values.clear()  # as a new process: the user's offline variables are read afresh
@@ -275,8 +277,6 @@ def run_python_in_process(script: Path, world: Path, timeout: float) -> subproce
             returncode = 0
         except SystemExit as exit:
             returncode = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
-        except TimeoutError:
-            raise
         except Exception:
             traceback.print_exc(file=sys.stderr)
             returncode = 1
@@ -284,6 +284,9 @@ def run_python_in_process(script: Path, world: Path, timeout: float) -> subproce
             signal.setitimer(signal.ITIMER_REAL, 0)
             sys.path.remove(str(world))
             torch.set_rng_state(random_state)
+            torch.set_default_dtype(default_dtype)
+            torch.set_grad_enabled(grad_enabled)
+            torch.set_num_threads(threads)
             for name in set(sys.modules) - modules:
                 if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(world)):
                     del sys.modules[name]
