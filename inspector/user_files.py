@@ -226,6 +226,11 @@ def write_atomically(path: Path, data: bytes) -> None:
                 handle.write(data)
                 os.fchmod(handle.fileno(), _mode_of_a_plain_write(path))
             os.replace(temporary, path)
+        except OSError as exc:
+            Path(temporary).unlink(missing_ok=True)
+            if exc.filename == temporary or exc.filename2 == str(path):  # the rename: name the user's path
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+            raise
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise

@@ -165,3 +165,15 @@ def test_an_atomic_write_leaves_the_permissions_a_plain_write_leaves(tmp_path):
         assert stat.S_IMODE(shared.stat().st_mode) == 0o664 and shared.read_bytes() == b"new\n"
     finally:
         os.umask(old_umask)
+
+
+def test_an_atomic_write_over_a_folder_names_the_folder(tmp_path):
+    """The rename over a folder fails: the message names the user's path, not the temporary file beside it."""
+    from cogsurgeon.inspector.user_files import write_atomically
+
+    folder = tmp_path / "view.png"
+    folder.mkdir()
+    with pytest.raises(OSError) as raised:
+        write_atomically(folder, b"png")
+    assert raised.value.filename == str(folder)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["view.png"] and not any(folder.iterdir())
