@@ -197,3 +197,10 @@ def pytest_xdist_auto_num_workers(config):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return cores + 1
+
+
+def sigint_as_at_a_terminal() -> None:
+    """`preexec_fn` for a child that a test interrupts with SIGINT: Ctrl-C's default action, as a program started
+    from a terminal has it. A test suite started in the background of a non-interactive shell (`pytest ... &`) has
+    SIGINT ignored, and a child inherits that, so without this the child would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_environment
+from conftest import cli_environment, sigint_as_at_a_terminal
 
 pytestmark = pytest.mark.slow  # Ctrl-C sent to real processes, at many delays
 
@@ -49,6 +49,7 @@ DROPPED_BY_CPYTHON = "Exception ignored in: <function _get_module_lock.<locals>.
 def interrupted_run(delay: float) -> tuple[int, str]:
     script = Path(sys.executable).parent / "cogsurgeon"
     process = subprocess.Popen([str(script), "plan", "tiny", "--frames", "9", "--height", "64", "--width", "64"],
+                               preexec_fn=sigint_as_at_a_terminal,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_environment())
     time.sleep(delay)
     process.send_signal(signal.SIGINT)

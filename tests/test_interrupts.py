@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import cli_environment, run_cli
+from conftest import cli_environment, run_cli, sigint_as_at_a_terminal
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -33,6 +33,7 @@ INSTALL = "from cogsurgeon.inspector.interrupts import install_exit_at_once; ins
 
 def run_program(program: str, **options) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=cli_environment(),
+                          preexec_fn=sigint_as_at_a_terminal,
                           timeout=120, **options)
 
 
@@ -57,6 +58,7 @@ import os, signal, time
 os.kill(os.getpid(), signal.SIGINT); time.sleep(30)
 """
     completed = subprocess.run([sys.executable, "-c", program], capture_output=True, env=cli_environment(),
+                               preexec_fn=sigint_as_at_a_terminal,
                                timeout=120)  # bytes: text mode would read a lone "\r" as a line end
     assert (completed.returncode, completed.stderr) == (130, b"repairing 40%\r\ncogsurgeon: aborted\n")
 
@@ -132,7 +134,7 @@ def test_a_repair_interrupted_mid_write_still_removes_its_partial_output(tmp_pat
     checkpoint = save_cogvideo_checkpoint(train(rank=4, lora_alpha=4), tmp_path / "ckpt")
     completed = subprocess.run([sys.executable, "-c", REPAIR_INTERRUPTED_MID_WRITE, str(checkpoint),
                                 str(tmp_path / "out")], capture_output=True, text=True, env=cli_environment(),
-                               timeout=120)
+                               preexec_fn=sigint_as_at_a_terminal, timeout=120)
     assert (completed.returncode, completed.stdout) == (130, "interrupted, cleaned up\n"), completed.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ckpt"]  # no out, no .out.partial-*, no lock
 
@@ -176,6 +178,7 @@ def test_doctor_is_interruptible_only_while_its_temporary_folder_exists(tmp_path
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     completed = subprocess.run([sys.executable, "-c", DOCTOR_PROBE_INTERRUPTED, where], capture_output=True,
+                               preexec_fn=sigint_as_at_a_terminal,
                                text=True, env=cli_environment({"TMPDIR": str(temporary)}), timeout=300)
     assert (completed.returncode, completed.stdout) == (130, stdout), completed.stderr
     assert completed.stderr.endswith(stderr), completed.stderr
